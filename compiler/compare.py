@@ -1,0 +1,189 @@
+"""The one comparison engine behind ``--verify numeric``, ``tqc diff`` and ``qdq``'s sensitivity step.
+
+Models run on ONNX Runtime CPU with graph optimizations off, through polygraphy's runners and Comparator,
+so that the saved inputs and outputs are polygraphy's own JSON formats and the printed ``polygraphy run``
+command reproduces the comparison. Outputs are paired by exact name only: polygraphy's default matcher falls
+back to substring and position matches, which pair the wrong tensors after a fusion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from tqc.compiler.feeds import Feed
+
+ORT_LEVEL_FLAG = "--graph-optimization-level ORT_DISABLE_ALL"
+
+
+@contextlib.contextmanager
+def quiet_polygraphy():
+    from polygraphy.logger import G_LOGGER
+    from polygraphy.logger import logger as polygraphy_logger
+
+    if polygraphy_logger.COLORED_MODULE_PRESENT is None:  # avoid its "install colored" banner
+        polygraphy_logger.COLORED_MODULE_PRESENT = False
+    old = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.module_severity = old
+
+
+def exact_name_matcher(output_name: str, index: int, iter_result) -> list[str]:
+    """polygraphy ``find_output_func`` that pairs outputs only when their names are equal."""
+    return [output_name] if output_name in iter_result else []
+
+
+@dataclass
+class TensorMetrics:
+    """Error statistics of a candidate tensor against a reference tensor."""
+
+    name: str
+    shape: list[int]
+    max_abs: float
+    mean_abs: float
+    rel_l2: float
+    cosine: float
+    sqnr_db: float
+
+    def as_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) if k != "sqnr_db" else
+                (v if math.isfinite(v) else ("inf" if v > 0 else "-inf")) for k, v in asdict(self).items()}
+
+
+def tensor_metrics(name: str, reference: np.ndarray, candidate: np.ndarray) -> TensorMetrics:
+    ref = np.asarray(reference, dtype=np.float64).ravel()
+    cand = np.asarray(candidate, dtype=np.float64).ravel()
+    if ref.shape != cand.shape:
+        raise ValueError(f"tensor '{name}': shapes differ {np.shape(reference)} vs {np.shape(candidate)}")
+    diff = cand - ref
+    signal = float(np.dot(ref, ref))
+    noise = float(np.dot(diff, diff))
+    if ref.size == 0:
+        return TensorMetrics(name, list(np.shape(reference)), 0.0, 0.0, 0.0, 1.0, math.inf)
+    norm_ref = math.sqrt(signal)
+    norm_cand = math.sqrt(float(np.dot(cand, cand)))
+    if norm_ref == 0.0 and norm_cand == 0.0:
+        cosine = 1.0
+    elif norm_ref == 0.0 or norm_cand == 0.0:
+        cosine = 0.0
+    else:
+        cosine = float(np.dot(ref, cand) / (norm_ref * norm_cand))
+    if noise == 0.0:
+        sqnr = math.inf
+    elif signal == 0.0:
+        sqnr = -math.inf
+    else:
+        sqnr = 10.0 * math.log10(signal / noise)
+    return TensorMetrics(
+        name=name,
+        shape=list(np.shape(reference)),
+        max_abs=float(np.max(np.abs(diff))),
+        mean_abs=float(np.mean(np.abs(diff))),
+        rel_l2=math.sqrt(noise) / norm_ref if norm_ref else (0.0 if noise == 0 else math.inf),
+        cosine=cosine,
+        sqnr_db=sqnr,
+    )
+
+
+def merge_metrics(per_iteration: Sequence[TensorMetrics]) -> TensorMetrics:
+    """Worst case over iterations (max errors, min cosine and SQNR)."""
+    first = per_iteration[0]
+    return TensorMetrics(
+        name=first.name, shape=first.shape,
+        max_abs=max(m.max_abs for m in per_iteration),
+        mean_abs=float(np.mean([m.mean_abs for m in per_iteration])),
+        rel_l2=max(m.rel_l2 for m in per_iteration),
+        cosine=min(m.cosine for m in per_iteration),
+        sqnr_db=min(m.sqnr_db for m in per_iteration),
+    )
+
+
+def ort_cpu_runner(model: onnx.ModelProto | str | bytes, name: str):
+    """A polygraphy runner on ORT CPU with graph optimizations off."""
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    loader = SessionFromOnnx(source, providers=["cpu"],
+                             graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    return OnnxrtRunner(loader, name=name)
+
+
+def run_model(model: onnx.ModelProto | str, feeds: list[Feed], name: str):
+    """Run one model over ``feeds``; returns polygraphy RunResults with one entry."""
+    from polygraphy.comparator import Comparator
+
+    with quiet_polygraphy():
+        return Comparator.run([ort_cpu_runner(model, name)], data_loader=feeds)
+
+
+@dataclass
+class Comparison:
+    passed: bool
+    atol: float
+    rtol: float
+    outputs: dict[str, TensorMetrics]
+    missing: list[str]
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "atol": self.atol, "rtol": self.rtol, "missing": self.missing,
+                "outputs": {k: v.as_dict() for k, v in self.outputs.items()}}
+
+    def worst(self) -> TensorMetrics | None:
+        if not self.outputs:
+            return None
+        return max(self.outputs.values(), key=lambda m: m.max_abs)
+
+
+def compare_results(reference, candidate, atol: float, rtol: float,
+                    names: Iterable[str] | None = None) -> Comparison:
+    """Compare two polygraphy (runner_name, [IterationResult]) pairs by exact output names.
+
+    The verdict comes from polygraphy's ``CompareFunc.simple`` (elementwise |a-b| <= atol + rtol*|b|);
+    the metrics are tqc's.
+    """
+    from polygraphy.comparator import CompareFunc
+
+    ref_name, ref_iters = reference
+    cand_name, cand_iters = candidate
+    compare = CompareFunc.simple(atol=atol, rtol=rtol, find_output_func=exact_name_matcher,
+                                 check_shapes=True)
+    wanted = list(names) if names is not None else list(ref_iters[0].keys())
+    passed = True
+    per_output: dict[str, list[TensorMetrics]] = {}
+    missing: list[str] = []
+    with quiet_polygraphy():
+        for ref_iter, cand_iter in zip(ref_iters, cand_iters):
+            ref_sub = _subset(ref_iter, wanted)
+            cand_sub = _subset(cand_iter, wanted)
+            missing = [n for n in wanted if n not in cand_sub]
+            result = compare(ref_sub, cand_sub)
+            passed = passed and bool(result) and all(bool(v) for v in result.values()) and not missing
+            for name in wanted:
+                if name in cand_sub and name in ref_sub:
+                    per_output.setdefault(name, []).append(
+                        tensor_metrics(name, ref_sub[name], cand_sub[name]))
+    return Comparison(passed=passed and len(ref_iters) == len(cand_iters), atol=atol, rtol=rtol,
+                      outputs={k: merge_metrics(v) for k, v in per_output.items()}, missing=missing)
+
+
+def _subset(iter_result, names: list[str]):
+    from polygraphy.comparator.struct import IterationResult
+
+    return IterationResult({n: iter_result[n] for n in names if n in iter_result},
+                           runner_name=iter_result.runner_name)
+
+
+def polygraphy_command(model_path: str, inputs_json: str, reference_outputs_json: str,
+                       atol: float, rtol: float) -> str:
+    """The ``polygraphy run`` command that reruns a model and compares it to saved reference outputs."""
+    return (f"polygraphy run {model_path} --onnxrt {ORT_LEVEL_FLAG} --load-inputs {inputs_json} "
+            f"--load-outputs {reference_outputs_json} --atol {atol:g} --rtol {rtol:g}")

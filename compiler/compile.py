@@ -1,0 +1,72 @@
+"""The compile driver behind ``tqc compile``: check paths, parse, run the manager, write atomically.
+
+Order matters for "bad input loses nothing": every path and the pipeline are checked before any work, and
+the output and report are written only after every pass has been verified.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqc.compiler.errors import TqcError
+from tqc.compiler.manager import PassManager
+from tqc.compiler.model_io import (check_input_path, check_output_path, load_model, model_hash, save_model,
+                                   write_text_atomic)
+from tqc.compiler.pipeline import parse_pipeline
+from tqc.passes.base import TARGETS, PassContext
+
+
+@dataclass
+class CompileOptions:
+    model: str
+    pipeline: str
+    output: str
+    target: str = "trt"
+    verify: str = "structure"
+    dump_dir: str | None = None
+    report: str | None = None
+
+
+def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
+    start = time.perf_counter()
+    if opts.target not in TARGETS:
+        raise TqcError(f"--target must be one of {', '.join(TARGETS)}")
+    source = check_input_path(opts.model)
+    out = check_output_path(opts.output, inputs=(source,))
+    if opts.report:
+        check_output_path(opts.report, inputs=(source, out))
+    if opts.dump_dir and Path(opts.dump_dir).exists() and not Path(opts.dump_dir).is_dir():
+        raise TqcError(f"--dump-dir '{opts.dump_dir}' exists and is not a directory")
+    passes = parse_pipeline(opts.pipeline)
+    is_plan = out.suffix == ".plan"
+    if is_plan:
+        from tqc.compiler.trt import require_tensorrt
+
+        require_tensorrt()
+    elif out.suffix != ".onnx":
+        raise TqcError(f"output '{out}' must end in .onnx or .plan")
+    progress(f"loading {source}")
+    model = load_model(source)
+    source_hash = model_hash(source)
+    ctx = PassContext(target=opts.target)
+    manager = PassManager(passes, ctx, verify=opts.verify, dump_dir=opts.dump_dir, progress=progress)
+    nodes_in = len(model.graph.node)
+    result = manager.run(model)
+    if is_plan:
+        from tqc.compiler.trt import build_plan_from_model
+
+        progress("building the TensorRT plan")
+        build_plan_from_model(result, out, source_hash=source_hash, progress=progress)
+    else:
+        save_model(result, out)
+    report = manager.report(
+        input={"path": str(source), "hash": source_hash, "nodes": nodes_in},
+        output={"path": str(out), "nodes": len(result.graph.node)},
+        total_seconds=round(time.perf_counter() - start, 4),
+    )
+    if opts.report:
+        write_text_atomic(json.dumps(report, indent=2, default=str) + "\n", opts.report)
+    return report

@@ -1,0 +1,175 @@
+"""Runs a pipeline of passes and verifies the graph after every one.
+
+    input ─► pass 1 ─► verify ─► pass 2 ─► verify ─► ... ─► output
+                        │ structure: onnx checker, strict shape inference, same inputs/outputs
+                        │ numeric:   ORT CPU (optimizations off) before vs after, polygraphy Comparator,
+                        │            exact-name output matching, the pass's tolerance
+                        └ --dump-dir: NN_<pass>.onnx, its report and outputs, inputs.json
+
+When a numeric check fails, the manager saves the two stages, the inputs and the reference outputs in
+polygraphy's formats and raises a ``VerificationError`` whose reproducer is the ``polygraphy run`` command
+that shows the same failure.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from tqc import __version__
+from tqc.compiler import compare
+from tqc.compiler.errors import TqcError, VerificationError
+from tqc.compiler.feeds import synthesize_feeds
+from tqc.compiler.graph_io import to_graph, to_model
+from tqc.compiler.model_io import save_model, write_text_atomic
+from tqc.compiler.verify import infer_shapes, signature, verify_structure
+from tqc.passes.base import Pass, PassContext
+
+VERIFY_LEVELS = ("none", "structure", "numeric")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class StageRecord:
+    index: int
+    name: str
+    spec: str
+    modified: bool
+    seconds: float
+    stats: dict[str, Any]
+    verify: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "pass": self.name, "spec": self.spec, "modified": self.modified,
+                "seconds": round(self.seconds, 4), "stats": self.stats, "verify": self.verify}
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass], ctx: PassContext | None = None, verify: str = "structure",
+                 dump_dir: str | Path | None = None, progress: Progress | None = None):
+        if verify not in VERIFY_LEVELS:
+            raise TqcError(f"--verify must be one of {', '.join(VERIFY_LEVELS)}")
+        self.passes = passes
+        self.ctx = ctx or PassContext()
+        self.verify = verify
+        self.dump_dir = Path(dump_dir) if dump_dir else None
+        self.progress = progress or (lambda message: None)
+        self.records: list[StageRecord] = []
+
+    def _check_needs(self) -> None:
+        for p in self.passes:
+            for need in p.needs:
+                if need == "calibration" and self.ctx.calibration is None:
+                    raise TqcError(f"pass '{p.name}' needs calibration data: give --calib DATA or --calib-table")
+
+    def run(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        self._check_needs()
+        expected = signature(model)
+        current = infer_shapes(model, strict=False)
+        feeds = None
+        previous_results = None
+        if self.dump_dir:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            self._dump_model(current, 0, "input")
+        if self.verify == "numeric":
+            feeds = self.ctx.verification_feeds or synthesize_feeds(current)
+            self.ctx.verification_feeds = feeds
+            self.progress("verify: reference run on ORT CPU (optimizations off)")
+            previous_results = compare.run_model(current, feeds, name="00_input")
+            if self.dump_dir:
+                self._dump_io(feeds, previous_results, 0, "input")
+        for index, p in enumerate(self.passes, start=1):
+            stage = f"{index:02d}_{p.name}"
+            self.progress(f"[{index}/{len(self.passes)}] {p.spec()}")
+            start = time.perf_counter()
+            graph = to_graph(current)
+            result = p.run(graph, self.ctx)
+            candidate = to_model(graph, like=current)
+            seconds = time.perf_counter() - start
+            record = StageRecord(index, p.name, p.spec(), result.modified, seconds, dict(result.stats))
+            self.records.append(record)
+            if self.dump_dir:
+                self._dump_model(candidate, index, p.name)
+            if self.verify != "none":
+                vstart = time.perf_counter()
+                candidate = verify_structure(candidate, expected, stage)
+                record.verify["structure"] = "ok"
+                if self.verify == "numeric":
+                    self.progress(f"      verify numeric ({len(feeds)} batches)")
+                    previous_results = self._verify_numeric(p, current, candidate, feeds, previous_results,
+                                                            index, record)
+                record.verify["seconds"] = round(time.perf_counter() - vstart, 4)
+            else:
+                candidate = infer_shapes(candidate, strict=False)
+            if self.dump_dir:
+                write_text_atomic(json.dumps(record.as_dict(), indent=2, default=str),
+                                  self.dump_dir / f"{stage}.report.json")
+            current = candidate
+        return current
+
+    def _verify_numeric(self, p: Pass, before: onnx.ModelProto, after: onnx.ModelProto, feeds, previous_results,
+                        index: int, record: StageRecord):
+        tol = p.tolerance_for(self.ctx)
+        stage = f"{index:02d}_{p.name}"
+        results = compare.run_model(after, feeds, name=stage)
+        ref_pair = list(previous_results.items())[0]
+        cand_pair = list(results.items())[0]
+        outcome = compare.compare_results(ref_pair, cand_pair, atol=tol.atol, rtol=tol.rtol)
+        record.verify["numeric"] = outcome.as_dict()
+        if self.dump_dir:
+            self._dump_io(feeds, results, index, p.name)
+        if not outcome.passed:
+            reproducer = self._write_reproducer(before, after, feeds, previous_results, index, p.name, tol)
+            worst = outcome.worst()
+            detail = (f"max |diff| {worst.max_abs:.3g} on '{worst.name}' (cosine {worst.cosine:.6f})"
+                      if worst else f"outputs missing: {outcome.missing}")
+            raise VerificationError(
+                f"{stage}: outputs differ from the graph before the pass beyond atol={tol.atol:g} "
+                f"rtol={tol.rtol:g}: {detail}", reproducer=reproducer)
+        return results
+
+    def _write_reproducer(self, before, after, feeds, previous_results, index, name, tol) -> str:
+        folder = self.dump_dir or Path(tempfile.mkdtemp(prefix="tqc-repro-"))
+        folder = Path(folder)
+        before_path = folder / f"{index - 1:02d}_before.onnx" if not self.dump_dir else None
+        if before_path is not None:
+            save_model(before, before_path)
+            save_model(after, folder / f"{index:02d}_{name}.onnx")
+        inputs_json = folder / "inputs.json"
+        ref_json = folder / f"{index - 1:02d}_reference.outputs.json"
+        from polygraphy.json import save_json
+
+        with compare.quiet_polygraphy():
+            save_json(feeds, str(inputs_json))
+            previous_results.save(str(ref_json))
+        return compare.polygraphy_command(str(folder / f"{index:02d}_{name}.onnx"), str(inputs_json),
+                                          str(ref_json), tol.atol, tol.rtol)
+
+    def _dump_model(self, model: onnx.ModelProto, index: int, name: str) -> None:
+        save_model(model, self.dump_dir / f"{index:02d}_{name}.onnx")
+
+    def _dump_io(self, feeds, results, index: int, name: str) -> None:
+        from polygraphy.json import save_json
+
+        with compare.quiet_polygraphy():
+            if index == 0:
+                save_json(feeds, str(self.dump_dir / "inputs.json"))
+            results.save(str(self.dump_dir / f"{index:02d}_{name}.outputs.json"))
+
+    def report(self, **extra: Any) -> dict:
+        return {
+            "tqc_version": __version__,
+            "target": self.ctx.target,
+            "verify": self.verify,
+            "pipeline": ",".join(p.spec() for p in self.passes),
+            "stages": [r.as_dict() for r in self.records],
+            "messages": list(self.ctx.messages),
+            **extra,
+        }

@@ -1,0 +1,192 @@
+"""Loading and saving ONNX models safely.
+
+* ``load_model`` checks the path first (missing, a directory, not ONNX) and loads external data that sits
+  next to the model.
+* ``save_model`` writes atomically: a temporary file in the destination folder, then ``os.replace``; models
+  whose tensors exceed the 2 GB protobuf limit go to one external data file ``<name>.data`` beside them.
+  Serialization is deterministic, so compiling the same input twice gives byte-identical files.
+* ``model_hash`` hashes the file and its external data, for reports, calibration tables and plan metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from tqc.compiler.errors import TqcError
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Leave room for the graph structure next to the tensors.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def check_input_path(path: str | os.PathLike, what: str = "model") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise TqcError(f"{what} '{p}' does not exist")
+    if p.is_dir():
+        raise TqcError(f"{what} '{p}' is a directory; expected an ONNX file")
+    if not os.access(p, os.R_OK):
+        raise TqcError(f"{what} '{p}' is not readable")
+    return p
+
+
+def check_output_path(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Fail before any work when the output cannot be written or would overwrite an input."""
+    out = Path(path)
+    if out.exists() and out.is_dir():
+        raise TqcError(f"output '{out}' is a directory; expected a file path")
+    for inp in inputs:
+        ip = Path(inp)
+        if out.resolve() == ip.resolve() or (out.exists() and ip.exists() and os.path.samefile(out, ip)):
+            raise TqcError(f"output '{out}' is the input model; choose another output path")
+    parent = out.resolve().parent
+    if not parent.exists():
+        raise TqcError(f"output folder '{parent}' does not exist")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise TqcError(f"output '{out}' is not writable")
+    try:  # a real probe: os.access says yes to root on read-only or virtual file systems
+        with tempfile.NamedTemporaryFile(prefix=".tqc-probe-", dir=parent):
+            pass
+    except OSError as exc:
+        raise TqcError(f"output folder '{parent}' is not writable ({exc.strerror or exc})") from None
+    return out
+
+
+def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
+    p = check_input_path(path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise TqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    if not model.graph.node and not model.graph.output:
+        raise TqcError(f"'{p}' is not a readable ONNX model (no graph)")
+    if load_external_data:
+        base = p.resolve().parent
+        for tensor in _external_tensors(model):
+            location = ExternalDataInfo(tensor).location
+            if not (base / location).exists():
+                raise TqcError(
+                    f"'{p}' stores tensor '{tensor.name}' in '{location}', which is missing next to the model"
+                )
+        try:
+            onnx.load_external_data_for_model(model, str(base))
+        except (OSError, ValueError) as exc:
+            raise TqcError(f"cannot read the external data of '{p}': {exc}") from exc
+    return model
+
+
+def _external_tensors(model: onnx.ModelProto):
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            yield tensor
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and uses_external_data(attr.t):
+                yield attr.t
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else 0
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.HasField("raw_data"):
+                total += len(attr.t.raw_data)
+    return total
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    return model.SerializeToString(deterministic=True)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically; nothing is left behind on failure."""
+    out = Path(path)
+    external = needs_external_data(model) if external_data is None else external_data
+    folder = out.resolve().parent
+    tmp_files: list[Path] = []
+    try:
+        if external:
+            data_name = out.name + ".data"
+            tmp_dir = Path(tempfile.mkdtemp(prefix=".tqc-", dir=folder))
+            tmp_files.append(tmp_dir)
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(
+                copy, str(tmp_dir / out.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=data_name, size_threshold=1024, convert_attribute=True,
+            )
+            os.replace(tmp_dir / data_name, folder / data_name)
+            os.replace(tmp_dir / out.name, out)
+            tmp_dir.rmdir()
+            tmp_files.clear()
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+            tmp_files.append(Path(tmp))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(serialize(model))
+            os.replace(tmp, out)
+            tmp_files.clear()
+    except OSError as exc:
+        raise TqcError(f"cannot write '{out}': {exc.strerror or exc}") from exc
+    finally:
+        for leftover in tmp_files:
+            if leftover.is_dir():
+                for f in leftover.iterdir():
+                    f.unlink()
+                leftover.rmdir()
+            elif leftover.exists():
+                leftover.unlink()
+    return out
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, out)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise TqcError(f"cannot write '{out}': {exc.strerror or exc}") from exc
+    return out
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    return write_bytes_atomic(text.encode(), path)
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """sha256 over the model file and, in sorted order, the external data files it names."""
+    p = Path(path)
+    digest = hashlib.sha256()
+    _hash_file(p, digest)
+    model = onnx.load(str(p), load_external_data=False)
+    for location in sorted({ExternalDataInfo(t).location for t in _external_tensors(model)}):
+        _hash_file(p.resolve().parent / location, digest)
+    return "sha256:" + digest.hexdigest()
+
+
+def proto_hash(model: onnx.ModelProto) -> str:
+    """sha256 of an in-memory model's deterministic serialization (models under 2 GB)."""
+    return "sha256:" + hashlib.sha256(serialize(model)).hexdigest()
+
+
+def _hash_file(path: Path, digest) -> None:
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)

@@ -1,0 +1,105 @@
+"""Structural checks run after every pass: onnx checker, strict shape inference, unchanged signature.
+
+Models whose tensors exceed protobuf's 2 GB limit are checked through a temporary file with external data,
+using the path-based checker and shape inference.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from tqc.compiler.errors import VerificationError
+from tqc.compiler.model_io import needs_external_data, save_model
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    elem_type: int
+    rank: int | None
+
+    def describe(self) -> str:
+        dtype = onnx.helper.tensor_dtype_to_string(self.elem_type) if self.elem_type else "?"
+        return f"{self.name} ({dtype.replace('TensorProto.', '').lower()}, rank {self.rank})"
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]
+
+
+def _port(value: onnx.ValueInfoProto) -> Port:
+    tt = value.type.tensor_type
+    rank = len(tt.shape.dim) if tt.HasField("shape") else None
+    return Port(value.name, tt.elem_type, rank)
+
+
+def signature(model: onnx.ModelProto) -> Signature:
+    initializers = {t.name for t in model.graph.initializer}
+    return Signature(
+        inputs=tuple(_port(v) for v in model.graph.input if v.name not in initializers),
+        outputs=tuple(_port(v) for v in model.graph.output),
+    )
+
+
+def check_signature(before: Signature, after: Signature, stage: str) -> None:
+    for kind, old, new in (("input", before.inputs, after.inputs), ("output", before.outputs, after.outputs)):
+        if [p.name for p in old] != [p.name for p in new]:
+            raise VerificationError(
+                f"{stage}: graph {kind}s changed from {[p.name for p in old]} to {[p.name for p in new]}")
+        for a, b in zip(old, new):
+            if a.elem_type != b.elem_type or (a.rank is not None and b.rank is not None and a.rank != b.rank):
+                raise VerificationError(f"{stage}: graph {kind} changed from {a.describe()} to {b.describe()}")
+
+
+def infer_shapes(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+    """Shape inference; with ``strict`` a type or shape conflict raises ``VerificationError``."""
+    try:
+        if needs_external_data(model):
+            with tempfile.TemporaryDirectory(prefix="tqc-verify-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                save_model(model, path, external_data=True)
+                onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True,
+                                                       strict_mode=strict, data_prop=True)
+                inferred = onnx.load(str(path), load_external_data=False)
+                onnx.load_external_data_for_model(inferred, tmp)
+                return inferred
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
+        if not strict:
+            return model
+        raise VerificationError(f"shape inference failed: {_first_line(exc)}") from exc
+
+
+def run_checker(model: onnx.ModelProto) -> None:
+    try:
+        if needs_external_data(model):
+            with tempfile.TemporaryDirectory(prefix="tqc-verify-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                save_model(model, path, external_data=True)
+                onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, RuntimeError) as exc:
+        raise VerificationError(f"onnx checker: {_first_line(exc)}") from exc
+
+
+def verify_structure(model: onnx.ModelProto, expected: Signature, stage: str) -> onnx.ModelProto:
+    """Checker, strict shape inference and signature; returns the model with inferred shapes."""
+    try:
+        run_checker(model)
+        inferred = infer_shapes(model, strict=True)
+    except VerificationError as exc:
+        raise VerificationError(f"{stage}: {exc}") from exc
+    check_signature(expected, signature(model), stage)
+    return inferred
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
