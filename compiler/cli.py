@@ -95,13 +95,15 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.option("--dump-dir", type=click.Path(file_okay=False), default=None,
               help="Write every stage, its report, inputs and outputs here.")
 @click.option("--report", "report_path", default=None, help="Write the compile report (JSON) here.")
+@click.option("--explain", multiple=True, metavar="PASS",
+              help="Have PASS say why candidates did not match (e.g. --explain fuse).")
 def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify: str, dump_dir: str | None,
-                report_path: str | None) -> None:
+                report_path: str | None, explain: tuple[str, ...]) -> None:
     """Run a pipeline of passes on MODEL and write the result."""
     from tqc.compiler.compile import CompileOptions, compile_model
 
     opts = CompileOptions(model=model, pipeline=pipeline_text, output=output, target=target, verify=verify,
-                          dump_dir=dump_dir, report=report_path)
+                          dump_dir=dump_dir, report=report_path, explain=explain)
     report = compile_model(opts, progress=_ui().progress)
     click.echo(format_report(report))
 
@@ -121,6 +123,7 @@ def format_report(report: dict) -> str:
         lines.append(f"  {stage['index']:>2}  {stage['spec']:<24} {stage['seconds']:>7.2f}s {status:>8}  {stats}")
     lines.append(f"  nodes {report['input']['nodes']} -> {report['output']['nodes']}, "
                  f"total {report['total_seconds']:.2f}s")
+    lines += [f"  note: {message}" for message in report.get("messages", [])]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ class CompileOptions:
     verify: str = "structure"
     dump_dir: str | None = None
     report: str | None = None
+    explain: tuple[str, ...] = ()
 
 
 def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
@@ -51,7 +52,11 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
     progress(f"loading {source}")
     model = load_model(source)
     source_hash = model_hash(source)
-    ctx = PassContext(target=opts.target)
+    from tqc.passes.registry import get_pass
+
+    for name in opts.explain:
+        get_pass(name)  # unknown names get the did-you-mean error
+    ctx = PassContext(target=opts.target, explain=set(opts.explain))
     manager = PassManager(passes, ctx, verify=opts.verify, dump_dir=opts.dump_dir, progress=progress)
     nodes_in = len(model.graph.node)
     result = manager.run(model)
