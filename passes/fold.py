@@ -55,6 +55,9 @@ class Fold(Pass):
 
 
 def _quiet_fold(graph: gs.Graph) -> None:
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # gs folds through ORT, whose optimizer notes are noise here
     gs_logger = gs.logger.G_LOGGER
     severity = gs_logger.severity
     gs_logger.severity = gs_logger.ERROR

@@ -56,8 +56,9 @@ class Fuse(Pass):
             if "fuse" in ctx.explain:
                 ctx.note(message)
         if self.values["gelu"]:
+            exported_as_op = sum(1 for n in graph.nodes if n.op == "Gelu")  # opset 20 exports emit Gelu already
             gelus, reason = fuse_gelu(graph, target, opset)
-            stats["gelu"] = gelus
+            stats["gelu"] = gelus + exported_as_op
             if reason:
                 ctx.note(f"fuse: gelu: {reason}")
         else:

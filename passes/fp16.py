@@ -1,0 +1,83 @@
+"""``fp16``: FP32 to FP16 with FP32 graph inputs/outputs kept, and an overflow guard.
+
+Before                                    After
+  input_ids ─► ... MatMul(W fp32) ...       input_ids ─► ... MatMul(W fp16) ... ─► Cast(fp32) ─► output
+  a node whose activations reach 1e5        the same node in FP32, with Casts at its boundary
+
+The guard runs the FP32 graph on the verification (or calibration) inputs, and keeps in FP32 every node with
+an output whose magnitude exceeds ``margin`` × 65504 (FP16's largest finite value). LayerNormalization keeps
+its FP32 accumulation (``stash_type=1``); ONNX Runtime's fused Attention/SkipLayerNorm kernels and TensorRT's
+Softmax accumulate in FP32 internally. ``keep_fp32`` forces op types to stay FP32.
+
+The conversion itself is onnxruntime.transformers' ``convert_float_to_float16`` (the maintained successor of
+onnxruntime-tools), driven with tqc's block lists.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from tqc.compiler.activations import max_abs_per_tensor
+from tqc.compiler.feeds import synthesize_feeds
+from tqc.compiler.graph_io import to_graph, to_model
+from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool, parse_list
+from tqc.passes.registry import register
+
+FP16_MAX = 65504.0
+
+
+def replace_graph(graph: gs.Graph, new: gs.Graph) -> None:
+    graph.nodes = new.nodes
+    graph.inputs = new.inputs
+    graph.outputs = new.outputs
+    graph.import_domains = new.import_domains
+    graph.opset = new.opset
+
+
+@register
+class Fp16(Pass):
+    """Convert to FP16 (FP32 inputs/outputs), keeping overflowing nodes in FP32."""
+
+    name = "fp16"
+    options = {
+        "guard": Option(parse_bool, True, "keep nodes whose activations exceed the FP16 range in FP32"),
+        "margin": Option(float, 0.5, "fraction of 65504 above which a node is kept in FP32"),
+        "keep_fp32": Option(parse_list, [], "op types to keep in FP32 ('|'-separated)"),
+    }
+    # FP16 is not exact: 10 mantissa bits. Outputs of a LayerNorm-ended encoder stay within these bounds.
+    tolerance = Tolerance(atol=0.05, rtol=0.05)
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+        for index, node in enumerate(graph.nodes):
+            if not node.name:
+                node.name = f"tqc_node_{index}"
+        model = to_model(graph)
+        blocked_nodes: list[str] = []
+        peak = 0.0
+        if self.values["guard"]:
+            feeds = ctx.verification_feeds or synthesize_feeds(model)
+            peaks = max_abs_per_tensor(model, feeds)
+            limit = self.values["margin"] * FP16_MAX
+            producers = {out: node.name for node in model.graph.node for out in node.output}
+            peak = max(peaks.values(), default=0.0)
+            blocked_nodes = sorted({producers[name] for name, value in peaks.items()
+                                    if value > limit and name in producers})
+        for node in model.graph.node:
+            if node.op_type == "LayerNormalization":
+                for attr in node.attribute:
+                    if attr.name == "stash_type":
+                        attr.i = 1
+        op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(self.values["keep_fp32"]))
+        converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked_nodes,
+                                             op_block_list=op_block, disable_shape_infer=False)
+        new = to_graph(converted).toposort()  # the converter appends its Casts out of order
+        casts_before = sum(1 for n in graph.nodes if n.op == "Cast")
+        replace_graph(graph, new)
+        ctx.note(f"fp16: {len(blocked_nodes)} node(s) kept in FP32 by the overflow guard"
+                 + (f" ({', '.join(blocked_nodes[:5])}{', ...' if len(blocked_nodes) > 5 else ''})"
+                    if blocked_nodes else "") + f"; peak |activation| {peak:.4g}")
+        return PassResult(True, {"fp32_nodes_guarded": len(blocked_nodes),
+                                 "casts_added": sum(1 for n in graph.nodes if n.op == "Cast") - casts_before,
+                                 "peak_activation": round(peak, 3)})
