@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""Fusion benchmark: tqc ``fuse`` (+``fp16`` on GPU) against PyTorch and ONNX Runtime's own optimizer.
+
+One run measures every variant on the same machine, so ratios are meaningful; absolute numbers are not
+comparable across machines. Prints a table of medians and writes JSON.
+
+    python bench/bench_fuse.py --device cpu  --json out/fuse_cpu.json
+    python bench/bench_fuse.py --device cuda --json out/fuse_cuda.json   (onnxruntime-gpu, torch with CUDA)
+
+Variants (GPU: FP16; CPU: FP32, torch.compile reduce-overhead needs CUDA graphs and runs on GPU only):
+  torch-eager            transformers model, sdpa attention
+  torch-compile          torch.compile(mode="reduce-overhead"), sdpa attention
+  ort-plain              ORT on the sdpa export, no extra optimization (ORT's default session optimizations on)
+  ort-opt[sdpa|eager]    onnxruntime.transformers optimizer (+fp16) on the sdpa / eager export
+  tqc[sdpa|eager]        tqc fold,fuse(+fp16) on the sdpa / eager export
+ORT on CUDA runs with IO binding, and again with CUDA graphs (suffix +graph).
+Models have random weights built from the recipes' configs (latency does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def make_inputs(batch: int, seq: int, names: tuple[str, ...], vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {"input_ids": rng.integers(5, min(vocab, 30000), size=(batch, seq)).astype(np.int64),
+            "attention_mask": np.ones((batch, seq), np.int64),
+            "token_type_ids": np.zeros((batch, seq), np.int64)}
+    return {n: feed[n] for n in names}
+
+
+def time_fn(fn, runs: int, warmup: int, budget_s: float, sync=None) -> dict:
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < runs and (time.perf_counter() - start) < budget_s or len(samples) < 3:
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - t0) * 1000.0)
+    samples.sort()
+    return {"median_ms": statistics.median(samples), "p90_ms": samples[int(0.9 * (len(samples) - 1))],
+            "runs": len(samples)}
+
+
+# ---------------------------------------------------------------- model preparation
+
+def export_models(family: str, workdir: Path) -> dict[str, Path]:
+    from tqc.models.export import ExportSpec, export
+    from tqc.models.recipes import find_recipe
+
+    recipe = find_recipe(family)
+    config = recipe.config("base")
+    cfg_dir = workdir / f"{family}-config"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(cfg_dir)
+    paths = {}
+    for attn in ("sdpa", "eager"):
+        path = workdir / f"{family}-{attn}.onnx"
+        if not path.exists():
+            log(f"export {family} ({attn})")
+            export(ExportSpec(str(cfg_dir / "config.json"), exporter="legacy", attn=attn), path)
+        paths[attn] = path
+    return paths
+
+
+def tqc_compile(src: Path, out: Path, target: str, fp16: bool) -> dict:
+    from tqc.compiler.compile import CompileOptions, compile_model
+
+    pipeline = "fold,fuse" + (",fp16" if fp16 else "")
+    start = time.perf_counter()
+    report = compile_model(CompileOptions(model=str(src), pipeline=pipeline, output=str(out), target=target,
+                                          verify="structure"))
+    fuse = next(s for s in report["stages"] if s["pass"] == "fuse")
+    return {"compile_s": round(time.perf_counter() - start, 2), "attention": fuse["stats"]["attention_summary"]}
+
+
+def ort_optimize(src: Path, out: Path, family: str, fp16: bool, use_gpu: bool) -> dict:
+    import onnx
+    from onnxruntime.transformers import optimizer
+
+    from tqc.models.recipes import find_recipe
+
+    config = find_recipe(family).config("base")
+    start = time.perf_counter()
+    model = optimizer.optimize_model(str(src), model_type="bert", num_heads=config.num_attention_heads,
+                                     hidden_size=config.hidden_size, use_gpu=use_gpu)
+    if fp16:
+        model.convert_float_to_float16(keep_io_types=True)
+    model.save_model_to_file(str(out))
+    fused = sum(1 for n in onnx.load(str(out), load_external_data=False).graph.node
+                if n.op_type in ("Attention", "MultiHeadAttention"))
+    return {"compile_s": round(time.perf_counter() - start, 2), "attention": f"{fused}/{config.num_hidden_layers} attention fused"}
+
+
+# ---------------------------------------------------------------- runners
+
+class OrtRunner:
+    def __init__(self, path: Path, device: str, threads: int, cuda_graph: bool = False):
+        import onnxruntime as ort
+
+        self.ort = ort
+        options = ort.SessionOptions()
+        if device == "cpu":
+            options.intra_op_num_threads = threads
+            providers = ["CPUExecutionProvider"]
+        else:
+            cuda_options = {"enable_cuda_graph": "1"} if cuda_graph else {}
+            providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.device = device
+        self.cuda_graph = cuda_graph
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def prepare(self, feed: dict[str, np.ndarray]):
+        feed = {k: v for k, v in feed.items() if k in self.input_names}
+        if self.device == "cpu":
+            return lambda: self.session.run(self.output_names, feed)
+        binding = self.session.io_binding()
+        self._keep = []
+        for name, value in feed.items():
+            ortvalue = self.ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+            self._keep.append(ortvalue)
+            binding.bind_ortvalue_input(name, ortvalue)
+        out_meta = self.session.get_outputs()[0]
+        batch, seq = next(iter(feed.values())).shape
+        hidden = out_meta.shape[-1]
+        out = self.ort.OrtValue.ortvalue_from_shape_and_type([batch, seq, hidden], np.float32, "cuda", 0)
+        self._keep.append(out)
+        binding.bind_ortvalue_output(self.output_names[0], out)
+
+        def run():
+            self.session.run_with_iobinding(binding)
+        return run
+
+
+def torch_runners(family: str, device: str, compile_mode: bool):
+    import torch
+    from transformers import AutoModel
+
+    from tqc.models.recipes import find_recipe
+
+    config = find_recipe(family).config("base")
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config, attn_implementation="sdpa").eval()
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = model.to(device=device, dtype=dtype)
+    fn = torch.compile(model, mode="reduce-overhead") if compile_mode else model
+
+    def prepare(feed):
+        tensors = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
+
+        def run():
+            with torch.inference_mode():
+                return fn(**tensors).last_hidden_state
+        return run
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    return prepare, sync
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--models", default="bert,minilm")
+    parser.add_argument("--shapes", default="1x16,1x128,8x128,32x128")
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per measurement at most")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workdir", default="bench_work")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--no-torch-compile", action="store_true")
+    parser.add_argument("--deadline", type=float, default=540.0, help="stop starting new work after this many s")
+    args = parser.parse_args()
+    t_start = time.perf_counter()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cuda = args.device == "cuda"
+    target = "ort-cuda" if cuda else "ort-cpu"
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    results: dict = {"device": args.device, "threads": args.threads, "shapes": args.shapes, "rows": [],
+                     "compile": {}, "env": environment(cuda)}
+
+    def save():
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    for family in args.models.split(","):
+        from tqc.models.recipes import find_recipe
+
+        recipe = find_recipe(family)
+        vocab = recipe.config("base").vocab_size
+        paths = export_models(family, workdir)
+        sessions: dict[str, Path] = {"ort-plain": paths["sdpa"]}
+        for attn in ("sdpa", "eager"):
+            out = workdir / f"{family}-{attn}-ortopt.onnx"
+            results["compile"][f"{family}/ort-opt[{attn}]"] = ort_optimize(paths[attn], out, family, cuda, cuda)
+            sessions[f"ort-opt[{attn}]"] = out
+            out = workdir / f"{family}-{attn}-tqc.onnx"
+            results["compile"][f"{family}/tqc[{attn}]"] = tqc_compile(paths[attn], out, target, cuda)
+            sessions[f"tqc[{attn}]"] = out
+        log(f"{family}: compiled " + json.dumps(results["compile"]))
+        save()
+        for name, path in sessions.items():
+            graphs = (False, True) if cuda else (False,)
+            for graph in graphs:
+                label = name + ("+graph" if graph else "")
+                runner = None if graph else OrtRunner(path, args.device, args.threads)
+                for batch, seq in shapes:
+                    if time.perf_counter() - t_start > args.deadline:
+                        log("deadline reached; stopping")
+                        save()
+                        print_table(results)
+                        return
+                    feed = make_inputs(batch, seq, recipe.inputs, vocab)
+                    try:
+                        r = OrtRunner(path, args.device, args.threads, cuda_graph=True) if graph else runner
+                        stats = time_fn(r.prepare(feed), args.runs, args.warmup, args.budget)
+                    except Exception as exc:  # a variant that cannot run is reported, not fatal
+                        stats = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+                    results["rows"].append({"model": family, "shape": f"{batch}x{seq}", "variant": label, **stats})
+                    log(f"{family} {batch}x{seq} {label}: {stats}")
+                    save()
+        torch_variants = [("torch-eager", False)] + ([("torch-compile", True)] if cuda and not args.no_torch_compile else [])
+        for label, compiled in torch_variants:
+            try:
+                prepare, sync = torch_runners(family, args.device, compiled)
+            except Exception as exc:
+                log(f"{label} unavailable: {exc}")
+                continue
+            for batch, seq in shapes:
+                if time.perf_counter() - t_start > args.deadline:
+                    break
+                feed = make_inputs(batch, seq, recipe.inputs, vocab)
+                try:
+                    t0 = time.perf_counter()
+                    run = prepare(feed)
+                    run()
+                    if sync:
+                        sync()
+                    warm_s = time.perf_counter() - t0
+                    stats = time_fn(run, args.runs, args.warmup, args.budget, sync=sync)
+                    stats["first_call_s"] = round(warm_s, 2)
+                except Exception as exc:
+                    stats = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+                results["rows"].append({"model": family, "shape": f"{batch}x{seq}", "variant": label, **stats})
+                log(f"{family} {batch}x{seq} {label}: {stats}")
+                save()
+    results["total_s"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print_table(results)
+
+
+def environment(cuda: bool) -> dict:
+    import onnxruntime
+
+    env = {"onnxruntime": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        if cuda and torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return env
+
+
+def print_table(results: dict) -> None:
+    rows = results["rows"]
+    variants = sorted({r["variant"] for r in rows}, key=lambda v: (not v.startswith("tqc"), v))
+    keys = sorted({(r["model"], r["shape"]) for r in rows}, key=lambda k: (k[0], int(k[1].split("x")[0]), int(k[1].split("x")[1])))
+    table = {(r["model"], r["shape"], r["variant"]): r.get("median_ms") for r in rows}
+    print(f"\nmedian latency, ms ({results['device']}, {results['env']})")
+    header = f"{'model':<8} {'shape':<7} " + " ".join(f"{v:>17}" for v in variants)
+    print(header)
+    for model, shape in keys:
+        cells = []
+        for v in variants:
+            value = table.get((model, shape, v))
+            cells.append(f"{value:>17.3f}" if value is not None else f"{'-':>17}")
+        print(f"{model:<8} {shape:<7} " + " ".join(cells))
+    best_tqc = "tqc[sdpa]+graph" if any(v == "tqc[sdpa]+graph" for v in variants) else "tqc[sdpa]"
+    print(f"\nratios (anchor / {best_tqc}; >1 means tqc is faster)")
+    anchors = [v for v in variants if not v.startswith("tqc")]
+    print(f"{'model':<8} {'shape':<7} " + " ".join(f"{v:>17}" for v in anchors))
+    for model, shape in keys:
+        ours = table.get((model, shape, best_tqc))
+        cells = []
+        for v in anchors:
+            other = table.get((model, shape, v))
+            cells.append(f"{other / ours:>17.2f}" if ours and other else f"{'-':>17}")
+        print(f"{model:<8} {shape:<7} " + " ".join(cells))
+    print("\ncompile: " + json.dumps(results["compile"]))
+
+
+if __name__ == "__main__":
+    main()
