@@ -118,7 +118,17 @@ class PassManager:
                         index: int, record: StageRecord):
         tol = p.tolerance_for(self.ctx)
         stage = f"{index:02d}_{p.name}"
-        results = compare.run_model(after, feeds, name=stage)
+        try:
+            results = compare.run_model(after, feeds, name=stage)
+        except Exception as exc:  # ORT refusing the graph is the pass's fault, reported like any failed check
+            from tqc.compiler.model_io import save_model as _save
+
+            folder = self.dump_dir or Path(tempfile.mkdtemp(prefix="tqc-repro-"))
+            _save(after, Path(folder) / f"{stage}.onnx")
+            raise VerificationError(f"{stage}: ONNX Runtime CPU cannot run the graph after the pass: "
+                                    f"{str(exc).strip().splitlines()[0][:300]}",
+                                    reproducer=f"polygraphy run {Path(folder) / f'{stage}.onnx'} --onnxrt "
+                                               f"{compare.ORT_LEVEL_FLAG}") from exc
         ref_pair = list(previous_results.items())[0]
         cand_pair = list(results.items())[0]
         outcome = compare.compare_results(ref_pair, cand_pair, atol=tol.atol, rtol=tol.rtol)

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 from tqc.compiler.graph_io import ensure_domain
 from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool
 from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
-from tqc.passes.fuse.elementwise import fuse_gelu, fuse_skip_layernorm
+from tqc.passes.fuse.elementwise import fuse_embed_layernorm, fuse_gelu, fuse_skip_layernorm
 from tqc.passes.fuse.match import NoMatch
 from tqc.passes.registry import register
 
@@ -24,6 +24,10 @@ class Fuse(Pass):
         "attention": Option(parse_bool, True, "fuse attention blocks"),
         "gelu": Option(parse_bool, True, "fuse GELU (Gelu op at opset >= 20 for trt; contrib ops for ORT)"),
         "skip_layernorm": Option(parse_bool, True, "fuse Add + LayerNormalization (ORT targets)"),
+        "embed_layernorm": Option(parse_bool, True, "fuse BERT-style embeddings + LayerNorm (ORT targets)"),
+        "mask": Option(str, "auto", "ORT attention mask: 'raw' ([B,S] 0/1, any padding), 'end' (token counts: "
+                       "right padding only, enables ORT's fused CUDA kernels), 'auto' (end on ort-cuda, raw on "
+                       "ort-cpu)", choices=("auto", "raw", "end")),
     }
     tolerance = Tolerance(atol=1e-4, rtol=1e-4)
 
@@ -34,12 +38,32 @@ class Fuse(Pass):
         softmax_count = sum(1 for n in graph.nodes if n.op == "Softmax")
         fused = 0
         misses = []
+        mask_format = self.values["mask"]
+        if mask_format == "auto":
+            mask_format = "end" if target == "ort-cuda" else "raw"
+        masks = MaskCache(graph)
+        stats["embed_layernorm"] = 0
+        if target != "trt" and self.values["embed_layernorm"]:
+            wants_end = mask_format == "end" and masks.source() is not None
+            count, mask_index, reason = fuse_embed_layernorm(graph, masks.source() if wants_end else None)
+            stats["embed_layernorm"] = count
+            if mask_index is not None:
+                masks.built["end"] = mask_index  # the op's own token counts serve every layer
+            if reason and "fuse" in ctx.explain:
+                ctx.note(f"fuse: embed_layernorm: {reason}")
         if self.values["attention"]:
             matches, misses = find_attention(graph, mask_input_names(graph))
-            masks = MaskCache(graph)
+            if target != "trt" and matches and any(m.mask is not None for m in matches):
+                stats["mask"] = mask_format
+                if mask_format == "end":
+                    ctx.note("fuse: attention masks given as token counts (right padding); use fuse{mask=raw} "
+                             "for left-padded inputs")
             for index, match in enumerate(matches):
                 try:
-                    (rewrite_trt if target == "trt" else rewrite_ort)(graph, match, index, masks)
+                    if target == "trt":
+                        rewrite_trt(graph, match, index, masks)
+                    else:
+                        rewrite_ort(graph, match, index, masks, mask_format)
                     fused += 1
                 except NoMatch as miss:
                     ctx.note(f"fuse: attention at '{match.softmax.name}' matched rule '{match.rule.name}' but "
@@ -69,7 +93,7 @@ class Fuse(Pass):
             stats["skip_layernorm"] = fuse_skip_layernorm(graph)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         stats["layernorm"] = sum(1 for n in graph.nodes if n.op == "LayerNormalization")
-        stats["embed_layernorm"] = 0
         if target != "trt" and any(n.domain == "com.microsoft" for n in graph.nodes):
             ensure_domain(graph, "com.microsoft", 1)
-        return PassResult(modified=fused > 0 or stats["gelu"] > 0 or stats["skip_layernorm"] > 0, stats=stats)
+        modified = fused > 0 or stats["gelu"] > 0 or stats["skip_layernorm"] > 0 or stats["embed_layernorm"] > 0
+        return PassResult(modified=modified, stats=stats)

@@ -261,6 +261,7 @@ class MaskCache:
         return self.built["additive"]
 
     def int32_index(self) -> gs.Variable:
+        """[batch, sequence] int32 1/0 mask: any padding pattern."""
         if "index" not in self.built:
             mask = self.source()
             index = gs.Variable("tqc_mask_index", dtype=np.int32)
@@ -268,6 +269,17 @@ class MaskCache:
                                             outputs=[index]))
             self.built["index"] = index
         return self.built["index"]
+
+    def end_positions(self) -> gs.Variable:
+        """[batch] int32 count of kept tokens: right padding only, and what ORT's fused CUDA kernels take."""
+        if "end" not in self.built:
+            index = self.int32_index()
+            ends = gs.Variable("tqc_mask_end_positions", dtype=np.int32)
+            self.graph.nodes.append(gs.Node("ReduceSum", "tqc_mask_reduce", attrs={"keepdims": 0},
+                                            inputs=[index, gs.Constant("tqc_mask_reduce_axes", np.array([1], np.int64))],
+                                            outputs=[ends]))
+            self.built["end"] = ends
+        return self.built["end"]
 
 
 def _detach(tensor: gs.Tensor) -> None:
@@ -357,14 +369,15 @@ def rewrite_trt(graph: gs.Graph, match: AttentionMatch, index: int, masks: MaskC
     graph.nodes += nodes
 
 
-def rewrite_ort(graph: gs.Graph, match: AttentionMatch, index: int, masks: MaskCache) -> None:
+def rewrite_ort(graph: gs.Graph, match: AttentionMatch, index: int, masks: MaskCache,
+                mask_format: str = "raw") -> None:
     if not (match.q.x is match.k.x is match.v.x):
         raise NoMatch("ORT Attention needs Q, K and V projected from one input", 0)
     prefix = f"tqc_attn{index}"
     weight, bias = _packed(match, fold_scale=False)
     inputs = [match.q.x, gs.Constant(f"{prefix}_qkv_weight", weight), gs.Constant(f"{prefix}_qkv_bias", bias)]
     if match.mask is not None:
-        inputs.append(masks.int32_index())
+        inputs.append(masks.end_positions() if mask_format == "end" else masks.int32_index())
     attrs = {"num_heads": match.num_heads, "mask_filter_value": MASK_FILL}
     if not math.isclose(match.scale, 1.0 / math.sqrt(match.head_size), rel_tol=1e-6):
         attrs["scale"] = float(match.scale)

@@ -178,3 +178,86 @@ def fuse_skip_layernorm(graph: gs.Graph) -> int:
                                    outputs=[out]))
         count += 1
     return count
+
+
+def _gather_leaves(tensor: gs.Tensor, leaves: list, nodes: list) -> bool:
+    """Flatten an Add tree of embedding Gathers (at most 3 leaves)."""
+    node = producer(tensor)
+    if node is None:
+        return False
+    if node.op == "Add" and len(consumers(tensor)) == 1:
+        nodes.append(node)
+        return all(_gather_leaves(t, leaves, nodes) for t in node.inputs) and len(leaves) <= 3
+    if node.op == "Gather" and node.attrs.get("axis", 0) == 0 and isinstance(node.inputs[0], gs.Constant):
+        leaves.append(node)
+        nodes.append(node)
+        return True
+    return False
+
+
+def _is_arange_positions(indices: gs.Tensor) -> bool:
+    """indices = Slice(constant arange buffer, start 0, end S): positions 0..S-1."""
+    node = producer(indices)
+    if node is None or node.op != "Slice":
+        return False
+    buffer = constant_values(node.inputs[0])
+    starts = constant_values(node.inputs[1])
+    if buffer is None or starts is None or int(starts.reshape(-1)[0]) != 0:
+        return False
+    if len(node.inputs) > 4 and constant_values(node.inputs[4]) is not None and int(constant_values(node.inputs[4]).reshape(-1)[0]) != 1:
+        return False
+    flat = buffer.reshape(-1)
+    return bool(np.array_equal(flat, np.arange(flat.size)))
+
+
+def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, gs.Tensor | None, str | None]:
+    """BERT-style embeddings: LayerNorm(word[ids] + type[token_type_ids] + pos[arange]) -> EmbedLayerNormalization.
+
+    Returns (count, the op's int32 mask_index output when a mask was given, reason when not fused).
+    """
+    inputs = {t.name: t for t in graph.inputs}
+    ids = inputs.get("input_ids")
+    if ids is None:
+        return 0, None, "no input_ids input"
+    for ln in [n for n in graph.nodes if n.op == "LayerNormalization"]:
+        leaves, nodes = [], []
+        if not _gather_leaves(ln.inputs[0], leaves, nodes) or len(leaves) < 2:
+            continue
+        word = segment = position = None
+        for leaf in leaves:
+            index = leaf.inputs[1]
+            if index is ids:
+                word = leaf
+            elif index.name in inputs and ("type" in index.name or "segment" in index.name):
+                segment = leaf
+            elif _is_arange_positions(index):
+                position = leaf
+            else:
+                return 0, None, (f"embedding Gather '{leaf.name}' is indexed by computed ids (RoBERTa-style "
+                                 "position or type ids); kept as is")
+        if word is None or position is None:
+            continue
+        if not all(isinstance(t, gs.Constant) for t in ln.inputs[1:3]):
+            continue
+        out = ln.outputs[0]
+        ln.outputs = [gs.Variable(f"{out.name}_tqc_detached")]
+        empty = gs.Variable.empty()
+
+        def int32(t: gs.Tensor) -> gs.Tensor:  # the op takes int32 ids and masks
+            if t.dtype == np.int32:
+                return t
+            cast = gs.Variable(f"{t.name}_int32", dtype=np.int32)
+            graph.nodes.append(gs.Node("Cast", f"tqc_{t.name}_to_int32", attrs={"to": 6}, inputs=[t], outputs=[cast]))
+            return cast
+
+        op_inputs = [int32(ids), int32(segment.inputs[1]) if segment else empty, word.inputs[0], position.inputs[0],
+                     segment.inputs[0] if segment else empty, ln.inputs[1], ln.inputs[2]]
+        mask_index = gs.Variable("tqc_embed_mask_index", dtype=np.int32)  # ORT's schema needs this output
+        outputs = [out, mask_index]
+        if mask is not None:
+            op_inputs.append(int32(mask))
+        graph.nodes.append(gs.Node("EmbedLayerNormalization", "tqc_embed_layernorm", domain="com.microsoft",
+                                   attrs={"epsilon": float(ln.attrs.get("epsilon", 1e-5))}, inputs=op_inputs,
+                                   outputs=outputs))
+        return 1, (mask_index if mask is not None else None), None
+    return 0, None, "no LayerNorm over word + position embedding Gathers"
