@@ -25,23 +25,28 @@ def float_tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def with_intermediate_outputs(model: onnx.ModelProto, names: Iterable[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` that also outputs the named tensors (default: every float node output)."""
+def exposed_model_bytes(model: onnx.ModelProto, names: Iterable[str] | None = None) -> tuple[bytes, list[str]]:
+    """Serialized ``model`` that also outputs the named tensors (default: every float node output).
+
+    The outputs are appended, serialized and removed again: no copy of the weights is made.
+    """
     if not model.graph.value_info:
-        model = onnx.shape_inference.infer_shapes(model)
+        from tqc.compiler.verify import infer_shapes
+
+        infer_shapes(model, strict=False)
     types = float_tensor_types(model)
-    existing = {o.name for o in model.graph.output}
+    existing = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     wanted = list(names) if names is not None else [
         out for node in model.graph.node for out in node.output if out and types.get(out) in FLOAT_TYPES]
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    added = []
-    for name in wanted:
-        if name in existing or name not in types:
-            continue
-        copy.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
-        added.append(name)
-    return copy, [o.name for o in model.graph.output] + added
+    added = [name for name in dict.fromkeys(wanted) if name not in existing and name in types]
+    original = len(model.graph.output)
+    output_names = [o.name for o in model.graph.output] + added
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in added)
+    try:
+        data = model.SerializeToString()
+    finally:
+        del model.graph.output[original:]
+    return data, output_names
 
 
 def stream_intermediates(model: onnx.ModelProto, feeds: Iterable[Feed], reduce: Callable[[str, np.ndarray], None],
@@ -49,15 +54,20 @@ def stream_intermediates(model: onnx.ModelProto, feeds: Iterable[Feed], reduce: 
     """Run on ORT CPU (optimizations off) and call ``reduce(name, value)`` for every exposed tensor."""
     import onnxruntime as ort
 
-    exposed, output_names = with_intermediate_outputs(model, names)
+    names = list(names) if names is not None else None
+    data, output_names = exposed_model_bytes(model, names)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    del data
+    wanted_inputs = set(names) if names is not None else set()
     for feed in feeds:
         values = session.run(output_names, feed)
         for name, value in zip(output_names, values):
             reduce(name, value)
+        for name in wanted_inputs & set(feed):  # graph inputs are observed straight from the feed
+            reduce(name, np.asarray(feed[name]))
     return output_names
 
 

@@ -97,13 +97,25 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.option("--report", "report_path", default=None, help="Write the compile report (JSON) here.")
 @click.option("--explain", multiple=True, metavar="PASS",
               help="Have PASS say why candidates did not match (e.g. --explain fuse).")
+@click.option("--calib", default=None, metavar="DATA",
+              help="Calibration data: .npz, polygraphy inputs .json, sentences .txt, or script.py:function.")
+@click.option("--calib-table", default=None, metavar="TABLE", help="A calibration table from 'tqc calibrate'.")
+@click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data (default: the model's own).")
+@click.option("--calib-samples", type=int, default=32, show_default=True, help="Calibration samples to use.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration batch size.")
+@click.option("--max-length", type=int, default=128, show_default=True, help="Token limit for .txt data.")
+@click.option("--shapes", multiple=True, help="TensorRT profiles for .plan outputs: input_ids:1x16,8x128,32x512.")
 def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify: str, dump_dir: str | None,
-                report_path: str | None, explain: tuple[str, ...]) -> None:
+                report_path: str | None, explain: tuple[str, ...], calib: str | None, calib_table: str | None,
+                tokenizer: str | None, calib_samples: int, batch_size: int, max_length: int,
+                shapes: tuple[str, ...]) -> None:
     """Run a pipeline of passes on MODEL and write the result."""
     from tqc.compiler.compile import CompileOptions, compile_model
 
     opts = CompileOptions(model=model, pipeline=pipeline_text, output=output, target=target, verify=verify,
-                          dump_dir=dump_dir, report=report_path, explain=explain)
+                          dump_dir=dump_dir, report=report_path, explain=explain, calib=calib,
+                          calib_table=calib_table, tokenizer=tokenizer, calib_samples=calib_samples,
+                          batch_size=batch_size, max_length=max_length, shapes=shapes)
     report = compile_model(opts, progress=_ui().progress)
     click.echo(format_report(report))
 
@@ -126,6 +138,140 @@ def format_report(report: dict) -> str:
                  f"total {report['total_seconds']:.2f}s")
     lines += [f"  note: {message}" for message in report.get("messages", [])]
     return "\n".join(lines)
+
+
+@cli.command("calibrate")
+@click.argument("model")
+@click.option("--data", "data", required=True, help="Calibration data: .npz, polygraphy .json, .txt, script.py:fn.")
+@click.option("-o", "--output", required=True, help="Calibration table (JSON) to write.")
+@click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data (default: the model's own).")
+@click.option("--samples", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True)
+def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, samples: int, batch_size: int,
+                  max_length: int) -> None:
+    """Stream activation statistics of MODEL over DATA into a reusable calibration table."""
+    from tqc.compiler.calib_data import DataSpec, FeedSource
+    from tqc.compiler.calibration import calibrate, calibration_targets
+    from tqc.compiler.model_io import check_output_path, load_model
+    from tqc.compiler.verify import infer_shapes
+
+    out = check_output_path(output, inputs=(model,))
+    onnx_model = infer_shapes(load_model(model), strict=False)
+    source = FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
+                                 max_length=max_length), onnx_model)
+    table = calibrate(onnx_model, source, calibration_targets(onnx_model), progress=_ui().progress)
+    table.save(out)
+    click.echo(f"calibrated {len(table.tensors)} tensors on {table.samples} samples in {table.seconds:.2f}s -> {out}")
+
+
+@cli.command("check")
+@click.argument("model")
+@click.option("--target", type=click.Choice(["trt"]), default="trt", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def check_cmd(model: str, target: str, as_json: bool) -> None:
+    """Static TensorRT readiness check: ops, Q/DQ rules, dynamic shapes, INT8 MHA eligibility."""
+    from tqc.compiler.model_io import load_model
+    from tqc.compiler.trt_check import check_trt, format_check
+
+    report = check_trt(load_model(model, load_external_data=False))
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_check(report, model))
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command("build")
+@click.argument("model")
+@click.option("-o", "--output", required=True, help="TensorRT plan to write (.plan).")
+@click.option("--shapes", multiple=True, help="Profiles: input_ids:1x16,8x128,32x512 (min,opt,max).")
+@click.option("--fp16/--no-fp16", default=True, show_default=True, help="FP16 for graphs without Q/DQ.")
+@click.option("--workspace", type=float, default=4.0, show_default=True, help="Workspace pool, GiB.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="Builder optimization level.")
+@click.option("--timing-cache", default=None, help="Timing cache file (default ~/.cache/tqc/trt_timing.cache).")
+def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, workspace: float, opt_level: int,
+              timing_cache: str | None) -> None:
+    """Build a TensorRT plan from an ONNX model (strongly typed for Q/DQ graphs)."""
+    from tqc.compiler.model_io import check_input_path, check_output_path
+    from tqc.compiler.trt import build_plan, require_tensorrt
+
+    check_input_path(model)
+    check_output_path(output, inputs=(model,))
+    require_tensorrt()
+    meta = build_plan(model, output, shapes=shapes, fp16=fp16, workspace_gib=workspace, opt_level=opt_level,
+                      timing_cache=timing_cache, progress=_ui().progress)
+    click.echo(f"built {output} ({meta['network']}, TensorRT {meta['tensorrt_version']}, {meta['build_seconds']}s)")
+
+
+@cli.command("bench")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True)
+@click.option("--shapes", default="1x16,1x128,8x128", show_default=True, help="batch x sequence, comma-separated.")
+@click.option("--lengths", type=click.Choice(["full", "uniform"]), default="full", show_default=True,
+              help="Token lengths per row: all full, or uniform in [S/2, S] with right padding.")
+@click.option("--runs", type=int, default=200, show_default=True)
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--budget", type=float, default=5.0, show_default=True, help="Seconds per measurement at most.")
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads (CPU).")
+@click.option("--cuda-graph", is_flag=True, help="ORT CUDA: capture and replay a CUDA graph.")
+@click.option("--json", "json_path", default=None, help="Write the results here.")
+def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str, runs: int, warmup: int,
+              budget: float, threads: int | None, cuda_graph: bool, json_path: str | None) -> None:
+    """Latency (median, p95, p99) and throughput of one or more models; a comparison table."""
+    from tqc.compiler.benchmark import runner_for, time_callable, token_inputs
+    from tqc.compiler.feeds import vocab_size
+    from tqc.compiler.model_io import check_input_path, load_model, write_text_atomic
+
+    ui = _ui()
+    parsed = []
+    for item in shapes.split(","):
+        try:
+            batch, seq = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise TqcError(f"--shapes: '{item}' is not BATCHxSEQUENCE") from None
+        parsed.append((batch, seq))
+    rows = []
+    for model in models:
+        check_input_path(model)
+        vocab = 30000
+        if model.endswith(".onnx"):
+            onnx_model = load_model(model)
+            vocab = vocab_size(onnx_model, "input_ids") or vocab
+        runner = runner_for(model, provider, threads, cuda_graph)
+        names = runner.input_names
+        for batch, seq in parsed:
+            ui.progress(f"{model} {batch}x{seq} on {provider}")
+            feed = token_inputs(names, batch, seq, vocab, lengths)
+            timing = time_callable(runner.prepare(feed), batch, runs, warmup, budget)
+            rows.append({"model": model, "shape": f"{batch}x{seq}", "provider": provider, **timing.as_dict()})
+    base = {r["shape"]: r["median_ms"] for r in rows if r["model"] == models[0]}
+    click.echo(f"{'model':<40} {'shape':<8} {'median ms':>10} {'p95':>8} {'p99':>8} {'seq/s':>9}  vs first")
+    for r in rows:
+        ratio = base.get(r["shape"], r["median_ms"]) / r["median_ms"]
+        click.echo(f"{r['model'][-40:]:<40} {r['shape']:<8} {r['median_ms']:>10.3f} {r['p95_ms']:>8.3f} "
+                   f"{r['p99_ms']:>8.3f} {r['throughput']:>9.1f}  {ratio:.2f}x")
+    if json_path:
+        write_text_atomic(json.dumps({"provider": provider, "lengths": lengths, "rows": rows}, indent=2) + "\n",
+                          json_path)
+
+
+@cli.command("export-triton")
+@click.argument("model")
+@click.option("-o", "--output", "repo", required=True, help="Model repository folder.")
+@click.option("--name", default=None, help="Model name in the repository (default: file stem).")
+@click.option("--max-batch", type=int, default=32, show_default=True, help="0 disables batching.")
+@click.option("--instances", type=int, default=1, show_default=True)
+@click.option("--kind", type=click.Choice(["KIND_GPU", "KIND_CPU"]), default="KIND_GPU", show_default=True)
+@click.option("--queue-delay-us", type=int, default=100, show_default=True, help="Dynamic batching queue delay.")
+def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, instances: int, kind: str,
+                      queue_delay_us: int) -> None:
+    """Write a Triton model repository (config.pbtxt + version folder) for an ONNX model or a plan."""
+    from tqc.compiler.triton import export_triton
+
+    info = export_triton(model, repo, name=name, max_batch=max_batch, instances=instances, kind=kind,
+                         queue_delay_us=queue_delay_us)
+    click.echo(f"wrote {info['model']} ({info['config']['platform']}, max_batch_size "
+               f"{info['config']['max_batch_size']})")
 
 
 @cli.command("passes")

@@ -29,7 +29,7 @@ def quiet_polygraphy():
     if polygraphy_logger.COLORED_MODULE_PRESENT is None:  # avoid its "install colored" banner
         polygraphy_logger.COLORED_MODULE_PRESENT = False
     old = G_LOGGER.module_severity
-    G_LOGGER.module_severity = G_LOGGER.ERROR
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL
     try:
         yield
     finally:
@@ -144,7 +144,7 @@ class Comparison:
 
 
 def compare_results(reference, candidate, atol: float, rtol: float,
-                    names: Iterable[str] | None = None) -> Comparison:
+                    names: Iterable[str] | None = None, min_cosine: float | None = None) -> Comparison:
     """Compare two polygraphy (runner_name, [IterationResult]) pairs by exact output names.
 
     The verdict comes from polygraphy's ``CompareFunc.simple`` (elementwise |a-b| <= atol + rtol*|b|);
@@ -154,8 +154,9 @@ def compare_results(reference, candidate, atol: float, rtol: float,
 
     ref_name, ref_iters = reference
     cand_name, cand_iters = candidate
-    compare = CompareFunc.simple(atol=atol, rtol=rtol, find_output_func=exact_name_matcher,
-                                 check_shapes=True)
+    finite = min_cosine is None
+    compare = CompareFunc.simple(atol=atol if finite else 0.0, rtol=rtol if finite else 0.0,
+                                 find_output_func=exact_name_matcher, check_shapes=True)
     wanted = list(names) if names is not None else list(ref_iters[0].keys())
     passed = True
     per_output: dict[str, list[TensorMetrics]] = {}
@@ -171,8 +172,11 @@ def compare_results(reference, candidate, atol: float, rtol: float,
                 if name in cand_sub and name in ref_sub:
                     per_output.setdefault(name, []).append(
                         tensor_metrics(name, ref_sub[name], cand_sub[name]))
+    merged = {k: merge_metrics(v) for k, v in per_output.items()}
+    if min_cosine is not None:  # statistical verdict (quantization): every output keeps this cosine
+        passed = not missing and all(m.cosine >= min_cosine for m in merged.values())
     return Comparison(passed=passed and len(ref_iters) == len(cand_iters), atol=atol, rtol=rtol,
-                      outputs={k: merge_metrics(v) for k, v in per_output.items()}, missing=missing)
+                      outputs=merged, missing=missing)
 
 
 def _subset(iter_result, names: list[str]):

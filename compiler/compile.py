@@ -29,6 +29,13 @@ class CompileOptions:
     dump_dir: str | None = None
     report: str | None = None
     explain: tuple[str, ...] = ()
+    calib: str | None = None            # calibration data (see compiler/calib_data.py)
+    calib_table: str | None = None      # or a table from `tqc calibrate`
+    tokenizer: str | None = None
+    calib_samples: int | None = 32
+    batch_size: int = 8
+    max_length: int = 128
+    shapes: tuple[str, ...] = ()       # TensorRT profiles for .plan outputs
 
 
 def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
@@ -44,8 +51,10 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
     passes = parse_pipeline(opts.pipeline)
     is_plan = out.suffix == ".plan"
     if is_plan:
+        from tqc.compiler.profiles import parse_shapes
         from tqc.compiler.trt import require_tensorrt
 
+        parse_shapes(opts.shapes)  # a malformed --shapes fails before anything runs
         require_tensorrt()
     elif out.suffix != ".onnx":
         raise TqcError(f"output '{out}' must end in .onnx or .plan")
@@ -57,6 +66,18 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
     for name in opts.explain:
         get_pass(name)  # unknown names get the did-you-mean error
     ctx = PassContext(target=opts.target, explain=set(opts.explain))
+    if opts.calib and opts.calib_table:
+        raise TqcError("give either --calib or --calib-table, not both")
+    if opts.calib:
+        from tqc.compiler.calib_data import DataSpec, FeedSource
+
+        ctx.analyses["calibration_source"] = FeedSource(
+            DataSpec(opts.calib, tokenizer=opts.tokenizer, samples=opts.calib_samples, batch_size=opts.batch_size,
+                     max_length=opts.max_length), model)
+    elif opts.calib_table:
+        from tqc.compiler.calibration import CalibrationTable
+
+        ctx.calibration = CalibrationTable.load(opts.calib_table)
     manager = PassManager(passes, ctx, verify=opts.verify, dump_dir=opts.dump_dir, progress=progress)
     nodes_in = len(model.graph.node)
     result = manager.run(model)
@@ -64,7 +85,7 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
         from tqc.compiler.trt import build_plan_from_model
 
         progress("building the TensorRT plan")
-        build_plan_from_model(result, out, source_hash=source_hash, progress=progress)
+        build_plan_from_model(result, out, source_hash=source_hash, shapes=opts.shapes, progress=progress)
     else:
         save_model(result, out)
     report = manager.report(

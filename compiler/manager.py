@@ -66,8 +66,23 @@ class PassManager:
     def _check_needs(self) -> None:
         for p in self.passes:
             for need in p.needs:
-                if need == "calibration" and self.ctx.calibration is None:
-                    raise TqcError(f"pass '{p.name}' needs calibration data: give --calib DATA or --calib-table")
+                if need == "calibration" and self.ctx.calibration is None and \
+                        self.ctx.analyses.get("calibration_source") is None:
+                    raise TqcError(f"pass '{p.name}' needs calibration data: give --calib DATA or --calib-table TABLE")
+
+    def _calibrate_for(self, p: Pass, current: onnx.ModelProto) -> None:
+        """Calibrate on the graph as it stands before the first pass that needs it."""
+        if "calibration" not in p.needs or self.ctx.calibration is not None:
+            return
+        from tqc.compiler.calibration import calibrate, calibration_targets
+
+        source = self.ctx.analyses["calibration_source"]
+        # Histograms only when the pass's range method needs them: 'max' reads the data once.
+        histograms = getattr(p, "values", {}).get("method", "max") != "max"
+        self.ctx.calibration = calibrate(current, source, calibration_targets(current), progress=self.progress,
+                                         histograms=histograms)
+        self.ctx.analyses["calibration_seconds"] = round(self.ctx.calibration.seconds, 3)
+        self.ctx.analyses["calibration_feeds"] = [feed for _, feed in zip(range(4), source)]
 
     def run(self, model: onnx.ModelProto) -> onnx.ModelProto:
         self._check_needs()
@@ -88,6 +103,7 @@ class PassManager:
         for index, p in enumerate(self.passes, start=1):
             stage = f"{index:02d}_{p.name}"
             self.progress(f"[{index}/{len(self.passes)}] {p.spec()}")
+            self._calibrate_for(p, current)
             start = time.perf_counter()
             graph = to_graph(current)
             result = p.run(graph, self.ctx)
@@ -131,7 +147,8 @@ class PassManager:
                                                f"{compare.ORT_LEVEL_FLAG}") from exc
         ref_pair = list(previous_results.items())[0]
         cand_pair = list(results.items())[0]
-        outcome = compare.compare_results(ref_pair, cand_pair, atol=tol.atol, rtol=tol.rtol)
+        outcome = compare.compare_results(ref_pair, cand_pair, atol=tol.atol, rtol=tol.rtol,
+                                          min_cosine=tol.min_cosine)
         record.verify["numeric"] = outcome.as_dict()
         if self.dump_dir:
             self._dump_io(feeds, results, index, p.name)
@@ -140,9 +157,10 @@ class PassManager:
             worst = outcome.worst()
             detail = (f"max |diff| {worst.max_abs:.3g} on '{worst.name}' (cosine {worst.cosine:.6f})"
                       if worst else f"outputs missing: {outcome.missing}")
+            bound = f"cosine {tol.min_cosine}" if tol.min_cosine is not None else f"atol={tol.atol:g} rtol={tol.rtol:g}"
             raise VerificationError(
-                f"{stage}: outputs differ from the graph before the pass beyond atol={tol.atol:g} "
-                f"rtol={tol.rtol:g}: {detail}", reproducer=reproducer)
+                f"{stage}: outputs differ from the graph before the pass beyond {bound}: {detail}",
+                reproducer=reproducer)
         return results
 
     def _write_reproducer(self, before, after, feeds, previous_results, index, name, tol) -> str:
@@ -159,8 +177,9 @@ class PassManager:
         with compare.quiet_polygraphy():
             save_json(feeds, str(inputs_json))
             previous_results.save(str(ref_json))
+        atol, rtol = (tol.atol, tol.rtol) if tol.min_cosine is None else (0.1, 0.1)
         return compare.polygraphy_command(str(folder / f"{index:02d}_{name}.onnx"), str(inputs_json),
-                                          str(ref_json), tol.atol, tol.rtol)
+                                          str(ref_json), atol, rtol)
 
     def _dump_model(self, model: onnx.ModelProto, index: int, name: str) -> None:
         save_model(model, self.dump_dir / f"{index:02d}_{name}.onnx")

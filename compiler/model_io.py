@@ -186,6 +186,19 @@ def proto_hash(model: onnx.ModelProto) -> str:
     return "sha256:" + hashlib.sha256(serialize(model)).hexdigest()
 
 
+def structure_hash(model: onnx.ModelProto) -> str:
+    """sha256 of a graph's structure (ops, tensor names, weight shapes), not of its weights' bytes.
+
+    Identifies the graph a calibration table was computed on, cheaply, in memory or from a file alike.
+    """
+    digest = hashlib.sha256()
+    for node in model.graph.node:
+        digest.update(f"{node.domain}:{node.op_type}:{','.join(node.input)}>{','.join(node.output)};".encode())
+    for tensor in model.graph.initializer:
+        digest.update(f"{tensor.name}:{tensor.data_type}:{list(tensor.dims)};".encode())
+    return "graph-sha256:" + digest.hexdigest()
+
+
 def _hash_file(path: Path, digest) -> None:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -13,7 +13,6 @@ from pathlib import Path
 import onnx
 
 from tqc.compiler.errors import VerificationError
-from tqc.compiler.model_io import needs_external_data, save_model
 
 
 @dataclass(frozen=True)
@@ -57,34 +56,66 @@ def check_signature(before: Signature, after: Signature, stage: str) -> None:
                 raise VerificationError(f"{stage}: graph {kind} changed from {a.describe()} to {b.describe()}")
 
 
+SKELETON_LIMIT = 4096  # initializers above this many bytes travel as shape-only stand-ins
+SKELETON_DATA = "tqc-skeleton.bin"
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its large tensor data: same graph, same initializer names, types and dims.
+
+    Checker and shape inference only need types and dims of weights (and the values of small, shape-like
+    tensors, which stay). Working on the skeleton keeps verification of a 440 MB or 4 GB model in
+    milliseconds and avoids copying its weights; large tensors point at an empty external file.
+    """
+    light = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, name, getattr(model, name))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph, source = light.graph, model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)  # types known from earlier passes (contrib op outputs)
+    for tensor in source.initializer:
+        size = len(tensor.raw_data) if tensor.HasField("raw_data") else 0
+        if size > SKELETON_LIMIT or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            stand_in = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            stand_in.data_location = onnx.TensorProto.EXTERNAL
+            entry = stand_in.external_data.add()
+            entry.key, entry.value = "location", SKELETON_DATA
+            graph.initializer.append(stand_in)
+        else:
+            graph.initializer.append(tensor)
+    return light
+
+
 def infer_shapes(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
-    """Shape inference; with ``strict`` a type or shape conflict raises ``VerificationError``."""
+    """Shape inference on the skeleton; the inferred value_info is set on ``model`` (returned).
+
+    With ``strict`` a type or shape conflict raises ``VerificationError``.
+    """
     try:
-        if needs_external_data(model):
-            with tempfile.TemporaryDirectory(prefix="tqc-verify-") as tmp:
-                path = Path(tmp) / "model.onnx"
-                save_model(model, path, external_data=True)
-                onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True,
-                                                       strict_mode=strict, data_prop=True)
-                inferred = onnx.load(str(path), load_external_data=False)
-                onnx.load_external_data_for_model(inferred, tmp)
-                return inferred
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=True)
+        light = skeleton(model)
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=strict, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
         if not strict:
             return model
         raise VerificationError(f"shape inference failed: {_first_line(exc)}") from exc
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
 def run_checker(model: onnx.ModelProto) -> None:
+    """The path-based onnx checker on the skeleton (works for models of any size)."""
     try:
-        if needs_external_data(model):
-            with tempfile.TemporaryDirectory(prefix="tqc-verify-") as tmp:
-                path = Path(tmp) / "model.onnx"
-                save_model(model, path, external_data=True)
-                onnx.checker.check_model(str(path))
-        else:
-            onnx.checker.check_model(model)
+        with tempfile.TemporaryDirectory(prefix="tqc-verify-") as tmp:
+            (Path(tmp) / SKELETON_DATA).touch()
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(skeleton(model).SerializeToString())
+            onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, RuntimeError) as exc:
         raise VerificationError(f"onnx checker: {_first_line(exc)}") from exc
 

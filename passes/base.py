@@ -71,6 +71,7 @@ class Tolerance:
 
     atol: float = 1e-4
     rtol: float = 1e-4
+    min_cosine: float | None = None  # when set, outputs are judged by cosine similarity instead of elementwise
 
 
 @dataclass

@@ -96,10 +96,9 @@ def remove_identities(graph: gs.Graph) -> int:
 
 
 def _constant_key(tensor: gs.Constant):
-    values = tensor.values
-    if values.size > SMALL_CONSTANT_ELEMENTS:
+    if int(np.prod(tensor.shape)) > SMALL_CONSTANT_ELEMENTS:  # shape first: values of weights load lazily
         return None
-    values = np.asarray(values)
+    values = np.asarray(tensor.values)
     return ("const", str(values.dtype), values.shape, values.tobytes())
 
 

@@ -34,6 +34,40 @@ def replace_graph(graph: gs.Graph, new: gs.Graph) -> None:
     graph.opset = new.opset
 
 
+def _unshare_initializers(model, blocked: set[str]) -> int:
+    """Give FP32-kept nodes their own copy of initializers they share with FP16 nodes.
+
+    A shared weight (fold merges equal small constants) cannot be FP16 for one consumer and FP32 for another.
+    """
+    if not blocked:
+        return 0
+    import onnx
+
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    initializers = {t.name: t for t in model.graph.initializer}
+    copies = 0
+    for name, nodes in users.items():
+        if name not in initializers:
+            continue
+        kinds = {node.name in blocked for node in nodes}
+        if len(kinds) < 2:
+            continue
+        clone = onnx.TensorProto()
+        clone.CopyFrom(initializers[name])
+        clone.name = f"{name}_tqc_fp32"
+        model.graph.initializer.append(clone)
+        for node in nodes:
+            if node.name in blocked:
+                for i, value in enumerate(node.input):
+                    if value == name:
+                        node.input[i] = clone.name
+        copies += 1
+    return copies
+
+
 @register
 class Fp16(Pass):
     """Convert to FP16 (FP32 inputs/outputs), keeping overflowing nodes in FP32."""
@@ -64,6 +98,7 @@ class Fp16(Pass):
             peak = max(peaks.values(), default=0.0)
             blocked_nodes = sorted({producers[name] for name, value in peaks.items()
                                     if value > limit and name in producers})
+        _unshare_initializers(model, set(blocked_nodes))
         for node in model.graph.node:
             if node.op_type == "LayerNormalization":
                 for attr in node.attribute:

@@ -21,7 +21,7 @@ def register(cls: Type[Pass]) -> Type[Pass]:
 
 def _load_builtin_passes() -> None:
     # Importing the modules runs their @register decorators.
-    from tqc.passes import fold, fp16, fuse  # noqa: F401
+    from tqc.passes import fold, fp16, fuse, qdq  # noqa: F401
 
 
 def available() -> dict[str, Type[Pass]]:

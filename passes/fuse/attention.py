@@ -240,7 +240,13 @@ class MaskCache:
                 return t
         return None
 
+    def _existing(self, name: str) -> gs.Tensor | None:
+        """A mask an earlier pass already built (fuse, then qdq's expansion): reuse it."""
+        return self.graph.tensors().get(name)
+
     def additive_4d(self) -> gs.Variable:
+        if "additive" not in self.built and self._existing("tqc_attention_mask_4d") is not None:
+            self.built["additive"] = self._existing("tqc_attention_mask_4d")
         if "additive" not in self.built:
             mask = self.source()
             as_float = gs.Variable("tqc_mask_float", dtype=np.float32)
@@ -262,6 +268,8 @@ class MaskCache:
 
     def int32_index(self) -> gs.Variable:
         """[batch, sequence] int32 1/0 mask: any padding pattern."""
+        if "index" not in self.built and self._existing("tqc_mask_index") is not None:
+            self.built["index"] = self._existing("tqc_mask_index")
         if "index" not in self.built:
             mask = self.source()
             index = gs.Variable("tqc_mask_index", dtype=np.int32)
@@ -299,10 +307,11 @@ def _packed(match: AttentionMatch, fold_scale: bool) -> tuple[np.ndarray, np.nda
     return weight.astype(np.float32), bias.astype(np.float32)
 
 
-def rewrite_trt(graph: gs.Graph, match: AttentionMatch, index: int, masks: MaskCache) -> None:
+def rewrite_trt(graph: gs.Graph, match: AttentionMatch, index: int, masks: MaskCache,
+                prefix: str | None = None) -> None:
     hidden = match.q.weight.shape[1]
     heads, size = match.num_heads, match.head_size
-    prefix = f"tqc_attn{index}"
+    prefix = prefix or f"tqc_attn{index}"
     shared_input = match.q.x is match.k.x is match.v.x
     nodes: list[gs.Node] = []
     heads_shape = gs.Constant(f"{prefix}_heads_shape", np.array([0, 0, heads, size], np.int64))
@@ -384,3 +393,26 @@ def rewrite_ort(graph: gs.Graph, match: AttentionMatch, index: int, masks: MaskC
     _detach(match.context)
     graph.nodes.append(gs.Node("Attention", f"{prefix}", attrs=attrs, inputs=inputs, outputs=[match.context],
                                domain="com.microsoft"))
+
+
+def expand_ort_attention(graph: gs.Graph, node: gs.Node, index: int, masks: MaskCache) -> None:
+    """com.microsoft Attention -> the standard form (packed QKV MatMul, Softmax core).
+
+    Used by ``qdq`` for ONNX Runtime targets: the contrib op keeps its QKV projection in float, while the
+    standard form exposes it as a MatMul that ONNX Runtime runs as MatMulIntegerToFloat.
+    """
+    x, weight_t, bias_t = node.inputs[0], node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+    weight = constant_values(weight_t).astype(np.float32)
+    hidden = weight.shape[1] // 3
+    bias = constant_values(bias_t).astype(np.float32) if bias_t is not None and constant_values(bias_t) is not None \
+        else np.zeros(3 * hidden, np.float32)
+    heads = int(node.attrs["num_heads"])
+    scale = float(node.attrs.get("scale", 1.0 / math.sqrt(hidden // heads)))
+    has_mask = len(node.inputs) > 3 and node.inputs[3].name != ""
+    lin = [Linear(x, weight[:, i * hidden:(i + 1) * hidden], bias[i * hidden:(i + 1) * hidden], x, node, None)
+           for i in range(3)]
+    context = node.outputs[0]
+    node.outputs = [gs.Variable(f"{context.name}_tqc_detached")]
+    match = AttentionMatch(rule=RULES[0], softmax=node, q=lin[0], k=lin[1], v=lin[2], num_heads=heads,
+                           head_size=hidden // heads, scale=scale, mask=x if has_mask else None, context=context)
+    rewrite_trt(graph, match, index, masks, prefix=f"tqc_xattn{index}")

@@ -1,0 +1,183 @@
+"""``tqc bench``: latency and throughput of ONNX models (and TensorRT plans) with real-looking inputs.
+
+Inputs look like tokenized text: random token ids, and per row a length drawn from a distribution
+(``--lengths full|uniform``), with right padding (pad id 0, attention mask 0) after it. Each measurement
+warms up, then times runs until ``runs`` or ``budget`` seconds; it reports median, p95, p99 and throughput
+(sequences per second at the median). On CUDA, ORT runs with IO binding (inputs and outputs on the device),
+optionally with CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tqc.compiler.errors import TqcError
+
+PROVIDERS = ("cpu", "cuda", "trt")
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    runs: int
+    throughput: float  # sequences per second at the median
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+def time_callable(fn: Callable[[], object], batch: int, runs: int = 200, warmup: int = 10, budget_s: float = 5.0,
+                  sync: Callable[[], None] | None = None) -> Timing:
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while (len(samples) < runs and time.perf_counter() - start < budget_s) or len(samples) < 3:
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - t0) * 1000.0)
+    ordered = sorted(samples)
+    def pct(q):
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    median = statistics.median(ordered)
+    return Timing(median, pct(0.95), pct(0.99), statistics.fmean(ordered), len(ordered), batch * 1000.0 / median)
+
+
+def token_inputs(names: list[str], batch: int, seq: int, vocab: int = 30000, lengths: str = "full",
+                 seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if lengths == "full":
+        row_lengths = np.full(batch, seq)
+    elif lengths == "uniform":
+        row_lengths = rng.integers(max(1, seq // 2), seq + 1, size=batch)
+    else:
+        raise TqcError(f"--lengths must be full or uniform, got '{lengths}'")
+    ids = rng.integers(5, max(6, min(vocab, 30000)), size=(batch, seq)).astype(np.int64)
+    mask = (np.arange(seq)[None, :] < row_lengths[:, None]).astype(np.int64)
+    ids = ids * mask
+    feed = {}
+    for name in names:
+        low = name.lower()
+        if "mask" in low:
+            feed[name] = mask
+        elif "type" in low or "segment" in low:
+            feed[name] = np.zeros((batch, seq), np.int64)
+        elif "position" in low:
+            feed[name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        else:
+            feed[name] = ids
+    return feed
+
+
+class OrtRunner:
+    """One ONNX Runtime session; on CUDA, inputs and outputs bound on the device."""
+
+    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None,
+                 cuda_graph: bool = False):
+        import onnxruntime as ort
+
+        self.ort = ort
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        available = ort.get_available_providers()
+        if provider == "cpu":
+            providers = ["CPUExecutionProvider"]
+        elif provider == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise TqcError("--provider cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graph else {}),
+                         "CPUExecutionProvider"]
+        elif provider == "trt":
+            if "TensorrtExecutionProvider" not in available:
+                raise TqcError("--provider trt on an .onnx model needs ONNX Runtime's TensorRT execution provider "
+                               "(and TensorRT's libraries); it is not available here")
+            providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            raise TqcError(f"--provider must be one of {', '.join(PROVIDERS)}")
+        self.provider = provider
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def prepare(self, feed: dict[str, np.ndarray]) -> Callable[[], object]:
+        feed = {k: v for k, v in feed.items() if k in self.input_names}
+        if self.provider == "cpu":
+            return lambda: self.session.run(self.output_names, feed)
+        binding = self.session.io_binding()
+        self._keep = []
+        for name, value in feed.items():
+            device_value = self.ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+            self._keep.append(device_value)
+            binding.bind_ortvalue_input(name, device_value)
+        first = self.session.run(self.output_names, feed)  # learn the output shapes once
+        for name, value in zip(self.output_names, first):
+            out = self.ort.OrtValue.ortvalue_from_shape_and_type(list(value.shape), value.dtype, "cuda", 0)
+            self._keep.append(out)
+            binding.bind_ortvalue_output(name, out)
+        return lambda: self.session.run_with_iobinding(binding)
+
+
+class TrtPlanRunner:
+    """A TensorRT plan through the TensorRT 10 runtime (tensor-address API, one CUDA stream)."""
+
+    def __init__(self, path: str | Path):
+        from tqc.compiler.trt import require_tensorrt
+
+        trt = require_tensorrt()
+        try:
+            import torch  # device buffers and the stream
+        except ImportError:
+            raise TqcError("running TensorRT plans needs torch with CUDA for device buffers") from None
+        self.trt, self.torch = trt, torch
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise TqcError(f"'{path}' is not a TensorRT plan for this TensorRT version and GPU")
+        self.context = self.engine.create_execution_context()
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+
+    def prepare(self, feed: dict[str, np.ndarray]) -> Callable[[], object]:
+        trt, torch = self.trt, self.torch
+        stream = torch.cuda.Stream()
+        self._keep = []
+        for name in self.input_names:
+            value = torch.from_numpy(np.ascontiguousarray(feed[name])).cuda()
+            self.context.set_input_shape(name, tuple(value.shape))
+            self._keep.append(value)
+            self.context.set_tensor_address(name, value.data_ptr())
+        for name in self.names:
+            if name in self.input_names:
+                continue
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
+                     trt.int64: torch.int64}[self.engine.get_tensor_dtype(name)]
+            out = torch.empty(shape, dtype=dtype, device="cuda")
+            self._keep.append(out)
+            self.context.set_tensor_address(name, out.data_ptr())
+
+        def run():
+            self.context.execute_async_v3(stream.cuda_stream)
+            stream.synchronize()
+        return run
+
+
+def runner_for(path: str | Path, provider: str, threads: int | None, cuda_graph: bool):
+    if str(path).endswith(".plan"):
+        return TrtPlanRunner(path)
+    return OrtRunner(path, provider, threads, cuda_graph)

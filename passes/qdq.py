@@ -1,0 +1,383 @@
+"""``qdq``: insert QuantizeLinear/DequantizeLinear from a calibration table, with placement per target.
+
+Before                                 After (--target trt)
+  x ─► MatMul(W) ─► y                    x ─► Q(s_x, 0) ─► DQ ─► MatMul ─► y
+                                         W_int8 ─► DQ(s_w per output channel, axis 1) ─┘
+  probs ─► MatMul(V)                     probs ─► Q/DQ ─► MatMul ◄─ DQ ◄─ Q ◄─ V   (INT8 MHA: head size 16/32/64)
+
+After (--target ort-cpu|ort-cuda)
+  x ─► Q(u8, s, zp) ─► DQ ─► MatMul      one Q/DQ pair per consumer (ORT fuses DQ->MatMul into
+  W_int8 ─► DQ(axis 1) ───────┘          MatMulIntegerToFloat); com.microsoft Attention is expanded first
+                                         so its QKV projection is a quantizable MatMul.
+
+``trt``: symmetric INT8, zero-point 0, activations per tensor, weights per output channel, Q/DQ on MatMul/Gemm
+inputs (never outputs), optional residual Adds, attention batched MatMuls where TensorRT's INT8 MHA applies,
+mask Add, LayerNorm, GELU and Softmax math left in float, equal scales across Concat, GEMV-shaped MatMuls
+skipped. ``ort-*``: asymmetric UINT8 activations (a GELU output's [-0.17, 10] range keeps all 8 bits), INT8
+weights per channel. The pass is deterministic given the table, and running it twice changes nothing.
+
+``budget=0.995`` adds the accuracy protection: the output cosine of the quantized graph is measured on the
+calibration data; while it is below the budget, the MatMul whose quantization costs most (measured one at a
+time) goes back to float.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from tqc.compiler.errors import TqcError
+from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool, parse_list
+from tqc.passes.fuse.attention import MaskCache, expand_ort_attention
+from tqc.passes.fuse.match import constant_values, producer
+from tqc.passes.registry import register
+
+TRT_MHA_HEAD_SIZES = (16, 32, 64)
+TRT_MHA_MAX_SEQUENCE = 512
+FLOP_TOKENS = 128  # FLOP shares are reported for a 128-token sequence
+
+
+@dataclass
+class Site:
+    """One quantizable MatMul/Gemm: its activation inputs and (for linear layers) its constant weight."""
+
+    node: gs.Node
+    activations: list[int]          # input indices to quantize as activations
+    weight: int | None              # input index of the constant weight
+    weight_axis: int                # per-channel axis of the weight
+    kind: str                       # "linear" | "attention"
+    flops_per_token: float
+    eligible: bool = True           # attention MatMuls count in the FLOPs but are quantized for trt only
+
+
+def _is_dq(t: gs.Tensor) -> bool:
+    node = producer(t)
+    return node is not None and node.op == "DequantizeLinear"
+
+
+def _matmul_sites(graph: gs.Graph, op_types: list[str], target: str, attention: bool,
+                  notes: list[str]) -> list[Site]:
+    sites = []
+    for node in graph.nodes:
+        if node.op not in op_types or len(node.inputs) < 2:
+            continue
+        a, b = node.inputs[0], node.inputs[1]
+        b_values = constant_values(b)
+        if b_values is None and _is_dq(b):
+            b_values = constant_values(producer(b).inputs[0])  # an INT8 weight from an earlier qdq
+        if b_values is not None and b_values.ndim == 2:
+            if node.op == "Gemm":
+                trans_b = int(node.attrs.get("transB", 0))
+                k, n = b_values.shape[::-1] if trans_b else b_values.shape
+                axis = 0 if trans_b else 1
+            else:
+                k, n = b_values.shape
+                axis = 1
+            leading = list(a.shape[:-1]) if a.shape is not None else None
+            if leading and all(isinstance(d, int) for d in leading) and int(np.prod(leading)) == 1:
+                # [1, K] @ [K, N]: a GEMV; INT8 gains nothing there (and TensorRT skips it).
+                notes.append(f"qdq: '{node.name}' is GEMV-shaped ([1, {k}] @ [{k}, {n}]); left in float")
+                continue
+            sites.append(Site(node, [0], 1, axis, "linear", 2.0 * k * n))
+        elif isinstance(a, gs.Variable) and isinstance(b, gs.Variable):
+            head = _head_size(node)
+            if head is None:
+                continue
+            hidden = _attention_width(node)
+            site = Site(node, [0, 1], None, 0, "attention", 2.0 * FLOP_TOKENS * hidden if hidden else 0.0)
+            if not (attention and target == "trt"):
+                site.eligible = False
+            elif head not in TRT_MHA_HEAD_SIZES:
+                notes.append(f"qdq: attention MatMul '{node.name}' has head size {head}; TensorRT's INT8 MHA "
+                             f"needs {TRT_MHA_HEAD_SIZES}: left in float")
+                site.eligible = False
+            sites.append(site)
+    return sites
+
+
+def _head_size(node: gs.Node) -> int | None:
+    """Head size of a tqc-canonical attention MatMul (Q @ K^T, probs @ V after Reshape/Transpose heads)."""
+    for t in node.inputs:
+        reshape = producer(producer(t).inputs[0]) if producer(t) is not None and producer(t).op == "Transpose" else None
+        if reshape is not None and reshape.op == "Reshape":
+            values = constant_values(reshape.inputs[1])
+            if values is not None and values.size == 4 and values[3] > 0:
+                return int(values[3])
+    return None
+
+
+def _attention_width(node: gs.Node) -> int | None:
+    for t in node.inputs:
+        reshape = producer(producer(t).inputs[0]) if producer(t) is not None and producer(t).op == "Transpose" else None
+        if reshape is not None and reshape.op == "Reshape":
+            values = constant_values(reshape.inputs[1])
+            if values is not None and values.size == 4:
+                return int(values[2] * values[3])
+    return None
+
+
+def _quantize_weight(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    reduce_axes = tuple(i for i in range(values.ndim) if i != axis)
+    amax = np.abs(values).max(axis=reduce_axes)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(values / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+class Quantizer:
+    def __init__(self, graph: gs.Graph, table, target: str, method: str, percentile: float):
+        self.graph = graph
+        self.table = table
+        self.target = target
+        self.method = method
+        self.percentile = percentile
+        self.shared: dict[str, gs.Tensor] = {}
+        self.counter = 0
+
+    def _params(self, name: str, fixed_amax: float | None = None):
+        if self.target == "trt":
+            if fixed_amax is not None:
+                amax = fixed_amax
+            else:
+                amax = self.table.tensors[name].symmetric(self.method, self.percentile)
+            scale = np.float32(max(amax, 1e-8) / 127.0)
+            return scale, np.int8(0)
+        lo, hi = self.table.tensors[name].asymmetric(self.method, self.percentile)
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = np.float32(max(hi - lo, 1e-8) / 255.0)
+        zero_point = np.uint8(np.clip(round(-lo / float(scale)), 0, 255))
+        return scale, zero_point
+
+    def fake_quantize(self, tensor: gs.Tensor, consumer: gs.Node, fixed_amax: float | None = None) -> gs.Tensor:
+        """Q -> DQ of ``tensor``; shared per tensor for trt, dedicated per consumer for ORT."""
+        key = tensor.name
+        if self.target == "trt" and key in self.shared:
+            return self.shared[key]
+        scale, zero_point = self._params(key, fixed_amax)
+        self.counter += 1
+        tag = f"{key}_tqc{self.counter}" if self.target != "trt" else key
+        scale_c = gs.Constant(f"{tag}_scale", np.array(scale, np.float32))
+        zp_c = gs.Constant(f"{tag}_zero_point", np.array(zero_point))
+        quantized = gs.Variable(f"{tag}_quantized", dtype=zp_c.values.dtype)
+        dequantized = gs.Variable(f"{tag}_dequantized", dtype=np.float32)
+        self.graph.nodes += [
+            gs.Node("QuantizeLinear", f"{tag}_QuantizeLinear", inputs=[tensor, scale_c, zp_c], outputs=[quantized]),
+            gs.Node("DequantizeLinear", f"{tag}_DequantizeLinear", inputs=[quantized, scale_c, zp_c],
+                    outputs=[dequantized]),
+        ]
+        if self.target == "trt":
+            self.shared[key] = dequantized
+        return dequantized
+
+    def smooth(self, site: Site, alpha: float) -> bool:
+        """SmoothQuant on one linear site: x' = x / s (a Mul), W' = diag(s) W, then quantize x' and W'.
+
+        Exact in float. x' takes its range from the table's per-channel ranges divided by s (the 'max'
+        method); returns False (plain quantization) when the table has no per-channel ranges.
+        """
+        node = site.node
+        tensor = node.inputs[0]
+        entry = self.table.tensors.get(tensor.name)
+        weight = constant_values(node.inputs[site.weight])
+        if entry is None or entry.channel_min is None or weight is None:
+            return False
+        cmin = np.asarray(entry.channel_min, np.float64)
+        cmax = np.asarray(entry.channel_max, np.float64)
+        in_axis = 0 if site.weight_axis == 1 else 1  # [K, N] for MatMul, [N, K] for Gemm with transB
+        if cmin.size != weight.shape[in_axis]:
+            return False
+        act = np.maximum(np.maximum(np.abs(cmin), np.abs(cmax)), 1e-5)
+        wmax = np.maximum(np.abs(weight).max(axis=site.weight_axis).astype(np.float64), 1e-5)
+        s = np.clip(act ** alpha / wmax ** (1.0 - alpha), 1e-4, 1e4)
+        lo, hi = float((cmin / s).min()), float((cmax / s).max())
+        self.counter += 1
+        tag = f"{node.name or tensor.name}_tqc_smooth{self.counter}"
+        scaled = gs.Variable(f"{tag}_input", dtype=np.float32)
+        self.graph.nodes.append(gs.Node("Mul", f"{tag}_Mul", inputs=[tensor, gs.Constant(f"{tag}_factor",
+                                        (1.0 / s).astype(np.float32))], outputs=[scaled]))
+        if self.target == "trt":
+            amax = max(abs(lo), abs(hi))
+            scale, zero_point = np.float32(max(amax, 1e-8) / 127.0), np.int8(0)
+        else:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            scale = np.float32(max(hi - lo, 1e-8) / 255.0)
+            zero_point = np.uint8(np.clip(round(-lo / float(scale)), 0, 255))
+        scale_c = gs.Constant(f"{tag}_scale", np.array(scale, np.float32))
+        zp_c = gs.Constant(f"{tag}_zero_point", np.array(zero_point))
+        quantized = gs.Variable(f"{tag}_quantized", dtype=zp_c.values.dtype)
+        dequantized = gs.Variable(f"{tag}_dequantized", dtype=np.float32)
+        self.graph.nodes += [
+            gs.Node("QuantizeLinear", f"{tag}_QuantizeLinear", inputs=[scaled, scale_c, zp_c], outputs=[quantized]),
+            gs.Node("DequantizeLinear", f"{tag}_DequantizeLinear", inputs=[quantized, scale_c, zp_c],
+                    outputs=[dequantized]),
+        ]
+        node.inputs[0] = dequantized
+        node.inputs[site.weight] = gs.Constant(f"{node.inputs[site.weight].name}_smoothed",
+                                               (weight * (s[:, None] if in_axis == 0 else s[None, :]))
+                                               .astype(np.float32))
+        self.quantize_weight(site)
+        return True
+
+    def quantize_weight(self, site: Site) -> None:
+        weight = site.node.inputs[site.weight]
+        values = constant_values(weight).astype(np.float32)
+        q, scale = _quantize_weight(values, site.weight_axis)
+        name = weight.name
+        q_c = gs.Constant(f"{name}_int8", q)
+        s_c = gs.Constant(f"{name}_scale", scale)
+        zp_c = gs.Constant(f"{name}_zero_point", np.zeros(scale.shape, np.int8))
+        out = gs.Variable(f"{name}_dequantized", dtype=np.float32)
+        self.graph.nodes.append(gs.Node("DequantizeLinear", f"{name}_DequantizeLinear",
+                                        attrs={"axis": site.weight_axis}, inputs=[q_c, s_c, zp_c], outputs=[out]))
+        site.node.inputs[site.weight] = out
+
+
+@register
+class Qdq(Pass):
+    """Insert Q/DQ from a calibration table (INT8), placed per target, with optional accuracy budget."""
+
+    name = "qdq"
+    needs = ("calibration",)
+    options = {
+        "method": Option(str, "max", "activation range: max, percentile, entropy, mse",
+                         choices=("max", "percentile", "entropy", "mse")),
+        "percentile": Option(float, 99.99, "percentile for method=percentile (99.9, 99.99 or 99.999)"),
+        "exclude": Option(parse_list, [], "node-name patterns to keep in float ('|'-separated, fnmatch)"),
+        "op_types": Option(parse_list, ["MatMul", "Gemm"], "op types to quantize"),
+        "residual": Option(parse_bool, False, "trt: also quantize both inputs of residual Adds"),
+        "attention": Option(parse_bool, True, "trt: quantize the attention batched MatMuls (INT8 MHA)"),
+        "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)"),
+        "smooth": Option(float, 0.75, "SmoothQuant strength alpha in [0, 1] (0: off): per-channel factors move "
+                         "activation outliers into the weights; the activation range then comes from the "
+                         "table's per-channel ranges"),
+    }
+    # Quantization is judged statistically, not elementwise: outputs must keep this cosine to the float graph.
+    tolerance = Tolerance(atol=math.inf, rtol=math.inf, min_cosine=0.98)
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        table = ctx.calibration
+        if table is None:
+            raise TqcError("qdq needs calibration data: give --calib DATA or --calib-table TABLE")
+        notes: list[str] = []
+        sites = self.place(graph, ctx, notes, skip=set())
+        if self.values["budget"] > 0 and sites:
+            from tqc.passes.qdq_budget import enforce_budget
+
+            kept = enforce_budget(self, graph, ctx, sites)
+            stats_extra = {"kept_float_by_budget": len(kept)}
+            if kept:
+                ctx.note("qdq: kept in float by the accuracy budget: " + ", ".join(kept))
+        else:
+            stats_extra = {}
+        stats = self.apply(graph, ctx, notes, skip=set(ctx.analyses.get("qdq_skip", ())))
+        stats.update(stats_extra)
+        for note in notes:
+            ctx.note(note)
+        return PassResult(stats["quantized_matmuls"] > 0 or stats.get("attention_expanded", 0) > 0, stats)
+
+    def place(self, graph: gs.Graph, ctx: PassContext, notes: list[str], skip: set[str]) -> list[Site]:
+        if ctx.target != "trt" and any(n.op == "Attention" and n.domain == "com.microsoft" for n in graph.nodes):
+            masks = MaskCache(graph)
+            for index, node in enumerate([n for n in graph.nodes if n.op == "Attention" and n.domain == "com.microsoft"]):
+                expand_ort_attention(graph, node, index, masks)
+                ctx.analyses["attention_expanded"] = ctx.analyses.get("attention_expanded", 0) + 1
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        sites = _matmul_sites(graph, self.values["op_types"], ctx.target, self.values["attention"], notes)
+        chosen = []
+        for site in sites:
+            if not site.eligible:
+                continue
+            if any(fnmatch.fnmatch(site.node.name, pattern) for pattern in self.values["exclude"]):
+                notes.append(f"qdq: '{site.node.name}' excluded by pattern")
+                continue
+            if site.node.name in skip:
+                continue
+            if all(_is_dq(site.node.inputs[i]) for i in site.activations):
+                continue  # already quantized: running qdq twice changes nothing
+            missing = [site.node.inputs[i].name for i in site.activations
+                       if site.node.inputs[i].name not in ctx.calibration.tensors and not self._fixed(site, i)]
+            if missing:
+                notes.append(f"qdq: '{site.node.name}' input '{missing[0]}' is not in the calibration table; "
+                             "left in float")
+                continue
+            chosen.append(site)
+        return chosen
+
+    @staticmethod
+    def _fixed(site: Site, index: int) -> float | None:
+        """Softmax outputs lie in [0, 1]: their range needs no calibration."""
+        node = producer(site.node.inputs[index])
+        return 1.0 if node is not None and node.op == "Softmax" else None
+
+    def apply(self, graph: gs.Graph, ctx: PassContext, notes: list[str], skip: set[str]) -> dict:
+        all_sites = _matmul_sites(graph, self.values["op_types"], ctx.target, self.values["attention"], [])
+        total_flops = sum(s.flops_per_token for s in all_sites)
+        sites = self.place(graph, ctx, notes, skip)
+        quantizer = Quantizer(graph, ctx.calibration, ctx.target, self.values["method"], self.values["percentile"])
+        int8_flops = 0.0
+        smoothed = 0
+        for site in sites:
+            if self.values["smooth"] > 0 and site.kind == "linear" and quantizer.smooth(site, self.values["smooth"]):
+                smoothed += 1
+                int8_flops += site.flops_per_token
+                continue
+            for index in site.activations:
+                tensor = site.node.inputs[index]
+                site.node.inputs[index] = quantizer.fake_quantize(tensor, site.node, self._fixed(site, index))
+            if site.weight is not None and not _is_dq(site.node.inputs[site.weight]):
+                quantizer.quantize_weight(site)
+            int8_flops += site.flops_per_token
+        residuals = 0
+        if ctx.target == "trt" and self.values["residual"]:
+            for node in [n for n in graph.nodes if n.op == "Add"]:
+                a, b = node.inputs
+                if isinstance(a, gs.Variable) and isinstance(b, gs.Variable) and \
+                        a.name in ctx.calibration.tensors and b.name in ctx.calibration.tensors and \
+                        not _is_dq(a) and not _is_dq(b):
+                    node.inputs[0] = quantizer.fake_quantize(a, node)
+                    node.inputs[1] = quantizer.fake_quantize(b, node)
+                    residuals += 1
+        concats = _equalize_concat_scales(graph)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return {
+            "quantized_matmuls": len(sites),
+            "linear": sum(1 for s in sites if s.kind == "linear"),
+            "attention_bmm": sum(1 for s in sites if s.kind == "attention"),
+            "float_matmuls": len(all_sites) - len(sites),
+            "residual_adds": residuals,
+            "concat_equalized": concats,
+            "smoothed": smoothed,
+            "q_nodes": sum(1 for n in graph.nodes if n.op == "QuantizeLinear"),
+            "dq_nodes": sum(1 for n in graph.nodes if n.op == "DequantizeLinear"),
+            "int8_matmul_flops": round(int8_flops / total_flops, 4) if total_flops else 0.0,
+            "attention_expanded": ctx.analyses.get("attention_expanded", 0),
+            "method": self.values["method"] + (f":{self.values['percentile']:g}" if self.values["method"] == "percentile" else ""),
+        }
+
+
+def _equalize_concat_scales(graph: gs.Graph) -> int:
+    """Concat of dequantized inputs: give every input the largest scale, so TensorRT can concat in INT8."""
+    count = 0
+    for node in graph.nodes:
+        if node.op != "Concat":
+            continue
+        dqs = [producer(t) for t in node.inputs]
+        if not dqs or any(d is None or d.op != "DequantizeLinear" or len(d.inputs) < 2 for d in dqs):
+            continue
+        scales = [constant_values(d.inputs[1]) for d in dqs]
+        if any(s is None or s.size != 1 for s in scales):
+            continue
+        largest = max(float(s.reshape(-1)[0]) for s in scales)
+        for d in dqs:
+            q = producer(d.inputs[0])
+            for holder in (d, q):
+                if holder is not None and len(holder.inputs) > 1:
+                    holder.inputs[1] = gs.Constant(f"{holder.name}_equalized_scale", np.array(largest, np.float32))
+        count += 1
+    return count

@@ -1,0 +1,202 @@
+"""Q/DQ placement rules per target on synthetic layers and real exports, and INT8 fidelity on real text."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tqc.compiler.calib_data import DataSpec, FeedSource
+from tqc.compiler.calibration import calibrate, calibration_targets
+from tqc.compiler.feeds import synthesize_feeds
+from tqc.compiler.manager import PassManager
+from tqc.compiler.model_io import load_model
+from tqc.compiler.pipeline import parse_pipeline
+from tqc.passes.base import PassContext
+
+from ..conftest import SENTENCES, make_mlp
+
+
+def two_consumers_model():
+    """x -> LayerNorm -> h; h feeds two MatMuls (like Q and K projections)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), n) for n in ("g", "bt")]
+    inits += [numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), n) for n in ("w1", "w2")]
+    inits.append(numpy_helper.from_array(rng.standard_normal((5, 6)).astype(np.float32), "wg"))
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "bt"], ["h"], axis=-1),
+             helper.make_node("MatMul", ["h", "w1"], ["a"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w2"], ["b"], name="mm2"),
+             helper.make_node("Add", ["a", "b"], ["c"]),
+             helper.make_node("Gemm", ["c2", "wg"], ["y"], name="gemm", transB=1),
+             helper.make_node("Reshape", ["c", "shape"], ["c2"])]
+    inits.append(numpy_helper.from_array(np.array([-1, 6], np.int64), "shape"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def quantize(model, target, pipeline="qdq", feeds=None):
+    model = onnx.shape_inference.infer_shapes(model)
+    feeds = feeds or synthesize_feeds(model, count=4)
+    table = calibrate(model, feeds, calibration_targets(model))
+    ctx = PassContext(target=target, calibration=table)
+    manager = PassManager(parse_pipeline(pipeline), ctx, verify="numeric")
+    return manager.run(model), manager.records[-1].stats, ctx
+
+
+def nodes(model, op):
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def init(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def test_trt_symmetric_int8_per_channel_weights_inputs_only():
+    q, stats, _ = quantize(two_consumers_model(), "trt")
+    assert stats["quantized_matmuls"] == 3 and stats["linear"] == 3
+    for node in nodes(q, "QuantizeLinear") + nodes(q, "DequantizeLinear"):
+        zp = init(q, node.input[2])
+        assert zp.dtype == np.int8 and not zp.any()  # symmetric: zero-point 0
+    initializers = {t.name for t in q.graph.initializer}
+    weight_dqs = [n for n in nodes(q, "DequantizeLinear") if n.input[0] in initializers]
+    axes = sorted(next(a.i for a in n.attribute if a.name == "axis") for n in weight_dqs)
+    assert axes == [0, 1, 1]  # Gemm with transB -> axis 0; MatMul [K, N] -> axis 1
+    for n in weight_dqs:
+        assert init(q, n.input[0]).dtype == np.int8
+        assert init(q, n.input[1]).size == init(q, n.input[0]).shape[next(a.i for a in n.attribute if a.name == "axis")]
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    for n in nodes(q, "QuantizeLinear"):
+        assert producers.get(n.input[0]) != "MatMul"  # never on MatMul outputs
+    # trt shares one Q/DQ per activation tensor; smoothing gives each linear its own scaled input
+    assert stats["smoothed"] == 3
+
+
+def test_ort_uint8_and_a_dedicated_pair_per_consumer():
+    q, stats, _ = quantize(two_consumers_model(), "ort-cpu", "qdq{smooth=0}")
+    act_q = [n for n in nodes(q, "QuantizeLinear")]
+    assert all(init(q, n.input[2]).dtype == np.uint8 for n in act_q)
+    h_consumers = [n for n in act_q if n.input[0] == "h"]
+    assert len(h_consumers) == 2  # h feeds two MatMuls: two Q/DQ pairs, never a shared DQ
+
+
+def test_ort_fuses_dq_matmul_into_integer_kernels(tmp_path):
+    q, _, _ = quantize(two_consumers_model(), "ort-cpu")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(q.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("MatMulIntegerToFloat") >= 2
+
+
+def test_rerunning_qdq_changes_nothing():
+    q, _, ctx = quantize(two_consumers_model(), "trt")
+    manager = PassManager(parse_pipeline("qdq"), PassContext(target="trt", calibration=ctx.calibration))
+    again = manager.run(q)
+    assert len(again.graph.node) == len(q.graph.node)
+    assert manager.records[0].stats["quantized_matmuls"] == 0 and not manager.records[0].modified
+
+
+def test_exclude_and_op_types():
+    _, stats, ctx = quantize(two_consumers_model(), "trt", "qdq{exclude=mm2|gem*}")
+    assert stats["quantized_matmuls"] == 1
+    assert any("'mm2' excluded by pattern" in m for m in ctx.messages)
+    _, stats, _ = quantize(two_consumers_model(), "trt", "qdq{op_types=Gemm}")
+    assert stats["quantized_matmuls"] == 1
+
+
+@pytest.mark.parametrize("target", ["trt", "ort-cpu"])
+def test_real_export_placement_counts(target, exports):
+    path = exports.get("bert", size="tiny")  # 2 layers, 4 heads of size 16
+    model = load_model(path)
+    feeds = synthesize_feeds(model, count=2)
+    ctx = PassContext(target=target, calibration=None, verification_feeds=feeds)
+    ctx.analyses["calibration_source"] = feeds
+    manager = PassManager(parse_pipeline("fold,fuse,qdq"), ctx, verify="numeric")
+    q = manager.run(model)
+    stats = manager.records[-1].stats
+    assert stats["linear"] == 2 * 4  # packed QKV, attention output, FFN up, FFN down per layer
+    assert manager.records[-1].verify["numeric"]["passed"]
+    softmax_inputs = {n.input[0] for n in nodes(q, "Softmax")}
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    assert all(producers[t] != "DequantizeLinear" for t in softmax_inputs)  # the mask Add stays float
+    assert nodes(q, "LayerNormalization") or target != "trt"
+    if target == "trt":
+        assert stats["attention_bmm"] == 2 * 2 and stats["int8_matmul_flops"] == 1.0
+        assert all(init(q, n.input[2]).dtype == np.int8 for n in nodes(q, "QuantizeLinear"))
+    else:
+        assert stats["attention_bmm"] == 0 and stats["attention_expanded"] == 2
+        # per token and layer: linear 2*(H*3H + H*H + 2*H*I), attention batched MatMuls 2 * 2*S*H (S=128)
+        hidden, inner, seq = 64, 128, 128
+        linear = 2 * (hidden * 3 * hidden + hidden * hidden + 2 * hidden * inner)
+        assert stats["int8_matmul_flops"] == pytest.approx(linear / (linear + 4 * seq * hidden), abs=1e-3)
+
+
+def test_attention_with_unsupported_head_size_stays_float(tmp_path):
+    from tqc.models.export import ExportSpec, export
+
+    from tqc.models.recipes import find_recipe
+
+    config = find_recipe("bert").config("tiny")
+    config.num_attention_heads = 8  # head size 64 / 8 = 8: not an INT8 MHA size
+    config.save_pretrained(tmp_path / "cfg")
+    export(ExportSpec(str(tmp_path / "cfg" / "config.json")), tmp_path / "h8.onnx")
+    model = load_model(tmp_path / "h8.onnx")
+    feeds = synthesize_feeds(model, count=1)
+    ctx = PassContext(target="trt", verification_feeds=feeds)
+    ctx.analyses["calibration_source"] = feeds
+    manager = PassManager(parse_pipeline("fold,fuse,qdq"), ctx)
+    manager.run(model)
+    assert manager.records[-1].stats["attention_bmm"] == 0
+    assert any("head size 8" in m for m in ctx.messages)
+
+
+def test_budget_keeps_harmful_matmuls_in_float(exports):
+    model = load_model(exports.get("bert", size="tiny"))
+    feeds = synthesize_feeds(model, count=2)
+    ctx = PassContext(target="ort-cpu", verification_feeds=feeds)
+    ctx.analyses["calibration_source"] = feeds
+    # A budget no INT8 graph can meet: the greedy step returns every MatMul to float, most harmful first.
+    manager = PassManager(parse_pipeline("fold,fuse,qdq{budget=1.01,smooth=0}"), ctx)
+    manager.run(model)
+    stats = manager.records[-1].stats
+    assert stats["kept_float_by_budget"] == 8 and stats["quantized_matmuls"] == 0
+    sensitivity = ctx.analyses["qdq_sensitivity"]
+    assert len(sensitivity) == 8 and list(sensitivity.values()) == sorted(sensitivity.values(), reverse=True)
+    assert any("kept in float by the accuracy budget" in m for m in ctx.messages)
+    # A budget the full INT8 graph meets keeps nothing in float.
+    ctx = PassContext(target="ort-cpu", verification_feeds=feeds)
+    ctx.analyses["calibration_source"] = feeds
+    manager = PassManager(parse_pipeline("fold,fuse,qdq{budget=0.5}"), ctx)
+    manager.run(model)
+    assert manager.records[-1].stats["kept_float_by_budget"] == 0
+
+
+def _sentence_embeddings(path, feeds):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = []
+    for feed in feeds:
+        hidden = session.run(None, feed)[0]
+        mask = feed["attention_mask"][..., None]
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        out.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
+    return np.concatenate(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, floor", [("ort-cpu", 0.995), ("trt", 0.993)])
+def test_minilm_int8_fidelity_on_held_out_sentences(target, floor, exports, tmp_path):
+    from tqc.compiler.cli import main
+
+    path = exports.get("minilm")
+    calib = tmp_path / "calib.txt"
+    lines = [s for s in SENTENCES.read_text().splitlines() if s.strip()]
+    calib.write_text("\n".join(lines[:32]))
+    with pytest.raises(SystemExit) as info:
+        main(["-q", "compile", str(path), "-p", "fold,fuse,qdq", "-o", str(tmp_path / "q.onnx"), "--target", target,
+              "--calib", str(calib)])
+    assert info.value.code == 0
+    source = FeedSource(DataSpec(str(SENTENCES), samples=256, skip=len(lines) - 256, batch_size=32), load_model(path))
+    feeds = list(source)
+    cosine = (_sentence_embeddings(path, feeds) * _sentence_embeddings(tmp_path / "q.onnx", feeds)).sum(1)
+    assert cosine.mean() >= floor
