@@ -45,21 +45,10 @@ def make_inputs(batch: int, seq: int, names: tuple[str, ...], vocab: int, seed: 
 
 
 def time_fn(fn, runs: int, warmup: int, budget_s: float, sync=None) -> dict:
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < runs and (time.perf_counter() - start) < budget_s or len(samples) < 3:
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        samples.append((time.perf_counter() - t0) * 1000.0)
-    samples.sort()
-    return {"median_ms": statistics.median(samples), "p90_ms": samples[int(0.9 * (len(samples) - 1))],
-            "runs": len(samples)}
+    from tqc.compiler.benchmark import time_callable
+
+    timing = time_callable(fn, 1, runs, warmup, budget_s, sync)
+    return {"median_ms": timing.median_ms, "p95_ms": timing.p95_ms, "runs": timing.runs}
 
 
 # ---------------------------------------------------------------- model preparation
@@ -114,44 +103,11 @@ def ort_optimize(src: Path, out: Path, family: str, fp16: bool, use_gpu: bool) -
 
 # ---------------------------------------------------------------- runners
 
-class OrtRunner:
-    def __init__(self, path: Path, device: str, threads: int, cuda_graph: bool = False):
-        import onnxruntime as ort
+def OrtRunner(path: Path, device: str, threads: int, cuda_graph: bool = False):
+    """tqc's own runner (``tqc bench``): CPU, or CUDA with IO binding and optional CUDA graphs."""
+    from tqc.compiler.benchmark import OrtRunner as Runner
 
-        self.ort = ort
-        options = ort.SessionOptions()
-        if device == "cpu":
-            options.intra_op_num_threads = threads
-            providers = ["CPUExecutionProvider"]
-        else:
-            cuda_options = {"enable_cuda_graph": "1"} if cuda_graph else {}
-            providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.device = device
-        self.cuda_graph = cuda_graph
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def prepare(self, feed: dict[str, np.ndarray]):
-        feed = {k: v for k, v in feed.items() if k in self.input_names}
-        if self.device == "cpu":
-            return lambda: self.session.run(self.output_names, feed)
-        binding = self.session.io_binding()
-        self._keep = []
-        for name, value in feed.items():
-            ortvalue = self.ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
-            self._keep.append(ortvalue)
-            binding.bind_ortvalue_input(name, ortvalue)
-        out_meta = self.session.get_outputs()[0]
-        batch, seq = next(iter(feed.values())).shape
-        hidden = out_meta.shape[-1]
-        out = self.ort.OrtValue.ortvalue_from_shape_and_type([batch, seq, hidden], np.float32, "cuda", 0)
-        self._keep.append(out)
-        binding.bind_ortvalue_output(self.output_names[0], out)
-
-        def run():
-            self.session.run_with_iobinding(binding)
-        return run
+    return Runner(path, "cuda" if device == "cuda" else "cpu", threads if device == "cpu" else None, cuda_graph)
 
 
 def torch_runners(family: str, device: str, compile_mode: bool):

@@ -124,11 +124,20 @@ class OrtRunner:
             device_value = self.ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
             self._keep.append(device_value)
             binding.bind_ortvalue_input(name, device_value)
-        first = self.session.run(self.output_names, feed)  # learn the output shapes once
-        for name, value in zip(self.output_names, first):
-            out = self.ort.OrtValue.ortvalue_from_shape_and_type(list(value.shape), value.dtype, "cuda", 0)
+        # Output shapes from the symbolic dims of the inputs (a CUDA-graph session must only run bound).
+        sizes = {}
+        for meta in self.session.get_inputs():
+            for dim, size in zip(meta.shape, feed[meta.name].shape):
+                if isinstance(dim, str):
+                    sizes[dim] = size
+        for meta in self.session.get_outputs():
+            shape = [d if isinstance(d, int) else sizes.get(d) for d in meta.shape]
+            if any(d is None for d in shape):
+                raise TqcError(f"output '{meta.name}' has dimensions {meta.shape} not tied to any input")
+            dtype = np.float16 if "float16" in meta.type else np.float32
+            out = self.ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
             self._keep.append(out)
-            binding.bind_ortvalue_output(name, out)
+            binding.bind_ortvalue_output(meta.name, out)
         return lambda: self.session.run_with_iobinding(binding)
 
 

@@ -84,11 +84,11 @@ def _matmul_sites(graph: gs.Graph, op_types: list[str], target: str, attention: 
                 continue
             sites.append(Site(node, [0], 1, axis, "linear", 2.0 * k * n))
         elif isinstance(a, gs.Variable) and isinstance(b, gs.Variable):
-            head = _head_size(node)
-            if head is None:
+            layout = _heads_layout(node)
+            if layout is None:
                 continue
-            hidden = _attention_width(node)
-            site = Site(node, [0, 1], None, 0, "attention", 2.0 * FLOP_TOKENS * hidden if hidden else 0.0)
+            heads, head = layout
+            site = Site(node, [0, 1], None, 0, "attention", 2.0 * FLOP_TOKENS * heads * head)
             if not (attention and target == "trt"):
                 site.eligible = False
             elif head not in TRT_MHA_HEAD_SIZES:
@@ -99,24 +99,16 @@ def _matmul_sites(graph: gs.Graph, op_types: list[str], target: str, attention: 
     return sites
 
 
-def _head_size(node: gs.Node) -> int | None:
-    """Head size of a tqc-canonical attention MatMul (Q @ K^T, probs @ V after Reshape/Transpose heads)."""
+def _heads_layout(node: gs.Node) -> tuple[int, int] | None:
+    """(heads, head size) of a tqc-canonical attention MatMul: its inputs come from Reshape [0, 0, H, D]
+    then Transpose (Q @ K^T, probs @ V)."""
     for t in node.inputs:
-        reshape = producer(producer(t).inputs[0]) if producer(t) is not None and producer(t).op == "Transpose" else None
+        transpose = producer(t)
+        reshape = producer(transpose.inputs[0]) if transpose is not None and transpose.op == "Transpose" else None
         if reshape is not None and reshape.op == "Reshape":
             values = constant_values(reshape.inputs[1])
-            if values is not None and values.size == 4 and values[3] > 0:
-                return int(values[3])
-    return None
-
-
-def _attention_width(node: gs.Node) -> int | None:
-    for t in node.inputs:
-        reshape = producer(producer(t).inputs[0]) if producer(t) is not None and producer(t).op == "Transpose" else None
-        if reshape is not None and reshape.op == "Reshape":
-            values = constant_values(reshape.inputs[1])
-            if values is not None and values.size == 4:
-                return int(values[2] * values[3])
+            if values is not None and values.size == 4 and values[2] > 0 and values[3] > 0:
+                return int(values[2]), int(values[3])
     return None
 
 
