@@ -128,7 +128,7 @@ def format_report(report: dict) -> str:
         verify = stage["verify"]
         status = "-"
         if "numeric" in verify:
-            worst = max((o["max_abs"] or 0.0 for o in verify["numeric"]["outputs"].values()), default=0.0)
+            worst = max((float(o["max_abs"]) for o in verify["numeric"]["outputs"].values()), default=0.0)
             status = "FAIL" if not verify["numeric"]["passed"] else ("exact" if worst == 0 else f"{worst:.1e}")
         elif verify.get("structure") == "ok":
             status = "ok"
@@ -272,6 +272,81 @@ def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, i
                          queue_delay_us=queue_delay_us)
     click.echo(f"wrote {info['model']} ({info['config']['platform']}, max_batch_size "
                f"{info['config']['max_batch_size']})")
+
+
+@cli.command("diff")
+@click.argument("reference")
+@click.argument("candidates", nargs=-1, required=True)
+@click.option("--data", default=None, help="Inputs: .npz, polygraphy .json, .txt sentences, script.py:fn "
+                                           "(default: drawn from the model's signature).")
+@click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data.")
+@click.option("--samples", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--layerwise", is_flag=True, help="Compare every tensor both graphs share by name.")
+@click.option("--threshold", type=float, default=0.05, show_default=True,
+              help="Relative L2 error that marks the first divergence (with --layerwise).")
+@click.option("--json", "json_path", default=None, help="Write the comparison as JSON.")
+@click.option("--plot", "plot_path", default=None, help="Draw per-tensor SQNR along the network (PNG).")
+@click.option("--save-dir", default=None, help="Where polygraphy's inputs/outputs JSON go (default: a temp folder).")
+@click.option("--sensitivity", is_flag=True, help="Rank the candidate's quantized MatMuls by their cost.")
+@click.option("--mask-padding/--no-mask-padding", default=True, show_default=True,
+              help="Leave padded token positions ([batch, sequence] rows where the attention mask is 0) out.")
+def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, tokenizer: str | None, samples: int,
+             batch_size: int, layerwise: bool, threshold: float, json_path: str | None, plot_path: str | None,
+             save_dir: str | None, sensitivity: bool, mask_padding: bool) -> None:
+    """Compare CANDIDATES against REFERENCE on ORT CPU: per output, per shared tensor, first divergence."""
+    import tempfile
+
+    from tqc.compiler import diff as diffing
+    from tqc.compiler.feeds import synthesize_feeds
+    from tqc.compiler.model_io import check_output_path, load_model, write_text_atomic
+
+    ui = _ui()
+    for out in (json_path, plot_path):
+        if out:
+            check_output_path(out, inputs=(reference, *candidates))
+    ref_model = load_model(reference)
+    cand_models = [load_model(c) for c in candidates]
+    if data:
+        from tqc.compiler.calib_data import DataSpec, FeedSource
+
+        feeds = list(FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size),
+                                ref_model))
+    else:
+        feeds = synthesize_feeds(ref_model, count=2)
+    results, ref_results = [], None
+    for path, model in zip(candidates, cand_models):
+        ui.progress(f"comparing {path} with {reference}" + (" tensor by tensor" if layerwise else ""))
+        result, ref_results_now, _ = diffing.diff(ref_model, model, feeds, layerwise=layerwise, threshold=threshold,
+                                                  candidate_name=path, mask_padding=mask_padding,
+                                                  reference_results=ref_results if not layerwise else None)
+        ref_results = ref_results_now
+        results.append(result)
+    click.echo(diffing.format_table(results, layerwise))
+    folder = Path(save_dir) if save_dir else Path(tempfile.mkdtemp(prefix="tqc-diff-"))
+    ref_out_results = diffing.run_exposed(ref_model, feeds, None, "reference")
+    inputs, ref_outputs = diffing.save_polygraphy_files(folder, feeds, ref_out_results)
+    click.echo(f"polygraphy files in {folder}; reproduce and shrink with:")
+    for command in diffing.polygraphy_commands(reference, candidates[0], inputs, ref_outputs, atol=1e-3, rtol=1e-3):
+        click.echo(f"  {command}")
+    payload: dict = {"reference": reference, "results": [r.as_dict() for r in results]}
+    if sensitivity:
+        ranking = diffing.sensitivity(ref_model, cand_models[0], feeds, progress=ui.progress)
+        payload["sensitivity"] = ranking
+        click.echo(f"sensitivity of {candidates[0]} (output rel L2 {ranking['baseline_rel_l2']:.4g}; share of it "
+                   "removed by un-quantizing):")
+        for row in ranking["classes"][:8]:
+            click.echo(f"  class {row['class']:<60} x{row['nodes']:<3} {100 * row['share']:6.1f}%")
+        for row in ranking["nodes"][:8]:
+            click.echo(f"  node  {row['node']:<60}      {100 * row['share']:6.1f}%")
+        click.echo(f"  to keep the top three in float: -p '...,{ranking['qdq_option']}'")
+    if json_path:
+        write_text_atomic(json.dumps(payload, indent=2, default=str) + "\n", json_path)
+    if plot_path:
+        if not layerwise:
+            raise TqcError("--plot draws per-tensor errors: add --layerwise")
+        diffing.plot(results, plot_path)
+        click.echo(f"plot: {plot_path}")
 
 
 @cli.command("passes")

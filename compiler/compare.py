@@ -54,8 +54,9 @@ class TensorMetrics:
     sqnr_db: float
 
     def as_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) if k != "sqnr_db" else
-                (v if math.isfinite(v) else ("inf" if v > 0 else "-inf")) for k, v in asdict(self).items()}
+        """JSON-safe: infinite values become the strings "inf" / "-inf"."""
+        return {k: (v if not isinstance(v, float) or math.isfinite(v) else ("inf" if v > 0 else "-inf"))
+                for k, v in asdict(self).items()}
 
 
 def tensor_metrics(name: str, reference: np.ndarray, candidate: np.ndarray) -> TensorMetrics:
@@ -63,6 +64,12 @@ def tensor_metrics(name: str, reference: np.ndarray, candidate: np.ndarray) -> T
     cand = np.asarray(candidate, dtype=np.float64).ravel()
     if ref.shape != cand.shape:
         raise ValueError(f"tensor '{name}': shapes differ {np.shape(reference)} vs {np.shape(candidate)}")
+    finite = np.isfinite(ref) & np.isfinite(cand)
+    if not finite.all():
+        # Equal infinities (additive masks) agree; any other non-finite value is an infinite error.
+        if np.any(~finite & (ref != cand)):
+            return TensorMetrics(name, list(np.shape(reference)), math.inf, math.inf, math.inf, 0.0, -math.inf)
+        ref, cand = ref[finite], cand[finite]
     diff = cand - ref
     signal = float(np.dot(ref, ref))
     noise = float(np.dot(diff, diff))
@@ -143,12 +150,33 @@ class Comparison:
         return max(self.outputs.values(), key=lambda m: m.max_abs)
 
 
+def padding_masks(feeds) -> list[np.ndarray] | None:
+    """The attention mask of each feed, when the model takes one (padding positions carry no meaning)."""
+    masks = []
+    for feed in feeds:
+        mask = next((np.asarray(v) for k, v in feed.items() if "mask" in k.lower() and np.ndim(v) == 2), None)
+        if mask is None:
+            return None
+        masks.append(mask)
+    return masks
+
+
+def _masked(value: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Zero the padded [batch, sequence] rows of a tensor laid out [batch, sequence, ...]."""
+    if mask is None or value.ndim < 2 or tuple(value.shape[:2]) != tuple(mask.shape):
+        return value
+    keep = mask.reshape(mask.shape + (1,) * (value.ndim - 2)).astype(bool)
+    return np.where(keep, value, 0)
+
+
 def compare_results(reference, candidate, atol: float, rtol: float,
-                    names: Iterable[str] | None = None, min_cosine: float | None = None) -> Comparison:
+                    names: Iterable[str] | None = None, min_cosine: float | None = None,
+                    masks: list[np.ndarray] | None = None) -> Comparison:
     """Compare two polygraphy (runner_name, [IterationResult]) pairs by exact output names.
 
-    The verdict comes from polygraphy's ``CompareFunc.simple`` (elementwise |a-b| <= atol + rtol*|b|);
-    the metrics are tqc's.
+    The verdict comes from polygraphy's ``CompareFunc.simple`` (elementwise |a-b| <= atol + rtol*|b|), or
+    from the cosine when ``min_cosine`` is set; the metrics are tqc's. With ``masks`` (one per iteration),
+    padded positions of [batch, sequence, ...] tensors are left out of the metrics.
     """
     from polygraphy.comparator import CompareFunc
 
@@ -162,7 +190,8 @@ def compare_results(reference, candidate, atol: float, rtol: float,
     per_output: dict[str, list[TensorMetrics]] = {}
     missing: list[str] = []
     with quiet_polygraphy():
-        for ref_iter, cand_iter in zip(ref_iters, cand_iters):
+        for iteration, (ref_iter, cand_iter) in enumerate(zip(ref_iters, cand_iters)):
+            mask = masks[iteration] if masks is not None and iteration < len(masks) else None
             ref_sub = _subset(ref_iter, wanted)
             cand_sub = _subset(cand_iter, wanted)
             missing = [n for n in wanted if n not in cand_sub]
@@ -171,7 +200,8 @@ def compare_results(reference, candidate, atol: float, rtol: float,
             for name in wanted:
                 if name in cand_sub and name in ref_sub:
                     per_output.setdefault(name, []).append(
-                        tensor_metrics(name, ref_sub[name], cand_sub[name]))
+                        tensor_metrics(name, _masked(np.asarray(ref_sub[name]), mask),
+                                       _masked(np.asarray(cand_sub[name]), mask)))
     merged = {k: merge_metrics(v) for k, v in per_output.items()}
     if min_cosine is not None:  # statistical verdict (quantization): every output keeps this cosine
         passed = not missing and all(m.cosine >= min_cosine for m in merged.values())

@@ -147,8 +147,9 @@ class PassManager:
                                                f"{compare.ORT_LEVEL_FLAG}") from exc
         ref_pair = list(previous_results.items())[0]
         cand_pair = list(results.items())[0]
+        masks = compare.padding_masks(feeds) if tol.min_cosine is not None else None
         outcome = compare.compare_results(ref_pair, cand_pair, atol=tol.atol, rtol=tol.rtol,
-                                          min_cosine=tol.min_cosine)
+                                          min_cosine=tol.min_cosine, masks=masks)
         record.verify["numeric"] = outcome.as_dict()
         if self.dump_dir:
             self._dump_io(feeds, results, index, p.name)
