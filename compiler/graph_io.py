@@ -6,6 +6,7 @@ the original so that a pass that changes nothing gives back an equivalent model.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -48,3 +49,59 @@ def ensure_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:
             imports.append(onnx.helper.make_opsetid("", int(graph.opset)))
         imports.append(onnx.helper.make_opsetid(domain, version))
         graph.import_domains = imports
+
+
+LARGE_ELEMENTS = 1024  # constants above this many elements travel as shape-only stand-ins in skeletons
+
+
+def skeleton_of_graph(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """A ModelProto of ``graph`` whose large constants carry dtype and shape but no data.
+
+    Lets the checker and shape inference run after every pass without exporting (and copying) the weights;
+    see ``tqc.compiler.verify.skeleton`` for the stand-in convention.
+    """
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    from tqc.compiler.verify import SKELETON_DATA
+
+    nodes = [OnnxExporter.export_node(node) for node in graph.nodes]
+    inputs = [OnnxExporter.export_value_info_proto(t, True) for t in graph.inputs]
+    outputs = [OnnxExporter.export_value_info_proto(t, True) for t in graph.outputs]
+    initializers, value_info = [], []
+    io_names = {t.name for t in graph.inputs + graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            shape = tuple(tensor.shape)
+            if int(np.prod(shape)) > LARGE_ELEMENTS:
+                dtype = tensor._values.dtype if hasattr(tensor._values, "dtype") else tensor.values.dtype
+                stand_in = onnx.TensorProto(name=tensor.name, dims=shape,
+                                            data_type=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+                stand_in.data_location = onnx.TensorProto.EXTERNAL
+                entry = stand_in.external_data.add()
+                entry.key, entry.value = "location", SKELETON_DATA
+                initializers.append(stand_in)
+            else:
+                initializers.append(OnnxExporter.export_tensor_proto(tensor))
+        elif tensor.name not in io_names and (tensor.dtype is not None or tensor.shape is not None):
+            value_info.append(OnnxExporter.export_value_info_proto(tensor, True))
+    proto = onnx.helper.make_graph(nodes, graph.name, inputs, outputs, initializer=initializers,
+                                   value_info=value_info)
+    imports = list(graph.import_domains or [onnx.helper.make_opsetid("", int(graph.opset))])
+    model = onnx.helper.make_model(proto, opset_imports=imports)
+    if like is not None:
+        model.ir_version = max(like.ir_version, min(model.ir_version, 10))
+    return model
+
+
+def update_tensor_types(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Copy inferred dtypes and shapes from ``model``'s value_info onto the graph's variables."""
+    known = {v.name: v for v in model.graph.value_info}
+    for tensor in graph.tensors().values():
+        info = known.get(tensor.name)
+        if info is None or not isinstance(tensor, gs.Variable):
+            continue
+        tt = info.type.tensor_type
+        if tt.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if tt.HasField("shape"):
+            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]

@@ -26,7 +26,7 @@ from tqc import __version__
 from tqc.compiler import compare
 from tqc.compiler.errors import TqcError, VerificationError
 from tqc.compiler.feeds import synthesize_feeds
-from tqc.compiler.graph_io import to_graph, to_model
+from tqc.compiler.graph_io import skeleton_of_graph, to_graph, to_model, update_tensor_types
 from tqc.compiler.model_io import save_model, write_text_atomic
 from tqc.compiler.verify import infer_shapes, signature, verify_structure
 from tqc.passes.base import Pass, PassContext
@@ -100,35 +100,46 @@ class PassManager:
             previous_results = compare.run_model(current, feeds, name="00_input")
             if self.dump_dir:
                 self._dump_io(feeds, previous_results, 0, "input")
+        # One graph travels through every pass. After each pass the checker and strict shape inference run
+        # on a skeleton (weights as shape-only stand-ins); the full model is exported only where it is run
+        # (numeric verification, calibration) or written (dumps, the final result).
+        like = current
+        graph = to_graph(current)
+        full_needed = self.verify == "numeric" or self.dump_dir is not None
         for index, p in enumerate(self.passes, start=1):
             stage = f"{index:02d}_{p.name}"
             self.progress(f"[{index}/{len(self.passes)}] {p.spec()}")
-            self._calibrate_for(p, current)
+            if "calibration" in p.needs and self.ctx.calibration is None:
+                current = to_model(graph, like=like)
+                self._calibrate_for(p, current)
             start = time.perf_counter()
-            graph = to_graph(current)
             result = p.run(graph, self.ctx)
-            candidate = to_model(graph, like=current)
             seconds = time.perf_counter() - start
             record = StageRecord(index, p.name, p.spec(), result.modified, seconds, dict(result.stats))
             self.records.append(record)
+            vstart = time.perf_counter()
+            light = skeleton_of_graph(graph, like=like)
+            if self.verify != "none":
+                light = verify_structure(light, expected, stage)
+                record.verify["structure"] = "ok"
+            else:
+                light = infer_shapes(light, strict=False)
+            update_tensor_types(graph, light)
+            candidate = to_model(graph, like=like) if full_needed else None
             if self.dump_dir:
                 self._dump_model(candidate, index, p.name)
+            if self.verify == "numeric":
+                self.progress(f"      verify numeric ({len(feeds)} batches)")
+                previous_results = self._verify_numeric(p, current, candidate, feeds, previous_results, index, record)
             if self.verify != "none":
-                vstart = time.perf_counter()
-                candidate = verify_structure(candidate, expected, stage)
-                record.verify["structure"] = "ok"
-                if self.verify == "numeric":
-                    self.progress(f"      verify numeric ({len(feeds)} batches)")
-                    previous_results = self._verify_numeric(p, current, candidate, feeds, previous_results,
-                                                            index, record)
                 record.verify["seconds"] = round(time.perf_counter() - vstart, 4)
-            else:
-                candidate = infer_shapes(candidate, strict=False)
             if self.dump_dir:
                 write_text_atomic(json.dumps(record.as_dict(), indent=2, default=str),
                                   self.dump_dir / f"{stage}.report.json")
-            current = candidate
-        return current
+            if candidate is not None:
+                current = candidate
+        result_model = to_model(graph, like=like)
+        return infer_shapes(result_model, strict=False)
 
     def _verify_numeric(self, p: Pass, before: onnx.ModelProto, after: onnx.ModelProto, feeds, previous_results,
                         index: int, record: StageRecord):

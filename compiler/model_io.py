@@ -67,6 +67,7 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
         raise TqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from exc
     if not model.graph.node and not model.graph.output:
         raise TqcError(f"'{p}' is not a readable ONNX model (no graph)")
+    _EXTERNAL_LOCATIONS[str(p.resolve())] = external_locations(model)
     if load_external_data:
         base = p.resolve().parent
         for tensor in _external_tensors(model):
@@ -80,6 +81,10 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
         except (OSError, ValueError) as exc:
             raise TqcError(f"cannot read the external data of '{p}': {exc}") from exc
     return model
+
+
+def external_locations(model: onnx.ModelProto) -> list[str]:
+    return sorted({ExternalDataInfo(t).location for t in _external_tensors(model)})
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -170,13 +175,18 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     return write_bytes_atomic(text.encode(), path)
 
 
+_EXTERNAL_LOCATIONS: dict[str, list[str]] = {}  # filled by load_model: saves parsing a model twice to hash it
+
+
 def model_hash(path: str | os.PathLike) -> str:
     """sha256 over the model file and, in sorted order, the external data files it names."""
     p = Path(path)
     digest = hashlib.sha256()
     _hash_file(p, digest)
-    model = onnx.load(str(p), load_external_data=False)
-    for location in sorted({ExternalDataInfo(t).location for t in _external_tensors(model)}):
+    locations = _EXTERNAL_LOCATIONS.get(str(p.resolve()))
+    if locations is None:
+        locations = external_locations(onnx.load(str(p), load_external_data=False))
+    for location in locations:
         _hash_file(p.resolve().parent / location, digest)
     return "sha256:" + digest.hexdigest()
 

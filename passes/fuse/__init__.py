@@ -5,6 +5,7 @@ See ``attention.py`` and ``elementwise.py`` for the rewrites, ``attention_rules.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.graph_io import ensure_domain
@@ -13,6 +14,25 @@ from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_nam
 from tqc.passes.fuse.elementwise import fuse_embed_layernorm, fuse_gelu, fuse_skip_layernorm
 from tqc.passes.fuse.match import NoMatch
 from tqc.passes.registry import register
+
+
+def lower_constant_nodes(graph: gs.Graph) -> int:
+    """Constant nodes -> constant tensors (what the rules match scalars and shapes against)."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op == "Constant" and "value" in node.attrs and len(node.outputs) == 1:
+            out = node.outputs[0]
+            value = node.attrs["value"]
+            constant = gs.Constant(out.name, np.asarray(value.values))
+            for consumer in list(out.outputs):
+                consumer.inputs = [constant if t is out else t for t in consumer.inputs]
+            if out in graph.outputs:
+                continue
+            node.outputs.clear()
+            count += 1
+    if count:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return count
 
 
 @register
@@ -32,6 +52,7 @@ class Fuse(Pass):
     tolerance = Tolerance(atol=1e-4, rtol=1e-4)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        lower_constant_nodes(graph)  # so fuse also works without a fold before it
         target = ctx.target
         opset = int(graph.opset)
         stats: dict = {}

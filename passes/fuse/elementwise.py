@@ -20,7 +20,8 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.match import constant_values, consumers, producer, scalar_value, split_scalar_operand
+from tqc.passes.fuse.match import (_through_identity, constant_values, consumers, producer, scalar_value,
+                                   split_scalar_operand)
 
 
 def _close(value: float | None, target: float, tol: float = 1e-3) -> bool:
@@ -150,7 +151,7 @@ def fuse_gelu(graph: gs.Graph, target: str, opset: int) -> tuple[int, str | None
 def fuse_skip_layernorm(graph: gs.Graph) -> int:
     count = 0
     for ln in [n for n in graph.nodes if n.op == "LayerNormalization" and n.domain in (None, "", "ai.onnx")]:
-        if len(ln.inputs) < 3 or not isinstance(ln.inputs[1], gs.Constant) or not isinstance(ln.inputs[2], gs.Constant):
+        if len(ln.inputs) < 3 or constant_values(ln.inputs[1]) is None or constant_values(ln.inputs[2]) is None:
             continue
         if ln.attrs.get("axis", -1) != -1 or len([o for o in ln.outputs if o.outputs or o.name]) > 1:
             continue
@@ -170,7 +171,8 @@ def fuse_skip_layernorm(graph: gs.Graph) -> int:
         if biased is None or len(consumers(a)) != 1:
             continue
         data, bias, _ = biased
-        inputs = [data, b, ln.inputs[1], ln.inputs[2], gs.Constant(f"tqc_skipln{count}_bias", bias)]
+        inputs = [data, b, _through_identity(ln.inputs[1]), _through_identity(ln.inputs[2]),
+                  gs.Constant(f"tqc_skipln{count}_bias", bias)]
         out = ln.outputs[0]
         ln.outputs = [gs.Variable(f"{out.name}_tqc_detached")]
         graph.nodes.append(gs.Node("SkipLayerNormalization", f"tqc_skipln{count}", domain="com.microsoft",
@@ -237,7 +239,7 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
                                  "position or type ids); kept as is")
         if word is None or position is None:
             continue
-        if not all(isinstance(t, gs.Constant) for t in ln.inputs[1:3]):
+        if any(constant_values(t) is None for t in ln.inputs[1:3]):
             continue
         out = ln.outputs[0]
         ln.outputs = [gs.Variable(f"{out.name}_tqc_detached")]
@@ -251,7 +253,8 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
             return cast
 
         op_inputs = [int32(ids), int32(segment.inputs[1]) if segment else empty, word.inputs[0], position.inputs[0],
-                     segment.inputs[0] if segment else empty, ln.inputs[1], ln.inputs[2]]
+                     segment.inputs[0] if segment else empty, _through_identity(ln.inputs[1]),
+                     _through_identity(ln.inputs[2])]
         mask_index = gs.Variable("tqc_embed_mask_index", dtype=np.int32)  # ORT's schema needs this output
         outputs = [out, mask_index]
         if mask is not None:

@@ -25,14 +25,23 @@ def consumers(tensor: gs.Tensor) -> list[gs.Node]:
     return list(tensor.outputs)
 
 
+def _through_identity(tensor: gs.Tensor) -> gs.Tensor:
+    """Unfolded exports alias shared weights through Identity nodes: look through them."""
+    while isinstance(tensor, gs.Variable) and tensor.inputs and tensor.inputs[0].op == "Identity":
+        tensor = tensor.inputs[0].inputs[0]
+    return tensor
+
+
 def scalar_value(tensor: gs.Tensor) -> float | None:
     """The value of a constant holding exactly one element, else None."""
-    if isinstance(tensor, gs.Constant) and tensor.values.size == 1:
+    tensor = _through_identity(tensor)
+    if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) == 1:
         return float(np.asarray(tensor.values).reshape(-1)[0])
     return None
 
 
 def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
+    tensor = _through_identity(tensor)
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 
 
