@@ -4,6 +4,7 @@
 # Run through bench/gpu_run.sh: bash bench/gpu_run.sh bash bench/gpu_cli_bench.sh
 set -uo pipefail
 W=/tmp/gb; mkdir -p "$W"; OUT=${OUT:-$W/out}; mkdir -p "$OUT"
+cd "$W"  # not the repo root: there ./tqc (without its subpackages) would shadow the installed namespace
 tqc() { python3 -m tqc "$@"; }
 tqc -q export bert -o $W/bert.onnx
 tqc -q compile $W/bert.onnx -p fold,fuse -o $W/bert_fused.onnx --target ort-cuda
