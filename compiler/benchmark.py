@@ -111,6 +111,12 @@ class OrtRunner:
             raise TqcError(f"--provider must be one of {', '.join(PROVIDERS)}")
         self.provider = provider
         self.session = ort.InferenceSession(str(path), options, providers=providers)
+        wanted = {"cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}.get(provider)
+        if wanted and wanted not in self.session.get_providers():
+            # ORT falls back to the next provider when one fails to load; a number measured that way would
+            # be labelled with a provider that never ran.
+            raise TqcError(f"ONNX Runtime could not load {wanted} for '{path}' (it fell back to "
+                           f"{', '.join(self.session.get_providers())}); no numbers reported for --provider {provider}")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

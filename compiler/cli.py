@@ -239,8 +239,10 @@ def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str,
             vocab = vocab_size(onnx_model, "input_ids") or vocab
         runner = runner_for(model, provider, threads, cuda_graph)
         names = runner.input_names
-        for batch, seq in parsed:
-            ui.progress(f"{model} {batch}x{seq} on {provider}")
+        for position, (batch, seq) in enumerate(parsed):
+            ui.progress(f"{model} {batch}x{seq} on {provider}" + (" (CUDA graph)" if cuda_graph else ""))
+            if cuda_graph and position > 0:
+                runner = runner_for(model, provider, threads, cuda_graph)  # a captured graph has fixed shapes
             feed = token_inputs(names, batch, seq, vocab, lengths)
             timing = time_callable(runner.prepare(feed), batch, runs, warmup, budget)
             rows.append({"model": model, "shape": f"{batch}x{seq}", "provider": provider, **timing.as_dict()})
