@@ -123,13 +123,16 @@ def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify
 def format_report(report: dict) -> str:
     lines = [f"{report['input']['path']} -> {report['output']['path']}  (target {report['target']}, "
              f"verify {report['verify']})"]
-    lines.append(f"  {'#':>2}  {'pass':<24} {'time':>8} {'verify':>8}  stats   (verify: max |diff| vs the stage before)")
+    lines.append(f"  {'#':>2}  {'pass':<24} {'time':>8} {'verify':>8}  stats   (verify: max |diff|, or cosine for INT8, vs the stage before)")
     for stage in report["stages"]:
         verify = stage["verify"]
         status = "-"
         if "numeric" in verify:
-            worst = max((float(o["max_abs"]) for o in verify["numeric"]["outputs"].values()), default=0.0)
-            status = "FAIL" if not verify["numeric"]["passed"] else ("exact" if worst == 0 else f"{worst:.1e}")
+            numeric = verify["numeric"]
+            worst = max((float(o["max_abs"]) for o in numeric["outputs"].values()), default=0.0)
+            lowest = min((float(o["cosine"]) for o in numeric["outputs"].values()), default=1.0)
+            status = ("FAIL" if not numeric["passed"] else f"cos {lowest:.4f}" if "min_cosine" in numeric else
+                      "exact" if worst == 0 else f"{worst:.1e}")
         elif verify.get("structure") == "ok":
             status = "ok"
         stats = ", ".join(f"{k}={v}" for k, v in stage["stats"].items())

@@ -139,9 +139,12 @@ class Comparison:
     rtol: float
     outputs: dict[str, TensorMetrics]
     missing: list[str]
+    min_cosine: float | None = None
 
     def as_dict(self) -> dict:
-        return {"passed": self.passed, "atol": self.atol, "rtol": self.rtol, "missing": self.missing,
+        bounds = ({"min_cosine": self.min_cosine} if self.min_cosine is not None else
+                  {"atol": self.atol, "rtol": self.rtol})
+        return {"passed": self.passed, **bounds, "missing": self.missing,
                 "outputs": {k: v.as_dict() for k, v in self.outputs.items()}}
 
     def worst(self) -> TensorMetrics | None:
@@ -206,7 +209,7 @@ def compare_results(reference, candidate, atol: float, rtol: float,
     if min_cosine is not None:  # statistical verdict (quantization): every output keeps this cosine
         passed = not missing and all(m.cosine >= min_cosine for m in merged.values())
     return Comparison(passed=passed and len(ref_iters) == len(cand_iters), atol=atol, rtol=rtol,
-                      outputs=merged, missing=missing)
+                      outputs=merged, missing=missing, min_cosine=min_cosine)
 
 
 def _subset(iter_result, names: list[str]):

@@ -132,28 +132,26 @@ class Quantizer:
         self.shared: dict[str, gs.Tensor] = {}
         self.counter = 0
 
-    def _params(self, name: str, fixed_amax: float | None = None):
+    def _range_params(self, lo: float, hi: float):
+        """Scale and zero-point for the range [lo, hi]: symmetric INT8 for trt, asymmetric UINT8 for ORT."""
         if self.target == "trt":
-            if fixed_amax is not None:
-                amax = fixed_amax
-            else:
-                amax = self.table.tensors[name].symmetric(self.method, self.percentile)
-            scale = np.float32(max(amax, 1e-8) / 127.0)
-            return scale, np.int8(0)
-        lo, hi = self.table.tensors[name].asymmetric(self.method, self.percentile)
+            amax = max(abs(lo), abs(hi))
+            return np.float32(max(amax, 1e-8) / 127.0), np.int8(0)
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         scale = np.float32(max(hi - lo, 1e-8) / 255.0)
-        zero_point = np.uint8(np.clip(round(-lo / float(scale)), 0, 255))
-        return scale, zero_point
+        return scale, np.uint8(np.clip(round(-lo / float(scale)), 0, 255))
 
-    def fake_quantize(self, tensor: gs.Tensor, consumer: gs.Node, fixed_amax: float | None = None) -> gs.Tensor:
-        """Q -> DQ of ``tensor``; shared per tensor for trt, dedicated per consumer for ORT."""
-        key = tensor.name
-        if self.target == "trt" and key in self.shared:
-            return self.shared[key]
-        scale, zero_point = self._params(key, fixed_amax)
-        self.counter += 1
-        tag = f"{key}_tqc{self.counter}" if self.target != "trt" else key
+    def _params(self, name: str, fixed_amax: float | None = None):
+        if fixed_amax is not None:
+            return self._range_params(-fixed_amax, fixed_amax) if self.target == "trt" else \
+                self._range_params(0.0, fixed_amax)
+        entry = self.table.tensors[name]
+        if self.target == "trt":
+            amax = entry.symmetric(self.method, self.percentile)
+            return self._range_params(-amax, amax)
+        return self._range_params(*entry.asymmetric(self.method, self.percentile))
+
+    def _qdq_pair(self, tensor: gs.Tensor, tag: str, scale, zero_point) -> gs.Variable:
         scale_c = gs.Constant(f"{tag}_scale", np.array(scale, np.float32))
         zp_c = gs.Constant(f"{tag}_zero_point", np.array(zero_point))
         quantized = gs.Variable(f"{tag}_quantized", dtype=zp_c.values.dtype)
@@ -163,6 +161,17 @@ class Quantizer:
             gs.Node("DequantizeLinear", f"{tag}_DequantizeLinear", inputs=[quantized, scale_c, zp_c],
                     outputs=[dequantized]),
         ]
+        return dequantized
+
+    def fake_quantize(self, tensor: gs.Tensor, consumer: gs.Node, fixed_amax: float | None = None) -> gs.Tensor:
+        """Q -> DQ of ``tensor``; shared per tensor for trt, dedicated per consumer for ORT."""
+        key = tensor.name
+        if self.target == "trt" and key in self.shared:
+            return self.shared[key]
+        scale, zero_point = self._params(key, fixed_amax)
+        self.counter += 1
+        tag = f"{key}_tqc{self.counter}" if self.target != "trt" else key
+        dequantized = self._qdq_pair(tensor, tag, scale, zero_point)
         if self.target == "trt":
             self.shared[key] = dequantized
         return dequantized
@@ -193,23 +202,7 @@ class Quantizer:
         scaled = gs.Variable(f"{tag}_input", dtype=np.float32)
         self.graph.nodes.append(gs.Node("Mul", f"{tag}_Mul", inputs=[tensor, gs.Constant(f"{tag}_factor",
                                         (1.0 / s).astype(np.float32))], outputs=[scaled]))
-        if self.target == "trt":
-            amax = max(abs(lo), abs(hi))
-            scale, zero_point = np.float32(max(amax, 1e-8) / 127.0), np.int8(0)
-        else:
-            lo, hi = min(lo, 0.0), max(hi, 0.0)
-            scale = np.float32(max(hi - lo, 1e-8) / 255.0)
-            zero_point = np.uint8(np.clip(round(-lo / float(scale)), 0, 255))
-        scale_c = gs.Constant(f"{tag}_scale", np.array(scale, np.float32))
-        zp_c = gs.Constant(f"{tag}_zero_point", np.array(zero_point))
-        quantized = gs.Variable(f"{tag}_quantized", dtype=zp_c.values.dtype)
-        dequantized = gs.Variable(f"{tag}_dequantized", dtype=np.float32)
-        self.graph.nodes += [
-            gs.Node("QuantizeLinear", f"{tag}_QuantizeLinear", inputs=[scaled, scale_c, zp_c], outputs=[quantized]),
-            gs.Node("DequantizeLinear", f"{tag}_DequantizeLinear", inputs=[quantized, scale_c, zp_c],
-                    outputs=[dequantized]),
-        ]
-        node.inputs[0] = dequantized
+        node.inputs[0] = self._qdq_pair(scaled, tag, *self._range_params(lo, hi))
         node.inputs[site.weight] = gs.Constant(f"{node.inputs[site.weight].name}_smoothed",
                                                (weight * (s[:, None] if in_axis == 0 else s[None, :]))
                                                .astype(np.float32))
