@@ -48,12 +48,9 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def _quiet_onnxruntime() -> None:
     """ORT's own warnings (graph-optimizer notes while folding) would drown tqc's progress lines."""
-    try:
-        import onnxruntime
+    import onnxruntime
 
-        onnxruntime.set_default_logger_severity(3)
-    except ImportError:
-        pass
+    onnxruntime.set_default_logger_severity(3)
 
 
 @cli.command("export")
