@@ -200,3 +200,20 @@ def test_minilm_int8_fidelity_on_held_out_sentences(target, floor, exports, tmp_
     feeds = list(source)
     cosine = (_sentence_embeddings(path, feeds) * _sentence_embeddings(tmp_path / "q.onnx", feeds)).sum(1)
     assert cosine.mean() >= floor
+
+
+def test_qattention_keeps_ort_attention_fused_with_int8_qkv(exports, tmp_path):
+    model = load_model(exports.get("bert", size="tiny"))
+    feeds = synthesize_feeds(model, count=2)
+    ctx = PassContext(target="ort-cpu", verification_feeds=feeds)
+    ctx.analyses["calibration_source"] = feeds
+    manager = PassManager(parse_pipeline("fold,fuse,qdq{qattention=true}"), ctx, verify="numeric")
+    q = manager.run(model)
+    stats = manager.records[-1].stats
+    assert stats["qattention"] == 2 and stats["attention_expanded"] == 0 and stats["linear"] == 2 * 3
+    assert manager.records[-1].verify["numeric"]["passed"]
+    hidden, inner, seq = 64, 128, 128
+    linear = 2 * (hidden * 3 * hidden + hidden * hidden + 2 * hidden * inner)
+    assert stats["int8_matmul_flops"] == pytest.approx(linear / (linear + 4 * seq * hidden), abs=1e-3)
+    qatt = nodes(q, "QAttention")[0]
+    assert init(q, qatt.input[1]).dtype == np.int8 and init(q, qatt.input[4]).size == 3 * hidden  # per column
