@@ -214,13 +214,16 @@ def calibrate(model: onnx.ModelProto, feeds: Iterable, tensors: list[str], progr
     if samples == 0:
         raise TqcError("the calibration data holds no samples")
     bounds = {n: max(abs(lows[n]), abs(highs[n]), 1e-12) for n in lows}
+
+    def _set_channels(r: TensorRange, name: str) -> None:
+        if name in channel_lows:  # 6 significant digits keep the JSON table small
+            r.channel_min = [float(f"{v:.6g}") for v in channel_lows[name]]
+            r.channel_max = [float(f"{v:.6g}") for v in channel_highs[name]]
     if not histograms:
         table = {}
         for name, bound in bounds.items():
             r = TensorRange(lows[name], highs[name], {"max": bound}, {"max": lows[name]}, {"max": highs[name]})
-            if name in channel_lows:
-                r.channel_min = [float(f"{v:.6g}") for v in channel_lows[name]]
-                r.channel_max = [float(f"{v:.6g}") for v in channel_highs[name]]
+            _set_channels(r, name)
             table[name] = r
         return CalibrationTable(model_hash or structure_hash(model), samples, table, time.perf_counter() - start)
     hists = {n: np.zeros(BINS, np.int64) for n in bounds}
@@ -240,9 +243,7 @@ def calibrate(model: onnx.ModelProto, feeds: Iterable, tensors: list[str], progr
         absolute = hist[half:] + hist[:half][::-1]  # |x| histogram over [0, bound]
         positive, negative = hist[half:], hist[:half][::-1]
         r = TensorRange(lows[name], highs[name])
-        if name in channel_lows:
-            r.channel_min = [float(f"{v:.6g}") for v in channel_lows[name]]
-            r.channel_max = [float(f"{v:.6g}") for v in channel_highs[name]]
+        _set_channels(r, name)
         r.amax["max"] = bound
         r.lo["max"], r.hi["max"] = lows[name], highs[name]
         for q in PERCENTILES:

@@ -15,7 +15,6 @@ option ready to paste.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field

@@ -30,17 +30,6 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
     return model
 
 
-def opset_of(model_or_graph, domain: str = "") -> int:
-    if isinstance(model_or_graph, gs.Graph):
-        if domain in ("", "ai.onnx"):
-            return int(model_or_graph.opset)
-        return int((model_or_graph.import_domains and {d.domain: d.version for d in model_or_graph.import_domains}.get(domain)) or 1)
-    for imp in model_or_graph.opset_import:
-        if imp.domain == domain or (domain == "" and imp.domain == "ai.onnx"):
-            return int(imp.version)
-    return 0
-
-
 def ensure_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:
     """Declare an operator domain (e.g. com.microsoft) in the graph's imports."""
     imports = list(graph.import_domains or [])

@@ -191,11 +191,6 @@ def model_hash(path: str | os.PathLike) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def proto_hash(model: onnx.ModelProto) -> str:
-    """sha256 of an in-memory model's deterministic serialization (models under 2 GB)."""
-    return "sha256:" + hashlib.sha256(serialize(model)).hexdigest()
-
-
 def structure_hash(model: onnx.ModelProto) -> str:
     """sha256 of a graph's structure (ops, tensor names, weight shapes), not of its weights' bytes.
 

@@ -51,14 +51,6 @@ def describe(node: gs.Node | None) -> str:
     return f"{node.op} '{node.name}'"
 
 
-def expect_op(tensor: gs.Tensor, ops: str | tuple[str, ...], what: str, depth: int) -> gs.Node:
-    node = producer(tensor)
-    ops = (ops,) if isinstance(ops, str) else ops
-    if node is None or node.op not in ops:
-        raise NoMatch(f"{what}: expected {'/'.join(ops)}, found {describe(node)}", depth)
-    return node
-
-
 def split_scalar_operand(node: gs.Node) -> tuple[gs.Tensor, float] | None:
     """For Mul(x, c), Mul(c, x) or Div(x, c) with scalar constant c: (x, factor)."""
     if len(node.inputs) != 2:

@@ -12,7 +12,7 @@ from tqc.compiler.calibration import (BINS, CalibrationTable, calibrate, calibra
 from tqc.compiler.cli import main
 from tqc.compiler.errors import TqcError
 
-from ..conftest import SENTENCES, make_mlp
+from ..conftest import make_mlp
 
 
 def npz(tmp_path, name="data.npz", **arrays):

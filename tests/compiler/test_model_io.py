@@ -1,7 +1,6 @@
 import os
 
 import numpy as np
-import onnx
 import pytest
 from onnx import numpy_helper
 

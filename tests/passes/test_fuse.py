@@ -5,7 +5,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tqc.compiler.errors import VerificationError
 from tqc.compiler.graph_io import to_graph
 from tqc.compiler.manager import PassManager
 from tqc.compiler.model_io import load_model

@@ -14,7 +14,7 @@ from tqc.compiler.model_io import load_model
 from tqc.compiler.pipeline import parse_pipeline
 from tqc.passes.base import PassContext
 
-from ..conftest import SENTENCES, make_mlp
+from ..conftest import SENTENCES
 
 
 def two_consumers_model():
