@@ -296,16 +296,17 @@ class Qdq(Pass):
         if table is None:
             raise TqcError("qdq needs calibration data: give --calib DATA or --calib-table TABLE")
         notes: list[str] = []
-        sites = self.place(graph, ctx, notes, skip=set())
-        if self.values["budget"] > 0 and sites:
-            from tqc.passes.qdq_budget import enforce_budget
+        stats_extra = {}
+        if self.values["budget"] > 0:
+            sites = self.place(graph, ctx, notes, skip=set())
+            if sites:
+                from tqc.passes.qdq_budget import enforce_budget
 
-            kept = enforce_budget(self, graph, ctx, sites)
-            stats_extra = {"kept_float_by_budget": len(kept)}
-            if kept:
-                ctx.note("qdq: kept in float by the accuracy budget: " + ", ".join(kept))
-        else:
-            stats_extra = {}
+                kept = enforce_budget(self, graph, ctx, sites)
+                stats_extra = {"kept_float_by_budget": len(kept)}
+                if kept:
+                    ctx.note("qdq: kept in float by the accuracy budget: " + ", ".join(kept))
+            notes.clear()  # apply() places again and says the same
         stats = self.apply(graph, ctx, notes, skip=set(ctx.analyses.get("qdq_skip", ())))
         stats.update(stats_extra)
         for note in notes:

@@ -240,14 +240,16 @@ class MaskCache:
                 return t
         return None
 
-    def _existing(self, name: str) -> gs.Tensor | None:
-        """A mask an earlier pass already built (fuse, then qdq's expansion): reuse it."""
-        return self.graph.tensors().get(name)
+    def _reuse(self, key: str, name: str) -> bool:
+        """Whether mask ``key`` exists: built here, or by an earlier pass (fuse, then qdq's expansion)."""
+        if key not in self.built:
+            existing = self.graph.tensors().get(name)
+            if existing is not None:
+                self.built[key] = existing
+        return key in self.built
 
     def additive_4d(self) -> gs.Variable:
-        if "additive" not in self.built and self._existing("tqc_attention_mask_4d") is not None:
-            self.built["additive"] = self._existing("tqc_attention_mask_4d")
-        if "additive" not in self.built:
+        if not self._reuse("additive", "tqc_attention_mask_4d"):
             mask = self.source()
             as_float = gs.Variable("tqc_mask_float", dtype=np.float32)
             inverted = gs.Variable("tqc_mask_inverted", dtype=np.float32)
@@ -268,9 +270,7 @@ class MaskCache:
 
     def int32_index(self) -> gs.Variable:
         """[batch, sequence] int32 1/0 mask: any padding pattern."""
-        if "index" not in self.built and self._existing("tqc_mask_index") is not None:
-            self.built["index"] = self._existing("tqc_mask_index")
-        if "index" not in self.built:
+        if not self._reuse("index", "tqc_mask_index"):
             mask = self.source()
             index = gs.Variable("tqc_mask_index", dtype=np.int32)
             self.graph.nodes.append(gs.Node("Cast", "tqc_mask_index_cast", attrs={"to": 6}, inputs=[mask],
@@ -280,7 +280,7 @@ class MaskCache:
 
     def end_positions(self) -> gs.Variable:
         """[batch] int32 count of kept tokens: right padding only, and what ORT's fused CUDA kernels take."""
-        if "end" not in self.built:
+        if not self._reuse("end", "tqc_mask_end_positions"):
             index = self.int32_index()
             ends = gs.Variable("tqc_mask_end_positions", dtype=np.int32)
             self.graph.nodes.append(gs.Node("ReduceSum", "tqc_mask_reduce", attrs={"keepdims": 0},
