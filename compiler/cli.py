@@ -299,6 +299,7 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     """Compare CANDIDATES against REFERENCE on ORT CPU: per output, per shared tensor, first divergence."""
     import tempfile
 
+    from tqc.compiler import compare
     from tqc.compiler import diff as diffing
     from tqc.compiler.feeds import synthesize_feeds
     from tqc.compiler.model_io import check_output_path, load_model, write_text_atomic
@@ -326,7 +327,8 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
         results.append(result)
     click.echo(diffing.format_table(results, layerwise))
     folder = Path(save_dir) if save_dir else Path(tempfile.mkdtemp(prefix="tqc-diff-"))
-    ref_out_results = diffing.run_exposed(ref_model, feeds, None, "reference")
+    # The reference already ran; polygraphy's reference file holds its graph outputs only.
+    ref_out_results = compare.restrict(ref_results, [o.name for o in ref_model.graph.output])
     inputs, ref_outputs = diffing.save_polygraphy_files(folder, feeds, ref_out_results)
     click.echo(f"polygraphy files in {folder}; reproduce and shrink with:")
     for command in diffing.polygraphy_commands(reference, candidates[0], inputs, ref_outputs, atol=1e-3, rtol=1e-3):

@@ -164,7 +164,7 @@ def padding_masks(feeds) -> list[np.ndarray] | None:
     return masks
 
 
-def _masked(value: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+def mask_padding(value: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """Zero the padded [batch, sequence] rows of a tensor laid out [batch, sequence, ...]."""
     if mask is None or value.ndim < 2 or tuple(value.shape[:2]) != tuple(mask.shape):
         return value
@@ -203,13 +203,23 @@ def compare_results(reference, candidate, atol: float, rtol: float,
             for name in wanted:
                 if name in cand_sub and name in ref_sub:
                     per_output.setdefault(name, []).append(
-                        tensor_metrics(name, _masked(np.asarray(ref_sub[name]), mask),
-                                       _masked(np.asarray(cand_sub[name]), mask)))
+                        tensor_metrics(name, mask_padding(np.asarray(ref_sub[name]), mask),
+                                       mask_padding(np.asarray(cand_sub[name]), mask)))
     merged = {k: merge_metrics(v) for k, v in per_output.items()}
     if min_cosine is not None:  # statistical verdict (quantization): every output keeps this cosine
         passed = not missing and all(m.cosine >= min_cosine for m in merged.values())
     return Comparison(passed=passed and len(ref_iters) == len(cand_iters), atol=atol, rtol=rtol,
                       outputs=merged, missing=missing, min_cosine=min_cosine)
+
+
+def restrict(run_results, names: list[str]):
+    """The same polygraphy RunResults holding only ``names`` (e.g. graph outputs of a layerwise run)."""
+    from polygraphy.comparator.struct import RunResults
+
+    restricted = RunResults()
+    for runner, iterations in run_results.items():
+        restricted.append((runner, [_subset(it, names) for it in iterations]))
+    return restricted
 
 
 def _subset(iter_result, names: list[str]):

@@ -20,20 +20,16 @@ MAX_BATCHES = 4
 def mean_output_cosine(reference, candidate, feeds) -> float:
     """Per-sample cosine of every output, averaged over samples and outputs.
 
-    Padding positions carry no meaning: where a feed has an attention mask matching an output's leading
-    [batch, sequence] axes, only the kept tokens count.
+    Padding positions carry no meaning: the comparison engine's padding masks leave them out.
     """
     ref_iters = list(reference.items())[0][1]
     cand_iters = list(candidate.items())[0][1]
+    masks = compare.padding_masks(feeds) or [None] * len(ref_iters)
     values = []
-    for feed, ref, cand in zip(feeds, ref_iters, cand_iters):
-        mask = next((np.asarray(v) for k, v in feed.items() if "mask" in k.lower()), None)
+    for mask, ref, cand in zip(masks, ref_iters, cand_iters):
         for name in ref.keys():
-            a = np.asarray(ref[name], np.float64)
-            b = np.asarray(cand[name], np.float64)
-            if mask is not None and a.ndim >= 3 and a.shape[:2] == mask.shape:
-                keep = mask[..., None].astype(np.float64)
-                a, b = a * keep, b * keep
+            a = compare.mask_padding(np.asarray(ref[name], np.float64), mask)
+            b = compare.mask_padding(np.asarray(cand[name], np.float64), mask)
             a = a.reshape(a.shape[0], -1)
             b = b.reshape(b.shape[0], -1)
             num = (a * b).sum(axis=1)

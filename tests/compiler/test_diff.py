@@ -39,8 +39,8 @@ def test_padding_rows_are_left_out():
     ref = np.ones((1, 3, 2))
     cand = ref.copy()
     cand[0, 2] = 100.0  # garbage at the padded position
-    assert compare._masked(cand, mask)[0, 2].tolist() == [0, 0]
-    m = compare.tensor_metrics("t", compare._masked(ref, mask), compare._masked(cand, mask))
+    assert compare.mask_padding(cand, mask)[0, 2].tolist() == [0, 0]
+    m = compare.tensor_metrics("t", compare.mask_padding(ref, mask), compare.mask_padding(cand, mask))
     assert m.max_abs == 0
 
 
