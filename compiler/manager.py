@@ -70,11 +70,14 @@ class PassManager:
                         self.ctx.analyses.get("calibration_source") is None:
                     raise TqcError(f"pass '{p.name}' needs calibration data: give --calib DATA or --calib-table TABLE")
 
-    def _calibrate_for(self, p: Pass, current: onnx.ModelProto) -> None:
-        """Calibrate on the graph as it stands before the first pass that needs it."""
+    def _calibrate_for(self, p: Pass, graph, like: onnx.ModelProto) -> onnx.ModelProto | None:
+        """Calibrate on the graph as it stands before the first pass that needs it; returns the model
+        exported for that (None when no calibration was due)."""
         if "calibration" not in p.needs or self.ctx.calibration is not None:
-            return
+            return None
         from tqc.compiler.calibration import calibrate, calibration_targets
+
+        current = to_model(graph, like=like)
 
         source = self.ctx.analyses["calibration_source"]
         # Histograms only when the pass's range method needs them: 'max' reads the data once.
@@ -83,6 +86,7 @@ class PassManager:
                                          histograms=histograms)
         self.ctx.analyses["calibration_seconds"] = round(self.ctx.calibration.seconds, 3)
         self.ctx.analyses["calibration_feeds"] = [feed for _, feed in zip(range(4), source)]
+        return current
 
     def run(self, model: onnx.ModelProto) -> onnx.ModelProto:
         self._check_needs()
@@ -109,9 +113,9 @@ class PassManager:
         for index, p in enumerate(self.passes, start=1):
             stage = f"{index:02d}_{p.name}"
             self.progress(f"[{index}/{len(self.passes)}] {p.spec()}")
-            if "calibration" in p.needs and self.ctx.calibration is None:
-                current = to_model(graph, like=like)
-                self._calibrate_for(p, current)
+            exported = self._calibrate_for(p, graph, like)
+            if exported is not None:
+                current = exported
             start = time.perf_counter()
             result = p.run(graph, self.ctx)
             seconds = time.perf_counter() - start
