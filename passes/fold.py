@@ -13,7 +13,6 @@ input is itself a graph input or output.
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -23,7 +22,6 @@ from tqc.passes.registry import register
 
 SMALL_CONSTANT_ELEMENTS = 64
 
-log = logging.getLogger(__name__)
 
 
 @register
