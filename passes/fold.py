@@ -13,7 +13,6 @@ input is itself a graph input or output.
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
