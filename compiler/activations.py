@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from tqc.compiler.feeds import Feed
 
@@ -49,18 +50,30 @@ def exposed_model_bytes(model: onnx.ModelProto, names: Iterable[str] | None = No
     return data, output_names
 
 
-def stream_intermediates(model: onnx.ModelProto, feeds: Iterable[Feed], reduce: Callable[[str, np.ndarray], None],
-                         names: Iterable[str] | None = None) -> list[str]:
-    """Run on ORT CPU (optimizations off) and call ``reduce(name, value)`` for every exposed tensor."""
-    import onnxruntime as ort
+def stream_intermediates(model: onnx.ModelProto | gs.Graph, feeds: Iterable[Feed],
+                         reduce: Callable[[str, np.ndarray], None], names: Iterable[str] | None = None) -> list[str]:
+    """Run on ORT CPU (optimizations off) and call ``reduce(name, value)`` for every exposed tensor.
 
+    A gs graph runs through a ``GraphSession`` (its weights are not copied); a ModelProto is serialized.
+    """
     names = list(names) if names is not None else None
-    data, output_names = exposed_model_bytes(model, names)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    del data
+    if isinstance(model, gs.Graph):
+        from tqc.compiler.graph_session import GraphSession
+
+        wanted = names if names is not None else [
+            out.name for node in model.nodes for out in node.outputs
+            if out.dtype is not None and np.issubdtype(np.dtype(out.dtype), np.floating)]
+        session = GraphSession(model, outputs=wanted)
+        output_names = session.output_names
+    else:
+        import onnxruntime as ort
+
+        data, output_names = exposed_model_bytes(model, names)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        del data
     wanted_inputs = set(names) if names is not None else set()
     for feed in feeds:
         values = session.run(output_names, feed)
@@ -71,7 +84,7 @@ def stream_intermediates(model: onnx.ModelProto, feeds: Iterable[Feed], reduce: 
     return output_names
 
 
-def max_abs_per_tensor(model: onnx.ModelProto, feeds: Iterable[Feed]) -> dict[str, float]:
+def max_abs_per_tensor(model: onnx.ModelProto | gs.Graph, feeds: Iterable[Feed]) -> dict[str, float]:
     peaks: dict[str, float] = {}
 
     def reduce(name: str, value: np.ndarray) -> None:

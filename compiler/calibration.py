@@ -26,6 +26,7 @@ from typing import Iterable
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from tqc.compiler.activations import stream_intermediates
 from tqc.compiler.errors import TqcError
@@ -172,9 +173,11 @@ def calibration_targets(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def calibrate(model: onnx.ModelProto, feeds: Iterable, tensors: list[str], progress=lambda message: None,
+def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[str], progress=lambda message: None,
               model_hash: str | None = None, histograms: bool = True) -> CalibrationTable:
     """Observe ``tensors`` of ``model`` over ``feeds`` and build the table.
+
+    ``model`` may be a gs graph: it then runs without being exported (see ``tqc.compiler.graph_session``).
 
     With ``histograms`` (every method) the data is read twice; without, once, and only the ``max`` ranges
     (and per-channel ranges) are in the table.
@@ -225,7 +228,7 @@ def calibrate(model: onnx.ModelProto, feeds: Iterable, tensors: list[str], progr
             r = TensorRange(lows[name], highs[name], {"max": bound}, {"max": lows[name]}, {"max": highs[name]})
             _set_channels(r, name)
             table[name] = r
-        return CalibrationTable(model_hash or structure_hash(model), samples, table, time.perf_counter() - start)
+        return CalibrationTable(model_hash or _structure_hash(model), samples, table, time.perf_counter() - start)
     hists = {n: np.zeros(BINS, np.int64) for n in bounds}
 
     def observe_hist(name: str, value: np.ndarray) -> None:
@@ -262,4 +265,12 @@ def calibrate(model: onnx.ModelProto, feeds: Iterable, tensors: list[str], progr
             r.lo[method] = max(lows[name], -amax)
             r.hi[method] = min(highs[name], amax)
         table[name] = r
-    return CalibrationTable(model_hash or structure_hash(model), samples, table, time.perf_counter() - start)
+    return CalibrationTable(model_hash or _structure_hash(model), samples, table, time.perf_counter() - start)
+
+
+def _structure_hash(model: onnx.ModelProto | gs.Graph) -> str:
+    if isinstance(model, gs.Graph):
+        from tqc.compiler.graph_io import skeleton_of_graph
+
+        model = skeleton_of_graph(model)
+    return structure_hash(model)

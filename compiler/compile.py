@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqc.compiler.errors import TqcError
 from tqc.compiler.manager import PassManager
-from tqc.compiler.model_io import (check_input_path, check_output_path, load_model, model_hash, save_model,
+from tqc.compiler.model_io import (check_input_path, check_output_path, load_model_lean, model_hash_async, save_model,
                                    write_text_atomic)
 from tqc.compiler.pipeline import parse_pipeline
 from tqc.passes.base import TARGETS, PassContext
@@ -59,8 +59,9 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
     elif out.suffix != ".onnx":
         raise TqcError(f"output '{out}' must end in .onnx or .plan")
     progress(f"loading {source}")
-    model = load_model(source)
-    source_hash = model_hash(source)
+    hashing = model_hash_async(source)  # in a thread, next to the load and the first passes
+    lean = load_model_lean(source)  # the weights are read once, into the arrays the passes work on
+    model = lean.skeleton
     from tqc.passes.registry import get_pass
 
     for name in opts.explain:
@@ -80,17 +81,22 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
         ctx.calibration = CalibrationTable.load(opts.calib_table)
     manager = PassManager(passes, ctx, verify=opts.verify, dump_dir=opts.dump_dir, progress=progress)
     nodes_in = len(model.graph.node)
-    result = manager.run(model)
     if is_plan:
         from tqc.compiler.trt import build_plan_from_model
 
+        result = manager.run(lean)
+        source_hash = hashing()
         progress("building the TensorRT plan")
         build_plan_from_model(result, out, source_hash=source_hash, shapes=opts.shapes, progress=progress)
+        nodes_out = len(result.graph.node)
     else:
+        result = manager.run_lean(lean)  # written straight from the graph's arrays: no export, no copy
         save_model(result, out)
+        source_hash = hashing()
+        nodes_out = len(result.skeleton.graph.node)
     report = manager.report(
         input={"path": str(source), "hash": source_hash, "nodes": nodes_in},
-        output={"path": str(out), "nodes": len(result.graph.node)},
+        output={"path": str(out), "nodes": nodes_out},
         total_seconds=round(time.perf_counter() - start, 4),
     )
     if opts.report:

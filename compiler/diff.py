@@ -8,7 +8,7 @@
           ─► the first tensor where the error jumps past --threshold, and the node that produced it
           ─► polygraphy JSON inputs/outputs + the `polygraphy run` / `polygraphy debug reduce` commands
 
-``--sensitivity`` un-quantizes one quantized MatMul (and then one op class) of the candidate at a time and
+``--sensitivity`` un-quantizes one quantized MatMul or QAttention (and then one op class) of the candidate at a time and
 ranks them by how much of the output error each one removes; the ranking is written as a ``qdq{exclude=...}``
 option ready to paste.
 """
@@ -193,6 +193,7 @@ def plot(results: list[DiffResult], path: str | Path, metric: str = "sqnr_db") -
 # ---------------------------------------------------------------- sensitivity
 
 def _quantized_matmuls(graph: gs.Graph) -> list[gs.Node]:
+    """MatMul/Gemm nodes fed by an activation Q -> DQ pair, and QAttention nodes (INT8 QKV inside)."""
     out = []
     for node in graph.nodes:
         if node.op in ("MatMul", "Gemm") and any(t.inputs and t.inputs[0].op == "DequantizeLinear" and
@@ -200,14 +201,29 @@ def _quantized_matmuls(graph: gs.Graph) -> list[gs.Node]:
                                                  t.inputs[0].inputs[0].inputs[0].op == "QuantizeLinear"
                                                  for t in node.inputs[:2]):
             out.append(node)
+        elif node.op == "QAttention" and node.domain == "com.microsoft":
+            out.append(node)
     return out
 
 
+QATTENTION_SUFFIX = re.compile(r"_tqc_q\d+_QAttention$")
+
+
+def site_name(node: gs.Node) -> str:
+    """The name ``qdq{exclude=...}`` matches: a QAttention answers to the Attention it was made from."""
+    return QATTENTION_SUFFIX.sub("", node.name) if node.op == "QAttention" else node.name
+
+
 def unquantize(graph: gs.Graph, names: set[str]) -> int:
-    """Bypass the activation Q/DQ pairs feeding the named MatMuls (weights keep their INT8 values)."""
+    """Bypass the activation Q/DQ pairs feeding the named MatMuls (weights keep their INT8 values); a named
+    QAttention becomes the float Attention it computes, on its unquantized input and dequantized weights."""
     count = 0
-    for node in graph.nodes:
-        if node.name not in names:
+    for node in list(graph.nodes):
+        if site_name(node) not in names:
+            continue
+        if node.op == "QAttention":
+            _float_attention(graph, node)
+            count += 1
             continue
         for i, t in enumerate(node.inputs[:2]):
             dq = t.inputs[0] if t.inputs else None
@@ -217,6 +233,25 @@ def unquantize(graph: gs.Graph, names: set[str]) -> int:
                 count += 1
     graph.cleanup(remove_unused_graph_inputs=False)
     return count
+
+
+def _float_attention(graph: gs.Graph, node: gs.Node) -> None:
+    """QAttention(Q(x), W_int8, b, s_x, s_w, mask, zp_x, zp_w) -> Attention(x, s_w * (W_int8 - zp_w), b, mask)."""
+    quantize = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if quantize is None or quantize.op != "QuantizeLinear":
+        raise TqcError(f"QAttention '{node.name}' is not fed by a QuantizeLinear: cannot un-quantize it")
+    weight = node.inputs[1].values.astype(np.float32)
+    zero_point = node.inputs[7].values.astype(np.float32) if len(node.inputs) > 7 and isinstance(
+        node.inputs[7], gs.Constant) else np.float32(0)
+    dequantized = (weight - zero_point) * node.inputs[4].values.astype(np.float32)
+    mask = node.inputs[5] if len(node.inputs) > 5 else gs.Variable.empty()
+    inputs = [quantize.inputs[0], gs.Constant(f"{node.name}_float_weight", dequantized.astype(np.float32)),
+              node.inputs[2], mask]
+    outputs = list(node.outputs)
+    node.outputs = []
+    graph.nodes.append(gs.Node("Attention", f"{node.name}_float", domain="com.microsoft", attrs=dict(node.attrs),
+                               inputs=inputs, outputs=outputs))
+    graph.toposort()
 
 
 def op_class(name: str) -> str:
@@ -237,9 +272,9 @@ def sensitivity(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds, p
         return float(np.mean([m.rel_l2 for m in c.outputs.values()]))
 
     base = error_of(candidate)
-    names = [n.name for n in _quantized_matmuls(to_graph(candidate))]
+    names = [site_name(n) for n in _quantized_matmuls(to_graph(candidate))]
     if not names:
-        raise TqcError("the candidate has no quantized MatMul/Gemm (Q -> DQ -> MatMul) to rank")
+        raise TqcError("the candidate has no quantized MatMul/Gemm (Q -> DQ -> MatMul) or QAttention to rank")
     nodes, classes = [], {}
     for index, name in enumerate(names):
         progress(f"sensitivity {index + 1}/{len(names)}: {name}")

@@ -14,11 +14,26 @@ from tqc import __version__
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    _detach_imports(graph)
+    return graph
+
+
+def _detach_imports(graph: gs.Graph) -> None:
+    """gs keeps the model's ``opset_import`` field itself as the graph's imports, and with it the whole
+    ModelProto alive: copy the entries so the model can be freed once its weights are loaded."""
+    graph.import_domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in (graph.import_domains or [])]
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                _detach_imports(value)
 
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    model = gs.export_onnx(graph, do_type_check=True)
+    return _finish_header(gs.export_onnx(graph, do_type_check=True), like)
+
+
+def _finish_header(model: onnx.ModelProto, like: onnx.ModelProto | None) -> onnx.ModelProto:
     if like is not None:
         model.ir_version = max(like.ir_version, min(model.ir_version, 10))
         del model.metadata_props[:]
@@ -28,6 +43,24 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
     model.producer_name = "tqc"
     model.producer_version = __version__
     return model
+
+
+def model_header(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What ``to_model``'s ``like`` reads from a model (versions, metadata), without its graph."""
+    header = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(header, name, getattr(model, name))
+    header.opset_import.extend(model.opset_import)
+    header.metadata_props.extend(model.metadata_props)
+    return header
+
+
+def attach_weights(graph: gs.Graph, weights: dict) -> None:
+    """Give the graph's stand-in constants (a lean load's skeleton) their arrays; see ``tqc.compiler.lean_io``."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.name in weights:
+            tensor.values = weights[tensor.name]
+            tensor.data_location = None
 
 
 def ensure_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:
@@ -80,6 +113,25 @@ def skeleton_of_graph(graph: gs.Graph, like: onnx.ModelProto | None = None) -> o
     if like is not None:
         model.ir_version = max(like.ir_version, min(model.ir_version, 10))
     return model
+
+
+def lean_of_graph(graph: gs.Graph, like: onnx.ModelProto | None = None):
+    """The graph as a ``LeanModel``: its skeleton (with ``to_model``'s header) and its large constants'
+    own arrays, for ``tqc.compiler.lean_io.write_lean``. None where gs's exporter must do the work (local
+    functions, constants exported in another dtype than they hold)."""
+    from tqc.compiler.lean_io import LeanModel
+
+    if graph.functions:
+        return None
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    if any(getattr(t, "_export_dtype", None) is not None for t in constants):
+        return None
+    from onnx_graphsurgeon.exporters.onnx_exporter import update_import_domains
+
+    update_import_domains(graph)  # as gs.export_onnx does: every domain a node uses is declared
+    skeleton = _finish_header(skeleton_of_graph(graph, like=like), like)
+    stand_ins = {t.name for t in skeleton.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    return LeanModel(skeleton, {t.name: t.values for t in constants if t.name in stand_ins})
 
 
 def update_tensor_types(graph: gs.Graph, model: onnx.ModelProto) -> None:

@@ -26,7 +26,9 @@ from tqc import __version__
 from tqc.compiler import compare
 from tqc.compiler.errors import TqcError, VerificationError
 from tqc.compiler.feeds import synthesize_feeds
-from tqc.compiler.graph_io import skeleton_of_graph, to_graph, to_model, update_tensor_types
+from tqc.compiler.graph_io import (attach_weights, lean_of_graph, model_header, skeleton_of_graph, to_graph, to_model,
+                                  update_tensor_types)
+from tqc.compiler.lean_io import LeanModel
 from tqc.compiler.model_io import save_model, write_text_atomic
 from tqc.compiler.verify import infer_shapes, signature, verify_structure
 from tqc.passes.base import Pass, PassContext
@@ -70,28 +72,56 @@ class PassManager:
                         self.ctx.analyses.get("calibration_source") is None:
                     raise TqcError(f"pass '{p.name}' needs calibration data: give --calib DATA or --calib-table TABLE")
 
-    def _calibrate_for(self, p: Pass, graph, like: onnx.ModelProto) -> onnx.ModelProto | None:
-        """Calibrate on the graph as it stands before the first pass that needs it; returns the model
-        exported for that (None when no calibration was due)."""
-        if "calibration" not in p.needs or self.ctx.calibration is not None:
-            return None
-        from tqc.compiler.calibration import calibrate, calibration_targets
+    def _calibrate_for(self, p: Pass, graph) -> None:
+        """Calibrate on the graph as it stands before the first pass that needs it.
 
-        current = to_model(graph, like=like)
+        The graph runs as it is (``GraphSession``): no export, no copy of its weights."""
+        if "calibration" not in p.needs or self.ctx.calibration is not None:
+            return
+        from tqc.compiler.calibration import calibrate, calibration_targets
 
         source = self.ctx.analyses["calibration_source"]
         # Histograms only when the pass's range method needs them: 'max' reads the data once.
         histograms = getattr(p, "values", {}).get("method", "max") != "max"
-        self.ctx.calibration = calibrate(current, source, calibration_targets(current), progress=self.progress,
-                                         histograms=histograms)
+        targets = calibration_targets(skeleton_of_graph(graph))
+        self.ctx.calibration = calibrate(graph, source, targets, progress=self.progress, histograms=histograms)
         self.ctx.analyses["calibration_seconds"] = round(self.ctx.calibration.seconds, 3)
         self.ctx.analyses["calibration_feeds"] = [feed for _, feed in zip(range(4), source)]
-        return current
 
-    def run(self, model: onnx.ModelProto) -> onnx.ModelProto:
+    def run(self, model: onnx.ModelProto | LeanModel) -> onnx.ModelProto:
+        """Run the pipeline on ``model``. A ``LeanModel``'s weights move into the manager's graph."""
+        graph, like = self._run_graph(model)
+        return infer_shapes(to_model(graph, like=like), strict=False)
+
+    def run_lean(self, model: onnx.ModelProto | LeanModel) -> LeanModel:
+        """``run``, with the result as a skeleton plus the graph's own arrays: nothing is exported or copied,
+        and ``tqc.compiler.lean_io`` writes it straight to a file."""
+        graph, like = self._run_graph(model)
+        lean = lean_of_graph(graph, like=like)
+        if lean is None:
+            model = to_model(graph, like=like)
+            lean = LeanModel(model)  # nothing to stream: a plain model
+        infer_shapes(lean.skeleton, strict=False)
+        return lean
+
+    def _run_graph(self, model: onnx.ModelProto | LeanModel) -> tuple:
         self._check_needs()
+        lean = model if isinstance(model, LeanModel) else None
+        if lean is not None:
+            model = lean.skeleton
         expected = signature(model)
         current = infer_shapes(model, strict=False)
+        # One graph travels through every pass. After each pass the checker and strict shape inference run
+        # on a skeleton (weights as shape-only stand-ins); the full model is exported only where it is run
+        # (numeric verification) or written (dumps, the final result).
+        graph = to_graph(current)
+        like = current
+        full_needed = self.verify == "numeric" or self.dump_dir is not None
+        if lean is not None:
+            attach_weights(graph, lean.weights)
+            lean.weights = {}  # the graph holds them now
+            like = model_header(current)
+            current = to_model(graph, like=like) if full_needed else None
         feeds = None
         previous_results = None
         if self.dump_dir:
@@ -104,18 +134,10 @@ class PassManager:
             previous_results = compare.run_model(current, feeds, name="00_input")
             if self.dump_dir:
                 self._dump_io(feeds, previous_results, 0, "input")
-        # One graph travels through every pass. After each pass the checker and strict shape inference run
-        # on a skeleton (weights as shape-only stand-ins); the full model is exported only where it is run
-        # (numeric verification, calibration) or written (dumps, the final result).
-        like = current
-        graph = to_graph(current)
-        full_needed = self.verify == "numeric" or self.dump_dir is not None
         for index, p in enumerate(self.passes, start=1):
             stage = f"{index:02d}_{p.name}"
             self.progress(f"[{index}/{len(self.passes)}] {p.spec()}")
-            exported = self._calibrate_for(p, graph, like)
-            if exported is not None:
-                current = exported
+            self._calibrate_for(p, graph)
             start = time.perf_counter()
             result = p.run(graph, self.ctx)
             seconds = time.perf_counter() - start
@@ -142,8 +164,7 @@ class PassManager:
                                   self.dump_dir / f"{stage}.report.json")
             if candidate is not None:
                 current = candidate
-        result_model = to_model(graph, like=like)
-        return infer_shapes(result_model, strict=False)
+        return graph, like
 
     def _verify_numeric(self, p: Pass, before: onnx.ModelProto, after: onnx.ModelProto, feeds, previous_results,
                         index: int, record: StageRecord):

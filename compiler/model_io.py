@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import onnx
@@ -83,6 +84,24 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
     return model
 
 
+def load_model_lean(path: str | os.PathLike):
+    """``load_model`` for a model that is only compiled: a skeleton plus weights read straight into numpy
+    arrays (see ``tqc.compiler.lean_io``), the weights held once instead of three times."""
+    from tqc.compiler.lean_io import load_lean
+
+    p = check_input_path(path)
+    try:
+        lean = load_lean(p)
+    except TqcError:
+        raise
+    except (DecodeError, ValueError, IndexError, RuntimeError, OSError) as exc:
+        raise TqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    if not lean.skeleton.graph.node and not lean.skeleton.graph.output:
+        raise TqcError(f"'{p}' is not a readable ONNX model (no graph)")
+    _EXTERNAL_LOCATIONS[str(p.resolve())] = lean.external_locations
+    return lean
+
+
 def external_locations(model: onnx.ModelProto) -> list[str]:
     return sorted({ExternalDataInfo(t).location for t in _external_tensors(model)})
 
@@ -97,29 +116,27 @@ def _external_tensors(model: onnx.ModelProto):
                 yield attr.t
 
 
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        total += len(t.raw_data) if t.HasField("raw_data") else 0
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and attr.t.HasField("raw_data"):
-                total += len(attr.t.raw_data)
-    return total
-
-
 def needs_external_data(model: onnx.ModelProto) -> bool:
-    return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
 
 
 def serialize(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Write ``model`` to ``path`` atomically; nothing is left behind on failure."""
+def save_model(model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Write ``model`` (a ModelProto or a ``LeanModel``) to ``path`` atomically; nothing is left behind on
+    failure. A ``LeanModel`` is written straight from its arrays (``tqc.compiler.lean_io.write_lean``)."""
+    from tqc.compiler.lean_io import LeanModel, write_lean
+
     out = Path(path)
-    external = needs_external_data(model) if external_data is None else external_data
+    lean = model if isinstance(model, LeanModel) else None
+    if external_data is not None:
+        external = external_data
+    elif lean is not None:
+        external = lean.nbytes() + lean.skeleton.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    else:
+        external = needs_external_data(model)
     folder = out.resolve().parent
     tmp_files: list[Path] = []
     try:
@@ -127,12 +144,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             data_name = out.name + ".data"
             tmp_dir = Path(tempfile.mkdtemp(prefix=".tqc-", dir=folder))
             tmp_files.append(tmp_dir)
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(
-                copy, str(tmp_dir / out.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name, size_threshold=1024, convert_attribute=True,
-            )
+            if lean is not None:
+                with open(tmp_dir / out.name, "wb") as fh, open(tmp_dir / data_name, "wb") as data_fh:
+                    write_lean(lean, fh, external_data=data_name, data_out=data_fh)
+            else:
+                _save_external(model, tmp_dir / out.name, data_name)
             os.replace(tmp_dir / data_name, folder / data_name)
             os.replace(tmp_dir / out.name, out)
             tmp_dir.rmdir()
@@ -141,7 +157,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
             tmp_files.append(Path(tmp))
             with os.fdopen(fd, "wb") as fh:
-                fh.write(serialize(model))
+                if lean is not None:
+                    write_lean(lean, fh)
+                else:
+                    fh.write(serialize(model))
             os.replace(tmp, out)
             tmp_files.clear()
     except OSError as exc:
@@ -155,6 +174,13 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             elif leftover.exists():
                 leftover.unlink()
     return out
+
+
+def _save_external(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                    size_threshold=1024, convert_attribute=True)
 
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
@@ -180,15 +206,37 @@ _EXTERNAL_LOCATIONS: dict[str, list[str]] = {}  # filled by load_model: saves pa
 
 def model_hash(path: str | os.PathLike) -> str:
     """sha256 over the model file and, in sorted order, the external data files it names."""
+    return model_hash_async(path)()
+
+
+def model_hash_async(path: str | os.PathLike):
+    """Start ``model_hash`` in a thread (file reads and hashlib release the GIL, so it overlaps loading);
+    call the returned function for the hash."""
     p = Path(path)
     digest = hashlib.sha256()
-    _hash_file(p, digest)
-    locations = _EXTERNAL_LOCATIONS.get(str(p.resolve()))
-    if locations is None:
-        locations = external_locations(onnx.load(str(p), load_external_data=False))
-    for location in locations:
-        _hash_file(p.resolve().parent / location, digest)
-    return "sha256:" + digest.hexdigest()
+    failure: list[OSError] = []
+
+    def hash_main_file() -> None:
+        try:
+            _hash_file(p, digest)
+        except OSError as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=hash_main_file, name="tqc-model-hash", daemon=True)
+    thread.start()
+
+    def finish() -> str:
+        thread.join()
+        if failure:
+            raise TqcError(f"cannot read '{p}': {failure[0].strerror or failure[0]}")
+        locations = _EXTERNAL_LOCATIONS.get(str(p.resolve()))
+        if locations is None:
+            locations = external_locations(onnx.load(str(p), load_external_data=False))
+        for location in locations:
+            _hash_file(p.resolve().parent / location, digest)
+        return "sha256:" + digest.hexdigest()
+
+    return finish
 
 
 def structure_hash(model: onnx.ModelProto) -> str:
@@ -199,8 +247,10 @@ def structure_hash(model: onnx.ModelProto) -> str:
     digest = hashlib.sha256()
     for node in model.graph.node:
         digest.update(f"{node.domain}:{node.op_type}:{','.join(node.input)}>{','.join(node.output)};".encode())
-    for tensor in model.graph.initializer:
-        digest.update(f"{tensor.name}:{tensor.data_type}:{list(tensor.dims)};".encode())
+    used = {name for node in model.graph.node for name in node.input}
+    for tensor in sorted(model.graph.initializer, key=lambda t: t.name):  # as stored or as gs exports them
+        if tensor.name in used:
+            digest.update(f"{tensor.name}:{tensor.data_type}:{list(tensor.dims)};".encode())
     return "graph-sha256:" + digest.hexdigest()
 
 

@@ -71,6 +71,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(light, name, getattr(model, name))
     light.opset_import.extend(model.opset_import)
+    light.metadata_props.extend(model.metadata_props)
     light.functions.extend(model.functions)
     graph, source = light.graph, model.graph
     graph.name = source.name

@@ -120,7 +120,9 @@ def test_sensitivity_ranks_and_its_exclude_option_works(exports, tmp_path):
     feeds = synthesize_feeds(reference, count=2)
     quant = compiled(load_model(path), "fold,fuse,qdq{smooth=0}", "ort-cpu", feeds)
     ranking = sensitivity(reference, quant, feeds)
+    # 6 MatMuls (attention output, FFN up and down) and 2 QAttention (INT8 QKV), ranked by their Attention's name
     assert len(ranking["nodes"]) == 8 and ranking["classes"]
+    assert sum(1 for r in ranking["nodes"] if r["node"].startswith("tqc_attn")) == 2
     removed = [r["error_removed"] for r in ranking["nodes"]]
     assert removed == sorted(removed, reverse=True)
     assert {op_class(n) for n in ranking["exclude"]} == {r["class"] for r in ranking["classes"]}
@@ -130,4 +132,5 @@ def test_sensitivity_ranks_and_its_exclude_option_works(exports, tmp_path):
     ctx.analyses["calibration_source"] = feeds
     manager = PassManager(parse_pipeline(f"fold,fuse,{option}"), ctx)
     manager.run(load_model(path))
-    assert manager.records[-1].stats["quantized_matmuls"] == 8 - 3
+    stats = manager.records[-1].stats
+    assert stats["quantized_matmuls"] + stats["qattention"] == 8 - 3  # quantized sites: MatMuls and QAttention

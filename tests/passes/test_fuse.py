@@ -56,7 +56,8 @@ def test_every_attention_block_fuses_exactly(family, exporter, attn, target, exp
         assert len(mask_casts) == 1  # the mask is built once for all layers
     else:
         assert ops.count(("com.microsoft", "Attention")) == layers
-        assert ops.count(("com.microsoft", "SkipLayerNormalization")) >= 2 * layers - 1
+        assert stats["skip_layernorm_form"] == "sum"  # ort-cpu: Sum + LayerNormalization (see elementwise.py)
+        assert ops.count(("", "Sum")) == stats["skip_layernorm"] >= 2 * layers - 1
         gelu = "FastGelu" if family == "albert" else "BiasGelu"
         assert ops.count(("com.microsoft", gelu)) == layers
 
@@ -199,3 +200,35 @@ def test_fp16_default_guard_on_minilm(exports):
     matmul_weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
     types = {t.name: t.data_type for t in model.graph.initializer}
     assert all(types[w] == TensorProto.FLOAT16 for w in matmul_weights if w in types)
+
+
+@pytest.mark.parametrize("target, spec, form", [("ort-cpu", "fuse{skip_layernorm=contrib}", "contrib"),
+                                                ("ort-cuda", "fuse", "contrib"),
+                                                ("ort-cpu", "fuse{skip_layernorm=off}", None)])
+def test_residual_layernorm_forms(target, spec, form, exports):
+    path = exports.get("bert", size="tiny")
+    model, manager, _ = compile_with(path, "fold," + spec, target)
+    stats = manager.records[1].stats
+    ops = ops_of(model)
+    if form is None:
+        assert stats["skip_layernorm"] == 0 and not any(op in ("Sum", "SkipLayerNormalization") for _, op in ops)
+    else:
+        assert stats["skip_layernorm_form"] == form
+        assert ops.count(("com.microsoft", "SkipLayerNormalization")) == stats["skip_layernorm"] == 4
+    assert manager.records[1].verify["numeric"]["passed"]
+
+
+def test_ort_does_not_refuse_the_sum_form_into_its_slow_skip_layernorm(exports, tmp_path):
+    """The reason for ort-cpu's Sum form: ORT's own optimizer turns Add + LayerNormalization into
+    SkipLayerNormalization (2.5x slower on its CPU provider), but leaves Sum + LayerNormalization alone."""
+    import onnxruntime as ort
+
+    model, _, _ = compile_with(exports.get("bert", size="tiny"), "fold,fuse", "ort-cpu")
+    source = tmp_path / "fused.onnx"
+    onnx.save(model, str(source))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "SkipLayerNormalization" not in optimized
+    assert optimized.count("Sum") == 4 and optimized.count("LayerNormalization") == 4

@@ -105,14 +105,14 @@ def test_exclude_and_op_types():
     assert stats["quantized_matmuls"] == 1
 
 
-@pytest.mark.parametrize("target", ["trt", "ort-cpu"])
-def test_real_export_placement_counts(target, exports):
+@pytest.mark.parametrize("target, spec", [("trt", "qdq"), ("ort-cpu", "qdq{qattention=false}"), ("ort-cuda", "qdq")])
+def test_real_export_placement_counts(target, spec, exports):
     path = exports.get("bert", size="tiny")  # 2 layers, 4 heads of size 16
     model = load_model(path)
     feeds = synthesize_feeds(model, count=2)
     ctx = PassContext(target=target, calibration=None, verification_feeds=feeds)
     ctx.analyses["calibration_source"] = feeds
-    manager = PassManager(parse_pipeline("fold,fuse,qdq"), ctx, verify="numeric")
+    manager = PassManager(parse_pipeline("fold,fuse," + spec), ctx, verify="numeric")
     q = manager.run(model)
     stats = manager.records[-1].stats
     assert stats["linear"] == 2 * 4  # packed QKV, attention output, FFN up, FFN down per layer
@@ -202,12 +202,14 @@ def test_minilm_int8_fidelity_on_held_out_sentences(target, floor, exports, tmp_
     assert cosine.mean() >= floor
 
 
-def test_qattention_keeps_ort_attention_fused_with_int8_qkv(exports, tmp_path):
+@pytest.mark.parametrize("target, spec", [("ort-cpu", "qdq"), ("ort-cuda", "qdq{qattention=true}")])
+def test_qattention_keeps_ort_attention_fused_with_int8_qkv(target, spec, exports, tmp_path):
+    """ort-cpu's default (auto) form; opt-in elsewhere."""
     model = load_model(exports.get("bert", size="tiny"))
     feeds = synthesize_feeds(model, count=2)
-    ctx = PassContext(target="ort-cpu", verification_feeds=feeds)
+    ctx = PassContext(target=target, verification_feeds=feeds)
     ctx.analyses["calibration_source"] = feeds
-    manager = PassManager(parse_pipeline("fold,fuse,qdq{qattention=true}"), ctx, verify="numeric")
+    manager = PassManager(parse_pipeline("fold,fuse," + spec), ctx, verify="numeric")
     q = manager.run(model)
     stats = manager.records[-1].stats
     assert stats["qattention"] == 2 and stats["attention_expanded"] == 0 and stats["linear"] == 2 * 3
@@ -217,3 +219,18 @@ def test_qattention_keeps_ort_attention_fused_with_int8_qkv(exports, tmp_path):
     assert stats["int8_matmul_flops"] == pytest.approx(linear / (linear + 4 * seq * hidden), abs=1e-3)
     qatt = nodes(q, "QAttention")[0]
     assert init(q, qatt.input[1]).dtype == np.int8 and init(q, qatt.input[4]).size == 3 * hidden  # per column
+
+
+def test_excluding_an_attention_keeps_it_expanded(exports):
+    model = load_model(exports.get("bert", size="tiny"))
+    feeds = synthesize_feeds(model, count=2)
+    ctx = PassContext(target="ort-cpu", verification_feeds=feeds)
+    ctx.analyses["calibration_source"] = feeds
+    fused = PassManager(parse_pipeline("fold,fuse"), PassContext(target="ort-cpu")).run(model)
+    first = next(n.name for n in fused.graph.node if n.op_type == "Attention")
+    manager = PassManager(parse_pipeline("fold,fuse,qdq{exclude=" + first + "}"), ctx, verify="numeric")
+    manager.run(model)
+    stats = manager.records[-1].stats
+    assert stats["qattention"] == 1 and stats["attention_expanded"] == 1
+    assert stats["linear"] == 2 * 3  # the excluded attention's QKV projection stays float
+    assert any(f"'{first}' excluded by pattern" in m for m in ctx.messages)
