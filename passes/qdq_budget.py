@@ -4,7 +4,10 @@
     2. if below the budget: quantize one site at a time and rank the sites by the cosine each one costs
     3. return sites to float, most harmful first, until the budget is met
 
-Every measurement runs through the shared comparison engine (``tqc.compiler.compare``).
+Every graph runs as it is (``tqc.compiler.graph_session``): candidates are shallow copies of the float graph
+that share its weight arrays, and ONNX Runtime borrows those arrays instead of loading an exported copy, so a
+bert-base measurement costs its activations, not 440 MB of weights. Padding positions are left out of the
+cosine with the comparison engine's masks (``tqc.compiler.compare``).
 """
 
 from __future__ import annotations
@@ -12,18 +15,24 @@ from __future__ import annotations
 import numpy as np
 
 from tqc.compiler import compare
-from tqc.compiler.graph_io import to_graph, to_model
+from tqc.compiler.graph_io import skeleton_of_graph
 
 MAX_BATCHES = 4
 
 
-def mean_output_cosine(reference, candidate, feeds) -> float:
+def run_graph(graph, feeds) -> list[dict[str, np.ndarray]]:
+    """The graph's outputs for every feed, on ORT CPU with optimizations off, without exporting it."""
+    from tqc.compiler.graph_session import GraphSession
+
+    session = GraphSession(graph)
+    return [dict(zip(session.output_names, session.run(session.output_names, feed))) for feed in feeds]
+
+
+def mean_output_cosine(ref_iters: list[dict], cand_iters: list[dict], feeds) -> float:
     """Per-sample cosine of every output, averaged over samples and outputs.
 
     Padding positions carry no meaning: the comparison engine's padding masks leave them out.
     """
-    ref_iters = list(reference.items())[0][1]
-    cand_iters = list(candidate.items())[0][1]
     masks = compare.padding_masks(feeds) or [None] * len(ref_iters)
     values = []
     for mask, ref, cand in zip(masks, ref_iters, cand_iters):
@@ -44,15 +53,15 @@ def enforce_budget(qpass, graph, ctx, sites) -> list[str]:
     if not feeds:
         from tqc.compiler.feeds import synthesize_feeds
 
-        feeds = synthesize_feeds(to_model(graph))
-    float_model = to_model(graph)
-    reference = compare.run_model(float_model, feeds, name="float")
+        feeds = synthesize_feeds(skeleton_of_graph(graph))
+    float_graph = graph.copy()  # shares the weight arrays; qdq never writes into them
+    reference = run_graph(float_graph, feeds)
     names = [site.node.name for site in sites]
 
     def cosine(skip: set[str]) -> float:
-        candidate_graph = to_graph(float_model)
+        candidate_graph = float_graph.copy()
         qpass.apply(candidate_graph, ctx, [], skip)
-        return mean_output_cosine(reference, compare.run_model(to_model(candidate_graph), feeds, name="int8"), feeds)
+        return mean_output_cosine(reference, run_graph(candidate_graph, feeds), feeds)
 
     full = cosine(set())
     ctx.analyses["qdq_full_cosine"] = full

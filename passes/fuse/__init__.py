@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from tqc.compiler.graph_io import ensure_domain
 from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool
 from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
-from tqc.passes.fuse.elementwise import fuse_embed_layernorm, fuse_gelu, fuse_skip_layernorm
+from tqc.passes.fuse.elementwise import fuse_embed_layernorm, fuse_gelu, fuse_layernorm, fuse_skip_layernorm
 from tqc.passes.fuse.match import NoMatch
 from tqc.passes.registry import register
 
@@ -43,6 +43,8 @@ class Fuse(Pass):
     options = {
         "attention": Option(parse_bool, True, "fuse attention blocks"),
         "gelu": Option(parse_bool, True, "fuse GELU (Gelu op at opset >= 20 for trt; contrib ops for ORT)"),
+        "layernorm": Option(parse_bool, True, "decomposed LayerNorms (ReduceMean, Sub, Pow, ..., Add) into "
+                            "LayerNormalization (opset >= 17; older opsets: only residual ones, for ORT)"),
         "skip_layernorm": Option(str, "auto", "residual Add + LayerNormalization (ORT targets): 'contrib' "
                                  "(SkipLayerNormalization), 'sum' (Sum + LayerNormalization: 2.5x faster on ORT "
                                  "CPU), 'auto' (sum on ort-cpu, contrib on ort-cuda), 'off'",
@@ -112,10 +114,18 @@ class Fuse(Pass):
         else:
             stats["gelu"] = 0
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        stats["layernorm_fused"] = 0
+        if self.values["layernorm"]:
+            stats["layernorm_fused"] = fuse_layernorm(graph)
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
         stats["skip_layernorm"] = 0
         skip_form = self.values["skip_layernorm"]
         if skip_form == "auto":
-            skip_form = "sum" if target == "ort-cpu" else "contrib"
+            skip_form = "sum" if target == "ort-cpu" and opset >= 17 else "contrib"
+        if skip_form == "sum" and opset < 17:
+            ctx.note(f"fuse: skip_layernorm=sum needs LayerNormalization (opset 17); opset {opset} gets "
+                     "SkipLayerNormalization")
+            skip_form = "contrib"
         if target != "trt" and skip_form != "off":
             stats["skip_layernorm"] = fuse_skip_layernorm(graph, skip_form)
             stats["skip_layernorm_form"] = skip_form
@@ -123,5 +133,6 @@ class Fuse(Pass):
         stats["layernorm"] = sum(1 for n in graph.nodes if n.op == "LayerNormalization")
         if target != "trt" and any(n.domain == "com.microsoft" for n in graph.nodes):
             ensure_domain(graph, "com.microsoft", 1)
-        modified = fused > 0 or stats["gelu"] > 0 or stats["skip_layernorm"] > 0 or stats["embed_layernorm"] > 0
+        modified = fused > 0 or stats["gelu"] > 0 or stats["skip_layernorm"] > 0 or stats["embed_layernorm"] > 0 or \
+            stats["layernorm_fused"] > 0
         return PassResult(modified=modified, stats=stats)

@@ -1,4 +1,4 @@
-"""GELU and SkipLayerNormalization fusion.
+"""GELU, LayerNorm and SkipLayerNormalization fusion.
 
 GELU, exact (erf) form, any order of the final multiplications::
 
@@ -8,6 +8,11 @@ GELU, tanh form (gelu_new: ALBERT)::
 
     0.5·x·(1 + Tanh(√(2/π)·(x + 0.044715·x³)))                 ──►  Gelu(x, approximate=tanh) (trt, opset ≥ 20)
                                                                ──►  FastGelu(xw, b)           (ort)
+LayerNorm written out in primitives (torch's legacy exporter below opset 17)::
+
+    x - mean(x) ─► Pow 2 ─► mean ─► + eps ─► Sqrt ─► Div ─► Mul(γ) ─► Add(β)    ──►  LayerNormalization (opset ≥ 17)
+    (below opset 17 there is no such op: the residual and embedding fusions match the primitives directly)
+
 Residual LayerNorm (ort targets only), in one of two forms::
 
     LayerNormalization(Add(Add(MatMul, b), residual))          ──►  SkipLayerNormalization(MatMul, residual, γ, β, b)
@@ -22,6 +27,7 @@ not Sum + LayerNormalization. ``sum`` is therefore ort-cpu's default form.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -154,16 +160,117 @@ def fuse_gelu(graph: gs.Graph, target: str, opset: int) -> tuple[int, str | None
     return count, None
 
 
-def fuse_skip_layernorm(graph: gs.Graph, form: str = "contrib") -> int:
-    """Fuse residual LayerNorms into ``form``: 'contrib' (SkipLayerNormalization) or 'sum' (see above)."""
+@dataclass
+class LayerNormMatch:
+    """A LayerNormalization over the last axis: the op (opset >= 17) or its decomposition (older exports)."""
+
+    x: gs.Tensor
+    gamma: gs.Tensor
+    beta: gs.Tensor
+    epsilon: float
+    last: gs.Node        # the node producing the normalized output
+    decomposed: bool
+
+    @property
+    def own_consumers_of_x(self) -> int:
+        return 2 if self.decomposed else 1  # the decomposition reads x in ReduceMean and Sub
+
+
+def _last_axis_mean(node: gs.Node | None, x: gs.Tensor | None = None) -> bool:
+    if node is None or node.op != "ReduceMean" or (x is not None and node.inputs[0] is not x):
+        return False
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        axes = constant_values(node.inputs[1])
+    return axes is not None and list(np.asarray(axes).reshape(-1)) == [-1] and node.attrs.get("keepdims", 1) == 1
+
+
+def match_decomposed_layernorm(add_beta: gs.Node) -> LayerNormMatch | None:
+    """Add(Mul(Div(x - mean(x), Sqrt(mean((x - mean(x))^2) + eps)), gamma), beta), as opset < 17 exports
+    write LayerNorm (torch's legacy exporter: ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add)."""
+    if add_beta.op != "Add" or len(add_beta.inputs) != 2:
+        return None
+    for scaled, beta in ((add_beta.inputs[0], add_beta.inputs[1]), (add_beta.inputs[1], add_beta.inputs[0])):
+        mul = producer(scaled)
+        beta_values = constant_values(beta)
+        if mul is None or mul.op != "Mul" or beta_values is None or beta_values.ndim != 1:
+            continue
+        for normalized, gamma in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
+            div = producer(normalized)
+            gamma_values = constant_values(gamma)
+            if div is None or div.op != "Div" or gamma_values is None or gamma_values.ndim != 1:
+                continue
+            centered, root = div.inputs
+            sub, sqrt = producer(centered), producer(root)
+            if sub is None or sub.op != "Sub" or sqrt is None or sqrt.op != "Sqrt":
+                continue
+            x = sub.inputs[0]
+            if not _last_axis_mean(producer(sub.inputs[1]), x):
+                continue
+            add_eps = producer(sqrt.inputs[0])
+            if add_eps is None or add_eps.op != "Add":
+                continue
+            variance, eps = add_eps.inputs
+            if scalar_value(eps) is None:
+                variance, eps = eps, variance
+            epsilon = scalar_value(eps)
+            mean_sq = producer(variance)
+            square = producer(mean_sq.inputs[0]) if _last_axis_mean(mean_sq) else None
+            if epsilon is None or square is None or square.inputs[0] is not centered:
+                continue
+            if not ((square.op == "Pow" and scalar_value(square.inputs[1]) == 2.0) or
+                    (square.op == "Mul" and square.inputs[1] is centered)):
+                continue
+            return LayerNormMatch(x, gamma, beta, epsilon, add_beta, decomposed=True)
+    return None
+
+
+def layernorm_matches(graph: gs.Graph) -> list[LayerNormMatch]:
+    matches = []
+    for node in list(graph.nodes):
+        if node.op == "LayerNormalization" and node.domain in (None, "", "ai.onnx"):
+            if len(node.inputs) < 3 or node.attrs.get("axis", -1) != -1 or \
+                    len([o for o in node.outputs if o.outputs or o.name]) > 1:
+                continue
+            matches.append(LayerNormMatch(node.inputs[0], node.inputs[1], node.inputs[2],
+                                          float(node.attrs.get("epsilon", 1e-5)), node, decomposed=False))
+        elif node.op == "Add":
+            match = match_decomposed_layernorm(node)
+            if match is not None:
+                matches.append(match)
+    return matches
+
+
+def fuse_layernorm(graph: gs.Graph) -> int:
+    """Decomposed LayerNorms -> LayerNormalization (opset >= 17 only: older opsets have no such op)."""
+    if int(graph.opset) < 17:
+        return 0
     count = 0
-    for ln in [n for n in graph.nodes if n.op == "LayerNormalization" and n.domain in (None, "", "ai.onnx")]:
-        if len(ln.inputs) < 3 or constant_values(ln.inputs[1]) is None or constant_values(ln.inputs[2]) is None:
+    for match in [m for m in layernorm_matches(graph) if m.decomposed]:
+        out = match.last.outputs[0]
+        match.last.outputs = [gs.Variable(f"{out.name}_tqc_detached")]
+        graph.nodes.append(gs.Node("LayerNormalization", f"tqc_layernorm{count}",
+                                   attrs={"axis": -1, "epsilon": match.epsilon},
+                                   inputs=[match.x, _through_identity(match.gamma), _through_identity(match.beta)],
+                                   outputs=[out]))
+        count += 1
+    return count
+
+
+def fuse_skip_layernorm(graph: gs.Graph, form: str = "contrib") -> int:
+    """Fuse residual LayerNorms into ``form``: 'contrib' (SkipLayerNormalization) or 'sum' (see above).
+
+    LayerNorms written out in primitives (opset < 17 exports) are matched too; there the 'sum' form has no
+    LayerNormalization op to use, so they become SkipLayerNormalization whatever the form.
+    """
+    count = 0
+    can_sum = int(graph.opset) >= 17
+    for match in layernorm_matches(graph):
+        ln = match.last
+        if constant_values(match.gamma) is None or constant_values(match.beta) is None:
             continue
-        if ln.attrs.get("axis", -1) != -1 or len([o for o in ln.outputs if o.outputs or o.name]) > 1:
-            continue
-        add = producer(ln.inputs[0])
-        if add is None or add.op != "Add" or len(consumers(add.outputs[0])) != 1:
+        add = producer(match.x)
+        if add is None or add.op != "Add" or len(consumers(add.outputs[0])) != match.own_consumers_of_x:
             continue
         a, b = add.inputs
         if isinstance(a, gs.Constant) or isinstance(b, gs.Constant):
@@ -178,12 +285,12 @@ def fuse_skip_layernorm(graph: gs.Graph, form: str = "contrib") -> int:
         if biased is None or len(consumers(a)) != 1:
             continue
         data, bias, _ = biased
-        inputs = [data, b, _through_identity(ln.inputs[1]), _through_identity(ln.inputs[2]),
+        inputs = [data, b, _through_identity(match.gamma), _through_identity(match.beta),
                   gs.Constant(f"tqc_skipln{count}_bias", bias)]
         out = ln.outputs[0]
         ln.outputs = [gs.Variable(f"{out.name}_tqc_detached")]
-        epsilon = float(ln.attrs.get("epsilon", 1e-5))
-        if form == "sum":
+        epsilon = match.epsilon
+        if form == "sum" and can_sum:
             total = gs.Variable(f"tqc_skipln{count}_sum", dtype=out.dtype)
             graph.nodes += [
                 gs.Node("Sum", f"tqc_skipln{count}_Sum", inputs=[inputs[0], inputs[1], inputs[4]], outputs=[total]),
@@ -197,12 +304,12 @@ def fuse_skip_layernorm(graph: gs.Graph, form: str = "contrib") -> int:
     return count
 
 
-def _gather_leaves(tensor: gs.Tensor, leaves: list, nodes: list) -> bool:
-    """Flatten an Add tree of embedding Gathers (at most 3 leaves)."""
+def _gather_leaves(tensor: gs.Tensor, leaves: list, nodes: list, readers: int = 1) -> bool:
+    """Flatten an Add tree of embedding Gathers (at most 3 leaves); ``readers``: consumers the root may have."""
     node = producer(tensor)
     if node is None:
         return False
-    if node.op == "Add" and len(consumers(tensor)) == 1:
+    if node.op == "Add" and len(consumers(tensor)) == readers:
         nodes.append(node)
         return all(_gather_leaves(t, leaves, nodes) for t in node.inputs) and len(leaves) <= 3
     if node.op == "Gather" and node.attrs.get("axis", 0) == 0 and isinstance(node.inputs[0], gs.Constant):
@@ -236,9 +343,10 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
     ids = inputs.get("input_ids")
     if ids is None:
         return 0, None, "no input_ids input"
-    for ln in [n for n in graph.nodes if n.op == "LayerNormalization"]:
+    for match in layernorm_matches(graph):
+        ln = match.last
         leaves, nodes = [], []
-        if not _gather_leaves(ln.inputs[0], leaves, nodes) or len(leaves) < 2:
+        if not _gather_leaves(match.x, leaves, nodes, match.own_consumers_of_x) or len(leaves) < 2:
             continue
         word = segment = position = None
         for leaf in leaves:
@@ -254,7 +362,7 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
                                  "position or type ids); kept as is")
         if word is None or position is None:
             continue
-        if any(constant_values(t) is None for t in ln.inputs[1:3]):
+        if constant_values(match.gamma) is None or constant_values(match.beta) is None:
             continue
         out = ln.outputs[0]
         ln.outputs = [gs.Variable(f"{out.name}_tqc_detached")]
@@ -268,14 +376,14 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
             return cast
 
         op_inputs = [int32(ids), int32(segment.inputs[1]) if segment else empty, word.inputs[0], position.inputs[0],
-                     segment.inputs[0] if segment else empty, _through_identity(ln.inputs[1]),
-                     _through_identity(ln.inputs[2])]
+                     segment.inputs[0] if segment else empty, _through_identity(match.gamma),
+                     _through_identity(match.beta)]
         mask_index = gs.Variable("tqc_embed_mask_index", dtype=np.int32)  # ORT's schema needs this output
         outputs = [out, mask_index]
         if mask is not None:
             op_inputs.append(int32(mask))
         graph.nodes.append(gs.Node("EmbedLayerNormalization", "tqc_embed_layernorm", domain="com.microsoft",
-                                   attrs={"epsilon": float(ln.attrs.get("epsilon", 1e-5))}, inputs=op_inputs,
+                                   attrs={"epsilon": match.epsilon}, inputs=op_inputs,
                                    outputs=outputs))
         return 1, (mask_index if mask is not None else None), None
     return 0, None, "no LayerNorm over word + position embedding Gathers"

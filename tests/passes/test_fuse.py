@@ -92,9 +92,59 @@ def test_opset_17_trt_keeps_erf_and_says_why(exports):
 
 
 def test_opset_14_export_fuses(exports):
+    """Opset 14 has no LayerNormalization: the export writes it out in primitives, and fuse matches those
+    (residual ones into SkipLayerNormalization, the embedding one into EmbedLayerNormalization)."""
     path = exports.get("bert", size="tiny", opset=14)
-    _, manager, _ = compile_with(path, "fold,fuse", "ort-cpu")
-    assert manager.records[1].stats["attention"] == 2
+    model, manager, ctx = compile_with(path, "fold,fuse", "ort-cpu")
+    stats = manager.records[1].stats
+    assert stats["attention"] == 2
+    assert stats["skip_layernorm"] == 4 and stats["skip_layernorm_form"] == "contrib"
+    assert stats["embed_layernorm"] == 1 and stats["layernorm_fused"] == 0
+    ops = [n.op_type for n in model.graph.node]
+    assert "ReduceMean" not in ops and "Sqrt" not in ops  # no decomposed LayerNorm left
+    assert manager.records[1].verify["numeric"]["outputs"]["last_hidden_state"]["max_abs"] <= 1e-4
+    _, manager, ctx = compile_with(path, "fold,fuse{skip_layernorm=sum}", "ort-cpu")
+    assert manager.records[1].stats["skip_layernorm_form"] == "contrib"
+    assert any("needs LayerNormalization (opset 17)" in m for m in ctx.messages)
+
+
+def _decomposed_layernorm_model(square: str = "Pow") -> onnx.ModelProto:
+    """x[2, 5, 8] -> LayerNorm written out as torch's legacy exporter does below opset 17."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]),
+        helper.make_node("Sub", ["x", "mean"], ["centered"]),
+        (helper.make_node("Pow", ["centered", "two"], ["squared"]) if square == "Pow" else
+         helper.make_node("Mul", ["centered", "centered"], ["squared"])),
+        helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[-1]),
+        helper.make_node("Add", ["variance", "eps"], ["variance_eps"]),
+        helper.make_node("Sqrt", ["variance_eps"], ["std"]),
+        helper.make_node("Div", ["centered", "std"], ["normalized"]),
+        helper.make_node("Mul", ["normalized", "gamma"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "beta"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(1e-12, np.float32), "eps"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "beta")]
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5, 8])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("square", ["Pow", "Mul"])
+@pytest.mark.parametrize("target", ["trt", "ort-cpu"])
+def test_decomposed_layernorm_becomes_the_op_at_opset_17(square, target, tmp_path):
+    path = tmp_path / "ln.onnx"
+    onnx.save(_decomposed_layernorm_model(square), str(path))
+    model, manager, _ = compile_with(path, "fuse", target)
+    assert manager.records[0].stats["layernorm_fused"] == 1
+    assert [n.op_type for n in model.graph.node] == ["LayerNormalization"]
+    epsilon = next(a.f for a in model.graph.node[0].attribute if a.name == "epsilon")
+    assert epsilon == pytest.approx(1e-12)
+    assert manager.records[0].verify["numeric"]["outputs"]["y"]["max_abs"] <= 1e-4
 
 
 def _break_scale(model: onnx.ModelProto) -> onnx.ModelProto:

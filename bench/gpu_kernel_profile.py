@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Where does tqc's bert-base 1x128 FP16 time go on ORT CUDA, and how does it compare to torch.compile?
+
+One run on the GPU machine:
+  * latency, CUDA graph + IO binding, of tqc graph variants on the sdpa export, interleaved over several
+    rounds with torch.compile(mode="reduce-overhead") FP16 (the anchor), medians of medians;
+  * a kernel-level profile of each (CUPTI through torch.profiler: it records every kernel in the process,
+    ORT's included), run without CUDA graphs so every kernel is visible: kernels per run, GPU time per run,
+    the top kernels. GPU time against wall time says how much is kernel work and how much is launch and
+    host overhead.
+
+    bash bench/gpu_run.sh bench/gpu_kernel_profile.py --json $OUT/kernel_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_fuse import export_models, make_inputs, torch_runners  # noqa: E402
+
+from tqc.compiler.benchmark import OrtRunner, time_callable  # noqa: E402
+from tqc.compiler.compile import CompileOptions, compile_model  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def fp16_outputs(src: Path, out: Path) -> None:
+    """The same graph with FP16 outputs: the final Cast to FP32 removed (what a FP16 consumer would take)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    outputs = {o.name: o for o in model.graph.output}
+    for node in list(model.graph.node):
+        if node.op_type == "Cast" and node.output[0] in outputs:
+            source = node.input[0]
+            for other in model.graph.node:
+                other.output[:] = [node.output[0] if o == source else o for o in other.output]
+                if other is not node:
+                    other.input[:] = [node.output[0] if i == source else i for i in other.input]
+            model.graph.node.remove(node)
+            outputs[node.output[0]].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.save(model, str(out))
+
+
+def kernel_profile(fn, sync, iterations: int) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            fn()
+        sync()
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(event.name, []).append(event.device_time if hasattr(event, "device_time")
+                                                      else event.cuda_time)
+    per_run = sum(sum(v) for v in kernels.values()) / iterations
+    count = sum(len(v) for v in kernels.values()) / iterations
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:25]
+    return {"gpu_us_per_run": round(per_run, 1), "kernels_per_run": round(count, 1),
+            "top": [{"kernel": name[:140], "per_run": round(len(v) / iterations, 2),
+                     "us_per_run": round(sum(v) / iterations, 2), "us_each": round(statistics.median(v), 2)}
+                    for name, v in top]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=300)
+    args = parser.parse_args()
+    import torch
+
+    sync = torch.cuda.synchronize
+    work = Path("/tmp/kernel_profile")
+    work.mkdir(exist_ok=True)
+    paths = export_models("bert", work)
+    feed = make_inputs(1, 128, ("input_ids", "attention_mask", "token_type_ids"), 30522)
+    variants = {
+        "tqc": ("fold,fuse,fp16", None),
+        "tqc fp16-out": ("fold,fuse,fp16", "fp16-out"),
+        "tqc sum-ln": ("fold,fuse{skip_layernorm=sum},fp16", None),
+    }
+    models = {}
+    for name, (pipeline, edit) in variants.items():
+        out = work / f"{name.replace(' ', '_')}.onnx"
+        compile_model(CompileOptions(model=str(paths["sdpa"]), pipeline=pipeline, output=str(out), target="ort-cuda"))
+        if edit == "fp16-out":
+            fp16_outputs(out, out)
+        models[name] = out
+    results: dict = {"shape": "1x128", "rounds": {}, "profiles": {}, "gpu": torch.cuda.get_device_name(0)}
+    runners = {name: OrtRunner(path, "cuda", None, cuda_graph=True).prepare(feed) for name, path in models.items()}
+    prepare, _ = torch_runners("bert", "cuda", True)
+    torch_fn = prepare(feed)
+    torch_fn()
+    sync()
+    everything = {**runners, "torch.compile": torch_fn}
+    for r in range(args.rounds):
+        for name, fn in everything.items():
+            median = time_callable(fn, 1, args.runs, 10, 4.0, sync).median_ms
+            results["rounds"].setdefault(name, []).append(round(median, 4))
+        log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in results["rounds"].items()))
+    results["median_ms"] = {k: round(statistics.median(v), 4) for k, v in results["rounds"].items()}
+    anchor = results["median_ms"]["torch.compile"]
+    results["speedup_vs_torch_compile"] = {k: round(anchor / v, 3) for k, v in results["median_ms"].items()}
+    per_round = [results["rounds"]["torch.compile"][i] / results["rounds"]["tqc"][i] for i in range(args.rounds)]
+    results["tqc_per_round_speedup"] = [round(x, 3) for x in per_round]
+    log(f"medians {results['median_ms']}; speed-up {results['speedup_vs_torch_compile']}")
+    for name, path in models.items():
+        fn = OrtRunner(path, "cuda", None, cuda_graph=False).prepare(feed)
+        results["profiles"][name] = kernel_profile(fn, sync, 50)
+        log(f"profile {name}: {results['profiles'][name]['kernels_per_run']} kernels, "
+            f"{results['profiles'][name]['gpu_us_per_run']} us GPU per run")
+    results["profiles"]["torch.compile"] = kernel_profile(torch_fn, sync, 50)
+    log(f"profile torch.compile: {results['profiles']['torch.compile']['kernels_per_run']} kernels, "
+        f"{results['profiles']['torch.compile']['gpu_us_per_run']} us GPU per run")
+    for name, profile in results["profiles"].items():
+        print(f"\n{name}: {profile['kernels_per_run']} kernels, {profile['gpu_us_per_run']} us GPU per run")
+        for row in profile["top"][:15]:
+            print(f"  {row['us_per_run']:8.1f} us  x{row['per_run']:<5} {row['kernel'][:100]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
