@@ -193,9 +193,15 @@ def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[
 
     def observe_range(name: str, value: np.ndarray) -> None:
         if value.size and np.issubdtype(value.dtype, np.floating):
+            finite = np.isfinite(value)
+            whole = bool(finite.all())
+            if not whole:  # additive masks: finfo.min plus a score overflows to -inf; ranges are of finite values
+                value = value[finite]
+                if not value.size:
+                    return
             lows[name] = min(lows.get(name, math.inf), float(value.min()))
             highs[name] = max(highs.get(name, -math.inf), float(value.max()))
-            if value.ndim >= 2:
+            if whole and value.ndim >= 2:
                 flat = value.reshape(-1, value.shape[-1])
                 cmin, cmax = flat.min(axis=0), flat.max(axis=0)
                 if name in channel_lows and channel_lows[name].shape == cmin.shape:
@@ -234,7 +240,11 @@ def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[
     def observe_hist(name: str, value: np.ndarray) -> None:
         if name in hists:
             bound = bounds[name]
-            counts, _ = np.histogram(value.astype(np.float32).ravel(), bins=BINS, range=(-bound, bound))
+            # float32 edges overflow for ranges near finfo.max (mask tensors): those go through float64
+            flat = value.astype(np.float64 if bound > 1e37 else np.float32).ravel()
+            if not np.isfinite(flat).all():
+                flat = flat[np.isfinite(flat)]
+            counts, _ = np.histogram(flat, bins=BINS, range=(-bound, bound))
             hists[name] += counts
 
     progress(f"calibration pass 2/2: histograms ({BINS} bins) over {samples} samples")

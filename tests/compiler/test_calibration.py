@@ -181,3 +181,50 @@ def test_qdq_without_calibration_is_a_clear_error(tmp_path, mlp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["-q", "compile", str(mlp_path), "-p", "qdq", "-o", str(tmp_path / "q.onnx")])
     assert info.value.code == 2 and "needs calibration data" in capsys.readouterr().err
+
+
+def test_infinite_mask_values_leave_finite_ranges(tmp_path):
+    """An additive mask of finfo.min plus a score overflows to -inf in float32; `tqc calibrate` on a raw
+    export observes such tensors and must still give finite ranges for every method."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "mask"], ["masked"]), helper.make_node("MatMul", ["masked", "w"], ["y"])],
+        "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4]),
+                   helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])], initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = mlp_data(8)
+    mask = np.zeros_like(x)
+    mask[:, -1] = np.finfo(np.float32).min
+    mask[0, -1] = -np.inf
+    feeds = [{"x": x, "mask": mask}]
+    table = calibrate(model, feeds, ["x", "mask", "masked"])
+    for name in ("mask", "masked"):
+        r = table.tensors[name]
+        assert np.isfinite(r.min) and np.isfinite(r.max)
+        assert all(np.isfinite(v) for v in r.amax.values())
+    assert table.tensors["masked"].channel_min is None  # per-channel ranges only from all-finite batches
+    assert table.tensors["x"].max == pytest.approx(float(x.max()))
+
+
+def test_cli_calibrate_on_a_raw_export_then_compile(exports, tmp_path, capsys):
+    """The raw export (mask Adds, every residual) calibrates, and its table drives fold,fuse,qdq."""
+    from tqc.compiler.feeds import synthesize_feeds
+    from tqc.compiler.model_io import load_model
+
+    path = exports.get("bert", size="tiny")
+    feeds = synthesize_feeds(load_model(path), count=2)
+    data = npz(tmp_path, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    table = tmp_path / "t.json"
+    with pytest.raises(SystemExit) as info:
+        main(["-q", "calibrate", str(path), "--data", data, "-o", str(table)])
+    assert info.value.code == 0, capsys.readouterr().err
+    ranges = json.loads(table.read_text())["tensors"]
+    assert all(np.isfinite(r["min"]) and np.isfinite(r["max"]) for r in ranges.values())
+    with pytest.raises(SystemExit) as info:
+        main(["-q", "compile", str(path), "-p", "fold,fuse,qdq", "--target", "ort-cpu", "-o", str(tmp_path / "q.onnx"),
+              "--calib-table", str(table), "--verify", "numeric"])
+    assert info.value.code == 0, capsys.readouterr().err
+    assert "qattention=2" in capsys.readouterr().out
