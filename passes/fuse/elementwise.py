@@ -337,6 +337,9 @@ def _is_arange_positions(indices: gs.Tensor) -> bool:
 def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, gs.Tensor | None, str | None]:
     """BERT-style embeddings: LayerNorm(word[ids] + type[token_type_ids] + pos[arange]) -> EmbedLayerNormalization.
 
+    RoBERTa-style embeddings compute their position ids from the padding: those go to the op's position_ids
+    input; a one-row token-type table (every valid index is 0) is added into the position table.
+
     Returns (count, the op's int32 mask_index output when a mask was given, reason when not fused).
     """
     inputs = {t.name: t for t in graph.inputs}
@@ -348,22 +351,34 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
         leaves, nodes = [], []
         if not _gather_leaves(match.x, leaves, nodes, match.own_consumers_of_x) or len(leaves) < 2:
             continue
-        word = segment = position = None
+        word = segment = position = position_ids = None
+        one_row: list[gs.Node] = []  # tables of one row (RoBERTa's token types): every valid index is 0
         for leaf in leaves:
-            index = leaf.inputs[1]
+            index, table = leaf.inputs[1], constant_values(leaf.inputs[0])
             if index is ids:
                 word = leaf
             elif index.name in inputs and ("type" in index.name or "segment" in index.name):
                 segment = leaf
             elif _is_arange_positions(index):
                 position = leaf
+            elif table is not None and table.shape[0] == 1:
+                one_row.append(leaf)
+            elif position is None and position_ids is None and producer(index) is not None:
+                position, position_ids = leaf, index  # computed position ids (RoBERTa: from the padding)
             else:
-                return 0, None, (f"embedding Gather '{leaf.name}' is indexed by computed ids (RoBERTa-style "
-                                 "position or type ids); kept as is")
+                return 0, None, (f"embedding Gather '{leaf.name}' is indexed by computed ids next to other "
+                                 "computed ids; kept as is")
         if word is None or position is None:
             continue
         if constant_values(match.gamma) is None or constant_values(match.beta) is None:
             continue
+        position_table = position.inputs[0]
+        if one_row:
+            if constant_values(position_table) is None:
+                continue
+            folded = constant_values(position_table).astype(np.float32) + sum(
+                constant_values(leaf.inputs[0]).astype(np.float32) for leaf in one_row)
+            position_table = gs.Constant(f"{position.inputs[0].name}_tqc_with_constant_rows", folded)
         out = ln.outputs[0]
         ln.outputs = [gs.Variable(f"{out.name}_tqc_detached")]
         empty = gs.Variable.empty()
@@ -375,13 +390,15 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
             graph.nodes.append(gs.Node("Cast", f"tqc_{t.name}_to_int32", attrs={"to": 6}, inputs=[t], outputs=[cast]))
             return cast
 
-        op_inputs = [int32(ids), int32(segment.inputs[1]) if segment else empty, word.inputs[0], position.inputs[0],
+        op_inputs = [int32(ids), int32(segment.inputs[1]) if segment else empty, word.inputs[0], position_table,
                      segment.inputs[0] if segment else empty, _through_identity(match.gamma),
                      _through_identity(match.beta)]
         mask_index = gs.Variable("tqc_embed_mask_index", dtype=np.int32)  # ORT's schema needs this output
         outputs = [out, mask_index]
-        if mask is not None:
-            op_inputs.append(int32(mask))
+        if mask is not None or position_ids is not None:
+            op_inputs.append(int32(mask) if mask is not None else gs.Variable.empty())
+        if position_ids is not None:
+            op_inputs.append(int32(position_ids))
         graph.nodes.append(gs.Node("EmbedLayerNormalization", "tqc_embed_layernorm", domain="com.microsoft",
                                    attrs={"epsilon": match.epsilon}, inputs=op_inputs,
                                    outputs=outputs))

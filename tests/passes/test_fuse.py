@@ -56,6 +56,7 @@ def test_every_attention_block_fuses_exactly(family, exporter, attn, target, exp
         assert len(mask_casts) == 1  # the mask is built once for all layers
     else:
         assert ops.count(("com.microsoft", "Attention")) == layers
+        assert stats["embed_layernorm"] == 1, stats  # RoBERTa-style computed position ids included
         assert stats["skip_layernorm_form"] == "sum"  # ort-cpu: Sum + LayerNormalization (see elementwise.py)
         assert ops.count(("", "Sum")) == stats["skip_layernorm"] >= 2 * layers - 1
         gelu = "FastGelu" if family == "albert" else "BiasGelu"
