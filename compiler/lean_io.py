@@ -217,6 +217,9 @@ def write_lean(lean: LeanModel, out, external_data: str | None = None, data_out=
                 stand_in = onnx.TensorProto()
                 stand_in.ParseFromString(data[g_start:g_end])
                 array = lean.weights.get(stand_in.name)
+                if array is None and any(e.key == "location" and e.value == SKELETON_DATA for e in stand_in.external_data):
+                    raise TqcError(f"no data for initializer '{stand_in.name}': refusing to write a model that "
+                                   "points at a skeleton's stand-in file")
                 if array is not None:
                     array = np.ascontiguousarray(array)
                     header = _tensor_header(stand_in)

@@ -117,3 +117,11 @@ def test_async_hash_equals_hash(tmp_path):
 
     digest = hashlib.sha256(path.read_bytes() + (tmp_path / "ext.onnx.data").read_bytes()).hexdigest()
     assert model_io.model_hash_async(path)() == model_io.model_hash(path) == "sha256:" + digest
+
+
+def test_lean_save_refuses_a_stand_in_without_data(tmp_path):
+    lean = lean_of_graph(to_graph(make_mlp(hidden=512)))
+    del lean.weights["wa"]
+    with pytest.raises(TqcError, match="no data for initializer 'wa'"):
+        model_io.save_model(lean, tmp_path / "broken.onnx")
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
