@@ -170,7 +170,10 @@ def load_lean(path: str | os.PathLike) -> LeanModel:
                     elif tensor.data_location == onnx.TensorProto.EXTERNAL and dtype is not None:
                         info = ExternalDataInfo(tensor)
                         locations.add(info.location)
-                        source = base / info.location
+                        source = (base / info.location).resolve()
+                        if base not in source.parents:  # as onnx's own loader: data stays beside the model
+                            raise TqcError(f"'{p}': tensor '{tensor.name}' names external data '{info.location}' "
+                                           "outside the model's folder")
                         if not source.is_file():
                             raise TqcError(f"'{p}' stores tensor '{tensor.name}' in '{info.location}', which is "
                                            "missing next to the model")

@@ -125,3 +125,19 @@ def test_lean_save_refuses_a_stand_in_without_data(tmp_path):
     with pytest.raises(TqcError, match="no data for initializer 'wa'"):
         model_io.save_model(lean, tmp_path / "broken.onnx")
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_lean_load_refuses_external_data_outside_the_model_folder(tmp_path):
+    model = make_mlp(hidden=512)
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 8192)
+    inner = tmp_path / "models"
+    inner.mkdir()
+    for tensor in model.graph.initializer:
+        if tensor.name == "wa":
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", "../secret.bin"
+    onnx.save(model, str(inner / "m.onnx"))
+    with pytest.raises(TqcError, match="outside the model's folder"):
+        model_io.load_model_lean(inner / "m.onnx")
