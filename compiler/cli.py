@@ -153,15 +153,14 @@ def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, sam
     """Stream activation statistics of MODEL over DATA into a reusable calibration table."""
     from tqc.compiler.calib_data import DataSpec, FeedSource
     from tqc.compiler.calibration import calibrate, calibration_targets
-    from tqc.compiler.graph_io import attach_weights, to_graph
+    from tqc.compiler.graph_io import to_graph
     from tqc.compiler.model_io import check_output_path, load_model_lean
     from tqc.compiler.verify import infer_shapes
 
     out = check_output_path(output, inputs=(model,))
     lean = load_model_lean(model)  # weights read once; the graph runs without being exported
     skeleton = infer_shapes(lean.skeleton, strict=False)
-    graph = to_graph(skeleton)
-    attach_weights(graph, lean.weights)
+    graph = to_graph(skeleton, lean.weights)
     source = FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
                                  max_length=max_length), skeleton)
     table = calibrate(graph, source, calibration_targets(skeleton), progress=_ui().progress)

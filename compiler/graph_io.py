@@ -11,11 +11,15 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from tqc import __version__
+from tqc.compiler.verify import stand_in
 
 
-def to_graph(model: onnx.ModelProto) -> gs.Graph:
+def to_graph(model: onnx.ModelProto, weights: dict | None = None) -> gs.Graph:
+    """Import ``model``; ``weights`` (a lean load's arrays) fill its shape-only stand-ins."""
     graph = gs.import_onnx(model)
     _detach_imports(graph)
+    if weights:
+        attach_weights(graph, weights)
     return graph
 
 
@@ -43,16 +47,6 @@ def _finish_header(model: onnx.ModelProto, like: onnx.ModelProto | None) -> onnx
     model.producer_name = "tqc"
     model.producer_version = __version__
     return model
-
-
-def model_header(model: onnx.ModelProto) -> onnx.ModelProto:
-    """What ``to_model``'s ``like`` reads from a model (versions, metadata), without its graph."""
-    header = onnx.ModelProto()
-    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(header, name, getattr(model, name))
-    header.opset_import.extend(model.opset_import)
-    header.metadata_props.extend(model.metadata_props)
-    return header
 
 
 def attach_weights(graph: gs.Graph, weights: dict) -> None:
@@ -84,8 +78,6 @@ def skeleton_of_graph(graph: gs.Graph, like: onnx.ModelProto | None = None) -> o
     """
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-    from tqc.compiler.verify import SKELETON_DATA
-
     nodes = [OnnxExporter.export_node(node) for node in graph.nodes]
     inputs = [OnnxExporter.export_value_info_proto(t, True) for t in graph.inputs]
     outputs = [OnnxExporter.export_value_info_proto(t, True) for t in graph.outputs]
@@ -96,12 +88,7 @@ def skeleton_of_graph(graph: gs.Graph, like: onnx.ModelProto | None = None) -> o
             shape = tuple(tensor.shape)
             if int(np.prod(shape)) > LARGE_ELEMENTS:
                 dtype = tensor._values.dtype if hasattr(tensor._values, "dtype") else tensor.values.dtype
-                stand_in = onnx.TensorProto(name=tensor.name, dims=shape,
-                                            data_type=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
-                stand_in.data_location = onnx.TensorProto.EXTERNAL
-                entry = stand_in.external_data.add()
-                entry.key, entry.value = "location", SKELETON_DATA
-                initializers.append(stand_in)
+                initializers.append(stand_in(tensor.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
             else:
                 initializers.append(OnnxExporter.export_tensor_proto(tensor))
         elif tensor.name not in io_names and (tensor.dtype is not None or tensor.shape is not None):

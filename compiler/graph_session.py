@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from tqc.compiler.activations import float_tensor_types
 from tqc.compiler.graph_io import skeleton_of_graph
 from tqc.compiler.verify import SKELETON_DATA
 
@@ -36,8 +37,7 @@ class GraphSession:
         import onnxruntime as ort
 
         skeleton = skeleton_of_graph(graph, like=like)
-        types = {v.name: v.type.tensor_type.elem_type for v in skeleton.graph.value_info
-                 if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type}
+        types = float_tensor_types(skeleton)
         existing = [o.name for o in skeleton.graph.output]
         inputs = {i.name for i in skeleton.graph.input}
         added = [n for n in dict.fromkeys(outputs) if n not in existing and n not in inputs and n in types]

@@ -33,7 +33,7 @@ import onnx
 from onnx.external_data_helper import ExternalDataInfo
 
 from tqc.compiler.errors import TqcError
-from tqc.compiler.verify import SKELETON_DATA, SKELETON_LIMIT
+from tqc.compiler.verify import SKELETON_DATA, SKELETON_LIMIT, stand_in
 
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
 _STREAMED_DTYPES = {
@@ -109,14 +109,6 @@ def _length_delimited(number: int, payload: bytes) -> bytes:
     return _encode_varint((number << 3) | 2) + _encode_varint(len(payload)) + payload
 
 
-def _stand_in(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    stand_in = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-    stand_in.data_location = onnx.TensorProto.EXTERNAL
-    entry = stand_in.external_data.add()
-    entry.key, entry.value = "location", SKELETON_DATA
-    return stand_in
-
-
 def _read_into(path: Path, offset: int, array: np.ndarray) -> None:
     view = memoryview(array.reshape(-1).view(np.uint8))
     with open(path, "rb", buffering=0) as fh:
@@ -166,7 +158,7 @@ def load_lean(path: str | os.PathLike) -> LeanModel:
                         array = np.empty(tuple(tensor.dims), dtype)
                         streamed.append((array, raw[0]))
                         weights[tensor.name] = array
-                        graph_pieces.append(_length_delimited(_GRAPH_INITIALIZER, _stand_in(tensor).SerializeToString()))
+                        graph_pieces.append(_length_delimited(_GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
                     elif tensor.data_location == onnx.TensorProto.EXTERNAL and dtype is not None:
                         info = ExternalDataInfo(tensor)
                         locations.add(info.location)
@@ -183,7 +175,7 @@ def load_lean(path: str | os.PathLike) -> LeanModel:
                                            f"its shape needs {array.nbytes}")
                         _read_into(source, info.offset or 0, array)
                         weights[tensor.name] = array
-                        graph_pieces.append(_length_delimited(_GRAPH_INITIALIZER, _stand_in(tensor).SerializeToString()))
+                        graph_pieces.append(_length_delimited(_GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
                     else:
                         graph_pieces.append(buf[g_begin:g_end])
                 pieces.append(_length_delimited(_MODEL_GRAPH, b"".join(graph_pieces)))

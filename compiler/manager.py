@@ -26,11 +26,10 @@ from tqc import __version__
 from tqc.compiler import compare
 from tqc.compiler.errors import TqcError, VerificationError
 from tqc.compiler.feeds import synthesize_feeds
-from tqc.compiler.graph_io import (attach_weights, lean_of_graph, model_header, skeleton_of_graph, to_graph, to_model,
-                                  update_tensor_types)
+from tqc.compiler.graph_io import lean_of_graph, skeleton_of_graph, to_graph, to_model, update_tensor_types
 from tqc.compiler.lean_io import LeanModel
 from tqc.compiler.model_io import save_model, write_text_atomic
-from tqc.compiler.verify import infer_shapes, signature, verify_structure
+from tqc.compiler.verify import infer_shapes, model_header, signature, verify_structure
 from tqc.passes.base import Pass, PassContext
 
 VERIFY_LEVELS = ("none", "structure", "numeric")
@@ -114,11 +113,10 @@ class PassManager:
         # One graph travels through every pass. After each pass the checker and strict shape inference run
         # on a skeleton (weights as shape-only stand-ins); the full model is exported only where it is run
         # (numeric verification) or written (dumps, the final result).
-        graph = to_graph(current)
+        graph = to_graph(current, lean.weights if lean is not None else None)
         like = current
         full_needed = self.verify == "numeric" or self.dump_dir is not None
         if lean is not None:
-            attach_weights(graph, lean.weights)
             lean.weights = {}  # the graph holds them now
             like = model_header(current)
             current = to_model(graph, like=like) if full_needed else None

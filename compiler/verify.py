@@ -60,6 +60,26 @@ SKELETON_LIMIT = 4096  # initializers above this many bytes travel as shape-only
 SKELETON_DATA = "tqc-skeleton.bin"
 
 
+def stand_in(name: str, data_type: int, dims) -> onnx.TensorProto:
+    """A shape-only initializer: dtype and dims, its data 'external' in an empty file (``SKELETON_DATA``)."""
+    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", SKELETON_DATA
+    return tensor
+
+
+def model_header(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model's versions, opsets, metadata and functions, without its graph."""
+    header = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(header, name, getattr(model, name))
+    header.opset_import.extend(model.opset_import)
+    header.metadata_props.extend(model.metadata_props)
+    header.functions.extend(model.functions)
+    return header
+
+
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without its large tensor data: same graph, same initializer names, types and dims.
 
@@ -67,12 +87,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     tensors, which stay). Working on the skeleton keeps verification of a 440 MB or 4 GB model in
     milliseconds and avoids copying its weights; large tensors point at an empty external file.
     """
-    light = onnx.ModelProto()
-    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(light, name, getattr(model, name))
-    light.opset_import.extend(model.opset_import)
-    light.metadata_props.extend(model.metadata_props)
-    light.functions.extend(model.functions)
+    light = model_header(model)
     graph, source = light.graph, model.graph
     graph.name = source.name
     graph.node.extend(source.node)
@@ -82,11 +97,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     for tensor in source.initializer:
         size = len(tensor.raw_data) if tensor.HasField("raw_data") else 0
         if size > SKELETON_LIMIT or tensor.data_location == onnx.TensorProto.EXTERNAL:
-            stand_in = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-            stand_in.data_location = onnx.TensorProto.EXTERNAL
-            entry = stand_in.external_data.add()
-            entry.key, entry.value = "location", SKELETON_DATA
-            graph.initializer.append(stand_in)
+            graph.initializer.append(stand_in(tensor.name, tensor.data_type, tensor.dims))
         else:
             graph.initializer.append(tensor)
     return light

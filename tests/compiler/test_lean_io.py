@@ -8,7 +8,7 @@ from onnx import numpy_helper
 
 from tqc.compiler import model_io
 from tqc.compiler.errors import TqcError
-from tqc.compiler.graph_io import attach_weights, lean_of_graph, to_graph, to_model
+from tqc.compiler.graph_io import lean_of_graph, to_graph, to_model
 from tqc.compiler.lean_io import LeanModel
 from tqc.compiler.verify import SKELETON_DATA
 
@@ -66,8 +66,7 @@ def test_lean_save_round_trips_and_runs(tmp_path, external):
 def test_lean_load_then_save_keeps_every_weight(tmp_path):
     path = model_io.save_model(make_mlp(hidden=512), tmp_path / "m.onnx")
     lean = model_io.load_model_lean(path)
-    graph = to_graph(lean.skeleton)
-    attach_weights(graph, lean.weights)
+    graph = to_graph(lean.skeleton, lean.weights)
     out = model_io.save_model(lean_of_graph(graph, like=lean.skeleton), tmp_path / "copy.onnx")
     for name, array in _initializers(model_io.load_model(path)).items():
         np.testing.assert_array_equal(_initializers(model_io.load_model(out))[name], array)
