@@ -1,8 +1,17 @@
 """The ``tqc`` command line (click).
 
-Every user mistake (missing or corrupt model, bad pipeline, unwritable output, bad data) prints one line
-``tqc: error: ...`` on stderr and exits with code 2; ``--debug`` shows the traceback instead. Inputs are never
-modified and outputs are written atomically, so a failed command leaves nothing behind.
+Exit codes (``tqc.compiler.errors``; README "Errors"):
+
+    0    ok
+    1    a verification or quality check failed ("tqc: verification failed: ...", with a reproducer)
+    2    a user mistake (missing or corrupt model, bad pipeline or option, an output that collides with an
+         input or is not a regular file, bad data): one line ``tqc: error: ...``
+    3    an internal error: a bug in tqc; the line says so and points to ``--debug``
+    130  interrupted by SIGINT (Ctrl-C); 143 by SIGTERM
+
+``--debug`` shows the traceback instead of the line. Inputs are never modified: every command declares what
+it reads and writes to ``tqc.compiler.output_guard`` before any work, outputs are written atomically and all
+together (or none), and an interrupt removes every temp file and folder.
 """
 
 from __future__ import annotations
@@ -15,7 +24,8 @@ from pathlib import Path
 import click
 
 from tqc import __version__
-from tqc.compiler.errors import USER_ERROR_EXIT_CODE, TqcError, VerificationError
+from tqc.compiler.errors import (CHECK_FAILED_EXIT_CODE, INTERNAL_ERROR_EXIT_CODE, OK_EXIT_CODE, SIGINT_EXIT_CODE,
+                                 USER_ERROR_EXIT_CODE, TqcError, VerificationError)
 
 TARGET_CHOICES = ("trt", "ort-cpu", "ort-cuda")
 
@@ -28,6 +38,14 @@ class Ui:
     def progress(self, message: str) -> None:
         if not self.quiet:
             click.echo(f"[{time.perf_counter() - self.start:6.1f}s] {message}", err=True)
+
+
+def _guarded(name: str):
+    """Run a command body inside its output guard (``tqc.compiler.output_guard.command``): outputs commit
+    together when it returns, and nothing is left when it fails."""
+    from tqc.compiler.output_guard import guarded
+
+    return guarded(name)
 
 
 def _ui() -> Ui:
@@ -64,15 +82,19 @@ def _quiet_onnxruntime() -> None:
 @click.option("--size", type=click.Choice(["base", "tiny"]), default=None,
               help="For family names: published base size or a tiny test config.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights.")
+@_guarded("export")
 def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | None, size: str | None,
                seed: int) -> None:
     """Export SOURCE to FP32 ONNX: 'minilm' (packaged, real weights), a family name (bert, roberta,
     distilbert, albert, electra, xlm-roberta, camembert; random weights), a config.json, or a local model
     folder."""
-    from tqc.compiler.model_io import check_output_path
+    from tqc.compiler.output_guard import current
     from tqc.models.export import ExportSpec, export
 
-    check_output_path(output)
+    guard = current()
+    if Path(source).exists():  # a config.json or a model folder: read, never written over
+        guard.reads_folder(source, f"the export source '{source}'")
+    guard.writes_model(output, "-o")
     ui = _ui()
     info = export(ExportSpec(source, exporter=exporter, attn=attn, opset=opset, size=size, seed=seed), output,
                   progress=ui.progress)
@@ -148,16 +170,22 @@ def format_report(report: dict) -> str:
 @click.option("--samples", type=int, default=32, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True)
+@_guarded("calibrate")
 def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, samples: int, batch_size: int,
                   max_length: int) -> None:
     """Stream activation statistics of MODEL over DATA into a reusable calibration table."""
     from tqc.compiler.calib_data import DataSpec, FeedSource
     from tqc.compiler.calibration import calibrate, calibration_targets
     from tqc.compiler.graph_io import to_graph
-    from tqc.compiler.model_io import check_output_path, load_model_lean
+    from tqc.compiler.model_io import check_input_path, load_model_lean
+    from tqc.compiler.output_guard import current
     from tqc.compiler.verify import infer_shapes
 
-    out = check_output_path(output, inputs=(model,))
+    guard = current()
+    guard.reads_model(check_input_path(model))
+    guard.reads_data(data, "--data")
+    guard.reads_folder(tokenizer, "--tokenizer")
+    out = guard.writes(output, "-o")
     lean = load_model_lean(model)  # weights read once; the graph runs without being exported
     skeleton = infer_shapes(lean.skeleton, strict=False)
     graph = to_graph(skeleton, lean.weights)
@@ -192,14 +220,19 @@ def check_cmd(model: str, target: str, as_json: bool) -> None:
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="Builder optimization level.")
 @click.option("--timing-cache", default=None, help="Timing cache file (default ~/.cache/tqc/trt_timing.cache).")
+@_guarded("build")
 def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, workspace: float, opt_level: int,
               timing_cache: str | None) -> None:
     """Build a TensorRT plan from an ONNX model (strongly typed for Q/DQ graphs)."""
-    from tqc.compiler.model_io import check_input_path, check_output_path
-    from tqc.compiler.trt import build_plan, require_tensorrt
+    from tqc.compiler.model_io import check_input_path
+    from tqc.compiler.output_guard import current
+    from tqc.compiler.trt import DEFAULT_TIMING_CACHE, build_plan, require_tensorrt
 
-    check_input_path(model)
-    check_output_path(output, inputs=(model,))
+    guard = current()
+    guard.reads_model(check_input_path(model))
+    guard.reads(timing_cache or DEFAULT_TIMING_CACHE, "the timing cache")
+    guard.writes(output, "-o")
+    guard.writes(output + ".json", "the plan's metadata")
     require_tensorrt()
     meta = build_plan(model, output, shapes=shapes, fp16=fp16, workspace_gib=workspace, opt_level=opt_level,
                       timing_cache=timing_cache, progress=_ui().progress)
@@ -218,13 +251,19 @@ def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, work
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads (CPU).")
 @click.option("--cuda-graph", is_flag=True, help="ORT CUDA: capture and replay a CUDA graph.")
 @click.option("--json", "json_path", default=None, help="Write the results here.")
+@_guarded("bench")
 def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str, runs: int, warmup: int,
               budget: float, threads: int | None, cuda_graph: bool, json_path: str | None) -> None:
     """Latency (median, p95, p99) and throughput of one or more models; a comparison table."""
     from tqc.compiler.benchmark import runner_for, time_callable, token_inputs
     from tqc.compiler.feeds import vocab_size
     from tqc.compiler.model_io import check_input_path, load_model, write_text_atomic
+    from tqc.compiler.output_guard import current
 
+    guard = current()
+    for model in models:
+        guard.reads_model(check_input_path(model), f"the model '{model}'")
+    guard.writes(json_path, "--json")
     ui = _ui()
     parsed = []
     for item in shapes.split(","):
@@ -268,6 +307,7 @@ def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str,
 @click.option("--instances", type=int, default=1, show_default=True)
 @click.option("--kind", type=click.Choice(["KIND_GPU", "KIND_CPU"]), default="KIND_GPU", show_default=True)
 @click.option("--queue-delay-us", type=int, default=100, show_default=True, help="Dynamic batching queue delay.")
+@_guarded("export-triton")
 def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, instances: int, kind: str,
                       queue_delay_us: int) -> None:
     """Write a Triton model repository (config.pbtxt + version folder) for an ONNX model or a plan."""
@@ -296,6 +336,7 @@ def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, i
 @click.option("--sensitivity", is_flag=True, help="Rank the candidate's quantized MatMuls by their cost.")
 @click.option("--mask-padding/--no-mask-padding", default=True, show_default=True,
               help="Leave padded token positions ([batch, sequence] rows where the attention mask is 0) out.")
+@_guarded("diff")
 def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, tokenizer: str | None, samples: int,
              batch_size: int, layerwise: bool, threshold: float, json_path: str | None, plot_path: str | None,
              save_dir: str | None, sensitivity: bool, mask_padding: bool) -> None:
@@ -305,12 +346,22 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     from tqc.compiler import compare
     from tqc.compiler import diff as diffing
     from tqc.compiler.feeds import synthesize_feeds
-    from tqc.compiler.model_io import check_output_path, load_model, write_text_atomic
+    import shutil
+
+    from tqc.compiler.model_io import check_input_path, load_model, write_bytes_atomic, write_text_atomic
+    from tqc.compiler.output_guard import current, make_temp_dir
 
     ui = _ui()
-    for out in (json_path, plot_path):
-        if out:
-            check_output_path(out, inputs=(reference, *candidates))
+    if plot_path and not layerwise:  # option combinations first: nothing is written for a refused command
+        raise TqcError("--plot draws per-tensor errors: add --layerwise")
+    guard = current()
+    for path in (reference, *candidates):
+        guard.reads_model(check_input_path(path), f"the model '{path}'")
+    guard.reads_data(data, "--data")
+    guard.reads_folder(tokenizer, "--tokenizer")
+    guard.writes(json_path, "--json")
+    guard.writes(plot_path, "--plot")
+    guard.writes_into(save_dir, ("inputs.json", "reference_outputs.json"), "--save-dir")
     ref_model = load_model(reference)
     cand_models = [load_model(c) for c in candidates]
     if data:
@@ -329,7 +380,7 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
         ref_results = ref_results_now
         results.append(result)
     click.echo(diffing.format_table(results, layerwise))
-    folder = Path(save_dir) if save_dir else Path(tempfile.mkdtemp(prefix="tqc-diff-"))
+    folder = Path(save_dir) if save_dir else make_temp_dir("tqc-diff-", keep="success")  # kept if diff succeeds
     # The reference already ran; polygraphy's reference file holds its graph outputs only.
     ref_out_results = compare.restrict(ref_results, [o.name for o in ref_model.graph.output])
     inputs, ref_outputs = diffing.save_polygraphy_files(folder, feeds, ref_out_results)
@@ -350,9 +401,13 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     if json_path:
         write_text_atomic(json.dumps(payload, indent=2, default=str) + "\n", json_path)
     if plot_path:
-        if not layerwise:
-            raise TqcError("--plot draws per-tensor errors: add --layerwise")
-        diffing.plot(results, plot_path)
+        scratch = make_temp_dir(".tqc-plot-")  # matplotlib writes the file itself: drawn aside, then placed
+        try:
+            drawn = scratch / Path(plot_path).name
+            diffing.plot(results, drawn)
+            write_bytes_atomic(drawn.read_bytes(), plot_path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         click.echo(f"plot: {plot_path}")
 
 
@@ -382,40 +437,68 @@ def inspect_cmd(model: str, as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run ``tqc ARGV`` and exit with the documented code (module docstring); whatever happens, every temp
+    file and folder of the run is removed and an uncommitted output is never left half-written."""
+    from tqc.compiler import output_guard
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    previous_handlers = output_guard.install_signal_handlers()
+    kept: tuple[str, ...] = ()
+    code = INTERNAL_ERROR_EXIT_CODE
+    try:
+        code, kept = _run(argv, debug)
+    finally:
+        with output_guard.signals_deferred():
+            output_guard.end_command(keep=kept)
+        output_guard.restore_signal_handlers(previous_handlers)
+    sys.exit(code)
+
+
+def _run(argv: list[str], debug: bool) -> tuple[int, tuple[str, ...]]:
+    """(exit code, temp-path policies to keep) of one run; messages printed here."""
+    from tqc.compiler.output_guard import Interrupted
+
     try:
         cli.main(args=argv, prog_name="tqc", standalone_mode=False)
+    except Interrupted as exc:
+        click.echo(f"tqc: interrupted ({exc}); temporary files removed, no output written", err=True)
+        return exc.exit_code, ()
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("tqc: aborted", err=True)
-        sys.exit(1)
+        return exc.exit_code, ("success",)
+    except click.exceptions.Abort:  # click turns KeyboardInterrupt (and EOF) into Abort
+        click.echo("tqc: interrupted (SIGINT); temporary files removed, no output written", err=True)
+        return SIGINT_EXIT_CODE, ()
     except click.ClickException as exc:  # usage errors: unknown option, missing argument
         if debug:
             raise
         hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
         click.echo(f"tqc: error: {exc.format_message()}{hint}", err=True)
-        sys.exit(USER_ERROR_EXIT_CODE)
+        return USER_ERROR_EXIT_CODE, ()
     except VerificationError as exc:
         if debug:
             raise
-        click.echo(f"tqc: verification failed: {exc}", err=True)
+        message = f"tqc: verification failed: {exc}"
         if exc.reproducer:
-            click.echo(f"tqc: reproduce with: {exc.reproducer}", err=True)
-        sys.exit(1)
+            message += f"; reproduce with: {exc.reproducer}"
+        click.echo(message, err=True)
+        return CHECK_FAILED_EXIT_CODE, ("check-failed",)
     except TqcError as exc:
         if debug:
             raise
         click.echo(f"tqc: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code, ()
     except KeyboardInterrupt:
-        click.echo("tqc: interrupted", err=True)
-        sys.exit(130)
+        click.echo("tqc: interrupted (SIGINT); temporary files removed, no output written", err=True)
+        return SIGINT_EXIT_CODE, ()
+    except SystemExit as exc:  # sys.exit inside a command (tqc check), or from user code
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else USER_ERROR_EXIT_CODE)
+        return code, ("success",) if code == 0 else ()
     except Exception as exc:
         if debug:
             raise
-        click.echo(f"tqc: internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                   " (rerun with --debug for the traceback)", err=True)
-        sys.exit(1)
-    sys.exit(0)
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        click.echo(f"tqc: internal error (a bug in tqc, please report it): {type(exc).__name__}: {first} "
+                   "(rerun with --debug for the traceback)", err=True)
+        return INTERNAL_ERROR_EXIT_CODE, ()
+    return OK_EXIT_CODE, ("success",)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from tqc.compiler.errors import TqcError
 from tqc.compiler.manager import PassManager
-from tqc.compiler.model_io import (check_input_path, check_output_path, load_model_lean, model_hash_async, save_model,
-                                   write_text_atomic)
+from tqc.compiler.model_io import check_input_path, load_model_lean, model_hash_async, save_model, write_text_atomic
 from tqc.compiler.pipeline import parse_pipeline
 from tqc.passes.base import TARGETS, PassContext
 
@@ -39,17 +38,45 @@ class CompileOptions:
 
 
 def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
+    """Compile ``opts.model``; its outputs (model, report, plan + metadata) are written all or none."""
+    from tqc.compiler import output_guard
+
+    with output_guard.command("compile") as guard:
+        return _compile(opts, progress, guard)
+
+
+def dump_file_names(passes) -> list[str]:
+    """Every file ``--dump-dir`` may receive for this pipeline (see ``PassManager``)."""
+    names = ["inputs.json", "00_input.onnx", "00_input.onnx.data", "00_input.outputs.json"]
+    for index, p in enumerate(passes, start=1):
+        stage = f"{index:02d}_{p.name}"
+        names += [f"{stage}.onnx", f"{stage}.onnx.data", f"{stage}.report.json", f"{stage}.outputs.json"]
+    return names
+
+
+def _compile(opts: CompileOptions, progress, guard) -> dict:
     start = time.perf_counter()
     if opts.target not in TARGETS:
         raise TqcError(f"--target must be one of {', '.join(TARGETS)}")
     source = check_input_path(opts.model)
-    out = check_output_path(opts.output, inputs=(source,))
-    if opts.report:
-        check_output_path(opts.report, inputs=(source, out))
-    if opts.dump_dir and Path(opts.dump_dir).exists() and not Path(opts.dump_dir).is_dir():
-        raise TqcError(f"--dump-dir '{opts.dump_dir}' exists and is not a directory")
-    passes = parse_pipeline(opts.pipeline)
+    # Everything read and written is declared before any work: an output that is (or resolves to) an input,
+    # another output, or a device/FIFO is refused here.
+    guard.reads_model(source)
+    guard.reads_data(opts.calib, "--calib")
+    guard.reads(opts.calib_table, "--calib-table")
+    guard.reads_folder(opts.tokenizer, "--tokenizer")
+    out = Path(opts.output)
     is_plan = out.suffix == ".plan"
+    if is_plan:
+        guard.writes(out, "-o")
+        guard.writes(out.with_name(out.name + ".json"), "the plan's metadata")
+    else:
+        guard.writes_model(out, "-o")
+    guard.writes(opts.report, "--report")
+    if opts.calib and opts.calib_table:
+        raise TqcError("give either --calib or --calib-table, not both")
+    passes = parse_pipeline(opts.pipeline)
+    guard.writes_into(opts.dump_dir, dump_file_names(passes), "--dump-dir")
     if is_plan:
         from tqc.compiler.profiles import parse_shapes
         from tqc.compiler.trt import require_tensorrt
@@ -62,6 +89,15 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
     hashing = model_hash_async(source)  # in a thread, next to the load and the first passes
     lean = load_model_lean(source)  # the weights are read once, into the arrays the passes work on
     model = lean.skeleton
+    if is_plan:
+        from tqc.compiler.profiles import parse_shapes
+
+        dynamic = [i.name for i in model.graph.input if any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
+        given = set(parse_shapes(opts.shapes))
+        missing = [n for n in dynamic if n not in given and "*" not in given]
+        if missing:  # refused before any pass runs (and before anything is written)
+            raise TqcError(f"a .plan output needs --shapes for every dynamic input; missing: {', '.join(missing)} "
+                           f"(e.g. --shapes {missing[0]}:1x16,8x128,32x512)")
     from tqc.passes.registry import get_pass
 
     for name in opts.explain:

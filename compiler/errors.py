@@ -1,11 +1,23 @@
-"""Errors a user can cause, reported as one line with exit code 2 (``--debug`` shows the traceback)."""
+"""Errors and exit codes of ``tqc`` (the contract; README "Errors" lists the same table).
+
+    0    ok
+    1    a verification or quality check failed (``VerificationError``; ``tqc check`` finding blockers)
+    2    a user mistake: one line ``tqc: error: ...`` (``TqcError``; bad paths, options, models, data)
+    3    an internal error: a bug in tqc; the line says so and points to ``--debug`` for the traceback
+    130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: every temp file and folder removed, no output written
+"""
 
 from __future__ import annotations
 
 import difflib
 from typing import Iterable
 
+OK_EXIT_CODE = 0
+CHECK_FAILED_EXIT_CODE = 1
 USER_ERROR_EXIT_CODE = 2
+INTERNAL_ERROR_EXIT_CODE = 3
+SIGINT_EXIT_CODE = 130
+SIGTERM_EXIT_CODE = 143
 
 
 class TqcError(Exception):
@@ -16,6 +28,8 @@ class TqcError(Exception):
 
 class VerificationError(TqcError):
     """A pass produced a graph that failed its verification; carries a reproducer when there is one."""
+
+    exit_code = CHECK_FAILED_EXIT_CODE
 
     def __init__(self, message: str, reproducer: str | None = None):
         super().__init__(message)

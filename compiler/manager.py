@@ -29,6 +29,7 @@ from tqc.compiler.feeds import synthesize_feeds
 from tqc.compiler.graph_io import lean_of_graph, skeleton_of_graph, to_graph, to_model, update_tensor_types
 from tqc.compiler.lean_io import LeanModel
 from tqc.compiler.model_io import save_model, write_text_atomic
+from tqc.compiler.output_guard import reproducer_dir
 from tqc.compiler.verify import infer_shapes, model_header, signature, verify_structure
 from tqc.passes.base import Pass, PassContext
 
@@ -173,7 +174,7 @@ class PassManager:
         except Exception as exc:  # ORT refusing the graph is the pass's fault, reported like any failed check
             from tqc.compiler.model_io import save_model as _save
 
-            folder = self.dump_dir or Path(tempfile.mkdtemp(prefix="tqc-repro-"))
+            folder = self.dump_dir or reproducer_dir()
             _save(after, Path(folder) / f"{stage}.onnx")
             raise VerificationError(f"{stage}: ONNX Runtime CPU cannot run the graph after the pass: "
                                     f"{str(exc).strip().splitlines()[0][:300]}",
@@ -199,7 +200,7 @@ class PassManager:
         return results
 
     def _write_reproducer(self, before, after, feeds, previous_results, index, name, tol) -> str:
-        folder = self.dump_dir or Path(tempfile.mkdtemp(prefix="tqc-repro-"))
+        folder = self.dump_dir or reproducer_dir()
         folder = Path(folder)
         before_path = folder / f"{index - 1:02d}_before.onnx" if not self.dump_dir else None
         if before_path is not None:

@@ -2,7 +2,8 @@
 
 * ``load_model`` checks the path first (missing, a directory, not ONNX) and loads external data that sits
   next to the model.
-* ``save_model`` writes atomically: a temporary file in the destination folder, then ``os.replace``; models
+* ``save_model`` writes atomically through ``tqc.compiler.output_guard`` (a temporary file in the destination
+  folder, fsync, mode 0666 & ~umask, then ``os.replace``, or staged until the command commits); models
   whose tensors exceed the 2 GB protobuf limit go to one external data file ``<name>.data`` beside them.
   Serialization is deterministic, so compiling the same input twice gives byte-identical files.
 * ``model_hash`` hashes the file and its external data, for reports, calibration tables and plan metadata.
@@ -39,25 +40,17 @@ def check_input_path(path: str | os.PathLike, what: str = "model") -> Path:
 
 
 def check_output_path(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Fail before any work when the output cannot be written or would overwrite an input."""
-    out = Path(path)
-    if out.exists() and out.is_dir():
-        raise TqcError(f"output '{out}' is a directory; expected a file path")
+    """Fail before any work when the output cannot be written or would overwrite an input (a model's external
+    data files count as the model); see ``tqc.compiler.output_guard`` for the checks."""
+    from tqc.compiler.output_guard import OutputGuard
+
+    guard = OutputGuard("check")
     for inp in inputs:
-        ip = Path(inp)
-        if out.resolve() == ip.resolve() or (out.exists() and ip.exists() and os.path.samefile(out, ip)):
-            raise TqcError(f"output '{out}' is the input model; choose another output path")
-    parent = out.resolve().parent
-    if not parent.exists():
-        raise TqcError(f"output folder '{parent}' does not exist")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise TqcError(f"output '{out}' is not writable")
-    try:  # a real probe: os.access says yes to root on read-only or virtual file systems
-        with tempfile.NamedTemporaryFile(prefix=".tqc-probe-", dir=parent):
-            pass
-    except OSError as exc:
-        raise TqcError(f"output folder '{parent}' is not writable ({exc.strerror or exc})") from None
-    return out
+        if str(inp).endswith((".onnx", ".plan")):
+            guard.reads_model(inp)
+        else:
+            guard.reads(inp, "an input")
+    return guard.writes(path, "output")
 
 
 def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
@@ -126,8 +119,13 @@ def serialize(model: onnx.ModelProto) -> bytes:
 
 def save_model(model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write ``model`` (a ModelProto or a ``LeanModel``) to ``path`` atomically; nothing is left behind on
-    failure. A ``LeanModel`` is written straight from its arrays (``tqc.compiler.lean_io.write_lean``)."""
+    failure. A ``LeanModel`` is written straight from its arrays (``tqc.compiler.lean_io.write_lean``).
+
+    Through ``tqc.compiler.output_guard``: temp files in the destination folder, fsync, mode 0666 & ~umask;
+    when the running command declared ``path`` as an output, the files are renamed into place only when the
+    command commits (model and external data together)."""
     from tqc.compiler.lean_io import LeanModel, write_lean
+    from tqc.compiler.output_guard import atomic_write, make_temp_dir, place_file, register_temp
 
     out = Path(path)
     lean = model if isinstance(model, LeanModel) else None
@@ -137,42 +135,44 @@ def save_model(model, path: str | os.PathLike, external_data: bool | None = None
         external = lean.nbytes() + lean.skeleton.ByteSize() > EXTERNAL_DATA_THRESHOLD
     else:
         external = needs_external_data(model)
+    if not external:
+        if lean is not None:
+            return atomic_write(out, lambda fh: write_lean(lean, fh))
+        return atomic_write(out, lambda fh: fh.write(serialize(model)))
+    from tqc.compiler.output_guard import _refuse_special, _remove, release_temp
+
+    data_name = out.name + ".data"
     folder = out.resolve().parent
-    tmp_files: list[Path] = []
+    _refuse_special(out)
+    _refuse_special(folder / data_name, "external-data output")
+    tmp_dir = None
     try:
-        if external:
-            data_name = out.name + ".data"
-            tmp_dir = Path(tempfile.mkdtemp(prefix=".tqc-", dir=folder))
-            tmp_files.append(tmp_dir)
-            if lean is not None:
-                with open(tmp_dir / out.name, "wb") as fh, open(tmp_dir / data_name, "wb") as data_fh:
-                    write_lean(lean, fh, external_data=data_name, data_out=data_fh)
-            else:
-                _save_external(model, tmp_dir / out.name, data_name)
-            os.replace(tmp_dir / data_name, folder / data_name)
-            os.replace(tmp_dir / out.name, out)
-            tmp_dir.rmdir()
-            tmp_files.clear()
+        # Written under their final names in a temp folder (the model names its data file), then moved next
+        # to the destination as temp files and placed (or staged) together.
+        tmp_dir = make_temp_dir(".tqc-", dir=folder)
+        if lean is not None:
+            with open(tmp_dir / out.name, "wb") as fh, open(tmp_dir / data_name, "wb") as data_fh:
+                write_lean(lean, fh, external_data=data_name, data_out=data_fh)
+                for f in (fh, data_fh):
+                    f.flush()
+                    os.fsync(f.fileno())
         else:
-            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
-            tmp_files.append(Path(tmp))
-            with os.fdopen(fd, "wb") as fh:
-                if lean is not None:
-                    write_lean(lean, fh)
-                else:
-                    fh.write(serialize(model))
-            os.replace(tmp, out)
-            tmp_files.clear()
+            _save_external(model, tmp_dir / out.name, data_name)
+        moved = []
+        for name in (data_name, out.name):
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            register_temp(tmp)
+            os.replace(tmp_dir / name, tmp)
+            moved.append((Path(tmp), folder / name))
+        for tmp, final in moved:
+            place_file(tmp, final if final.name != out.name else out)
     except OSError as exc:
-        raise TqcError(f"cannot write '{out}': {exc.strerror or exc}") from exc
+        raise TqcError(f"cannot write '{out}': {exc.strerror or exc}") from None
     finally:
-        for leftover in tmp_files:
-            if leftover.is_dir():
-                for f in leftover.iterdir():
-                    f.unlink()
-                leftover.rmdir()
-            elif leftover.exists():
-                leftover.unlink()
+        if tmp_dir is not None:
+            _remove(str(tmp_dir))
+            release_temp(tmp_dir)
     return out
 
 
@@ -184,17 +184,10 @@ def _save_external(model: onnx.ModelProto, path: Path, data_name: str) -> None:
 
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
-    out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, out)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise TqcError(f"cannot write '{out}': {exc.strerror or exc}") from exc
-    return out
+    """``data`` to ``path`` atomically (see ``tqc.compiler.output_guard.atomic_write``)."""
+    from tqc.compiler.output_guard import atomic_write
+
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:

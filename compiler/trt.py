@@ -122,8 +122,18 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, shapes=None, fp16: 
 
 def build_plan_from_model(model: onnx.ModelProto, output, source_hash: str, shapes=None,
                           progress=lambda message: None, **options) -> dict:
-    """``tqc compile -o x.plan``: write the compiled ONNX next to the plan, then build from that path."""
+    """``tqc compile -o x.plan``: write the compiled ONNX to a temp folder beside the plan (never over a file
+    named like the plan's stem: that may be the input), build from that path, remove the folder."""
+    import shutil
+
+    from tqc.compiler.output_guard import make_temp_dir, release_temp
+
     require_tensorrt()
-    onnx_path = Path(output).with_suffix(".onnx")
-    save_model(model, onnx_path)
-    return build_plan(onnx_path, output, shapes=shapes, source_hash=source_hash, progress=progress, **options)
+    scratch = make_temp_dir(".tqc-plan-source-", dir=Path(output).resolve().parent)
+    try:
+        onnx_path = scratch / Path(output).with_suffix(".onnx").name
+        save_model(model, onnx_path)
+        return build_plan(onnx_path, output, shapes=shapes, source_hash=source_hash, progress=progress, **options)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        release_temp(scratch)
