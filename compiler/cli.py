@@ -16,6 +16,7 @@ together (or none), and an interrupt removes every temp file and folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -491,14 +492,29 @@ def _run(argv: list[str], debug: bool) -> tuple[int, tuple[str, ...]]:
     except KeyboardInterrupt:
         click.echo("tqc: interrupted (SIGINT); temporary files removed, no output written", err=True)
         return SIGINT_EXIT_CODE, ()
+    except OSError as exc:  # the machine, not tqc: a full disk, a read-only file system, a permission
+        if debug or exc.errno not in ENVIRONMENT_ERRNOS:
+            if debug:
+                raise
+            return _internal_error(exc), ()
+        where = f" '{exc.filename}'" if exc.filename else ""
+        click.echo(f"tqc: error: cannot write or read{where}: {exc.strerror or exc}", err=True)
+        return USER_ERROR_EXIT_CODE, ()
     except SystemExit as exc:  # sys.exit inside a command (tqc check), or from user code
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else USER_ERROR_EXIT_CODE)
         return code, ("success",) if code == 0 else ()
     except Exception as exc:
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        click.echo(f"tqc: internal error (a bug in tqc, please report it): {type(exc).__name__}: {first} "
-                   "(rerun with --debug for the traceback)", err=True)
-        return INTERNAL_ERROR_EXIT_CODE, ()
+        return _internal_error(exc), ()
     return OK_EXIT_CODE, ("success",)
+
+
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _internal_error(exc: BaseException) -> int:
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    click.echo(f"tqc: internal error (a bug in tqc, please report it): {type(exc).__name__}: {first} "
+               "(rerun with --debug for the traceback)", err=True)
+    return INTERNAL_ERROR_EXIT_CODE

@@ -210,6 +210,17 @@ COLLISIONS = [
     ("build-o-is-timing-cache", lambda w: (w / "cache.bin").write_bytes(b"cache"),
      "build m.onnx -o cache.bin --timing-cache cache.bin", "timing cache"),
     ("export-o-is-source-config", _cfg, "export cfg -o cfg/config.json", "export source"),
+    ("compile-o-hardlink-to-external-data", _link("hw.onnx", "weights.bin", hard=True),
+     "compile ext.onnx -p fold -o hw.onnx", "external-data file"),
+    ("compile-o-through-symlinked-folder", lambda w: os.symlink(w, w / "alias"), "compile m.onnx -p fold -o alias/m.onnx",
+     "is the input model"),
+    ("compile-report-dotdot-calib-data", None, "compile m.onnx -p fold,qdq --calib data.npz -o o.onnx "
+                                               "--report sub/../data.npz", "--calib"),
+    ("diff-json-is-tokenizer-file", None, "diff m.onnx m2.onnx --data sentences.txt --tokenizer tok --json tok/vocab.txt",
+     "--tokenizer"),
+    ("bench-json-is-plan-metadata", lambda w: _plan("{}")(w), "bench p.plan --json p.plan.json", "metadata"),
+    ("export-triton-model-is-in-place", lambda w: (w / "repo").mkdir(), "export-triton m.onnx -o . --name m.onnx",
+     "exists"),
 ]
 
 
@@ -250,6 +261,10 @@ SPECIAL = [
     ("export-triton-repo-fifo", lambda w: fifo(w / "repo"), "export-triton m.onnx -o repo", "not a folder"),
     ("build-o-dev-null", None, "build m.onnx -o /dev/null", "character device"),
     ("export-o-dev-null", None, "export bert-tiny -o /dev/null", "character device"),
+    ("diff-save-dir-is-file", None, "diff m.onnx m2.onnx --save-dir data.npz", "not a directory"),
+    ("compile-dump-dir-stage-is-folder", lambda w: (w / "dump" / "01_fold.report.json").mkdir(parents=True),
+     "compile m.onnx -p fold -o o.onnx --dump-dir dump", "is a directory"),
+    ("calibrate-o-is-folder", None, "calibrate m.onnx --data data.npz -o sub", "is a directory"),
 ]
 
 
@@ -377,7 +392,7 @@ def test_external_data_output_and_report_all_or_none(work, tmp_path, capsys, mon
     monkeypatch.setattr(compile_module, "write_text_atomic", failing_report)
     before = _all(tmp_path)
     outcome = run_inprocess("-q compile ext.onnx -p fold -o o2.onnx --report r2.json".split(), capsys)
-    assert outcome.code == EXIT_INTERNAL  # an OSError escaping a writer is a tqc bug: reported as such
+    assert_user_error(outcome, EXIT_USER, "No space left")  # the machine's state, not a tqc bug
     assert_unchanged(before, _all(tmp_path))
 
 
