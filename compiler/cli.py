@@ -450,8 +450,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code, kept = _run(argv, debug)
     finally:
-        with output_guard.signals_deferred():
-            output_guard.end_command(keep=kept)
+        try:
+            with output_guard.signals_deferred():
+                output_guard.end_command(keep=kept)
+        except output_guard.Interrupted as late:  # arrived while cleaning up: still exits 130/143, cleanly
+            output_guard.end_command()
+            click.echo(f"tqc: interrupted ({late}) while finishing", err=True)
+            code = late.exit_code
         output_guard.restore_signal_handlers(previous_handlers)
     sys.exit(code)
 
@@ -463,12 +468,12 @@ def _run(argv: list[str], debug: bool) -> tuple[int, tuple[str, ...]]:
     try:
         cli.main(args=argv, prog_name="tqc", standalone_mode=False)
     except Interrupted as exc:
-        click.echo(f"tqc: interrupted ({exc}); temporary files removed, no output written", err=True)
+        click.echo(f"tqc: interrupted ({exc}); temporary files removed", err=True)
         return exc.exit_code, ()
     except click.exceptions.Exit as exc:
         return exc.exit_code, ("success",)
     except click.exceptions.Abort:  # click turns KeyboardInterrupt (and EOF) into Abort
-        click.echo("tqc: interrupted (SIGINT); temporary files removed, no output written", err=True)
+        click.echo("tqc: interrupted (SIGINT); temporary files removed", err=True)
         return SIGINT_EXIT_CODE, ()
     except click.ClickException as exc:  # usage errors: unknown option, missing argument
         if debug:
@@ -490,7 +495,7 @@ def _run(argv: list[str], debug: bool) -> tuple[int, tuple[str, ...]]:
         click.echo(f"tqc: error: {exc}", err=True)
         return exc.exit_code, ()
     except KeyboardInterrupt:
-        click.echo("tqc: interrupted (SIGINT); temporary files removed, no output written", err=True)
+        click.echo("tqc: interrupted (SIGINT); temporary files removed", err=True)
         return SIGINT_EXIT_CODE, ()
     except OSError as exc:  # the machine, not tqc: a full disk, a read-only file system, a permission
         if debug or exc.errno not in ENVIRONMENT_ERRNOS:

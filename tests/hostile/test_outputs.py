@@ -1,16 +1,16 @@
 """Hostile and mistaken OUTPUT paths across every subcommand (issue #11, output side), in-process.
 
-106 cases (pytest ids), in these categories:
+118 cases (pytest ids; 130 with the 12 signal cases of ``test_outputs_signals.py``), in these categories:
 
-* collisions (42): an output that is, or resolves to, a file the command reads or another of its outputs:
+* collisions (50): an output that is, or resolves to, a file the command reads or another of its outputs:
   the same path, a symlink, a hard link, a ``..`` path, the model's external-data file (named unlike
   ``<model>.data``), an output whose ``.data`` is the input's weights, ``--report`` = ``--calib-table`` /
   ``--calib`` / ``-o``, ``calibrate -o`` = its ``--data`` or loader script, ``bench --json`` = a model,
   ``diff --json`` = its ``--data`` / ``--plot``, a ``--dump-dir`` or ``--save-dir`` holding an input named like
   the file it would write, ``build -o`` whose ``.plan.json`` is the model, a tokenizer file, an export source
   -> exit 2, one line, before any work (every input byte-identical, nothing new anywhere).
-* not a regular file (18): ``/dev/null``, a FIFO, a folder, a missing folder, a FIFO inside ``--dump-dir`` or
-  ``--save-dir``, as ``-o``/``--report``/``--json``/``--plot``/a Triton repository -> exit 2, the device or FIFO
+* not a regular file (21): ``/dev/null``, a FIFO, a folder, a missing folder, a FIFO or folder inside ``--dump-dir``
+  or ``--save-dir``, a ``--save-dir`` that is a file, as ``-o``/``--report``/``--json``/``--plot``/a Triton repository -> exit 2, the device or FIFO
   untouched.
 * read-only folders (7): a read-only tmpfs mount as root (``chmod 555`` otherwise) -> exit 2, one line.
 * full disk (4): a 200 kB tmpfs (root only; skipped with the reason otherwise) -> exit 2 "No space left",
@@ -18,15 +18,16 @@
 * all or none (8): a ``--report``, ``--plot``, plan build, Triton copy that fails after the first output
   was produced leaves none of them; a large model's ``.onnx`` + ``.data`` land together; ``-o x.plan`` never
   writes ``x.onnx``.
-* options checked before any work (12): ``diff --plot`` without ``--layerwise`` writes no JSON,
+* options checked before any work (13): ``diff --plot`` without ``--layerwise`` writes no JSON,
   ``export-triton`` counts with their range, names that would break ``config.pbtxt``, bad plan metadata,
   ``.plan`` without ``--shapes``, ``--calib`` with ``--calib-table``.
 * exit codes (4): internal error = 3 (says "bug", points to ``--debug``), verification failure = 1 with a
   kept reproducer and no output, Ctrl-C inside a command = 130.
 * umask (5) and determinism (4): outputs get 0666 & ~umask (files) and 0777 & ~umask (Triton folders);
-  compiling, exporting a Triton repository and writing external data twice gives byte-identical files.
+  compiling, exporting a Triton repository and writing external data twice gives byte-identical files;
+  overwriting an earlier output of tqc is allowed and leaves no hidden files.
 * export-triton content (2): every external-data file is copied and the repository's model computes the
-  same outputs as the source.
+  same outputs as the source; an existing model folder is refused.
 
 Signals (SIGINT/SIGTERM during export, verification, calibration, writing and commit) are in
 ``test_outputs_signals.py``.
