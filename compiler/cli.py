@@ -95,6 +95,8 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
     guard = current()
     if Path(source).exists():  # a config.json or a model folder: read, never written over
         guard.reads_folder(source, f"the export source '{source}'")
+    elif source.lower() in ("minilm", "all-minilm-l6-v2"):
+        guard.reads_packaged_model()
     guard.writes_model(output, "-o")
     ui = _ui()
     info = export(ExportSpec(source, exporter=exporter, attn=attn, opset=opset, size=size, seed=seed), output,
@@ -185,7 +187,7 @@ def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, sam
     guard = current()
     guard.reads_model(check_input_path(model))
     guard.reads_data(data, "--data")
-    guard.reads_folder(tokenizer, "--tokenizer")
+    guard.reads_tokenizer(tokenizer, data)
     out = guard.writes(output, "-o")
     lean = load_model_lean(model)  # weights read once; the graph runs without being exported
     skeleton = infer_shapes(lean.skeleton, strict=False)
@@ -359,7 +361,7 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     for path in (reference, *candidates):
         guard.reads_model(check_input_path(path), f"the model '{path}'")
     guard.reads_data(data, "--data")
-    guard.reads_folder(tokenizer, "--tokenizer")
+    guard.reads_tokenizer(tokenizer, data)
     guard.writes(json_path, "--json")
     guard.writes(plot_path, "--plot")
     guard.writes_into(save_dir, ("inputs.json", "reference_outputs.json"), "--save-dir")

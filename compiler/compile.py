@@ -64,7 +64,7 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
     guard.reads_model(source)
     guard.reads_data(opts.calib, "--calib")
     guard.reads(opts.calib_table, "--calib-table")
-    guard.reads_folder(opts.tokenizer, "--tokenizer")
+    guard.reads_tokenizer(opts.tokenizer, opts.calib)
     out = Path(opts.output)
     is_plan = out.suffix == ".plan"
     if is_plan:

@@ -359,6 +359,22 @@ class OutputGuard:
         else:
             self.reads(p, what)
 
+    def reads_tokenizer(self, tokenizer: str | None, data: str | None) -> None:
+        """``--tokenizer DIR``; for ``.txt`` data without one, the packaged MiniLM's tokenizer may be used."""
+        if tokenizer and tokenizer not in ("minilm", "all-minilm-l6-v2"):
+            self.reads_folder(tokenizer, "--tokenizer")
+        elif tokenizer or (data and data.lower().endswith(".txt")):
+            self.reads_packaged_model()
+
+    def reads_packaged_model(self) -> None:
+        """The packaged all-MiniLM-L6-v2 folder (weights, tokenizer): never an output."""
+        try:
+            from tqc.models.export import packaged_minilm_path
+
+            self.reads_folder(packaged_minilm_path(), "the packaged MiniLM")
+        except Exception:  # not installed: nothing there to protect
+            pass
+
     def writes(self, path: str | os.PathLike | None, what: str = "output", staged: bool = True,
                parents: bool = False) -> Path | None:
         """Declare an output file: refused when it collides with a read or another output, is not a regular

