@@ -70,6 +70,9 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
     if is_plan:
         guard.writes(out, "-o")
         guard.writes(out.with_name(out.name + ".json"), "the plan's metadata")
+    elif out.suffix == ".xml":  # OpenVINO IR: the .xml and its .bin weights
+        guard.writes(out, "-o")
+        guard.writes(out.with_suffix(".bin"), "the IR's weights (.bin)")
     else:
         guard.writes_model(out, "-o")
     guard.writes(opts.report, "--report")
