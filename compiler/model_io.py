@@ -141,9 +141,10 @@ def save_model(model, path: str | os.PathLike, external_data: bool | None = None
         return atomic_write(out, lambda fh: fh.write(serialize(model)))
     from tqc.compiler.output_guard import _refuse_special, _remove, release_temp
 
-    data_name = out.name + ".data"
-    folder = out.resolve().parent
     _refuse_special(out)
+    out = Path(os.path.realpath(out))  # a symlink is followed (as atomic_write does)
+    data_name = out.name + ".data"
+    folder = out.parent
     _refuse_special(folder / data_name, "external-data output")
     tmp_dir = None
     try:
@@ -166,14 +167,14 @@ def save_model(model, path: str | os.PathLike, external_data: bool | None = None
             os.replace(tmp_dir / name, tmp)
             moved.append((Path(tmp), folder / name))
         for tmp, final in moved:
-            place_file(tmp, final if final.name != out.name else out)
+            place_file(tmp, final)
     except OSError as exc:
-        raise TqcError(f"cannot write '{out}': {exc.strerror or exc}") from None
+        raise TqcError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
         if tmp_dir is not None:
             _remove(str(tmp_dir))
             release_temp(tmp_dir)
-    return out
+    return Path(path)
 
 
 def _save_external(model: onnx.ModelProto, path: Path, data_name: str) -> None:

@@ -202,10 +202,11 @@ def _refuse_special(path: Path, what: str = "output") -> None:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(fh)``: temp file in the same folder, fsync, mode 0666 & ~umask, then a
-    rename; when the active command declared ``path`` as an output, the rename waits for its commit."""
-    out = Path(path)
-    _refuse_special(out)
-    folder = out.resolve().parent
+    rename; when the active command declared ``path`` as an output, the rename waits for its commit. A symlink
+    is followed: the file it points at is replaced, the link stays."""
+    _refuse_special(Path(path))
+    out = Path(os.path.realpath(path))
+    folder = out.parent
     tmp = None
     try:
         with signals_deferred():
@@ -226,12 +227,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             _fsync_dir(folder)
         tmp = None
     except OSError as exc:
-        raise TqcError(f"cannot write '{out}': {exc.strerror or exc}") from None
+        raise TqcError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
         if tmp is not None:
             _remove(tmp)
             release_temp(tmp)
-    return out
+    return Path(path)
 
 
 def place_file(tmp: Path, out: Path) -> None:
@@ -297,7 +298,7 @@ def external_data_files(model_path: str | os.PathLike) -> list[Path]:
 # ------------------------------------------------------------------ the guard of one command
 
 def _identity(path: Path) -> tuple[str, tuple[int, int] | None]:
-    resolved = str(Path(os.path.abspath(path)).resolve())
+    resolved = os.path.realpath(path)  # symlinks first, then '..' (as the kernel walks the path)
     try:
         st = os.stat(path)
         return resolved, (st.st_dev, st.st_ino)
@@ -394,7 +395,7 @@ class OutputGuard:
         if p.exists() and not os.access(p, os.W_OK):
             raise TqcError(f"{what} '{p}' is not writable")
         if not parents:
-            _check_folder(Path(os.path.abspath(p)).parent, what)
+            _check_folder(Path(os.path.realpath(p)).parent, what)
         self._writes.append((p, what, ident, staged))
         return p
 
@@ -530,7 +531,7 @@ class OutputGuard:
 
 
 def _nearest_existing(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
+    path = Path(os.path.realpath(path))
     for candidate in [path, *path.parents]:
         if candidate.exists():
             return candidate

@@ -1,6 +1,6 @@
 """Hostile and mistaken OUTPUT paths across every subcommand (issue #11, output side), in-process.
 
-121 cases (pytest ids; 133 with the 12 signal cases of ``test_outputs_signals.py``), in these categories:
+122 cases (pytest ids; 134 with the 12 signal cases of ``test_outputs_signals.py``), in these categories:
 
 * collisions (53): an output that is, or resolves to, a file the command reads or another of its outputs:
   the same path, a symlink, a hard link, a ``..`` path, the model's external-data file (named unlike
@@ -24,9 +24,10 @@
   ``.plan`` without ``--shapes``, ``--calib`` with ``--calib-table``.
 * exit codes (4): internal error = 3 (says "bug", points to ``--debug``), verification failure = 1 with a
   kept reproducer and no output, Ctrl-C inside a command = 130.
-* umask (5) and determinism (4): outputs get 0666 & ~umask (files) and 0777 & ~umask (Triton folders);
+* umask (5) and determinism (5): outputs get 0666 & ~umask (files) and 0777 & ~umask (Triton folders);
   compiling, exporting a Triton repository and writing external data twice gives byte-identical files;
-  overwriting an earlier output of tqc is allowed and leaves no hidden files.
+  overwriting an earlier output of tqc is allowed and leaves no hidden files; an output through a symlink
+  replaces its target and keeps the link (``sub/alias/../m.onnx`` is resolved as the kernel walks it).
 * export-triton content (2): every external-data file is copied and the repository's model computes the
   same outputs as the source; an existing model folder is refused.
 
@@ -662,6 +663,23 @@ def test_triton_twice_gives_identical_repositories(work, capsys):
         assert run_inprocess(f"-q export-triton ext.onnx -o {repo}".split(), capsys).code == EXIT_OK
     one, two = snapshot(work / "r1"), snapshot(work / "r2")
     assert [v for _, v in sorted(one.items())] == [v for _, v in sorted(two.items())]
+
+
+def test_output_through_a_symlink_replaces_its_target_and_keeps_the_link(work, tmp_path, capsys):
+    (work / "other").mkdir()
+    (work / "other" / "target.onnx").write_bytes(b"old")
+    os.symlink(work / "other" / "target.onnx", work / "link.onnx")
+    os.symlink(work / "other", work / "sub" / "alias")
+    before = _all(tmp_path)
+    # 'sub/alias/../m.onnx' is other/../m.onnx as the kernel walks it (the input): refused, nothing touched
+    refused("compile m.onnx -p fold -o sub/alias/../m.onnx".split(), capsys, tmp_path, "is the input model")
+    outcome = run_inprocess("-q compile m.onnx -p fold -o link.onnx".split(), capsys)
+    assert outcome.code == EXIT_OK, outcome.err
+    assert os.readlink(work / "link.onnx") == str(work / "other" / "target.onnx")
+    assert onnx.load(str(work / "other" / "target.onnx")).graph.node
+    after = _all(tmp_path)
+    assert_unchanged({k: v for k, v in before.items() if not k.endswith("target.onnx")}, after,
+                     allowed_new=[work / "other" / "target.onnx"])
 
 
 def test_overwriting_an_earlier_output_is_allowed(work, capsys):
