@@ -344,13 +344,11 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
              batch_size: int, layerwise: bool, threshold: float, json_path: str | None, plot_path: str | None,
              save_dir: str | None, sensitivity: bool, mask_padding: bool) -> None:
     """Compare CANDIDATES against REFERENCE on ORT CPU: per output, per shared tensor, first divergence."""
-    import tempfile
+    import shutil
 
     from tqc.compiler import compare
     from tqc.compiler import diff as diffing
     from tqc.compiler.feeds import synthesize_feeds
-    import shutil
-
     from tqc.compiler.model_io import check_input_path, load_model, write_bytes_atomic, write_text_atomic
     from tqc.compiler.output_guard import current, make_temp_dir
 
