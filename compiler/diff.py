@@ -117,9 +117,11 @@ def save_polygraphy_files(folder: Path, feeds, ref_results) -> tuple[Path, Path]
 
     folder.mkdir(parents=True, exist_ok=True)
     inputs, outputs = folder / "inputs.json", folder / "reference_outputs.json"
-    with compare.quiet_polygraphy():
-        save_json(feeds, str(inputs))
-        ref_results.save(str(outputs))
+    from tqc.compiler.output_guard import write_with
+
+    with compare.quiet_polygraphy():  # each file atomic (output guard): no half-written JSON on a signal
+        write_with(inputs, lambda tmp: save_json(feeds, tmp))
+        write_with(outputs, lambda tmp: ref_results.save(tmp))
     return inputs, outputs
 
 

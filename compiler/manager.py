@@ -29,7 +29,7 @@ from tqc.compiler.feeds import synthesize_feeds
 from tqc.compiler.graph_io import lean_of_graph, skeleton_of_graph, to_graph, to_model, update_tensor_types
 from tqc.compiler.lean_io import LeanModel
 from tqc.compiler.model_io import save_model, write_text_atomic
-from tqc.compiler.output_guard import reproducer_dir
+from tqc.compiler.output_guard import reproducer_dir, write_with
 from tqc.compiler.verify import infer_shapes, model_header, signature, verify_structure
 from tqc.passes.base import Pass, PassContext
 
@@ -211,8 +211,8 @@ class PassManager:
         from polygraphy.json import save_json
 
         with compare.quiet_polygraphy():
-            save_json(feeds, str(inputs_json))
-            previous_results.save(str(ref_json))
+            write_with(inputs_json, lambda tmp: save_json(feeds, tmp))
+            write_with(ref_json, lambda tmp: previous_results.save(tmp))
         atol, rtol = (tol.atol, tol.rtol) if tol.min_cosine is None else (0.1, 0.1)
         return compare.polygraphy_command(str(folder / f"{index:02d}_{name}.onnx"), str(inputs_json),
                                           str(ref_json), atol, rtol)
@@ -225,8 +225,8 @@ class PassManager:
 
         with compare.quiet_polygraphy():
             if index == 0:
-                save_json(feeds, str(self.dump_dir / "inputs.json"))
-            results.save(str(self.dump_dir / f"{index:02d}_{name}.outputs.json"))
+                write_with(self.dump_dir / "inputs.json", lambda tmp: save_json(feeds, tmp))
+            write_with(self.dump_dir / f"{index:02d}_{name}.outputs.json", lambda tmp: results.save(tmp))
 
     def report(self, **extra: Any) -> dict:
         return {

@@ -235,6 +235,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     return Path(path)
 
 
+def write_with(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
+    """``atomic_write`` for writers that take a path (polygraphy's ``save_json``, ``RunResults.save``): they
+    write a temp file in the destination folder, which is then placed (or staged) like any output."""
+    _refuse_special(Path(path))
+    out = Path(os.path.realpath(path))
+    with signals_deferred():
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        register_temp(tmp)
+    os.close(fd)
+    try:
+        save(tmp)
+        place_file(Path(tmp), out)
+        tmp = None
+    except OSError as exc:
+        raise TqcError(f"cannot write '{path}': {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            _remove(tmp)
+            release_temp(tmp)
+    return Path(path)
+
+
 def place_file(tmp: Path, out: Path) -> None:
     """Move a finished temp file (same folder as ``out``) into place, or stage it for the active command."""
     os.chmod(tmp, umask_mode())
