@@ -1,8 +1,8 @@
 """Hostile and mistaken OUTPUT paths across every subcommand (issue #11, output side), in-process.
 
-122 cases (pytest ids; 134 with the 12 signal cases of ``test_outputs_signals.py``), in these categories:
+124 cases (pytest ids; 136 with the 12 signal cases of ``test_outputs_signals.py``), in these categories:
 
-* collisions (53): an output that is, or resolves to, a file the command reads or another of its outputs:
+* collisions (55): an output that is, or resolves to, a file the command reads or another of its outputs:
   the same path, a symlink, a hard link, a ``..`` path, the model's external-data file (named unlike
   ``<model>.data``), an output whose ``.data`` is the input's weights, ``--report`` = ``--calib-table`` /
   ``--calib`` / ``-o``, ``calibrate -o`` = its ``--data`` or loader script, ``bench --json`` = a model,
@@ -222,6 +222,11 @@ COLLISIONS = [
     ("diff-json-is-tokenizer-file", None, "diff m.onnx m2.onnx --data sentences.txt --tokenizer tok --json tok/vocab.txt",
      "--tokenizer"),
     ("bench-json-is-plan-metadata", lambda w: _plan("{}")(w), "bench p.plan --json p.plan.json", "metadata"),
+    ("compile-report-hardlink-to-output", lambda w: ((w / "o.onnx").write_bytes(b"earlier"),
+                                                      os.link(w / "o.onnx", w / "r.json")),
+     "compile m.onnx -p fold -o o.onnx --report r.json", "same file"),
+    ("diff-plot-symlink-to-json", lambda w: os.symlink("j.json", w / "p.png"),
+     "diff m.onnx m2.onnx --layerwise --json j.json --plot p.png", "same file"),
     ("export-triton-model-is-in-place", lambda w: (w / "repo").mkdir(), "export-triton m.onnx -o . --name m.onnx",
      "exists"),
 ]
