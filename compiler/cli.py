@@ -44,6 +44,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """tqc: compile transformer encoders (ONNX) to fast, verified FP16/INT8 deployments."""
     ctx.obj = Ui(quiet=quiet)
     _quiet_onnxruntime()
+    if quiet:
+        _quiet_graphsurgeon()
 
 
 def _quiet_onnxruntime() -> None:
@@ -51,6 +53,14 @@ def _quiet_onnxruntime() -> None:
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)
+
+
+def _quiet_graphsurgeon() -> None:
+    """-q: onnx-graphsurgeon's warnings (and its 'install colored' banner) stay off stderr."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.ERROR
+    G_LOGGER.colors = False
 
 
 @cli.command("export")

@@ -135,6 +135,71 @@ class Quantizer:
         self.percentile = percentile
         self.shared: dict[str, gs.Tensor] = {}
         self.counter = 0
+        # Weights used by several sites (ALBERT's layers share theirs): one smoothing vector per weight, from
+        # the union of its consumers' activation ranges, and one INT8 copy, dequantized once for every consumer.
+        self.shared_factors: dict[tuple[str, int], np.ndarray] = {}
+        self.weight_outputs: dict[tuple[str, int, bool], gs.Tensor] = {}
+        self.names: set[str] = set(graph.tensors().keys())
+
+    def unique_name(self, name: str) -> str:
+        """``name``, or ``name_2``, ``name_3``...: two distinct tensors must never share a name."""
+        candidate, index = name, 1
+        while candidate in self.names:
+            index += 1
+            candidate = f"{name}_{index}"
+        self.names.add(candidate)
+        return candidate
+
+    def unique_base(self, name: str, suffixes: tuple[str, ...]) -> str:
+        """``name`` (or ``name_2``...) such that no ``name + suffix`` is taken yet; reserves them."""
+        base, index = name, 1
+        while any(f"{base}{suffix}" in self.names for suffix in suffixes):
+            index += 1
+            base = f"{name}_{index}"
+        self.names.update(f"{base}{suffix}" for suffix in suffixes)
+        return base
+
+    @staticmethod
+    def weight_key(site: Site) -> tuple[str, int]:
+        return site.node.inputs[site.weight].name, site.weight_axis
+
+    def _smoothing_inputs(self, site: Site):
+        """(channel mins, channel maxes, weight, input axis of the weight), or None when smoothing cannot apply."""
+        node = site.node
+        entry = self.table.tensors.get(node.inputs[0].name)
+        weight = constant_values(node.inputs[site.weight])
+        if entry is None or entry.channel_min is None or weight is None:
+            return None
+        cmin = np.asarray(entry.channel_min, np.float64)
+        cmax = np.asarray(entry.channel_max, np.float64)
+        in_axis = 0 if site.weight_axis == 1 else 1  # [K, N] for MatMul, [N, K] for Gemm with transB
+        if cmin.size != weight.shape[in_axis]:
+            return None
+        return cmin, cmax, weight, in_axis
+
+    @staticmethod
+    def _factors(act: np.ndarray, weight: np.ndarray, axis: int, alpha: float) -> np.ndarray:
+        act = np.maximum(act, 1e-5)
+        wmax = np.maximum(np.abs(weight).max(axis=axis).astype(np.float64), 1e-5)
+        return np.clip(act ** alpha / wmax ** (1.0 - alpha), 1e-4, 1e4)
+
+    def plan_shared_weights(self, sites: list[Site], alpha: float) -> int:
+        """One smoothing vector for each weight that several linear sites use: from the channel-wise largest
+        |activation| over all of them, so the one smoothed weight is exact for every consumer."""
+        groups: dict[tuple[str, int], list[Site]] = {}
+        for site in sites:
+            if site.kind == "linear" and site.weight is not None:
+                groups.setdefault(self.weight_key(site), []).append(site)
+        shared = 0
+        for key, members in groups.items():
+            inputs = [self._smoothing_inputs(site) for site in members]
+            inputs = [i for i in inputs if i is not None]
+            if len(members) < 2 or len(inputs) < 2 or len({i[0].size for i in inputs}) > 1:
+                continue
+            act = np.max([np.maximum(np.abs(cmin), np.abs(cmax)) for cmin, cmax, _, _ in inputs], axis=0)
+            self.shared_factors[key] = self._factors(act, inputs[0][2], key[1], alpha)
+            shared += 1
+        return shared
 
     def _range_params(self, lo: float, hi: float):
         """Scale and zero-point for the range [lo, hi]: symmetric INT8 for trt, asymmetric UINT8 for ORT."""
@@ -184,22 +249,20 @@ class Quantizer:
         """SmoothQuant on one linear site: x' = x / s (a Mul), W' = diag(s) W, then quantize x' and W'.
 
         Exact in float. x' takes its range from the table's per-channel ranges divided by s (the 'max'
-        method); returns False (plain quantization) when the table has no per-channel ranges.
+        method); returns False (plain quantization) when the table has no per-channel ranges. A weight that
+        several sites share takes the vector ``plan_shared_weights`` made for all of them, and is smoothed and
+        quantized once.
         """
         node = site.node
         tensor = node.inputs[0]
-        entry = self.table.tensors.get(tensor.name)
-        weight = constant_values(node.inputs[site.weight])
-        if entry is None or entry.channel_min is None or weight is None:
+        inputs = self._smoothing_inputs(site)
+        if inputs is None:
             return False
-        cmin = np.asarray(entry.channel_min, np.float64)
-        cmax = np.asarray(entry.channel_max, np.float64)
-        in_axis = 0 if site.weight_axis == 1 else 1  # [K, N] for MatMul, [N, K] for Gemm with transB
-        if cmin.size != weight.shape[in_axis]:
-            return False
-        act = np.maximum(np.maximum(np.abs(cmin), np.abs(cmax)), 1e-5)
-        wmax = np.maximum(np.abs(weight).max(axis=site.weight_axis).astype(np.float64), 1e-5)
-        s = np.clip(act ** alpha / wmax ** (1.0 - alpha), 1e-4, 1e4)
+        cmin, cmax, weight, in_axis = inputs
+        key = self.weight_key(site)
+        s = self.shared_factors.get(key)
+        if s is None:
+            s = self._factors(np.maximum(np.abs(cmin), np.abs(cmax)), weight, site.weight_axis, alpha)
         lo, hi = float((cmin / s).min()), float((cmax / s).max())
         self.counter += 1
         tag = f"{node.name or tensor.name}_tqc_smooth{self.counter}"
@@ -207,11 +270,17 @@ class Quantizer:
         self.graph.nodes.append(gs.Node("Mul", f"{tag}_Mul", inputs=[tensor, gs.Constant(f"{tag}_factor",
                                         (1.0 / s).astype(np.float32))], outputs=[scaled]))
         node.inputs[0] = self._qdq_pair(scaled, tag, *self._range_params(lo, hi))
+        cached = self.weight_outputs.get((*key, True)) if key in self.shared_factors else None
+        if cached is not None:
+            node.inputs[site.weight] = cached
+            return True
         factor = s.astype(np.float32)
-        node.inputs[site.weight] = gs.Constant(f"{node.inputs[site.weight].name}_smoothed",
+        node.inputs[site.weight] = gs.Constant(self.unique_name(f"{node.inputs[site.weight].name}_smoothed"),
                                                np.asarray(weight, np.float32) *
                                                (factor[:, None] if in_axis == 0 else factor[None, :]))
         self.quantize_weight(site)
+        if key in self.shared_factors:
+            self.weight_outputs[(*key, True)] = node.inputs[site.weight]
         return True
 
     def qattention(self, node: gs.Node, alpha: float) -> bool:
@@ -256,10 +325,15 @@ class Quantizer:
         return True
 
     def quantize_weight(self, site: Site) -> None:
+        """Per-channel INT8 weight and its DequantizeLinear; a weight several sites share is quantized once."""
         weight = site.node.inputs[site.weight]
+        key = (weight.name, site.weight_axis, False)
+        if key in self.weight_outputs:
+            site.node.inputs[site.weight] = self.weight_outputs[key]
+            return
         values = np.asarray(constant_values(weight), np.float32)
         q, scale = _quantize_weight(values, site.weight_axis)
-        name = weight.name
+        name = self.unique_base(weight.name, ("_int8", "_scale", "_zero_point", "_dequantized"))
         q_c = gs.Constant(f"{name}_int8", q)
         s_c = gs.Constant(f"{name}_scale", scale)
         zp_c = gs.Constant(f"{name}_zero_point", np.zeros(scale.shape, np.int8))
@@ -267,6 +341,7 @@ class Quantizer:
         self.graph.nodes.append(gs.Node("DequantizeLinear", f"{name}_DequantizeLinear",
                                         attrs={"axis": site.weight_axis}, inputs=[q_c, s_c, zp_c], outputs=[out]))
         site.node.inputs[site.weight] = out
+        self.weight_outputs[key] = out
 
 
 @register
@@ -293,6 +368,10 @@ class Qdq(Pass):
         "smooth": Option(float, 0.75, "SmoothQuant strength alpha in [0, 1] (0: off): per-channel factors move "
                          "activation outliers into the weights; the activation range then comes from the "
                          "table's per-channel ranges"),
+        "shared_weights": Option(str, "share", "a weight several MatMuls use (ALBERT's layers): 'share' smooths it "
+                                 "once for all of them (one vector from the union of their activation ranges) and "
+                                 "keeps one INT8 copy; 'copy' gives every consumer its own smoothed INT8 copy",
+                                 choices=("share", "copy")),
     }
     # Quantization is judged statistically, not elementwise: outputs must keep this cosine to the float graph.
     tolerance = Tolerance(atol=math.inf, rtol=math.inf, min_cosine=0.98)
@@ -388,6 +467,8 @@ class Qdq(Pass):
         quantizer = Quantizer(graph, ctx.calibration, ctx.target, self.values["method"], self.values["percentile"])
         int8_flops = qattention_int8
         smoothed = 0
+        if self.values["smooth"] > 0 and self.values["shared_weights"] == "share":
+            quantizer.plan_shared_weights(sites, self.values["smooth"])
         for site in sites:
             if self.values["smooth"] > 0 and site.kind == "linear" and quantizer.smooth(site, self.values["smooth"]):
                 smoothed += 1
