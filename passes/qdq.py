@@ -140,6 +140,11 @@ class Quantizer:
         self.shared_factors: dict[tuple[str, int], np.ndarray] = {}
         self.weight_outputs: dict[tuple[str, int, bool], gs.Tensor] = {}
         self.names: set[str] = set(graph.tensors().keys())
+        # Ranges of smoothed activations x / s measured on the calibration data (methods other than 'max'):
+        # the table holds x's ranges only, and a percentile of x / s is not a function of them.
+        self.source = None                                       # the calibration data, re-iterable
+        self.range_cache: dict[tuple[str, bytes], object] = {}   # (site, s) -> TensorRange, across apply() calls
+        self.measured: dict[str, object] = {}
 
     def unique_name(self, name: str) -> str:
         """``name``, or ``name_2``, ``name_3``...: two distinct tensors must never share a name."""
@@ -182,6 +187,57 @@ class Quantizer:
         act = np.maximum(act, 1e-5)
         wmax = np.maximum(np.abs(weight).max(axis=axis).astype(np.float64), 1e-5)
         return np.clip(act ** alpha / wmax ** (1.0 - alpha), 1e-4, 1e4)
+
+    def smoothing_vector(self, site: Site, alpha: float) -> np.ndarray | None:
+        """The SmoothQuant vector s of a linear site (shared by every site of its weight), or None."""
+        inputs = self._smoothing_inputs(site)
+        if inputs is None:
+            return None
+        s = self.shared_factors.get(self.weight_key(site))
+        if s is None:
+            cmin, cmax, weight, _ = inputs
+            s = self._factors(np.maximum(np.abs(cmin), np.abs(cmax)), weight, site.weight_axis, alpha)
+        return s
+
+    def measure_smoothed(self, requests: list[tuple[str, gs.Tensor, np.ndarray]]) -> None:
+        """Calibrate x / s for every (site name, x, s) on the float graph, so that ``method`` (percentile,
+        entropy, mse) applies to the smoothed activations as it does to plain ones. 'max' needs no data:
+        max(x / s) is max over channels of the table's channel max / s."""
+        if self.method == "max" or not requests:
+            return
+        missing = [(key, tensor, s) for key, tensor, s in requests if (key, s.tobytes()) not in self.range_cache]
+        if missing:
+            if self.source is None:
+                raise TqcError(f"qdq: method={self.method} with SmoothQuant measures the smoothed activations on the "
+                               "calibration data, and a calibration table has only the unsmoothed ranges: give "
+                               "--calib DATA, or use smooth=0 or method=max")
+            from tqc.compiler.calibration import calibrate
+
+            probe = self.graph.copy()  # shares the weight arrays
+            tensors = probe.tensors()
+            names = []
+            for index, (_, tensor, s) in enumerate(missing):
+                out = gs.Variable(f"tqc_smoothed_probe{index}", dtype=np.float32)
+                probe.nodes.append(gs.Node("Mul", f"tqc_smoothed_probe{index}_Mul", inputs=[
+                    tensors[tensor.name], gs.Constant(f"tqc_smoothed_probe{index}_factor", (1.0 / s).astype(np.float32))],
+                    outputs=[out]))
+                names.append(out.name)
+            probe.toposort()
+            table = calibrate(probe, self.source, names, model_hash="probe")
+            for (key, _, s), name in zip(missing, names):
+                self.range_cache[(key, s.tobytes())] = table.tensors[name]
+        for key, _, s in requests:
+            self.measured[key] = self.range_cache[(key, s.tobytes())]
+
+    def _smoothed_range(self, key: str, lo: float, hi: float) -> tuple[float, float]:
+        """The range of a smoothed activation: measured with ``method`` when it was, else [lo, hi] ('max')."""
+        entry = self.measured.get(key)
+        if entry is None:
+            return lo, hi
+        if self.target == "trt":
+            amax = entry.symmetric(self.method, self.percentile)
+            return -amax, amax
+        return entry.asymmetric(self.method, self.percentile)
 
     def plan_shared_weights(self, sites: list[Site], alpha: float) -> int:
         """One smoothing vector for each weight that several linear sites use: from the channel-wise largest
@@ -260,10 +316,8 @@ class Quantizer:
             return False
         cmin, cmax, weight, in_axis = inputs
         key = self.weight_key(site)
-        s = self.shared_factors.get(key)
-        if s is None:
-            s = self._factors(np.maximum(np.abs(cmin), np.abs(cmax)), weight, site.weight_axis, alpha)
-        lo, hi = float((cmin / s).min()), float((cmax / s).max())
+        s = self.smoothing_vector(site, alpha)
+        lo, hi = self._smoothed_range(node.name, float((cmin / s).min()), float((cmax / s).max()))
         self.counter += 1
         tag = f"{node.name or tensor.name}_tqc_smooth{self.counter}"
         scaled = gs.Variable(f"{tag}_input", dtype=np.float32)
@@ -283,6 +337,21 @@ class Quantizer:
             self.weight_outputs[(*key, True)] = node.inputs[site.weight]
         return True
 
+    def qattention_vector(self, node: gs.Node, alpha: float) -> np.ndarray | None:
+        """The smoothing vector of a fused Attention's input (ones when alpha is 0), or None."""
+        entry = self.table.tensors.get(node.inputs[0].name)
+        weight = constant_values(node.inputs[1])
+        if entry is None or weight is None or entry.channel_min is None:
+            return None
+        weight = weight.astype(np.float64)
+        s = np.ones(weight.shape[0])
+        if alpha > 0:
+            cmin = np.asarray(entry.channel_min, np.float64)
+            cmax = np.asarray(entry.channel_max, np.float64)
+            act = np.maximum(np.maximum(np.abs(cmin), np.abs(cmax)), 1e-5)
+            s = np.clip(act ** alpha / np.maximum(np.abs(weight).max(axis=1), 1e-5) ** (1.0 - alpha), 1e-4, 1e4)
+        return s
+
     def qattention(self, node: gs.Node, alpha: float) -> bool:
         """com.microsoft Attention -> [Mul(1/s)] -> QuantizeLinear(u8) -> QAttention(INT8 per-column weights)."""
         x = node.inputs[0]
@@ -294,11 +363,8 @@ class Quantizer:
         cmin = np.asarray(entry.channel_min, np.float64)
         cmax = np.asarray(entry.channel_max, np.float64)
         weight = weight.astype(np.float64)
-        s = np.ones(weight.shape[0])
-        if alpha > 0:
-            act = np.maximum(np.maximum(np.abs(cmin), np.abs(cmax)), 1e-5)
-            s = np.clip(act ** alpha / np.maximum(np.abs(weight).max(axis=1), 1e-5) ** (1.0 - alpha), 1e-4, 1e4)
-        lo, hi = float((cmin / s).min()), float((cmax / s).max())
+        s = self.qattention_vector(node, alpha)
+        lo, hi = self._smoothed_range(node.name, float((cmin / s).min()), float((cmax / s).max()))
         scale, zero_point = self._range_params(lo, hi)
         self.counter += 1
         tag = f"{node.name}_tqc_q{self.counter}"
@@ -403,7 +469,12 @@ class Qdq(Pass):
                     any(fnmatch.fnmatch(n.name, pattern) for pattern in self.values["exclude"])}
         float_prefixes = []  # expanded excluded attentions: their QKV projection stays float
         if self.uses_qattention(ctx.target):
-            quantizer = Quantizer(graph, ctx.calibration, ctx.target, self.values["method"], self.values["percentile"])
+            quantizer = self.quantizer(graph, ctx)
+            attentions = [n for n in graph.nodes if n.op == "Attention" and n.domain == "com.microsoft"
+                          and n.name not in skip and n.name not in excluded and len(n.inputs) > 2]
+            vectors = [(n, quantizer.qattention_vector(n, self.values["smooth"])) for n in attentions]
+            quantizer.measure_smoothed([(n.name, n.inputs[0], v) for n, v in vectors
+                                        if v is not None and constant_values(n.inputs[2]) is not None])
             for node in [n for n in graph.nodes if n.op == "Attention" and n.domain == "com.microsoft"]:
                 if node.name not in skip and node.name not in excluded and \
                         quantizer.qattention(node, self.values["smooth"]):
@@ -441,6 +512,12 @@ class Qdq(Pass):
             chosen.append(site)
         return chosen
 
+    def quantizer(self, graph: gs.Graph, ctx: PassContext) -> Quantizer:
+        quantizer = Quantizer(graph, ctx.calibration, ctx.target, self.values["method"], self.values["percentile"])
+        quantizer.source = ctx.analyses.get("calibration_source")
+        quantizer.range_cache = ctx.analyses.setdefault("qdq_smoothed_ranges", {})
+        return quantizer
+
     def uses_qattention(self, target: str) -> bool:
         choice = str(self.values["qattention"]).lower()
         if target == "trt" or choice == "false":
@@ -464,11 +541,15 @@ class Qdq(Pass):
                 k, n = constant_values(node.inputs[1]).shape
                 qattention_int8 += 2.0 * k * n
                 total_flops += 2.0 * k * n + 2 * 2.0 * FLOP_TOKENS * (n // 3)
-        quantizer = Quantizer(graph, ctx.calibration, ctx.target, self.values["method"], self.values["percentile"])
+        quantizer = self.quantizer(graph, ctx)
         int8_flops = qattention_int8
         smoothed = 0
         if self.values["smooth"] > 0 and self.values["shared_weights"] == "share":
             quantizer.plan_shared_weights(sites, self.values["smooth"])
+        if self.values["smooth"] > 0:
+            vectors = [(site, quantizer.smoothing_vector(site, self.values["smooth"])) for site in sites
+                       if site.kind == "linear"]
+            quantizer.measure_smoothed([(site.node.name, site.node.inputs[0], v) for site, v in vectors if v is not None])
         for site in sites:
             if self.values["smooth"] > 0 and site.kind == "linear" and quantizer.smooth(site, self.values["smooth"]):
                 smoothed += 1

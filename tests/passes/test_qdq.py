@@ -7,6 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tqc.compiler.calib_data import DataSpec, FeedSource
+from tqc.compiler.errors import TqcError
 from tqc.compiler.calibration import calibrate, calibration_targets
 from tqc.compiler.feeds import synthesize_feeds
 from tqc.compiler.manager import PassManager
@@ -343,3 +344,76 @@ def test_albert_every_layer_computes_with_its_own_weight(exports, tmp_path, caps
             reference = float_weights[name]
             error = np.abs(effective[name] - reference).max() / np.abs(reference).max()
             assert error < 0.02, (target, name, error)
+
+
+def _heavy_tailed_feeds(count=4, seed=0):
+    """Inputs with rare large values: percentile clips them, max keeps them."""
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_t(2, (64, 3, 8)).astype(np.float32)} for _ in range(count)]
+
+
+def _activation_scales(model):
+    """Scale of every QuantizeLinear that quantizes a smoothed input (its Mul output), by the consumer MatMul."""
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    scales = {}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            dq = producers.get(node.input[0])
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            mul = producers.get(q.input[0]) if q is not None else None
+            if mul is not None and mul.op_type == "Mul":
+                scales[node.name] = (float(consts[q.input[1]]), model, mul)
+    return scales
+
+
+@pytest.mark.parametrize("target", ["trt", "ort-cuda"])
+def test_method_applies_to_smoothed_activations(target):
+    """Regression: under SmoothQuant (the default) the smoothed input's range came from the per-channel maxima
+    whatever the method, so method=max and method=percentile gave byte-identical models."""
+    model = onnx.shape_inference.infer_shapes(shared_weight_model())
+    feeds = _heavy_tailed_feeds()
+    table = calibrate(model, feeds, calibration_targets(model))
+    results = {}
+    for spec in ("qdq{method=max}", "qdq{method=percentile,percentile=99.9}"):
+        ctx = PassContext(target=target, calibration=table)
+        ctx.analyses["calibration_source"] = feeds
+        manager = PassManager(parse_pipeline(spec), ctx)
+        q = manager.run(model)
+        assert manager.records[-1].stats["smoothed"] == 2
+        results[spec] = _activation_scales(q)
+    maxed, clipped = results.values()
+    assert set(maxed) == set(clipped) == {"layer0", "layer1"}
+    for name in maxed:
+        max_scale, _, _ = maxed[name]
+        pct_scale, q, mul = clipped[name]
+        assert pct_scale < 0.8 * max_scale  # the heavy tail is clipped
+        # The percentile is of the smoothed activation x / s itself: recompute it in numpy on the same data.
+        factor = numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == mul.input[1]))
+        session = ort.InferenceSession(onnx.shape_inference.infer_shapes(_expose(model, mul.input[0])).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        x = np.concatenate([(f[mul.input[0]] if mul.input[0] in f else session.run([mul.input[0]], f)[0])
+                            .reshape(-1, factor.size) for f in feeds]) * factor
+        if target == "trt":
+            expected = np.percentile(np.abs(x), 99.9) / 127.0
+        else:
+            lo, hi = np.percentile(x, 0.1), np.percentile(x, 99.9)  # each tail clipped at 0.1% of the samples
+            expected = (min(hi, x.max()) - max(lo, x.min())) / 255.0
+        assert pct_scale == pytest.approx(expected, rel=0.05)
+
+
+def _expose(model, name):
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    if name not in {o.name for o in exposed.graph.output} | {i.name for i in exposed.graph.input}:
+        exposed.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return exposed
+
+
+def test_method_under_smoothing_needs_the_data_not_only_a_table():
+    model = onnx.shape_inference.infer_shapes(two_consumers_model())
+    table = calibrate(model, _heavy_tailed_feeds(), calibration_targets(model))
+    ctx = PassContext(target="trt", calibration=table)  # a table from `tqc calibrate`, no data
+    with pytest.raises(TqcError, match="method=percentile with SmoothQuant measures the smoothed activations"):
+        PassManager(parse_pipeline("qdq{method=percentile}"), ctx).run(model)
+    PassManager(parse_pipeline("qdq{method=percentile,smooth=0}"), PassContext(target="trt", calibration=table)).run(model)
