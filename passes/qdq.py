@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 
 from tqc.compiler.errors import TqcError
 from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool, parse_list
+from tqc.passes.fp16 import QDQ_FP16_OPSET, raise_opset
 from tqc.passes.fuse.attention import MaskCache, expand_ort_attention
 from tqc.passes.fuse.match import constant_values, producer
 from tqc.passes.registry import register
@@ -114,6 +115,19 @@ def _heads_layout(node: gs.Node) -> tuple[int, int] | None:
     return None
 
 
+def _float_type(tensor: gs.Tensor) -> type:
+    """The float type of a tensor a Q/DQ pair quantizes: its scales and dequantized output take it."""
+    dtype = tensor.values.dtype if isinstance(tensor, gs.Constant) else tensor.dtype
+    try:
+        return np.float16 if dtype is not None and np.dtype(dtype) == np.float16 else np.float32
+    except TypeError:
+        return np.float32
+
+
+def _float_type_of_array(values: np.ndarray) -> type:
+    return np.float16 if values.dtype == np.float16 else np.float32
+
+
 def _quantize_weight(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     reduce_axes = tuple(i for i in range(values.ndim) if i != axis)
     amax = np.abs(values).max(axis=reduce_axes)
@@ -145,6 +159,7 @@ class Quantizer:
         self.source = None                                       # the calibration data, re-iterable
         self.range_cache: dict[tuple[str, bytes], object] = {}   # (site, s) -> TensorRange, across apply() calls
         self.measured: dict[str, object] = {}
+        self.float16 = False  # a float16 tensor was quantized: the graph needs opset 19
 
     def unique_name(self, name: str) -> str:
         """``name``, or ``name_2``, ``name_3``...: two distinct tensors must never share a name."""
@@ -217,9 +232,10 @@ class Quantizer:
             tensors = probe.tensors()
             names = []
             for index, (_, tensor, s) in enumerate(missing):
-                out = gs.Variable(f"tqc_smoothed_probe{index}", dtype=np.float32)
+                out = gs.Variable(f"tqc_smoothed_probe{index}", dtype=_float_type(tensor))
                 probe.nodes.append(gs.Node("Mul", f"tqc_smoothed_probe{index}_Mul", inputs=[
-                    tensors[tensor.name], gs.Constant(f"tqc_smoothed_probe{index}_factor", (1.0 / s).astype(np.float32))],
+                    tensors[tensor.name], gs.Constant(f"tqc_smoothed_probe{index}_factor",
+                                                      (1.0 / s).astype(_float_type(tensor)))],
                     outputs=[out]))
                 names.append(out.name)
             probe.toposort()
@@ -277,10 +293,12 @@ class Quantizer:
         return self._range_params(*entry.asymmetric(self.method, self.percentile))
 
     def _qdq_pair(self, tensor: gs.Tensor, tag: str, scale, zero_point) -> gs.Variable:
-        scale_c = gs.Constant(f"{tag}_scale", np.array(scale, np.float32))
+        ftype = _float_type(tensor)  # FP16 graphs: float16 scales (opset 19), as TensorRT's strong typing wants
+        self.float16 |= ftype is np.float16
+        scale_c = gs.Constant(f"{tag}_scale", np.array(scale, ftype))
         zp_c = gs.Constant(f"{tag}_zero_point", np.array(zero_point))
         quantized = gs.Variable(f"{tag}_quantized", dtype=zp_c.values.dtype)
-        dequantized = gs.Variable(f"{tag}_dequantized", dtype=np.float32)
+        dequantized = gs.Variable(f"{tag}_dequantized", dtype=ftype)
         self.graph.nodes += [
             gs.Node("QuantizeLinear", f"{tag}_QuantizeLinear", inputs=[tensor, scale_c, zp_c], outputs=[quantized]),
             gs.Node("DequantizeLinear", f"{tag}_DequantizeLinear", inputs=[quantized, scale_c, zp_c],
@@ -320,9 +338,10 @@ class Quantizer:
         lo, hi = self._smoothed_range(node.name, float((cmin / s).min()), float((cmax / s).max()))
         self.counter += 1
         tag = f"{node.name or tensor.name}_tqc_smooth{self.counter}"
-        scaled = gs.Variable(f"{tag}_input", dtype=np.float32)
+        ftype = _float_type(tensor)
+        scaled = gs.Variable(f"{tag}_input", dtype=ftype)
         self.graph.nodes.append(gs.Node("Mul", f"{tag}_Mul", inputs=[tensor, gs.Constant(f"{tag}_factor",
-                                        (1.0 / s).astype(np.float32))], outputs=[scaled]))
+                                        (1.0 / s).astype(ftype))], outputs=[scaled]))
         node.inputs[0] = self._qdq_pair(scaled, tag, *self._range_params(lo, hi))
         cached = self.weight_outputs.get((*key, True)) if key in self.shared_factors else None
         if cached is not None:
@@ -332,7 +351,7 @@ class Quantizer:
         node.inputs[site.weight] = gs.Constant(self.unique_name(f"{node.inputs[site.weight].name}_smoothed"),
                                                np.asarray(weight, np.float32) *
                                                (factor[:, None] if in_axis == 0 else factor[None, :]))
-        self.quantize_weight(site)
+        self.quantize_weight(site, _float_type_of_array(weight))
         if key in self.shared_factors:
             self.weight_outputs[(*key, True)] = node.inputs[site.weight]
         return True
@@ -360,6 +379,8 @@ class Quantizer:
         bias = constant_values(node.inputs[2]) if len(node.inputs) > 2 else None
         if entry is None or weight is None or bias is None or entry.channel_min is None:
             return False
+        if _float_type(x) is np.float16:
+            return False  # ORT's QAttention takes float32 only
         cmin = np.asarray(entry.channel_min, np.float64)
         cmax = np.asarray(entry.channel_max, np.float64)
         weight = weight.astype(np.float64)
@@ -390,9 +411,12 @@ class Quantizer:
                                         inputs=inputs, outputs=[out]))
         return True
 
-    def quantize_weight(self, site: Site) -> None:
-        """Per-channel INT8 weight and its DequantizeLinear; a weight several sites share is quantized once."""
+    def quantize_weight(self, site: Site, ftype: type | None = None) -> None:
+        """Per-channel INT8 weight and its DequantizeLinear (scales in ``ftype``, else the weight's own float
+        type); a weight several sites share is quantized once."""
         weight = site.node.inputs[site.weight]
+        ftype = ftype or _float_type(weight)
+        self.float16 |= ftype is np.float16
         key = (weight.name, site.weight_axis, False)
         if key in self.weight_outputs:
             site.node.inputs[site.weight] = self.weight_outputs[key]
@@ -401,9 +425,9 @@ class Quantizer:
         q, scale = _quantize_weight(values, site.weight_axis)
         name = self.unique_base(weight.name, ("_int8", "_scale", "_zero_point", "_dequantized"))
         q_c = gs.Constant(f"{name}_int8", q)
-        s_c = gs.Constant(f"{name}_scale", scale)
+        s_c = gs.Constant(f"{name}_scale", scale.astype(ftype))
         zp_c = gs.Constant(f"{name}_zero_point", np.zeros(scale.shape, np.int8))
-        out = gs.Variable(f"{name}_dequantized", dtype=np.float32)
+        out = gs.Variable(f"{name}_dequantized", dtype=ftype)
         self.graph.nodes.append(gs.Node("DequantizeLinear", f"{name}_DequantizeLinear",
                                         attrs={"axis": site.weight_axis}, inputs=[q_c, s_c, zp_c], outputs=[out]))
         site.node.inputs[site.weight] = out
@@ -483,6 +507,11 @@ class Qdq(Pass):
         if ctx.target != "trt" and any(n.op == "Attention" and n.domain == "com.microsoft" for n in graph.nodes):
             masks = MaskCache(graph)
             for index, node in enumerate([n for n in graph.nodes if n.op == "Attention" and n.domain == "com.microsoft"]):
+                if _float_type(node.inputs[0]) is np.float16:
+                    # the expansion is written in float32; in an FP16 graph the fused op stays, its QKV in FP16
+                    notes.append(f"qdq: '{node.name}' runs in FP16 (fused Attention of an FP16 graph): its QKV "
+                                 "projection stays FP16")
+                    continue
                 if node.name in excluded:
                     notes.append(f"qdq: '{node.name}' excluded by pattern: its QKV projection stays float")
                     float_prefixes.append(f"tqc_xattn{index}_")
@@ -572,6 +601,8 @@ class Qdq(Pass):
                     node.inputs[1] = quantizer.fake_quantize(b, node)
                     residuals += 1
         concats = _equalize_concat_scales(graph)
+        if quantizer.float16 and raise_opset(graph):
+            notes.append(f"qdq: opset raised to {QDQ_FP16_OPSET}: Q/DQ of float16 tensors take float16 scales")
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return {
             "quantized_matmuls": len(sites),
@@ -607,6 +638,7 @@ def _equalize_concat_scales(graph: gs.Graph) -> int:
             q = producer(d.inputs[0])
             for holder in (d, q):
                 if holder is not None and len(holder.inputs) > 1:
-                    holder.inputs[1] = gs.Constant(f"{holder.name}_equalized_scale", np.array(largest, np.float32))
+                    holder.inputs[1] = gs.Constant(f"{holder.name}_equalized_scale",
+                                                   np.array(largest, constant_values(holder.inputs[1]).dtype))
         count += 1
     return count
