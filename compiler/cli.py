@@ -182,12 +182,15 @@ def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, sam
 @click.argument("model")
 @click.option("--target", type=click.Choice(["trt"]), default="trt", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def check_cmd(model: str, target: str, as_json: bool) -> None:
+@click.option("--shapes", multiple=True, help="Profiles (input_ids:1x16,8x128,32x512): their max sequence decides "
+                                              "INT8 MHA eligibility (else the model's position table).")
+def check_cmd(model: str, target: str, as_json: bool, shapes: tuple[str, ...] = ()) -> None:
     """Static TensorRT readiness check: ops, Q/DQ rules, dynamic shapes, INT8 MHA eligibility."""
     from tqc.compiler.model_io import load_model
+    from tqc.compiler.profiles import parse_shapes
     from tqc.compiler.trt_check import check_trt, format_check
 
-    report = check_trt(load_model(model, load_external_data=False))
+    report = check_trt(load_model(model, load_external_data=False), parse_shapes(shapes))
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_check(report, model))
     if not report.ok:
         sys.exit(1)

@@ -33,14 +33,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.errors import TqcError
+from tqc.compiler.target_facts import (TRT_INT8_MHA_HEAD_SIZES, TRT_INT8_MHA_MAX_SEQUENCE, position_table_rows,
+                                       sequence_bound)
 from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool, parse_list
 from tqc.passes.fp16 import QDQ_FP16_OPSET, raise_opset
 from tqc.passes.fuse.attention import MaskCache, expand_ort_attention
 from tqc.passes.fuse.match import constant_values, producer
 from tqc.passes.registry import register
 
-TRT_MHA_HEAD_SIZES = (16, 32, 64)
-TRT_MHA_MAX_SEQUENCE = 512
+TRT_MHA_HEAD_SIZES = TRT_INT8_MHA_HEAD_SIZES
+TRT_MHA_MAX_SEQUENCE = TRT_INT8_MHA_MAX_SEQUENCE
 FLOP_TOKENS = 128  # FLOP shares are reported for a 128-token sequence
 
 
@@ -62,9 +64,29 @@ def _is_dq(t: gs.Tensor) -> bool:
     return node is not None and node.op == "DequantizeLinear"
 
 
+def graph_sequence_bound(graph: gs.Graph, ctx: PassContext) -> tuple[int | None, str]:
+    """The longest sequence the model will see: --shapes, else calibration lengths and the position table."""
+    profiles = ctx.analyses.get("shapes") or {}
+    feeds = list(ctx.analyses.get("calibration_feeds") or []) + list(ctx.verification_feeds or [])
+    lengths = [int(v.shape[1]) for feed in feeds for v in feed.values() if getattr(v, "ndim", 0) >= 2]
+    made = {out.name: node for node in graph.nodes for out in node.outputs}
+    gathers = []
+    for node in graph.nodes:
+        if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant) and len(node.inputs[0].shape) == 2:
+            gathers.append((int(node.inputs[0].shape[0]), node.inputs[1].name))
+
+    def producer(name):
+        node = made.get(name)
+        return (node.op, [t.name for t in node.inputs]) if node is not None else None
+
+    positions = position_table_rows(gathers, producer, {t.name for t in graph.inputs})
+    return sequence_bound([p.max for p in profiles.values()], lengths, positions)
+
+
 def _matmul_sites(graph: gs.Graph, op_types: list[str], target: str, attention: bool,
-                  notes: list[str]) -> list[Site]:
+                  notes: list[str], max_sequence: tuple[int | None, str] = (None, "")) -> list[Site]:
     sites = []
+    long_sequence_noted = False
     for node in graph.nodes:
         if node.op not in op_types or len(node.inputs) < 2:
             continue
@@ -97,6 +119,13 @@ def _matmul_sites(graph: gs.Graph, op_types: list[str], target: str, attention: 
             elif head not in TRT_MHA_HEAD_SIZES:
                 notes.append(f"qdq: attention MatMul '{node.name}' has head size {head}; TensorRT's INT8 MHA "
                              f"needs {TRT_MHA_HEAD_SIZES}: left in float")
+                site.eligible = False
+            elif max_sequence[0] is not None and max_sequence[0] > TRT_MHA_MAX_SEQUENCE:
+                if not long_sequence_noted:
+                    notes.append(f"qdq: sequences up to {max_sequence[0]} ({max_sequence[1]}) exceed TensorRT's INT8 "
+                                 f"MHA limit of {TRT_MHA_MAX_SEQUENCE}: the attention batched MatMuls stay in float "
+                                 "(give --shapes with a max sequence <= 512 to quantize them)")
+                    long_sequence_noted = True
                 site.eligible = False
             sites.append(site)
     return sites
@@ -518,7 +547,8 @@ class Qdq(Pass):
                 expand_ort_attention(graph, node, index, masks)
                 ctx.analyses["attention_expanded"] = ctx.analyses.get("attention_expanded", 0) + 1
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        sites = _matmul_sites(graph, self.values["op_types"], ctx.target, self.values["attention"], notes)
+        bound = graph_sequence_bound(graph, ctx) if ctx.target == "trt" and self.values["attention"] else (None, "")
+        sites = _matmul_sites(graph, self.values["op_types"], ctx.target, self.values["attention"], notes, bound)
         chosen = []
         for site in sites:
             if not site.eligible:
