@@ -18,6 +18,12 @@ mask Add, LayerNorm, GELU and Softmax math left in float, equal scales across Co
 skipped. ``ort-*``: asymmetric UINT8 activations (a GELU output's [-0.17, 10] range keeps all 8 bits), INT8
 weights per channel. The pass is deterministic given the table, and running it twice changes nothing.
 
+Shared weights (ALBERT's layers): x1 ─► Mul(1/s) ─► Q/DQ ─► MatMul ◄─ DQ(W·diag(s) INT8) ─► MatMul ◄─ Q/DQ ◄─ Mul(1/s) ◄─ x2,
+one s from the union of both consumers' ranges, one INT8 copy (``shared_weights=copy``: one per consumer).
+FP16 graphs (``fp16,qdq``): scales take the float type of the tensor they quantize (float16, opset 19).
+``method`` applies to smoothed activations too (x/s measured on the calibration data). INT8 attention needs the
+sequences the model will see within TensorRT's limit (``tqc.compiler.target_facts``).
+
 ``budget=0.995`` adds the accuracy protection: the output cosine of the quantized graph is measured on the
 calibration data; while it is below the budget, the MatMul whose quantization costs most (measured one at a
 time) goes back to float.
