@@ -63,6 +63,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """tqc: compile transformer encoders (ONNX) to fast, verified FP16/INT8 deployments."""
     ctx.obj = Ui(quiet=quiet)
     _quiet_onnxruntime()
+    if quiet:
+        _quiet_graphsurgeon()
 
 
 def _quiet_onnxruntime() -> None:
@@ -70,6 +72,14 @@ def _quiet_onnxruntime() -> None:
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)
+
+
+def _quiet_graphsurgeon() -> None:
+    """-q: onnx-graphsurgeon's warnings (and its 'install colored' banner) stay off stderr."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.ERROR
+    G_LOGGER.colors = False
 
 
 @cli.command("export")
@@ -203,12 +213,15 @@ def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, sam
 @click.argument("model")
 @click.option("--target", type=click.Choice(["trt"]), default="trt", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def check_cmd(model: str, target: str, as_json: bool) -> None:
+@click.option("--shapes", multiple=True, help="Profiles (input_ids:1x16,8x128,32x512): their max sequence decides "
+                                              "INT8 MHA eligibility (else the model's position table).")
+def check_cmd(model: str, target: str, as_json: bool, shapes: tuple[str, ...] = ()) -> None:
     """Static TensorRT readiness check: ops, Q/DQ rules, dynamic shapes, INT8 MHA eligibility."""
     from tqc.compiler.model_io import load_model
+    from tqc.compiler.profiles import parse_shapes
     from tqc.compiler.trt_check import check_trt, format_check
 
-    report = check_trt(load_model(model, load_external_data=False))
+    report = check_trt(load_model(model, load_external_data=False), parse_shapes(shapes))
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_check(report, model))
     if not report.ok:
         sys.exit(1)

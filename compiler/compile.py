@@ -106,6 +106,10 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
     for name in opts.explain:
         get_pass(name)  # unknown names get the did-you-mean error
     ctx = PassContext(target=opts.target, explain=set(opts.explain))
+    if opts.shapes:  # the profiles' max sequence also decides qdq's INT8 attention placement
+        from tqc.compiler.profiles import parse_shapes
+
+        ctx.analyses["shapes"] = parse_shapes(opts.shapes)
     if opts.calib and opts.calib_table:
         raise TqcError("give either --calib or --calib-table, not both")
     if opts.calib:

@@ -18,8 +18,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-INT8_MHA_HEAD_SIZES = (16, 32, 64)
-INT8_MHA_MAX_SEQUENCE = 512
+from tqc.compiler.target_facts import (TRT_INT8_MHA_HEAD_SIZES as INT8_MHA_HEAD_SIZES,
+                                       TRT_INT8_MHA_MAX_SEQUENCE as INT8_MHA_MAX_SEQUENCE, position_table_rows,
+                                       sequence_bound)
 
 
 @lru_cache(maxsize=1)
@@ -68,7 +69,22 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
-def check_trt(model: onnx.ModelProto) -> CheckReport:
+def model_sequence_bound(model: onnx.ModelProto, profiles: dict | None = None) -> tuple[int | None, str]:
+    """The longest sequence the model will see: the profiles' max (--shapes), else its position table."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    made = {out: node for node in model.graph.node for out in node.output}
+    gathers = [(int(dims[n.input[0]][0]), n.input[1]) for n in model.graph.node
+               if n.op_type == "Gather" and len(dims.get(n.input[0], [])) == 2]
+
+    def producer(name):
+        node = made.get(name)
+        return (node.op_type, list(node.input)) if node is not None else None
+
+    positions = position_table_rows(gathers, producer, {i.name for i in model.graph.input})
+    return sequence_bound([p.max for p in (profiles or {}).values()], (), positions)
+
+
+def check_trt(model: onnx.ModelProto, profiles: dict | None = None) -> CheckReport:
     table = support_table()
     supported, unsupported = set(table["supported"]), set(table["unsupported"])
     restrictions = table["restrictions"]
@@ -114,7 +130,7 @@ def check_trt(model: onnx.ModelProto) -> CheckReport:
     if report.dynamic_inputs:
         names = ", ".join(f"{k}{v}" for k, v in report.dynamic_inputs.items())
         report.add("info", "profiles", f"dynamic inputs need optimization profiles (--shapes): {names}")
-    report.attention = _attention_blocks(model, constants, report)
+    report.attention = _attention_blocks(model, constants, report, model_sequence_bound(model, profiles))
     return report
 
 
@@ -155,7 +171,7 @@ def _check_qdq(node, label, constants, consumers, report: CheckReport) -> None:
                                                  f"(feeds {', '.join(u.op_type for u in users) or 'nothing'})", label)
 
 
-def _attention_blocks(model, constants, report: CheckReport) -> list[dict]:
+def _attention_blocks(model, constants, report: CheckReport, bound: tuple[int | None, str] = (None, "")) -> list[dict]:
     producers = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for node in model.graph.node:
@@ -199,15 +215,26 @@ def _attention_blocks(model, constants, report: CheckReport) -> list[dict]:
         size = head_size(qk.input[0]) or head_size(pv.input[1])
         quantized = all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
                         for i in list(qk.input) + list(pv.input))
-        eligible = size in INT8_MHA_HEAD_SIZES and quantized
-        reason = ("eligible for INT8 MHA when the profile's max sequence is <= 512" if eligible else
+        too_long = bound[0] is not None and bound[0] > INT8_MHA_MAX_SEQUENCE
+        eligible = size in INT8_MHA_HEAD_SIZES and quantized and not too_long
+        reason = (f"eligible for INT8 MHA when the profile's max sequence is <= {INT8_MHA_MAX_SEQUENCE}" +
+                  (f" (sequences up to {bound[0]}: {bound[1]})" if bound[0] is not None else "") if eligible else
                   f"head size {size} is not in {INT8_MHA_HEAD_SIZES}" if size not in INT8_MHA_HEAD_SIZES else
+                  f"sequences up to {bound[0]} ({bound[1]}) exceed TensorRT's INT8 MHA limit of "
+                  f"{INT8_MHA_MAX_SEQUENCE}" + ("; the quantized batched MatMuls will run outside the fused INT8 "
+                                                "MHA kernel" if quantized else "") if too_long else
                   "batched MatMuls not quantized: runs as FP16/FP32 MHA")
-        blocks.append({"softmax": softmax.name, "head_size": size, "int8_mha": eligible, "note": reason})
+        blocks.append({"softmax": softmax.name, "head_size": size, "int8_mha": eligible, "note": reason,
+                       "quantized": quantized})
     if blocks:
         count = sum(b["int8_mha"] for b in blocks)
         report.add("info", "attention", f"{len(blocks)} attention blocks; {count} meet TensorRT's INT8 MHA conditions "
-                                        f"(head size {INT8_MHA_HEAD_SIZES}, sequence <= {INT8_MHA_MAX_SEQUENCE})")
+                                        f"(head size {INT8_MHA_HEAD_SIZES}, sequence <= {INT8_MHA_MAX_SEQUENCE})"
+                                        + (f"; sequences up to {bound[0]} ({bound[1]})" if bound[0] is not None else ""))
+        if bound[0] is not None and bound[0] > INT8_MHA_MAX_SEQUENCE and any(b["quantized"] for b in blocks):
+            report.add("warning", "int8-mha-sequence", f"sequences up to {bound[0]} ({bound[1]}) exceed TensorRT's "
+                                                       f"INT8 MHA limit of {INT8_MHA_MAX_SEQUENCE}: give --shapes "
+                                                       "with a smaller max, or keep attention in float")
     return blocks
 
 

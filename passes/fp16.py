@@ -15,6 +15,8 @@ onnxruntime-tools), driven with tqc's block lists.
 
 from __future__ import annotations
 
+import math
+
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.activations import max_abs_per_tensor
@@ -24,6 +26,28 @@ from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, pa
 from tqc.passes.registry import register
 
 FP16_MAX = 65504.0
+QDQ_FP16_OPSET = 19  # QuantizeLinear/DequantizeLinear take float16 inputs and scales from opset 19
+# Opset 18 moved these ops' ``axes`` from an attribute to an input; nothing else a transformer graph uses
+# changed meaning between opsets 17 and 19 (the other schema changes add types or optional inputs).
+_AXES_BECAME_INPUT = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                      "ReduceLogSumExp", "ReduceSumSquare")
+
+
+def raise_opset(graph: gs.Graph, version: int = QDQ_FP16_OPSET) -> bool:
+    """Lift the default-domain opset to ``version`` (for float16 Q/DQ), rewriting the ops whose form changed."""
+    import numpy as np
+    import onnx
+
+    if graph.opset is None or int(graph.opset) >= version:
+        return False
+    for node in graph.nodes:
+        if node.op in _AXES_BECAME_INPUT and "axes" in node.attrs:
+            axes = gs.Constant(f"{node.name or node.outputs[0].name}_axes", np.array(node.attrs.pop("axes"), np.int64))
+            node.inputs = [node.inputs[0], axes]
+    graph.opset = version
+    imports = [imp for imp in (graph.import_domains or []) if imp.domain not in ("", "ai.onnx")]
+    graph.import_domains = [onnx.helper.make_opsetid("", version)] + imports
+    return True
 
 
 def replace_graph(graph: gs.Graph, new: gs.Graph) -> None:
@@ -81,12 +105,24 @@ class Fp16(Pass):
     # FP16 is not exact: 10 mantissa bits. Outputs of a LayerNorm-ended encoder stay within these bounds.
     tolerance = Tolerance(atol=0.05, rtol=0.05)
 
+    def tolerance_for(self, ctx: PassContext) -> Tolerance:
+        """On an INT8 graph, an FP16-rounded input can land on the neighbouring INT8 level: elementwise bounds
+        no longer describe the change, the output cosine does (as for ``qdq``)."""
+        if ctx.analyses.get("fp16_after_qdq"):
+            return Tolerance(atol=math.inf, rtol=math.inf, min_cosine=0.99)
+        return self.tolerance
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
         for index, node in enumerate(graph.nodes):
             if not node.name:
                 node.name = f"tqc_node_{index}"
+        if any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes):
+            # qdq,fp16: the Q/DQ scales become float16 with the tensors they quantize
+            ctx.analyses["fp16_after_qdq"] = True
+            if raise_opset(graph):
+                ctx.note(f"fp16: opset raised to {QDQ_FP16_OPSET} for float16 Q/DQ scales")
         model = to_model(graph)
         blocked_nodes: list[str] = []
         peak = 0.0

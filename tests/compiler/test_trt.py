@@ -193,3 +193,82 @@ def test_bench_cli_on_cpu(exports, tmp_path, capsys):
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["median_ms"] > 0 and r["p99_ms"] >= r["median_ms"] for r in rows)
     assert "1.00x" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def long_bert(tmp_path_factory):
+    """bert-tiny with 1024 positions: TensorRT's INT8 MHA stops at sequence 512."""
+    pytest.importorskip("transformers")
+    from tqc.models.export import ExportSpec, export
+    from tqc.models.recipes import find_recipe
+
+    folder = tmp_path_factory.mktemp("long")
+    config = find_recipe("bert").config("tiny")
+    config.max_position_embeddings = 1024
+    config.save_pretrained(folder / "cfg")
+    export(ExportSpec(str(folder / "cfg" / "config.json")), folder / "long.onnx")
+    return folder / "long.onnx"
+
+
+def _long_qdq(path, shapes=None, seq=16):
+    from tqc.compiler.feeds import synthesize_feeds
+
+    model = load_model(path)
+    feeds = synthesize_feeds(model, count=2, seq=seq)
+    ctx = PassContext(target="trt", verification_feeds=feeds)
+    ctx.analyses["calibration_source"] = feeds
+    if shapes:
+        ctx.analyses["shapes"] = parse_shapes(shapes)
+    manager = PassManager(parse_pipeline("fold,fuse,qdq"), ctx)
+    return model, manager.run(model), manager.records[-1].stats, ctx
+
+
+def test_int8_attention_follows_the_sequences_the_model_allows(long_bert):
+    """Regression: 1024 positions at sequence 700 ran TensorRT's INT8 attention past its 512 limit (cosine 0.81)
+    while `tqc check` called the blocks eligible."""
+    import onnxruntime as ort
+
+    from tqc.compiler import target_facts
+    from tqc.compiler.feeds import synthesize_feeds
+    from tqc.passes import qdq
+
+    assert qdq.TRT_MHA_MAX_SEQUENCE is target_facts.TRT_INT8_MHA_MAX_SEQUENCE  # one fact, one place
+    model, q, stats, ctx = _long_qdq(long_bert)  # calibrated on 16 tokens; the position table allows 1024
+    assert stats["attention_bmm"] == 0 and stats["linear"] == 8
+    assert any("sequences up to 1024 (the position table (1024 positions))" in m for m in ctx.messages)
+    report = check_trt(q)
+    assert not any(b["int8_mha"] for b in report.attention)
+    assert "int8-mha-sequence" not in codes(report, "warning")  # nothing quantized there to warn about
+    # Numbers at sequence 700 (ORT CPU): the INT8 linears with float attention stay close to FP32.
+    feeds = synthesize_feeds(model, count=1, batch=1, seq=700, seed=3)
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (model, q)]
+    a, b = (r.run(None, feeds[0])[0].reshape(-1).astype(np.float64) for r in runs)
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.99
+    # A profile that stops at 256 allows INT8 attention, and `tqc check` reads the same limit from it.
+    _, q256, stats, _ = _long_qdq(long_bert, shapes="input_ids:1x16,8x128,8x256")
+    assert stats["attention_bmm"] == 4
+    assert all(b["int8_mha"] for b in check_trt(q256, parse_shapes("input_ids:1x16,8x128,8x256")).attention)
+    report = check_trt(q256)  # without profiles: the position table's 1024
+    assert not any(b["int8_mha"] for b in report.attention) and "int8-mha-sequence" in codes(report, "warning")
+    assert "sequences up to 1024" in report.attention[0]["note"]
+
+
+def test_check_cli_reads_shapes(long_bert, tmp_path, capsys):
+    _, q256, _, _ = _long_qdq(long_bert, shapes="input_ids:1x16,8x128,8x256")
+    save_model(q256, tmp_path / "q.onnx")
+    with pytest.raises(SystemExit) as info:
+        main(["check", str(tmp_path / "q.onnx"), "--json", "--shapes", "input_ids:1x16,8x128,8x256"])
+    assert info.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert all(b["int8_mha"] for b in report["attention"]) and len(report["attention"]) == 2
+
+
+def test_standard_models_keep_int8_attention(exports):
+    """512 positions (bert-base; RoBERTa's 514 rows start at 2) and bert-tiny's 128 stay within the limit."""
+    from tqc.compiler.trt_check import model_sequence_bound
+
+    assert model_sequence_bound(load_model(exports.get("bert", size="tiny")))[0] == 128
+    assert model_sequence_bound(load_model(exports.get("roberta", size="tiny")))[0] == 130 - 2
+    for family, positions in (("bert", 128), ("roberta", 128)):
+        fused = compiled(exports.get(family, size="tiny"), "fold,fuse", "trt")
+        assert model_sequence_bound(fused)[0] == positions

@@ -7,6 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tqc.compiler.calib_data import DataSpec, FeedSource
+from tqc.compiler.errors import TqcError
 from tqc.compiler.calibration import calibrate, calibration_targets
 from tqc.compiler.feeds import synthesize_feeds
 from tqc.compiler.manager import PassManager
@@ -234,3 +235,185 @@ def test_excluding_an_attention_keeps_it_expanded(exports):
     assert stats["qattention"] == 1 and stats["attention_expanded"] == 1
     assert stats["linear"] == 2 * 3  # the excluded attention's QKV projection stays float
     assert any(f"'{first}' excluded by pattern" in m for m in ctx.messages)
+
+
+def shared_weight_model(hidden=8):
+    """One weight W used by two MatMuls (ALBERT's layers share theirs): x -> MatMul(W) -> Mul(d) -> MatMul(W) -> y.
+
+    The two consumers see activations with outliers in different channels (x in channel 0; the Mul puts the
+    second MatMul's in channel 5), so each consumer's own SmoothQuant vector differs from the other's.
+    """
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
+    d = np.ones(hidden, np.float32)
+    d[5] = 10.0
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="layer0"),
+             helper.make_node("Mul", ["h", "d"], ["h2"], name="outlier"),
+             helper.make_node("MatMul", ["h2", "w"], ["y"], name="layer1")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, hidden])],
+                              initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(d, "d")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _shared_weight_feeds(count, seed):
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        x = rng.uniform(-1.0, 1.0, (4, 3, 8)).astype(np.float32)  # bounded: held-out data stays in range
+        x[..., 0] *= 10.0
+        feeds.append({"x": x})
+    return feeds
+
+
+def _output_cosine(reference, candidate, feeds):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    runs = [ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]) for m in (reference, candidate)]
+    a = np.concatenate([runs[0].run(None, f)[0] for f in feeds]).reshape(-1)
+    b = np.concatenate([runs[1].run(None, f)[0] for f in feeds]).reshape(-1)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("target", ["trt", "ort-cpu", "ort-cuda"])
+@pytest.mark.parametrize("spec, copies", [("qdq", 1), ("qdq{shared_weights=copy}", 2), ("qdq{smooth=0}", 1)])
+def test_shared_weight_smoothed_as_shared(target, spec, copies):
+    """Regression: a weight shared by two MatMuls was smoothed for its first consumer only, and that one INT8
+    weight served both (ALBERT: cosine 0.83) while each consumer divided its input by its own vector."""
+    model = shared_weight_model()
+    q, stats, _ = quantize(model, target, spec, feeds=_shared_weight_feeds(4, 0))
+    onnx.checker.check_model(q)
+    assert stats["quantized_matmuls"] == 2
+    names = [o for n in q.graph.node for o in n.output] + [t.name for t in q.graph.initializer]
+    assert len(names) == len(set(names))  # no two distinct tensors share a name
+    int8_weights = [t for t in q.graph.initializer if numpy_helper.to_array(t).dtype == np.int8 and t.dims == [8, 8]]
+    assert len(int8_weights) == copies
+    # Numbers: held-out data, the quantized graph against the float one (before the fix: 0.79 with smoothing).
+    assert _output_cosine(model, q, _shared_weight_feeds(4, 1)) >= 0.998
+
+
+def _effective_weights(model):
+    """The float weight every quantized MatMul computes with: its INT8 weight dequantized, with the smoothing
+    factor its input is multiplied by (1/s) moved back into the rows."""
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] in consts:
+            continue
+        dq = producers.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in consts:
+            continue
+        weight = consts[dq.input[0]].astype(np.float64) * consts[dq.input[1]].astype(np.float64)[None, :]
+        q = producers.get(producers[node.input[0]].input[0])  # activation DQ <- Q <- (Mul(1/s) | x)
+        mul = producers.get(q.input[0]) if q is not None else None
+        if mul is not None and mul.op_type == "Mul" and mul.input[1] in consts:
+            weight = weight * consts[mul.input[1]].astype(np.float64)[:, None]
+        found[node.name] = weight
+    return found
+
+
+def test_albert_every_layer_computes_with_its_own_weight(exports, tmp_path, capsys):
+    """ALBERT's layers share their weights. Each quantized MatMul's effective float weight (its INT8 weight,
+    dequantized, with its input's smoothing factor moved back) must equal the original weight within INT8
+    rounding; before the fix the second layer computed with diag(s0 / s1) W (relative error up to 4.5)."""
+    from tqc.compiler.cli import main
+
+    path = exports.get("albert", size="tiny")
+    model = load_model(path)
+    float_weights = {}
+    fused = PassManager(parse_pipeline("fold,fuse"), PassContext(target="trt")).run(model)
+    consts = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer}
+    for node in fused.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in consts:
+            float_weights[node.name] = consts[node.input[1]].astype(np.float64)
+    feeds = synthesize_feeds(model, count=4)
+    data = tmp_path / "calib.npz"
+    np.savez(data, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    for target in ("trt", "ort-cuda"):
+        out = tmp_path / f"q-{target}.onnx"
+        with pytest.raises(SystemExit) as info:
+            main(["-q", "compile", str(path), "-p", "fold,fuse,qdq", "--target", target, "--calib", str(data),
+                  "-o", str(out)])
+        assert info.value.code == 0
+        assert "[W]" not in capsys.readouterr().err  # no graphsurgeon warnings about tensors sharing a name
+        effective = _effective_weights(onnx.load(str(out)))
+        shared = [n for n in effective if n in float_weights]
+        assert len(shared) >= 7  # embedding projection + 3 per layer (QKV is packed by fuse per layer)
+        for name in shared:
+            reference = float_weights[name]
+            error = np.abs(effective[name] - reference).max() / np.abs(reference).max()
+            assert error < 0.02, (target, name, error)
+
+
+def _heavy_tailed_feeds(count=4, seed=0):
+    """Inputs with rare large values: percentile clips them, max keeps them."""
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_t(2, (64, 3, 8)).astype(np.float32)} for _ in range(count)]
+
+
+def _activation_scales(model):
+    """Scale of every QuantizeLinear that quantizes a smoothed input (its Mul output), by the consumer MatMul."""
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    scales = {}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            dq = producers.get(node.input[0])
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            mul = producers.get(q.input[0]) if q is not None else None
+            if mul is not None and mul.op_type == "Mul":
+                scales[node.name] = (float(consts[q.input[1]]), model, mul)
+    return scales
+
+
+@pytest.mark.parametrize("target", ["trt", "ort-cuda"])
+def test_method_applies_to_smoothed_activations(target):
+    """Regression: under SmoothQuant (the default) the smoothed input's range came from the per-channel maxima
+    whatever the method, so method=max and method=percentile gave byte-identical models."""
+    model = onnx.shape_inference.infer_shapes(shared_weight_model())
+    feeds = _heavy_tailed_feeds()
+    table = calibrate(model, feeds, calibration_targets(model))
+    results = {}
+    for spec in ("qdq{method=max}", "qdq{method=percentile,percentile=99.9}"):
+        ctx = PassContext(target=target, calibration=table)
+        ctx.analyses["calibration_source"] = feeds
+        manager = PassManager(parse_pipeline(spec), ctx)
+        q = manager.run(model)
+        assert manager.records[-1].stats["smoothed"] == 2
+        results[spec] = _activation_scales(q)
+    maxed, clipped = results.values()
+    assert set(maxed) == set(clipped) == {"layer0", "layer1"}
+    for name in maxed:
+        max_scale, _, _ = maxed[name]
+        pct_scale, q, mul = clipped[name]
+        assert pct_scale < 0.8 * max_scale  # the heavy tail is clipped
+        # The percentile is of the smoothed activation x / s itself: recompute it in numpy on the same data.
+        factor = numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == mul.input[1]))
+        session = ort.InferenceSession(onnx.shape_inference.infer_shapes(_expose(model, mul.input[0])).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        x = np.concatenate([(f[mul.input[0]] if mul.input[0] in f else session.run([mul.input[0]], f)[0])
+                            .reshape(-1, factor.size) for f in feeds]) * factor
+        if target == "trt":
+            expected = np.percentile(np.abs(x), 99.9) / 127.0
+        else:
+            lo, hi = np.percentile(x, 0.1), np.percentile(x, 99.9)  # each tail clipped at 0.1% of the samples
+            expected = (min(hi, x.max()) - max(lo, x.min())) / 255.0
+        assert pct_scale == pytest.approx(expected, rel=0.05)
+
+
+def _expose(model, name):
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    if name not in {o.name for o in exposed.graph.output} | {i.name for i in exposed.graph.input}:
+        exposed.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return exposed
+
+
+def test_method_under_smoothing_needs_the_data_not_only_a_table():
+    model = onnx.shape_inference.infer_shapes(two_consumers_model())
+    table = calibrate(model, _heavy_tailed_feeds(), calibration_targets(model))
+    ctx = PassContext(target="trt", calibration=table)  # a table from `tqc calibrate`, no data
+    with pytest.raises(TqcError, match="method=percentile with SmoothQuant measures the smoothed activations"):
+        PassManager(parse_pipeline("qdq{method=percentile}"), ctx).run(model)
+    PassManager(parse_pipeline("qdq{method=percentile,smooth=0}"), PassContext(target="trt", calibration=table)).run(model)

@@ -1,0 +1,82 @@
+"""Facts about the deployment targets that several modules act on, kept in one place.
+
+TensorRT 10's fused INT8 multi-head attention runs only for head sizes 16/32/64 and sequences up to 512: ``qdq``
+places INT8 attention by these limits and ``tqc check`` reports by them. The sequence a model will see comes
+from ``--shapes`` (the profile's max), else from the longest of the calibration lengths and the positions its
+position table allows (``position_table_rows``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+TRT_INT8_MHA_HEAD_SIZES = (16, 32, 64)
+TRT_INT8_MHA_MAX_SEQUENCE = 512
+
+_PASS_THROUGH = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten", "Expand")
+
+
+def position_table_rows(gathers: Iterable[tuple[int, str]], producer: Callable[[str], tuple[str, list[str]] | None],
+                        graph_inputs: set[str]) -> int | None:
+    """Positions a model allows: rows of the embedding table gathered by computed position ids.
+
+    ``gathers``: (table rows, indices tensor) of every Gather from a constant 2-D table; ``producer(name)``
+    gives (op type, input names) of the node making a tensor. Word and token-type tables are gathered by graph
+    inputs (through Casts or Reshapes at most) and are skipped; a ``position_ids`` input counts. RoBERTa-style
+    positions (a CumSum over the padding mask) start at padding_idx + 1 = 2: two rows are not positions.
+    """
+    found = None
+    for rows, indices in gathers:
+        name, depth, cumsum, from_input = indices, 0, False, None
+        frontier = [name]
+        seen = set()
+        while frontier and depth < 12:
+            next_frontier = []
+            for t in frontier:
+                if t in seen:
+                    continue
+                seen.add(t)
+                if t in graph_inputs:
+                    from_input = t if from_input is None else from_input
+                    continue
+                made = producer(t)
+                if made is None:
+                    continue
+                op, inputs = made
+                cumsum |= op == "CumSum"
+                next_frontier.extend(inputs[:1] if op in _PASS_THROUGH else [i for i in inputs if i])
+            frontier = next_frontier
+            depth += 1
+        direct = from_input is not None and _direct(indices, producer, graph_inputs)
+        if direct and "position" not in from_input.lower():
+            continue  # word or token-type table
+        positions = rows - 2 if cumsum else rows
+        found = positions if found is None else max(found, positions)
+    return found
+
+
+def _direct(name: str, producer, graph_inputs: set[str]) -> bool:
+    """``name`` is a graph input, or one through pass-through ops only."""
+    for _ in range(8):
+        if name in graph_inputs:
+            return True
+        made = producer(name)
+        if made is None or made[0] not in _PASS_THROUGH:
+            return False
+        name = made[1][0]
+    return False
+
+
+def sequence_bound(profile_max: Iterable[list[int]] = (), lengths: Iterable[int] = (),
+                   positions: int | None = None) -> tuple[int | None, str]:
+    """The longest sequence the model will see, and where that bound comes from."""
+    profile_max = [m for m in profile_max if len(m) >= 2]
+    if profile_max:
+        return max(m[1] for m in profile_max), "the --shapes profile's max"
+    lengths = list(lengths)
+    longest = max(lengths, default=0)
+    if positions is not None and positions >= longest:
+        return positions, f"the position table ({positions} positions)"
+    if longest:
+        return longest, "the calibration lengths"
+    return None, ""
