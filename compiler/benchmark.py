@@ -56,6 +56,28 @@ def time_callable(fn: Callable[[], object], batch: int, runs: int = 200, warmup:
     return Timing(median, pct(0.95), pct(0.99), statistics.fmean(ordered), len(ordered), batch * 1000.0 / median)
 
 
+MAX_BENCH_TOKENS = 1 << 20  # batch x sequence of one measurement: 1M tokens is ~1.5 GB of bert-base activations
+
+
+def parse_bench_shapes(text: str) -> list[tuple[int, int]]:
+    """'1x16,8x128' -> [(1, 16), (8, 128)]; every batch and sequence at least 1, at most ``MAX_BENCH_TOKENS``
+    tokens a shape."""
+    parsed = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            batch, seq = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise TqcError(f"--shapes: '{item}' is not BATCHxSEQUENCE (e.g. 8x128)") from None
+        if batch < 1 or seq < 1:
+            raise TqcError(f"--shapes: '{item}': batch and sequence must be at least 1")
+        if batch * seq > MAX_BENCH_TOKENS:
+            raise TqcError(f"--shapes: '{item}' is {batch * seq} tokens; at most {MAX_BENCH_TOKENS} "
+                           "(batch x sequence) a shape")
+        parsed.append((batch, seq))
+    return parsed
+
+
 def token_inputs(names: list[str], batch: int, seq: int, vocab: int = 30000, lengths: str = "full",
                  seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)

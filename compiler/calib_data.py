@@ -70,7 +70,9 @@ def _validate(feed: dict, model: onnx.ModelProto, where: str) -> Feed:
     batch = {v.shape[0] for v in out.values()}
     if len(batch) > 1:
         raise TqcError(f"{where}: inputs disagree on the batch size (axis 0): {sorted(batch)}")
-    return out
+    from tqc.compiler.data_limits import check_feed
+
+    return check_feed(out, model, where)  # token ids, types and lengths within the model's tables
 
 
 def _batches_from_arrays(arrays: dict[str, np.ndarray], batch_size: int, samples: int | None) -> Iterator[dict]:
@@ -172,6 +174,10 @@ class FeedSource:
             if path.is_dir():
                 raise TqcError(f"data '{path}' is a directory; expected .npz, .json, .txt or script.py:function")
         self.tokenizer = load_tokenizer(spec.tokenizer, model) if self.kind == "text" else None
+        if self.kind == "text":  # no longer than the model's position table (truncated, with a note)
+            from tqc.compiler.data_limits import text_max_length
+
+            spec.max_length = text_max_length(model, spec.max_length)
         first = next(iter(self), None)
         if first is None:
             raise TqcError(f"data '{spec.path}' holds no samples")

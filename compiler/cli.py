@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from tqc import __version__
+from tqc.compiler.cli_ranges import COUNT, NON_NEGATIVE, OPSET, SEED, check_opset, finite_float
 from tqc.compiler.errors import USER_ERROR_EXIT_CODE, TqcError, VerificationError
 
 TARGET_CHOICES = ("trt", "ort-cpu", "ort-cuda")
@@ -60,10 +61,11 @@ def _quiet_onnxruntime() -> None:
               help="torch's TorchScript-based (legacy) or torch.export-based (dynamo) ONNX exporter.")
 @click.option("--attn", type=click.Choice(["eager", "sdpa"]), default="sdpa", show_default=True,
               help="transformers attention implementation at export (sdpa is transformers' default).")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default 17 legacy, 18 dynamo).")
+@click.option("--opset", type=OPSET, default=None, help="ONNX opset (default 17 legacy, 18 dynamo; legacy "
+              "supports 7-20, dynamo 18-23).")
 @click.option("--size", type=click.Choice(["base", "tiny"]), default=None,
               help="For family names: published base size or a tiny test config.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for random weights.")
 def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | None, size: str | None,
                seed: int) -> None:
     """Export SOURCE to FP32 ONNX: 'minilm' (packaged, real weights), a family name (bert, roberta,
@@ -72,6 +74,7 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
     from tqc.compiler.model_io import check_output_path
     from tqc.models.export import ExportSpec, export
 
+    check_opset(exporter, opset)
     check_output_path(output)
     ui = _ui()
     info = export(ExportSpec(source, exporter=exporter, attn=attn, opset=opset, size=size, seed=seed), output,
@@ -98,9 +101,9 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
               help="Calibration data: .npz, polygraphy inputs .json, sentences .txt, or script.py:function.")
 @click.option("--calib-table", default=None, metavar="TABLE", help="A calibration table from 'tqc calibrate'.")
 @click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data (default: the model's own).")
-@click.option("--calib-samples", type=int, default=32, show_default=True, help="Calibration samples to use.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration batch size.")
-@click.option("--max-length", type=int, default=128, show_default=True, help="Token limit for .txt data.")
+@click.option("--calib-samples", type=COUNT, default=32, show_default=True, help="Calibration samples to use.")
+@click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Calibration batch size.")
+@click.option("--max-length", type=COUNT, default=128, show_default=True, help="Token limit for .txt data.")
 @click.option("--shapes", multiple=True, help="TensorRT profiles for .plan outputs: input_ids:1x16,8x128,32x512.")
 def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify: str, dump_dir: str | None,
                 report_path: str | None, explain: tuple[str, ...], calib: str | None, calib_table: str | None,
@@ -145,9 +148,9 @@ def format_report(report: dict) -> str:
 @click.option("--data", "data", required=True, help="Calibration data: .npz, polygraphy .json, .txt, script.py:fn.")
 @click.option("-o", "--output", required=True, help="Calibration table (JSON) to write.")
 @click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data (default: the model's own).")
-@click.option("--samples", type=int, default=32, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--samples", type=COUNT, default=32, show_default=True)
+@click.option("--batch-size", type=COUNT, default=8, show_default=True)
+@click.option("--max-length", type=COUNT, default=128, show_default=True)
 def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, samples: int, batch_size: int,
                   max_length: int) -> None:
     """Stream activation statistics of MODEL over DATA into a reusable calibration table."""
@@ -188,7 +191,7 @@ def check_cmd(model: str, target: str, as_json: bool) -> None:
 @click.option("-o", "--output", required=True, help="TensorRT plan to write (.plan).")
 @click.option("--shapes", multiple=True, help="Profiles: input_ids:1x16,8x128,32x512 (min,opt,max).")
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="FP16 for graphs without Q/DQ.")
-@click.option("--workspace", type=float, default=4.0, show_default=True, help="Workspace pool, GiB.")
+@click.option("--workspace", type=finite_float(min=0, min_open=True), default=4.0, show_default=True, help="Workspace pool, GiB.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="Builder optimization level.")
 @click.option("--timing-cache", default=None, help="Timing cache file (default ~/.cache/tqc/trt_timing.cache).")
@@ -212,27 +215,21 @@ def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, work
 @click.option("--shapes", default="1x16,1x128,8x128", show_default=True, help="batch x sequence, comma-separated.")
 @click.option("--lengths", type=click.Choice(["full", "uniform"]), default="full", show_default=True,
               help="Token lengths per row: all full, or uniform in [S/2, S] with right padding.")
-@click.option("--runs", type=int, default=200, show_default=True)
-@click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--budget", type=float, default=5.0, show_default=True, help="Seconds per measurement at most.")
-@click.option("--threads", type=int, default=None, help="ORT intra-op threads (CPU).")
+@click.option("--runs", type=COUNT, default=200, show_default=True)
+@click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True)
+@click.option("--budget", type=finite_float(min=0, min_open=True), default=5.0, show_default=True, help="Seconds per measurement at most.")
+@click.option("--threads", type=COUNT, default=None, help="ORT intra-op threads (CPU).")
 @click.option("--cuda-graph", is_flag=True, help="ORT CUDA: capture and replay a CUDA graph.")
 @click.option("--json", "json_path", default=None, help="Write the results here.")
 def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str, runs: int, warmup: int,
               budget: float, threads: int | None, cuda_graph: bool, json_path: str | None) -> None:
     """Latency (median, p95, p99) and throughput of one or more models; a comparison table."""
-    from tqc.compiler.benchmark import runner_for, time_callable, token_inputs
+    from tqc.compiler.benchmark import parse_bench_shapes, runner_for, time_callable, token_inputs
     from tqc.compiler.feeds import vocab_size
     from tqc.compiler.model_io import check_input_path, load_model, write_text_atomic
 
     ui = _ui()
-    parsed = []
-    for item in shapes.split(","):
-        try:
-            batch, seq = (int(x) for x in item.lower().split("x"))
-        except ValueError:
-            raise TqcError(f"--shapes: '{item}' is not BATCHxSEQUENCE") from None
-        parsed.append((batch, seq))
+    parsed = parse_bench_shapes(shapes)
     rows = []
     for model in models:
         check_input_path(model)
@@ -285,10 +282,10 @@ def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, i
 @click.option("--data", default=None, help="Inputs: .npz, polygraphy .json, .txt sentences, script.py:fn "
                                            "(default: drawn from the model's signature).")
 @click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data.")
-@click.option("--samples", type=int, default=16, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--samples", type=COUNT, default=16, show_default=True)
+@click.option("--batch-size", type=COUNT, default=8, show_default=True)
 @click.option("--layerwise", is_flag=True, help="Compare every tensor both graphs share by name.")
-@click.option("--threshold", type=float, default=0.05, show_default=True,
+@click.option("--threshold", type=finite_float(min=0), default=0.05, show_default=True,
               help="Relative L2 error that marks the first divergence (with --layerwise).")
 @click.option("--json", "json_path", default=None, help="Write the comparison as JSON.")
 @click.option("--plot", "plot_path", default=None, help="Draw per-tensor SQNR along the network (PNG).")
@@ -366,6 +363,7 @@ def passes_cmd() -> None:
         click.echo(f"{name:<10} {cls.summary()}{needs}")
         for key, opt in cls.options.items():
             choices = f" [{'|'.join(map(str, opt.choices))}]" if opt.choices else ""
+            choices += f" in {opt.range_text()}" if opt.range_text() else ""
             click.echo(f"    {key}={opt.default!r}{choices}  {opt.help}")
 
 

@@ -68,6 +68,9 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
         raise TqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from exc
     if not model.graph.node and not model.graph.output:
         raise TqcError(f"'{p}' is not a readable ONNX model (no graph)")
+    from tqc.compiler.model_check import check_external_data, validate_model
+
+    check_external_data(model, p)  # before anything follows a location: inside the folder, regular, long enough
     _EXTERNAL_LOCATIONS[str(p.resolve())] = external_locations(model)
     if load_external_data:
         base = p.resolve().parent
@@ -81,6 +84,7 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
             onnx.load_external_data_for_model(model, str(base))
         except (OSError, ValueError) as exc:
             raise TqcError(f"cannot read the external data of '{p}': {exc}") from exc
+    validate_model(model, p)
     return model
 
 
@@ -90,14 +94,18 @@ def load_model_lean(path: str | os.PathLike):
     from tqc.compiler.lean_io import load_lean
 
     p = check_input_path(path)
+    from tqc.compiler.model_check import InvalidModelError, validate_model
+
     try:
         lean = load_lean(p)
-    except TqcError:
-        raise
+    except TqcError as exc:  # external data outside the folder, missing or short: the model is invalid
+        reason = str(exc).removeprefix(f"'{p}': ").removeprefix(f"'{p}' ")
+        raise InvalidModelError(p, reason) from None
     except (DecodeError, ValueError, IndexError, RuntimeError, OSError) as exc:
         raise TqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from exc
     if not lean.skeleton.graph.node and not lean.skeleton.graph.output:
         raise TqcError(f"'{p}' is not a readable ONNX model (no graph)")
+    validate_model(lean.skeleton, p)
     _EXTERNAL_LOCATIONS[str(p.resolve())] = lean.external_locations
     return lean
 
