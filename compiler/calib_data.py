@@ -114,7 +114,9 @@ def _load_script(spec: str) -> Callable[[], Iterable[dict]]:
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except (Exception, SystemExit) as exc:  # sys.exit() at import must not end tqc with its code
         raise TqcError(f"data loader script '{file}' failed to import: {type(exc).__name__}: {exc}") from None
     if not hasattr(module, func):
         raise TqcError(f"data loader script '{file}' has no function '{func}'")
@@ -211,9 +213,11 @@ class FeedSource:
                 if spec.samples and taken >= spec.samples:
                     return
         elif self.kind == "script":
+            from tqc.compiler.data_limits import user_loader_feeds
+
             loader = _load_script(spec.path)
             taken = 0
-            for i, feed in enumerate(loader()):
+            for i, feed in enumerate(user_loader_feeds(loader, f"'{spec.path}'")):
                 feed = _validate(feed, self.model, f"{where} item {i}")
                 yield feed
                 taken += next(iter(feed.values())).shape[0]

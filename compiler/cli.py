@@ -48,10 +48,11 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def _quiet_onnxruntime() -> None:
-    """ORT's own warnings (graph-optimizer notes while folding) would drown tqc's progress lines."""
+    """ORT's own warnings (graph-optimizer notes while folding) would drown tqc's progress lines, and its error
+    lines would repeat, unformatted, the error tqc reports in one line: only fatal ones are printed."""
     import onnxruntime
 
-    onnxruntime.set_default_logger_severity(3)
+    onnxruntime.set_default_logger_severity(4)
 
 
 @cli.command("export")
@@ -100,6 +101,8 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.option("--calib", default=None, metavar="DATA",
               help="Calibration data: .npz, polygraphy inputs .json, sentences .txt, or script.py:function.")
 @click.option("--calib-table", default=None, metavar="TABLE", help="A calibration table from 'tqc calibrate'.")
+@click.option("--allow-table-mismatch", is_flag=True,
+              help="Use a --calib-table computed on another model (its model_hash differs) instead of refusing.")
 @click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data (default: the model's own).")
 @click.option("--calib-samples", type=COUNT, default=32, show_default=True, help="Calibration samples to use.")
 @click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Calibration batch size.")
@@ -108,14 +111,15 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify: str, dump_dir: str | None,
                 report_path: str | None, explain: tuple[str, ...], calib: str | None, calib_table: str | None,
                 tokenizer: str | None, calib_samples: int, batch_size: int, max_length: int,
-                shapes: tuple[str, ...]) -> None:
+                shapes: tuple[str, ...], allow_table_mismatch: bool) -> None:
     """Run a pipeline of passes on MODEL and write the result."""
     from tqc.compiler.compile import CompileOptions, compile_model
 
     opts = CompileOptions(model=model, pipeline=pipeline_text, output=output, target=target, verify=verify,
                           dump_dir=dump_dir, report=report_path, explain=explain, calib=calib,
                           calib_table=calib_table, tokenizer=tokenizer, calib_samples=calib_samples,
-                          batch_size=batch_size, max_length=max_length, shapes=shapes)
+                          batch_size=batch_size, max_length=max_length, shapes=shapes,
+                          allow_table_mismatch=allow_table_mismatch)
     report = compile_model(opts, progress=_ui().progress)
     click.echo(format_report(report))
 
@@ -161,12 +165,15 @@ def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, sam
     from tqc.compiler.verify import infer_shapes
 
     out = check_output_path(output, inputs=(model,))
+    from tqc.compiler.model_io import model_hash_async
+
+    hashing = model_hash_async(model)  # the table names its model by the file's hash (weights included)
     lean = load_model_lean(model)  # weights read once; the graph runs without being exported
     skeleton = infer_shapes(lean.skeleton, strict=False)
     graph = to_graph(skeleton, lean.weights)
     source = FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
                                  max_length=max_length), skeleton)
-    table = calibrate(graph, source, calibration_targets(skeleton), progress=_ui().progress)
+    table = calibrate(graph, source, calibration_targets(skeleton), progress=_ui().progress, model_hash=hashing())
     table.save(out)
     click.echo(f"calibrated {len(table.tensors)} tensors on {table.samples} samples in {table.seconds:.2f}s -> {out}")
 
@@ -224,8 +231,8 @@ def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, work
 def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str, runs: int, warmup: int,
               budget: float, threads: int | None, cuda_graph: bool, json_path: str | None) -> None:
     """Latency (median, p95, p99) and throughput of one or more models; a comparison table."""
-    from tqc.compiler.benchmark import parse_bench_shapes, runner_for, time_callable, token_inputs
-    from tqc.compiler.feeds import vocab_size
+    from tqc.compiler.benchmark import bench_inputs, parse_bench_shapes, runner_for, time_callable, token_inputs
+    from tqc.compiler.feeds import input_specs
     from tqc.compiler.model_io import check_input_path, load_model, write_text_atomic
 
     ui = _ui()
@@ -233,17 +240,19 @@ def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str,
     rows = []
     for model in models:
         check_input_path(model)
-        vocab = 30000
-        if model.endswith(".onnx"):
-            onnx_model = load_model(model)
-            vocab = vocab_size(onnx_model, "input_ids") or vocab
+        onnx_model = None
+        if not model.endswith(".plan"):  # validated on load; only the signature and table dims are read
+            onnx_model = load_model(model, load_external_data=False)
+            for batch, seq in parsed:  # every shape checked before the first measurement
+                bench_inputs(onnx_model, [s.name for s in input_specs(onnx_model)], batch, seq, lengths)
         runner = runner_for(model, provider, threads, cuda_graph)
         names = runner.input_names
         for position, (batch, seq) in enumerate(parsed):
             ui.progress(f"{model} {batch}x{seq} on {provider}" + (" (CUDA graph)" if cuda_graph else ""))
             if cuda_graph and position > 0:
                 runner = runner_for(model, provider, threads, cuda_graph)  # a captured graph has fixed shapes
-            feed = token_inputs(names, batch, seq, vocab, lengths)
+            feed = bench_inputs(onnx_model, names, batch, seq, lengths) if onnx_model is not None else \
+                token_inputs(names, batch, seq, 30000, lengths)
             timing = time_callable(runner.prepare(feed), batch, runs, warmup, budget)
             rows.append({"model": model, "shape": f"{batch}x{seq}", "provider": provider, **timing.as_dict()})
     base = {r["shape"]: r["median_ms"] for r in rows if r["model"] == models[0]}

@@ -36,6 +36,7 @@ class CompileOptions:
     batch_size: int = 8
     max_length: int = 128
     shapes: tuple[str, ...] = ()       # TensorRT profiles for .plan outputs
+    allow_table_mismatch: bool = False  # use a calib_table whose model_hash is another model's
 
 
 def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
@@ -79,6 +80,10 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
         from tqc.compiler.calibration import CalibrationTable
 
         ctx.calibration = CalibrationTable.load(opts.calib_table)
+        from tqc.compiler.table_check import check_table_matches
+
+        check_table_matches(ctx.calibration, opts.calib_table, source, hashing, model, opts.allow_table_mismatch,
+                            progress)
     manager = PassManager(passes, ctx, verify=opts.verify, dump_dir=opts.dump_dir, progress=progress)
     nodes_in = len(model.graph.node)
     if is_plan:

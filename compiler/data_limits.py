@@ -213,3 +213,45 @@ def check_sequence(model: onnx.ModelProto, seq: int, what: str) -> None:
     if longest is not None and seq > longest:
         raise TqcError(f"{what}: sequence {seq} is beyond the model's position table "
                        f"'{limits_of(model).position_table}' ({longest} positions)")
+
+
+# ---------------------------------------------------------------- user code (``loader.py:function``)
+
+def _describe_exit(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r})"
+    text = " ".join(str(exc).split())
+    return f"raised {type(exc).__name__}" + (f": {text[:200]}" if text else "")
+
+
+def user_loader_feeds(loader, label: str):
+    """Feed dicts from a user's data loader function, each call into user code guarded: an exception or a
+    ``SystemExit`` (``sys.exit(0)`` would otherwise end tqc with exit 0 and no output) becomes one
+    ``TqcError`` naming the loader; a wrong return type too. Ctrl-C still interrupts."""
+    if not callable(loader):
+        raise TqcError(f"data loader {label} is not a function (it is a {type(loader).__name__})")
+    try:
+        result = loader()
+    except KeyboardInterrupt:
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code: anything it does is reported
+        raise TqcError(f"data loader {label} {_describe_exit(exc)}") from None
+    if isinstance(result, (dict, str, bytes, np.ndarray)) or result is None or not hasattr(result, "__iter__"):
+        raise TqcError(f"data loader {label} returned {type(result).__name__}; it must return or yield feed "
+                       "dicts (input name -> array), e.g. a list of dicts")
+    iterator = iter(result)
+    index = 0
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except KeyboardInterrupt:
+            raise
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
+            raise TqcError(f"data loader {label} {_describe_exit(exc)} (while producing item {index})") from None
+        if not isinstance(item, dict):
+            raise TqcError(f"data loader {label} yielded {type(item).__name__} as item {index}; each item must be a "
+                           "dict of input name -> array")
+        yield item
+        index += 1

@@ -265,3 +265,35 @@ def validate_model(model: onnx.ModelProto, path: str | os.PathLike, checker: boo
     _check_dataflow(model.graph, p)
     if checker:
         _run_full_checker(model, p)
+
+
+def check_export_config(config, source: str) -> None:
+    """A transformers config that cannot make a model (export): sizes that are not positive integers, a hidden
+    size that is not a multiple of the attention heads, weights that cannot fit in memory -> one line."""
+    where = f"config of '{source}'"
+    sizes = {}
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size"):
+        try:
+            value = getattr(config, key)
+        except AttributeError:
+            continue
+        if value is None:
+            continue
+        minimum = 1 if key != "num_hidden_layers" else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise TqcError(f"{where}: '{key}' must be an integer >= {minimum}, got {value!r}")
+        sizes[key] = value
+    hidden, heads = sizes.get("hidden_size"), sizes.get("num_attention_heads")
+    if hidden and heads and hidden % heads:
+        raise TqcError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                       f"(each head gets hidden_size / heads dims)")
+    if hidden:
+        layers = sizes.get("num_hidden_layers", 1)
+        inner = sizes.get("intermediate_size", 4 * hidden)
+        params = (sizes.get("vocab_size", 0) + sizes.get("max_position_embeddings", 0)) * hidden + \
+            layers * (4 * hidden * hidden + 2 * hidden * inner)
+        memory = physical_memory_bytes()
+        if params * 4 > memory:
+            raise TqcError(f"{where}: about {params:.3g} parameters ({_human(params * 4)} in FP32), more than this "
+                           f"machine's memory ({_human(memory)})")
