@@ -232,7 +232,23 @@ def _check_dataflow(graph: onnx.GraphProto, path: Path) -> None:
             if waiting[j] == 0:
                 ready.append(j)
     if done != len(graph.node):
-        stuck = [graph.node[i] for i, count in enumerate(waiting) if count > 0]
+        # What waits only downstream of a cycle is not on it: peel stuck nodes no other stuck node reads.
+        stuck_ids = {i for i, count in enumerate(waiting) if count > 0}
+        readers = {i: sum(1 for j in users.get(i, ()) if j in stuck_ids) for i in stuck_ids}
+        feeders: dict[int, list[int]] = {}
+        for i in stuck_ids:
+            for j in users.get(i, ()):
+                if j in stuck_ids:
+                    feeders.setdefault(j, []).append(i)
+        leaves = deque(i for i, count in readers.items() if count == 0)
+        while leaves:
+            i = leaves.popleft()
+            stuck_ids.discard(i)
+            for k in feeders.get(i, ()):
+                readers[k] -= 1
+                if readers[k] == 0:
+                    leaves.append(k)
+        stuck = [graph.node[i] for i in sorted(stuck_ids)]
         names = ", ".join(f"'{n.name or n.op_type}'" for n in stuck[:4]) + (", ..." if len(stuck) > 4 else "")
         raise InvalidModelError(path, f"the graph has a cycle through {len(stuck)} node(s) ({names})")
 
