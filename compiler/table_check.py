@@ -2,7 +2,7 @@
 
     table.json ─► JSON ─► schema and values ─► CalibrationTable ─► same model? ─► qdq
                           │ every key present, numbers finite,     │ the table's model_hash (sha256 of the
-                          │ min <= max, amax >= 0, lo <= hi,        │ model file and its external data: weights
+                          │ min <= max, amax >= 0, lo/hi paired     │ model file and its external data: weights
                           │ channel lists of equal length           │ included) against the model compiled
                           └ one line naming the tensor and key      └ a mismatch is refused (--allow-table-mismatch)
 
@@ -64,9 +64,6 @@ def validate_table_data(data: dict, path: str | Path) -> None:
                     raise TqcError(f"{at}: 'amax' of '{method}' is negative ({value})")
         if set(entry["lo"]) != set(entry["hi"]):
             raise TqcError(f"{at}: 'lo' and 'hi' name different methods")
-        for method in entry["lo"]:
-            if entry["lo"][method] > entry["hi"][method]:
-                raise TqcError(f"{at}: 'lo' of '{method}' is above its 'hi'")
         channels = [entry.get("channel_min"), entry.get("channel_max")]
         if any(c is not None for c in channels):
             if not all(isinstance(c, list) for c in channels):
