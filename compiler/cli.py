@@ -205,10 +205,11 @@ def check_cmd(model: str, target: str, as_json: bool) -> None:
 def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, workspace: float, opt_level: int,
               timing_cache: str | None) -> None:
     """Build a TensorRT plan from an ONNX model (strongly typed for Q/DQ graphs)."""
-    from tqc.compiler.model_io import check_input_path, check_output_path
+    from tqc.compiler.model_io import check_input_path, check_output_path, load_model
     from tqc.compiler.trt import build_plan, require_tensorrt
 
     check_input_path(model)
+    load_model(model, load_external_data=False)  # validated as every command's input (weights not read)
     check_output_path(output, inputs=(model,))
     require_tensorrt()
     meta = build_plan(model, output, shapes=shapes, fp16=fp16, workspace_gib=workspace, opt_level=opt_level,

@@ -1,4 +1,4 @@
-"""Hostile and mistaken INPUTS to every subcommand (issue #11, input side): 261 cases.
+"""Hostile and mistaken INPUTS to every subcommand (issue #11, input side): 280 cases.
 
 Each error case asserts, through the shared harness (``tests/hostile/harness.py``): the exit code (2, a
 user error), exactly one ``tqc: error: ...`` line naming the problem, no traceback, every file of the case's
@@ -7,11 +7,11 @@ on tiny synthetic models (an MLP and a token model with word/type/position table
 
 Categories (cases):
 
-* corrupt and hostile models x subcommands (19 x 7 = 133): a cycle, a tensor assigned twice, an undefined
+* corrupt and hostile models x subcommands (19 x 8 = 152): a cycle, a tensor assigned twice, an undefined
   tensor or graph output, raw data shorter than its dims (small and streamed initializers), dims that cannot
   fit in memory (input, initializer), negative dims, a type conflict only the full checker sees; external
   data outside the model's folder (``..``, absolute, symlink), short, missing, a FIFO; a truncated file, an
-  empty file, text - for compile, calibrate, inspect, diff, check, bench and export-triton alike, refused on
+  empty file, text - for compile, calibrate, inspect, diff, check, bench, export-triton and build alike, refused on
   load with "input model is invalid" before any pass runs; plus the valid model accepted by every command (7),
   a broken diff candidate, and validation reading a skeleton (2).
 * pipelines and pass options (21): every out-of-range pass option (percentile, smooth, budget, fp16 margin;
@@ -92,15 +92,17 @@ def command(name: str, model: Path, folder: Path, good: Path) -> list:
         "check": ["check", model],
         "bench": ["bench", model, "--shapes", "2x4", "--runs", "1", "--warmup", "0"],
         "export-triton": ["export-triton", model, "-o", folder / "repo", "--max-batch", "0"],
+        "build": ["build", model, "-o", folder / "o.plan", "--shapes", "x:1x4"],
     }[name]
 
 
 COMMANDS = ("compile", "calibrate", "inspect", "diff", "check", "bench", "export-triton")
+LOADING_COMMANDS = COMMANDS + ("build",)
 
 
 # ---------------------------------------------------------------- corrupt and hostile models
 
-@pytest.mark.parametrize("cmd", COMMANDS)
+@pytest.mark.parametrize("cmd", LOADING_COMMANDS)
 @pytest.mark.parametrize("kind", sorted(BROKEN))
 def test_broken_model_is_refused_on_load(kind, cmd, tmp_path, capsys):
     folder = tmp_path / "w"
