@@ -168,7 +168,7 @@ class OrtRunner:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures reach the user as one tqc line, not ORT log lines
         available = ort.get_available_providers()
         if provider == "cpu":
             providers = ["CPUExecutionProvider"]
