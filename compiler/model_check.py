@@ -140,7 +140,46 @@ def check_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> list
     return sorted(files)
 
 
-def _check_tensor_data(tensor: onnx.TensorProto, where: str, path: Path, memory: int) -> None:
+def raw_data_lengths(path: str | os.PathLike) -> dict[str, int]:
+    """Initializer name -> length of its ``raw_data`` in the file, read from the protobuf framing (mmap) without
+    copying any weight: reading ``len(tensor.raw_data)`` of a parsed model copies the bytes (0.2 s and the
+    largest tensor's size again for MiniLM)."""
+    lengths: dict[str, int] = {}
+    try:
+        _walk_raw_lengths(path, lengths)
+    except (ValueError, IndexError, OSError):  # framing tqc does not walk (groups): measured from the tensors
+        lengths.clear()
+    return lengths
+
+
+def _walk_raw_lengths(path: str | os.PathLike, lengths: dict[str, int]) -> None:
+    import mmap
+
+    from tqc.compiler.lean_io import _GRAPH_INITIALIZER, _MODEL_GRAPH, _TENSOR_RAW_DATA, _fields
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for number, _, start, end in _fields(buf, 0, size):
+                if number != _MODEL_GRAPH:
+                    continue
+                for g_number, _, g_start, g_end in _fields(buf, start, end):
+                    if g_number != _GRAPH_INITIALIZER:
+                        continue
+                    name, raw = None, None
+                    for t_number, _, t_start, t_end in _fields(buf, g_start, g_end):
+                        if t_number == 8:  # TensorProto.name
+                            name = bytes(buf[t_start:t_end]).decode("utf-8", "replace")
+                        elif t_number == _TENSOR_RAW_DATA:
+                            raw = t_end - t_start
+                    if name is not None and raw is not None:
+                        lengths[name] = raw
+
+
+def _check_tensor_data(tensor: onnx.TensorProto, where: str, path: Path, memory: int,
+                       raw_length: int | None = None) -> None:
     dims = list(tensor.dims)
     if any(d < 0 for d in dims):
         raise InvalidModelError(path, f"{where} has negative dims {dims}")
@@ -151,12 +190,13 @@ def _check_tensor_data(tensor: onnx.TensorProto, where: str, path: Path, memory:
                                       f"machine's memory ({_human(memory)})")
     if uses_external_data(tensor):
         return  # checked against its file by check_external_data (or a stand-in of the lean loader)
-    if tensor.HasField("raw_data"):
+    if raw_length is not None or tensor.HasField("raw_data"):
         if itemsize is None:
             return
         needed = int(np.ceil(count * itemsize))
-        if len(tensor.raw_data) != needed:
-            raise InvalidModelError(path, f"{where} holds {len(tensor.raw_data)} bytes of data, its dims {dims} and "
+        length = raw_length if raw_length is not None else len(tensor.raw_data)
+        if length != needed:
+            raise InvalidModelError(path, f"{where} holds {length} bytes of data, its dims {dims} and "
                                           f"type need {needed}")
         return
     for name in _TYPED_FIELDS:
@@ -253,14 +293,35 @@ def _check_dataflow(graph: onnx.GraphProto, path: Path) -> None:
         raise InvalidModelError(path, f"the graph has a cycle through {len(stuck)} node(s) ({names})")
 
 
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``verify.skeleton`` deciding by dims, not by reading ``raw_data`` (which would copy every weight); the data
+    sizes were checked before."""
+    from tqc.compiler.verify import SKELETON_LIMIT, model_header, stand_in
+
+    light = model_header(model)
+    graph, source = light.graph, model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    for tensor in source.initializer:
+        itemsize = _itemsize(tensor.data_type) or 0
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or _elements(tensor.dims) * itemsize > SKELETON_LIMIT:
+            graph.initializer.append(stand_in(tensor.name, tensor.data_type, tensor.dims))
+        else:
+            graph.initializer.append(tensor)
+    return light
+
+
 def _run_full_checker(model: onnx.ModelProto, path: Path) -> None:
-    from tqc.compiler.verify import SKELETON_DATA, skeleton
+    from tqc.compiler.verify import SKELETON_DATA
 
     try:
         with tempfile.TemporaryDirectory(prefix="tqc-check-") as tmp:
             (Path(tmp) / SKELETON_DATA).touch()
             light = Path(tmp) / "model.onnx"
-            light.write_bytes(skeleton(model).SerializeToString())
+            light.write_bytes(_skeleton(model).SerializeToString())
             onnx.checker.check_model(str(light), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError, ValueError) as exc:
         text = str(exc).strip()
@@ -268,14 +329,32 @@ def _run_full_checker(model: onnx.ModelProto, path: Path) -> None:
         raise InvalidModelError(path, f"onnx checker: {first}") from None
 
 
-def validate_model(model: onnx.ModelProto, path: str | os.PathLike, checker: bool = True) -> None:
+def validate_model(model: onnx.ModelProto, path: str | os.PathLike, checker: bool = True,
+                   raw_lengths: dict[str, int] | None = None, external: set[str] = frozenset()) -> None:
     """Raise ``InvalidModelError`` (one line, exit 2) when ``model`` (as loaded from ``path``: a full model, a
-    model without its external data, or a lean skeleton) is not a valid ONNX graph; see the module docstring."""
+    model without its external data, or a lean skeleton) is not a valid ONNX graph; see the module docstring.
+
+    ``raw_lengths`` (``raw_data_lengths(path)``) spares copying each weight to measure it; ``external`` names
+    initializers whose data came from external files (checked by ``check_external_data`` before loading)."""
     p = Path(path)
     if not model.graph.node and not model.graph.output:
         raise InvalidModelError(p, "no graph")
     memory = physical_memory_bytes()
+    names = [t.name for t in model.graph.initializer]
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        twice = next(n for n in names if n in seen or seen.add(n))
+        raise InvalidModelError(p, f"initializer '{twice}' is defined twice")
+    initializers = {id(t) for t in model.graph.initializer}
     for tensor, where in _all_tensors(model.graph):
+        if raw_lengths is not None and id(tensor) in initializers:
+            if tensor.name in external:
+                _check_tensor_data(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                                    data_location=onnx.TensorProto.EXTERNAL), where, p, memory)
+                continue
+            if tensor.name in raw_lengths:
+                _check_tensor_data(tensor, where, p, memory, raw_length=raw_lengths[tensor.name])
+                continue
         _check_tensor_data(tensor, where, p, memory)
     _check_static_dims(model.graph, p, memory)
     _check_dataflow(model.graph, p)

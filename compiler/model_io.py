@@ -68,9 +68,10 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
         raise TqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from exc
     if not model.graph.node and not model.graph.output:
         raise TqcError(f"'{p}' is not a readable ONNX model (no graph)")
-    from tqc.compiler.model_check import check_external_data, validate_model
+    from tqc.compiler.model_check import check_external_data, raw_data_lengths, validate_model
 
     check_external_data(model, p)  # before anything follows a location: inside the folder, regular, long enough
+    external = {t.name for t in model.graph.initializer if uses_external_data(t)}
     _EXTERNAL_LOCATIONS[str(p.resolve())] = external_locations(model)
     if load_external_data:
         base = p.resolve().parent
@@ -84,7 +85,7 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
             onnx.load_external_data_for_model(model, str(base))
         except (OSError, ValueError) as exc:
             raise TqcError(f"cannot read the external data of '{p}': {exc}") from exc
-    validate_model(model, p)
+    validate_model(model, p, raw_lengths=raw_data_lengths(p), external=external)
     return model
 
 
