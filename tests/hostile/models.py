@@ -111,6 +111,12 @@ def broken_model(kind: str, folder: Path) -> Path:
     elif kind == "negative_dims":
         del g.initializer[3].dims[:]
         g.initializer[3].dims.extend([-8, 3])
+    elif kind == "duplicate_initializer":
+        g.initializer.append(numpy_helper.from_array(np.zeros((8,), np.float32), "b"))
+    elif kind == "unsorted":  # acyclic, but a node before its producer: the ONNX spec requires order
+        nodes = list(g.node)
+        del g.node[:]
+        g.node.extend(reversed(nodes))
     elif kind == "type_mismatch":  # MatMul of float and int64: strict shape inference refuses it
         g.initializer[3].CopyFrom(numpy_helper.from_array(np.ones((8, 3), np.int64), "w2"))
     elif kind == "external_parent":
@@ -156,6 +162,8 @@ BROKEN = {
     "absurd_initializer_dims": ("memory",),
     "negative_dims": ("negative",),
     "type_mismatch": ("checker",),
+    "duplicate_initializer": ("defined twice",),
+    "unsorted": ("topologically sorted",),
     "external_parent": ("outside the model's folder",),
     "external_absolute": ("absolute", "outside the model's folder"),
     "external_symlink": ("outside the model's folder",),

@@ -1,4 +1,4 @@
-"""Hostile and mistaken INPUTS to every subcommand (issue #11, input side): 282 cases.
+"""Hostile and mistaken INPUTS to every subcommand (issue #11, input side): 298 cases.
 
 Each error case asserts, through the shared harness (``tests/hostile/harness.py``): the exit code (2, a
 user error), exactly one ``tqc: error: ...`` line naming the problem, no traceback, every file of the case's
@@ -7,14 +7,14 @@ on tiny synthetic models (an MLP and a token model with word/type/position table
 
 Categories (cases):
 
-* corrupt and hostile models x subcommands (19 x 8 = 152): a cycle, a tensor assigned twice, an undefined
-  tensor or graph output, raw data shorter than its dims (small and streamed initializers), dims that cannot
-  fit in memory (input, initializer), negative dims, a type conflict only the full checker sees; external
-  data outside the model's folder (``..``, absolute, symlink), short, missing, a FIFO; a truncated file, an
-  empty file, text - for compile, calibrate, inspect, diff, check, bench, export-triton and build alike, refused on
-  load with "input model is invalid" before any pass runs; plus the valid model accepted by every command (7),
-  a broken diff candidate, diff candidates taking other inputs or input types, and validation reading a
-  skeleton (4).
+* corrupt and hostile models x subcommands (21 x 8 = 168): a cycle, nodes out of order, a tensor or an
+  initializer assigned twice, an undefined tensor or graph output, raw data shorter than its dims (small and
+  streamed initializers), dims that cannot fit in memory (input, initializer), negative dims, a type conflict
+  only the full checker sees; external data outside the model's folder (``..``, absolute, symlink), short,
+  missing, a FIFO; a truncated file, an empty file, text - for compile, calibrate, inspect, diff, check,
+  bench, export-triton and build alike, refused on load with "input model is invalid" before any pass runs;
+  plus the valid model accepted by every command but build (7), a broken diff candidate, diff candidates
+  taking other inputs or input types, and validation reading a skeleton (4).
 * pipelines and pass options (21): every out-of-range pass option (percentile, smooth, budget, fp16 margin;
   below, above, NaN, infinity), type errors, unknown pass/option with did-you-mean, bad choices, and the same
   ranges from the Python API.
