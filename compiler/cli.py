@@ -326,7 +326,10 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
         feeds = list(FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size),
                                 ref_model))
     else:
-        feeds = synthesize_feeds(ref_model, count=2)
+        from tqc.compiler.data_limits import limits_of
+
+        longest = limits_of(ref_model).max_sequence  # drawn no longer than the position table
+        feeds = synthesize_feeds(ref_model, count=2, seq=min(16, longest or 16))
     results, ref_results = [], None
     for path, model in zip(candidates, cand_models):
         ui.progress(f"comparing {path} with {reference}" + (" tensor by tensor" if layerwise else ""))

@@ -1,4 +1,4 @@
-"""Hostile and mistaken INPUTS to every subcommand (issue #11, input side): 298 cases.
+"""Hostile and mistaken INPUTS to every subcommand (issue #11, input side): 299 cases.
 
 Each error case asserts, through the shared harness (``tests/hostile/harness.py``): the exit code (2, a
 user error), exactly one ``tqc: error: ...`` line naming the problem, no traceback, every file of the case's
@@ -14,7 +14,8 @@ Categories (cases):
   missing, a FIFO; a truncated file, an empty file, text - for compile, calibrate, inspect, diff, check,
   bench, export-triton and build alike, refused on load with "input model is invalid" before any pass runs;
   plus the valid model accepted by every command but build (7), a broken diff candidate, diff candidates
-  taking other inputs or input types, and validation reading a skeleton (4).
+  taking other inputs or input types, diff drawing inputs within a short position table, and validation
+  reading a skeleton (5).
 * pipelines and pass options (21): every out-of-range pass option (percentile, smooth, budget, fp16 margin;
   below, above, NaN, infinity), type errors, unknown pass/option with did-you-mean, bad choices, and the same
   ranges from the Python API.
@@ -145,6 +146,13 @@ def test_diff_of_a_candidate_with_other_input_types_is_refused(world, capsys):
     model.graph.input[1].type.tensor_type.elem_type = onnx.TensorProto.INT32  # attention_mask: Cast accepts it
     (world / "tok32.onnx").write_bytes(model.SerializeToString())
     refused(capsys, ["diff", world / "tok.onnx", world / "tok32.onnx"], world, "as int32")
+
+
+def test_diff_draws_inputs_within_a_short_position_table(world, capsys):
+    make_token_model(world / "tok8.onnx", positions=8)
+    out = accepted(capsys, ["diff", world / "tok8.onnx", world / "tok8.onnx", "--save-dir", world / "pg"], world,
+                   [world / "pg"])
+    assert " y " in out
 
 
 def test_validation_is_cheap_and_reads_no_weights_twice(world):
