@@ -2,8 +2,8 @@
 
 For each model: ``load_model_lean`` (what compile and calibrate use) and ``load_model`` (inspect, diff, ...),
 each with validation and with validation switched off, in interleaved rounds; the table prints medians and the
-share validation adds (process CPU seconds: wall time on a shared machine measures the neighbours), and the peak RSS of the process (validation works on a skeleton: it must not add a
-copy of the weights).
+share validation adds (process CPU seconds: wall time on a shared machine measures the neighbours), and the
+peak RSS of the process (validation works on a skeleton: it must not add a copy of the weights).
 
     python bench/bench_model_check.py [--rounds 8] [--models minilm,bert]   (bert: bert-base, random weights)
 """
@@ -55,10 +55,12 @@ def main() -> None:
         real_validate(lean.skeleton, path)
         check_s = time.process_time() - start
         medians = {k: statistics.median(v) for k, v in times.items()}
-        rows.append({"model": source, "bytes": path.stat().st_size, **{f"{k}_s": round(v, 4) for k, v in medians.items()},
+        rows.append({"model": source, "bytes": path.stat().st_size,
+                     **{f"{k}_s": round(v, 4) for k, v in medians.items()},
                      "validate_alone_s": round(check_s, 4), "lean_load_alone_s": round(load_s, 4)})
-    print(f"{'model':<10} {'MB':>6} {'lean cpu s':>10} {'+check':>8} {'ratio':>6} {'full s':>8} {'+check':>8} {'ratio':>6} "
-          f"{'check alone s':>14}")
+    print("process CPU seconds, medians")
+    print(f"{'model':<10} {'MB':>6} {'lean s':>10} {'+check':>8} {'ratio':>6} {'full s':>8} {'+check':>8} "
+          f"{'ratio':>6} {'check alone s':>14}")
     for r in rows:
         print(f"{r['model']:<10} {r['bytes'] / 1e6:>6.0f} {r['lean_s']:>10.3f} {r['lean+check_s']:>8.3f} "
               f"{r['lean+check_s'] / r['lean_s']:>6.2f} {r['full_s']:>8.3f} {r['full+check_s']:>8.3f} "

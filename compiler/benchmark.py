@@ -1,8 +1,9 @@
 """``tqc bench``: latency and throughput of ONNX models (and TensorRT plans) with real-looking inputs.
 
 Inputs come from the model's signature and limits (``bench_inputs``): models of other inputs (float
-features) get random normal floats. Token models' inputs look like tokenized text: random token ids, and per row a length drawn from a distribution
-(``--lengths full|uniform``), with right padding (pad id 0, attention mask 0) after it. Each measurement
+features) get random normal floats. Token models' inputs look like tokenized text: random token ids below the
+vocabulary, and per row a length drawn from a distribution (``--lengths full|uniform``), no longer than the
+position table, with right padding (pad id 0, attention mask 0) after it. Each measurement
 warms up, then times runs until ``runs`` or ``budget`` seconds; it reports median, p95, p99 and throughput
 (sequences per second at the median). On CUDA, ORT runs with IO binding (inputs and outputs on the device),
 optionally with CUDA graphs.

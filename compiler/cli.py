@@ -198,7 +198,8 @@ def check_cmd(model: str, target: str, as_json: bool) -> None:
 @click.option("-o", "--output", required=True, help="TensorRT plan to write (.plan).")
 @click.option("--shapes", multiple=True, help="Profiles: input_ids:1x16,8x128,32x512 (min,opt,max).")
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="FP16 for graphs without Q/DQ.")
-@click.option("--workspace", type=finite_float(min=0, min_open=True), default=4.0, show_default=True, help="Workspace pool, GiB.")
+@click.option("--workspace", type=finite_float(min=0, min_open=True), default=4.0, show_default=True,
+              help="Workspace pool, GiB.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="Builder optimization level.")
 @click.option("--timing-cache", default=None, help="Timing cache file (default ~/.cache/tqc/trt_timing.cache).")
@@ -225,7 +226,8 @@ def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, work
               help="Token lengths per row: all full, or uniform in [S/2, S] with right padding.")
 @click.option("--runs", type=COUNT, default=200, show_default=True)
 @click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True)
-@click.option("--budget", type=finite_float(min=0, min_open=True), default=5.0, show_default=True, help="Seconds per measurement at most.")
+@click.option("--budget", type=finite_float(min=0, min_open=True), default=5.0, show_default=True,
+              help="Seconds per measurement at most.")
 @click.option("--threads", type=COUNT, default=None, help="ORT intra-op threads (CPU).")
 @click.option("--cuda-graph", is_flag=True, help="ORT CUDA: capture and replay a CUDA graph.")
 @click.option("--json", "json_path", default=None, help="Write the results here.")
