@@ -1,7 +1,9 @@
 """``tqc bench``: latency and throughput of ONNX models (and TensorRT plans) with real-looking inputs.
 
-Inputs look like tokenized text: random token ids, and per row a length drawn from a distribution
-(``--lengths full|uniform``), with right padding (pad id 0, attention mask 0) after it. Each measurement
+Inputs come from the model's signature and limits (``bench_inputs``): models of other inputs (float
+features) get random normal floats. Token models' inputs look like tokenized text: random token ids below the
+vocabulary, and per row a length drawn from a distribution (``--lengths full|uniform``), no longer than the
+position table, with right padding (pad id 0, attention mask 0) after it. Each measurement
 warms up, then times runs until ``runs`` or ``budget`` seconds; it reports median, p95, p99 and throughput
 (sequences per second at the median). On CUDA, ORT runs with IO binding (inputs and outputs on the device),
 optionally with CUDA graphs.
@@ -56,6 +58,28 @@ def time_callable(fn: Callable[[], object], batch: int, runs: int = 200, warmup:
     return Timing(median, pct(0.95), pct(0.99), statistics.fmean(ordered), len(ordered), batch * 1000.0 / median)
 
 
+MAX_BENCH_TOKENS = 1 << 20  # batch x sequence of one measurement: 1M tokens is ~1.5 GB of bert-base activations
+
+
+def parse_bench_shapes(text: str) -> list[tuple[int, int]]:
+    """'1x16,8x128' -> [(1, 16), (8, 128)]; every batch and sequence at least 1, at most ``MAX_BENCH_TOKENS``
+    tokens a shape."""
+    parsed = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            batch, seq = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise TqcError(f"--shapes: '{item}' is not BATCHxSEQUENCE (e.g. 8x128)") from None
+        if batch < 1 or seq < 1:
+            raise TqcError(f"--shapes: '{item}': batch and sequence must be at least 1")
+        if batch * seq > MAX_BENCH_TOKENS:
+            raise TqcError(f"--shapes: '{item}' is {batch * seq} tokens; at most {MAX_BENCH_TOKENS} "
+                           "(batch x sequence) a shape")
+        parsed.append((batch, seq))
+    return parsed
+
+
 def token_inputs(names: list[str], batch: int, seq: int, vocab: int = 30000, lengths: str = "full",
                  seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -65,7 +89,8 @@ def token_inputs(names: list[str], batch: int, seq: int, vocab: int = 30000, len
         row_lengths = rng.integers(max(1, seq // 2), seq + 1, size=batch)
     else:
         raise TqcError(f"--lengths must be full or uniform, got '{lengths}'")
-    ids = rng.integers(5, max(6, min(vocab, 30000)), size=(batch, seq)).astype(np.int64)
+    high = max(1, min(vocab, 30000))
+    ids = rng.integers(min(5, high - 1), high, size=(batch, seq)).astype(np.int64)
     mask = (np.arange(seq)[None, :] < row_lengths[:, None]).astype(np.int64)
     ids = ids * mask
     feed = {}
@@ -82,6 +107,57 @@ def token_inputs(names: list[str], batch: int, seq: int, vocab: int = 30000, len
     return feed
 
 
+def bench_inputs(model, names: list[str], batch: int, seq: int, lengths: str = "full",
+                 seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for one ``batch x seq`` measurement of an ONNX model, from its signature and its limits.
+
+    Token models (every input an integer tensor of rank 2): ``token_inputs`` with ids below the word-embedding
+    table's rows, types zero, and a sequence no longer than the position table (else one error line).
+    Other models (float features, images): random normal floats, zeros for integers, ones for booleans, with
+    the static dims of the signature and batch/sequence for the dynamic ones (axis 0: batch; others:
+    sequence). A dtype that cannot be drawn (strings) is refused.
+    """
+    from tqc.compiler.data_limits import check_sequence, limits_of
+    from tqc.compiler.feeds import input_specs
+
+    specs = {spec.name: spec for spec in input_specs(model)}
+    wanted = [specs[n] for n in names if n in specs]
+    limits = limits_of(model)
+    token_model = bool(wanted) and all(np.issubdtype(s.dtype, np.integer) and len(s.shape) == 2 for s in wanted)
+    if token_model:
+        check_sequence(model, seq, f"--shapes {batch}x{seq}")
+        ids_input = next((s.name for s in wanted if s.name in limits.tables and not any(
+            k in s.name.lower() for k in ("type", "segment", "mask", "position"))), None)
+        vocab = limits.rows(ids_input) if ids_input else 30000
+        feed = token_inputs(names, batch, seq, vocab or 30000, lengths, seed)
+        for spec in wanted:
+            for axis, dim in enumerate(spec.shape):
+                if isinstance(dim, int) and dim > 0 and dim != (batch, seq)[axis]:
+                    raise TqcError(f"--shapes {batch}x{seq}: input '{spec.name}' has a fixed size {dim} on axis "
+                                   f"{axis} ({list(spec.shape)})")
+            feed[spec.name] = feed[spec.name].astype(spec.dtype)
+        return feed
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in wanted:
+        shape = []
+        for axis, dim in enumerate(spec.shape):
+            shape.append(dim if isinstance(dim, int) and dim > 0 else batch if axis == 0 else seq)
+        elements = int(np.prod(shape, dtype=np.int64))
+        if elements * max(spec.dtype.itemsize, 1) > (1 << 32):
+            raise TqcError(f"--shapes {batch}x{seq}: input '{spec.name}' would be {shape}, over 4 GiB")
+        if np.issubdtype(spec.dtype, np.floating):
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif np.issubdtype(spec.dtype, np.integer):
+            feed[spec.name] = np.zeros(shape, spec.dtype)
+        elif spec.dtype == np.bool_:
+            feed[spec.name] = np.ones(shape, np.bool_)
+        else:
+            raise TqcError(f"bench cannot draw inputs for '{spec.name}' of type {spec.dtype}: give a token or "
+                           "numeric model")
+    return feed
+
+
 class OrtRunner:
     """One ONNX Runtime session; on CUDA, inputs and outputs bound on the device."""
 
@@ -93,7 +169,7 @@ class OrtRunner:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures reach the user as one tqc line, not ORT log lines
         available = ort.get_available_providers()
         if provider == "cpu":
             providers = ["CPUExecutionProvider"]

@@ -70,7 +70,9 @@ def _validate(feed: dict, model: onnx.ModelProto, where: str) -> Feed:
     batch = {v.shape[0] for v in out.values()}
     if len(batch) > 1:
         raise TqcError(f"{where}: inputs disagree on the batch size (axis 0): {sorted(batch)}")
-    return out
+    from tqc.compiler.data_limits import check_feed
+
+    return check_feed(out, model, where)  # token ids, types and lengths within the model's tables
 
 
 def _batches_from_arrays(arrays: dict[str, np.ndarray], batch_size: int, samples: int | None) -> Iterator[dict]:
@@ -112,7 +114,9 @@ def _load_script(spec: str) -> Callable[[], Iterable[dict]]:
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except (Exception, SystemExit) as exc:  # sys.exit() at import must not end tqc with its code
         raise TqcError(f"data loader script '{file}' failed to import: {type(exc).__name__}: {exc}") from None
     if not hasattr(module, func):
         raise TqcError(f"data loader script '{file}' has no function '{func}'")
@@ -172,6 +176,10 @@ class FeedSource:
             if path.is_dir():
                 raise TqcError(f"data '{path}' is a directory; expected .npz, .json, .txt or script.py:function")
         self.tokenizer = load_tokenizer(spec.tokenizer, model) if self.kind == "text" else None
+        if self.kind == "text":  # no longer than the model's position table (truncated, with a note)
+            from tqc.compiler.data_limits import text_max_length
+
+            spec.max_length = text_max_length(model, spec.max_length)
         first = next(iter(self), None)
         if first is None:
             raise TqcError(f"data '{spec.path}' holds no samples")
@@ -205,9 +213,11 @@ class FeedSource:
                 if spec.samples and taken >= spec.samples:
                     return
         elif self.kind == "script":
+            from tqc.compiler.data_limits import user_loader_feeds
+
             loader = _load_script(spec.path)
             taken = 0
-            for i, feed in enumerate(loader()):
+            for i, feed in enumerate(user_loader_feeds(loader, f"'{spec.path}'")):
                 feed = _validate(feed, self.model, f"{where} item {i}")
                 yield feed
                 taken += next(iter(feed.values())).shape[0]

@@ -93,6 +93,9 @@ class CalibrationTable:
             raise TqcError(f"calibration table '{p}' is not JSON ({exc})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise TqcError(f"'{p}' is not a tqc calibration table (format {FORMAT})")
+        from tqc.compiler.table_check import validate_table_data
+
+        validate_table_data(data, p)  # keys present, values finite and ordered: one line on the first problem
         tensors = {name: TensorRange(v["min"], v["max"], v["amax"], v["lo"], v["hi"], v.get("channel_min"),
                                      v.get("channel_max"))
                    for name, v in data["tensors"].items()}

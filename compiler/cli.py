@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from tqc import __version__
+from tqc.compiler.cli_ranges import COUNT, NON_NEGATIVE, OPSET, SEED, check_opset, finite_float
 from tqc.compiler.errors import (CHECK_FAILED_EXIT_CODE, INTERNAL_ERROR_EXIT_CODE, OK_EXIT_CODE, SIGINT_EXIT_CODE,
                                  USER_ERROR_EXIT_CODE, TqcError, VerificationError)
 
@@ -68,10 +69,11 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def _quiet_onnxruntime() -> None:
-    """ORT's own warnings (graph-optimizer notes while folding) would drown tqc's progress lines."""
+    """ORT's own warnings (graph-optimizer notes while folding) would drown tqc's progress lines, and its error
+    lines would repeat, unformatted, the error tqc reports in one line: only fatal ones are printed."""
     import onnxruntime
 
-    onnxruntime.set_default_logger_severity(3)
+    onnxruntime.set_default_logger_severity(4)
 
 
 def _quiet_graphsurgeon() -> None:
@@ -89,10 +91,11 @@ def _quiet_graphsurgeon() -> None:
               help="torch's TorchScript-based (legacy) or torch.export-based (dynamo) ONNX exporter.")
 @click.option("--attn", type=click.Choice(["eager", "sdpa"]), default="sdpa", show_default=True,
               help="transformers attention implementation at export (sdpa is transformers' default).")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default 17 legacy, 18 dynamo).")
+@click.option("--opset", type=OPSET, default=None, help="ONNX opset (default 17 legacy, 18 dynamo; legacy "
+              "supports 7-20, dynamo 18-23).")
 @click.option("--size", type=click.Choice(["base", "tiny"]), default=None,
               help="For family names: published base size or a tiny test config.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for random weights.")
 @_guarded("export")
 def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | None, size: str | None,
                seed: int) -> None:
@@ -102,6 +105,7 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
     from tqc.compiler.output_guard import current
     from tqc.models.export import ExportSpec, export
 
+    check_opset(exporter, opset)
     guard = current()
     if Path(source).exists():  # a config.json or a model folder: read, never written over
         guard.reads_folder(source, f"the export source '{source}'")
@@ -132,22 +136,25 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.option("--calib", default=None, metavar="DATA",
               help="Calibration data: .npz, polygraphy inputs .json, sentences .txt, or script.py:function.")
 @click.option("--calib-table", default=None, metavar="TABLE", help="A calibration table from 'tqc calibrate'.")
+@click.option("--allow-table-mismatch", is_flag=True,
+              help="Use a --calib-table computed on another model (its model_hash differs) instead of refusing.")
 @click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data (default: the model's own).")
-@click.option("--calib-samples", type=int, default=32, show_default=True, help="Calibration samples to use.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration batch size.")
-@click.option("--max-length", type=int, default=128, show_default=True, help="Token limit for .txt data.")
+@click.option("--calib-samples", type=COUNT, default=32, show_default=True, help="Calibration samples to use.")
+@click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Calibration batch size.")
+@click.option("--max-length", type=COUNT, default=128, show_default=True, help="Token limit for .txt data.")
 @click.option("--shapes", multiple=True, help="TensorRT profiles for .plan outputs: input_ids:1x16,8x128,32x512.")
 def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify: str, dump_dir: str | None,
                 report_path: str | None, explain: tuple[str, ...], calib: str | None, calib_table: str | None,
                 tokenizer: str | None, calib_samples: int, batch_size: int, max_length: int,
-                shapes: tuple[str, ...]) -> None:
+                shapes: tuple[str, ...], allow_table_mismatch: bool) -> None:
     """Run a pipeline of passes on MODEL and write the result."""
     from tqc.compiler.compile import CompileOptions, compile_model
 
     opts = CompileOptions(model=model, pipeline=pipeline_text, output=output, target=target, verify=verify,
                           dump_dir=dump_dir, report=report_path, explain=explain, calib=calib,
                           calib_table=calib_table, tokenizer=tokenizer, calib_samples=calib_samples,
-                          batch_size=batch_size, max_length=max_length, shapes=shapes)
+                          batch_size=batch_size, max_length=max_length, shapes=shapes,
+                          allow_table_mismatch=allow_table_mismatch)
     report = compile_model(opts, progress=_ui().progress)
     click.echo(format_report(report))
 
@@ -180,9 +187,9 @@ def format_report(report: dict) -> str:
 @click.option("--data", "data", required=True, help="Calibration data: .npz, polygraphy .json, .txt, script.py:fn.")
 @click.option("-o", "--output", required=True, help="Calibration table (JSON) to write.")
 @click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data (default: the model's own).")
-@click.option("--samples", type=int, default=32, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--samples", type=COUNT, default=32, show_default=True)
+@click.option("--batch-size", type=COUNT, default=8, show_default=True)
+@click.option("--max-length", type=COUNT, default=128, show_default=True)
 @_guarded("calibrate")
 def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, samples: int, batch_size: int,
                   max_length: int) -> None:
@@ -199,12 +206,15 @@ def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, sam
     guard.reads_data(data, "--data")
     guard.reads_tokenizer(tokenizer, data)
     out = guard.writes(output, "-o")
+    from tqc.compiler.model_io import model_hash_async
+
+    hashing = model_hash_async(model)  # the table names its model by the file's hash (weights included)
     lean = load_model_lean(model)  # weights read once; the graph runs without being exported
     skeleton = infer_shapes(lean.skeleton, strict=False)
     graph = to_graph(skeleton, lean.weights)
     source = FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
                                  max_length=max_length), skeleton)
-    table = calibrate(graph, source, calibration_targets(skeleton), progress=_ui().progress)
+    table = calibrate(graph, source, calibration_targets(skeleton), progress=_ui().progress, model_hash=hashing())
     table.save(out)
     click.echo(f"calibrated {len(table.tensors)} tensors on {table.samples} samples in {table.seconds:.2f}s -> {out}")
 
@@ -232,7 +242,8 @@ def check_cmd(model: str, target: str, as_json: bool, shapes: tuple[str, ...] = 
 @click.option("-o", "--output", required=True, help="TensorRT plan to write (.plan).")
 @click.option("--shapes", multiple=True, help="Profiles: input_ids:1x16,8x128,32x512 (min,opt,max).")
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="FP16 for graphs without Q/DQ.")
-@click.option("--workspace", type=float, default=4.0, show_default=True, help="Workspace pool, GiB.")
+@click.option("--workspace", type=finite_float(min=0, min_open=True), default=4.0, show_default=True,
+              help="Workspace pool, GiB.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="Builder optimization level.")
 @click.option("--timing-cache", default=None, help="Timing cache file (default ~/.cache/tqc/trt_timing.cache).")
@@ -240,12 +251,13 @@ def check_cmd(model: str, target: str, as_json: bool, shapes: tuple[str, ...] = 
 def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, workspace: float, opt_level: int,
               timing_cache: str | None) -> None:
     """Build a TensorRT plan from an ONNX model (strongly typed for Q/DQ graphs)."""
-    from tqc.compiler.model_io import check_input_path
+    from tqc.compiler.model_io import check_input_path, load_model
     from tqc.compiler.output_guard import current
     from tqc.compiler.trt import DEFAULT_TIMING_CACHE, build_plan, require_tensorrt
 
     guard = current()
     guard.reads_model(check_input_path(model))
+    load_model(model, load_external_data=False)  # validated as every command's input (weights not read)
     guard.reads(timing_cache or DEFAULT_TIMING_CACHE, "the timing cache")
     guard.writes(output, "-o")
     guard.writes(output + ".json", "the plan's metadata")
@@ -261,18 +273,19 @@ def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, work
 @click.option("--shapes", default="1x16,1x128,8x128", show_default=True, help="batch x sequence, comma-separated.")
 @click.option("--lengths", type=click.Choice(["full", "uniform"]), default="full", show_default=True,
               help="Token lengths per row: all full, or uniform in [S/2, S] with right padding.")
-@click.option("--runs", type=int, default=200, show_default=True)
-@click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--budget", type=float, default=5.0, show_default=True, help="Seconds per measurement at most.")
-@click.option("--threads", type=int, default=None, help="ORT intra-op threads (CPU).")
+@click.option("--runs", type=COUNT, default=200, show_default=True)
+@click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True)
+@click.option("--budget", type=finite_float(min=0, min_open=True), default=5.0, show_default=True,
+              help="Seconds per measurement at most.")
+@click.option("--threads", type=COUNT, default=None, help="ORT intra-op threads (CPU).")
 @click.option("--cuda-graph", is_flag=True, help="ORT CUDA: capture and replay a CUDA graph.")
 @click.option("--json", "json_path", default=None, help="Write the results here.")
 @_guarded("bench")
 def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str, runs: int, warmup: int,
               budget: float, threads: int | None, cuda_graph: bool, json_path: str | None) -> None:
     """Latency (median, p95, p99) and throughput of one or more models; a comparison table."""
-    from tqc.compiler.benchmark import runner_for, time_callable, token_inputs
-    from tqc.compiler.feeds import vocab_size
+    from tqc.compiler.benchmark import bench_inputs, parse_bench_shapes, runner_for, time_callable, token_inputs
+    from tqc.compiler.feeds import input_specs
     from tqc.compiler.model_io import check_input_path, load_model, write_text_atomic
     from tqc.compiler.output_guard import current
 
@@ -281,27 +294,23 @@ def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str,
         guard.reads_model(check_input_path(model), f"the model '{model}'")
     guard.writes(json_path, "--json")
     ui = _ui()
-    parsed = []
-    for item in shapes.split(","):
-        try:
-            batch, seq = (int(x) for x in item.lower().split("x"))
-        except ValueError:
-            raise TqcError(f"--shapes: '{item}' is not BATCHxSEQUENCE") from None
-        parsed.append((batch, seq))
+    parsed = parse_bench_shapes(shapes)
     rows = []
     for model in models:
         check_input_path(model)
-        vocab = 30000
-        if model.endswith(".onnx"):
-            onnx_model = load_model(model)
-            vocab = vocab_size(onnx_model, "input_ids") or vocab
+        onnx_model = None
+        if not model.endswith(".plan"):  # validated on load; only the signature and table dims are read
+            onnx_model = load_model(model, load_external_data=False)
+            for batch, seq in parsed:  # every shape checked before the first measurement
+                bench_inputs(onnx_model, [s.name for s in input_specs(onnx_model)], batch, seq, lengths)
         runner = runner_for(model, provider, threads, cuda_graph)
         names = runner.input_names
         for position, (batch, seq) in enumerate(parsed):
             ui.progress(f"{model} {batch}x{seq} on {provider}" + (" (CUDA graph)" if cuda_graph else ""))
             if cuda_graph and position > 0:
                 runner = runner_for(model, provider, threads, cuda_graph)  # a captured graph has fixed shapes
-            feed = token_inputs(names, batch, seq, vocab, lengths)
+            feed = bench_inputs(onnx_model, names, batch, seq, lengths) if onnx_model is not None else \
+                token_inputs(names, batch, seq, 30000, lengths)
             timing = time_callable(runner.prepare(feed), batch, runs, warmup, budget)
             rows.append({"model": model, "shape": f"{batch}x{seq}", "provider": provider, **timing.as_dict()})
     base = {r["shape"]: r["median_ms"] for r in rows if r["model"] == models[0]}
@@ -341,10 +350,10 @@ def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, i
 @click.option("--data", default=None, help="Inputs: .npz, polygraphy .json, .txt sentences, script.py:fn "
                                            "(default: drawn from the model's signature).")
 @click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data.")
-@click.option("--samples", type=int, default=16, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--samples", type=COUNT, default=16, show_default=True)
+@click.option("--batch-size", type=COUNT, default=8, show_default=True)
 @click.option("--layerwise", is_flag=True, help="Compare every tensor both graphs share by name.")
-@click.option("--threshold", type=float, default=0.05, show_default=True,
+@click.option("--threshold", type=finite_float(min=0), default=0.05, show_default=True,
               help="Relative L2 error that marks the first divergence (with --layerwise).")
 @click.option("--json", "json_path", default=None, help="Write the comparison as JSON.")
 @click.option("--plot", "plot_path", default=None, help="Draw per-tensor SQNR along the network (PNG).")
@@ -384,7 +393,10 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
         feeds = list(FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size),
                                 ref_model))
     else:
-        feeds = synthesize_feeds(ref_model, count=2)
+        from tqc.compiler.data_limits import limits_of
+
+        longest = limits_of(ref_model).max_sequence  # drawn no longer than the position table
+        feeds = synthesize_feeds(ref_model, count=2, seq=min(16, longest or 16))
     results, ref_results = [], None
     for path, model in zip(candidates, cand_models):
         ui.progress(f"comparing {path} with {reference}" + (" tensor by tensor" if layerwise else ""))
@@ -435,6 +447,7 @@ def passes_cmd() -> None:
         click.echo(f"{name:<10} {cls.summary()}{needs}")
         for key, opt in cls.options.items():
             choices = f" [{'|'.join(map(str, opt.choices))}]" if opt.choices else ""
+            choices += f" in {opt.range_text()}" if opt.range_text() else ""
             click.echo(f"    {key}={opt.default!r}{choices}  {opt.help}")
 
 

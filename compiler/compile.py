@@ -35,6 +35,7 @@ class CompileOptions:
     batch_size: int = 8
     max_length: int = 128
     shapes: tuple[str, ...] = ()       # TensorRT profiles for .plan outputs
+    allow_table_mismatch: bool = False  # use a calib_table whose model_hash is another model's
 
 
 def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
@@ -122,6 +123,10 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
         from tqc.compiler.calibration import CalibrationTable
 
         ctx.calibration = CalibrationTable.load(opts.calib_table)
+        from tqc.compiler.table_check import check_table_matches
+
+        check_table_matches(ctx.calibration, opts.calib_table, source, hashing, model, opts.allow_table_mismatch,
+                            progress)
     manager = PassManager(passes, ctx, verify=opts.verify, dump_dir=opts.dump_dir, progress=progress)
     nodes_in = len(model.graph.node)
     if is_plan:

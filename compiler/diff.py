@@ -87,6 +87,16 @@ def diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds, layerwis
          mask_padding: bool = True) -> tuple[DiffResult, object, object]:
     infer_shapes(reference, strict=False)
     infer_shapes(candidate, strict=False)
+    from tqc.compiler.feeds import input_specs
+
+    ref_inputs = {spec.name: spec.dtype for spec in input_specs(reference)}
+    for spec in input_specs(candidate):  # the same feeds run both: the candidate must take what they hold
+        if spec.name not in ref_inputs:
+            raise TqcError(f"{candidate_name} takes input '{spec.name}', which the reference does not: the models "
+                           "do not match")
+        if spec.dtype != ref_inputs[spec.name]:
+            raise TqcError(f"{candidate_name} takes input '{spec.name}' as {spec.dtype}, the reference as "
+                           f"{ref_inputs[spec.name]}: the models do not match")
     outputs = [o.name for o in reference.graph.output]
     missing = [n for n in outputs if n not in {o.name for o in candidate.graph.output}]
     if missing:

@@ -166,9 +166,9 @@ def load_lean(path: str | os.PathLike) -> LeanModel:
                         if base not in source.parents:  # as onnx's own loader: data stays beside the model
                             raise TqcError(f"'{p}': tensor '{tensor.name}' names external data '{info.location}' "
                                            "outside the model's folder")
-                        if not source.is_file():
+                        if not source.is_file():  # a FIFO or device would block or never end
                             raise TqcError(f"'{p}' stores tensor '{tensor.name}' in '{info.location}', which is "
-                                           "missing next to the model")
+                                           + ("not a regular file" if source.exists() else "missing next to the model"))
                         array = np.empty(tuple(tensor.dims), dtype)
                         if info.length is not None and info.length != array.nbytes:
                             raise TqcError(f"'{p}': external data of '{tensor.name}' has {info.length} bytes, "

@@ -61,6 +61,10 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
         raise TqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from exc
     if not model.graph.node and not model.graph.output:
         raise TqcError(f"'{p}' is not a readable ONNX model (no graph)")
+    from tqc.compiler.model_check import check_external_data, raw_data_lengths, validate_model
+
+    check_external_data(model, p)  # before anything follows a location: inside the folder, regular, long enough
+    external = {t.name for t in model.graph.initializer if uses_external_data(t)}
     _EXTERNAL_LOCATIONS[str(p.resolve())] = external_locations(model)
     if load_external_data:
         base = p.resolve().parent
@@ -74,6 +78,7 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
             onnx.load_external_data_for_model(model, str(base))
         except (OSError, ValueError) as exc:
             raise TqcError(f"cannot read the external data of '{p}': {exc}") from exc
+    validate_model(model, p, raw_lengths=raw_data_lengths(p), external=external)
     return model
 
 
@@ -83,14 +88,18 @@ def load_model_lean(path: str | os.PathLike):
     from tqc.compiler.lean_io import load_lean
 
     p = check_input_path(path)
+    from tqc.compiler.model_check import InvalidModelError, validate_model
+
     try:
         lean = load_lean(p)
-    except TqcError:
-        raise
+    except TqcError as exc:  # external data outside the folder, missing or short: the model is invalid
+        reason = str(exc).removeprefix(f"'{p}': ").removeprefix(f"'{p}' ")
+        raise InvalidModelError(p, reason) from None
     except (DecodeError, ValueError, IndexError, RuntimeError, OSError) as exc:
         raise TqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from exc
     if not lean.skeleton.graph.node and not lean.skeleton.graph.output:
         raise TqcError(f"'{p}' is not a readable ONNX model (no graph)")
+    validate_model(lean.skeleton, p)
     _EXTERNAL_LOCATIONS[str(p.resolve())] = lean.external_locations
     return lean
 

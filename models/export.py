@@ -73,6 +73,9 @@ def load_torch_model(spec: ExportSpec):
             raise TqcError(f"'{path}' is a directory without config.json; expected a Hugging Face model folder")
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         recipe = recipe_for_model_type(config.model_type)
+        from tqc.compiler.model_check import check_export_config
+
+        check_export_config(config, source)
         try:
             model = AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
         except OSError as exc:
@@ -92,6 +95,9 @@ def load_torch_model(spec: ExportSpec):
         size = spec.size or ("tiny" if source.lower().endswith("-tiny") else "base")
         config = recipe.config(size)
         description = f"{recipe.family}-{size} (random weights, seed {spec.seed})"
+    from tqc.compiler.model_check import check_export_config
+
+    check_export_config(config, source)  # e.g. a hidden size that is not a multiple of the heads: one line
     torch.manual_seed(spec.seed)
     model = AutoModel.from_config(config, **kwargs)
     return model, recipe, description

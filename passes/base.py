@@ -8,6 +8,7 @@ after every pass, numerically with the pass's own ``tolerance``.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -20,25 +21,63 @@ TARGETS = ("trt", "ort-cpu", "ort-cuda")
 
 @dataclass(frozen=True)
 class Option:
-    """One pass option: its type (parsed from the pipeline text), default and help."""
+    """One pass option: its type (parsed from the pipeline text), default, help, and allowed values.
+
+    Numeric options declare their range where they are declared (``min``/``max``, each inclusive unless
+    ``min_inclusive``/``max_inclusive`` say otherwise); float values must be finite unless ``finite=False``.
+    A value outside is refused with the allowed range in the message: ``percentile=150`` ->
+    "option 'percentile' of pass 'qdq' must be in [90, 100], got 150".
+    """
 
     type: Callable[[str], Any]
     default: Any
     help: str
     choices: tuple[Any, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_inclusive: bool = True
+    max_inclusive: bool = True
+    finite: bool = True
+
+    def range_text(self) -> str:
+        """'[0, 1]', '(0, 1]', '>= 1', '> 0' or '' when unbounded."""
+        if self.min is not None and self.max is not None:
+            return (f"{'[' if self.min_inclusive else '('}{self.min:g}, {self.max:g}"
+                    f"{']' if self.max_inclusive else ')'}")
+        if self.min is not None:
+            return f"{'>=' if self.min_inclusive else '>'} {self.min:g}"
+        if self.max is not None:
+            return f"{'<=' if self.max_inclusive else '<'} {self.max:g}"
+        return ""
 
     def parse(self, pass_name: str, key: str, text: str) -> Any:
         try:
             value = self.type(text)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise TqcError(
                 f"option '{key}' of pass '{pass_name}' takes a {_type_name(self.type)}, got '{text}'"
             ) from None
+        return self.check(pass_name, key, value)
+
+    def check(self, pass_name: str, key: str, value: Any) -> Any:
+        """``value`` if it is allowed, else a one-line ``TqcError`` naming the allowed values."""
+        where = f"option '{key}' of pass '{pass_name}'"
         if self.choices is not None and value not in self.choices:
             raise TqcError(
-                f"option '{key}' of pass '{pass_name}' must be one of {', '.join(map(str, self.choices))}"
+                f"{where} must be one of {', '.join(map(str, self.choices))}"
                 f"{did_you_mean(str(value), map(str, self.choices))}"
             )
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value
+        if self.finite and not math.isfinite(value):
+            bounds = self.range_text()
+            raise TqcError(f"{where} must be a finite number{' in ' + bounds if bounds else ''}, got {value}")
+        low_ok = self.min is None or (value >= self.min if self.min_inclusive else value > self.min)
+        high_ok = self.max is None or (value <= self.max if self.max_inclusive else value < self.max)
+        if not (low_ok and high_ok):
+            bounds = self.range_text()
+            raise TqcError(f"{where} must be {'in ' if self.min is not None and self.max is not None else ''}"
+                           f"{bounds}, got {value:g}")
         return value
 
 
@@ -111,7 +150,8 @@ class Pass:
                 raise TqcError(f"pass '{self.name}' takes no options (got '{key}')")
             raise TqcError(f"pass '{self.name}' has no option '{key}'{did_you_mean(key, self.options)}")
         self.values: dict[str, Any] = {k: opt.default for k, opt in self.options.items()}
-        self.values.update(values)
+        for key, value in values.items():  # the same ranges from Python as from the pipeline text
+            self.values[key] = self.options[key].check(self.name, key, value)
 
     @classmethod
     def summary(cls) -> str:

@@ -99,7 +99,8 @@ class Fp16(Pass):
     name = "fp16"
     options = {
         "guard": Option(parse_bool, True, "keep nodes whose activations exceed the FP16 range in FP32"),
-        "margin": Option(float, 0.5, "fraction of 65504 above which a node is kept in FP32"),
+        "margin": Option(float, 0.5, "fraction of 65504 above which a node is kept in FP32",
+                         min=0, min_inclusive=False, max=1),
         "keep_fp32": Option(parse_list, [], "op types to keep in FP32 ('|'-separated)"),
     }
     # FP16 is not exact: 10 mantissa bits. Outputs of a LayerNorm-ended encoder stay within these bounds.

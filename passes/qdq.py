@@ -478,12 +478,14 @@ class Qdq(Pass):
     options = {
         "method": Option(str, "max", "activation range: max, percentile, entropy, mse",
                          choices=("max", "percentile", "entropy", "mse")),
-        "percentile": Option(float, 99.99, "percentile for method=percentile (99.9, 99.99 or 99.999)"),
+        "percentile": Option(float, 99.99, "percentile for method=percentile (99.9, 99.99 or 99.999)",
+                             min=90, max=100),  # below 90 clipping saturates a tenth of the values: no range
         "exclude": Option(parse_list, [], "node-name patterns to keep in float ('|'-separated, fnmatch)"),
         "op_types": Option(parse_list, ["MatMul", "Gemm"], "op types to quantize"),
         "residual": Option(parse_bool, False, "trt: also quantize both inputs of residual Adds"),
         "attention": Option(parse_bool, True, "trt: quantize the attention batched MatMuls (INT8 MHA)"),
-        "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)"),
+        "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)",
+                         min=0, max=1),
         "qattention": Option(str, "auto", "ORT targets: quantize fused Attention ops as com.microsoft "
                              "QAttention (INT8 QKV projection inside ORT's fused attention kernel) instead of "
                              "expanding them into a quantizable MatMul; 'auto': on ort-cpu (1.1x faster there) "
@@ -492,7 +494,7 @@ class Qdq(Pass):
                              choices=("auto", "true", "false")),
         "smooth": Option(float, 0.75, "SmoothQuant strength alpha in [0, 1] (0: off): per-channel factors move "
                          "activation outliers into the weights; the activation range then comes from the "
-                         "table's per-channel ranges"),
+                         "table's per-channel ranges", min=0, max=1),
         "shared_weights": Option(str, "share", "a weight several MatMuls use (ALBERT's layers): 'share' smooths it "
                                  "once for all of them (one vector from the union of their activation ranges) and "
                                  "keeps one INT8 copy; 'copy' gives every consumer its own smoothed INT8 copy",
