@@ -17,7 +17,7 @@ import click
 from tqc import __version__
 from tqc.compiler.errors import USER_ERROR_EXIT_CODE, TqcError, VerificationError
 
-TARGET_CHOICES = ("trt", "ort-cpu", "ort-cuda")
+TARGET_CHOICES = ("trt", "ort-cpu", "ort-cuda", "openvino")
 
 
 class Ui:
@@ -84,7 +84,8 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.argument("model")
 @click.option("-p", "--pipeline", "pipeline_text", required=True,
               help="Passes, e.g. 'fold,fuse,qdq{method=percentile,percentile=99.99}'.")
-@click.option("-o", "--output", required=True, help="Output .onnx, or .plan for a TensorRT engine.")
+@click.option("-o", "--output", required=True, help="Output .onnx, .plan for a TensorRT engine, or .xml for "
+              "OpenVINO IR (+ .bin).")
 @click.option("--target", type=click.Choice(TARGET_CHOICES), default="trt", show_default=True,
               help="Deployment target that passes consult.")
 @click.option("--verify", type=click.Choice(["none", "structure", "numeric"]), default="structure",
@@ -102,17 +103,19 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration batch size.")
 @click.option("--max-length", type=int, default=128, show_default=True, help="Token limit for .txt data.")
 @click.option("--shapes", multiple=True, help="TensorRT profiles for .plan outputs: input_ids:1x16,8x128,32x512.")
+@click.option("--runtime", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
+              help="Engine that --verify numeric runs every stage on (OpenVINO CPU runs in FP32 precision).")
 def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify: str, dump_dir: str | None,
                 report_path: str | None, explain: tuple[str, ...], calib: str | None, calib_table: str | None,
                 tokenizer: str | None, calib_samples: int, batch_size: int, max_length: int,
-                shapes: tuple[str, ...]) -> None:
+                shapes: tuple[str, ...], runtime: str) -> None:
     """Run a pipeline of passes on MODEL and write the result."""
     from tqc.compiler.compile import CompileOptions, compile_model
 
     opts = CompileOptions(model=model, pipeline=pipeline_text, output=output, target=target, verify=verify,
                           dump_dir=dump_dir, report=report_path, explain=explain, calib=calib,
                           calib_table=calib_table, tokenizer=tokenizer, calib_samples=calib_samples,
-                          batch_size=batch_size, max_length=max_length, shapes=shapes)
+                          batch_size=batch_size, max_length=max_length, shapes=shapes, runtime=runtime)
     report = compile_model(opts, progress=_ui().progress)
     click.echo(format_report(report))
 
@@ -208,14 +211,15 @@ def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, work
 
 @cli.command("bench")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "trt", "openvino"]), default="cpu", show_default=True,
+              help="ONNX Runtime CPU/CUDA/TensorRT EP, or OpenVINO CPU (.onnx or .xml IR).")
 @click.option("--shapes", default="1x16,1x128,8x128", show_default=True, help="batch x sequence, comma-separated.")
 @click.option("--lengths", type=click.Choice(["full", "uniform"]), default="full", show_default=True,
               help="Token lengths per row: all full, or uniform in [S/2, S] with right padding.")
 @click.option("--runs", type=int, default=200, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--budget", type=float, default=5.0, show_default=True, help="Seconds per measurement at most.")
-@click.option("--threads", type=int, default=None, help="ORT intra-op threads (CPU).")
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads (CPU); OpenVINO inference threads.")
 @click.option("--cuda-graph", is_flag=True, help="ORT CUDA: capture and replay a CUDA graph.")
 @click.option("--json", "json_path", default=None, help="Write the results here.")
 def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str, runs: int, warmup: int,
@@ -296,9 +300,11 @@ def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, i
 @click.option("--sensitivity", is_flag=True, help="Rank the candidate's quantized MatMuls by their cost.")
 @click.option("--mask-padding/--no-mask-padding", default=True, show_default=True,
               help="Leave padded token positions ([batch, sequence] rows where the attention mask is 0) out.")
+@click.option("--runtime", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
+              help="Engine that runs the candidates (the reference always runs on ORT CPU, optimizations off).")
 def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, tokenizer: str | None, samples: int,
              batch_size: int, layerwise: bool, threshold: float, json_path: str | None, plot_path: str | None,
-             save_dir: str | None, sensitivity: bool, mask_padding: bool) -> None:
+             save_dir: str | None, sensitivity: bool, mask_padding: bool, runtime: str) -> None:
     """Compare CANDIDATES against REFERENCE on ORT CPU: per output, per shared tensor, first divergence."""
     import tempfile
 
@@ -311,6 +317,12 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     for out in (json_path, plot_path):
         if out:
             check_output_path(out, inputs=(reference, *candidates))
+    if runtime == "openvino":
+        from tqc.compiler.openvino_io import require_openvino
+
+        require_openvino()
+        if sensitivity:
+            raise TqcError("--sensitivity runs on ONNX Runtime only; drop --runtime openvino for it")
     ref_model = load_model(reference)
     cand_models = [load_model(c) for c in candidates]
     if data:
@@ -325,7 +337,8 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
         ui.progress(f"comparing {path} with {reference}" + (" tensor by tensor" if layerwise else ""))
         result, ref_results_now, _ = diffing.diff(ref_model, model, feeds, layerwise=layerwise, threshold=threshold,
                                                   candidate_name=path, mask_padding=mask_padding,
-                                                  reference_results=ref_results if not layerwise else None)
+                                                  reference_results=ref_results if not layerwise else None,
+                                                  runtime=runtime)
         ref_results = ref_results_now
         results.append(result)
     click.echo(diffing.format_table(results, layerwise))

@@ -36,6 +36,7 @@ class CompileOptions:
     batch_size: int = 8
     max_length: int = 128
     shapes: tuple[str, ...] = ()       # TensorRT profiles for .plan outputs
+    runtime: str = "ort"               # engine of --verify numeric: ort | openvino
 
 
 def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
@@ -56,8 +57,12 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
 
         parse_shapes(opts.shapes)  # a malformed --shapes fails before anything runs
         require_tensorrt()
+    elif out.suffix == ".xml":
+        from tqc.compiler.openvino_io import require_openvino
+
+        require_openvino()  # missing OpenVINO fails before anything runs
     elif out.suffix != ".onnx":
-        raise TqcError(f"output '{out}' must end in .onnx or .plan")
+        raise TqcError(f"output '{out}' must end in .onnx, .plan (TensorRT) or .xml (OpenVINO IR)")
     progress(f"loading {source}")
     hashing = model_hash_async(source)  # in a thread, next to the load and the first passes
     lean = load_model_lean(source)  # the weights are read once, into the arrays the passes work on
@@ -79,7 +84,14 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
         from tqc.compiler.calibration import CalibrationTable
 
         ctx.calibration = CalibrationTable.load(opts.calib_table)
-    manager = PassManager(passes, ctx, verify=opts.verify, dump_dir=opts.dump_dir, progress=progress)
+    if opts.runtime == "openvino" and opts.verify == "numeric":
+        from tqc.compiler.openvino_io import require_openvino
+
+        require_openvino()
+    elif opts.runtime not in ("ort", "openvino"):
+        raise TqcError(f"--runtime must be ort or openvino, got '{opts.runtime}'")
+    manager = PassManager(passes, ctx, verify=opts.verify, dump_dir=opts.dump_dir, progress=progress,
+                          runtime=opts.runtime)
     nodes_in = len(model.graph.node)
     if is_plan:
         from tqc.compiler.trt import build_plan_from_model
@@ -89,6 +101,13 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
         progress("building the TensorRT plan")
         build_plan_from_model(result, out, source_hash=source_hash, shapes=opts.shapes, progress=progress)
         nodes_out = len(result.graph.node)
+    elif out.suffix == ".xml":
+        from tqc.compiler.openvino_io import write_ir
+
+        result = manager.run_lean(lean)
+        source_hash = hashing()
+        write_ir(result, out, source_hash=source_hash, progress=progress)
+        nodes_out = len(result.skeleton.graph.node)
     else:
         result = manager.run_lean(lean)  # written straight from the graph's arrays: no export, no copy
         save_model(result, out)
