@@ -291,6 +291,8 @@ class Qdq(Pass):
         "residual": Option(parse_bool, False, "trt: also quantize both inputs of residual Adds"),
         "attention": Option(parse_bool, True, "trt: quantize the attention batched MatMuls (INT8 MHA)"),
         "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)"),
+        "budget_runtime": Option(str, "ort", "engine the budget step measures on: ort (ORT CPU, optimizations off) "
+                                 "or openvino (OpenVINO CPU: its own INT8 kernels)", choices=("ort", "openvino")),
         "qattention": Option(str, "auto", "ORT targets: quantize fused Attention ops as com.microsoft "
                              "QAttention (INT8 QKV projection inside ORT's fused attention kernel) instead of "
                              "expanding them into a quantizable MatMul; 'auto': on ort-cpu (1.1x faster there) "

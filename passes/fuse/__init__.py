@@ -111,6 +111,8 @@ class Fuse(Pass):
             gelus, reason = fuse_gelu(graph, target, opset)
             stats["gelu"] = gelus + exported_as_op
             if reason:
+                if ctx.target == "openvino":  # OpenVINO also fuses the Erf GELU (into the FullyConnected before it)
+                    reason = reason.replace("TensorRT fuses", "OpenVINO fuses")
                 ctx.note(f"fuse: gelu: {reason}")
         else:
             stats["gelu"] = 0

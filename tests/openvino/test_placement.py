@@ -151,3 +151,22 @@ def test_fusion_is_standard_onnx(tiny_openvino):
     _, q, _ = tiny_openvino
     assert not [n for n in q.graph.node if n.domain == "com.microsoft"]  # OpenVINO cannot read contrib ops
     assert len(nodes(q, "LayerNormalization")) == 5
+
+
+def test_budget_measures_on_openvino():
+    """qdq{budget=...,budget_runtime=openvino}: the accuracy budget is met as OpenVINO computes the graph."""
+    from tqc.passes.qdq_budget import mean_output_cosine, run_graph
+    from tqc.compiler.graph_io import to_graph
+
+    model = onnx.shape_inference.infer_shapes(mlp_after_layernorm())
+    feeds = synthesize_feeds(model, count=4)
+    ctx = PassContext(target="openvino", calibration=calibrate(model, feeds, calibration_targets(model)),
+                      verification_feeds=feeds)
+    budget = 0.99995
+    manager = PassManager(parse_pipeline(f"qdq{{smooth=0,budget={budget},budget_runtime=openvino}}"), ctx,
+                          verify="numeric", runtime="openvino")
+    q = manager.run(model)
+    kept = ctx.analyses["qdq_skip"]
+    assert ctx.analyses["qdq_full_cosine"] < budget and 0 < len(kept) < 3  # some, not all, back to float
+    reference = run_graph(to_graph(model), feeds, "openvino")
+    assert mean_output_cosine(reference, run_graph(to_graph(q), feeds, "openvino"), feeds) >= budget
