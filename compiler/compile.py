@@ -61,6 +61,9 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
         from tqc.compiler.openvino_io import require_openvino
 
         require_openvino()  # missing OpenVINO fails before anything runs
+        if opts.target.startswith("ort-"):
+            raise TqcError(f"OpenVINO IR output needs --target openvino (or trt): --target {opts.target} writes "
+                           "com.microsoft ops that OpenVINO cannot read")
     elif out.suffix != ".onnx":
         raise TqcError(f"output '{out}' must end in .onnx, .plan (TensorRT) or .xml (OpenVINO IR)")
     progress(f"loading {source}")

@@ -116,3 +116,9 @@ def test_minilm_openvino_int8_ir_on_held_out_sentences(exports, tmp_path):
     got = embeddings(lambda f: runner.run(f)["last_hidden_state"], feeds)
     cosine = (ref * got).sum(1)
     assert cosine.mean() >= 0.993 and cosine.min() >= 0.97
+
+
+def test_ir_output_refuses_ort_targets(mlp_path, tmp_path, capsys):
+    out = tmp_path / "m.xml"
+    assert run_cli(["-q", "compile", str(mlp_path), "-p", "fold", "--target", "ort-cpu", "-o", str(out)]) == 2
+    assert "needs --target openvino" in capsys.readouterr().err and not out.exists()
