@@ -1,8 +1,9 @@
 """OpenVINO: IR output (``tqc compile -o model.xml``), a runner for bench/diff/verify, runtime precisions.
 
     compiled graph ─► model.onnx (temporary folder beside the output)
-                   ─► ov.convert_model ─► ov.save_model(compress_to_fp16=True: float weights stored as FP16,
-                      OpenVINO's own default; INT8 weights stay INT8) ─► model.xml + model.bin (same folder)
+                   ─► ov.convert_model ─► ov.save_model(compress_to_fp16=True, OpenVINO's own default: it
+                      compresses float weights of float models, and leaves a Q/DQ model's float weights FP32;
+                      INT8 weights stay INT8) ─► model.xml + model.bin (same folder)
                    ─► .bin then .xml renamed into place; model.xml.json: tqc and OpenVINO versions, source hash,
                       inputs/outputs, what ran in INT8 on this machine's CPU (the compiled runtime graph)
 
