@@ -21,7 +21,7 @@ import numpy as np
 
 from tqc.compiler.errors import TqcError
 
-PROVIDERS = ("cpu", "cuda", "trt")
+PROVIDERS = ("cpu", "cuda", "trt", "openvino")
 
 
 @dataclass
@@ -271,4 +271,10 @@ class TrtPlanRunner:
 def runner_for(path: str | Path, provider: str, threads: int | None, cuda_graph: bool):
     if str(path).endswith(".plan"):
         return TrtPlanRunner(path)
+    if provider == "openvino" or str(path).endswith(".xml"):  # OpenVINO CPU: .onnx or IR
+        from tqc.compiler.openvino_io import OvRunner
+
+        if str(path).endswith(".xml") and provider != "openvino":
+            raise TqcError(f"'{path}' is OpenVINO IR: bench it with --provider openvino")
+        return OvRunner(path, threads)
     return OrtRunner(path, provider, threads, cuda_graph)

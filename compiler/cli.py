@@ -29,7 +29,7 @@ from tqc.compiler.cli_ranges import COUNT, NON_NEGATIVE, OPSET, SEED, check_opse
 from tqc.compiler.errors import (CHECK_FAILED_EXIT_CODE, INTERNAL_ERROR_EXIT_CODE, OK_EXIT_CODE, SIGINT_EXIT_CODE,
                                  USER_ERROR_EXIT_CODE, TqcError, VerificationError)
 
-TARGET_CHOICES = ("trt", "ort-cpu", "ort-cuda")
+TARGET_CHOICES = ("trt", "ort-cpu", "ort-cuda", "openvino")
 
 
 class Ui:
@@ -123,7 +123,8 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.argument("model")
 @click.option("-p", "--pipeline", "pipeline_text", required=True,
               help="Passes, e.g. 'fold,fuse,qdq{method=percentile,percentile=99.99}'.")
-@click.option("-o", "--output", required=True, help="Output .onnx, or .plan for a TensorRT engine.")
+@click.option("-o", "--output", required=True, help="Output .onnx, .plan for a TensorRT engine, or .xml for "
+              "OpenVINO IR (+ .bin).")
 @click.option("--target", type=click.Choice(TARGET_CHOICES), default="trt", show_default=True,
               help="Deployment target that passes consult.")
 @click.option("--verify", type=click.Choice(["none", "structure", "numeric"]), default="structure",
@@ -143,10 +144,12 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Calibration batch size.")
 @click.option("--max-length", type=COUNT, default=128, show_default=True, help="Token limit for .txt data.")
 @click.option("--shapes", multiple=True, help="TensorRT profiles for .plan outputs: input_ids:1x16,8x128,32x512.")
+@click.option("--runtime", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
+              help="Engine that --verify numeric runs every stage on (OpenVINO CPU runs in FP32 precision).")
 def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify: str, dump_dir: str | None,
                 report_path: str | None, explain: tuple[str, ...], calib: str | None, calib_table: str | None,
                 tokenizer: str | None, calib_samples: int, batch_size: int, max_length: int,
-                shapes: tuple[str, ...], allow_table_mismatch: bool) -> None:
+                shapes: tuple[str, ...], allow_table_mismatch: bool, runtime: str) -> None:
     """Run a pipeline of passes on MODEL and write the result."""
     from tqc.compiler.compile import CompileOptions, compile_model
 
@@ -154,7 +157,7 @@ def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify
                           dump_dir=dump_dir, report=report_path, explain=explain, calib=calib,
                           calib_table=calib_table, tokenizer=tokenizer, calib_samples=calib_samples,
                           batch_size=batch_size, max_length=max_length, shapes=shapes,
-                          allow_table_mismatch=allow_table_mismatch)
+                          allow_table_mismatch=allow_table_mismatch, runtime=runtime)
     report = compile_model(opts, progress=_ui().progress)
     click.echo(format_report(report))
 
@@ -269,7 +272,8 @@ def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, work
 
 @cli.command("bench")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "trt", "openvino"]), default="cpu", show_default=True,
+              help="ONNX Runtime CPU/CUDA/TensorRT EP, or OpenVINO CPU (.onnx or .xml IR).")
 @click.option("--shapes", default="1x16,1x128,8x128", show_default=True, help="batch x sequence, comma-separated.")
 @click.option("--lengths", type=click.Choice(["full", "uniform"]), default="full", show_default=True,
               help="Token lengths per row: all full, or uniform in [S/2, S] with right padding.")
@@ -277,7 +281,7 @@ def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, work
 @click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True)
 @click.option("--budget", type=finite_float(min=0, min_open=True), default=5.0, show_default=True,
               help="Seconds per measurement at most.")
-@click.option("--threads", type=COUNT, default=None, help="ORT intra-op threads (CPU).")
+@click.option("--threads", type=COUNT, default=None, help="ORT intra-op threads (CPU); OpenVINO inference threads.")
 @click.option("--cuda-graph", is_flag=True, help="ORT CUDA: capture and replay a CUDA graph.")
 @click.option("--json", "json_path", default=None, help="Write the results here.")
 @_guarded("bench")
@@ -361,10 +365,12 @@ def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, i
 @click.option("--sensitivity", is_flag=True, help="Rank the candidate's quantized MatMuls by their cost.")
 @click.option("--mask-padding/--no-mask-padding", default=True, show_default=True,
               help="Leave padded token positions ([batch, sequence] rows where the attention mask is 0) out.")
+@click.option("--runtime", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
+              help="Engine that runs the candidates (the reference always runs on ORT CPU, optimizations off).")
 @_guarded("diff")
 def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, tokenizer: str | None, samples: int,
              batch_size: int, layerwise: bool, threshold: float, json_path: str | None, plot_path: str | None,
-             save_dir: str | None, sensitivity: bool, mask_padding: bool) -> None:
+             save_dir: str | None, sensitivity: bool, mask_padding: bool, runtime: str) -> None:
     """Compare CANDIDATES against REFERENCE on ORT CPU: per output, per shared tensor, first divergence."""
     import shutil
 
@@ -377,6 +383,12 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     ui = _ui()
     if plot_path and not layerwise:  # option combinations first: nothing is written for a refused command
         raise TqcError("--plot draws per-tensor errors: add --layerwise")
+    if runtime == "openvino":
+        from tqc.compiler.openvino_io import require_openvino
+
+        require_openvino()
+        if sensitivity:
+            raise TqcError("--sensitivity runs on ONNX Runtime only; drop --runtime openvino for it")
     guard = current()
     for path in (reference, *candidates):
         guard.reads_model(check_input_path(path), f"the model '{path}'")
@@ -402,7 +414,8 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
         ui.progress(f"comparing {path} with {reference}" + (" tensor by tensor" if layerwise else ""))
         result, ref_results_now, _ = diffing.diff(ref_model, model, feeds, layerwise=layerwise, threshold=threshold,
                                                   candidate_name=path, mask_padding=mask_padding,
-                                                  reference_results=ref_results if not layerwise else None)
+                                                  reference_results=ref_results if not layerwise else None,
+                                                  runtime=runtime)
         ref_results = ref_results_now
         results.append(result)
     click.echo(diffing.format_table(results, layerwise))

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx
 
+from tqc.compiler.errors import TqcError
 from tqc.compiler.feeds import Feed
 
 ORT_LEVEL_FLAG = "--graph-optimization-level ORT_DISABLE_ALL"
@@ -124,12 +125,21 @@ def ort_cpu_runner(model: onnx.ModelProto | str | bytes, name: str):
     return OnnxrtRunner(loader, name=name)
 
 
-def run_model(model: onnx.ModelProto | str, feeds: list[Feed], name: str):
-    """Run one model over ``feeds``; returns polygraphy RunResults with one entry."""
+def run_model(model: onnx.ModelProto | str, feeds: list[Feed], name: str, runtime: str = "ort"):
+    """Run one model over ``feeds``; returns polygraphy RunResults with one entry. ``runtime``: ``ort`` (ORT
+    CPU, optimizations off) or ``openvino`` (OpenVINO CPU, FP32 precision; see ``compiler/openvino_io.py``)."""
     from polygraphy.comparator import Comparator
 
+    if runtime == "openvino":
+        from tqc.compiler.openvino_io import polygraphy_runner
+
+        runner = polygraphy_runner(model, name)
+    elif runtime == "ort":
+        runner = ort_cpu_runner(model, name)
+    else:
+        raise TqcError(f"runtime must be ort or openvino, got '{runtime}'")
     with quiet_polygraphy():
-        return Comparator.run([ort_cpu_runner(model, name)], data_loader=feeds)
+        return Comparator.run([runner], data_loader=feeds)
 
 
 @dataclass

@@ -36,6 +36,7 @@ class CompileOptions:
     max_length: int = 128
     shapes: tuple[str, ...] = ()       # TensorRT profiles for .plan outputs
     allow_table_mismatch: bool = False  # use a calib_table whose model_hash is another model's
+    runtime: str = "ort"               # engine of --verify numeric: ort | openvino
 
 
 def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
@@ -74,6 +75,7 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
     elif out.suffix == ".xml":  # OpenVINO IR: the .xml and its .bin weights
         guard.writes(out, "-o")
         guard.writes(out.with_suffix(".bin"), "the IR's weights (.bin)")
+        guard.writes(out.with_name(out.name + ".json"), "the IR's metadata")
     else:
         guard.writes_model(out, "-o")
     guard.writes(opts.report, "--report")
@@ -87,8 +89,15 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
 
         parse_shapes(opts.shapes)  # a malformed --shapes fails before anything runs
         require_tensorrt()
+    elif out.suffix == ".xml":
+        from tqc.compiler.openvino_io import require_openvino
+
+        require_openvino()  # missing OpenVINO fails before anything runs
+        if opts.target.startswith("ort-"):
+            raise TqcError(f"OpenVINO IR output needs --target openvino (or trt): --target {opts.target} writes "
+                           "com.microsoft ops that OpenVINO cannot read")
     elif out.suffix != ".onnx":
-        raise TqcError(f"output '{out}' must end in .onnx or .plan")
+        raise TqcError(f"output '{out}' must end in .onnx, .plan (TensorRT) or .xml (OpenVINO IR)")
     progress(f"loading {source}")
     hashing = model_hash_async(source)  # in a thread, next to the load and the first passes
     lean = load_model_lean(source)  # the weights are read once, into the arrays the passes work on
@@ -127,7 +136,14 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
 
         check_table_matches(ctx.calibration, opts.calib_table, source, hashing, model, opts.allow_table_mismatch,
                             progress)
-    manager = PassManager(passes, ctx, verify=opts.verify, dump_dir=opts.dump_dir, progress=progress)
+    if opts.runtime == "openvino" and opts.verify == "numeric":
+        from tqc.compiler.openvino_io import require_openvino
+
+        require_openvino()
+    elif opts.runtime not in ("ort", "openvino"):
+        raise TqcError(f"--runtime must be ort or openvino, got '{opts.runtime}'")
+    manager = PassManager(passes, ctx, verify=opts.verify, dump_dir=opts.dump_dir, progress=progress,
+                          runtime=opts.runtime)
     nodes_in = len(model.graph.node)
     if is_plan:
         from tqc.compiler.trt import build_plan_from_model
@@ -137,6 +153,13 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
         progress("building the TensorRT plan")
         build_plan_from_model(result, out, source_hash=source_hash, shapes=opts.shapes, progress=progress)
         nodes_out = len(result.graph.node)
+    elif out.suffix == ".xml":
+        from tqc.compiler.openvino_io import write_ir
+
+        result = manager.run_lean(lean)
+        source_hash = hashing()
+        write_ir(result, out, source_hash=source_hash, progress=progress)
+        nodes_out = len(result.skeleton.graph.node)
     else:
         result = manager.run_lean(lean)  # written straight from the graph's arrays: no export, no copy
         save_model(result, out)

@@ -76,15 +76,16 @@ def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output}
 
 
-def run_exposed(model: onnx.ModelProto, feeds, names: list[str] | None, runner_name: str):
-    """polygraphy RunResults of ``model`` with ``names`` exposed as outputs."""
+def run_exposed(model: onnx.ModelProto, feeds, names: list[str] | None, runner_name: str, runtime: str = "ort"):
+    """polygraphy RunResults of ``model`` with ``names`` exposed as outputs, on ``runtime`` (ort|openvino)."""
     data, _ = exposed_model_bytes(model, names) if names else (model.SerializeToString(), None)
-    return compare.run_model(data, feeds, name=runner_name)
+    return compare.run_model(data, feeds, name=runner_name, runtime=runtime)
 
 
 def diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds, layerwise: bool = False,
          threshold: float = 0.05, candidate_name: str = "candidate", reference_results=None,
-         mask_padding: bool = True) -> tuple[DiffResult, object, object]:
+         mask_padding: bool = True, runtime: str = "ort") -> tuple[DiffResult, object, object]:
+    """The reference runs on ORT CPU (optimizations off); the candidate on ``runtime`` (ort or openvino)."""
     infer_shapes(reference, strict=False)
     infer_shapes(candidate, strict=False)
     from tqc.compiler.feeds import input_specs
@@ -104,7 +105,7 @@ def diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds, layerwis
     names = shared_tensors(reference, candidate) if layerwise else outputs
     order = {n: i for i, n in enumerate(topological_float_tensors(reference))}
     ref_results = reference_results or run_exposed(reference, feeds, names if layerwise else None, "reference")
-    cand_results = run_exposed(candidate, feeds, names if layerwise else None, candidate_name)
+    cand_results = run_exposed(candidate, feeds, names if layerwise else None, candidate_name, runtime)
     comparison = compare.compare_results(list(ref_results.items())[0], list(cand_results.items())[0],
                                          atol=math.inf, rtol=math.inf, names=names, min_cosine=-1.0,
                                          masks=compare.padding_masks(feeds) if mask_padding else None)

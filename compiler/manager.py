@@ -55,7 +55,7 @@ class StageRecord:
 
 class PassManager:
     def __init__(self, passes: list[Pass], ctx: PassContext | None = None, verify: str = "structure",
-                 dump_dir: str | Path | None = None, progress: Progress | None = None):
+                 dump_dir: str | Path | None = None, progress: Progress | None = None, runtime: str = "ort"):
         if verify not in VERIFY_LEVELS:
             raise TqcError(f"--verify must be one of {', '.join(VERIFY_LEVELS)}")
         self.passes = passes
@@ -64,6 +64,7 @@ class PassManager:
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.progress = progress or (lambda message: None)
         self.records: list[StageRecord] = []
+        self.runtime = runtime  # numeric verification runs on ORT CPU (optimizations off) or OpenVINO CPU (FP32)
 
     def _check_needs(self) -> None:
         for p in self.passes:
@@ -129,8 +130,9 @@ class PassManager:
         if self.verify == "numeric":
             feeds = self.ctx.verification_feeds or synthesize_feeds(current)
             self.ctx.verification_feeds = feeds
-            self.progress("verify: reference run on ORT CPU (optimizations off)")
-            previous_results = compare.run_model(current, feeds, name="00_input")
+            self.progress("verify: reference run on " + ("OpenVINO CPU (FP32)" if self.runtime == "openvino" else
+                                                         "ORT CPU (optimizations off)"))
+            previous_results = compare.run_model(current, feeds, name="00_input", runtime=self.runtime)
             if self.dump_dir:
                 self._dump_io(feeds, previous_results, 0, "input")
         for index, p in enumerate(self.passes, start=1):
@@ -170,7 +172,11 @@ class PassManager:
         tol = p.tolerance_for(self.ctx)
         stage = f"{index:02d}_{p.name}"
         try:
-            results = compare.run_model(after, feeds, name=stage)
+            results = compare.run_model(after, feeds, name=stage, runtime=self.runtime)
+        except TqcError as exc:
+            if self.runtime != "openvino":
+                raise
+            raise VerificationError(f"{stage}: {exc}") from exc
         except Exception as exc:  # ORT refusing the graph is the pass's fault, reported like any failed check
             from tqc.compiler.model_io import save_model as _save
 

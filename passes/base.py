@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from tqc.compiler.errors import TqcError, did_you_mean
 
-TARGETS = ("trt", "ort-cpu", "ort-cuda")
+TARGETS = ("trt", "ort-cpu", "ort-cuda", "openvino")
 
 
 @dataclass(frozen=True)

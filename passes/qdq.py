@@ -120,9 +120,9 @@ def _matmul_sites(graph: gs.Graph, op_types: list[str], target: str, attention: 
                 continue
             heads, head = layout
             site = Site(node, [0, 1], None, 0, "attention", 2.0 * FLOP_TOKENS * heads * head)
-            if not (attention and target == "trt"):
+            if not (attention and target in ("trt", "openvino")):
                 site.eligible = False
-            elif head not in TRT_MHA_HEAD_SIZES:
+            elif target == "trt" and head not in TRT_MHA_HEAD_SIZES:
                 notes.append(f"qdq: attention MatMul '{node.name}' has head size {head}; TensorRT's INT8 MHA "
                              f"needs {TRT_MHA_HEAD_SIZES}: left in float")
                 site.eligible = False
@@ -344,13 +344,20 @@ class Quantizer:
     def fake_quantize(self, tensor: gs.Tensor, consumer: gs.Node, fixed_amax: float | None = None) -> gs.Tensor:
         """Q -> DQ of ``tensor``; shared per tensor for trt, dedicated per consumer for ORT."""
         key = tensor.name
-        if self.target == "trt" and key in self.shared:
+        shared = self.target in ("trt", "openvino")  # one Q/DQ per tensor (openvino: one FakeQuantize)
+        if shared and key in self.shared:
             return self.shared[key]
-        scale, zero_point = self._params(key, fixed_amax)
+        if self.target == "openvino":
+            from tqc.passes.qdq_openvino import activation_params
+
+            entry = self.table.tensors[key] if fixed_amax is None else None
+            scale, zero_point = activation_params(entry, consumer, self.method, self.percentile, fixed_amax)
+        else:
+            scale, zero_point = self._params(key, fixed_amax)
         self.counter += 1
-        tag = f"{key}_tqc{self.counter}" if self.target != "trt" else key
+        tag = f"{key}_tqc{self.counter}" if not shared else key
         dequantized = self._qdq_pair(tensor, tag, scale, zero_point)
-        if self.target == "trt":
+        if shared:
             self.shared[key] = dequantized
         return dequantized
 
@@ -486,6 +493,8 @@ class Qdq(Pass):
         "attention": Option(parse_bool, True, "trt: quantize the attention batched MatMuls (INT8 MHA)"),
         "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)",
                          min=0, max=1),
+        "budget_runtime": Option(str, "ort", "engine the budget step measures on: ort (ORT CPU, optimizations off) "
+                                 "or openvino (OpenVINO CPU: its own INT8 kernels)", choices=("ort", "openvino")),
         "qattention": Option(str, "auto", "ORT targets: quantize fused Attention ops as com.microsoft "
                              "QAttention (INT8 QKV projection inside ORT's fused attention kernel) instead of "
                              "expanding them into a quantizable MatMul; 'auto': on ort-cpu (1.1x faster there) "
@@ -541,7 +550,8 @@ class Qdq(Pass):
                         quantizer.qattention(node, self.values["smooth"]):
                     ctx.analyses["qattention"] = ctx.analyses.get("qattention", 0) + 1
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        if ctx.target != "trt" and any(n.op == "Attention" and n.domain == "com.microsoft" for n in graph.nodes):
+        if ctx.target not in ("trt", "openvino") and \
+                any(n.op == "Attention" and n.domain == "com.microsoft" for n in graph.nodes):
             masks = MaskCache(graph)
             for index, node in enumerate([n for n in graph.nodes if n.op == "Attention" and n.domain == "com.microsoft"]):
                 if _float_type(node.inputs[0]) is np.float16:
@@ -587,7 +597,7 @@ class Qdq(Pass):
 
     def uses_qattention(self, target: str) -> bool:
         choice = str(self.values["qattention"]).lower()
-        if target == "trt" or choice == "false":
+        if target in ("trt", "openvino") or choice == "false":
             return False
         return choice == "true" or (target == "ort-cpu" and not self.values["budget"] > 0)
 

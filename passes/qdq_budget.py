@@ -20,8 +20,14 @@ from tqc.compiler.graph_io import skeleton_of_graph
 MAX_BATCHES = 4
 
 
-def run_graph(graph, feeds) -> list[dict[str, np.ndarray]]:
-    """The graph's outputs for every feed, on ORT CPU with optimizations off, without exporting it."""
+def run_graph(graph, feeds, runtime: str = "ort") -> list[dict[str, np.ndarray]]:
+    """The graph's outputs for every feed, on ORT CPU with optimizations off, without exporting it; or, with
+    ``runtime="openvino"``, exported and run on OpenVINO CPU (FP32 precision: its INT8 kernels where Q/DQ is)."""
+    if runtime == "openvino":
+        from tqc.compiler.graph_io import to_model
+        from tqc.compiler.openvino_io import run_onnx
+
+        return run_onnx(to_model(graph), feeds)
     from tqc.compiler.graph_session import GraphSession
 
     session = GraphSession(graph)
@@ -55,13 +61,14 @@ def enforce_budget(qpass, graph, ctx, sites) -> list[str]:
 
         feeds = synthesize_feeds(skeleton_of_graph(graph))
     float_graph = graph.copy()  # shares the weight arrays; qdq never writes into them
-    reference = run_graph(float_graph, feeds)
+    runtime = qpass.values.get("budget_runtime", "ort")
+    reference = run_graph(float_graph, feeds, runtime)
     names = [site.node.name for site in sites]
 
     def cosine(skip: set[str]) -> float:
         candidate_graph = float_graph.copy()
         qpass.apply(candidate_graph, ctx, [], skip)
-        return mean_output_cosine(reference, run_graph(candidate_graph, feeds), feeds)
+        return mean_output_cosine(reference, run_graph(candidate_graph, feeds, runtime), feeds)
 
     full = cosine(set())
     ctx.analyses["qdq_full_cosine"] = full

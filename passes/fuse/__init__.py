@@ -13,6 +13,7 @@ from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, pa
 from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
 from tqc.passes.fuse.elementwise import fuse_embed_layernorm, fuse_gelu, fuse_layernorm, fuse_skip_layernorm
 from tqc.passes.fuse.match import NoMatch
+from tqc.passes.qdq_openvino import fusion_target
 from tqc.passes.registry import register
 
 
@@ -58,7 +59,7 @@ class Fuse(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         lower_constant_nodes(graph)  # so fuse also works without a fold before it
-        target = ctx.target
+        target = fusion_target(ctx.target)  # openvino: the standard-ONNX (trt) forms
         opset = int(graph.opset)
         stats: dict = {}
         softmax_count = sum(1 for n in graph.nodes if n.op == "Softmax")
@@ -110,6 +111,8 @@ class Fuse(Pass):
             gelus, reason = fuse_gelu(graph, target, opset)
             stats["gelu"] = gelus + exported_as_op
             if reason:
+                if ctx.target == "openvino":  # OpenVINO also fuses the Erf GELU (into the FullyConnected before it)
+                    reason = reason.replace("TensorRT fuses", "OpenVINO fuses")
                 ctx.note(f"fuse: gelu: {reason}")
         else:
             stats["gelu"] = 0

@@ -1,0 +1,172 @@
+"""``--target openvino`` placement: what the graph holds, and what OpenVINO's CPU plugin runs in INT8.
+
+The runtime graph (``compiled_model.get_runtime_model()``) is the evidence: FullyConnected nodes run u8
+(asymmetric UINT8 activations, zero point folded in), attention MatMuls i8 (Q @ K^T) and u8 (probs @ V).
+"""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tqc.compiler.calibration import calibrate, calibration_targets
+from tqc.compiler.feeds import synthesize_feeds
+from tqc.compiler.manager import PassManager
+from tqc.compiler.pipeline import parse_pipeline
+from tqc.passes.base import PassContext
+
+ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tqc[openvino]')")
+
+from tqc.compiler.openvino_io import OvRunner, compile_ov, int8_matmuls, runtime_precisions  # noqa: E402
+
+
+def mlp_after_layernorm() -> onnx.ModelProto:
+    """x -> LayerNorm -> h; h feeds two MatMuls (Q and K projections); GELU-like skewed tensor into a third."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), n) for n in ("g", "bt")]
+    inits += [numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32) * 0.2, n)
+              for n in ("w1", "w2", "w3")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "bt"], ["h"], axis=-1),
+             helper.make_node("MatMul", ["h", "w1"], ["a"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w2"], ["b"], name="mm2"),
+             helper.make_node("Add", ["a", "b"], ["c"]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MatMul", ["r", "w3"], ["y"], name="mm3")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16, 32])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def quantize(model, pipeline="qdq{smooth=0}", target="openvino", runtime="openvino"):
+    model = onnx.shape_inference.infer_shapes(model)
+    feeds = synthesize_feeds(model, count=4)
+    ctx = PassContext(target=target, calibration=calibrate(model, feeds, calibration_targets(model)))
+    manager = PassManager(parse_pipeline(pipeline), ctx, verify="numeric", runtime=runtime)
+    return manager.run(model), manager.records[-1]
+
+
+def nodes(model, op):
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def init(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def test_linear_inputs_asymmetric_uint8_shared_per_tensor_weights_int8_per_channel(tmp_path):
+    q, record = quantize(mlp_after_layernorm())
+    assert record.stats["linear"] == 3
+    assert record.verify["numeric"]["passed"]  # verified on OpenVINO (runtime=openvino)
+    qs = nodes(q, "QuantizeLinear")
+    assert len(qs) == 2  # h (shared by mm1 and mm2: one FakeQuantize) and r
+    for node in qs:
+        assert init(q, node.input[2]).dtype == np.uint8
+    relu_q = next(n for n in qs if n.input[0] == "r")
+    assert init(q, relu_q.input[2]) == 0  # a non-negative tensor: zero point 0, all 256 codes on [0, max]
+    h_q = next(n for n in qs if n.input[0] == "h")
+    assert 0 < init(q, h_q.input[2]) < 255  # a signed tensor: asymmetric, zero point inside the range
+    initializers = {t.name for t in q.graph.initializer}
+    for dq in (n for n in nodes(q, "DequantizeLinear") if n.input[0] in initializers):
+        assert init(q, dq.input[0]).dtype == np.int8 and not init(q, dq.input[2]).any()
+        assert init(q, dq.input[1]).size == 32  # per output channel
+
+    path = tmp_path / "q.onnx"
+    onnx.save(q, str(path))
+    precisions = runtime_precisions(compile_ov(path))
+    assert precisions["FullyConnected"] == {"u8": 3}  # every linear runs u8 x i8 on OpenVINO's CPU plugin
+    # and the numbers: INT8 on OpenVINO close to the float graph on ONNX Runtime
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((2, 16, 32)).astype(np.float32)
+    ref = ort.InferenceSession(mlp_after_layernorm().SerializeToString()).run(None, {"x": x})[0]
+    got = OvRunner(path).run({"x": x})["y"]
+    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cosine > 0.99
+
+
+def test_trt_placement_runs_signed_on_openvino_for_contrast(tmp_path):
+    """The same graph placed for trt (symmetric INT8 activations) runs its FullyConnected nodes i8."""
+    q, _ = quantize(mlp_after_layernorm(), target="trt", runtime="ort")
+    path = tmp_path / "q.onnx"
+    onnx.save(q, str(path))
+    assert runtime_precisions(compile_ov(path))["FullyConnected"] == {"i8": 3}
+
+
+def compile_cli(args: list[str]) -> None:
+    from tqc.compiler.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["-q", "compile", *args])
+    assert info.value.code == 0
+
+
+def token_npz(model_path, path, count: int = 4):
+    """Synthesized token inputs (the model's own signature) as an .npz for --calib."""
+    from tqc.compiler.model_io import load_model
+
+    feeds = synthesize_feeds(load_model(model_path), count=count)
+    np.savez(path, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_openvino(exports, tmp_path_factory):
+    """bert-tiny fused and quantized for openvino by ``tqc compile``, every pass verified on OpenVINO."""
+    import json
+
+    source = exports.get("bert", size="tiny")
+    folder = tmp_path_factory.mktemp("ov")
+    path = folder / "tiny.onnx"
+    compile_cli([str(source), "-p", "fold,fuse,qdq", "--target", "openvino", "--calib",
+                 str(token_npz(source, folder / "calib.npz")), "-o", str(path), "--verify", "numeric",
+                 "--runtime", "openvino", "--report", str(folder / "report.json")])
+    report = json.loads((folder / "report.json").read_text())
+    return path, onnx.load(str(path)), report["stages"][-1]
+
+
+def test_attention_matmuls_int8_probs_uint8_on_a_real_export(tiny_openvino):
+    path, q, stage = tiny_openvino
+    assert stage["stats"]["attention_bmm"] == 4 and stage["stats"]["linear"] == 8  # 2 layers
+    assert stage["verify"]["numeric"]["passed"]
+    producers = {o: n for n in q.graph.node for o in n.output}
+    for mm in (n for n in nodes(q, "MatMul") if "tqc_attn" in n.name and n.name.endswith(("_qk", "_pv"))):
+        for name in mm.input:
+            dq = producers[name]
+            assert dq.op_type == "DequantizeLinear"
+            zp, scale = init(q, dq.input[2]), init(q, dq.input[1])
+            source = producers[producers[dq.input[0]].input[0]]
+            if source.op_type == "Softmax":  # probs in [0, 1]: UINT8, 1/255
+                assert zp.dtype == np.uint8 and zp == 0 and np.isclose(scale, 1 / 255)
+            else:  # q, k, v: symmetric INT8
+                assert zp.dtype == np.int8 and zp == 0
+    precisions = runtime_precisions(compile_ov(path))
+    assert precisions["MatMul"] == {"i8": 2, "u8": 2}  # Q @ K^T i8, probs @ V u8
+    assert int8_matmuls(precisions) == (12, 12)
+    assert set(precisions.get("MVN", {})) == {"f32"}  # LayerNormalization fused into MVN, in float
+    assert "f32" in precisions["Softmax"]
+
+
+def test_fusion_is_standard_onnx(tiny_openvino):
+    _, q, _ = tiny_openvino
+    assert not [n for n in q.graph.node if n.domain == "com.microsoft"]  # OpenVINO cannot read contrib ops
+    assert len(nodes(q, "LayerNormalization")) == 5
+
+
+def test_budget_measures_on_openvino():
+    """qdq{budget=...,budget_runtime=openvino}: the accuracy budget is met as OpenVINO computes the graph."""
+    from tqc.passes.qdq_budget import mean_output_cosine, run_graph
+    from tqc.compiler.graph_io import to_graph
+
+    model = onnx.shape_inference.infer_shapes(mlp_after_layernorm())
+    feeds = synthesize_feeds(model, count=4)
+    ctx = PassContext(target="openvino", calibration=calibrate(model, feeds, calibration_targets(model)),
+                      verification_feeds=feeds)
+    budget = 0.99995
+    manager = PassManager(parse_pipeline(f"qdq{{smooth=0,budget={budget},budget_runtime=openvino}}"), ctx,
+                          verify="numeric", runtime="openvino")
+    q = manager.run(model)
+    kept = ctx.analyses["qdq_skip"]
+    assert ctx.analyses["qdq_full_cosine"] < budget and 0 < len(kept) < 3  # some, not all, back to float
+    reference = run_graph(to_graph(model), feeds, "openvino")
+    assert mean_output_cosine(reference, run_graph(to_graph(q), feeds, "openvino"), feeds) >= budget
