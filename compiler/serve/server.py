@@ -209,11 +209,8 @@ class TritonServer:
                 time.sleep(0.05)
         for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             leftover.unlink(missing_ok=True)
-        if self.tmp is not None and self.opts.timings_dir is None:
+        if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-        elif self.tmp is not None:
-            shutil.rmtree(self.tmp / "repo", ignore_errors=True)
-            shutil.rmtree(self.tmp / "backends", ignore_errors=True)
         self.tmp = None
 
     def __enter__(self) -> "TritonServer":
