@@ -46,6 +46,7 @@ def texts_of_tokens(tokenizer_dir: str, count: int, pool: list[str]) -> list[str
 
     tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
     tokenizer.no_truncation()
+    tokenizer.no_padding()
     texts = []
     for start in range(0, min(len(pool), 400), 4):
         long_text = " ".join(pool[start:start + 40])
@@ -302,14 +303,16 @@ def main() -> None:
     model_timings = {}
     for (label, batching) in servers:
         for file in (timings_dir / f"{label}-{batching}").glob("*.timings.json"):
-            data = json.loads(file.read_text())
-            calls = max(data["calls"], 1)
-            model_timings[f"{label}/{batching}"] = {k: round(data[k] / calls * 1000, 4) for k in ("tokenize", "model", "pool")}
-            model_timings[f"{label}/{batching}"]["executions"] = data["calls"]
+            shapes = json.loads(file.read_text())
+            model_timings[f"{label}/{batching}"] = {
+                shape: {"tokenize_ms": round(v[0] / v[3] * 1000, 4), "ort_ms": round(v[1] / v[3] * 1000, 4),
+                        "pool_ms": round(v[2] / v[3] * 1000, 4), "calls": v[3]}
+                for shape, v in sorted(shapes.items(), key=lambda kv: -kv[1][3])}
     if model_timings:
-        print("\ninside the model's execute (per execute call, ms): " + "; ".join(
-            f"{k}: tokenizer {v['tokenize']}, ORT {v['model']}, pooling {v['pool']} ({v['executions']} calls)"
-            for k, v in model_timings.items()))
+        print("\ninside the model's execute, per call by padded shape ROWSxSEQ (ms): tokenizer / ORT / pooling (calls)")
+        for key, shapes in model_timings.items():
+            print(f"  {key:<14} " + "; ".join(f"{shape}: {v['tokenize_ms']:.3f} / {v['ort_ms']:.3f} / "
+                                             f"{v['pool_ms']:.3f} ({v['calls']})" for shape, v in list(shapes.items())[:6]))
     payload = {"machine": {"cpus": os.cpu_count(), "provider": args.provider, "cuda_graph": args.cuda_graph,
                            "threads": args.threads},
                "args": vars(args), "models": models, "table": table, "triton_stats": where,

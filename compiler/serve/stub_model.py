@@ -181,8 +181,11 @@ class TritonPythonModel:
             self.tokenizer.no_padding()
             self.tokenizer.enable_truncation(self.max_length)
             self.pad_id = int(CONF.get("pad_id", 0))
-        self.timings = CONF.get("timings") and {"tokenize": 0.0, "model": 0.0, "pool": 0.0, "calls": 0}
+        # with "timings": seconds spent per padded shape "ROWSxSEQ": [tokenizer, ORT call, pooling, calls]
+        self.timings = {} if CONF.get("timings") else None
         self._warm_up()
+        if self.timings is not None:
+            self.timings.clear()
 
     def _warm_up(self):
         if self.kind == "text":
@@ -301,11 +304,12 @@ class TritonPythonModel:
             output = output[:, 0]
         if CONF.get("normalize") and output.ndim == 2:
             output = output / np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
-        if self.timings:
-            self.timings["tokenize"] += tokenized - start
-            self.timings["model"] += ran - tokenized
-            self.timings["pool"] += time.perf_counter() - ran
-            self.timings["calls"] += 1
+        if self.timings is not None:
+            entry = self.timings.setdefault(f"{rows}x{seq}", [0.0, 0.0, 0.0, 0])
+            entry[0] += tokenized - start
+            entry[1] += ran - tokenized
+            entry[2] += time.perf_counter() - ran
+            entry[3] += 1
         counts = mask[:rows].sum(axis=1)
         return np.ascontiguousarray(output), counts, truncated
 
@@ -344,7 +348,7 @@ class TritonPythonModel:
                     for _ in requests]
 
     def finalize(self):
-        if self.timings and self.timings["calls"]:
+        if self.timings:
             path = CONF.get("timings")
             with open(path, "w", encoding="utf-8") as file:
                 json.dump(self.timings, file)

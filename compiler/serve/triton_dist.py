@@ -75,10 +75,11 @@ def find_triton() -> TritonDist:
 
 
 def site_folders() -> list[str]:
-    """Folders of this Python's packages (venv first), without its standard library."""
+    """Folders of this Python's packages (PYTHONPATH, then the venv's), without its standard library: the
+    stub's interpreter ignores PYTHONPATH, so these are added to its sys.path by ``stub_model.py``."""
     import site
 
-    folders = []
+    folders = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(":") if p and Path(p).is_dir()]
     for entry in list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path:
         if entry and ("site-packages" in entry or "dist-packages" in entry) and Path(entry).is_dir():
             folders.append(str(Path(entry).resolve()))
