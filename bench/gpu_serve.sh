@@ -9,7 +9,7 @@
 #   there:  after each part is carried:  mkdir -p /tmp/gpu && cp .gpu/part.* /tmp/gpu/
 #           bash bench/gpu_serve.sh run [SECONDS_PER_CELL]
 #           results: bench/results/serve_gpu.json and .log (copy them back through $OUT)
-set -euo pipefail
+set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 mode=${1:-run}
 
@@ -51,9 +51,13 @@ if [ ! -f "$work/bert.fp16.onnx" ]; then
   python3 -m tqc -q export bert --attn eager -o "$work/bert.onnx"
   python3 -m tqc -q compile "$work/bert.onnx" -p fold,fuse,fp16 --target ort-cuda -o "$work/bert.fp16.onnx"
 fi
+# correctness first (server vs ORT CUDA run directly), with and without CUDA graphs
+graph=--cuda-graph
+python3 "$root/bench/gpu_serve_check.py" "$work/minilm.fp16.onnx" "$tok" 2>&1 | tee "$root/bench/results/serve_gpu_check.log" || graph=
 # batch 1, 16 and 128 tokens; then throughput at concurrency 64 (batching off and on); gRPC, as transformer-deploy
-python3 "$root/bench/bench_serve.py" --provider cuda --cuda-graph --tokenizer "$tok" \
+python3 "$root/bench/bench_serve.py" --provider cuda $graph --tokenizer "$tok" \
   --model "$work/minilm.fp16.onnx:minilm" --model "$work/bert.fp16.onnx:bert" \
   --tokens 16,128 --concurrency 1,64 --protocols grpc --batching off,on --queue-delay-us 100 \
   --preferred-batch 8,16,32,64 --seconds "$seconds" --rounds 3 --workdir "$work/bench" \
   --json "$root/bench/results/serve_gpu.json" 2>&1 | tee "$root/bench/results/serve_gpu.log"
+[ -n "${OUT:-}" ] && cp "$root"/bench/results/serve_gpu* "$OUT"/ || true

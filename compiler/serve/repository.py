@@ -218,6 +218,7 @@ def write_repository(opts: ServeOptions, repo: Path, sitedirs: list[str]) -> dic
         conf = dict(base, kind=endpoint)
         if endpoint == "raw":
             conf["max_length"] = opts.max_length or 512
+            conf["cuda_graph"] = False  # raw requests keep their exact shapes: no buckets for graphs to cover
             inputs = [dict(p, dims=[-1]) for p in facts.inputs]
             outputs = facts.outputs
         else:
