@@ -5,7 +5,7 @@ in one request) and raw tensors over gRPC, and compares the answers with the sam
 ONNX Runtime's CUDA provider (tokenized by transformers, pooled and normalised in numpy). Prints one line per
 mode; exit status 0 when CUDA graphs worked (the benchmark then uses them), 3 when only IO binding did.
 
-    python bench/gpu_serve_check.py MODEL.onnx TOKENIZER_DIR
+    python bench/gpu_serve_check.py MODEL.onnx TOKENIZER_DIR [cpu]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 def main() -> int:
     model, tokenizer_dir = sys.argv[1], sys.argv[2]
+    provider = sys.argv[3] if len(sys.argv) > 3 else "cuda"  # cpu: a dry run of this script's own code
     import onnxruntime as ort
     import tritonclient.grpc as grpcclient
     from transformers import AutoTokenizer
@@ -25,7 +26,7 @@ def main() -> int:
     from tqc.compiler.serve.server import TritonServer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    session = ort.InferenceSession(model, providers=["CUDAExecutionProvider"])
+    session = ort.InferenceSession(model, providers=["CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"])
     texts = ["A short one.", "Serving a transformer encoder behind Triton with the tokenizer inside the server, "
              "dynamic batching and CUDA graphs captured per bucket of batch and sequence sizes. " * 3,
              "Été à Zürich: naïve café"]
@@ -40,7 +41,7 @@ def main() -> int:
     expected = np.stack([direct(t) for t in texts])
     worked = {}
     for graph in (True, False):
-        opts = ServeOptions(model=model, name="m", provider="cuda", cuda_graph=graph, tokenizer=tokenizer_dir,
+        opts = ServeOptions(model=model, name="m", provider=provider, cuda_graph=graph, tokenizer=tokenizer_dir,
                             normalize=True, pooling="mean")
         try:
             server = TritonServer(opts, startup_timeout=300).start()
