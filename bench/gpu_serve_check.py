@@ -61,6 +61,7 @@ def main() -> int:
                 tensor.set_data_from_numpy(data)
                 return client.infer("m_text", [tensor]).as_numpy("embeddings")
 
+            print("\n".join(line for line in server.log().splitlines() if "tqc-stub:" in line), flush=True)
             singles = np.concatenate([text_request([t]) for t in texts * 2])[:len(texts)]
             together = text_request(texts)
             enc = tokenizer(texts[1:2], return_tensors="np")

@@ -23,8 +23,9 @@ with open(os.path.join(_HERE, "serve.json"), encoding="utf-8") as _file:
     CONF = json.load(_file)
 for _folder in reversed(CONF.get("sitedirs", [])):  # first listed ends up first on sys.path
     _before = list(sys.path)
-    site.addsitedir(_folder)
-    sys.path[:] = [p for p in sys.path if p not in _before] + _before
+    site.addsitedir(_folder)  # its .pth files too (editable installs)
+    _added = [p for p in sys.path if p not in _before]
+    sys.path[:] = ([] if _folder in _added else [_folder]) + _added + [p for p in _before if p != _folder]
 
 import time  # noqa: E402
 
@@ -165,8 +166,19 @@ def openvino_runner(conf):
 RUNNERS = {"cpu": OrtRunner, "cuda": OrtCudaRunner, "openvino": openvino_runner}
 
 
+def check_numpy():
+    """nvidia-pytriton 0.7's stub bridges tensors with a pybind11 built for numpy 1: under numpy 2 (seen with 2.4.6
+    and 2.5.2) the tensors it sends back are empty and the texts it receives can come out cut short. Refuse to
+    load rather than answer wrongly."""
+    if int(np.__version__.split(".")[0]) >= 2:
+        raise RuntimeError(f"the python backend stub needs numpy<2 (it found numpy {np.__version__} in "
+                           f"{os.path.dirname(np.__file__)}): install numpy<2 there or set TQC_SERVE_STUB_PATH to "
+                           "a folder holding it")
+
+
 class TritonPythonModel:
     def initialize(self, args):
+        check_numpy()
         self.conf = CONF
         self.kind = CONF["kind"]
         self.runner = RUNNERS[CONF.get("provider", "cpu")](CONF)
@@ -184,6 +196,11 @@ class TritonPythonModel:
         # with "timings": seconds spent per padded shape "ROWSxSEQ": [tokenizer, ORT call, pooling, calls]
         self.timings = {} if CONF.get("timings") else None
         self._warm_up()
+        import onnxruntime
+
+        print(f"tqc-stub: {CONF['kind']} model ready: python {sys.version.split()[0]}, numpy {np.__version__} ({os.path.dirname(np.__file__)}), "
+              f"onnxruntime {onnxruntime.__version__} {getattr(self.runner, 'session', None) and self.runner.session.get_providers()}, "
+              f"max_length {self.max_length}", flush=True)
         if self.timings is not None:
             self.timings.clear()
 

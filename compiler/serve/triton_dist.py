@@ -75,11 +75,13 @@ def find_triton() -> TritonDist:
 
 
 def site_folders() -> list[str]:
-    """Folders of this Python's packages (PYTHONPATH, then the venv's), without its standard library: the
-    stub's interpreter ignores PYTHONPATH, so these are added to its sys.path by ``stub_model.py``."""
+    """Folders of this Python's packages (TQC_SERVE_STUB_PATH, PYTHONPATH, then the venv's), without its standard
+    library: the stub's interpreter ignores PYTHONPATH, so these are added to its sys.path by ``stub_model.py``.
+    TQC_SERVE_STUB_PATH is for the stub alone, e.g. a folder holding numpy < 2 where tqc itself runs numpy 2."""
     import site
 
-    folders = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(":") if p and Path(p).is_dir()]
+    first = os.environ.get("TQC_SERVE_STUB_PATH", "") + ":" + os.environ.get("PYTHONPATH", "")
+    folders = [str(Path(p).resolve()) for p in first.split(":") if p and Path(p).is_dir()]
     for entry in list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path:
         if entry and ("site-packages" in entry or "dist-packages" in entry) and Path(entry).is_dir():
             folders.append(str(Path(entry).resolve()))
