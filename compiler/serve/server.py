@@ -65,9 +65,12 @@ def _load_failure(log: str) -> str | None:
             lines = [part.strip() for part in reason.splitlines() if part.strip() and not part.strip().startswith("At:")]
             # The python backend puts the exception first; its traceback lines ("  file(n): fn") follow.
             return f"model '{match.group(1)}' failed to load: {lines[0] if lines else reason}"[:400]
-    for line in log.splitlines():
-        if line.startswith("error:") or " E" in line[:2]:
+    for line in log.splitlines():  # the server's own fatal line ("error: creating server: ..."), else its errors
+        if line.startswith("error:"):
             return line.strip()[:400]
+    for line in reversed(log.splitlines()):  # the last error; a CPU-only host always logs the CUDA one
+        if re.match(r"E\d{4} ", line) and "CudaDriverHelper" not in line:
+            return line.split("]", 1)[-1].strip().strip('"').strip()[:400]
     return None
 
 
@@ -169,7 +172,7 @@ class TritonServer:
             assert self.process is not None
             if self.process.poll() is not None:
                 reason = _load_failure(self.log()) or f"tritonserver exited with code {self.process.returncode}"
-                raise TqcError(f"the server did not start: {reason} (log: {self.log_path})")
+                raise TqcError(f"the server did not start: {reason}")
             if self._get("/v2/health/ready") == 200:
                 return
             failure = _load_failure(self.log())

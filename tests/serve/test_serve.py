@@ -340,3 +340,19 @@ def test_startup_timeout_stops_everything(minilm):
     assert srv.process is None and srv.tmp is None
     assert group_pids(srv.pgid) == []
     assert _serve_dirs() <= before
+
+
+def test_a_port_in_use_gives_one_line_and_exit_2(minilm):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        before = _serve_dirs()
+        proc = _tqc("serve", str(minilm), "--port", str(port), "--grpc-port", "0", "--metrics-port", "0",
+                    "--endpoints", "raw")
+        out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 2, (out, err)
+    assert err.strip().splitlines()[-1].startswith("tqc: error: the server did not start:") and "already in use" in err
+    assert _server_pids_of(proc.pid) == [] and _serve_dirs() <= before
