@@ -412,6 +412,24 @@ def serve_cmd(model: str, host: str, http_port: int, grpc_port: int, metrics_por
               startup_timeout=startup_timeout, progress=_ui().progress)
 
 
+@cli.command("check-triton")
+@click.argument("repo")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def check_triton_cmd(repo: str, as_json: bool) -> None:
+    """Load a 'tqc export-triton' repository as far as this machine can: each config.pbtxt by tritonserver
+    itself, each model.onnx by ONNX Runtime against its config. Exit 1 when a model fails."""
+    from tqc.compiler.serve.repo_check import check_triton_repository
+
+    rows = check_triton_repository(repo)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            click.echo(f"{row['model']}: {'ok' if row['ok'] else 'FAILED'}\n  triton: {row['triton']}\n  files:  {row['files']}")
+    if not all(row["ok"] for row in rows):
+        sys.exit(1)
+
+
 @cli.command("inspect")
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
