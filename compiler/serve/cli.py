@@ -57,6 +57,8 @@ def run_serve(model: str, host: str, ports: tuple[int, int, int], name: str | No
         for model_name, kind in server.models.items():
             what = ("UINT8 TEXT (UTF-8) -> embeddings" if kind == "text" else "the model's own tensors")
             click.echo(f"model '{model_name}' ({kind}): {what}")
+        if endpoints == "both" and "text" not in server.models.values():
+            click.echo("no text endpoint: the export records no tokenizer (give --tokenizer DIR)")
         if server.text:
             click.echo(f"text: tokenizer {server.text['tokenizer']}, limit {server.text['max_length']} tokens "
                        f"({server.text['long_text']}), pooling {server.text['pooling']}, "

@@ -65,6 +65,7 @@ class ModelFacts:
     outputs: list[dict]
     vocab: int | None
     type_vocab: int
+    max_positions: int | None  # rows of the position-embedding table (RoBERTa-style: minus the padding offset)
 
 
 def model_facts(path: Path) -> ModelFacts:
@@ -94,14 +95,25 @@ def model_facts(path: Path) -> ModelFacts:
     for node in model.graph.node:
         if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "token_type_ids":
             type_vocab = int(initializers.get(node.input[0], (2,))[0])
-        if node.op_type == "EmbedLayerNormalization" and len(node.input) > 1 and node.input[1] == "token_type_ids":
-            type_vocab = int(initializers.get(node.input[4], (2,))[0]) if len(node.input) > 4 else 2
+        if node.op_type == "EmbedLayerNormalization" and len(node.input) > 4 and node.input[4] in initializers:
+            type_vocab = int(initializers[node.input[4]][0])  # its ids may arrive through a Cast
     vocab = vocab_size(model, "input_ids")
     if vocab is None:
         for node in model.graph.node:
-            if node.op_type == "EmbedLayerNormalization" and node.input[0] == "input_ids":
+            if node.op_type == "EmbedLayerNormalization" and len(node.input) > 2:
                 vocab = int(initializers.get(node.input[2], (0,))[0]) or None
-    return ModelFacts(path=path, inputs=inputs, outputs=outputs, vocab=vocab, type_vocab=type_vocab)
+    positions = None
+    for name, dims in initializers.items():
+        if "position_embeddings" in name and len(dims) == 2:
+            positions = int(dims[0])
+    for node in model.graph.node:
+        if node.op_type == "EmbedLayerNormalization" and len(node.input) > 3 and node.input[3] in initializers:
+            positions = int(initializers[node.input[3]][0])
+    meta = {p.key: p.value for p in model.metadata_props}
+    if positions and meta.get("tqc.family") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= 2  # position ids start after the padding index
+    return ModelFacts(path=path, inputs=inputs, outputs=outputs, vocab=vocab, type_vocab=type_vocab,
+                      max_positions=positions)
 
 
 def tokenizer_folder(name: str | None, model_path: Path) -> Path | None:
@@ -217,13 +229,14 @@ def write_repository(opts: ServeOptions, repo: Path, sitedirs: list[str]) -> dic
         version.mkdir(parents=True)
         conf = dict(base, kind=endpoint)
         if endpoint == "raw":
-            conf["max_length"] = opts.max_length or 512
+            conf["max_length"] = min(opts.max_length or 512, facts.max_positions or 512)
             conf["cuda_graph"] = False  # raw requests keep their exact shapes: no buckets for graphs to cover
             inputs = [dict(p, dims=[-1]) for p in facts.inputs]
             outputs = facts.outputs
         else:
             tok = save_tokenizer(folder, version / "tokenizer.json")
             limit = opts.max_length or encoder.get("max_length") or tok["model_max_length"] or 512
+            limit = min(limit, facts.max_positions or limit)
             output = facts.outputs[0]
             pooling = opts.pooling or encoder.get("pooling") or "mean"
             pooled = len(output["dims"]) == 2 and pooling != "none"
