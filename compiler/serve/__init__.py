@@ -4,4 +4,6 @@
     repository.py    the python-backend model repository: a raw-tensor model and a text model per ONNX file
     stub_model.py    the model.py Triton runs (ONNX Runtime, tokenizer, pooling, request checks)
     server.py        start, readiness, load failures, clean stop
+    cli.py           `tqc serve` in the foreground (SIGTERM/SIGINT stop it)
+    repo_check.py    `tqc check-triton`: export-triton repositories loaded as far as this machine can
 """
