@@ -303,7 +303,7 @@ def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str,
     for model in models:
         check_input_path(model)
         onnx_model = None
-        if not model.endswith(".plan"):  # validated on load; only the signature and table dims are read
+        if not model.endswith((".plan", ".xml")):  # validated on load; only the signature and table dims are read
             onnx_model = load_model(model, load_external_data=False)
             for batch, seq in parsed:  # every shape checked before the first measurement
                 bench_inputs(onnx_model, [s.name for s in input_specs(onnx_model)], batch, seq, lengths)

@@ -359,6 +359,8 @@ class OutputGuard:
         self.reads(p, what)
         if p.suffix == ".plan":
             self.reads(p.with_name(p.name + ".json"), f"the metadata of {what}")
+        elif p.suffix == ".xml":  # OpenVINO IR: its weights beside it
+            self.reads(p.with_suffix(".bin"), f"the weights (.bin) of {what}")
         elif p.is_file():
             for data in external_data_files(p):
                 self.reads(data, f"an external-data file of {what}")
