@@ -232,6 +232,8 @@ def main() -> None:
     parser.add_argument("--models", default="minilm,bert-base,bert-large,xlm-roberta-large")
     parser.add_argument("--workdir", default="/tmp/bench_large")
     parser.add_argument("--keep", action="store_true", help="keep the exported and compiled models")
+    parser.add_argument("--append", action="store_true",
+                        help="add these models' rows to an existing --json (a later invocation; recorded per row)")
     parser.add_argument("--max-rss-gib", type=float, default=MAX_RSS_GIB,
                         help="stop a phase whose RSS passes this (shared machine)")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "large.json"))
@@ -245,6 +247,17 @@ def main() -> None:
                        "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
                "calibration": f"first {CALIB_SENTENCES} sentences of ../shared/data/sentences.txt, MiniLM tokenizer",
                "rows": rows}
+    invocation = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if args.append and Path(args.json).exists():
+        previous = json.loads(Path(args.json).read_text())
+        for row in previous.get("rows", []):
+            row.setdefault("invocation", previous.get("invocation", "first"))
+        rows.extend(r for r in previous.get("rows", []) if r["model"] not in args.models.split(","))
+        results["previous_invocations"] = previous.get("invocations", [previous.get("invocation", "first")])
+        if Path(args.log).exists():  # the previous invocation's progress lines (its table follows a blank line)
+            LOG_LINES.extend(Path(args.log).read_text().split("\n\n", 1)[0].splitlines())
+        LOG_LINES.append(f"--- later invocation {invocation} (--append): {args.models}")
+    results["invocation"] = invocation
 
     def save() -> None:
         text = table(rows)
@@ -256,7 +269,10 @@ def main() -> None:
             tmp.replace(path)
 
     for name in args.models.split(","):
-        rows.append(bench_model(name, workdir, args.keep))
+        row = bench_model(name, workdir, args.keep)
+        row["invocation"] = invocation
+        row["max_rss_gib"] = MAX_RSS_GIB
+        rows.append(row)
         save()
     print(table(rows))
     save()
