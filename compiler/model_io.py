@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from tqc.compiler.errors import TqcError
@@ -119,7 +119,10 @@ def _external_tensors(model: onnx.ModelProto):
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    try:
+        return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    except EncodeError:  # upb's ByteSize serializes the message and refuses above 2 GB: certainly over
+        return True
 
 
 def serialize(model: onnx.ModelProto) -> bytes:
