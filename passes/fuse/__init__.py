@@ -1,6 +1,6 @@
 """``fuse``: attention, GELU and (for ONNX Runtime) residual LayerNorm fusion, per target.
 
-See ``attention.py`` and ``elementwise.py`` for the rewrites, ``attention_rules.py`` for the catalogue.
+See ``attention.py``, ``elementwise.py`` and ``embedding.py`` for the rewrites, ``attention_rules.py`` for the catalogue.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import onnx_graphsurgeon as gs
 from tqc.compiler.graph_io import ensure_domain
 from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool
 from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
-from tqc.passes.fuse.elementwise import fuse_embed_layernorm, fuse_gelu, fuse_layernorm, fuse_skip_layernorm
+from tqc.passes.fuse.elementwise import fuse_gelu, fuse_layernorm, fuse_skip_layernorm
+from tqc.passes.fuse.embedding import fuse_embed_layernorm
 from tqc.passes.fuse.match import NoMatch
 from tqc.passes.registry import register
 
