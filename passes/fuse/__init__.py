@@ -36,6 +36,16 @@ def lower_constant_nodes(graph: gs.Graph) -> int:
     return count
 
 
+def canonicalize(graph: gs.Graph) -> int:
+    """``fold``'s canonical form (Identity removal, constant folding), so ``fuse`` works alone; returns the
+    number of nodes removed (0 when ``fold`` ran before)."""
+    from tqc.passes.fold import Fold
+
+    before = len(graph.nodes)
+    Fold().run(graph, PassContext())
+    return before - len(graph.nodes)
+
+
 @register
 class Fuse(Pass):
     """Fuse attention blocks, GELU and residual LayerNorms into the ops the target runs fastest."""
@@ -43,6 +53,8 @@ class Fuse(Pass):
     name = "fuse"
     options = {
         "attention": Option(parse_bool, True, "fuse attention blocks"),
+        "canonicalize": Option(parse_bool, True, "fold constants and Identity aliases first (what fold does), so "
+                               "fuse works alone"),
         "gelu": Option(parse_bool, True, "fuse GELU (Gelu op at opset >= 20 for trt; contrib ops for ORT)"),
         "layernorm": Option(parse_bool, True, "decomposed LayerNorms (ReduceMean, Sub, Pow, ..., Add) into "
                             "LayerNormalization (opset >= 17; older opsets: only residual ones, for ORT)"),
@@ -58,10 +70,14 @@ class Fuse(Pass):
     tolerance = Tolerance(atol=1e-4, rtol=1e-4)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        lower_constant_nodes(graph)  # so fuse also works without a fold before it
+        stats: dict = {}
+        if self.values["canonicalize"]:
+            # What the rules match against, whatever ran before: Identity-aliased and Transpose'd shared weights
+            # (large dynamo exports keep W^T as a Transpose node), Constant nodes, foldable shape arithmetic.
+            stats["canonicalized_nodes"] = canonicalize(graph)
+        lower_constant_nodes(graph)
         target = ctx.target
         opset = int(graph.opset)
-        stats: dict = {}
         softmax_count = sum(1 for n in graph.nodes if n.op == "Softmax")
         fused = 0
         misses = []
