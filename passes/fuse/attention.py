@@ -186,7 +186,9 @@ def match_rule(softmax: gs.Node, rule: AttentionRule, mask_inputs: set[str]) -> 
         nodes.append(node)
     qk = producer(scores)
     if qk is None or qk.op != "MatMul":
-        raise NoMatch(f"scores: expected MatMul(Q, K^T), found {describe(qk)}", depth + 2)
+        # A scale here, for a rule that expects none, stops this rule no further than one that expects it.
+        stopped = depth + 1 if not rule.score_scale and qk is not None and qk.op in ("Mul", "Div") else depth + 2
+        raise NoMatch(f"scores: expected MatMul(Q, K^T), found {describe(qk)}", stopped)
     nodes.append(qk)
     depth += 3
     q_end, q_scale, q_reshapes = _walk(qk.inputs[0], rule.q_path, "Q path", depth, nodes)

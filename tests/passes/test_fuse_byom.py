@@ -138,3 +138,99 @@ def test_embedding_fusion_is_exact_with_and_without_token_types(family, names, u
             embed = next(n for n in model.graph.node if n.op_type == "EmbedLayerNormalization")
             segment_used = len(embed.input) > 1 and embed.input[1] != ""
             assert segment_used == (len(names) == 3)  # only a real token-type input feeds the segment slot
+
+
+# --- Third-party fixtures made by the real tools (tests/fixtures/byom: Optimum, sentence-transformers) ---
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "byom"
+
+
+def _manifest() -> list[dict]:
+    import json
+
+    path = FIXTURES / "manifest.json"
+    return json.loads(path.read_text())["fixtures"] if path.exists() else []
+
+
+def _fixture_path(entry: dict) -> Path:
+    path = FIXTURES / entry["onnx"]
+    if not path.exists():
+        pytest.skip(f"fixture graph {path} is not there (made by tests/fixtures/byom/make_fixtures.py)")
+    return path
+
+
+def run_ort(model_or_path, feed: dict) -> dict:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})))
+
+
+@pytest.mark.parametrize("entry", _manifest(), ids=lambda entry: entry["name"])
+@pytest.mark.parametrize("target", ["trt", "ort-cpu", "ort-cuda"])
+def test_third_party_exports_fuse_every_attention_exactly(entry, target):
+    """Optimum (every task) and sentence-transformers graphs: N/N attention fused with ``fuse`` alone, exact
+    against the graph before the pass and against PyTorch on real-sentence inputs; heads and names kept."""
+    path = _fixture_path(entry)
+    expected = np.load(FIXTURES / entry["name"] / "expected.npz")
+    feed = {key.split(":", 1)[1]: value for key, value in expected.items() if key.startswith("input:")}
+    torch_outputs = {key.split(":", 1)[1]: value for key, value in expected.items() if key.startswith("torch:")}
+    original = onnx.load(str(path))
+    output_names = [o.name for o in original.graph.output]
+    model, manager, ctx = compile_with(path, "fuse", target)
+    stats = manager.records[0].stats
+    layers = sum(n.op_type == "Softmax" for n in original.graph.node)
+    assert layers >= 2 and stats["attention_summary"] == f"{layers}/{layers} attention fused", ctx.messages
+    assert_exact(manager.records[0], output_names)
+    assert [o.name for o in model.graph.output] == output_names
+    if target != "trt":
+        assert stats["embed_layernorm"] == 1, ctx.messages
+    fused = run_ort(model, feed)
+    compared = [name for name in torch_outputs if name in fused]  # the ONNX backend pools outside the graph
+    assert compared
+    for name in compared:
+        assert np.abs(fused[name] - torch_outputs[name]).max() <= 1e-4, name
+
+
+def _swap_operand_order(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with every commutative operand pair the attention rules read swapped (scale Muls,
+    mask Add): what another exporter version may write."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    softmax_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    score_matmuls = {producers[t].input[0] for t in softmax_inputs if producers[t].op_type == "Add"} | \
+        {producers[t].input[1] for t in softmax_inputs if producers[t].op_type == "Add"}
+    scale_muls = set()
+    for name in score_matmuls:
+        node = producers.get(name)
+        if node is not None and node.op_type == "MatMul":
+            scale_muls |= {n.output[0] for n in (producers.get(node.input[0]), producers.get(node.input[1]))
+                           if n is not None and n.op_type == "Mul"}
+    assert scale_muls
+    for node in model.graph.node:
+        if (node.output[0] in softmax_inputs and node.op_type == "Add") or node.output[0] in scale_muls:
+            node.input[0], node.input[1] = node.input[1], node.input[0]
+    return model
+
+
+@pytest.mark.parametrize("name", ["optimum-bert-feature-extraction", "optimum-distilbert-text-classification"])
+def test_sdpa_legacy_4x_rule_operand_orders(name, tmp_path):
+    """The rule for transformers < 4.58 sdpa (Optimum): sqrt(scale) computed from Shape(Q)[-1], on Q and
+    on K^T; the same graph with Mul(scale, x) and Add(mask, scores) operand orders fuses just as exactly."""
+    entry = next((e for e in _manifest() if e["name"] == name), None)
+    if entry is None:
+        pytest.skip(f"fixture {name} not in the manifest")
+    path = _fixture_path(entry)
+    swapped = tmp_path / "swapped.onnx"
+    onnx.save(_swap_operand_order(onnx.load(str(path))), str(swapped))
+    for source in (path, swapped):
+        for target in ("trt", "ort-cpu"):
+            _, manager, ctx = compile_with(source, "fuse", target)
+            stats = manager.records[0].stats
+            assert stats["attention_rules"] == "sdpa-legacy-4x" and stats["attention"] == 2, ctx.messages
+            assert_exact(manager.records[0], entry["outputs"] if isinstance(entry["outputs"][0], str)
+                         else [o["name"] for o in entry["outputs"]])
