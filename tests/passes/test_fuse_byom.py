@@ -234,3 +234,30 @@ def test_sdpa_legacy_4x_rule_operand_orders(name, tmp_path):
             assert stats["attention_rules"] == "sdpa-legacy-4x" and stats["attention"] == 2, ctx.messages
             assert_exact(manager.records[0], entry["outputs"] if isinstance(entry["outputs"][0], str)
                          else [o["name"] for o in entry["outputs"]])
+
+
+USER_CASES = [("bert", "dynamo", "sdpa", "pool", ("ids", "mask")),
+              ("bert", "dynamo", "eager", "cls", ("ids", "mask", "types")),
+              ("bert", "legacy", "eager", "qa", ("ids", "mask")),
+              ("roberta", "legacy", "sdpa", "token", ("ids", "mask")),
+              ("roberta", "dynamo", "sdpa", "hidden", ("input_ids", "attention_mask")),
+              ("distilbert", "legacy", "sdpa", "cls", ("ids", "mask")),
+              ("distilbert", "dynamo", "sdpa", "qa", ("ids", "mask")),
+              ("albert", "dynamo", "sdpa", "token", ("ids", "mask")),
+              ("electra", "legacy", "sdpa", "qa", ("ids", "mask", "types"))]
+
+
+@pytest.mark.parametrize("family, exporter, attn, head, names", USER_CASES,
+                         ids=lambda value: "-".join(value) if isinstance(value, tuple) else str(value))
+def test_user_exports_with_heads_fuse_exactly(family, exporter, attn, head, names, user_exports):
+    """Users' torch.onnx.export scripts: custom names, task heads, both exporters; N/N fused, outputs kept."""
+    path = user_exports.get(family, exporter=exporter, attn=attn, head=head, names=names)
+    outputs = HEADS[head][1]
+    for target in ("trt", "ort-cpu"):
+        model, manager, ctx = compile_with(path, "fuse", target)
+        stats = manager.records[0].stats
+        assert stats["attention_summary"] == "2/2 attention fused", ctx.messages
+        assert_exact(manager.records[0], outputs)
+        assert [o.name for o in model.graph.output] == outputs
+        if target != "trt":
+            assert stats["embed_layernorm"] == 1, ctx.messages
