@@ -261,3 +261,61 @@ def test_user_exports_with_heads_fuse_exactly(family, exporter, attn, head, name
         assert [o.name for o in model.graph.output] == outputs
         if target != "trt":
             assert stats["embed_layernorm"] == 1, ctx.messages
+
+
+# ../shared/data/sentences.txt beside the repository (a worktree one level deeper sees it two levels up)
+SENTENCES = next((root / "shared" / "data" / "sentences.txt" for root in Path(__file__).resolve().parents[3:5]
+                  if (root / "shared" / "data" / "sentences.txt").exists()),
+                 Path(__file__).resolve().parents[3] / "shared" / "data" / "sentences.txt")
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+@pytest.mark.parametrize("name", ["optimum-bert-text-classification", "st-bert-optimum-pooled",
+                                  "optimum-roberta-token-classification"])
+@pytest.mark.parametrize("target", ["ort-cpu", "trt"])
+def test_int8_on_third_party_exports_keeps_cosine(name, target, tmp_path):
+    """fold,fuse,qdq calibrated on the first 32 real sentences, judged on the last 64 (held out): every output
+    keeps cosine >= 0.99 to the FP32 graph (token-level outputs over real tokens only)."""
+    if not SENTENCES.exists():
+        pytest.skip(f"{SENTENCES} is not there")
+    entry = next((e for e in _manifest() if e["name"] == name), None)
+    if entry is None:
+        pytest.skip(f"fixture {name} not in the manifest")
+    path = _fixture_path(entry)
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from tqc.compiler.cli import main
+
+    lines = [line.strip() for line in SENTENCES.read_text().splitlines() if line.strip()]
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(lines[:32]) + "\n")
+    output = tmp_path / "int8.onnx"
+    with pytest.raises(SystemExit) as info:
+        main(["-q", "compile", str(path), "-p", "fold,fuse,qdq", "--target", target, "--calib", str(calib),
+              "--tokenizer", str(path.parent if path.parent.name != "onnx" else path.parent.parent),
+              "-o", str(output)])
+    assert info.value.code == 0
+    tokenizer = AutoTokenizer.from_pretrained(str(FIXTURES / name), local_files_only=True)
+    inputs = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    cosines = {}
+    for start in range(len(lines) - 64, len(lines), 16):
+        batch = tokenizer(lines[start:start + 16], padding=True, truncation=True, max_length=64, return_tensors="np")
+        feed = {key: value.astype(np.int64) for key, value in batch.items() if key in inputs}
+        reference, quantized = run_ort(path, feed), run_ort(output, feed)
+        valid = feed["attention_mask"].astype(bool)
+        for out_name, ref in reference.items():
+            got = quantized[out_name]
+            token_level = ref.ndim >= 3 or out_name.endswith(("start_logits", "end_logits"))
+            if token_level:  # real tokens only
+                ref, got = ref[valid], got[valid]
+            cosines.setdefault(out_name, []).append((ref, got))
+    for out_name, parts in cosines.items():
+        cosine = _cosine(np.concatenate([r.reshape(-1) for r, _ in parts]),
+                         np.concatenate([g.reshape(-1) for _, g in parts]))
+        print(f"{name} {target} INT8 {out_name}: cosine {cosine:.5f} on {len(lines[-64:])} held-out sentences")
+        assert cosine >= 0.99, (out_name, cosine)
