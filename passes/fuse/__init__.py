@@ -94,6 +94,9 @@ class Fuse(Pass):
                 masks.built["end"] = mask_index  # the op's own token counts serve every layer
             if reason and "fuse" in ctx.explain:
                 ctx.note(f"fuse: embed_layernorm: {reason}")
+        elif "fuse" in ctx.explain and self.values["embed_layernorm"]:
+            ctx.note("fuse: embed_layernorm: EmbedLayerNormalization is an ONNX Runtime contrib op; --target trt "
+                     "keeps the embedding Gathers and LayerNorm")
         if self.values["attention"]:
             matches, misses = find_attention(graph, mask_input_names(graph))
             if target != "trt" and matches and any(m.mask is not None for m in matches):

@@ -20,7 +20,8 @@ The op computes ``word[input_ids] + pos[position_ids] + segment[segment_ids]``, 
   constant buffer of equal values, ConstantOfShape; the buffered ``token_type_ids`` of an export without a
   token-type input) or a table of one row: ``table[c]`` is added into every row of the position table
   (``pos' = pos + table[c]``), which is exact up to float reassociation.
-* **position**: the remaining Gather. An index proven to be 0..S-1 (Slice of an arange buffer from 0, step 1,
+* **position**: the remaining Gather (when two remain, the one proven 0..S-1; the other, any ``[B, S]`` ids,
+  takes the segment slot). An index proven to be 0..S-1 (Slice of an arange buffer from 0, step 1,
   up to the sequence length of ``input_ids``; Range(0, S, 1)) uses the op's default; any other index (RoBERTa's
   positions from the padding) goes to the op's ``position_ids`` input, which the op reads as given.
 
@@ -116,6 +117,8 @@ def _is_sequence_length(tensor: gs.Tensor, ids: gs.Tensor) -> bool:
             return False
         if node.op in ("Unsqueeze", "Squeeze", "Cast", "Reshape") or (node.op == "Concat" and len(node.inputs) == 1):
             tensor = node.inputs[0]
+        elif node.op == "Add" and 0 in (_scalar_int(node.inputs[0]), _scalar_int(node.inputs[1])):  # + past length 0
+            tensor = node.inputs[1] if _scalar_int(node.inputs[0]) == 0 else node.inputs[0]
         elif node.op == "Shape":
             start, end = node.attrs.get("start", 0), node.attrs.get("end")
             return node.inputs[0] is ids and start == 1 and end == 2
@@ -196,9 +199,15 @@ def plan_embedding(leaves: list[gs.Node], inputs: dict[str, gs.Tensor]) -> Embed
         return "more than two embedding Gathers are indexed by graph inputs"
     word, ids, _ = by_input[0]
     segment, segment_ids = (by_input[1][0], by_input[1][1]) if len(by_input) == 2 else (None, None)
+    if len(others) == 2 and segment is None:
+        # One proven 0..S-1 is the position; the other, any [B, S] ids, is exact in the segment slot.
+        proven = [o for o in others if is_arange_positions(o.inputs[1], ids)]
+        other = [o for o in others if o not in proven]
+        if len(proven) == 1 and other[0].inputs[1].shape is not None and len(other[0].inputs[1].shape) == 2:
+            segment, segment_ids, others = other[0], other[0].inputs[1], proven
     if len(others) > 1:
-        return (f"embedding Gathers {', '.join(repr(o.name) for o in others)} are both indexed by computed ids; "
-                "which one holds positions is not proven")
+        return (f"embedding Gathers {', '.join(repr(o.name) for o in others)} are all indexed by computed ids and "
+                "none or several are proven to be positions 0..S-1; kept as is")
     if not others:
         if segment is None:
             return "no position embedding Gather next to the word embedding"

@@ -319,3 +319,49 @@ def test_int8_on_third_party_exports_keeps_cosine(name, target, tmp_path):
                          np.concatenate([g.reshape(-1) for _, g in parts]))
         print(f"{name} {target} INT8 {out_name}: cosine {cosine:.5f} on {len(lines[-64:])} held-out sentences")
         assert cosine >= 0.99, (out_name, cosine)
+
+
+def _computed_embedding_indices(model: onnx.ModelProto, position_start: int) -> onnx.ModelProto:
+    """The token-type Gather reads Mul(ids, 0) (all zeros, but computed) and, when ``position_start`` is not 0,
+    the position Gather reads Slice(arange) from ``position_start``: indices whose meaning is not proven."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    gathers = {n.name: n for n in model.graph.node if n.op_type == "Gather"}
+    type_gather = next(n for n in gathers.values() if "token_type" in n.input[0])
+    position_gather = next(n for n in gathers.values() if "position_embeddings" in n.input[0])
+    ids = model.graph.input[0].name
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), "tqc_test_zero"),
+                                    numpy_helper.from_array(np.arange(128, dtype=np.int64)[None], "tqc_test_arange"),
+                                    numpy_helper.from_array(np.array([position_start], np.int64), "tqc_test_start"),
+                                    numpy_helper.from_array(np.array([1], np.int64), "tqc_test_axis")])
+    new = [helper.make_node("Mul", [ids, "tqc_test_zero"], ["tqc_test_types"]),
+           helper.make_node("Shape", [ids], ["tqc_test_length"], start=1, end=2),
+           helper.make_node("Add", ["tqc_test_length", "tqc_test_start"], ["tqc_test_end"]),
+           helper.make_node("Slice", ["tqc_test_arange", "tqc_test_start", "tqc_test_end", "tqc_test_axis"],
+                            ["tqc_test_positions"])]
+    type_gather.input[1] = "tqc_test_types"
+    position_gather.input[1] = "tqc_test_positions"
+    nodes = new + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+@pytest.mark.parametrize("position_start", [0, 1])
+def test_embedding_fusion_refuses_what_it_cannot_prove(position_start, user_exports, tmp_path):
+    """Start 0: positions proven 0..S-1, the computed token types go to the segment slot (exact). Start 1: no
+    Gather is proven to hold positions, so nothing is fused and --explain fuse says why; exact either way."""
+    source = user_exports.get("bert", names=("ids", "mask"), head="hidden")
+    path = tmp_path / "computed.onnx"
+    onnx.save(_computed_embedding_indices(onnx.load(str(source)), position_start), str(path))
+    model, manager, ctx = compile_with(path, "fuse", "ort-cpu")
+    assert_exact(manager.records[0], ["hidden"])
+    stats = manager.records[0].stats
+    if position_start == 0:
+        assert stats["embed_layernorm"] == 1, ctx.messages
+        embed = next(n for n in model.graph.node if n.op_type == "EmbedLayerNormalization")
+        assert embed.input[1] != ""  # the computed token types feed the segment slot
+    else:
+        assert stats["embed_layernorm"] == 0
+        assert any("none or several are proven to be positions 0..S-1" in m for m in ctx.messages), ctx.messages
