@@ -225,8 +225,26 @@ def find_attention(graph: gs.Graph, mask_inputs: set[str]) -> tuple[list[Attenti
     return matches, misses
 
 
+def _indexes_a_gather(tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` (through Casts) is the index of a Gather: token ids, token types, positions."""
+    for user in consumers(tensor):
+        if user.op == "Gather" and len(user.inputs) > 1 and user.inputs[1] is tensor:
+            return True
+        if user.op == "Cast" and _indexes_a_gather(user.outputs[0]):
+            return True
+    return False
+
+
 def mask_input_names(graph: gs.Graph) -> set[str]:
-    return {t.name for t in graph.inputs if "mask" in t.name.lower()}
+    """The attention-mask inputs: those named ``*mask*``; else, by role, the 2-D integer or boolean inputs
+    that index no embedding Gather (a user's ``ids, attn`` signature)."""
+    named = {t.name for t in graph.inputs if "mask" in t.name.lower()}
+    if named:
+        return named
+    return {t.name for t in graph.inputs
+            if t.shape is not None and len(t.shape) == 2 and t.dtype is not None and
+            (np.issubdtype(np.dtype(t.dtype), np.integer) or np.dtype(t.dtype) == np.bool_) and
+            not _indexes_a_gather(t)}
 
 
 class MaskCache:
@@ -237,8 +255,9 @@ class MaskCache:
         self.built: dict[str, gs.Variable] = {}
 
     def source(self) -> gs.Tensor | None:
+        names = mask_input_names(self.graph)
         for t in self.graph.inputs:
-            if "mask" in t.name.lower():
+            if t.name in names:
                 return t
         return None
 

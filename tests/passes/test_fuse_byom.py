@@ -365,3 +365,20 @@ def test_embedding_fusion_refuses_what_it_cannot_prove(position_start, user_expo
     else:
         assert stats["embed_layernorm"] == 0
         assert any("none or several are proven to be positions 0..S-1" in m for m in ctx.messages), ctx.messages
+
+
+def test_mask_found_by_role_when_not_named_mask(user_exports):
+    """A signature ``ids, am``: the mask is the 2-D integer input that indexes no embedding Gather. (The
+    verification feeds draw 'am' as token ids, so this compares on 0/1 masks with padding itself.)"""
+    path = user_exports.get("bert", names=("ids", "am"))
+    rng = np.random.default_rng(0)
+    feed = {"ids": rng.integers(5, 1000, (3, 16)), "am": np.ones((3, 16), np.int64)}
+    feed["am"][1, 10:] = 0
+    feed["am"][2, 3:] = 0
+    reference = run_ort(path, feed)["sentence_embedding"]
+    for target in ("trt", "ort-cpu", "ort-cuda"):
+        ctx = PassContext(target=target, explain={"fuse"})
+        manager = PassManager(parse_pipeline("fuse"), ctx, verify="structure")
+        model = manager.run(load_model(path))
+        assert manager.records[0].stats["attention_summary"] == "2/2 attention fused", ctx.messages
+        assert np.abs(run_ort(model, feed)["sentence_embedding"] - reference).max() <= 1e-4
