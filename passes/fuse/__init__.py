@@ -1,6 +1,6 @@
 """``fuse``: attention, GELU and (for ONNX Runtime) residual LayerNorm fusion, per target.
 
-See ``attention.py`` and ``elementwise.py`` for the rewrites, ``attention_rules.py`` for the catalogue.
+See ``attention.py``, ``elementwise.py`` and ``embedding.py`` for the rewrites, ``attention_rules.py`` for the catalogue.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import onnx_graphsurgeon as gs
 from tqc.compiler.graph_io import ensure_domain
 from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool
 from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
-from tqc.passes.fuse.elementwise import fuse_embed_layernorm, fuse_gelu, fuse_layernorm, fuse_skip_layernorm
+from tqc.passes.fuse.elementwise import fuse_gelu, fuse_layernorm, fuse_skip_layernorm
+from tqc.passes.fuse.embedding import fuse_embed_layernorm
 from tqc.passes.fuse.match import NoMatch
 from tqc.passes.qdq_openvino import fusion_target
 from tqc.passes.registry import register
@@ -36,6 +37,16 @@ def lower_constant_nodes(graph: gs.Graph) -> int:
     return count
 
 
+def canonicalize(graph: gs.Graph) -> int:
+    """``fold``'s canonical form (Identity removal, constant folding), so ``fuse`` works alone; returns the
+    number of nodes removed (0 when ``fold`` ran before)."""
+    from tqc.passes.fold import Fold
+
+    before = len(graph.nodes)
+    Fold().run(graph, PassContext())
+    return before - len(graph.nodes)
+
+
 @register
 class Fuse(Pass):
     """Fuse attention blocks, GELU and residual LayerNorms into the ops the target runs fastest."""
@@ -43,6 +54,8 @@ class Fuse(Pass):
     name = "fuse"
     options = {
         "attention": Option(parse_bool, True, "fuse attention blocks"),
+        "canonicalize": Option(parse_bool, True, "fold constants and Identity aliases first (what fold does), so "
+                               "fuse works alone"),
         "gelu": Option(parse_bool, True, "fuse GELU (Gelu op at opset >= 20 for trt; contrib ops for ORT)"),
         "layernorm": Option(parse_bool, True, "decomposed LayerNorms (ReduceMean, Sub, Pow, ..., Add) into "
                             "LayerNormalization (opset >= 17; older opsets: only residual ones, for ORT)"),
@@ -58,10 +71,14 @@ class Fuse(Pass):
     tolerance = Tolerance(atol=1e-4, rtol=1e-4)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        stats: dict = {}
+        if self.values["canonicalize"]:
+            # What the rules match against, whatever ran before: Identity-aliased and Transpose'd shared weights
+            # (large dynamo exports keep W^T as a Transpose node), Constant nodes, foldable shape arithmetic.
+            stats["canonicalized_nodes"] = canonicalize(graph)
         lower_constant_nodes(graph)  # so fuse also works without a fold before it
         target = fusion_target(ctx.target)  # openvino: the standard-ONNX (trt) forms
         opset = int(graph.opset)
-        stats: dict = {}
         softmax_count = sum(1 for n in graph.nodes if n.op == "Softmax")
         fused = 0
         misses = []
@@ -78,6 +95,9 @@ class Fuse(Pass):
                 masks.built["end"] = mask_index  # the op's own token counts serve every layer
             if reason and "fuse" in ctx.explain:
                 ctx.note(f"fuse: embed_layernorm: {reason}")
+        elif "fuse" in ctx.explain and self.values["embed_layernorm"]:
+            ctx.note("fuse: embed_layernorm: EmbedLayerNormalization is an ONNX Runtime contrib op; --target trt "
+                     "keeps the embedding Gathers and LayerNorm")
         if self.values["attention"]:
             matches, misses = find_attention(graph, mask_input_names(graph))
             if target != "trt" and matches and any(m.mask is not None for m in matches):

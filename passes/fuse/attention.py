@@ -186,7 +186,9 @@ def match_rule(softmax: gs.Node, rule: AttentionRule, mask_inputs: set[str]) -> 
         nodes.append(node)
     qk = producer(scores)
     if qk is None or qk.op != "MatMul":
-        raise NoMatch(f"scores: expected MatMul(Q, K^T), found {describe(qk)}", depth + 2)
+        # A scale here, for a rule that expects none, stops this rule no further than one that expects it.
+        stopped = depth + 1 if not rule.score_scale and qk is not None and qk.op in ("Mul", "Div") else depth + 2
+        raise NoMatch(f"scores: expected MatMul(Q, K^T), found {describe(qk)}", stopped)
     nodes.append(qk)
     depth += 3
     q_end, q_scale, q_reshapes = _walk(qk.inputs[0], rule.q_path, "Q path", depth, nodes)
@@ -223,8 +225,26 @@ def find_attention(graph: gs.Graph, mask_inputs: set[str]) -> tuple[list[Attenti
     return matches, misses
 
 
+def _indexes_a_gather(tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` (through Casts) is the index of a Gather: token ids, token types, positions."""
+    for user in consumers(tensor):
+        if user.op == "Gather" and len(user.inputs) > 1 and user.inputs[1] is tensor:
+            return True
+        if user.op == "Cast" and _indexes_a_gather(user.outputs[0]):
+            return True
+    return False
+
+
 def mask_input_names(graph: gs.Graph) -> set[str]:
-    return {t.name for t in graph.inputs if "mask" in t.name.lower()}
+    """The attention-mask inputs: those named ``*mask*``; else, by role, the 2-D integer or boolean inputs
+    that index no embedding Gather (a user's ``ids, attn`` signature)."""
+    named = {t.name for t in graph.inputs if "mask" in t.name.lower()}
+    if named:
+        return named
+    return {t.name for t in graph.inputs
+            if t.shape is not None and len(t.shape) == 2 and t.dtype is not None and
+            (np.issubdtype(np.dtype(t.dtype), np.integer) or np.dtype(t.dtype) == np.bool_) and
+            not _indexes_a_gather(t)}
 
 
 class MaskCache:
@@ -235,8 +255,9 @@ class MaskCache:
         self.built: dict[str, gs.Variable] = {}
 
     def source(self) -> gs.Tensor | None:
+        names = mask_input_names(self.graph)
         for t in self.graph.inputs:
-            if "mask" in t.name.lower():
+            if t.name in names:
                 return t
         return None
 

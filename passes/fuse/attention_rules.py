@@ -9,7 +9,9 @@ reason it stopped.
     Q' = <q_path>(x @ Wq + bq)      K' = <k_path>(x @ Wk + bk)     V' = <v_path>(x @ Wv + bv)
     out = <out_path>(context)       (ends in the [batch, sequence, hidden] tensor the output dense reads)
 
-Steps name an op and, for Transpose, its perm; ``Scale`` is a Mul or Div by a scalar constant. Optional
+Steps name an op and, for Transpose, its perm; ``Scale`` is a Mul or Div by a scalar constant (either
+operand order), or by a scalar the graph computes from static dimensions (``1/sqrt(sqrt(Shape(Q)[-1]))``,
+evaluated by ``match.evaluate_static``). Optional
 steps may be absent. All families of transformers 5 (BERT, RoBERTa, MiniLM, DistilBERT, ALBERT, ELECTRA,
 XLM-R, CamemBERT) share these attention layouts; the exporter and attention implementation choose the rule.
 """
@@ -68,6 +70,13 @@ RULES: tuple[AttentionRule, ...] = (
         k_path=(Step("Scale"), Step("Reshape"), Step("Transpose", (0, 2, 1)), Step("Reshape"),
                 Step("Transpose", (0, 2, 1, 3)), Step("Reshape")),
         v_path=SPLIT_HEADS, score_scale=False, nan_guard=True, mask="optional",
+    ),
+    AttentionRule(
+        name="sdpa-legacy-4x",
+        description="transformers < 4.58 sdpa through the TorchScript exporter (Optimum, sentence-transformers' "
+                    "ONNX backend): sqrt(scale) computed from Shape(Q)[-1] on Q and on K^T, no NaN guard",
+        q_path=(Step("Scale"),) + SPLIT_HEADS, k_path=(Step("Scale"),) + SPLIT_HEADS_KT, v_path=SPLIT_HEADS,
+        score_scale=False, nan_guard=False, mask="optional",
     ),
     AttentionRule(
         name="k-transposed-late",

@@ -33,11 +33,119 @@ def _through_identity(tensor: gs.Tensor) -> gs.Tensor:
 
 
 def scalar_value(tensor: gs.Tensor) -> float | None:
-    """The value of a constant holding exactly one element, else None."""
+    """The value of a constant holding exactly one element (or of a scalar computed from static dimensions,
+    see ``evaluate_static``), else None."""
     tensor = _through_identity(tensor)
     if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) == 1:
         return float(np.asarray(tensor.values).reshape(-1)[0])
+    if isinstance(tensor, gs.Variable) and tensor.inputs:
+        values = evaluate_static(tensor)
+        if values is not None and values.size == 1:
+            return float(values.reshape(-1)[0])
     return None
+
+
+def static_dims(tensor: gs.Tensor, depth: int = 0) -> list[int | None] | None:
+    """The dimensions of ``tensor`` known without running the graph (None for a dynamic one), from shape
+    inference or from the Reshape/Transpose that made it; None when even the rank is unknown."""
+    if isinstance(tensor, gs.Constant):
+        return [int(d) for d in tensor.shape]
+    known = [d if isinstance(d, int) and d >= 0 else None for d in tensor.shape] if tensor.shape is not None else None
+    node = producer(tensor)
+    derived = None
+    if node is not None and depth < 32:
+        if node.op == "Transpose" and node.attrs.get("perm") is not None:
+            inner = static_dims(node.inputs[0], depth + 1)
+            if inner is not None and len(inner) == len(node.attrs["perm"]):
+                derived = [inner[axis] for axis in node.attrs["perm"]]
+        elif node.op == "Reshape":
+            target = int_vector(node.inputs[1], depth + 1)
+            if target is not None:
+                derived = [int(d) if d is not None and d > 0 else None for d in target]
+    if known is None:
+        return derived
+    if derived is not None and len(derived) == len(known):
+        return [k if k is not None else d for k, d in zip(known, derived)]
+    return known
+
+
+_UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative}
+_BINARY = {"Mul": np.multiply, "Div": np.divide, "Add": np.add, "Sub": np.subtract, "Pow": np.power}
+
+
+def int_vector(tensor: gs.Tensor, depth: int = 0) -> list[int | None] | None:
+    """A small integer vector (or scalar, as one element) known without running the graph: constants and
+    static dimensions read by Shape, through Slice/Gather/Concat/Squeeze/Unsqueeze/Cast; None marks a
+    dynamic dimension. None when not even its length is known."""
+    values = constant_values(tensor)
+    if values is not None:
+        return [int(v) for v in values.reshape(-1)] if values.dtype.kind in "iu" and values.size <= 8 else None
+    node = producer(tensor)
+    if node is None or depth > 32:
+        return None
+    if node.op == "Shape":
+        dims = static_dims(node.inputs[0], depth + 1)
+        if dims is None:
+            return None
+        return dims[slice(node.attrs.get("start", 0), node.attrs.get("end", len(dims)))]
+    if node.op == "Concat":
+        parts = [int_vector(part, depth + 1) for part in node.inputs]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if node.op in ("Squeeze", "Unsqueeze", "Cast", "Identity") or (node.op == "Reshape" and depth > 0):
+        if node.op == "Cast" and np.dtype(_np_type(node.attrs.get("to", 7))).kind not in "iu":
+            return None
+        return int_vector(node.inputs[0], depth + 1)
+    if node.op in ("Slice", "Gather"):
+        data = int_vector(node.inputs[0], depth + 1)
+        if node.op == "Gather":
+            index = constant_values(node.inputs[1])
+            if index is None:
+                return None
+            if data is None:  # e.g. Shape(x)[0] of an x of unknown rank: its length is still known
+                return [None] * int(index.size) if producer(node.inputs[0]) is not None and \
+                    producer(node.inputs[0]).op == "Shape" else None
+            return [data[int(i)] for i in index.reshape(-1)]
+        if data is None:
+            return None
+        starts, ends = constant_values(node.inputs[1]), constant_values(node.inputs[2])
+        steps = constant_values(node.inputs[4]) if len(node.inputs) > 4 else None
+        if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+            return None
+        step = int(steps.reshape(-1)[0]) if steps is not None else 1
+        return data[int(starts.reshape(-1)[0]):int(max(min(ends.reshape(-1)[0], 2**31), -2**31)):step]
+    return None
+
+
+def _np_type(onnx_type: int):
+    from onnx import helper
+
+    return helper.tensor_dtype_to_np_dtype(onnx_type)
+
+
+def evaluate_static(tensor: gs.Tensor, depth: int = 0) -> np.ndarray | None:
+    """Evaluate a small shape-derived tensor (the softmax scale ``1/sqrt(D)`` computed from ``Shape(q)[-1]``)
+    from constants and static dimensions, in float32 as the runtime does; None when it cannot be proven."""
+    values = constant_values(tensor)
+    if values is not None:
+        return values
+    node = producer(tensor)
+    if node is None or depth > 32:
+        return None
+    if node.op in _UNARY:
+        inner = evaluate_static(node.inputs[0], depth + 1)
+        return None if inner is None else np.asarray(_UNARY[node.op](inner))
+    if node.op in _BINARY and len(node.inputs) == 2:
+        a, b = (evaluate_static(t, depth + 1) for t in node.inputs)
+        if a is None or b is None or a.size != 1 or b.size != 1 or (node.op == "Div" and not b.all()):
+            return None
+        return np.asarray(_BINARY[node.op](a, b)).astype(np.result_type(a, b))
+    if node.op == "Cast":
+        inner = evaluate_static(node.inputs[0], depth + 1)
+        return None if inner is None else inner.astype(_np_type(node.attrs["to"]))
+    vector = int_vector(tensor, depth)
+    if vector is None or None in vector:
+        return None
+    return np.array(vector, np.int64)
 
 
 def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
