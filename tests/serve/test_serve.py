@@ -333,7 +333,7 @@ def test_a_model_that_fails_to_load_gives_one_line_and_exit_2(tmp_path):
 
 
 def test_startup_timeout_stops_everything(minilm):
-    srv = TritonServer(ServeOptions(model=str(minilm), endpoints=("raw",)), startup_timeout=1.0)
+    srv = TritonServer(ServeOptions(model=str(minilm), endpoints=("raw",)), startup_timeout=0.05)
     before = _serve_dirs()
     with pytest.raises(TqcError, match="startup timeout"):
         srv.start()
