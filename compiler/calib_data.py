@@ -126,25 +126,34 @@ def read_sentences(path: Path, skip: int = 0, limit: int | None = None) -> list[
 
 
 def load_tokenizer(name: str | None, model: onnx.ModelProto):
-    """``name`` is a tokenizer folder, or 'minilm'; else the model's tqc export metadata says where it came from."""
+    """``name`` is a tokenizer folder, or 'minilm'; else the model's export metadata (``tqc.tokenizer``) says where
+    the tokenizer is."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise TqcError("text calibration data needs transformers: pip install 'tqc[export]'") from None
-    source = name
+    source, recorded = name, False
     if source is None:
         meta = {p.key: p.value for p in model.metadata_props}
-        if meta.get("tqc.family") == "minilm" and "real weights" in meta.get("tqc.source", ""):
-            source = "minilm"
-    if source in ("minilm", "all-minilm-l6-v2"):
+        source = meta.get("tqc.tokenizer")  # written by tqc export: the model folder, or packaged:minilm
+        recorded = source is not None
+        if source is None and meta.get("tqc.family") == "minilm" and "real weights" in meta.get("tqc.source", ""):
+            source = "minilm"  # exports made before tqc.tokenizer was recorded
+    if source in ("minilm", "all-minilm-l6-v2", "packaged:minilm"):
         from tqc.models.export import packaged_minilm_path
 
         source = str(packaged_minilm_path())
     if source is None:
         raise TqcError("text data needs a tokenizer: give --tokenizer DIR (a Hugging Face tokenizer folder)")
     if not Path(source).is_dir():
+        if recorded:
+            raise TqcError(f"the tokenizer folder recorded at export, '{source}', does not exist any more: "
+                           f"give --tokenizer DIR")
         raise TqcError(f"tokenizer folder '{source}' does not exist")
-    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TqcError(f"'{source}' holds no readable tokenizer: {str(exc).strip().splitlines()[0][:200]}") from None
 
 
 def tokenize(tokenizer, sentences: list[str], names: list[str], max_length: int) -> dict[str, np.ndarray]:

@@ -64,20 +64,27 @@ def _quiet_onnxruntime() -> None:
 @click.option("--size", type=click.Choice(["base", "tiny"]), default=None,
               help="For family names: published base size or a tiny test config.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights.")
+@click.option("--task", type=click.Choice(["feature-extraction", "text-classification", "token-classification",
+                                           "question-answering", "fill-mask", "sentence-embedding"]), default=None,
+              help="Head to export (default: the architecture config.json names; sentence-transformers folders: "
+                   "sentence-embedding; else feature-extraction).")
 def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | None, size: str | None,
-               seed: int) -> None:
+               seed: int, task: str | None) -> None:
     """Export SOURCE to FP32 ONNX: 'minilm' (packaged, real weights), a family name (bert, roberta,
     distilbert, albert, electra, xlm-roberta, camembert; random weights), a config.json, or a local model
-    folder."""
+    folder (its head kept). Nothing is downloaded."""
     from tqc.compiler.model_io import check_output_path
     from tqc.models.export import ExportSpec, export
 
     check_output_path(output)
     ui = _ui()
-    info = export(ExportSpec(source, exporter=exporter, attn=attn, opset=opset, size=size, seed=seed), output,
-                  progress=ui.progress)
+    info = export(ExportSpec(source, exporter=exporter, attn=attn, opset=opset, size=size, seed=seed, task=task),
+                  output, progress=ui.progress)
     click.echo(f"exported {info['source']} -> {info['output']} ({info['exporter']} exporter, {info['attn']} "
-               f"attention, opset {info['opset']}, {info['nodes']} nodes, inputs {', '.join(info['inputs'])})")
+               f"attention, opset {info['opset']}, {info['nodes']} nodes, inputs {', '.join(info['inputs'])}, "
+               f"outputs {', '.join(info['outputs'])})")
+    for note in info["notes"]:
+        click.echo(f"  note: {note}")
 
 
 @cli.command("compile")
