@@ -6,6 +6,10 @@ Sources (batch on axis 0 everywhere):
   * ``loader.py:function``       a polygraphy-style data loader script; only run when named explicitly
   * ``sentences.txt``            one sentence per line, tokenized with the model's tokenizer (``--tokenizer``)
 
+Tokenizer outputs reach the model inputs by role, found from the graph (``feeds.input_roles``): a model whose
+inputs are ``ids``/``mask`` gets ``input_ids``/``attention_mask`` there. ``--input-map ids=input_ids,...``
+(model input = tokenizer output, or array name for .npz/.json/script data) names them when the graph cannot.
+
 Every feed is checked against the model's inputs before use: names, dtypes, ranks, finite values, non-empty.
 A mismatch is one clear error line; nothing is guessed.
 """
@@ -21,7 +25,7 @@ import numpy as np
 import onnx
 
 from tqc.compiler.errors import TqcError
-from tqc.compiler.feeds import Feed, input_specs
+from tqc.compiler.feeds import ROLES, Feed, input_roles, input_specs
 
 
 @dataclass
@@ -32,6 +36,34 @@ class DataSpec:
     batch_size: int = 8
     max_length: int = 128
     skip: int = 0                   # skip the first samples (text): keep calibration and evaluation apart
+    input_map: dict[str, str] | None = None  # model input -> tokenizer output / data array name (--input-map)
+
+
+def parse_input_map(text: str | None) -> dict[str, str] | None:
+    """``ids=input_ids,mask=attention_mask`` -> {'ids': 'input_ids', 'mask': 'attention_mask'}."""
+    if not text:
+        return None
+    mapping: dict[str, str] = {}
+    for item in text.split(","):
+        model_input, sep, source = (part.strip() for part in item.partition("="))
+        if not sep or not model_input or not source:
+            raise TqcError(f"--input-map: '{item.strip()}' is not MODEL_INPUT=NAME (e.g. ids=input_ids,"
+                           f"mask=attention_mask)")
+        if model_input in mapping:
+            raise TqcError(f"--input-map: '{model_input}' is mapped twice")
+        mapping[model_input] = source
+    return mapping
+
+
+def _rename(feed: dict, input_map: dict[str, str] | None) -> dict:
+    """Data arrays named as the map says -> the model's input names."""
+    if not input_map:
+        return feed
+    feed = dict(feed)
+    for model_input, source in input_map.items():
+        if source in feed and model_input not in feed:
+            feed[model_input] = feed.pop(source)
+    return feed
 
 
 def _validate(feed: dict, model: onnx.ModelProto, where: str) -> Feed:
@@ -156,14 +188,18 @@ def load_tokenizer(name: str | None, model: onnx.ModelProto):
         raise TqcError(f"'{source}' holds no readable tokenizer: {str(exc).strip().splitlines()[0][:200]}") from None
 
 
-def tokenize(tokenizer, sentences: list[str], names: list[str], max_length: int) -> dict[str, np.ndarray]:
+def tokenize(tokenizer, sentences: list[str], roles: dict[str, str], max_length: int) -> dict[str, np.ndarray]:
+    """Tokenizer outputs to model inputs by role (model input name -> tokenizer output name)."""
     encoded = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="np")
     out = {}
-    for name in names:
-        if name in encoded:
-            out[name] = encoded[name].astype(np.int64)
-        elif "type" in name:
+    for name, role in roles.items():
+        if role in encoded:
+            out[name] = np.asarray(encoded[role]).astype(np.int64)
+        elif role == "token_type_ids":  # tokenizers without segments (RoBERTa's): one segment
             out[name] = np.zeros_like(encoded["input_ids"], dtype=np.int64)
+        elif role == "position_ids":
+            raise TqcError(f"model input '{name}' takes position ids, which a tokenizer does not produce: give "
+                           f".npz or .json data")
     return out
 
 
@@ -181,6 +217,11 @@ class FeedSource:
             if path.is_dir():
                 raise TqcError(f"data '{path}' is a directory; expected .npz, .json, .txt or script.py:function")
         self.tokenizer = load_tokenizer(spec.tokenizer, model) if self.kind == "text" else None
+        if self.kind == "text":
+            unknown = sorted(set((spec.input_map or {}).values()) - set(ROLES))
+            if unknown:
+                raise TqcError(f"--input-map: '{unknown[0]}' is not a tokenizer output (use {', '.join(ROLES)})")
+        self.roles = input_roles(model, spec.input_map, strict=True) if self.kind == "text" else None
         first = next(iter(self), None)
         if first is None:
             raise TqcError(f"data '{spec.path}' holds no samples")
@@ -204,11 +245,11 @@ class FeedSource:
             if not arrays:
                 raise TqcError(f"{where} holds no arrays")
             for i, batch in enumerate(_batches_from_arrays(arrays, spec.batch_size, spec.samples)):
-                yield _validate(batch, self.model, f"{where} batch {i}")
+                yield _validate(_rename(batch, spec.input_map), self.model, f"{where} batch {i}")
         elif self.kind == "json":
             taken = 0
             for i, feed in enumerate(_read_polygraphy_json(Path(spec.path))):
-                feed = _validate(feed, self.model, f"{where} item {i}")
+                feed = _validate(_rename(feed, spec.input_map), self.model, f"{where} item {i}")
                 yield feed
                 taken += next(iter(feed.values())).shape[0]
                 if spec.samples and taken >= spec.samples:
@@ -217,14 +258,13 @@ class FeedSource:
             loader = _load_script(spec.path)
             taken = 0
             for i, feed in enumerate(loader()):
-                feed = _validate(feed, self.model, f"{where} item {i}")
+                feed = _validate(_rename(feed, spec.input_map), self.model, f"{where} item {i}")
                 yield feed
                 taken += next(iter(feed.values())).shape[0]
                 if spec.samples and taken >= spec.samples:
                     return
         else:
             sentences = read_sentences(Path(spec.path), spec.skip, spec.samples)
-            names = [s.name for s in input_specs(self.model)]
             for i in range(0, len(sentences), spec.batch_size):
-                feed = tokenize(self.tokenizer, sentences[i:i + spec.batch_size], names, spec.max_length)
+                feed = tokenize(self.tokenizer, sentences[i:i + spec.batch_size], self.roles, spec.max_length)
                 yield _validate(feed, self.model, f"{where} sentences {i}..")

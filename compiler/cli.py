@@ -109,17 +109,20 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration batch size.")
 @click.option("--max-length", type=int, default=128, show_default=True, help="Token limit for .txt data.")
 @click.option("--shapes", multiple=True, help="TensorRT profiles for .plan outputs: input_ids:1x16,8x128,32x512.")
+@click.option("--input-map", default=None, metavar="MAP",
+              help="Which data feeds which model input when the graph cannot tell: ids=input_ids,mask=attention_mask "
+                   "(model input = tokenizer output, or array name).")
 def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify: str, dump_dir: str | None,
                 report_path: str | None, explain: tuple[str, ...], calib: str | None, calib_table: str | None,
                 tokenizer: str | None, calib_samples: int, batch_size: int, max_length: int,
-                shapes: tuple[str, ...]) -> None:
+                shapes: tuple[str, ...], input_map: str | None) -> None:
     """Run a pipeline of passes on MODEL and write the result."""
     from tqc.compiler.compile import CompileOptions, compile_model
 
     opts = CompileOptions(model=model, pipeline=pipeline_text, output=output, target=target, verify=verify,
                           dump_dir=dump_dir, report=report_path, explain=explain, calib=calib,
                           calib_table=calib_table, tokenizer=tokenizer, calib_samples=calib_samples,
-                          batch_size=batch_size, max_length=max_length, shapes=shapes)
+                          batch_size=batch_size, max_length=max_length, shapes=shapes, input_map=input_map)
     report = compile_model(opts, progress=_ui().progress)
     click.echo(format_report(report))
 
@@ -155,10 +158,13 @@ def format_report(report: dict) -> str:
 @click.option("--samples", type=int, default=32, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--input-map", default=None, metavar="MAP",
+              help="Which data feeds which model input when the graph cannot tell: ids=input_ids,mask=attention_mask "
+                   "(model input = tokenizer output, or array name).")
 def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, samples: int, batch_size: int,
-                  max_length: int) -> None:
+                  max_length: int, input_map: str | None) -> None:
     """Stream activation statistics of MODEL over DATA into a reusable calibration table."""
-    from tqc.compiler.calib_data import DataSpec, FeedSource
+    from tqc.compiler.calib_data import DataSpec, FeedSource, parse_input_map
     from tqc.compiler.calibration import calibrate, calibration_targets
     from tqc.compiler.graph_io import to_graph
     from tqc.compiler.model_io import check_output_path, load_model_lean
@@ -169,7 +175,7 @@ def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, sam
     skeleton = infer_shapes(lean.skeleton, strict=False)
     graph = to_graph(skeleton, lean.weights)
     source = FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
-                                 max_length=max_length), skeleton)
+                                 max_length=max_length, input_map=parse_input_map(input_map)), skeleton)
     table = calibrate(graph, source, calibration_targets(skeleton), progress=_ui().progress)
     table.save(out)
     click.echo(f"calibrated {len(table.tensors)} tensors on {table.samples} samples in {table.seconds:.2f}s -> {out}")
@@ -303,9 +309,12 @@ def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, i
 @click.option("--sensitivity", is_flag=True, help="Rank the candidate's quantized MatMuls by their cost.")
 @click.option("--mask-padding/--no-mask-padding", default=True, show_default=True,
               help="Leave padded token positions ([batch, sequence] rows where the attention mask is 0) out.")
+@click.option("--input-map", default=None, metavar="MAP",
+              help="Which data feeds which model input when the graph cannot tell: ids=input_ids,mask=attention_mask "
+                   "(model input = tokenizer output, or array name).")
 def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, tokenizer: str | None, samples: int,
              batch_size: int, layerwise: bool, threshold: float, json_path: str | None, plot_path: str | None,
-             save_dir: str | None, sensitivity: bool, mask_padding: bool) -> None:
+             save_dir: str | None, sensitivity: bool, mask_padding: bool, input_map: str | None) -> None:
     """Compare CANDIDATES against REFERENCE on ORT CPU: per output, per shared tensor, first divergence."""
     import tempfile
 
@@ -321,10 +330,10 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     ref_model = load_model(reference)
     cand_models = [load_model(c) for c in candidates]
     if data:
-        from tqc.compiler.calib_data import DataSpec, FeedSource
+        from tqc.compiler.calib_data import DataSpec, FeedSource, parse_input_map
 
-        feeds = list(FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size),
-                                ref_model))
+        feeds = list(FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
+                                         input_map=parse_input_map(input_map)), ref_model))
     else:
         feeds = synthesize_feeds(ref_model, count=2)
     results, ref_results = [], None

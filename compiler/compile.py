@@ -36,6 +36,7 @@ class CompileOptions:
     batch_size: int = 8
     max_length: int = 128
     shapes: tuple[str, ...] = ()       # TensorRT profiles for .plan outputs
+    input_map: str | None = None        # --input-map ids=input_ids,mask=attention_mask
 
 
 def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
@@ -49,6 +50,9 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
     if opts.dump_dir and Path(opts.dump_dir).exists() and not Path(opts.dump_dir).is_dir():
         raise TqcError(f"--dump-dir '{opts.dump_dir}' exists and is not a directory")
     passes = parse_pipeline(opts.pipeline)
+    from tqc.compiler.calib_data import parse_input_map
+
+    input_map = parse_input_map(opts.input_map)  # a malformed map fails before anything is loaded
     is_plan = out.suffix == ".plan"
     if is_plan:
         from tqc.compiler.profiles import parse_shapes
@@ -74,7 +78,7 @@ def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
 
         ctx.analyses["calibration_source"] = FeedSource(
             DataSpec(opts.calib, tokenizer=opts.tokenizer, samples=opts.calib_samples, batch_size=opts.batch_size,
-                     max_length=opts.max_length), model)
+                     max_length=opts.max_length, input_map=input_map), model)
     elif opts.calib_table:
         from tqc.compiler.calibration import CalibrationTable
 
