@@ -94,8 +94,9 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.option("-o", "--output", required=True, help="Output .onnx, or .plan for a TensorRT engine.")
 @click.option("--target", type=click.Choice(TARGET_CHOICES), default="trt", show_default=True,
               help="Deployment target that passes consult.")
-@click.option("--verify", type=click.Choice(["none", "structure", "numeric"]), default="structure",
-              show_default=True, help="Check after every pass.")
+@click.option("--verify", type=click.Choice(["none", "structure", "numeric"]), default="numeric",
+              show_default=True, help="Check after every pass: numeric compares outputs before/after on small "
+                                      "inputs within the model's limits; structure only checks the graph.")
 @click.option("--dump-dir", type=click.Path(file_okay=False), default=None,
               help="Write every stage, its report, inputs and outputs here.")
 @click.option("--report", "report_path", default=None, help="Write the compile report (JSON) here.")

@@ -25,7 +25,7 @@ class CompileOptions:
     pipeline: str
     output: str
     target: str = "trt"
-    verify: str = "structure"
+    verify: str = "numeric"             # --verify structure opts out of the numeric check
     dump_dir: str | None = None
     report: str | None = None
     explain: tuple[str, ...] = ()

@@ -223,3 +223,33 @@ def synthesize_feeds(model: onnx.ModelProto, count: int = 2, batch: int = 2, seq
             feed[spec.name] = value
         feeds.append(feed)
     return feeds
+
+
+VERIFICATION_SHAPES = ((2, 16), (3, 9))  # batch x sequence: two small shapes, each with a padded row
+
+
+def max_positions(model: onnx.ModelProto) -> int | None:
+    """The longest sequence the model's position table allows (None when it has none: no limit found).
+
+    The position table is taken as the second largest embedding table (a Gather's 2-D constant data; the
+    largest is the vocabulary), when it has more than 2 rows (token-type tables have 1 or 2): conservative, a
+    larger token-type table only shortens the drawn sequences. Two rows are kept back for RoBERTa's offset
+    positions."""
+    shapes = _table_shapes(model)
+    rows = sorted({int(shapes[n.input[0]][0]) for n in model.graph.node
+                   if n.op_type == "Gather" and len(shapes.get(n.input[0], ())) == 2}, reverse=True)
+    return rows[1] - 2 if len(rows) > 1 and rows[1] > 2 else None
+
+
+def verification_feeds(model: onnx.ModelProto, shapes: tuple[tuple[int, int], ...] = VERIFICATION_SHAPES,
+                       seed: int = 0) -> list[Feed]:
+    """A few small batches within the model's limits for the numeric check after every pass: token ids below
+    the vocabulary, sequences no longer than the position table allows, one feed per batch x sequence shape
+    (fixed dimensions of the signature win)."""
+    limit = max_positions(model)
+    roles = input_roles(model)
+    feeds = []
+    for index, (batch, seq) in enumerate(shapes):
+        seq = max(1, min(seq, limit)) if limit else seq
+        feeds += synthesize_feeds(model, count=1, batch=batch, seq=seq, seed=seed + index, roles=roles)
+    return feeds
