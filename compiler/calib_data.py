@@ -6,6 +6,10 @@ Sources (batch on axis 0 everywhere):
   * ``loader.py:function``       a polygraphy-style data loader script; only run when named explicitly
   * ``sentences.txt``            one sentence per line, tokenized with the model's tokenizer (``--tokenizer``)
 
+Tokenizer outputs reach the model inputs by role, found from the graph (``feeds.input_roles``): a model whose
+inputs are ``ids``/``mask`` gets ``input_ids``/``attention_mask`` there. ``--input-map ids=input_ids,...``
+(model input = tokenizer output, or array name for .npz/.json/script data) names them when the graph cannot.
+
 Every feed is checked against the model's inputs before use: names, dtypes, ranks, finite values, non-empty.
 A mismatch is one clear error line; nothing is guessed.
 """
@@ -21,7 +25,7 @@ import numpy as np
 import onnx
 
 from tqc.compiler.errors import TqcError
-from tqc.compiler.feeds import Feed, input_specs
+from tqc.compiler.feeds import ROLES, Feed, input_roles, input_specs
 
 
 @dataclass
@@ -32,6 +36,34 @@ class DataSpec:
     batch_size: int = 8
     max_length: int = 128
     skip: int = 0                   # skip the first samples (text): keep calibration and evaluation apart
+    input_map: dict[str, str] | None = None  # model input -> tokenizer output / data array name (--input-map)
+
+
+def parse_input_map(text: str | None) -> dict[str, str] | None:
+    """``ids=input_ids,mask=attention_mask`` -> {'ids': 'input_ids', 'mask': 'attention_mask'}."""
+    if not text:
+        return None
+    mapping: dict[str, str] = {}
+    for item in text.split(","):
+        model_input, sep, source = (part.strip() for part in item.partition("="))
+        if not sep or not model_input or not source:
+            raise TqcError(f"--input-map: '{item.strip()}' is not MODEL_INPUT=NAME (e.g. ids=input_ids,"
+                           f"mask=attention_mask)")
+        if model_input in mapping:
+            raise TqcError(f"--input-map: '{model_input}' is mapped twice")
+        mapping[model_input] = source
+    return mapping
+
+
+def _rename(feed: dict, input_map: dict[str, str] | None) -> dict:
+    """Data arrays named as the map says -> the model's input names."""
+    if not input_map:
+        return feed
+    feed = dict(feed)
+    for model_input, source in input_map.items():
+        if source in feed and model_input not in feed:
+            feed[model_input] = feed.pop(source)
+    return feed
 
 
 def _validate(feed: dict, model: onnx.ModelProto, where: str) -> Feed:
@@ -130,35 +162,48 @@ def read_sentences(path: Path, skip: int = 0, limit: int | None = None) -> list[
 
 
 def load_tokenizer(name: str | None, model: onnx.ModelProto):
-    """``name`` is a tokenizer folder, or 'minilm'; else the model's tqc export metadata says where it came from."""
+    """``name`` is a tokenizer folder, or 'minilm'; else the model's export metadata (``tqc.tokenizer``) says where
+    the tokenizer is."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise TqcError("text calibration data needs transformers: pip install 'tqc[export]'") from None
-    source = name
+    source, recorded = name, False
     if source is None:
         meta = {p.key: p.value for p in model.metadata_props}
-        if meta.get("tqc.family") == "minilm" and "real weights" in meta.get("tqc.source", ""):
-            source = "minilm"
-    if source in ("minilm", "all-minilm-l6-v2"):
+        source = meta.get("tqc.tokenizer")  # written by tqc export: the model folder, or packaged:minilm
+        recorded = source is not None
+        if source is None and meta.get("tqc.family") == "minilm" and "real weights" in meta.get("tqc.source", ""):
+            source = "minilm"  # exports made before tqc.tokenizer was recorded
+    if source in ("minilm", "all-minilm-l6-v2", "packaged:minilm"):
         from tqc.models.export import packaged_minilm_path
 
         source = str(packaged_minilm_path())
     if source is None:
         raise TqcError("text data needs a tokenizer: give --tokenizer DIR (a Hugging Face tokenizer folder)")
     if not Path(source).is_dir():
+        if recorded:
+            raise TqcError(f"the tokenizer folder recorded at export, '{source}', does not exist any more: "
+                           f"give --tokenizer DIR")
         raise TqcError(f"tokenizer folder '{source}' does not exist")
-    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TqcError(f"'{source}' holds no readable tokenizer: {str(exc).strip().splitlines()[0][:200]}") from None
 
 
-def tokenize(tokenizer, sentences: list[str], names: list[str], max_length: int) -> dict[str, np.ndarray]:
+def tokenize(tokenizer, sentences: list[str], roles: dict[str, str], max_length: int) -> dict[str, np.ndarray]:
+    """Tokenizer outputs to model inputs by role (model input name -> tokenizer output name)."""
     encoded = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="np")
     out = {}
-    for name in names:
-        if name in encoded:
-            out[name] = encoded[name].astype(np.int64)
-        elif "type" in name:
+    for name, role in roles.items():
+        if role in encoded:
+            out[name] = np.asarray(encoded[role]).astype(np.int64)
+        elif role == "token_type_ids":  # tokenizers without segments (RoBERTa's): one segment
             out[name] = np.zeros_like(encoded["input_ids"], dtype=np.int64)
+        elif role == "position_ids":
+            raise TqcError(f"model input '{name}' takes position ids, which a tokenizer does not produce: give "
+                           f".npz or .json data")
     return out
 
 
@@ -180,6 +225,10 @@ class FeedSource:
             from tqc.compiler.data_limits import text_max_length
 
             spec.max_length = text_max_length(model, spec.max_length)
+            unknown = sorted(set((spec.input_map or {}).values()) - set(ROLES))
+            if unknown:
+                raise TqcError(f"--input-map: '{unknown[0]}' is not a tokenizer output (use {', '.join(ROLES)})")
+        self.roles = input_roles(model, spec.input_map, strict=True) if self.kind == "text" else None
         first = next(iter(self), None)
         if first is None:
             raise TqcError(f"data '{spec.path}' holds no samples")
@@ -203,11 +252,11 @@ class FeedSource:
             if not arrays:
                 raise TqcError(f"{where} holds no arrays")
             for i, batch in enumerate(_batches_from_arrays(arrays, spec.batch_size, spec.samples)):
-                yield _validate(batch, self.model, f"{where} batch {i}")
+                yield _validate(_rename(batch, spec.input_map), self.model, f"{where} batch {i}")
         elif self.kind == "json":
             taken = 0
             for i, feed in enumerate(_read_polygraphy_json(Path(spec.path))):
-                feed = _validate(feed, self.model, f"{where} item {i}")
+                feed = _validate(_rename(feed, spec.input_map), self.model, f"{where} item {i}")
                 yield feed
                 taken += next(iter(feed.values())).shape[0]
                 if spec.samples and taken >= spec.samples:
@@ -218,14 +267,13 @@ class FeedSource:
             loader = _load_script(spec.path)
             taken = 0
             for i, feed in enumerate(user_loader_feeds(loader, f"'{spec.path}'")):
-                feed = _validate(feed, self.model, f"{where} item {i}")
+                feed = _validate(_rename(feed, spec.input_map), self.model, f"{where} item {i}")
                 yield feed
                 taken += next(iter(feed.values())).shape[0]
                 if spec.samples and taken >= spec.samples:
                     return
         else:
             sentences = read_sentences(Path(spec.path), spec.skip, spec.samples)
-            names = [s.name for s in input_specs(self.model)]
             for i in range(0, len(sentences), spec.batch_size):
-                feed = tokenize(self.tokenizer, sentences[i:i + spec.batch_size], names, spec.max_length)
+                feed = tokenize(self.tokenizer, sentences[i:i + spec.batch_size], self.roles, spec.max_length)
                 yield _validate(feed, self.model, f"{where} sentences {i}..")

