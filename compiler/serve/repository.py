@@ -133,7 +133,9 @@ def tokenizer_folder(name: str | None, model_path: Path) -> Path | None:
                 source = str(folder)
     if source is None:
         return None
-    if source.lower() in ("minilm", "all-minilm-l6-v2"):
+    from tqc.models.export import PACKAGED_MINILM
+
+    if source.lower() in ("minilm", "all-minilm-l6-v2", PACKAGED_MINILM):  # PACKAGED_MINILM: recorded at export
         from tqc.models.export import packaged_minilm_path
 
         return packaged_minilm_path()

@@ -44,7 +44,7 @@ def test_a_pass_that_changes_the_answer_fails_by_default(exports, tmp_path, caps
     code, _, err = run_cli(["-q", "compile", str(path), "-p", "fold,perturb-test", "-o", str(out)], capsys)
     assert code == 1, err
     assert "tqc: verification failed: 02_perturb-test: outputs differ" in err
-    assert "tqc: reproduce with: polygraphy run" in err
+    assert "reproduce with: polygraphy run" in err
     assert not out.exists()
     # The explicit opt-out checks the structure only, and the change passes unseen.
     code, _, err = run_cli(["-q", "compile", str(path), "-p", "fold,perturb-test", "-o", str(out), "--verify",
@@ -89,3 +89,67 @@ def test_verification_inputs_stay_within_the_model(tmp_path, capsys):
     assert all(f[mask].min() == 0 for f in feeds)  # padded rows exercise the masking path
     code, _, err = run_cli(["-q", "compile", str(path), "-p", "fold", "-o", str(tmp_path / "o.onnx")], capsys)
     assert code == 0, err
+
+
+# The two silent wrong outputs of issue #10, put back on purpose: the default verification refuses each (exit 1),
+# where `--verify structure` (the old default) let them through with exit 0.
+
+def test_default_verification_catches_positions_read_wrong(tmp_path, capsys, monkeypatch):
+    """The old EmbedLayerNormalization bug on a BERT without token_type_ids: every token read position row 0."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    import tqc.passes.fuse as fuse_package
+    from tests.fixtures.byom import onnx_path
+
+    model = onnx_path("st-bert-optimum-pooled")
+    if not model.exists():
+        pytest.skip(f"fixture model {model} missing")
+    original = fuse_package.fuse_embed_layernorm
+
+    def positions_all_zero(graph, *args, **kwargs):
+        result = original(graph, *args, **kwargs)
+        for node in graph.nodes:
+            if node.op == "EmbedLayerNormalization" and isinstance(node.inputs[3], gs.Constant):
+                table = node.inputs[3].values
+                node.inputs[3] = gs.Constant(node.inputs[3].name + "_bug", np.repeat(table[:1], len(table), 0))
+        return result
+
+    monkeypatch.setattr(fuse_package, "fuse_embed_layernorm", positions_all_zero)
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(["-q", "compile", str(model), "-p", "fuse", "--target", "ort-cpu", "-o", str(out)], capsys)
+    assert code == 1 and "01_fuse: outputs differ" in err, err
+    assert not out.exists()
+    code, _, err = run_cli(["-q", "compile", str(model), "-p", "fuse", "--target", "ort-cpu", "-o", str(out),
+                            "--verify", "structure"], capsys)
+    assert code == 0, err  # what the old default let through
+
+
+def test_default_verification_catches_a_shared_weight_smoothed_for_one_consumer(tmp_path, capsys, monkeypatch):
+    """The old ALBERT bug: one weight smoothed for its first consumer served every consumer, each of which
+    divided its input by its own SmoothQuant vector."""
+    import numpy as np
+    import onnx
+
+    from tests.passes.test_qdq import _shared_weight_feeds, shared_weight_model
+    from tqc.passes.qdq import Quantizer
+
+    def own_vector_per_consumer(self, site, alpha):
+        inputs = self._smoothing_inputs(site)
+        if inputs is None:
+            return None
+        cmin, cmax, weight, _ = inputs
+        return self._factors(np.maximum(np.abs(cmin), np.abs(cmax)), weight, site.weight_axis, alpha)
+
+    monkeypatch.setattr(Quantizer, "smoothing_vector", own_vector_per_consumer)
+    model = tmp_path / "shared.onnx"
+    onnx.save(shared_weight_model(), str(model))
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.concatenate([f["x"] for f in _shared_weight_feeds(4, 0)]))
+    out = tmp_path / "q.onnx"
+    args = ["-q", "compile", str(model), "-p", "qdq", "--target", "trt", "--calib", str(data), "-o", str(out)]
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and "01_qdq: outputs differ" in err, err
+    assert not out.exists()
+    code, _, err = run_cli([*args, "--verify", "structure"], capsys)
+    assert code == 0, err  # what the old default let through
