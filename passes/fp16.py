@@ -11,6 +11,15 @@ Softmax accumulate in FP32 internally. ``keep_fp32`` forces op types to stay FP3
 
 The conversion itself is onnxruntime.transformers' ``convert_float_to_float16`` (the maintained successor of
 onnxruntime-tools), driven with tqc's block lists.
+
+No ModelProto of the weights is built, so a model above protobuf's 2 GB converts and memory stays near the
+weights' own size: the guard runs the graph through ``GraphSession`` (weights lent to ONNX Runtime), and the
+converter runs on a skeleton whose large constants are shape-only stand-ins::
+
+    graph ──► skeleton (stand-ins) ──► convert_float_to_float16 ──► which stand-ins became float16
+      └────► each such FP32 array ──► ORT's own convert_np_to_float16, chunk by chunk ──► the new graph's array
+
+The result is byte-identical to the converter run on the full model (tests/passes/test_fp16.py).
 """
 
 from __future__ import annotations
