@@ -220,7 +220,7 @@ def table(rows: list[dict]) -> str:
             result = row.get(phase)
             if not result:
                 continue
-            values = [row["model"], str(row.get("invocation", ""))[11:16], f"{row.get('parameters', 0) / 1e6:.0f}",
+            values = [row["model"], (lambda run: run[11:16] if "T" in run else run)(str(row.get("invocation", ""))), f"{row.get('parameters', 0) / 1e6:.0f}",
                       f"{row.get('onnx_bytes', 0) / 2**20:.0f}", phase]
             if result.get("rc"):
                 values += ["FAILED", "", "", "", "", "", result.get("error", "")[:80]]
