@@ -18,6 +18,9 @@ compile cost grows linearly. Big files live in --workdir and are deleted after e
 
     .venv/bin/python bench/bench_large.py                      # all four; bench/results/large.{json,log}
     .venv/bin/python bench/bench_large.py --models minilm,bert-base
+    # fp16 before/after a change, in the same run: an older tqc tree (a folder holding a ``tqc`` package,
+    # e.g. ``git archive REV`` laid out as the editable install maps it) runs as phase fp16_before
+    .venv/bin/python bench/bench_large.py --models bert-base --phases fp16 --before /tmp/old_tqc --append
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def run_child(args: list[str], name: str) -> dict:
+def run_child(args: list[str], name: str, pythonpath: str | None = None) -> dict:
     """Runs one phase in its own process; wall time and that child's peak RSS (os.wait4's rusage).
 
     A watchdog stops the child when its RSS passes MAX_RSS_GIB (reported as 'stopped at ... GiB')."""
@@ -82,7 +85,8 @@ def run_child(args: list[str], name: str) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryFile(mode="w+") as output_file:
         proc = subprocess.Popen(tqc_command() + args, stdout=output_file, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                     **({"PYTHONPATH": pythonpath} if pythonpath else {})})
         stopped = False
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -137,7 +141,11 @@ def files_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def bench_model(name: str, workdir: Path, keep: bool) -> dict:
+PHASES = {"qdq": ("fold,fuse,qdq", "ort-cpu"), "fp16": ("fold,fuse,fp16", "ort-cuda")}
+
+
+def bench_model(name: str, workdir: Path, keep: bool, phases: tuple[str, ...] = ("qdq", "fp16"),
+                before: str | None = None) -> dict:
     model_dir = workdir / name
     shutil.rmtree(model_dir, ignore_errors=True)
     model_dir.mkdir(parents=True)
@@ -160,13 +168,18 @@ def bench_model(name: str, workdir: Path, keep: bool) -> dict:
     params = parameter_count(onnx_path)
     row["parameters"] = params
     calib = calib_npz(model_dir / "calib.npz", model_inputs(onnx_path))
-    for phase, pipeline, target in (("qdq", "fold,fuse,qdq", "ort-cpu"), ("fp16", "fold,fuse,fp16", "ort-cuda")):
+    runs = [(phase, phase, None) for phase in phases]
+    if before:  # the older tree's run of each phase goes first
+        runs = [run for phase in phases for run in ((f"{phase}_before", phase, before), (phase, phase, None))]
+    for phase, kind, pythonpath in runs:
+        pipeline, target = PHASES[kind]
         out = model_dir / f"model.{phase}.onnx"
         report = model_dir / f"report.{phase}.json"
         args = ["compile", str(onnx_path), "-p", pipeline, "--target", target, "-o", str(out), "--report", str(report)]
-        if phase == "qdq":
+        if kind == "qdq":
             args += ["--calib", str(calib)]
-        row[phase] = run_child(args, f"{name} {phase}")
+        row[phase] = run_child(args, f"{name} {phase}" + (f" (PYTHONPATH={pythonpath})" if pythonpath else ""),
+                               pythonpath)
         if row[phase]["rc"] == 0:
             row[phase]["output_bytes"] = files_size(out)
             row[phase]["output_files"] = sorted(p.name for p in model_dir.glob(out.name + "*"))
@@ -199,15 +212,15 @@ def parameter_count(path: Path) -> int:
 
 def table(rows: list[dict]) -> str:
     anchor = next((r for r in rows if r["model"] == "minilm" and "parameters" in r), None)
-    header = ["model", "params M", "onnx MB", "phase", "wall s", "cpu s", "peak RSS MiB", "cpu x", "RSS x",
+    header = ["model", "run", "params M", "onnx MB", "phase", "wall s", "cpu s", "peak RSS MiB", "cpu x", "RSS x",
               "params x", "attention"]
     lines = []
     for row in rows:
-        for phase in ("export", "qdq", "fp16"):
+        for phase in ("export", "qdq", "qdq_before", "fp16_before", "fp16"):
             result = row.get(phase)
             if not result:
                 continue
-            values = [row["model"], f"{row.get('parameters', 0) / 1e6:.0f}",
+            values = [row["model"], (lambda run: run[11:16] if "T" in run else run)(str(row.get("invocation", ""))), f"{row.get('parameters', 0) / 1e6:.0f}",
                       f"{row.get('onnx_bytes', 0) / 2**20:.0f}", phase]
             if result.get("rc"):
                 values += ["FAILED", "", "", "", "", "", result.get("error", "")[:80]]
@@ -223,7 +236,8 @@ def table(rows: list[dict]) -> str:
     out = [" | ".join(h.ljust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
     out += [" | ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines]
     return "\n".join(out) + ("\n(x: ratio to MiniLM measured in the same run; cpu s = the child's user+system "
-                              "time, steadier than wall time on a shared machine)")
+                              "time, steadier than wall time on a shared machine; run: the invocation's UTC time; "
+                              "fp16_before: the tree given with --before, run just before fp16)")
 
 
 def main() -> None:
@@ -236,6 +250,9 @@ def main() -> None:
                         help="add these models' rows to an existing --json (a later invocation; recorded per row)")
     parser.add_argument("--max-rss-gib", type=float, default=MAX_RSS_GIB,
                         help="stop a phase whose RSS passes this (shared machine)")
+    parser.add_argument("--phases", default="qdq,fp16", help="compile phases after the export (qdq, fp16)")
+    parser.add_argument("--before", help="a folder holding an older tqc package: its run of each phase is "
+                                         "recorded as PHASE_before, just before the current tree's")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "large.json"))
     parser.add_argument("--log", default=str(REPO / "bench" / "results" / "large.log"))
     args = parser.parse_args()
@@ -252,7 +269,8 @@ def main() -> None:
         previous = json.loads(Path(args.json).read_text())
         for row in previous.get("rows", []):
             row.setdefault("invocation", previous.get("invocation", "first"))
-        rows.extend(r for r in previous.get("rows", []) if r["model"] not in args.models.split(","))
+        partial = set(args.phases.split(",")) != set(PHASES)  # a partial rerun keeps the earlier rows too
+        rows.extend(r for r in previous.get("rows", []) if partial or r["model"] not in args.models.split(","))
         results["previous_invocations"] = previous.get("invocations", [previous.get("invocation", "first")])
         if Path(args.log).exists():  # the previous invocation's progress lines (its table follows a blank line)
             LOG_LINES.extend(Path(args.log).read_text().split("\n\n", 1)[0].splitlines())
@@ -269,7 +287,7 @@ def main() -> None:
             tmp.replace(path)
 
     for name in args.models.split(","):
-        row = bench_model(name, workdir, args.keep)
+        row = bench_model(name, workdir, args.keep, tuple(args.phases.split(",")), args.before)
         row["invocation"] = invocation
         row["max_rss_gib"] = MAX_RSS_GIB
         rows.append(row)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 from onnx.external_data_helper import ExternalDataInfo
 
 from tqc.compiler.errors import TqcError
@@ -183,7 +184,34 @@ def load_lean(path: str | os.PathLike) -> LeanModel:
             _read_into(p, offset, array)
     skeleton = onnx.ModelProto()
     skeleton.ParseFromString(b"".join(pieces))
+    _load_external_attributes(p, base, skeleton, locations)
     return LeanModel(skeleton, weights, sorted(locations))
+
+
+def _load_external_attributes(p: Path, base: Path, skeleton: onnx.ModelProto, locations: set[str]) -> None:
+    """A Constant's value saved as external data (``convert_attribute=True``; large exports have some) is read
+    into the skeleton itself: the graph keeps no reference to the file it came from."""
+    for node in skeleton.graph.node:
+        for attr in node.attribute:
+            tensor = attr.t
+            if attr.type != onnx.AttributeProto.TENSOR or tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = ExternalDataInfo(tensor)
+            locations.add(info.location)
+            source = (base / info.location).resolve()
+            if base not in source.parents:
+                raise TqcError(f"'{p}': tensor '{tensor.name}' names external data '{info.location}' "
+                               "outside the model's folder")
+            if not source.is_file():
+                raise TqcError(f"'{p}' stores tensor '{tensor.name}' in '{info.location}', which is "
+                               + ("not a regular file" if source.exists() else "missing next to the model"))
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            array = np.empty(tuple(tensor.dims), dtype)
+            if info.length is not None and info.length != array.nbytes:
+                raise TqcError(f"'{p}': external data of '{tensor.name}' has {info.length} bytes, "
+                               f"its shape needs {array.nbytes}")
+            _read_into(source, info.offset or 0, array)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
 
 
 def _tensor_header(stand_in: onnx.TensorProto) -> onnx.TensorProto:

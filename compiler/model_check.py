@@ -302,6 +302,10 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     graph, source = light.graph, model.graph
     graph.name = source.name
     graph.node.extend(source.node)
+    for node in graph.node:  # a Constant's value saved as external data (exporters do) points at a file not here
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_location == onnx.TensorProto.EXTERNAL:
+                attr.t.CopyFrom(stand_in(attr.t.name, attr.t.data_type, attr.t.dims))
     graph.input.extend(source.input)
     graph.output.extend(source.output)
     graph.value_info.extend(source.value_info)

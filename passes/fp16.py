@@ -11,17 +11,30 @@ Softmax accumulate in FP32 internally. ``keep_fp32`` forces op types to stay FP3
 
 The conversion itself is onnxruntime.transformers' ``convert_float_to_float16`` (the maintained successor of
 onnxruntime-tools), driven with tqc's block lists.
+
+No ModelProto of the weights is built, so a model above protobuf's 2 GB converts and memory stays near the
+weights' own size: the guard runs the graph through ``GraphSession`` (weights lent to ONNX Runtime), and the
+converter runs on a skeleton whose large constants are shape-only stand-ins::
+
+    graph ──► skeleton (stand-ins) ──► convert_float_to_float16 ──► which stand-ins became float16
+      └────► each such FP32 array ──► ORT's own convert_np_to_float16, chunk by chunk ──► the new graph's array
+
+The result is byte-identical to the converter run on the full model (tests/passes/test_fp16.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+
+import numpy as np
 
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.activations import max_abs_per_tensor
 from tqc.compiler.feeds import synthesize_feeds
-from tqc.compiler.graph_io import to_graph, to_model
+from tqc.compiler.verify import infer_shapes
+from tqc.compiler.graph_io import skeleton_of_graph, to_graph, to_model, update_tensor_types
 from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool, parse_list
 from tqc.passes.registry import register
 
@@ -58,13 +71,14 @@ def replace_graph(graph: gs.Graph, new: gs.Graph) -> None:
     graph.opset = new.opset
 
 
-def _unshare_initializers(model, blocked: set[str]) -> int:
-    """Give FP32-kept nodes their own copy of initializers they share with FP16 nodes.
+def _unshare_initializers(model, blocked: set[str]) -> dict[str, str]:
+    """Give FP32-kept nodes their own copy of initializers they share with FP16 nodes; returns copy -> original.
 
     A shared weight (fold merges equal small constants) cannot be FP16 for one consumer and FP32 for another.
+    On a skeleton, a copy of a shape-only stand-in is a stand-in too: its array is the original's.
     """
     if not blocked:
-        return 0
+        return {}
     import onnx
 
     users: dict[str, list] = {}
@@ -72,7 +86,7 @@ def _unshare_initializers(model, blocked: set[str]) -> int:
         for name in node.input:
             users.setdefault(name, []).append(node)
     initializers = {t.name: t for t in model.graph.initializer}
-    copies = 0
+    copies: dict[str, str] = {}
     for name, nodes in users.items():
         if name not in initializers:
             continue
@@ -88,8 +102,42 @@ def _unshare_initializers(model, blocked: set[str]) -> int:
                 for i, value in enumerate(node.input):
                     if value == name:
                         node.input[i] = clone.name
-        copies += 1
+        copies[clone.name] = name
     return copies
+
+
+_CHUNK = 1 << 22  # elements converted at a time: bounds the converter's temporaries to a few tens of MB
+
+
+def to_float16(array: np.ndarray) -> np.ndarray:
+    """``convert_np_to_float16`` (ORT's: tiny magnitudes to 5.96e-08, finite overflow to ±65504) chunk by chunk,
+    so that converting a 1 GB embedding table does not allocate several full-size temporaries."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    flat = np.ascontiguousarray(array).reshape(-1)
+    out = np.empty(flat.shape, np.float16)
+    for start in range(0, flat.size, _CHUNK):
+        out[start:start + _CHUNK] = convert_np_to_float16(flat[start:start + _CHUNK])
+    return out.reshape(array.shape)
+
+
+@contextlib.contextmanager
+def _shape_only_value_infos():
+    """The converter reads a converted initializer's data only to learn its shape
+    (``make_value_info_from_tensor``); a stand-in has no data, its dims say the same."""
+    import onnx
+    from onnxruntime.transformers import float16 as ort_float16
+
+    original = ort_float16.make_value_info_from_tensor
+
+    def from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+    ort_float16.make_value_info_from_tensor = from_dims
+    try:
+        yield
+    finally:
+        ort_float16.make_value_info_from_tensor = original
 
 
 @register
@@ -124,27 +172,37 @@ class Fp16(Pass):
             ctx.analyses["fp16_after_qdq"] = True
             if raise_opset(graph):
                 ctx.note(f"fp16: opset raised to {QDQ_FP16_OPSET} for float16 Q/DQ scales")
-        model = to_model(graph)
         blocked_nodes: list[str] = []
         peak = 0.0
         if self.values["guard"]:
-            feeds = ctx.verification_feeds or synthesize_feeds(model)
-            peaks = max_abs_per_tensor(model, feeds)
+            # the graph itself runs, its weights lent to ORT (no serialized copy: works above protobuf's 2 GB)
+            light = infer_shapes(skeleton_of_graph(graph), strict=False)
+            update_tensor_types(graph, light)  # the session exposes every tensor whose float type is known
+            feeds = ctx.verification_feeds or synthesize_feeds(light)
+            peaks = max_abs_per_tensor(graph, feeds)
             limit = self.values["margin"] * FP16_MAX
-            producers = {out: node.name for node in model.graph.node for out in node.output}
+            producers = {out.name: node.name for node in graph.nodes for out in node.outputs}
             peak = max(peaks.values(), default=0.0)
             blocked_nodes = sorted({producers[name] for name, value in peaks.items()
                                     if value > limit and name in producers})
-        _unshare_initializers(model, set(blocked_nodes))
+        # The converter runs on a skeleton: large constants are shape-only stand-ins, converted afterwards from
+        # the graph's own arrays (exactly as the converter would), so no ModelProto of the weights is built.
+        lean = not graph.functions
+        model = skeleton_of_graph(graph) if lean else to_model(graph)
+        copies = _unshare_initializers(model, set(blocked_nodes))
         for node in model.graph.node:
             if node.op_type == "LayerNormalization":
                 for attr in node.attribute:
                     if attr.name == "stash_type":
                         attr.i = 1
         op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(self.values["keep_fp32"]))
-        converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked_nodes,
-                                             op_block_list=op_block, disable_shape_infer=False)
-        new = to_graph(converted).toposort()  # the converter appends its Casts out of order
+        with _shape_only_value_infos():
+            converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked_nodes,
+                                                 op_block_list=op_block, disable_shape_infer=False)
+        del model
+        weights = self._convert_weights(graph, converted, copies) if lean else None
+        new = to_graph(converted, weights).toposort()  # the converter appends its Casts out of order
+        del converted, weights
         casts_before = sum(1 for n in graph.nodes if n.op == "Cast")
         replace_graph(graph, new)
         ctx.note(f"fp16: {len(blocked_nodes)} node(s) kept in FP32 by the overflow guard"
@@ -153,3 +211,28 @@ class Fp16(Pass):
         return PassResult(True, {"fp32_nodes_guarded": len(blocked_nodes),
                                  "casts_added": sum(1 for n in graph.nodes if n.op == "Cast") - casts_before,
                                  "peak_activation": round(peak, 3)})
+
+    @staticmethod
+    def _convert_weights(graph: gs.Graph, converted, copies: dict[str, str]) -> dict[str, np.ndarray]:
+        """Arrays for the converted skeleton's stand-ins: float16 where the converter made the stand-in float16.
+
+        Each FP32 array the graph held is replaced by its FP16 version as soon as it is made (the graph is
+        replaced by the converted one next), so the FP32 weights are freed one by one."""
+        import onnx
+
+        constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+        wanted = [(t.name, t.data_type) for t in converted.graph.initializer
+                  if t.data_location == onnx.TensorProto.EXTERNAL]
+        weights: dict[str, np.ndarray] = {}
+        halves: dict[str, np.ndarray] = {}
+        for name, data_type in sorted(wanted, key=lambda item: item[0] not in copies):  # copies first
+            source = constants[copies.get(name, name)]
+            if data_type == onnx.TensorProto.FLOAT16 and source.values.dtype == np.float32:
+                if source.name not in halves:
+                    halves[source.name] = to_float16(source.values)
+                weights[name] = halves[source.name]
+                if name not in copies:
+                    source.values = weights[name]  # the graph lets go of the FP32 array
+            else:
+                weights[name] = source.values
+        return weights
