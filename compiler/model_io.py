@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -137,7 +136,7 @@ def save_model(model, path: str | os.PathLike, external_data: bool | None = None
     when the running command declared ``path`` as an output, the files are renamed into place only when the
     command commits (model and external data together)."""
     from tqc.compiler.lean_io import LeanModel, write_lean
-    from tqc.compiler.output_guard import atomic_write, make_temp_dir, place_file, register_temp
+    from tqc.compiler.output_guard import atomic_write, make_temp_dir, move_beside, place_file
 
     out = Path(path)
     lean = model if isinstance(model, LeanModel) else None
@@ -171,13 +170,7 @@ def save_model(model, path: str | os.PathLike, external_data: bool | None = None
                     os.fsync(f.fileno())
         else:
             _save_external(model, tmp_dir / out.name, data_name)
-        moved = []
-        for name in (data_name, out.name):
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            register_temp(tmp)
-            os.replace(tmp_dir / name, tmp)
-            moved.append((Path(tmp), folder / name))
+        moved = [(move_beside(tmp_dir / name, folder / name), folder / name) for name in (data_name, out.name)]
         for tmp, final in moved:
             place_file(tmp, final)
     except OSError as exc:

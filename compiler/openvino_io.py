@@ -128,7 +128,7 @@ def write_ir(model, xml_path: str | os.PathLike, source_hash: str, compress_to_f
     if out.suffix != ".xml":
         raise TqcError(f"OpenVINO IR output '{out}' must end in .xml")
     folder = out.resolve().parent
-    from tqc.compiler.output_guard import make_temp_dir, place_file
+    from tqc.compiler.output_guard import make_temp_dir, move_beside, place_file
 
     tmp = make_temp_dir(".tqc-ov-", dir=folder)  # removed on any exit, signals included
     try:
@@ -157,27 +157,16 @@ def write_ir(model, xml_path: str | os.PathLike, source_hash: str, compress_to_f
         }
         # staged with the command's other outputs (all or none); .bin first, so an .xml never points at a
         # missing or stale .bin when no command is active
-        for built, final in ((tmp / bin_path(out.name).name, bin_path(out).resolve()), (tmp / out.name, out.resolve())):
-            moved = _temp_beside(final)  # out of the scratch folder (removed below), still a registered temp
-            os.replace(built, moved)
-            place_file(moved, final)
+        built = ((tmp / bin_path(out.name).name, bin_path(out).resolve()), (tmp / out.name, out.resolve()))
+        moved = [(move_beside(path, final), final) for path, final in built]  # out of the scratch folder first
+        for built, final in moved:
+            place_file(built, final)
     except OSError as exc:
         raise TqcError(f"cannot write '{out}': {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_text_atomic(json.dumps(meta, indent=2) + "\n", out.with_name(out.name + ".json"))
     return meta
-
-
-def _temp_beside(final: Path) -> Path:
-    """An empty temp file in ``final``'s folder, registered so an interrupt or a failure removes it."""
-    from tqc.compiler.output_guard import register_temp, signals_deferred
-
-    with signals_deferred():
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        register_temp(name)
-    return Path(name)
 
 
 RUNTIMES = ("ort", "openvino")

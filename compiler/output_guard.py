@@ -200,37 +200,46 @@ def _refuse_special(path: Path, what: str = "output") -> None:
         raise TqcError(f"{what} '{path}' is {kind}; tqc writes regular files only (choose a file path)")
 
 
+def temp_file_beside(final: Path) -> Path:
+    """An empty temp file in ``final``'s folder (so a rename onto ``final`` is atomic), registered so that an
+    interrupt or a failure removes it."""
+    with signals_deferred():
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        register_temp(tmp)
+    os.close(fd)
+    return Path(tmp)
+
+
+def move_beside(built: Path, final: Path) -> Path:
+    """Move a file finished in a scratch folder to a registered temp file beside ``final``, ready for
+    ``place_file`` (callers writing several files move them all first, then place them)."""
+    moved = temp_file_beside(final)
+    os.replace(built, moved)
+    return moved
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(fh)``: temp file in the same folder, fsync, mode 0666 & ~umask, then a
     rename; when the active command declared ``path`` as an output, the rename waits for its commit. A symlink
     is followed: the file it points at is replaced, the link stays."""
     _refuse_special(Path(path))
     out = Path(os.path.realpath(path))
-    folder = out.parent
     tmp = None
     try:
-        with signals_deferred():
-            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
-            register_temp(tmp)
-        with os.fdopen(fd, "wb") as fh:
+        tmp = temp_file_beside(out)
+        with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
             os.fchmod(fh.fileno(), umask_mode())
-        guard = current()
-        if guard is not None and guard.stages(out):
-            guard._stage(Path(tmp), out)
-        else:
-            with signals_deferred():
-                os.replace(tmp, out)
-                release_temp(tmp)
-            _fsync_dir(folder)
+        if not place_file(tmp, out):
+            _fsync_dir(out.parent)
         tmp = None
     except OSError as exc:
         raise TqcError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
         if tmp is not None:
-            _remove(tmp)
+            _remove(str(tmp))
             release_temp(tmp)
     return Path(path)
 
@@ -240,33 +249,32 @@ def write_with(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
     write a temp file in the destination folder, which is then placed (or staged) like any output."""
     _refuse_special(Path(path))
     out = Path(os.path.realpath(path))
-    with signals_deferred():
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        register_temp(tmp)
-    os.close(fd)
+    tmp = temp_file_beside(out)
     try:
-        save(tmp)
-        place_file(Path(tmp), out)
+        save(str(tmp))
+        place_file(tmp, out)
         tmp = None
     except OSError as exc:
         raise TqcError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
         if tmp is not None:
-            _remove(tmp)
+            _remove(str(tmp))
             release_temp(tmp)
     return Path(path)
 
 
-def place_file(tmp: Path, out: Path) -> None:
-    """Move a finished temp file (same folder as ``out``) into place, or stage it for the active command."""
+def place_file(tmp: Path, out: Path) -> bool:
+    """Move a finished temp file (same folder as ``out``) into place, or stage it for the active command;
+    True when staged (the rename then waits for the command's commit)."""
     os.chmod(tmp, umask_mode())
     guard = current()
     if guard is not None and guard.stages(out):
         guard._stage(tmp, out)
-        return
+        return True
     with signals_deferred():
         os.replace(tmp, out)
         release_temp(tmp)
+    return False
 
 
 # ------------------------------------------------------------------ what a model file reads
@@ -386,7 +394,9 @@ class OutputGuard:
 
     def reads_tokenizer(self, tokenizer: str | None, data: str | None) -> None:
         """``--tokenizer DIR``; for ``.txt`` data without one, the packaged MiniLM's tokenizer may be used."""
-        if tokenizer and tokenizer not in ("minilm", "all-minilm-l6-v2"):
+        from tqc.models.export import PACKAGED_MINILM_NAMES
+
+        if tokenizer and tokenizer not in PACKAGED_MINILM_NAMES:
             self.reads_folder(tokenizer, "--tokenizer")
         elif tokenizer or (data and data.lower().endswith(".txt")):
             self.reads_packaged_model()
