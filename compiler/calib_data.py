@@ -175,12 +175,11 @@ def load_tokenizer(name: str | None, model: onnx.ModelProto):
         recorded = source is not None
         if source is None and meta.get("tqc.family") == "minilm" and "real weights" in meta.get("tqc.source", ""):
             source = "minilm"  # exports made before tqc.tokenizer was recorded
-    if source in ("minilm", "all-minilm-l6-v2", "packaged:minilm"):
-        from tqc.models.export import packaged_minilm_path
-
-        source = str(packaged_minilm_path())
     if source is None:
         raise TqcError("text data needs a tokenizer: give --tokenizer DIR (a Hugging Face tokenizer folder)")
+    from tqc.models.export import packaged_tokenizer
+
+    source = str(packaged_tokenizer(source) or source)
     if not Path(source).is_dir():
         if recorded:
             raise TqcError(f"the tokenizer folder recorded at export, '{source}', does not exist any more: "

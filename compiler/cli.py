@@ -107,13 +107,13 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
     distilbert, albert, electra, xlm-roberta, camembert; random weights), a config.json, or a local model
     folder (its head kept). Nothing is downloaded."""
     from tqc.compiler.output_guard import current
-    from tqc.models.export import ExportSpec, export
+    from tqc.models.export import PACKAGED_MINILM_NAMES, ExportSpec, export
 
     check_opset(exporter, opset)
     guard = current()
     if Path(source).exists():  # a config.json or a model folder: read, never written over
         guard.reads_folder(source, f"the export source '{source}'")
-    elif source.lower() in ("minilm", "all-minilm-l6-v2"):
+    elif source.lower() in PACKAGED_MINILM_NAMES:
         guard.reads_packaged_model()
     guard.writes_model(output, "-o")
     ui = _ui()

