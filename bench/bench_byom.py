@@ -177,7 +177,7 @@ def count_ops(path: Path) -> tuple[int, int]:
 
 
 def measure_tqc(graph: dict, out: Path, target: str, reference: dict) -> dict:
-    from tqc.compiler.compile import CompileOptions, compile_model
+    from tqc.compiler.tools.compile import CompileOptions, compile_model
 
     start = time.perf_counter()
     with quiet():

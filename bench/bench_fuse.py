@@ -44,7 +44,7 @@ def make_inputs(batch: int, seq: int, names: tuple[str, ...], vocab: int, seed: 
 
 
 def time_fn(fn, runs: int, warmup: int, budget_s: float, sync=None) -> dict:
-    from tqc.compiler.benchmark import time_callable
+    from tqc.compiler.tools.benchmark import time_callable
 
     timing = time_callable(fn, 1, runs, warmup, budget_s, sync)
     return {"median_ms": timing.median_ms, "p95_ms": timing.p95_ms, "runs": timing.runs}
@@ -72,7 +72,7 @@ def export_models(family: str, workdir: Path) -> dict[str, Path]:
 
 
 def tqc_compile(src: Path, out: Path, target: str, fp16: bool) -> dict:
-    from tqc.compiler.compile import CompileOptions, compile_model
+    from tqc.compiler.tools.compile import CompileOptions, compile_model
 
     pipeline = "fold,fuse" + (",fp16" if fp16 else "")
     start = time.perf_counter()
@@ -104,7 +104,7 @@ def ort_optimize(src: Path, out: Path, family: str, fp16: bool, use_gpu: bool) -
 
 def OrtRunner(path: Path, device: str, threads: int, cuda_graph: bool = False):
     """tqc's own runner (``tqc bench``): CPU, or CUDA with IO binding and optional CUDA graphs."""
-    from tqc.compiler.benchmark import OrtRunner as Runner
+    from tqc.compiler.tools.benchmark import OrtRunner as Runner
 
     return Runner(path, "cuda" if device == "cuda" else "cpu", threads if device == "cpu" else None, cuda_graph)
 

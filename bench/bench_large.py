@@ -60,7 +60,7 @@ def log(message: str) -> None:
 
 
 def tqc_command() -> list[str]:
-    return [sys.executable, "-c", "import sys; from tqc.compiler.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from tqc.compiler.cli.main import main; sys.exit(main())"]
 
 
 MAX_RSS_GIB = 9.0  # the machine is shared: a phase that grows past this is stopped and reported
@@ -123,7 +123,7 @@ def calib_npz(path: Path, input_names: list[str]) -> Path:
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(REPO))
-    from tqc.models.export import packaged_minilm_path
+    from tqc.compiler.io.packaged import packaged_minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
     encoded = tokenizer(sentences(), padding=True, truncation=True, max_length=128, return_tensors="np")

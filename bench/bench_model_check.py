@@ -1,4 +1,4 @@
-"""Cost of load-time model validation (compiler/model_check.py) against the load it guards.
+"""Cost of load-time model validation (compiler/io/model_check.py) against the load it guards.
 
 For each model: ``load_model_lean`` (what compile and calibrate use) and ``load_model`` (inspect, diff, ...),
 each with validation and with validation switched off, in interleaved rounds; the table prints medians and the
@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from tqc.compiler import model_check, model_io
+    from tqc.compiler.io import model_check
+    from tqc.compiler.io import model as model_io
     from tqc.models.export import ExportSpec, export
 
     real_validate = model_check.validate_model

@@ -68,7 +68,7 @@ PEAK = ("\nimport resource, json as _j\nprint(_j.dumps({**RESULT, 'peak_rss_mib'
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from tqc.models.export import packaged_minilm_path
+    from tqc.compiler.io.packaged import packaged_minilm_path
 
     return AutoTokenizer.from_pretrained(str(packaged_minilm_path()), local_files_only=True)
 
@@ -104,7 +104,7 @@ class Engine:
             self.names = [i.name for i in self.session.get_inputs()]
             self.run = lambda feed: self.session.run(None, {k: feed[k] for k in self.names})[0]
         else:
-            from tqc.compiler.openvino_io import OvRunner, runtime_precisions
+            from tqc.compiler.io.openvino_ir import OvRunner, runtime_precisions
 
             self.runner = OvRunner(path, threads)
             self.names = self.runner.input_names
@@ -158,11 +158,11 @@ def timing_rounds(engines: dict[str, Engine], shapes, vocab: int, rounds: int, c
 
 
 def compile_jobs(family: str, fp32: Path, work: Path, calib_txt: Path, calib_count: int) -> dict[str, tuple[Path, str]]:
-    tok_dir = "from tqc.models.export import packaged_minilm_path; TOK = str(packaged_minilm_path())\n"
+    tok_dir = "from tqc.compiler.io.packaged import packaged_minilm_path; TOK = str(packaged_minilm_path())\n"
     tqc = """
 {tok}import time
 t0 = time.perf_counter()
-from tqc.compiler.compile import CompileOptions, compile_model
+from tqc.compiler.tools.compile import CompileOptions, compile_model
 report = compile_model(CompileOptions(model={fp32!r}, pipeline="fold,fuse,qdq", output={out!r}, target={target!r},
                        verify="none", calib={calib!r}, tokenizer=TOK, calib_samples={n}))
 RESULT = {{"seconds": round(time.perf_counter() - t0, 2), "compile_seconds": report["total_seconds"],
@@ -172,7 +172,7 @@ RESULT = {{"seconds": round(time.perf_counter() - t0, 2), "compile_seconds": rep
 {tok}import time
 t0 = time.perf_counter()
 import onnx, nncf, openvino as ov
-from tqc.compiler.calib_data import DataSpec, FeedSource
+from tqc.compiler.analysis.calib_data import DataSpec, FeedSource
 model = ov.convert_model({fp32!r})
 feeds = list(FeedSource(DataSpec({calib!r}, tokenizer=TOK, samples={n}, batch_size=1, max_length=128),
                         onnx.load({fp32!r}, load_external_data=False)))

@@ -63,7 +63,7 @@ def peak_of(code: str) -> dict:
 def tokenizer_for(family: str):
     from transformers import AutoTokenizer
 
-    from tqc.models.export import packaged_minilm_path
+    from tqc.compiler.io.packaged import packaged_minilm_path
 
     return AutoTokenizer.from_pretrained(str(packaged_minilm_path()), local_files_only=True)
 
@@ -197,7 +197,7 @@ quantize_dynamic({str(fp32)!r}, {str(work / f'{family}-ort-dynamic.onnx')!r}, we
         for name, (target, pipeline) in tqc_variants.items():
             compiles[name] = f"""
 import json
-from tqc.compiler.compile import CompileOptions, compile_model
+from tqc.compiler.tools.compile import CompileOptions, compile_model
 report = compile_model(CompileOptions(model={str(fp32)!r}, pipeline={pipeline!r}, output={str(work / f'{family}-{name}.onnx')!r},
                        target={target!r}, verify="none", calib={str(calib_npz)!r}, calib_samples={len(calib_sentences)}))
 stage = report["stages"][-1]

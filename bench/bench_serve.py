@@ -35,7 +35,7 @@ def held_out_sentences() -> list[str]:
     if SENTENCES.exists():
         lines = [line.strip() for line in SENTENCES.read_text(encoding="utf-8").splitlines() if line.strip()]
         return lines[-1000:]
-    from tqc.compiler.calib_data import read_sentences
+    from tqc.compiler.analysis.calib_data import read_sentences
 
     return read_sentences(ROOT / "models" / "data" / "calib_sentences.txt")
 
@@ -198,9 +198,9 @@ def main() -> None:
     parser.add_argument("--timings-dir", default=None, help="Keep the model's own timings (tokenizer/ORT/pool).")
     args = parser.parse_args()
 
-    from tqc.compiler.serve.cli import parse_sizes
-    from tqc.compiler.serve.repository import ServeOptions
-    from tqc.compiler.serve.server import TritonServer
+    from tqc.compiler.cli.serve import parse_sizes
+    from tqc.compiler.tools.serve.repository import ServeOptions
+    from tqc.compiler.tools.serve.server import TritonServer
 
     models = [tuple(m.rsplit(":", 1)) if ":" in m else (m, Path(m).stem) for m in args.model]
     if not models:

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--pipeline", default="fold,fuse,qdq")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "verify_cost.json"))
     args = parser.parse_args()
-    from tqc.models.export import packaged_minilm_path
+    from tqc.compiler.io.packaged import packaged_minilm_path
 
     tokenizer = str(packaged_minilm_path())
     tqc = [sys.executable, "-m", "tqc", "-q"]

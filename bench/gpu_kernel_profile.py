@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_fuse import export_models, make_inputs, torch_runners  # noqa: E402
 
-from tqc.compiler.benchmark import OrtRunner, time_callable  # noqa: E402
-from tqc.compiler.compile import CompileOptions, compile_model  # noqa: E402
+from tqc.compiler.tools.benchmark import OrtRunner, time_callable  # noqa: E402
+from tqc.compiler.tools.compile import CompileOptions, compile_model  # noqa: E402
 
 
 def log(message: str) -> None:

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fuse import export_models, make_inputs, torch_runners  # noqa: E402
 from gpu_kernel_profile import fp16_outputs  # noqa: E402
 
-from tqc.compiler.benchmark import OrtRunner, time_callable  # noqa: E402
-from tqc.compiler.compile import CompileOptions, compile_model  # noqa: E402
+from tqc.compiler.tools.benchmark import OrtRunner, time_callable  # noqa: E402
+from tqc.compiler.tools.compile import CompileOptions, compile_model  # noqa: E402
 
 OPTION_SETS = {
     "default": {},

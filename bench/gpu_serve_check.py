@@ -22,8 +22,8 @@ def main() -> int:
     import tritonclient.grpc as grpcclient
     from transformers import AutoTokenizer
 
-    from tqc.compiler.serve.repository import ServeOptions
-    from tqc.compiler.serve.server import TritonServer
+    from tqc.compiler.tools.serve.repository import ServeOptions
+    from tqc.compiler.tools.serve.server import TritonServer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     session = ort.InferenceSession(model, providers=["CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"])

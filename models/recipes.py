@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqc.compiler.errors import TqcError, did_you_mean
+from tqc.compiler.core.errors import TqcError, did_you_mean
 
 BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ROBERTA_INPUTS = ("input_ids", "attention_mask")

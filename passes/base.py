@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 
 import onnx_graphsurgeon as gs
 
-from tqc.compiler.errors import TqcError, did_you_mean
+from tqc.compiler.core.errors import TqcError, did_you_mean
 
 TARGETS = ("trt", "ort-cpu", "ort-cuda", "openvino")
 

@@ -31,10 +31,10 @@ import numpy as np
 
 import onnx_graphsurgeon as gs
 
-from tqc.compiler.activations import max_abs_per_tensor
-from tqc.compiler.feeds import synthesize_feeds
-from tqc.compiler.verify import infer_shapes
-from tqc.compiler.graph_io import skeleton_of_graph, to_graph, to_model, update_tensor_types
+from tqc.compiler.runtime.activations import max_abs_per_tensor
+from tqc.compiler.runtime.feeds import synthesize_feeds
+from tqc.compiler.io.structure import infer_shapes
+from tqc.compiler.io.graph import skeleton_of_graph, to_graph, to_model, update_tensor_types
 from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool, parse_list
 from tqc.passes.registry import register
 

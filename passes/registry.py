@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Type
 
-from tqc.compiler.errors import TqcError, did_you_mean
+from tqc.compiler.core.errors import TqcError, did_you_mean
 from tqc.passes.base import Pass
 
 _REGISTRY: dict[str, Type[Pass]] = {}

@@ -59,12 +59,12 @@ def test_wheel_holds_every_module_and_data_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = expected_files()
     assert {"tqc/passes/fuse/__init__.py", "tqc/models/data/calib_sentences.txt",
-            "tqc/compiler/data/trt10_onnx_ops.json"} <= expected  # the derivation itself sees the tree
+            "tqc/compiler/core/data/trt10_onnx_ops.json"} <= expected  # the derivation itself sees the tree
     missing = sorted(expected - names)
     assert not missing, f"the wheel lacks {missing}"
     assert wheel.name.startswith(f"tqc-{__version__}-")
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "tqc = tqc.compiler.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "tqc = tqc.compiler.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_installed_wheel_runs_tqc(wheel, tmp_path):

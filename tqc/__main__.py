@@ -1,6 +1,6 @@
 """``python -m tqc`` runs the command-line interface."""
 
-from tqc.compiler.cli import main
+from tqc.compiler.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.compiler.graph_io import ensure_domain
+from tqc.compiler.io.graph import ensure_domain
 from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool
 from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
 from tqc.passes.fuse.elementwise import fuse_gelu, fuse_layernorm, fuse_skip_layernorm
 from tqc.passes.fuse.embedding import fuse_embed_layernorm
 from tqc.passes.fuse.match import NoMatch
-from tqc.passes.qdq_openvino import fusion_target
+from tqc.passes.qdq.openvino import fusion_target
 from tqc.passes.registry import register
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.match import (_through_identity, constant_values, consumers, producer, scalar_value,
+from tqc.passes.fuse.match import (through_identity, constant_values, consumers, producer, scalar_value,
                                    split_scalar_operand)
 
 
@@ -251,7 +251,7 @@ def fuse_layernorm(graph: gs.Graph) -> int:
         match.last.outputs = [gs.Variable(f"{out.name}_tqc_detached")]
         graph.nodes.append(gs.Node("LayerNormalization", f"tqc_layernorm{count}",
                                    attrs={"axis": -1, "epsilon": match.epsilon},
-                                   inputs=[match.x, _through_identity(match.gamma), _through_identity(match.beta)],
+                                   inputs=[match.x, through_identity(match.gamma), through_identity(match.beta)],
                                    outputs=[out]))
         count += 1
     return count
@@ -285,7 +285,7 @@ def fuse_skip_layernorm(graph: gs.Graph, form: str = "contrib") -> int:
         if biased is None or len(consumers(a)) != 1:
             continue
         data, bias, _ = biased
-        inputs = [data, b, _through_identity(match.gamma), _through_identity(match.beta),
+        inputs = [data, b, through_identity(match.gamma), through_identity(match.beta),
                   gs.Constant(f"tqc_skipln{count}_bias", bias)]
         out = ln.outputs[0]
         ln.outputs = [gs.Variable(f"{out.name}_tqc_detached")]

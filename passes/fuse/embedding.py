@@ -37,7 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.elementwise import layernorm_matches
-from tqc.passes.fuse.match import _through_identity, constant_values, consumers, producer
+from tqc.passes.fuse.match import through_identity, constant_values, consumers, producer
 
 # Ops whose output elements are all elements of their first input (selection, replication, reshaping).
 _ELEMENT_PRESERVING = ("Expand", "Slice", "Gather", "GatherElements", "GatherND", "Reshape", "Unsqueeze", "Squeeze",
@@ -53,7 +53,7 @@ def _gather_leaves(tensor: gs.Tensor, leaves: list, nodes: list, readers: int = 
         nodes.append(node)
         return all(_gather_leaves(t, leaves, nodes) for t in node.inputs) and len(leaves) <= 3
     if node.op == "Gather" and node.attrs.get("axis", 0) == 0 and \
-            isinstance(_through_identity(node.inputs[0]), gs.Constant):
+            isinstance(through_identity(node.inputs[0]), gs.Constant):
         leaves.append(node)
         nodes.append(node)
         return True
@@ -245,7 +245,7 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
         if isinstance(plan, str):
             reason = plan
             continue
-        position_table = _through_identity(plan.position.inputs[0])
+        position_table = through_identity(plan.position.inputs[0])
         if plan.constant_rows:
             folded = constant_values(position_table).astype(np.float32) + sum(plan.constant_rows)
             position_table = gs.Constant(f"{position_table.name}_tqc_with_constant_rows", folded.astype(np.float32))
@@ -269,9 +269,9 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
                                        outputs=[unsqueezed]))
             position_ids = unsqueezed
         op_inputs = [int32(plan.ids), int32(plan.segment_ids) if plan.segment else empty,
-                     _through_identity(plan.word.inputs[0]), position_table,
-                     _through_identity(plan.segment.inputs[0]) if plan.segment else empty,
-                     _through_identity(match.gamma), _through_identity(match.beta)]
+                     through_identity(plan.word.inputs[0]), position_table,
+                     through_identity(plan.segment.inputs[0]) if plan.segment else empty,
+                     through_identity(match.gamma), through_identity(match.beta)]
         mask_index = gs.Variable("tqc_embed_mask_index", dtype=np.int32)  # ORT's schema needs this output
         if mask is not None or position_ids is not None:
             op_inputs.append(int32(mask) if mask is not None else gs.Variable.empty())

@@ -25,7 +25,7 @@ def consumers(tensor: gs.Tensor) -> list[gs.Node]:
     return list(tensor.outputs)
 
 
-def _through_identity(tensor: gs.Tensor) -> gs.Tensor:
+def through_identity(tensor: gs.Tensor) -> gs.Tensor:
     """Unfolded exports alias shared weights through Identity nodes: look through them."""
     while isinstance(tensor, gs.Variable) and tensor.inputs and tensor.inputs[0].op == "Identity":
         tensor = tensor.inputs[0].inputs[0]
@@ -35,7 +35,7 @@ def _through_identity(tensor: gs.Tensor) -> gs.Tensor:
 def scalar_value(tensor: gs.Tensor) -> float | None:
     """The value of a constant holding exactly one element (or of a scalar computed from static dimensions,
     see ``evaluate_static``), else None."""
-    tensor = _through_identity(tensor)
+    tensor = through_identity(tensor)
     if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) == 1:
         return float(np.asarray(tensor.values).reshape(-1)[0])
     if isinstance(tensor, gs.Variable) and tensor.inputs:
@@ -149,7 +149,7 @@ def evaluate_static(tensor: gs.Tensor, depth: int = 0) -> np.ndarray | None:
 
 
 def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
-    tensor = _through_identity(tensor)
+    tensor = through_identity(tensor)
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 
 

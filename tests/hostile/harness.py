@@ -42,7 +42,7 @@ class Outcome:
 
 def run_inprocess(args: Sequence[str], capsys: pytest.CaptureFixture) -> Outcome:
     """``tqc ARGS`` in this process (fast; for everything but signals and process-level behaviour)."""
-    from tqc.compiler.cli import main
+    from tqc.compiler.cli.main import main
 
     with pytest.raises(SystemExit) as info:
         main([str(a) for a in args])

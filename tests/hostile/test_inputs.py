@@ -157,7 +157,7 @@ def test_diff_draws_inputs_within_a_short_position_table(world, capsys):
 
 def test_validation_is_cheap_and_reads_no_weights_twice(world):
     """The lean load validates the skeleton: the weights are never copied into a second ModelProto."""
-    from tqc.compiler.model_io import load_model_lean
+    from tqc.compiler.io.model import load_model_lean
 
     lean = load_model_lean(world / "tok.onnx")
     assert all(not t.HasField("raw_data") or len(t.raw_data) <= 4096 for t in lean.skeleton.graph.initializer)
@@ -195,7 +195,7 @@ def test_pipeline_option_out_of_range_is_refused(pipeline, world, capsys):
 
 
 def test_option_ranges_hold_from_python_too():
-    from tqc.compiler.errors import TqcError
+    from tqc.compiler.core.errors import TqcError
     from tqc.passes.fp16 import Fp16
     from tqc.passes.qdq import Qdq
 
@@ -476,7 +476,7 @@ def test_the_same_models_table_is_used(world, capsys):
 
 
 def test_tables_name_their_model_by_a_hash_of_its_weights(world, capsys):
-    from tqc.compiler.model_io import model_hash
+    from tqc.compiler.io.model import model_hash
 
     data = _table(world, capsys)
     assert data["model_hash"] == model_hash(world / "mlp.onnx")  # file and external data: the weights too
@@ -549,7 +549,7 @@ def test_bench_of_a_float_input_model_draws_from_its_signature(world, capsys):
 def test_bench_token_model_ids_stay_in_the_vocabulary(world):
     import onnx
 
-    from tqc.compiler.benchmark import bench_inputs
+    from tqc.compiler.tools.benchmark import bench_inputs
 
     model = onnx.load(str(world / "tok.onnx"))
     feed = bench_inputs(model, ["input_ids", "attention_mask", "token_type_ids"], 4, 16, "uniform")

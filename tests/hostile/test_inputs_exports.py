@@ -19,8 +19,8 @@ import pytest
 
 from tests.hostile.harness import EXIT_OK, EXIT_USER, assert_unchanged, assert_user_error, run_inprocess, \
     run_subprocess, snapshot
-from tqc.compiler.data_limits import model_limits
-from tqc.compiler.feeds import input_specs
+from tqc.compiler.io.data_limits import model_limits
+from tqc.compiler.runtime.feeds import input_specs
 
 
 def _feed(model: onnx.ModelProto, seq: int, token: int) -> dict:
@@ -42,7 +42,7 @@ def _runs(session, feed) -> bool:
 
 @pytest.fixture(scope="module")
 def fused_bert(exports, tmp_path_factory):
-    from tqc.compiler.cli import main
+    from tqc.compiler.cli.main import main
 
     out = tmp_path_factory.mktemp("fused") / "bert.fused.onnx"
     with pytest.raises(SystemExit) as info:

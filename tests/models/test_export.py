@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-from tqc.compiler.cli import main
-from tqc.compiler.errors import TqcError
-from tqc.compiler.model_io import load_model
+from tqc.compiler.cli.main import main
+from tqc.compiler.core.errors import TqcError
+from tqc.compiler.io.model import load_model
 from tqc.models.recipes import RECIPES, find_recipe
 
 FAMILIES = sorted(RECIPES)

@@ -8,9 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tqc.compiler.cli import main
-from tqc.compiler.errors import TqcError
-from tqc.compiler.model_io import load_model
+from tqc.compiler.cli.main import main
+from tqc.compiler.core.errors import TqcError
+from tqc.compiler.io.model import load_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -120,8 +120,8 @@ def test_hub_name_is_refused_in_one_line(source, tmp_path, capsys, monkeypatch):
 
 def test_recorded_tokenizer_feeds_text_data(tmp_path, capsys):
     """A classifier folder with its tokenizer: calibrate on sentences without --tokenizer."""
-    from tqc.compiler.calib_data import DataSpec, FeedSource
-    from tqc.models.export import packaged_minilm_path
+    from tqc.compiler.analysis.calib_data import DataSpec, FeedSource
+    from tqc.compiler.io.packaged import packaged_minilm_path
 
     folder = tmp_path / "clf"
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def test_recorded_tokenizer_feeds_text_data(tmp_path, capsys):
 def st_folder(tmp_path_factory):
     """A tiny sentence-transformers folder: random BERT encoder, the MiniLM tokenizer, CLS pooling, Normalize."""
     st = pytest.importorskip("sentence_transformers")
-    from tqc.models.export import packaged_minilm_path
+    from tqc.compiler.io.packaged import packaged_minilm_path
 
     try:
         from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
@@ -209,7 +209,8 @@ def test_sentence_transformers_folder_without_the_library_says_so(st_folder, tmp
 
 def test_packaged_minilm_records_its_tokenizer_and_exports_its_embedding(exports, tmp_path):
     st = pytest.importorskip("sentence_transformers")
-    from tqc.models.export import ExportSpec, export, packaged_minilm_path
+    from tqc.models.export import ExportSpec, export
+    from tqc.compiler.io.packaged import packaged_minilm_path
 
     meta = {p.key: p.value for p in load_model(exports.get("minilm")).metadata_props}
     assert meta["tqc.tokenizer"] == "packaged:minilm" and meta["tqc.task"] == "feature-extraction"

@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tqc.compiler.calib_data import DataSpec, FeedSource
-from tqc.compiler.model_io import load_model
+from tqc.compiler.analysis.calib_data import DataSpec, FeedSource
+from tqc.compiler.io.model import load_model
 
 from ..conftest import REPO, SENTENCES
 
@@ -20,7 +20,7 @@ from .test_placement import compile_cli, token_npz
 
 
 def run_cli(args: list[str]) -> int:
-    from tqc.compiler.cli import main
+    from tqc.compiler.cli.main import main
 
     with pytest.raises(SystemExit) as info:
         main(args)
@@ -51,8 +51,8 @@ def tiny_ir(exports, tmp_path_factory):
 
 
 def test_ir_written_atomically_with_metadata_reloaded_and_run(tiny_ir):
-    from tqc.compiler.feeds import synthesize_feeds
-    from tqc.compiler.openvino_io import OvRunner
+    from tqc.compiler.runtime.feeds import synthesize_feeds
+    from tqc.compiler.io.openvino_ir import OvRunner
 
     source, folder, xml = tiny_ir
     assert sorted(p.name for p in folder.iterdir()) == ["calib.npz", "tiny.bin", "tiny.xml", "tiny.xml.json"]
@@ -99,7 +99,7 @@ def embeddings(run, feeds):
 def test_minilm_openvino_int8_ir_on_held_out_sentences(exports, tmp_path):
     """The real MiniLM: fold,fuse,qdq --target openvino -o .xml, run by OpenVINO, close to FP32 on held-out text,
     every MatMul in INT8 on OpenVINO's CPU plugin."""
-    from tqc.compiler.openvino_io import OvRunner
+    from tqc.compiler.io.openvino_ir import OvRunner
 
     path = exports.get("minilm")
     lines = [s for s in SENTENCES.read_text().splitlines() if s.strip()]

@@ -9,15 +9,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tqc.compiler.calibration import calibrate, calibration_targets
-from tqc.compiler.feeds import synthesize_feeds
-from tqc.compiler.manager import PassManager
-from tqc.compiler.pipeline import parse_pipeline
+from tqc.compiler.analysis.calibration import calibrate, calibration_targets
+from tqc.compiler.runtime.feeds import synthesize_feeds
+from tqc.compiler.pipeline.manager import PassManager
+from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.passes.base import PassContext
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tqc[openvino]')")
 
-from tqc.compiler.openvino_io import OvRunner, compile_ov, int8_matmuls, runtime_precisions  # noqa: E402
+from tqc.compiler.io.openvino_ir import OvRunner, compile_ov, int8_matmuls, runtime_precisions  # noqa: E402
 
 
 def mlp_after_layernorm() -> onnx.ModelProto:
@@ -94,7 +94,7 @@ def test_trt_placement_runs_signed_on_openvino_for_contrast(tmp_path):
 
 
 def compile_cli(args: list[str]) -> None:
-    from tqc.compiler.cli import main
+    from tqc.compiler.cli.main import main
 
     with pytest.raises(SystemExit) as info:
         main(["-q", "compile", *args])
@@ -103,7 +103,7 @@ def compile_cli(args: list[str]) -> None:
 
 def token_npz(model_path, path, count: int = 4):
     """Synthesized token inputs (the model's own signature) as an .npz for --calib."""
-    from tqc.compiler.model_io import load_model
+    from tqc.compiler.io.model import load_model
 
     feeds = synthesize_feeds(load_model(model_path), count=count)
     np.savez(path, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
@@ -155,8 +155,8 @@ def test_fusion_is_standard_onnx(tiny_openvino):
 
 def test_budget_measures_on_openvino():
     """qdq{budget=...,budget_runtime=openvino}: the accuracy budget is met as OpenVINO computes the graph."""
-    from tqc.passes.qdq_budget import mean_output_cosine, run_graph
-    from tqc.compiler.graph_io import to_graph
+    from tqc.passes.qdq.budget import mean_output_cosine, run_graph
+    from tqc.compiler.io.graph import to_graph
 
     model = onnx.shape_inference.infer_shapes(mlp_after_layernorm())
     feeds = synthesize_feeds(model, count=4)

@@ -4,7 +4,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from tqc.compiler.graph_io import to_graph, to_model
+from tqc.compiler.io.graph import to_graph, to_model
 from tqc.passes.base import PassContext
 from tqc.passes.fold import Fold, merge_duplicates, remove_identities
 

@@ -9,13 +9,13 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-import tqc.compiler.activations as activations
+import tqc.compiler.runtime.activations as activations
 import tqc.passes.fp16 as fp16
-from tqc.compiler.feeds import synthesize_feeds
-from tqc.compiler.graph_io import to_graph, to_model
-from tqc.compiler.model_io import load_model
-from tqc.compiler.pipeline import parse_pipeline
-from tqc.compiler.verify import infer_shapes
+from tqc.compiler.runtime.feeds import synthesize_feeds
+from tqc.compiler.io.graph import to_graph, to_model
+from tqc.compiler.io.model import load_model
+from tqc.compiler.pipeline.spec import parse_pipeline
+from tqc.compiler.io.structure import infer_shapes
 from tqc.passes.base import PassContext
 
 
@@ -28,7 +28,7 @@ def _run(model: onnx.ModelProto, feeds) -> np.ndarray:
 
 def _fused_graph(path, feeds):
     """bert-tiny after fold,fuse (ort-cuda), as the fp16 pass receives it."""
-    from tqc.compiler.manager import PassManager
+    from tqc.compiler.pipeline.manager import PassManager
 
     ctx = PassContext(target="ort-cuda", verification_feeds=feeds)
     manager = PassManager(parse_pipeline("fold,fuse"), ctx, verify="structure")
@@ -129,7 +129,7 @@ def test_fp16_large_weight_shared_by_a_guarded_node(monkeypatch):
 
 
 def test_fp16_against_fp32_on_held_out_inputs(exports, monkeypatch):
-    from tqc.compiler.manager import PassManager
+    from tqc.compiler.pipeline.manager import PassManager
 
     path = exports.get("bert", size="tiny")
     model = load_model(path)

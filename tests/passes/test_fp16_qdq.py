@@ -7,11 +7,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from tqc.compiler.feeds import synthesize_feeds
-from tqc.compiler.manager import PassManager
-from tqc.compiler.model_io import load_model
-from tqc.compiler.pipeline import parse_pipeline
-from tqc.compiler.trt_check import check_trt
+from tqc.compiler.runtime.feeds import synthesize_feeds
+from tqc.compiler.pipeline.manager import PassManager
+from tqc.compiler.io.model import load_model
+from tqc.compiler.pipeline.spec import parse_pipeline
+from tqc.compiler.tools.trt_check import check_trt
 from tqc.passes.base import PassContext
 
 

@@ -5,10 +5,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tqc.compiler.graph_io import to_graph
-from tqc.compiler.manager import PassManager
-from tqc.compiler.model_io import load_model
-from tqc.compiler.pipeline import parse_pipeline
+from tqc.compiler.io.graph import to_graph
+from tqc.compiler.pipeline.manager import PassManager
+from tqc.compiler.io.model import load_model
+from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.models.recipes import RECIPES
 from tqc.passes.base import PassContext
 from tqc.passes.fuse.attention import find_attention, mask_input_names
@@ -161,7 +161,7 @@ def _break_scale(model: onnx.ModelProto) -> onnx.ModelProto:
             mul = scaled.inputs[0]
             const = next(t for t in mul.inputs if hasattr(t, "values"))
             const.values = np.full((16,), float(np.asarray(const.values).reshape(-1)[0]), np.float32)
-    from tqc.compiler.graph_io import to_model
+    from tqc.compiler.io.graph import to_model
 
     return to_model(graph)
 
@@ -175,7 +175,7 @@ def test_explain_names_the_closest_rule_and_reason(exports, tmp_path):
     assert misses[0].rule == "eager"
     assert "expected Mul/Div by a scalar (the softmax scale)" in misses[0].reason
     onnx.save(broken, str(tmp_path / "broken.onnx"))
-    from tqc.compiler.cli import main
+    from tqc.compiler.cli.main import main
 
     with pytest.raises(SystemExit) as info:
         main(["-q", "compile", str(tmp_path / "broken.onnx"), "-p", "fuse", "-o", str(tmp_path / "o.onnx"),

@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 import pytest
 
-from tqc.compiler.manager import PassManager
-from tqc.compiler.model_io import load_model
-from tqc.compiler.pipeline import parse_pipeline
+from tqc.compiler.pipeline.manager import PassManager
+from tqc.compiler.io.model import load_model
+from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.passes.base import PassContext
 
 HEADS = {"hidden": ("AutoModel", ["hidden"]),
@@ -289,7 +289,7 @@ def test_int8_on_third_party_exports_keeps_cosine(name, target, tmp_path):
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from tqc.compiler.cli import main
+    from tqc.compiler.cli.main import main
 
     lines = [line.strip() for line in SENTENCES.read_text().splitlines() if line.strip()]
     calib = tmp_path / "calib.txt"

@@ -6,13 +6,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tqc.compiler.calib_data import DataSpec, FeedSource
-from tqc.compiler.errors import TqcError
-from tqc.compiler.calibration import calibrate, calibration_targets
-from tqc.compiler.feeds import synthesize_feeds
-from tqc.compiler.manager import PassManager
-from tqc.compiler.model_io import load_model
-from tqc.compiler.pipeline import parse_pipeline
+from tqc.compiler.analysis.calib_data import DataSpec, FeedSource
+from tqc.compiler.core.errors import TqcError
+from tqc.compiler.analysis.calibration import calibrate, calibration_targets
+from tqc.compiler.runtime.feeds import synthesize_feeds
+from tqc.compiler.pipeline.manager import PassManager
+from tqc.compiler.io.model import load_model
+from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.passes.base import PassContext
 
 from ..conftest import SENTENCES
@@ -187,7 +187,7 @@ def _sentence_embeddings(path, feeds):
 @pytest.mark.slow
 @pytest.mark.parametrize("target, floor", [("ort-cpu", 0.995), ("trt", 0.993)])
 def test_minilm_int8_fidelity_on_held_out_sentences(target, floor, exports, tmp_path):
-    from tqc.compiler.cli import main
+    from tqc.compiler.cli.main import main
 
     path = exports.get("minilm")
     calib = tmp_path / "calib.txt"
@@ -317,7 +317,7 @@ def test_albert_every_layer_computes_with_its_own_weight(exports, tmp_path, caps
     """ALBERT's layers share their weights. Each quantized MatMul's effective float weight (its INT8 weight,
     dequantized, with its input's smoothing factor moved back) must equal the original weight within INT8
     rounding; before the fix the second layer computed with diag(s0 / s1) W (relative error up to 4.5)."""
-    from tqc.compiler.cli import main
+    from tqc.compiler.cli.main import main
 
     path = exports.get("albert", size="tiny")
     model = load_model(path)

@@ -1,0 +1,253 @@
+"""OpenVINO: IR output (``tqc compile -o model.xml``), a runner for bench/diff/verify, runtime precisions.
+
+    compiled graph ─► model.onnx (temporary folder beside the output)
+                   ─► ov.convert_model ─► ov.save_model(compress_to_fp16=True, OpenVINO's own default: it
+                      compresses float weights of float models, and leaves a Q/DQ model's float weights FP32;
+                      INT8 weights stay INT8) ─► model.xml + model.bin (same folder)
+                   ─► .bin then .xml renamed into place; model.xml.json: tqc and OpenVINO versions, source hash,
+                      inputs/outputs, what ran in INT8 on this machine's CPU (the compiled runtime graph)
+
+OpenVINO is optional (``pip install 'tqc[openvino]'``) and imported only here, lazily: where it is missing,
+every entry point raises one clear error (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tqc import __version__
+from tqc.compiler.core.errors import TqcError
+
+INSTALL_HINT = ("OpenVINO is not installed (import openvino failed): pip install 'tqc[openvino]' (or pip install "
+                "openvino), or write an .onnx output")
+DEFAULT_THREADS = None  # OpenVINO's own choice unless --threads is given
+
+
+def require_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise TqcError(INSTALL_HINT) from None
+    return openvino
+
+
+def is_ir(path: str | os.PathLike) -> bool:
+    return str(path).endswith(".xml")
+
+
+def bin_path(xml: str | os.PathLike) -> Path:
+    return Path(xml).with_suffix(".bin")
+
+
+def compile_ov(model, threads: int | None = None, core=None):
+    """``model``: an .onnx/.xml path or an ``ov.Model``; compiled for CPU with a latency hint."""
+    ov = require_openvino()
+    core = core or ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    try:
+        source = core.read_model(str(model)) if isinstance(model, (str, os.PathLike)) else model
+        return core.compile_model(source, "CPU", config)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TqcError(f"OpenVINO cannot compile '{model}': {first}") from None
+
+
+def runtime_precisions(compiled) -> dict:
+    """What the CPU plugin actually runs: per layer type, the count of nodes by runtime precision, from
+    ``compiled.get_runtime_model()`` (rt_info ``layerType`` / ``runtimePrecision``)."""
+    counts: Counter = Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
+        if layer in ("Const", "Input", "Output"):
+            continue
+        counts[(layer, precision)] += 1
+    summary: dict[str, dict[str, int]] = {}
+    for (layer, precision), count in sorted(counts.items()):
+        summary.setdefault(layer, {})[precision] = count
+    return summary
+
+
+def int8_matmuls(summary: dict) -> tuple[int, int]:
+    """(integer, total) among FullyConnected and MatMul nodes of a ``runtime_precisions`` summary."""
+    total = integer = 0
+    for layer in ("FullyConnected", "MatMul"):
+        for precision, count in summary.get(layer, {}).items():
+            total += count
+            integer += count if precision in ("u8", "i8") else 0
+    return integer, total
+
+
+class OvRunner:
+    """One compiled OpenVINO model on CPU (the ``tqc bench`` runner interface: ``input_names``, ``prepare``)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.compiled = compile_ov(path, threads)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+        self.output_names = [port.get_any_name() for port in self.compiled.outputs]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.request.infer({k: v for k, v in feed.items() if k in self.input_names})
+        return {name: np.array(results[port]) for name, port in zip(self.output_names, self.compiled.outputs)}
+
+    def prepare(self, feed: dict[str, np.ndarray]) -> Callable[[], object]:
+        feed = {k: v for k, v in feed.items() if k in self.input_names}
+        return lambda: self.request.infer(feed)
+
+
+def _ports(model) -> dict:
+    def port(p) -> dict:
+        shape = p.get_partial_shape()
+        dims = [d.get_length() if d.is_static else -1 for d in shape] if shape.rank.is_static else None
+        return {"name": p.get_any_name(), "dtype": str(p.get_element_type().to_dtype()), "dims": dims}
+    return {"inputs": [port(p) for p in model.inputs], "outputs": [port(p) for p in model.outputs]}
+
+
+def write_ir(model, xml_path: str | os.PathLike, source_hash: str, compress_to_fp16: bool = True,
+             progress=lambda message: None) -> dict:
+    """Write ``model`` (a ModelProto or LeanModel) as OpenVINO IR at ``xml_path`` (+ ``.bin``) and its
+    metadata at ``xml_path + '.json'``; atomic: everything is written in a temporary folder beside the output,
+    then moved into place (.bin first, so an .xml never points at a missing or stale .bin)."""
+    ov = require_openvino()
+    from tqc.compiler.io.model import save_model, write_text_atomic
+
+    out = Path(xml_path)
+    if out.suffix != ".xml":
+        raise TqcError(f"OpenVINO IR output '{out}' must end in .xml")
+    folder = out.resolve().parent
+    from tqc.compiler.io.output_guard import make_temp_dir, move_beside, place_file
+
+    tmp = make_temp_dir(".tqc-ov-", dir=folder)  # removed on any exit, signals included
+    try:
+        onnx_path = save_model(model, tmp / "model.onnx")
+        progress(f"converting to OpenVINO IR with OpenVINO {ov.get_version()}")
+        start = time.perf_counter()
+        try:
+            converted = ov.convert_model(str(onnx_path))
+        except Exception as exc:  # OpenVINO's frontend raises its own types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TqcError(f"OpenVINO could not convert the compiled model: {first}") from None
+        ov.save_model(converted, str(tmp / out.name), compress_to_fp16=compress_to_fp16)
+        seconds = time.perf_counter() - start
+        compiled = compile_ov(tmp / out.name)  # proves the IR loads; the runtime graph says what runs INT8
+        precisions = runtime_precisions(compiled)
+        integer, total = int8_matmuls(precisions)
+        meta = {
+            "tqc_version": __version__,
+            "openvino_version": ov.get_version(),
+            "source_model_hash": source_hash,
+            "compress_to_fp16": compress_to_fp16,
+            "convert_seconds": round(seconds, 2),
+            "int8_matmuls": f"{integer}/{total}",
+            "runtime_precisions": precisions,
+            **_ports(converted),
+        }
+        # staged with the command's other outputs (all or none); .bin first, so an .xml never points at a
+        # missing or stale .bin when no command is active
+        built = ((tmp / bin_path(out.name).name, bin_path(out).resolve()), (tmp / out.name, out.resolve()))
+        moved = [(move_beside(path, final), final) for path, final in built]  # out of the scratch folder first
+        for built, final in moved:
+            place_file(built, final)
+    except OSError as exc:
+        raise TqcError(f"cannot write '{out}': {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_text_atomic(json.dumps(meta, indent=2) + "\n", out.with_name(out.name + ".json"))
+    return meta
+
+
+RUNTIMES = ("ort", "openvino")
+
+
+def polygraphy_runner(model, name: str, threads: int | None = None):
+    """A polygraphy runner that runs ``model`` (ModelProto, ONNX bytes, or a path) on OpenVINO CPU with FP32
+    inference precision (no BF16 down-casting on CPUs that have it), for Comparator-based checks."""
+    import onnx
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    ov = require_openvino()
+
+    class OvPolygraphyRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name=name, prefix="openvino-runner")
+
+        def activate_impl(self):
+            core = ov.Core()
+            source = model
+            self._tmp = None
+            if isinstance(source, onnx.ModelProto):
+                source = source.SerializeToString()
+            if isinstance(source, (bytes, bytearray)):
+                self._tmp = tempfile.mkdtemp(prefix="tqc-ov-")
+                path = Path(self._tmp) / "model.onnx"
+                path.write_bytes(source)
+                source = path
+            config = {"INFERENCE_PRECISION_HINT": "f32"}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = int(threads)
+            try:
+                self.compiled = core.compile_model(core.read_model(str(source)), "CPU", config)
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise TqcError(f"OpenVINO cannot compile the model: {first}") from None
+            self.request = self.compiled.create_infer_request()
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            for port in self.compiled.inputs:
+                shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+                meta.add(port.get_any_name(), dtype=np.dtype(port.get_element_type().to_dtype()), shape=shape)
+            return meta
+
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            results = self.request.infer(dict(feed_dict))
+            self.inference_time = time.perf_counter() - start
+            out = {}
+            for port in self.compiled.outputs:
+                value = np.array(results[port])
+                for tensor_name in port.get_names():  # every name of the port, as ORT would expose it
+                    out[tensor_name] = value
+            return out
+
+        def deactivate_impl(self):
+            del self.request, self.compiled
+            if self._tmp:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+    return OvPolygraphyRunner()
+
+
+def run_onnx(model, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Outputs of ``model`` (a ModelProto) for every feed on OpenVINO CPU in FP32 precision (the budget step's
+    measurements when it runs on OpenVINO)."""
+    ov = require_openvino()
+    folder = tempfile.mkdtemp(prefix="tqc-ov-")
+    try:
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(model.SerializeToString())
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        request = compiled.create_infer_request()
+        names = [port.get_any_name() for port in compiled.inputs]
+        out = []
+        for feed in feeds:
+            results = request.infer({k: v for k, v in feed.items() if k in names})
+            out.append({port.get_any_name(): np.array(results[port]) for port in compiled.outputs})
+        return out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,148 @@
+"""Structural checks run after every pass: onnx checker, strict shape inference, unchanged signature.
+
+Models whose tensors exceed protobuf's 2 GB limit are checked through a temporary file with external data,
+using the path-based checker and shape inference.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from tqc.compiler.core.errors import VerificationError
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    elem_type: int
+    rank: int | None
+
+    def describe(self) -> str:
+        dtype = onnx.helper.tensor_dtype_to_string(self.elem_type) if self.elem_type else "?"
+        return f"{self.name} ({dtype.replace('TensorProto.', '').lower()}, rank {self.rank})"
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]
+
+
+def _port(value: onnx.ValueInfoProto) -> Port:
+    tt = value.type.tensor_type
+    rank = len(tt.shape.dim) if tt.HasField("shape") else None
+    return Port(value.name, tt.elem_type, rank)
+
+
+def signature(model: onnx.ModelProto) -> Signature:
+    initializers = {t.name for t in model.graph.initializer}
+    return Signature(
+        inputs=tuple(_port(v) for v in model.graph.input if v.name not in initializers),
+        outputs=tuple(_port(v) for v in model.graph.output),
+    )
+
+
+def check_signature(before: Signature, after: Signature, stage: str) -> None:
+    for kind, old, new in (("input", before.inputs, after.inputs), ("output", before.outputs, after.outputs)):
+        if [p.name for p in old] != [p.name for p in new]:
+            raise VerificationError(
+                f"{stage}: graph {kind}s changed from {[p.name for p in old]} to {[p.name for p in new]}")
+        for a, b in zip(old, new):
+            if a.elem_type != b.elem_type or (a.rank is not None and b.rank is not None and a.rank != b.rank):
+                raise VerificationError(f"{stage}: graph {kind} changed from {a.describe()} to {b.describe()}")
+
+
+SKELETON_LIMIT = 4096  # initializers above this many bytes travel as shape-only stand-ins
+SKELETON_DATA = "tqc-skeleton.bin"
+
+
+def stand_in(name: str, data_type: int, dims) -> onnx.TensorProto:
+    """A shape-only initializer: dtype and dims, its data 'external' in an empty file (``SKELETON_DATA``)."""
+    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", SKELETON_DATA
+    return tensor
+
+
+def model_header(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model's versions, opsets, metadata and functions, without its graph."""
+    header = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(header, name, getattr(model, name))
+    header.opset_import.extend(model.opset_import)
+    header.metadata_props.extend(model.metadata_props)
+    header.functions.extend(model.functions)
+    return header
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its large tensor data: same graph, same initializer names, types and dims.
+
+    Checker and shape inference only need types and dims of weights (and the values of small, shape-like
+    tensors, which stay). Working on the skeleton keeps verification of a 440 MB or 4 GB model in
+    milliseconds and avoids copying its weights; large tensors point at an empty external file.
+    """
+    light = model_header(model)
+    graph, source = light.graph, model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)  # types known from earlier passes (contrib op outputs)
+    for tensor in source.initializer:
+        size = len(tensor.raw_data) if tensor.HasField("raw_data") else 0
+        if size > SKELETON_LIMIT or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(stand_in(tensor.name, tensor.data_type, tensor.dims))
+        else:
+            graph.initializer.append(tensor)
+    return light
+
+
+def infer_shapes(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+    """Shape inference on the skeleton; the inferred value_info is set on ``model`` (returned).
+
+    With ``strict`` a type or shape conflict raises ``VerificationError``.
+    """
+    try:
+        light = skeleton(model)
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=strict, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
+        if not strict:
+            return model
+        raise VerificationError(f"shape inference failed: {_first_line(exc)}") from exc
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
+def run_checker(model: onnx.ModelProto) -> None:
+    """The path-based onnx checker on the skeleton (works for models of any size)."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="tqc-verify-") as tmp:
+            (Path(tmp) / SKELETON_DATA).touch()
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(skeleton(model).SerializeToString())
+            onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, RuntimeError) as exc:
+        raise VerificationError(f"onnx checker: {_first_line(exc)}") from exc
+
+
+def verify_structure(model: onnx.ModelProto, expected: Signature, stage: str) -> onnx.ModelProto:
+    """Checker, strict shape inference and signature; returns the model with inferred shapes."""
+    try:
+        run_checker(model)
+        inferred = infer_shapes(model, strict=True)
+    except VerificationError as exc:
+        raise VerificationError(f"{stage}: {exc}") from exc
+    check_signature(expected, signature(model), stage)
+    return inferred
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,0 +1,97 @@
+"""Intermediate activations of a model on real inputs: every float tensor exposed as an output.
+
+Used by the ``fp16`` overflow guard (which tensors exceed the FP16 range), by ``tqc diff --layerwise`` and by
+calibration. Statistics are reduced batch by batch, so memory stays bounded by the model, not the data.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from tqc.compiler.runtime.feeds import Feed
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def float_tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of every tensor whose type shape inference (or the graph) knows."""
+    types: dict[str, int] = {}
+    for value in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types
+
+
+def exposed_model_bytes(model: onnx.ModelProto, names: Iterable[str] | None = None) -> tuple[bytes, list[str]]:
+    """Serialized ``model`` that also outputs the named tensors (default: every float node output).
+
+    The outputs are appended, serialized and removed again: no copy of the weights is made.
+    """
+    if not model.graph.value_info:
+        from tqc.compiler.io.structure import infer_shapes
+
+        infer_shapes(model, strict=False)
+    types = float_tensor_types(model)
+    existing = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    wanted = list(names) if names is not None else [
+        out for node in model.graph.node for out in node.output if out and types.get(out) in FLOAT_TYPES]
+    added = [name for name in dict.fromkeys(wanted) if name not in existing and name in types]
+    original = len(model.graph.output)
+    output_names = [o.name for o in model.graph.output] + added
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in added)
+    try:
+        data = model.SerializeToString()
+    finally:
+        del model.graph.output[original:]
+    return data, output_names
+
+
+def stream_intermediates(model: onnx.ModelProto | gs.Graph, feeds: Iterable[Feed],
+                         reduce: Callable[[str, np.ndarray], None], names: Iterable[str] | None = None) -> list[str]:
+    """Run on ORT CPU (optimizations off) and call ``reduce(name, value)`` for every exposed tensor.
+
+    A gs graph runs through a ``GraphSession`` (its weights are not copied); a ModelProto is serialized.
+    """
+    names = list(names) if names is not None else None
+    if isinstance(model, gs.Graph):
+        from tqc.compiler.runtime.graph_session import GraphSession
+
+        wanted = names if names is not None else [
+            out.name for node in model.nodes for out in node.outputs
+            if out.dtype is not None and np.issubdtype(np.dtype(out.dtype), np.floating)]
+        session = GraphSession(model, outputs=wanted)
+        output_names = session.output_names
+    else:
+        import onnxruntime as ort
+
+        data, output_names = exposed_model_bytes(model, names)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        del data
+    wanted_inputs = set(names) if names is not None else set()
+    for feed in feeds:
+        values = session.run(output_names, feed)
+        for name, value in zip(output_names, values):
+            reduce(name, value)
+        for name in wanted_inputs & set(feed):  # graph inputs are observed straight from the feed
+            reduce(name, np.asarray(feed[name]))
+    return output_names
+
+
+def max_abs_per_tensor(model: onnx.ModelProto | gs.Graph, feeds: Iterable[Feed]) -> dict[str, float]:
+    peaks: dict[str, float] = {}
+
+    def reduce(name: str, value: np.ndarray) -> None:
+        if value.size and np.issubdtype(value.dtype, np.floating):
+            finite = np.abs(value[np.isfinite(value)]) if not np.all(np.isfinite(value)) else np.abs(value)
+            peak = float(finite.max()) if finite.size else float("inf")
+            peaks[name] = max(peaks.get(name, 0.0), peak)
+
+    stream_intermediates(model, feeds, reduce)
+    return peaks

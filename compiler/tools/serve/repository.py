@@ -1,0 +1,261 @@
+"""The python-backend model repository that ``tqc serve`` writes (into a temporary folder) and Triton loads.
+
+    repo/
+      NAME/                       raw tensors in: the model's own inputs (INT64 [batch, sequence]) -> its outputs
+        config.pbtxt              backend "python", max_batch_size, dynamic_batching, ragged inputs
+        1/model.py                compiler/tools/serve/stub_model.py
+        1/serve.json              the ONNX path, runtime, limits, site folders of this Python
+      NAME_text/                  text in: TEXT UINT8 [texts, bytes] (UTF-8) -> embeddings FP32 [texts, hidden]
+        ... as above, plus 1/tokenizer.json (the model's tokenizer, saved in the fast tokenizer's format)
+
+Batching and padding: Triton's dynamic batcher hands one ``execute`` call several requests (``allow_ragged_batch``
+lets requests of different lengths meet). Raw requests are grouped by sequence length and each group runs as
+one batch, unpadded: answers are exactly those of a lone request. Text rows of all requests are tokenized
+together and padded to the longest row of the batch (masked positions do not enter the mean pooling); with
+CUDA graphs they are padded to power-of-two buckets (sequence >= 16, capped at the token limit; batch capped
+at max_batch_size) so a few captured graphs serve every request. Texts longer than the token limit are
+truncated (sentence-transformers' behaviour) or refused (``long_text="error"``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from tqc.compiler.core.errors import TqcError
+from tqc.compiler.io.model import load_model
+
+STUB_MODEL = Path(__file__).with_name("stub_model.py")
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
+                  onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.INT32: "TYPE_INT32"}
+
+
+@dataclass
+class ServeOptions:
+    model: str
+    name: str | None = None
+    provider: str = "cpu"  # cpu | cuda | openvino (hook)
+    endpoints: tuple[str, ...] = ("raw", "text")
+    tokenizer: str | None = None  # folder, 'minilm', or None: from the export metadata
+    max_length: int | None = None  # token limit (default: the tokenizer's / sentence encoder's)
+    long_text: str = "truncate"  # truncate | error
+    max_text_bytes: int = 65536
+    pooling: str | None = None  # mean | cls | none (default: the sentence encoder's, else mean)
+    normalize: bool | None = None  # default: the sentence encoder's (Normalize module), else False
+    max_batch: int = 64
+    preferred_batch: tuple[int, ...] = ()
+    queue_delay_us: int = 0  # 0: no dynamic batching
+    instances: int = 1
+    threads: int | None = None
+    cuda_graph: bool = False
+    prepend_paths: tuple[str, ...] = ()
+    timings_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelFacts:
+    path: Path
+    inputs: list[dict]
+    outputs: list[dict]
+    vocab: int | None
+    type_vocab: int
+    max_positions: int | None  # rows of the position-embedding table (RoBERTa-style: minus the padding offset)
+
+
+def model_facts(path: Path) -> ModelFacts:
+    from tqc.compiler.runtime.feeds import vocab_size
+
+    model = load_model(path, load_external_data=False)
+    initializers = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    inputs, outputs = [], []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tt = value.type.tensor_type
+        if value.name not in TOKEN_INPUTS or tt.elem_type != onnx.TensorProto.INT64 or len(tt.shape.dim) != 2:
+            raise TqcError(f"'tqc serve' serves token models (INT64 input_ids/attention_mask/token_type_ids "
+                           f"[batch, sequence]); input '{value.name}' is not one")
+        inputs.append({"name": value.name, "data_type": "TYPE_INT64"})
+    for value in model.graph.output:
+        tt = value.type.tensor_type
+        if tt.elem_type not in ONNX_TO_TRITON:
+            raise TqcError(f"output '{value.name}' has an element type the server cannot return")
+        outputs.append({"name": value.name, "data_type": ONNX_TO_TRITON[tt.elem_type],
+                        "dims": [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1
+                                 for d in tt.shape.dim][1:]})
+    if "input_ids" not in [i["name"] for i in inputs]:
+        raise TqcError("'tqc serve' needs a model with an 'input_ids' input")
+    type_vocab = 2
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "token_type_ids":
+            type_vocab = int(initializers.get(node.input[0], (2,))[0])
+        if node.op_type == "EmbedLayerNormalization" and len(node.input) > 4 and node.input[4] in initializers:
+            type_vocab = int(initializers[node.input[4]][0])  # its ids may arrive through a Cast
+    vocab = vocab_size(model, "input_ids")
+    if vocab is None:
+        for node in model.graph.node:
+            if node.op_type == "EmbedLayerNormalization" and len(node.input) > 2:
+                vocab = int(initializers.get(node.input[2], (0,))[0]) or None
+    positions = None
+    for name, dims in initializers.items():
+        if "position_embeddings" in name and len(dims) == 2:
+            positions = int(dims[0])
+    for node in model.graph.node:
+        if node.op_type == "EmbedLayerNormalization" and len(node.input) > 3 and node.input[3] in initializers:
+            positions = int(initializers[node.input[3]][0])
+    meta = {p.key: p.value for p in model.metadata_props}
+    if positions and meta.get("tqc.family") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= 2  # position ids start after the padding index
+    return ModelFacts(path=path, inputs=inputs, outputs=outputs, vocab=vocab, type_vocab=type_vocab,
+                      max_positions=positions)
+
+
+def tokenizer_folder(name: str | None, model_path: Path) -> Path | None:
+    """An explicit folder (or 'minilm'); else what the export metadata records: the packaged MiniLM, or the
+    local model folder the export came from when it holds a tokenizer. None when nothing is known."""
+    source = name
+    if source is None:
+        model = load_model(model_path, load_external_data=False)
+        meta = {p.key: p.value for p in model.metadata_props}
+        if meta.get("tqc.tokenizer"):
+            source = meta["tqc.tokenizer"]
+        elif meta.get("tqc.family") == "minilm" and "real weights" in meta.get("tqc.source", ""):
+            source = "minilm"
+        elif " from " in meta.get("tqc.source", "") and "random weights" not in meta.get("tqc.source", ""):
+            folder = Path(meta["tqc.source"].split(" from ", 1)[1])
+            if folder.is_dir() and any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+                source = str(folder)
+    if source is None:
+        return None
+    from tqc.compiler.io.packaged import packaged_tokenizer
+
+    packaged = packaged_tokenizer(source)
+    if packaged is not None:
+        return packaged
+    if not Path(source).is_dir():
+        raise TqcError(f"tokenizer folder '{source}' does not exist")
+    return Path(source)
+
+
+def sentence_encoder(folder: Path) -> dict:
+    """Pooling and normalisation that a sentence-transformers folder declares (modules.json), else {}."""
+    modules_path = folder / "modules.json"
+    if not modules_path.exists():
+        return {}
+    modules = json.loads(modules_path.read_text())
+    found: dict = {"normalize": any(m.get("type", "").endswith(".Normalize") for m in modules)}
+    for module in modules:
+        if module.get("type", "").endswith(".Pooling"):
+            config = json.loads((folder / module.get("path", "") / "config.json").read_text())
+            found["pooling"] = ("cls" if config.get("pooling_mode_cls_token") else "mean")
+    bert_config = folder / "sentence_bert_config.json"
+    if bert_config.exists():
+        found["max_length"] = int(json.loads(bert_config.read_text()).get("max_seq_length", 512))
+    return found
+
+
+def save_tokenizer(folder: Path, target: Path) -> dict:
+    """The tokenizer as one tokenizer.json (the stub needs only the ``tokenizers`` package); returns its facts."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise TqcError("the text endpoint needs transformers to read the tokenizer: pip install 'tqc[export]'") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TqcError(f"cannot read a tokenizer from '{folder}': {str(exc).splitlines()[0]}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise TqcError(f"the tokenizer in '{folder}' has no fast (Rust) version; the server needs one")
+    backend = tokenizer.backend_tokenizer
+    backend.no_padding()
+    backend.no_truncation()
+    target.write_text(backend.to_str(), encoding="utf-8")
+    limit = getattr(tokenizer, "model_max_length", None)
+    return {"pad_id": int(tokenizer.pad_token_id or 0),
+            "model_max_length": int(limit) if limit and limit < 100_000 else None}
+
+
+def _config_pbtxt(name: str, inputs: list[dict], outputs: list[dict], opts: ServeOptions, ragged: bool) -> str:
+    def tensor(port: dict, extra: str = "") -> str:
+        return (f'  {{\n    name: "{port["name"]}"\n    data_type: {port["data_type"]}\n'
+                f'    dims: [ {", ".join(str(d) for d in port["dims"])} ]{extra}\n  }}')
+
+    lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {opts.max_batch}",
+             "input [\n" + ",\n".join(tensor(p, "\n    allow_ragged_batch: true" if ragged else "") for p in inputs)
+             + "\n]",
+             "output [\n" + ",\n".join(tensor(p) for p in outputs) + "\n]"]
+    if opts.queue_delay_us > 0 or opts.preferred_batch:
+        preferred = "".join(f"\n  preferred_batch_size: {size}" for size in opts.preferred_batch)
+        lines.append(f"dynamic_batching {{{preferred}\n  max_queue_delay_microseconds: {opts.queue_delay_us}\n}}")
+    kind = "KIND_GPU" if opts.provider == "cuda" else "KIND_CPU"
+    lines.append(f"instance_group [\n  {{\n    count: {opts.instances}\n    kind: {kind}\n  }}\n]")
+    return "\n".join(lines) + "\n"
+
+
+def write_repository(opts: ServeOptions, repo: Path, sitedirs: list[str]) -> dict:
+    """Writes the repository; returns {model name: endpoint kind} and the text endpoint's settings."""
+    model_path = Path(opts.model).resolve()
+    if not model_path.is_file():
+        raise TqcError(f"model '{opts.model}' does not exist or is not a file")
+    if opts.provider not in ("cpu", "cuda", "openvino"):
+        raise TqcError(f"--provider must be cpu, cuda or openvino, not '{opts.provider}'")
+    if opts.long_text not in ("truncate", "error"):
+        raise TqcError("--long-text must be truncate or error")
+    facts = model_facts(model_path)
+    name = opts.name or model_path.name.split(".")[0].replace("-", "_")
+    if any(size < 1 or size > opts.max_batch for size in opts.preferred_batch):
+        raise TqcError(f"--preferred-batch sizes must lie in [1, --max-batch {opts.max_batch}]")
+    base = {"onnx": str(model_path), "provider": opts.provider, "threads": opts.threads,
+            "cuda_graph": opts.cuda_graph, "inputs": facts.inputs, "vocab": facts.vocab,
+            "type_vocab": facts.type_vocab, "max_batch": opts.max_batch, "sitedirs": sitedirs,
+            "prepend_paths": list(opts.prepend_paths), **opts.extra}
+    models: dict[str, str] = {}
+    text_settings: dict = {}
+    folder = tokenizer_folder(opts.tokenizer, model_path) if "text" in opts.endpoints else None
+    if "text" in opts.endpoints and folder is None:
+        if opts.endpoints == ("text",):
+            raise TqcError("the text endpoint needs the model's tokenizer: give --tokenizer DIR (the export "
+                           "metadata names none)")
+        opts.endpoints = tuple(e for e in opts.endpoints if e != "text")
+    encoder = sentence_encoder(folder) if folder else {}
+    for endpoint in opts.endpoints:
+        model_name = name if endpoint == "raw" else f"{name}_text"
+        version = repo / model_name / "1"
+        version.mkdir(parents=True)
+        conf = dict(base, kind=endpoint)
+        if endpoint == "raw":
+            conf["max_length"] = min(opts.max_length or 512, facts.max_positions or 512)
+            conf["cuda_graph"] = False  # raw requests keep their exact shapes: no buckets for graphs to cover
+            inputs = [dict(p, dims=[-1]) for p in facts.inputs]
+            outputs = facts.outputs
+        else:
+            tok = save_tokenizer(folder, version / "tokenizer.json")
+            limit = opts.max_length or encoder.get("max_length") or tok["model_max_length"] or 512
+            limit = min(limit, facts.max_positions or limit)
+            output = facts.outputs[0]
+            pooling = opts.pooling or encoder.get("pooling") or "mean"
+            pooled = len(output["dims"]) == 2 and pooling != "none"
+            conf.update(tokenizer="tokenizer.json", pad_id=tok["pad_id"], max_length=int(limit),
+                        long_text=opts.long_text, max_text_bytes=opts.max_text_bytes, output=output["name"],
+                        pooling=pooling if pooled else "none",
+                        normalize=bool(encoder.get("normalize", False) if opts.normalize is None else opts.normalize),
+                        text_output="embeddings" if pooled else output["name"])
+            if opts.timings_dir:
+                conf["timings"] = str(Path(opts.timings_dir).resolve() / f"{model_name}.timings.json")
+            out_dims = output["dims"][-1:] if pooled else output["dims"]
+            inputs = [{"name": "TEXT", "data_type": "TYPE_UINT8", "dims": [-1]}]
+            outputs = [{"name": conf["text_output"], "data_type": "TYPE_FP32", "dims": out_dims},
+                       {"name": "token_count", "data_type": "TYPE_INT64", "dims": [1]}]
+            text_settings = {"tokenizer": str(folder), "max_length": int(limit), "pooling": conf["pooling"],
+                             "normalize": conf["normalize"], "long_text": opts.long_text}
+        (repo / model_name / "config.pbtxt").write_text(_config_pbtxt(model_name, inputs, outputs, opts, True))
+        (version / "serve.json").write_text(json.dumps(conf, indent=1))
+        shutil.copyfile(STUB_MODEL, version / "model.py")
+        models[model_name] = endpoint
+    return {"models": models, "text": text_settings, "facts": facts}
