@@ -1,0 +1,78 @@
+"""The rewrite vocabulary every pass uses: take over a tensor's name, add a node, clean up.
+
+A rewrite keeps the graph's boundary names (outputs, and the tensors later passes and ``tqc diff`` line up by
+name), so a fused node re-produces the tensor the old subgraph produced, under the same name::
+
+    before                          detach(y)                      produce(graph, "Gelu", ..., outputs=[y])
+      x ─► Erf-chain ─► y ─► ...      x ─► Erf-chain ─► y_tqc_detached     x ─► Gelu ─► y ─► ...
+                                       (y has no producer now)             (the old chain is dead code)
+
+    cleanup(graph)  removes what no output reaches (graph inputs are kept: the signature never changes)
+                    and sorts the nodes topologically.
+
+``replace_output(graph, old, op, ...)`` is ``detach`` + ``produce`` in one call. A pass never assigns
+``node.outputs`` or calls ``graph.cleanup`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import onnx_graphsurgeon as gs
+
+DETACHED_SUFFIX = "_tqc_detached"
+
+
+def detach(tensor: gs.Tensor) -> gs.Tensor:
+    """Make ``tensor`` producer-less, so a new node can produce it under the same name; returns it.
+
+    Its old producer writes a fresh, unnamed-elsewhere tensor instead (``<name>_tqc_detached``), which
+    ``cleanup`` removes once nothing reads it."""
+    producers = list(tensor.inputs)
+    for node in producers:
+        node.outputs = [t if t is not tensor else gs.Variable(f"{tensor.name}{DETACHED_SUFFIX}") for t in node.outputs]
+    return tensor
+
+
+def detach_outputs(node: gs.Node) -> list[gs.Tensor]:
+    """Detach every output of ``node``; returns them (in order) for the node that replaces it."""
+    outputs = list(node.outputs)
+    node.outputs = [gs.Variable(f"{t.name}{DETACHED_SUFFIX}") for t in outputs]
+    return outputs
+
+
+def produce(graph: gs.Graph, op: str, name: str, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Tensor],
+            attrs: dict[str, Any] | None = None, domain: str | None = None) -> gs.Node:
+    """Append a node; its outputs must be producer-less (fresh, or ``detach``-ed)."""
+    node = gs.Node(op, name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=list(outputs))
+    if domain:
+        node.domain = domain
+    graph.nodes.append(node)
+    return node
+
+
+def replace_output(graph: gs.Graph, tensor: gs.Tensor, op: str, name: str, inputs: Sequence[gs.Tensor],
+                   attrs: dict[str, Any] | None = None, domain: str | None = None) -> gs.Node:
+    """``tensor`` is now produced by a new ``op`` node on ``inputs`` (same name, same consumers)."""
+    return produce(graph, op, name, inputs, [detach(tensor)], attrs=attrs, domain=domain)
+
+
+def redirect(tensor: gs.Tensor, replacement: gs.Tensor) -> int:
+    """Every consumer of ``tensor`` reads ``replacement`` instead; returns how many inputs changed.
+
+    Graph outputs are not consumers: a graph output keeps its producer (use ``replace_output`` there)."""
+    count = 0
+    for consumer in list(tensor.outputs):
+        for index, current in enumerate(consumer.inputs):
+            if current is tensor:
+                consumer.inputs[index] = replacement
+                count += 1
+    return count
+
+
+def cleanup(graph: gs.Graph, toposort: bool = True) -> gs.Graph:
+    """Remove dead nodes and tensors (never graph inputs: the signature stays) and sort topologically."""
+    graph.cleanup(remove_unused_graph_inputs=False)
+    if toposort:
+        graph.toposort()
+    return graph
