@@ -1,8 +1,14 @@
-"""The pass interface: a small class with a CLI name, declared needs, options and ``run(graph, ctx)``.
+"""The pass interface (as onnx-ir's ``PassBase``): a CLI name, typed options, ``requires`` / ``ensures``
+conditions and ``run(graph, ctx)``.
 
-A pass rewrites an onnx-graphsurgeon graph in place and returns a ``PassResult`` whose ``stats`` land in
-the compile report (``{"attention": 12, "attention_blocks": 12}``). The pass manager verifies the graph
-after every pass, numerically with the pass's own ``tolerance``.
+    check requires (context ones before any pass runs, graph ones right before this pass)
+      -> run(graph, ctx): rewrites the onnx-graphsurgeon graph in place -> PassResult(modified, stats)
+      -> check ensures (a pass that breaks its own promise fails like a failed verification)
+      -> the manager verifies the graph, numerically with the pass's ``tolerance`` (or ``PassResult.tolerance``)
+
+``PassContext`` is what passes may read: the target, the calibration data and table (an analysis computed on
+the graph before the first pass that asks for it), the verification inputs, the TensorRT profiles, and where
+notes for the report go. It is typed; a pass keeps its own working state to itself.
 """
 
 from __future__ import annotations
@@ -10,13 +16,16 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import onnx_graphsurgeon as gs
 
-from tqc.compiler.core.errors import TqcError, did_you_mean
+from tqc.compiler.analysis.calibration import CalibrationTable
+from tqc.compiler.core.errors import TqcError, VerificationError, did_you_mean
+from tqc.compiler.core.profiles import Profile
+from tqc.compiler.runtime.feeds import Feed
 
-TARGETS = ("trt", "ort-cpu", "ort-cuda", "openvino")
+Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -117,29 +126,114 @@ class Tolerance:
 class PassResult:
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    tolerance: Tolerance | None = None  # this run's tolerance when it differs from the pass's (fp16 after qdq)
+
+
+CALIBRATION_BATCHES = 4  # batches of the calibration data that measurement steps (qdq's budget) read
 
 
 @dataclass
 class PassContext:
-    """What passes may consult: the target, shared analyses (calibration table), and notes for the report."""
+    """What passes may consult. Every field is typed; there is no free-form dictionary.
+
+    ``calibration_source`` is the pipeline's calibration data (re-iterable batches: a ``FeedSource`` or a list);
+    ``calibration`` is a table given by the user (``--calib-table``) or measured from that data by
+    ``calibration_table`` on the graph as it stands before the first pass that asks.
+    """
 
     target: str = "trt"
-    calibration: Any = None
-    verification_feeds: list[dict[str, Any]] | None = None
+    calibration: CalibrationTable | None = None
+    calibration_source: Iterable[Feed] | None = None
+    verification_feeds: list[Feed] | None = None
+    shapes: dict[str, Profile] = field(default_factory=dict)  # --shapes: TensorRT profiles by input name
     explain: set[str] = field(default_factory=set)
     messages: list[str] = field(default_factory=list)
-    analyses: dict[str, Any] = field(default_factory=dict)
+    progress: Progress = field(default=lambda message: None, repr=False)
 
     def note(self, message: str) -> None:
         self.messages.append(message)
 
+    def has_calibration(self) -> bool:
+        return self.calibration is not None or self.calibration_source is not None
+
+    def calibration_table(self, graph: gs.Graph, histograms: bool = True) -> CalibrationTable:
+        """The calibration table: the one given, else measured now on ``graph`` (run as it is: no export, no
+        copy of its weights) over the calibration data. ``histograms=False`` reads the data once ('max' ranges
+        and per-channel ranges only)."""
+        if self.calibration is None:
+            if self.calibration_source is None:
+                raise TqcError("calibration data is needed: give --calib DATA or --calib-table TABLE")
+            from tqc.compiler.analysis.calibration import calibrate, calibration_targets
+            from tqc.compiler.io.graph import skeleton_of_graph
+
+            targets = calibration_targets(skeleton_of_graph(graph))
+            self.calibration = calibrate(graph, self.calibration_source, targets, progress=self.progress,
+                                         histograms=histograms)
+        return self.calibration
+
+    def calibration_batches(self, count: int = CALIBRATION_BATCHES, rows: int | None = None) -> list[Feed]:
+        """The first ``count`` batches of the calibration data (at most ``rows`` rows each); [] without data."""
+        if self.calibration_source is None:
+            return []
+        batches = [feed for _, feed in zip(range(count), self.calibration_source)]
+        if rows is not None:
+            batches = [{name: value[:rows] for name, value in feed.items()} for feed in batches]
+        return batches
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A ``requires`` or ``ensures`` entry: what must hold, and a check returning None or why it does not.
+
+    ``on="context"`` conditions are checked for every pass before the first one runs (what the pipeline must be
+    given); ``on="graph"`` ones right before (requires) or after (ensures) the pass."""
+
+    text: str
+    check: Callable[[gs.Graph | None, PassContext], str | None]
+    on: str = "graph"
+
+
+class PreconditionError(TqcError):
+    """A pass's ``requires`` does not hold: the pipeline or its inputs are wrong (exit 2)."""
+
+
+class PostconditionError(VerificationError):
+    """A pass broke its own ``ensures``: the pass is wrong (exit 1, like a failed verification)."""
+
+
+def check_conditions(conditions: Iterable[Condition], graph: gs.Graph | None, ctx: PassContext, pass_name: str,
+                     kind: str, on: str) -> None:
+    """Raise on the first condition of ``on`` kind that does not hold."""
+    for condition in conditions:
+        if condition.on != on:
+            continue
+        reason = condition.check(graph, ctx)
+        if reason is not None:
+            if kind == "requires":
+                raise PreconditionError(f"pass '{pass_name}' requires {condition.text}: {reason}")
+            raise PostconditionError(f"pass '{pass_name}' did not ensure {condition.text}: {reason}")
+
+
+def no_contrib_ops(graph: gs.Graph | None, ctx: PassContext) -> str | None:
+    """For standard-ONNX targets (trt, openvino): no com.microsoft node."""
+    from tqc.compiler.core.target import uses_contrib_ops
+
+    if graph is None or uses_contrib_ops(ctx.target):
+        return None
+    found = next((n for n in graph.nodes if n.domain == "com.microsoft"), None)
+    return None if found is None else f"'{found.name}' ({found.op}) is a com.microsoft op, which {ctx.target} cannot run"
+
+
+NO_CONTRIB_OPS = Condition("no com.microsoft ops for standard-ONNX targets (trt, openvino)", no_contrib_ops)
+
 
 class Pass:
-    """Base class. Subclasses set ``name``, ``options``, ``needs`` and implement ``run``."""
+    """Base class. Subclasses set ``name``, ``options``, ``requires``/``ensures`` and implement ``run``."""
 
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, Option]] = {}
-    needs: ClassVar[tuple[str, ...]] = ()  # e.g. ("calibration",)
+    requires: ClassVar[tuple[Condition, ...]] = ()
+    ensures: ClassVar[tuple[Condition, ...]] = ()
     tolerance: ClassVar[Tolerance] = Tolerance()
 
     def __init__(self, **values: Any):
@@ -166,9 +260,6 @@ class Pass:
         def fmt(v: Any) -> str:
             return "|".join(map(str, v)) if isinstance(v, list) else str(v)
         return self.name + "{" + ",".join(f"{k}={fmt(v)}" for k, v in sorted(changed.items())) + "}"
-
-    def tolerance_for(self, ctx: PassContext) -> Tolerance:
-        return self.tolerance
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError(f"pass {self.name} does not implement run()")

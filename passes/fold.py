@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.base import Pass, PassContext, PassResult, Tolerance
+from tqc.passes.base import Condition, Pass, PassContext, PassResult, Tolerance
 from tqc.passes.registry import register
 
 SMALL_CONSTANT_ELEMENTS = 64
@@ -28,6 +28,9 @@ class Fold(Pass):
     """Constant folding, Identity and dead-node removal, shape simplification, duplicate merging."""
 
     name = "fold"
+    ensures = (Condition("no Identity node except one that produces a graph output", lambda graph, ctx: next(
+        (f"Identity '{n.name}' is left" for n in graph.nodes if n.op == "Identity" and
+         not any(t in graph.outputs for t in n.outputs)), None)),)
     tolerance = Tolerance(atol=1e-5, rtol=1e-5)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

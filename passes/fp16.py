@@ -35,7 +35,7 @@ from tqc.compiler.runtime.activations import max_abs_per_tensor
 from tqc.compiler.runtime.feeds import synthesize_feeds
 from tqc.compiler.io.structure import infer_shapes
 from tqc.compiler.io.graph import skeleton_of_graph, to_graph, to_model, update_tensor_types
-from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool, parse_list
+from tqc.passes.base import Condition, Option, Pass, PassContext, PassResult, Tolerance, parse_bool, parse_list
 from tqc.passes.registry import register
 
 FP16_MAX = 65504.0
@@ -145,6 +145,10 @@ class Fp16(Pass):
     """Convert to FP16 (FP32 inputs/outputs), keeping overflowing nodes in FP32."""
 
     name = "fp16"
+    ensures = (Condition(f"opset >= {QDQ_FP16_OPSET} where a Q/DQ takes a float16 scale", lambda graph, ctx: next(
+        (f"'{n.name}' has a float16 scale at opset {graph.opset}" for n in graph.nodes
+         if n.op in ("QuantizeLinear", "DequantizeLinear") and len(n.inputs) > 1 and
+         getattr(n.inputs[1], "dtype", None) == np.float16 and int(graph.opset) < QDQ_FP16_OPSET), None)),)
     options = {
         "guard": Option(parse_bool, True, "keep nodes whose activations exceed the FP16 range in FP32"),
         "margin": Option(float, 0.5, "fraction of 65504 above which a node is kept in FP32",
@@ -154,12 +158,9 @@ class Fp16(Pass):
     # FP16 is not exact: 10 mantissa bits. Outputs of a LayerNorm-ended encoder stay within these bounds.
     tolerance = Tolerance(atol=0.05, rtol=0.05)
 
-    def tolerance_for(self, ctx: PassContext) -> Tolerance:
-        """On an INT8 graph, an FP16-rounded input can land on the neighbouring INT8 level: elementwise bounds
-        no longer describe the change, the output cosine does (as for ``qdq``)."""
-        if ctx.analyses.get("fp16_after_qdq"):
-            return Tolerance(atol=math.inf, rtol=math.inf, min_cosine=0.99)
-        return self.tolerance
+    # On an INT8 graph, an FP16-rounded input can land on the neighbouring INT8 level: elementwise bounds no
+    # longer describe the change, the output cosine does (as for ``qdq``).
+    tolerance_after_qdq = Tolerance(atol=math.inf, rtol=math.inf, min_cosine=0.99)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -167,9 +168,9 @@ class Fp16(Pass):
         for index, node in enumerate(graph.nodes):
             if not node.name:
                 node.name = f"tqc_node_{index}"
-        if any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes):
+        after_qdq = any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes)
+        if after_qdq:
             # qdq,fp16: the Q/DQ scales become float16 with the tensors they quantize
-            ctx.analyses["fp16_after_qdq"] = True
             if raise_opset(graph):
                 ctx.note(f"fp16: opset raised to {QDQ_FP16_OPSET} for float16 Q/DQ scales")
         blocked_nodes: list[str] = []
@@ -210,7 +211,8 @@ class Fp16(Pass):
                     if blocked_nodes else "") + f"; peak |activation| {peak:.4g}")
         return PassResult(True, {"fp32_nodes_guarded": len(blocked_nodes),
                                  "casts_added": sum(1 for n in graph.nodes if n.op == "Cast") - casts_before,
-                                 "peak_activation": round(peak, 3)})
+                                 "peak_activation": round(peak, 3)},
+                          tolerance=self.tolerance_after_qdq if after_qdq else None)
 
     @staticmethod
     def _convert_weights(graph: gs.Graph, converted, copies: dict[str, str]) -> dict[str, np.ndarray]:

@@ -28,8 +28,9 @@ from tqc import __version__
 from tqc.compiler.cli.ranges import COUNT, NON_NEGATIVE, OPSET, SEED, check_opset, finite_float
 from tqc.compiler.core.errors import (CHECK_FAILED_EXIT_CODE, INTERNAL_ERROR_EXIT_CODE, OK_EXIT_CODE, SIGINT_EXIT_CODE,
                                  USER_ERROR_EXIT_CODE, TqcError, VerificationError)
+from tqc.compiler.core.target import TARGETS
 
-TARGET_CHOICES = ("trt", "ort-cpu", "ort-cuda", "openvino")
+TARGET_CHOICES = TARGETS  # the targets are named in tqc.compiler.core.target
 
 
 class Ui:
@@ -474,8 +475,11 @@ def passes_cmd() -> None:
     from tqc.passes.registry import available
 
     for name, cls in available().items():
-        needs = f"  (needs: {', '.join(cls.needs)})" if cls.needs else ""
-        click.echo(f"{name:<10} {cls.summary()}{needs}")
+        click.echo(f"{name:<10} {cls.summary()}")
+        for condition in cls.requires:
+            click.echo(f"    requires: {condition.text}")
+        for condition in cls.ensures:
+            click.echo(f"    ensures:  {condition.text}")
         for key, opt in cls.options.items():
             choices = f" [{'|'.join(map(str, opt.choices))}]" if opt.choices else ""
             choices += f" in {opt.range_text()}" if opt.range_text() else ""

@@ -1,4 +1,13 @@
-"""Facts about the deployment targets that several modules act on, kept in one place.
+"""Every fact about a deployment target, and about how an encoder's inputs are recognised, in one place.
+
+    TARGETS                 trt | ort-cpu | ort-cuda | openvino (the CLI's --target choices, the passes' targets)
+    fusion_target(t)        whose fusion forms apply: openvino fuses as trt does (standard ONNX ops)
+    uses_contrib_ops(t)     ONNX Runtime targets read com.microsoft ops; trt and openvino do not
+    TRT_INT8_MHA_*          TensorRT 10's fused INT8 attention limits (qdq's placement, ``tqc check``)
+    attention_heads(dims)   (heads, head size) of the canonical attention layout's Reshape target
+    input_role_by_name(n)   the name-based guess of an input's role (mask, token types, positions, ids), for
+                            drawing inputs where the graph gives no evidence (``runtime.feeds.input_roles``
+                            reads the evidence first)
 
 TensorRT 10's fused INT8 multi-head attention runs only for head sizes 16/32/64 and sequences up to 512: ``qdq``
 places INT8 attention by these limits and ``tqc check`` reports by them. The sequence a model will see comes
@@ -9,6 +18,48 @@ position table allows (``position_table_rows``).
 from __future__ import annotations
 
 from typing import Callable, Iterable
+
+TARGETS = ("trt", "ort-cpu", "ort-cuda", "openvino")
+ORT_TARGETS = ("ort-cpu", "ort-cuda")
+# Targets whose graphs are standard ONNX (no com.microsoft ops): fusion writes the ``trt`` form for them.
+STANDARD_ONNX_FUSION = {"trt": "trt", "openvino": "trt"}
+
+
+def fusion_target(target: str) -> str:
+    """The target whose fusion rules apply: ``openvino`` fuses as ``trt`` does (standard ONNX ops)."""
+    return STANDARD_ONNX_FUSION.get(target, target)
+
+
+def uses_contrib_ops(target: str) -> bool:
+    """ONNX Runtime targets run com.microsoft contrib ops (Attention, SkipLayerNormalization, QAttention...)."""
+    return target in ORT_TARGETS
+
+
+INPUT_ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def input_role_by_name(name: str) -> str:
+    """The role an input's name suggests: ``*mask*`` -> attention_mask, ``*type*``/``*segment*`` ->
+    token_type_ids, ``*position*`` -> position_ids, else input_ids. A guess for drawing inputs; user data is
+    mapped by the graph's evidence (``tqc.compiler.runtime.feeds.input_roles``) or ``--input-map``."""
+    low = name.lower()
+    if "mask" in low:
+        return "attention_mask"
+    if "type" in low or "segment" in low:
+        return "token_type_ids"
+    if "position" in low:
+        return "position_ids"
+    return "input_ids"
+
+
+def attention_heads(reshape_target) -> tuple[int, int] | None:
+    """(heads, head size) from the Reshape target ``[0, 0, H, D]`` that splits the hidden axis into heads in
+    the canonical attention layout; None for any other shape."""
+    values = list(reshape_target) if reshape_target is not None else []
+    if len(values) == 4 and values[2] > 0 and values[3] > 0:
+        return int(values[2]), int(values[3])
+    return None
+
 
 TRT_INT8_MHA_HEAD_SIZES = (16, 32, 64)
 TRT_INT8_MHA_MAX_SEQUENCE = 512

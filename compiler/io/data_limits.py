@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from tqc.compiler.core.errors import TqcError
+from tqc.compiler.core.target import input_role_by_name
 
 _EMBED_LAYERNORM = "EmbedLayerNormalization"
 
@@ -175,8 +176,7 @@ def check_feed(feed: dict[str, np.ndarray], model: onnx.ModelProto, where: str) 
 
 
 def _tokenizer_hint(name: str) -> str:
-    low = name.lower()
-    if "type" in low or "segment" in low:
+    if input_role_by_name(name) == "token_type_ids":
         return ""
     return ": was the data tokenized with another model's tokenizer?"
 

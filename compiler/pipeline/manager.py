@@ -37,7 +37,7 @@ from tqc.compiler.io.lean import LeanModel
 from tqc.compiler.io.model import save_model, write_text_atomic
 from tqc.compiler.io.output_guard import reproducer_dir, write_with
 from tqc.compiler.io.structure import infer_shapes, model_header, signature, verify_structure
-from tqc.passes.base import Pass, PassContext
+from tqc.passes.base import Pass, PassContext, Tolerance, check_conditions
 
 VERIFY_LEVELS = ("none", "structure", "numeric")
 
@@ -66,34 +66,18 @@ class PassManager:
             raise TqcError(f"--verify must be one of {', '.join(VERIFY_LEVELS)}")
         self.passes = passes
         self.ctx = ctx or PassContext()
+        if progress is not None:
+            self.ctx.progress = progress
         self.verify = verify
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.progress = progress or (lambda message: None)
         self.records: list[StageRecord] = []
         self.runtime = runtime  # numeric verification runs on ORT CPU (optimizations off) or OpenVINO CPU (FP32)
 
-    def _check_needs(self) -> None:
+    def _check_context(self) -> None:
+        """Every pass's context conditions (what the pipeline must be given), before any pass runs."""
         for p in self.passes:
-            for need in p.needs:
-                if need == "calibration" and self.ctx.calibration is None and \
-                        self.ctx.analyses.get("calibration_source") is None:
-                    raise TqcError(f"pass '{p.name}' needs calibration data: give --calib DATA or --calib-table TABLE")
-
-    def _calibrate_for(self, p: Pass, graph) -> None:
-        """Calibrate on the graph as it stands before the first pass that needs it.
-
-        The graph runs as it is (``GraphSession``): no export, no copy of its weights."""
-        if "calibration" not in p.needs or self.ctx.calibration is not None:
-            return
-        from tqc.compiler.analysis.calibration import calibrate, calibration_targets
-
-        source = self.ctx.analyses["calibration_source"]
-        # Histograms only when the pass's range method needs them: 'max' reads the data once.
-        histograms = getattr(p, "values", {}).get("method", "max") != "max"
-        targets = calibration_targets(skeleton_of_graph(graph))
-        self.ctx.calibration = calibrate(graph, source, targets, progress=self.progress, histograms=histograms)
-        self.ctx.analyses["calibration_seconds"] = round(self.ctx.calibration.seconds, 3)
-        self.ctx.analyses["calibration_feeds"] = [feed for _, feed in zip(range(4), source)]
+            check_conditions(p.requires, None, self.ctx, p.name, "requires", on="context")
 
     def run(self, model: onnx.ModelProto | LeanModel) -> onnx.ModelProto:
         """Run the pipeline on ``model``. A ``LeanModel``'s weights move into the manager's graph."""
@@ -112,7 +96,7 @@ class PassManager:
         return lean
 
     def _run_graph(self, model: onnx.ModelProto | LeanModel) -> tuple:
-        self._check_needs()
+        self._check_context()
         lean = model if isinstance(model, LeanModel) else None
         if lean is not None:
             model = lean.skeleton
@@ -139,7 +123,10 @@ class PassManager:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             self._dump_model(current, 0, "input")
         if self.verify == "numeric":
-            feeds = self.ctx.verification_feeds or self._calibration_feeds()
+            # The first batches of the pipeline's calibration data when it has any: a quantized stage is then
+            # judged on inputs like those it will see, not on random token ids (a tiny classifier's logits can
+            # lose 0.02 cosine on random ids and none on real text).
+            feeds = self.ctx.verification_feeds or self.ctx.calibration_batches(count=2, rows=4) or None
             given = feeds is not None
             feeds = feeds or verification_feeds(signed)
             self.progress("verify: reference run on " + ("OpenVINO CPU (FP32)" if self.runtime == "openvino" else
@@ -151,10 +138,11 @@ class PassManager:
         for index, p in enumerate(self.passes, start=1):
             stage = f"{index:02d}_{p.name}"
             self.progress(f"[{index}/{len(self.passes)}] {p.spec()}")
-            self._calibrate_for(p, graph)
+            check_conditions(p.requires, graph, self.ctx, p.name, "requires", on="graph")
             start = time.perf_counter()
             result = p.run(graph, self.ctx)
             seconds = time.perf_counter() - start
+            check_conditions(p.ensures, graph, self.ctx, p.name, "ensures", on="graph")
             record = StageRecord(index, p.name, p.spec(), result.modified, seconds, dict(result.stats))
             self.records.append(record)
             vstart = time.perf_counter()
@@ -170,8 +158,8 @@ class PassManager:
                 self._dump_model(candidate, index, p.name)
             if self.verify == "numeric":
                 self.progress(f"      verify numeric ({len(feeds)} batches)")
-                previous_results = self._verify_numeric(p, current, candidate, feeds, previous_results, index, record,
-                                                        graph)
+                previous_results = self._verify_numeric(p, result.tolerance or p.tolerance, current, candidate, feeds,
+                                                        previous_results, index, record, graph)
             if self.verify != "none":
                 record.verify["seconds"] = round(time.perf_counter() - vstart, 4)
             if self.dump_dir:
@@ -180,16 +168,6 @@ class PassManager:
             if candidate is not None:
                 current = candidate
         return graph, like
-
-    def _calibration_feeds(self, count: int = 2, rows: int = 4) -> list | None:
-        """The first batches of the pipeline's calibration data (at most ``rows`` rows each), when it has any:
-        a quantized stage is then judged on inputs like those it will see, not on random token ids (a tiny
-        classifier's logits can lose 0.02 cosine on random ids and none on real text)."""
-        source = self.ctx.analyses.get("calibration_source")
-        if source is None:
-            return None
-        feeds = [{name: value[:rows] for name, value in feed.items()} for _, feed in zip(range(count), source)]
-        return feeds or None
 
     def _reference_run(self, graph, like, model: onnx.ModelProto | None, feeds, given: bool):
         """The input graph's outputs on the verification inputs. A graph that cannot run at every drawn shape
@@ -228,9 +206,8 @@ class PassManager:
                       for feed in feeds]
         return RunResults([(name, iterations)])
 
-    def _verify_numeric(self, p: Pass, before: onnx.ModelProto | None, after: onnx.ModelProto | None, feeds,
-                        previous_results, index: int, record: StageRecord, graph=None):
-        tol = p.tolerance_for(self.ctx)
+    def _verify_numeric(self, p: Pass, tol: Tolerance, before: onnx.ModelProto | None, after: onnx.ModelProto | None,
+                        feeds, previous_results, index: int, record: StageRecord, graph=None):
         stage = f"{index:02d}_{p.name}"
         try:
             results = self._run_stage(graph, self._like, after, feeds, stage)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from tqc.compiler.core.errors import TqcError
+from tqc.compiler.core.target import input_role_by_name
 from tqc.compiler.runtime.feeds import Feed
 
 ORT_LEVEL_FLAG = "--graph-optimization-level ORT_DISABLE_ALL"
@@ -167,7 +168,8 @@ def padding_masks(feeds) -> list[np.ndarray] | None:
     """The attention mask of each feed, when the model takes one (padding positions carry no meaning)."""
     masks = []
     for feed in feeds:
-        mask = next((np.asarray(v) for k, v in feed.items() if "mask" in k.lower() and np.ndim(v) == 2), None)
+        mask = next((np.asarray(v) for k, v in feed.items() if input_role_by_name(k) == "attention_mask"
+                     and np.ndim(v) == 2), None)
         if mask is None:
             return None
         masks.append(mask)

@@ -27,9 +27,10 @@ import onnx
 from onnx import helper
 
 from tqc.compiler.core.errors import TqcError
+from tqc.compiler.core.target import INPUT_ROLES, input_role_by_name
 
 Feed = dict[str, np.ndarray]
-ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+ROLES = INPUT_ROLES
 TOKEN_TYPE_MAX_ROWS = 16  # token-type tables hold a handful of rows (BERT 2, RoBERTa 1); positions hundreds
 _TRANSPARENT = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity"}
 _EMBED_LAYERNORM_ROLES = {0: "input_ids", 1: "token_type_ids", 7: "attention_mask", 8: "position_ids"}
@@ -169,17 +170,6 @@ def _resolve(dims: tuple, batch: int, seq: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _role_by_name(name: str) -> str:
-    """For a graph that gives no evidence (no embedding table found): the old name-based guess, used only to
-    draw verification inputs, never to feed user data."""
-    name = name.lower()
-    if "mask" in name:
-        return "attention_mask"
-    if "type" in name or "segment" in name:
-        return "token_type_ids"
-    if "position" in name:
-        return "position_ids"
-    return "input_ids"
 
 
 def synthesize_feeds(model: onnx.ModelProto, count: int = 2, batch: int = 2, seq: int = 16,
@@ -192,7 +182,7 @@ def synthesize_feeds(model: onnx.ModelProto, count: int = 2, batch: int = 2, seq
         feed: Feed = {}
         for spec in specs:
             shape = _resolve(spec.shape, batch, seq)
-            role = roles.get(spec.name) or _role_by_name(spec.name)
+            role = roles.get(spec.name) or input_role_by_name(spec.name)
             if np.issubdtype(spec.dtype, np.integer):
                 if role == "attention_mask":
                     value = np.ones(shape, dtype=spec.dtype)

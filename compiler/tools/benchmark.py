@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from tqc.compiler.core.errors import TqcError
+from tqc.compiler.core.target import input_role_by_name
 
 PROVIDERS = ("cpu", "cuda", "trt", "openvino")
 
@@ -95,12 +96,12 @@ def token_inputs(names: list[str], batch: int, seq: int, vocab: int = 30000, len
     ids = ids * mask
     feed = {}
     for name in names:
-        low = name.lower()
-        if "mask" in low:
+        role = input_role_by_name(name)
+        if role == "attention_mask":
             feed[name] = mask
-        elif "type" in low or "segment" in low:
+        elif role == "token_type_ids":
             feed[name] = np.zeros((batch, seq), np.int64)
-        elif "position" in low:
+        elif role == "position_ids":
             feed[name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
         else:
             feed[name] = ids

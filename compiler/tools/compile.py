@@ -15,7 +15,8 @@ from tqc.compiler.core.errors import TqcError
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.io.model import check_input_path, load_model_lean, model_hash_async, save_model, write_text_atomic
 from tqc.compiler.pipeline.spec import parse_pipeline
-from tqc.passes.base import TARGETS, PassContext
+from tqc.compiler.core.target import TARGETS
+from tqc.passes.base import PassContext
 
 
 @dataclass
@@ -119,17 +120,17 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
 
     for name in opts.explain:
         get_pass(name)  # unknown names get the did-you-mean error
-    ctx = PassContext(target=opts.target, explain=set(opts.explain))
+    ctx = PassContext(target=opts.target, explain=set(opts.explain), progress=progress)
     if opts.shapes:  # the profiles' max sequence also decides qdq's INT8 attention placement
         from tqc.compiler.core.profiles import parse_shapes
 
-        ctx.analyses["shapes"] = parse_shapes(opts.shapes)
+        ctx.shapes = parse_shapes(opts.shapes)
     if opts.calib and opts.calib_table:
         raise TqcError("give either --calib or --calib-table, not both")
     if opts.calib:
         from tqc.compiler.analysis.calib_data import DataSpec, FeedSource
 
-        ctx.analyses["calibration_source"] = FeedSource(
+        ctx.calibration_source = FeedSource(
             DataSpec(opts.calib, tokenizer=opts.tokenizer, samples=opts.calib_samples, batch_size=opts.batch_size,
                      max_length=opts.max_length, input_map=input_map), model)
     elif opts.calib_table:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.io.graph import ensure_domain
-from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool
+from tqc.passes.base import NO_CONTRIB_OPS, Option, Pass, PassContext, PassResult, Tolerance, parse_bool
 from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
 from tqc.passes.fuse.elementwise import fuse_gelu, fuse_layernorm, fuse_skip_layernorm
 from tqc.passes.fuse.embedding import fuse_embed_layernorm
@@ -52,6 +52,7 @@ class Fuse(Pass):
     """Fuse attention blocks, GELU and residual LayerNorms into the ops the target runs fastest."""
 
     name = "fuse"
+    ensures = (NO_CONTRIB_OPS,)  # trt and openvino get standard ONNX ops only
     options = {
         "attention": Option(parse_bool, True, "fuse attention blocks"),
         "canonicalize": Option(parse_bool, True, "fold constants and Identity aliases first (what fold does), so "

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -41,7 +41,8 @@ import onnx_graphsurgeon as gs
 from tqc.compiler.core.errors import TqcError
 from tqc.compiler.core.target import (TRT_INT8_MHA_HEAD_SIZES, TRT_INT8_MHA_MAX_SEQUENCE, position_table_rows,
                                        sequence_bound)
-from tqc.passes.base import Option, Pass, PassContext, PassResult, Tolerance, parse_bool, parse_list
+from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContext, PassResult, Tolerance, parse_bool,
+                             parse_list)
 from tqc.passes.fp16 import QDQ_FP16_OPSET, raise_opset
 from tqc.passes.fuse.attention import MaskCache, expand_ort_attention
 from tqc.passes.fuse.match import constant_values, producer
@@ -72,8 +73,8 @@ def _is_dq(t: gs.Tensor) -> bool:
 
 def graph_sequence_bound(graph: gs.Graph, ctx: PassContext) -> tuple[int | None, str]:
     """The longest sequence the model will see: --shapes, else calibration lengths and the position table."""
-    profiles = ctx.analyses.get("shapes") or {}
-    feeds = list(ctx.analyses.get("calibration_feeds") or []) + list(ctx.verification_feeds or [])
+    profiles = ctx.shapes
+    feeds = ctx.calibration_batches() + list(ctx.verification_feeds or [])
     lengths = [int(v.shape[1]) for feed in feeds for v in feed.values() if getattr(v, "ndim", 0) >= 2]
     made = {out.name: node for node in graph.nodes for out in node.outputs}
     gathers = []
@@ -173,6 +174,18 @@ def _quantize_weight(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndar
     np.round(scaled, out=scaled)
     np.clip(scaled, -127, 127, out=scaled)
     return scaled.astype(np.int8), scale
+
+
+@dataclass
+class QdqState:
+    """qdq's working state for one run (the budget step applies the placement several times)."""
+
+    skip: list[str] = field(default_factory=list)                # sites the budget keeps in float
+    smoothed_ranges: dict = field(default_factory=dict)          # (site, s) -> measured range of x / s
+    attention_expanded: int = 0
+    qattention: int = 0
+    full_cosine: float | None = None                             # budget: output cosine with every site quantized
+    sensitivity: dict[str, float] = field(default_factory=dict)  # budget: cosine each site costs, worst first
 
 
 class Quantizer:
@@ -481,7 +494,13 @@ class Qdq(Pass):
     """Insert Q/DQ from a calibration table (INT8), placed per target, with optional accuracy budget."""
 
     name = "qdq"
-    needs = ("calibration",)
+    requires = (Condition("calibration data", lambda graph, ctx: None if ctx.has_calibration() else
+                          "give --calib DATA or --calib-table TABLE", on="context"),)
+    ensures = (NO_CONTRIB_OPS,
+               Condition("a DequantizeLinear after every QuantizeLinear", lambda graph, ctx: next(
+                   (f"'{n.name}' feeds no DequantizeLinear" for n in graph.nodes if n.op == "QuantizeLinear" and
+                    n.outputs and not any(c.op in ("DequantizeLinear", "QAttention") for c in n.outputs[0].outputs)),
+                   None)))
     options = {
         "method": Option(str, "max", "activation range: max, percentile, entropy, mse",
                          choices=("max", "percentile", "entropy", "mse")),
@@ -513,9 +532,9 @@ class Qdq(Pass):
     tolerance = Tolerance(atol=math.inf, rtol=math.inf, min_cosine=0.98)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        table = ctx.calibration
-        if table is None:
-            raise TqcError("qdq needs calibration data: give --calib DATA or --calib-table TABLE")
+        # Histograms only when the range method needs them: 'max' reads the data once.
+        ctx.calibration_table(graph, histograms=self.values["method"] != "max")
+        self.state = QdqState()
         notes: list[str] = []
         stats_extra = {}
         if self.values["budget"] > 0:
@@ -524,11 +543,11 @@ class Qdq(Pass):
                 from tqc.passes.qdq.budget import enforce_budget
 
                 kept = enforce_budget(self, graph, ctx, sites)
-                stats_extra = {"kept_float_by_budget": len(kept)}
+                stats_extra = {"kept_float_by_budget": len(kept), "budget_full_cosine": round(self.state.full_cosine, 6)}
                 if kept:
                     ctx.note("qdq: kept in float by the accuracy budget: " + ", ".join(kept))
             notes.clear()  # apply() places again and says the same
-        stats = self.apply(graph, ctx, notes, skip=set(ctx.analyses.get("qdq_skip", ())))
+        stats = self.apply(graph, ctx, notes, skip=set(self.state.skip))
         stats.update(stats_extra)
         for note in notes:
             ctx.note(note)
@@ -548,7 +567,7 @@ class Qdq(Pass):
             for node in [n for n in graph.nodes if n.op == "Attention" and n.domain == "com.microsoft"]:
                 if node.name not in skip and node.name not in excluded and \
                         quantizer.qattention(node, self.values["smooth"]):
-                    ctx.analyses["qattention"] = ctx.analyses.get("qattention", 0) + 1
+                    self.state.qattention += 1
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         if ctx.target not in ("trt", "openvino") and \
                 any(n.op == "Attention" and n.domain == "com.microsoft" for n in graph.nodes):
@@ -563,7 +582,7 @@ class Qdq(Pass):
                     notes.append(f"qdq: '{node.name}' excluded by pattern: its QKV projection stays float")
                     float_prefixes.append(f"tqc_xattn{index}_")
                 expand_ort_attention(graph, node, index, masks)
-                ctx.analyses["attention_expanded"] = ctx.analyses.get("attention_expanded", 0) + 1
+                self.state.attention_expanded += 1
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         bound = graph_sequence_bound(graph, ctx) if ctx.target == "trt" and self.values["attention"] else (None, "")
         sites = _matmul_sites(graph, self.values["op_types"], ctx.target, self.values["attention"], notes, bound)
@@ -591,8 +610,8 @@ class Qdq(Pass):
 
     def quantizer(self, graph: gs.Graph, ctx: PassContext) -> Quantizer:
         quantizer = Quantizer(graph, ctx.calibration, ctx.target, self.values["method"], self.values["percentile"])
-        quantizer.source = ctx.analyses.get("calibration_source")
-        quantizer.range_cache = ctx.analyses.setdefault("qdq_smoothed_ranges", {})
+        quantizer.source = ctx.calibration_source
+        quantizer.range_cache = self.state.smoothed_ranges
         return quantizer
 
     def uses_qattention(self, target: str) -> bool:
@@ -663,7 +682,7 @@ class Qdq(Pass):
             "q_nodes": sum(1 for n in graph.nodes if n.op == "QuantizeLinear"),
             "dq_nodes": sum(1 for n in graph.nodes if n.op == "DequantizeLinear"),
             "int8_matmul_flops": round(int8_flops / total_flops, 4) if total_flops else 0.0,
-            "attention_expanded": ctx.analyses.get("attention_expanded", 0),
+            "attention_expanded": self.state.attention_expanded,
             "qattention": sum(1 for n in graph.nodes if n.op == "QAttention"),
             "method": self.values["method"] + (f":{self.values['percentile']:g}" if self.values["method"] == "percentile" else ""),
         }

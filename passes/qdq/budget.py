@@ -55,7 +55,7 @@ def mean_output_cosine(ref_iters: list[dict], cand_iters: list[dict], feeds) -> 
 
 def enforce_budget(qpass, graph, ctx, sites) -> list[str]:
     budget = qpass.values["budget"]
-    feeds = (ctx.analyses.get("calibration_feeds") or ctx.verification_feeds or [])[:MAX_BATCHES]
+    feeds = (ctx.calibration_batches() or ctx.verification_feeds or [])[:MAX_BATCHES]
     if not feeds:
         from tqc.compiler.runtime.feeds import synthesize_feeds
 
@@ -71,15 +71,15 @@ def enforce_budget(qpass, graph, ctx, sites) -> list[str]:
         return mean_output_cosine(reference, run_graph(candidate_graph, feeds, runtime), feeds)
 
     full = cosine(set())
-    ctx.analyses["qdq_full_cosine"] = full
+    qpass.state.full_cosine = full
     if full >= budget:
         ctx.note(f"qdq: output cosine {full:.5f} with every MatMul quantized meets the budget {budget}")
-        ctx.analyses["qdq_skip"] = []
+        qpass.state.skip = []
         return []
     sensitivity = {}
     for name in names:
         sensitivity[name] = 1.0 - cosine(set(names) - {name})
-    ctx.analyses["qdq_sensitivity"] = dict(sorted(sensitivity.items(), key=lambda kv: -kv[1]))
+    qpass.state.sensitivity = dict(sorted(sensitivity.items(), key=lambda kv: -kv[1]))
     kept: list[str] = []
     achieved = full
     for name in sorted(names, key=lambda n: -sensitivity[n]):
@@ -89,5 +89,5 @@ def enforce_budget(qpass, graph, ctx, sites) -> list[str]:
             break
     ctx.note(f"qdq: output cosine {full:.5f} with every MatMul quantized; {achieved:.5f} with {len(kept)} kept "
              f"in float (budget {budget})")
-    ctx.analyses["qdq_skip"] = kept
+    qpass.state.skip = kept
     return kept

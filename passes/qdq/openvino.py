@@ -25,14 +25,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from tqc.compiler.core.target import fusion_target  # noqa: F401  (fuse reads it from here until it asks target)
+
 TARGET = "openvino"
-# Targets whose graphs are standard ONNX (no com.microsoft ops): fusion writes the ``trt`` form for them.
-STANDARD_ONNX_FUSION = {"trt": "trt", "openvino": "trt"}
-
-
-def fusion_target(target: str) -> str:
-    """The target whose fusion rules apply: ``openvino`` fuses as ``trt`` does (standard ONNX ops)."""
-    return STANDARD_ONNX_FUSION.get(target, target)
 
 
 def is_attention_matmul(node: gs.Node) -> bool:

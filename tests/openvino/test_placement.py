@@ -166,7 +166,8 @@ def test_budget_measures_on_openvino():
     manager = PassManager(parse_pipeline(f"qdq{{smooth=0,budget={budget},budget_runtime=openvino}}"), ctx,
                           verify="numeric", runtime="openvino")
     q = manager.run(model)
-    kept = ctx.analyses["qdq_skip"]
-    assert ctx.analyses["qdq_full_cosine"] < budget and 0 < len(kept) < 3  # some, not all, back to float
+    state = manager.passes[-1].state
+    kept = state.skip
+    assert state.full_cosine < budget and 0 < len(kept) < 3  # some, not all, back to float
     reference = run_graph(to_graph(model), feeds, "openvino")
     assert mean_output_cosine(reference, run_graph(to_graph(q), feeds, "openvino"), feeds) >= budget

@@ -29,7 +29,7 @@ def test_fp16_graph_with_int8_islands(target, order, exports):
     model = load_model(path)
     feeds = synthesize_feeds(model, count=2)
     ctx = PassContext(target=target, verification_feeds=feeds)
-    ctx.analyses["calibration_source"] = feeds
+    ctx.calibration_source = feeds
     manager = PassManager(parse_pipeline(f"fold,fuse,{order}"), ctx, verify="numeric")
     q = manager.run(model)  # before: shape inference stopped on a float16 scale (both orders)
     onnx.checker.check_model(q, full_check=True)

@@ -112,7 +112,7 @@ def test_real_export_placement_counts(target, spec, exports):
     model = load_model(path)
     feeds = synthesize_feeds(model, count=2)
     ctx = PassContext(target=target, calibration=None, verification_feeds=feeds)
-    ctx.analyses["calibration_source"] = feeds
+    ctx.calibration_source = feeds
     manager = PassManager(parse_pipeline("fold,fuse," + spec), ctx, verify="numeric")
     q = manager.run(model)
     stats = manager.records[-1].stats
@@ -145,7 +145,7 @@ def test_attention_with_unsupported_head_size_stays_float(tmp_path):
     model = load_model(tmp_path / "h8.onnx")
     feeds = synthesize_feeds(model, count=1)
     ctx = PassContext(target="trt", verification_feeds=feeds)
-    ctx.analyses["calibration_source"] = feeds
+    ctx.calibration_source = feeds
     manager = PassManager(parse_pipeline("fold,fuse,qdq"), ctx)
     manager.run(model)
     assert manager.records[-1].stats["attention_bmm"] == 0
@@ -156,18 +156,18 @@ def test_budget_keeps_harmful_matmuls_in_float(exports):
     model = load_model(exports.get("bert", size="tiny"))
     feeds = synthesize_feeds(model, count=2)
     ctx = PassContext(target="ort-cpu", verification_feeds=feeds)
-    ctx.analyses["calibration_source"] = feeds
+    ctx.calibration_source = feeds
     # A budget no INT8 graph can meet: the greedy step returns every MatMul to float, most harmful first.
     manager = PassManager(parse_pipeline("fold,fuse,qdq{budget=1,smooth=0}"), ctx)
     manager.run(model)
     stats = manager.records[-1].stats
     assert stats["kept_float_by_budget"] == 8 and stats["quantized_matmuls"] == 0
-    sensitivity = ctx.analyses["qdq_sensitivity"]
+    sensitivity = manager.passes[-1].state.sensitivity
     assert len(sensitivity) == 8 and list(sensitivity.values()) == sorted(sensitivity.values(), reverse=True)
     assert any("kept in float by the accuracy budget" in m for m in ctx.messages)
     # A budget the full INT8 graph meets keeps nothing in float.
     ctx = PassContext(target="ort-cpu", verification_feeds=feeds)
-    ctx.analyses["calibration_source"] = feeds
+    ctx.calibration_source = feeds
     manager = PassManager(parse_pipeline("fold,fuse,qdq{budget=0.5}"), ctx)
     manager.run(model)
     assert manager.records[-1].stats["kept_float_by_budget"] == 0
@@ -209,7 +209,7 @@ def test_qattention_keeps_ort_attention_fused_with_int8_qkv(target, spec, export
     model = load_model(exports.get("bert", size="tiny"))
     feeds = synthesize_feeds(model, count=2)
     ctx = PassContext(target=target, verification_feeds=feeds)
-    ctx.analyses["calibration_source"] = feeds
+    ctx.calibration_source = feeds
     manager = PassManager(parse_pipeline("fold,fuse," + spec), ctx, verify="numeric")
     q = manager.run(model)
     stats = manager.records[-1].stats
@@ -226,7 +226,7 @@ def test_excluding_an_attention_keeps_it_expanded(exports):
     model = load_model(exports.get("bert", size="tiny"))
     feeds = synthesize_feeds(model, count=2)
     ctx = PassContext(target="ort-cpu", verification_feeds=feeds)
-    ctx.analyses["calibration_source"] = feeds
+    ctx.calibration_source = feeds
     fused = PassManager(parse_pipeline("fold,fuse"), PassContext(target="ort-cpu")).run(model)
     first = next(n.name for n in fused.graph.node if n.op_type == "Attention")
     manager = PassManager(parse_pipeline("fold,fuse,qdq{exclude=" + first + "}"), ctx, verify="numeric")
@@ -377,7 +377,7 @@ def test_method_applies_to_smoothed_activations(target):
     results = {}
     for spec in ("qdq{method=max}", "qdq{method=percentile,percentile=99.9}"):
         ctx = PassContext(target=target, calibration=table)
-        ctx.analyses["calibration_source"] = feeds
+        ctx.calibration_source = feeds
         manager = PassManager(parse_pipeline(spec), ctx)
         q = manager.run(model)
         assert manager.records[-1].stats["smoothed"] == 2

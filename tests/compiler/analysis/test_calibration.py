@@ -180,7 +180,7 @@ def test_cli_calibrate_then_compile_with_table(tmp_path, capsys):
 def test_qdq_without_calibration_is_a_clear_error(tmp_path, mlp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["-q", "compile", str(mlp_path), "-p", "qdq", "-o", str(tmp_path / "q.onnx")])
-    assert info.value.code == 2 and "needs calibration data" in capsys.readouterr().err
+    assert info.value.code == 2 and "requires calibration data" in capsys.readouterr().err
 
 
 def test_infinite_mask_values_leave_finite_ranges(tmp_path):

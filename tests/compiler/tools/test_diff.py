@@ -46,7 +46,7 @@ def test_padding_rows_are_left_out():
 
 def compiled(model, pipeline, target, feeds):
     ctx = PassContext(target=target)
-    ctx.analyses["calibration_source"] = feeds
+    ctx.calibration_source = feeds
     return PassManager(parse_pipeline(pipeline), ctx).run(model)
 
 
@@ -129,7 +129,7 @@ def test_sensitivity_ranks_and_its_exclude_option_works(exports, tmp_path):
     # The option string goes straight into a pipeline and keeps those MatMuls in float.
     option = ranking["qdq_option"].replace("qdq{", "qdq{smooth=0,")
     ctx = PassContext(target="ort-cpu")
-    ctx.analyses["calibration_source"] = feeds
+    ctx.calibration_source = feeds
     manager = PassManager(parse_pipeline(f"fold,fuse,{option}"), ctx)
     manager.run(load_model(path))
     stats = manager.records[-1].stats

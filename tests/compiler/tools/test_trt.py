@@ -31,7 +31,7 @@ def compiled(path, pipeline, target):
     model = load_model(path)
     ctx = PassContext(target=target)
     if "qdq" in pipeline:
-        ctx.analyses["calibration_source"] = synthesize_feeds(model, count=2)
+        ctx.calibration_source = synthesize_feeds(model, count=2)
     return PassManager(parse_pipeline(pipeline), ctx).run(model)
 
 
@@ -216,9 +216,9 @@ def _long_qdq(path, shapes=None, seq=16):
     model = load_model(path)
     feeds = synthesize_feeds(model, count=2, seq=seq)
     ctx = PassContext(target="trt", verification_feeds=feeds)
-    ctx.analyses["calibration_source"] = feeds
+    ctx.calibration_source = feeds
     if shapes:
-        ctx.analyses["shapes"] = parse_shapes(shapes)
+        ctx.shapes = parse_shapes(shapes)
     manager = PassManager(parse_pipeline("fold,fuse,qdq"), ctx)
     return model, manager.run(model), manager.records[-1].stats, ctx
 
