@@ -55,9 +55,8 @@ class Fold(Pass):
 
 
 def _quiet_fold(graph: gs.Graph) -> None:
-    import onnxruntime
-
-    onnxruntime.set_default_logger_severity(3)  # gs folds through ORT, whose optimizer notes are noise here
+    # gs folds through ORT, whose optimizer notes are noise here: the CLI quiets ORT's default logger for the
+    # whole process (its choice); a library caller keeps its own setting. gs's logger is quieted only here.
     gs_logger = gs.logger.G_LOGGER
     severity = gs_logger.severity
     gs_logger.severity = gs_logger.ERROR

@@ -233,7 +233,8 @@ def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, sam
     graph = to_graph(skeleton, lean.weights)
     source = FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
                                  max_length=max_length, input_map=parse_input_map(input_map)), skeleton)
-    table = calibrate(graph, source, calibration_targets(skeleton), progress=_ui().progress, model_hash=hashing())
+    table = calibrate(graph, source, calibration_targets(skeleton), progress=_ui().progress,
+                      model_hash=hashing(lean.external_locations))
     table.save(out)
     click.echo(f"calibrated {len(table.tensors)} tensors on {table.samples} samples in {table.seconds:.2f}s -> {out}")
 

@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from tqc import __version__
-from tqc.compiler.io.structure import stand_in
+from tqc.compiler.io.skeleton import stand_in, travels_as_stand_in
 
 
 def to_graph(model: onnx.ModelProto, weights: dict | None = None) -> gs.Graph:
@@ -67,14 +67,11 @@ def ensure_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:
         graph.import_domains = imports
 
 
-LARGE_ELEMENTS = 1024  # constants above this many elements travel as shape-only stand-ins in skeletons
-
-
 def skeleton_of_graph(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """A ModelProto of ``graph`` whose large constants carry dtype and shape but no data.
 
     Lets the checker and shape inference run after every pass without exporting (and copying) the weights;
-    see ``tqc.compiler.io.structure.skeleton`` for the stand-in convention.
+    see ``tqc.compiler.io.skeleton`` for the stand-in convention.
     """
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
@@ -86,7 +83,7 @@ def skeleton_of_graph(graph: gs.Graph, like: onnx.ModelProto | None = None) -> o
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
             shape = tuple(tensor.shape)
-            if int(np.prod(shape)) > LARGE_ELEMENTS:
+            if travels_as_stand_in(shape):
                 dtype = tensor._values.dtype if hasattr(tensor._values, "dtype") else tensor.values.dtype
                 initializers.append(stand_in(tensor.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
             else:

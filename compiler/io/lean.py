@@ -34,7 +34,7 @@ import onnx.numpy_helper
 from onnx.external_data_helper import ExternalDataInfo
 
 from tqc.compiler.core.errors import TqcError
-from tqc.compiler.io.structure import SKELETON_DATA, SKELETON_LIMIT, stand_in
+from tqc.compiler.io.skeleton import SKELETON_DATA, stand_in, travels_as_stand_in
 
 MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
 _STREAMED_DTYPES = {
@@ -154,7 +154,7 @@ def load_lean(path: str | os.PathLike) -> LeanModel:
                     tensor.ParseFromString(b"".join(kept))
                     dtype = _STREAMED_DTYPES.get(tensor.data_type)
                     nbytes = raw[1] - raw[0] if raw else 0
-                    if raw is not None and dtype is not None and nbytes > SKELETON_LIMIT and \
+                    if raw is not None and dtype is not None and travels_as_stand_in(tensor.dims) and \
                             nbytes == int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(dtype).itemsize:
                         array = np.empty(tuple(tensor.dims), dtype)
                         streamed.append((array, raw[0]))

@@ -64,7 +64,6 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
 
     check_external_data(model, p)  # before anything follows a location: inside the folder, regular, long enough
     external = {t.name for t in model.graph.initializer if uses_external_data(t)}
-    _EXTERNAL_LOCATIONS[str(p.resolve())] = external_locations(model)
     if load_external_data:
         base = p.resolve().parent
         for tensor in _external_tensors(model):
@@ -99,7 +98,6 @@ def load_model_lean(path: str | os.PathLike):
     if not lean.skeleton.graph.node and not lean.skeleton.graph.output:
         raise TqcError(f"'{p}' is not a readable ONNX model (no graph)")
     validate_model(lean.skeleton, p)
-    _EXTERNAL_LOCATIONS[str(p.resolve())] = lean.external_locations
     return lean
 
 
@@ -200,9 +198,6 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     return write_bytes_atomic(text.encode(), path)
 
 
-_EXTERNAL_LOCATIONS: dict[str, list[str]] = {}  # filled by load_model: saves parsing a model twice to hash it
-
-
 def model_hash(path: str | os.PathLike) -> str:
     """sha256 over the model file and, in sorted order, the external data files it names."""
     return model_hash_async(path)()
@@ -210,7 +205,8 @@ def model_hash(path: str | os.PathLike) -> str:
 
 def model_hash_async(path: str | os.PathLike):
     """Start ``model_hash`` in a thread (file reads and hashlib release the GIL, so it overlaps loading);
-    call the returned function for the hash."""
+    call the returned function for the hash. Give it the external-data locations when the model is loaded
+    already (``LeanModel.external_locations``): the file is then not parsed a second time to find them."""
     p = Path(path)
     digest = hashlib.sha256()
     failure: list[OSError] = []
@@ -224,11 +220,10 @@ def model_hash_async(path: str | os.PathLike):
     thread = threading.Thread(target=hash_main_file, name="tqc-model-hash", daemon=True)
     thread.start()
 
-    def finish() -> str:
+    def finish(locations: list[str] | None = None) -> str:
         thread.join()
         if failure:
             raise TqcError(f"cannot read '{p}': {failure[0].strerror or failure[0]}")
-        locations = _EXTERNAL_LOCATIONS.get(str(p.resolve()))
         if locations is None:
             locations = external_locations(onnx.load(str(p), load_external_data=False))
         for location in locations:

@@ -294,9 +294,9 @@ def _check_dataflow(graph: onnx.GraphProto, path: Path) -> None:
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``verify.skeleton`` deciding by dims, not by reading ``raw_data`` (which would copy every weight); the data
+    """``tqc.compiler.io.skeleton.skeleton`` deciding by dims, not by reading ``raw_data`` (which would copy every weight); the data
     sizes were checked before."""
-    from tqc.compiler.io.structure import SKELETON_LIMIT, model_header, stand_in
+    from tqc.compiler.io.skeleton import model_header, stand_in, travels_as_stand_in
 
     light = model_header(model)
     graph, source = light.graph, model.graph
@@ -310,8 +310,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.output.extend(source.output)
     graph.value_info.extend(source.value_info)
     for tensor in source.initializer:
-        itemsize = _itemsize(tensor.data_type) or 0
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or _elements(tensor.dims) * itemsize > SKELETON_LIMIT:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or travels_as_stand_in(tensor.dims):
             graph.initializer.append(stand_in(tensor.name, tensor.data_type, tensor.dims))
         else:
             graph.initializer.append(tensor)
@@ -319,7 +318,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _run_full_checker(model: onnx.ModelProto, path: Path) -> None:
-    from tqc.compiler.io.structure import SKELETON_DATA
+    from tqc.compiler.io.skeleton import SKELETON_DATA
 
     try:
         with tempfile.TemporaryDirectory(prefix="tqc-check-") as tmp:

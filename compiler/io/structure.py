@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 
 from tqc.compiler.core.errors import VerificationError
+from tqc.compiler.io.skeleton import SKELETON_DATA, skeleton
 
 
 @dataclass(frozen=True)
@@ -54,53 +55,6 @@ def check_signature(before: Signature, after: Signature, stage: str) -> None:
         for a, b in zip(old, new):
             if a.elem_type != b.elem_type or (a.rank is not None and b.rank is not None and a.rank != b.rank):
                 raise VerificationError(f"{stage}: graph {kind} changed from {a.describe()} to {b.describe()}")
-
-
-SKELETON_LIMIT = 4096  # initializers above this many bytes travel as shape-only stand-ins
-SKELETON_DATA = "tqc-skeleton.bin"
-
-
-def stand_in(name: str, data_type: int, dims) -> onnx.TensorProto:
-    """A shape-only initializer: dtype and dims, its data 'external' in an empty file (``SKELETON_DATA``)."""
-    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", SKELETON_DATA
-    return tensor
-
-
-def model_header(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A model's versions, opsets, metadata and functions, without its graph."""
-    header = onnx.ModelProto()
-    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(header, name, getattr(model, name))
-    header.opset_import.extend(model.opset_import)
-    header.metadata_props.extend(model.metadata_props)
-    header.functions.extend(model.functions)
-    return header
-
-
-def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without its large tensor data: same graph, same initializer names, types and dims.
-
-    Checker and shape inference only need types and dims of weights (and the values of small, shape-like
-    tensors, which stay). Working on the skeleton keeps verification of a 440 MB or 4 GB model in
-    milliseconds and avoids copying its weights; large tensors point at an empty external file.
-    """
-    light = model_header(model)
-    graph, source = light.graph, model.graph
-    graph.name = source.name
-    graph.node.extend(source.node)
-    graph.input.extend(source.input)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)  # types known from earlier passes (contrib op outputs)
-    for tensor in source.initializer:
-        size = len(tensor.raw_data) if tensor.HasField("raw_data") else 0
-        if size > SKELETON_LIMIT or tensor.data_location == onnx.TensorProto.EXTERNAL:
-            graph.initializer.append(stand_in(tensor.name, tensor.data_type, tensor.dims))
-        else:
-            graph.initializer.append(tensor)
-    return light
 
 
 def infer_shapes(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:

@@ -20,7 +20,6 @@ whose reproducer is the ``polygraphy run`` command that shows the same failure.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,8 @@ from tqc.compiler.io.graph import lean_of_graph, skeleton_of_graph, to_graph, to
 from tqc.compiler.io.lean import LeanModel
 from tqc.compiler.io.model import save_model, write_text_atomic
 from tqc.compiler.io.output_guard import reproducer_dir, write_with
-from tqc.compiler.io.structure import infer_shapes, model_header, signature, verify_structure
+from tqc.compiler.io.structure import infer_shapes, signature, verify_structure
+from tqc.compiler.io.skeleton import model_header
 from tqc.passes.base import Pass, PassContext, Tolerance, check_conditions
 
 VERIFY_LEVELS = ("none", "structure", "numeric")

@@ -104,8 +104,13 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
     elif out.suffix != ".onnx":
         raise TqcError(f"output '{out}' must end in .onnx, .plan (TensorRT) or .xml (OpenVINO IR)")
     progress(f"loading {source}")
-    hashing = model_hash_async(source)  # in a thread, next to the load and the first passes
+    hash_thread = model_hash_async(source)  # in a thread, next to the load and the first passes
     lean = load_model_lean(source)  # the weights are read once, into the arrays the passes work on
+    external = list(lean.external_locations)
+
+    def hashing() -> str:
+        return hash_thread(external)
+
     model = lean.skeleton
     if is_plan:
         from tqc.compiler.core.profiles import parse_shapes

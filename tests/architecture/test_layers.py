@@ -44,9 +44,9 @@ def layer_of(module: str) -> int:
     return rank
 
 
-def modules() -> dict[str, Path]:
+def modules(roots: dict[str, Path] = ROOTS) -> dict[str, Path]:
     found = {}
-    for package, folder in ROOTS.items():
+    for package, folder in roots.items():
         for path in folder.rglob("*.py"):
             if "data" in path.relative_to(folder).parts[:-1]:
                 continue
@@ -80,15 +80,15 @@ def imports_of(module: str, path: Path, known: set[str]):
                 yield (sub, None, node.lineno) if sub in known else (target, alias.name, node.lineno)
 
 
-def back_edges() -> list[str]:
-    found = modules()
+def back_edges(roots: dict[str, Path] = ROOTS, base: Path = REPO) -> list[str]:
+    found = modules(roots)
     problems = []
     for module, path in sorted(found.items()):
         if path.name == "stub_model.py":  # runs inside Triton's python backend: imports nothing of tqc
             continue
         own = layer_of(module)
         for target, name, line in imports_of(module, path, set(found)):
-            where = f"{path.relative_to(REPO)}:{line}"
+            where = f"{path.relative_to(base)}:{line}"
             if layer_of(target) > own:
                 problems.append(f"{where}: {module} ({LAYERS[own][0]}) imports {target} "
                                 f"({LAYERS[layer_of(target)][0]}), a layer above")
@@ -105,3 +105,20 @@ def test_imports_run_one_way() -> None:
 def test_every_module_has_a_layer() -> None:
     for module in modules():
         layer_of(module)
+
+
+def test_a_back_edge_is_caught(tmp_path: Path) -> None:
+    """The checker itself: an io module importing a pass (lazily, inside a function) and a private name."""
+    (tmp_path / "compiler" / "io").mkdir(parents=True)
+    (tmp_path / "passes").mkdir()
+    for folder in ("compiler", "compiler/io", "passes"):
+        (tmp_path / folder / "__init__.py").write_text("")
+    (tmp_path / "passes" / "fold.py").write_text("def _helper():\n    pass\n")
+    (tmp_path / "compiler" / "io" / "model.py").write_text(
+        "def load():\n    from tqc.passes.fold import _helper\n    return _helper\n")
+    roots = {"tqc.passes": tmp_path / "passes", "tqc.compiler": tmp_path / "compiler"}
+    problems = back_edges(roots, tmp_path)
+    assert problems == [
+        "compiler/io/model.py:2: tqc.compiler.io.model (io) imports tqc.passes.fold (passes), a layer above",
+        "compiler/io/model.py:2: tqc.compiler.io.model imports the private name tqc.passes.fold._helper",
+    ]

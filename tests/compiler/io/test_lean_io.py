@@ -10,7 +10,7 @@ from tqc.compiler.io import model as model_io
 from tqc.compiler.core.errors import TqcError
 from tqc.compiler.io.graph import lean_of_graph, to_graph, to_model
 from tqc.compiler.io.lean import LeanModel
-from tqc.compiler.io.structure import SKELETON_DATA
+from tqc.compiler.io.skeleton import SKELETON_DATA
 
 from tests.conftest import make_mlp
 
