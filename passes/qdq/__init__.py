@@ -34,7 +34,6 @@ The pass is analysis, then rewrite::
                                                                                      (QAttention, lower.py, Q/DQ)
 """
 
-
 from __future__ import annotations
 
 import math

@@ -30,7 +30,7 @@ quantize, not where. The plan stays a function of the graph and the table; the m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
