@@ -8,15 +8,15 @@
           ─► the first tensor where the error jumps past --threshold, and the node that produced it
           ─► polygraphy JSON inputs/outputs + the `polygraphy run` / `polygraphy debug reduce` commands
 
-``--sensitivity`` un-quantizes one quantized MatMul or QAttention (and then one op class) of the candidate at a time and
-ranks them by how much of the output error each one removes; the ranking is written as a ``qdq{exclude=...}``
-option ready to paste.
+``--sensitivity`` un-quantizes one quantized site (MatMul or QAttention; ids as ``qdq``'s plan names them,
+``tqc.passes.qdq.plan.quantized_sites``) and then one op class of the candidate at a time, and ranks them by
+how much of the output error each one removes, with the ranker the ``qdq`` budget uses
+(``tqc.compiler.analysis.sensitivity``); the ranking is written as a ``qdq{exclude=...}`` option ready to paste.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,11 @@ import onnx_graphsurgeon as gs
 from tqc.compiler.runtime import compare
 from tqc.compiler.runtime.activations import FLOAT_TYPES, exposed_model_bytes, float_tensor_types
 from tqc.compiler.core.errors import TqcError
+from tqc.compiler.analysis.sensitivity import Measured, group_by, op_class, rank, rank_groups
 from tqc.compiler.io.structure import infer_shapes
+from tqc.passes.fuse.match import producer
+from tqc.passes.qdq.plan import quantized_sites
+from tqc.passes.rewrite import cleanup, detach_outputs, produce
 
 
 @dataclass
@@ -205,52 +209,33 @@ def plot(results: list[DiffResult], path: str | Path, metric: str = "sqnr_db") -
 
 # ---------------------------------------------------------------- sensitivity
 
-def _quantized_matmuls(graph: gs.Graph) -> list[gs.Node]:
-    """MatMul/Gemm nodes fed by an activation Q -> DQ pair, and QAttention nodes (INT8 QKV inside)."""
-    out = []
-    for node in graph.nodes:
-        if node.op in ("MatMul", "Gemm") and any(t.inputs and t.inputs[0].op == "DequantizeLinear" and
-                                                 t.inputs[0].inputs[0].inputs and
-                                                 t.inputs[0].inputs[0].inputs[0].op == "QuantizeLinear"
-                                                 for t in node.inputs[:2]):
-            out.append(node)
-        elif node.op == "QAttention" and node.domain == "com.microsoft":
-            out.append(node)
-    return out
+def unquantize(graph: gs.Graph, ids: set[str] | frozenset[str]) -> int:
+    """Return the sites ``ids`` (``tqc.passes.qdq.plan`` site ids) of a quantized graph to float, in place:
 
-
-QATTENTION_SUFFIX = re.compile(r"_tqc_q\d+_QAttention$")
-
-
-def site_name(node: gs.Node) -> str:
-    """The name ``qdq{exclude=...}`` matches: a QAttention answers to the Attention it was made from."""
-    return QATTENTION_SUFFIX.sub("", node.name) if node.op == "QAttention" else node.name
-
-
-def unquantize(graph: gs.Graph, names: set[str]) -> int:
-    """Bypass the activation Q/DQ pairs feeding the named MatMuls (weights keep their INT8 values); a named
-    QAttention becomes the float Attention it computes, on its unquantized input and dequantized weights."""
+        x ─► Q ─► DQ ─► MatMul ◄─ DQ ◄─ W_int8      x ─► MatMul ◄─ DQ ◄─ W_int8   (weights keep their INT8 values)
+        x ─► Q ─► QAttention(W_int8, s_w, ...)      x ─► Attention(s_w · (W_int8 - zp_w), b, mask)
+    """
     count = 0
-    for node in list(graph.nodes):
-        if site_name(node) not in names:
+    for sid, node in quantized_sites(graph):
+        if sid not in ids:
             continue
         if node.op == "QAttention":
             _float_attention(graph, node)
             count += 1
             continue
         for i, t in enumerate(node.inputs[:2]):
-            dq = t.inputs[0] if t.inputs else None
-            q = dq.inputs[0].inputs[0] if dq is not None and dq.op == "DequantizeLinear" and dq.inputs[0].inputs else None
+            dq = producer(t)
+            q = producer(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
             if q is not None and q.op == "QuantizeLinear":
                 node.inputs[i] = q.inputs[0]
                 count += 1
-    graph.cleanup(remove_unused_graph_inputs=False)
+    cleanup(graph)
     return count
 
 
 def _float_attention(graph: gs.Graph, node: gs.Node) -> None:
     """QAttention(Q(x), W_int8, b, s_x, s_w, mask, zp_x, zp_w) -> Attention(x, s_w * (W_int8 - zp_w), b, mask)."""
-    quantize = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    quantize = producer(node.inputs[0])
     if quantize is None or quantize.op != "QuantizeLinear":
         raise TqcError(f"QAttention '{node.name}' is not fed by a QuantizeLinear: cannot un-quantize it")
     weight = node.inputs[1].values.astype(np.float32)
@@ -260,51 +245,41 @@ def _float_attention(graph: gs.Graph, node: gs.Node) -> None:
     mask = node.inputs[5] if len(node.inputs) > 5 else gs.Variable.empty()
     inputs = [quantize.inputs[0], gs.Constant(f"{node.name}_float_weight", dequantized.astype(np.float32)),
               node.inputs[2], mask]
-    outputs = list(node.outputs)
-    node.outputs = []
-    graph.nodes.append(gs.Node("Attention", f"{node.name}_float", domain="com.microsoft", attrs=dict(node.attrs),
-                               inputs=inputs, outputs=outputs))
-    graph.toposort()
-
-
-def op_class(name: str) -> str:
-    """'/model/encoder/layer.3/output/dense/MatMul' -> '/model/encoder/layer.*/output/dense/MatMul'."""
-    return re.sub(r"\d+", "*", name)
+    produce(graph, "Attention", f"{node.name}_float", inputs, detach_outputs(node), attrs=dict(node.attrs),
+            domain="com.microsoft")
 
 
 def sensitivity(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds, progress=lambda m: None) -> dict:
+    """Rank the candidate's quantized sites by the output error (mean relative L2 against the reference) each
+    one removes alone in float, then each op class; the ranker is the accuracy budget's
+    (``tqc.compiler.analysis.sensitivity``), over the same site ids."""
     from tqc.compiler.io.graph import to_graph, to_model
 
     outputs = [o.name for o in reference.graph.output]
     ref = compare.run_model(reference, feeds, name="reference")
 
-    def error_of(model) -> float:
+    def error_of(model: onnx.ModelProto) -> float:
         res = compare.run_model(model, feeds, name="variant")
         c = compare.compare_results(list(ref.items())[0], list(res.items())[0], math.inf, math.inf, outputs,
                                     min_cosine=-1.0, masks=compare.padding_masks(feeds))
         return float(np.mean([m.rel_l2 for m in c.outputs.values()]))
 
-    base = error_of(candidate)
-    names = [site_name(n) for n in _quantized_matmuls(to_graph(candidate))]
-    if not names:
+    def error_with_float(ids: frozenset[str]) -> float:
+        if not ids:
+            return error_of(candidate)
+        graph = to_graph(candidate)
+        unquantize(graph, ids)
+        return error_of(to_model(graph))
+
+    ids = list(dict.fromkeys(sid for sid, _ in quantized_sites(to_graph(candidate))))
+    if not ids:
         raise TqcError("the candidate has no quantized MatMul/Gemm (Q -> DQ -> MatMul) or QAttention to rank")
-    nodes, classes = [], {}
-    for index, name in enumerate(names):
-        progress(f"sensitivity {index + 1}/{len(names)}: {name}")
-        graph = to_graph(candidate)
-        unquantize(graph, {name})
-        gain = base - error_of(to_model(graph))
-        nodes.append({"node": name, "error_removed": gain, "share": gain / base if base else 0.0})
-        classes.setdefault(op_class(name), []).append(name)
-    ranked_classes = []
-    for pattern, members in classes.items():
-        graph = to_graph(candidate)
-        unquantize(graph, set(members))
-        gain = base - error_of(to_model(graph))
-        ranked_classes.append({"class": pattern, "nodes": len(members), "error_removed": gain,
-                               "share": gain / base if base else 0.0})
-    nodes.sort(key=lambda r: -r["error_removed"])
-    ranked_classes.sort(key=lambda r: -r["error_removed"])
+    measure = Measured(error_with_float)
+    ranking = rank(ids, measure, progress=progress)
+    base = ranking.baseline
+    nodes = [{"node": sid, "error_removed": gain, "share": ranking.share(gain)} for sid, gain in ranking.removed.items()]
+    classes = [{"class": pattern, "nodes": len(members), "error_removed": gain, "share": ranking.share(gain)}
+               for pattern, members, gain in rank_groups(group_by(ids, op_class), measure, base)]
     top = [r["node"] for r in nodes[:3]]
-    return {"baseline_rel_l2": base, "nodes": nodes, "classes": ranked_classes,
+    return {"baseline_rel_l2": base, "nodes": nodes, "classes": classes,
             "exclude": [r["node"] for r in nodes], "qdq_option": "qdq{exclude=" + "|".join(top) + "}"}

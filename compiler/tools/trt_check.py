@@ -18,9 +18,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from tqc.compiler.core.target import (TRT_INT8_MHA_HEAD_SIZES as INT8_MHA_HEAD_SIZES,
-                                       TRT_INT8_MHA_MAX_SEQUENCE as INT8_MHA_MAX_SEQUENCE, position_table_rows,
-                                       sequence_bound)
+from tqc.compiler.core.target import (TRT_INT8_MHA_HEAD_SIZES, TRT_INT8_MHA_MAX_SEQUENCE, attention_heads,
+                                       position_table_rows, sequence_bound)
 
 
 @lru_cache(maxsize=1)
@@ -190,9 +189,9 @@ def _attention_blocks(model, constants, report: CheckReport, bound: tuple[int | 
         if node is not None and node.op_type == "Transpose":
             reshape = producers.get(node.input[0])
             if reshape is not None and reshape.op_type == "Reshape" and reshape.input[1] in constants:
-                shape = numpy_helper.to_array(constants[reshape.input[1]])
-                if shape.size == 4 and shape[3] > 0:
-                    return int(shape[3])
+                layout = attention_heads(numpy_helper.to_array(constants[reshape.input[1]]).reshape(-1).tolist())
+                if layout is not None:
+                    return layout[1]
         return None
 
     blocks = []
@@ -215,13 +214,13 @@ def _attention_blocks(model, constants, report: CheckReport, bound: tuple[int | 
         size = head_size(qk.input[0]) or head_size(pv.input[1])
         quantized = all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
                         for i in list(qk.input) + list(pv.input))
-        too_long = bound[0] is not None and bound[0] > INT8_MHA_MAX_SEQUENCE
-        eligible = size in INT8_MHA_HEAD_SIZES and quantized and not too_long
-        reason = (f"eligible for INT8 MHA when the profile's max sequence is <= {INT8_MHA_MAX_SEQUENCE}" +
+        too_long = bound[0] is not None and bound[0] > TRT_INT8_MHA_MAX_SEQUENCE
+        eligible = size in TRT_INT8_MHA_HEAD_SIZES and quantized and not too_long
+        reason = (f"eligible for INT8 MHA when the profile's max sequence is <= {TRT_INT8_MHA_MAX_SEQUENCE}" +
                   (f" (sequences up to {bound[0]}: {bound[1]})" if bound[0] is not None else "") if eligible else
-                  f"head size {size} is not in {INT8_MHA_HEAD_SIZES}" if size not in INT8_MHA_HEAD_SIZES else
+                  f"head size {size} is not in {TRT_INT8_MHA_HEAD_SIZES}" if size not in TRT_INT8_MHA_HEAD_SIZES else
                   f"sequences up to {bound[0]} ({bound[1]}) exceed TensorRT's INT8 MHA limit of "
-                  f"{INT8_MHA_MAX_SEQUENCE}" + ("; the quantized batched MatMuls will run outside the fused INT8 "
+                  f"{TRT_INT8_MHA_MAX_SEQUENCE}" + ("; the quantized batched MatMuls will run outside the fused INT8 "
                                                 "MHA kernel" if quantized else "") if too_long else
                   "batched MatMuls not quantized: runs as FP16/FP32 MHA")
         blocks.append({"softmax": softmax.name, "head_size": size, "int8_mha": eligible, "note": reason,
@@ -229,11 +228,11 @@ def _attention_blocks(model, constants, report: CheckReport, bound: tuple[int | 
     if blocks:
         count = sum(b["int8_mha"] for b in blocks)
         report.add("info", "attention", f"{len(blocks)} attention blocks; {count} meet TensorRT's INT8 MHA conditions "
-                                        f"(head size {INT8_MHA_HEAD_SIZES}, sequence <= {INT8_MHA_MAX_SEQUENCE})"
+                                        f"(head size {TRT_INT8_MHA_HEAD_SIZES}, sequence <= {TRT_INT8_MHA_MAX_SEQUENCE})"
                                         + (f"; sequences up to {bound[0]} ({bound[1]})" if bound[0] is not None else ""))
-        if bound[0] is not None and bound[0] > INT8_MHA_MAX_SEQUENCE and any(b["quantized"] for b in blocks):
+        if bound[0] is not None and bound[0] > TRT_INT8_MHA_MAX_SEQUENCE and any(b["quantized"] for b in blocks):
             report.add("warning", "int8-mha-sequence", f"sequences up to {bound[0]} ({bound[1]}) exceed TensorRT's "
-                                                       f"INT8 MHA limit of {INT8_MHA_MAX_SEQUENCE}: give --shapes "
+                                                       f"INT8 MHA limit of {TRT_INT8_MHA_MAX_SEQUENCE}: give --shapes "
                                                        "with a smaller max, or keep attention in float")
     return blocks
 

@@ -1,8 +1,13 @@
-"""Accuracy protection for ``qdq{budget=...}``: keep the most harmful quantized MatMuls in float.
+"""Accuracy protection for ``qdq{budget=...}``: keep the most harmful quantized sites in float.
 
-    1. quantize every site; measure the mean output cosine to the float graph on calibration batches
-    2. if below the budget: quantize one site at a time and rank the sites by the cosine each one costs
-    3. return sites to float, most harmful first, until the budget is met
+    float reference = the graph before any Q/DQ rewrite (no QAttention, no expansion): its outputs on the
+                      calibration batches
+    candidate(S)    = copy of the float graph -> plan with S in float -> insert
+    error(S)        = 1 - mean output cosine of candidate(S) to the reference
+
+    1. error(∅) within 1 - budget: done
+    2. else rank the plan's sites by the error each removes alone in float (``tqc.compiler.analysis.sensitivity``,
+       the ranker ``tqc diff --sensitivity`` uses), and return them to float, most useful first, until met
 
 Every graph runs as it is (``tqc.compiler.runtime.graph_session``): candidates are shallow copies of the float graph
 that share its weight arrays, and ONNX Runtime borrows those arrays instead of loading an exported copy, so a
@@ -12,15 +17,21 @@ cosine with the comparison engine's masks (``tqc.compiler.runtime.compare``).
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
-from tqc.compiler.runtime import compare
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from tqc.compiler.analysis.sensitivity import Measured, rank, return_to_float
 from tqc.compiler.io.graph import skeleton_of_graph
+from tqc.compiler.runtime import compare
+from tqc.compiler.runtime.feeds import Feed
 
 MAX_BATCHES = 4
 
 
-def run_graph(graph, feeds, runtime: str = "ort") -> list[dict[str, np.ndarray]]:
+def run_graph(graph: gs.Graph, feeds: Sequence[Feed], runtime: str = "ort") -> list[dict[str, np.ndarray]]:
     """The graph's outputs for every feed, on ORT CPU with optimizations off, without exporting it; or, with
     ``runtime="openvino"``, exported and run on OpenVINO CPU (FP32 precision: its INT8 kernels where Q/DQ is)."""
     if runtime == "openvino":
@@ -34,7 +45,7 @@ def run_graph(graph, feeds, runtime: str = "ort") -> list[dict[str, np.ndarray]]
     return [dict(zip(session.output_names, session.run(session.output_names, feed))) for feed in feeds]
 
 
-def mean_output_cosine(ref_iters: list[dict], cand_iters: list[dict], feeds) -> float:
+def mean_output_cosine(ref_iters: list[dict], cand_iters: list[dict], feeds: Sequence[Feed]) -> float:
     """Per-sample cosine of every output, averaged over samples and outputs.
 
     Padding positions carry no meaning: the comparison engine's padding masks leave them out.
@@ -53,41 +64,40 @@ def mean_output_cosine(ref_iters: list[dict], cand_iters: list[dict], feeds) -> 
     return float(np.mean(values)) if values else 1.0
 
 
-def enforce_budget(qpass, graph, ctx, sites) -> list[str]:
-    budget = qpass.values["budget"]
-    feeds = (ctx.calibration_batches() or ctx.verification_feeds or [])[:MAX_BATCHES]
+def budget_feeds(graph: gs.Graph, batches: list[Feed]) -> list[Feed]:
+    """The first calibration (else verification) batches, else inputs drawn from the graph's signature."""
+    feeds = batches[:MAX_BATCHES]
     if not feeds:
         from tqc.compiler.runtime.feeds import synthesize_feeds
 
         feeds = synthesize_feeds(skeleton_of_graph(graph))
-    float_graph = graph.copy()  # shares the weight arrays; qdq never writes into them
-    runtime = qpass.values.get("budget_runtime", "ort")
+    return feeds
+
+
+@dataclass
+class BudgetResult:
+    full_cosine: float                                           # every site quantized
+    achieved: float                                              # with ``kept`` in float
+    kept: list[str] = field(default_factory=list)                # site ids returned to float, most useful first
+    sensitivity: dict[str, float] = field(default_factory=dict)  # site id -> output error (1 - cosine) it removes
+                                                                 # alone in float, largest first (when ranked)
+
+
+def enforce_budget(float_graph: gs.Graph, site_ids: Sequence[str], quantized: Callable[[frozenset[str]], gs.Graph],
+                   feeds: Sequence[Feed], budget: float, runtime: str = "ort") -> BudgetResult:
+    """``quantized(S)``: a new quantized graph with the sites ``S`` in float (``float_graph`` is not touched)."""
     reference = run_graph(float_graph, feeds, runtime)
-    names = [site.node.name for site in sites]
+    cosines: dict[frozenset[str], float] = {}
 
-    def cosine(skip: set[str]) -> float:
-        candidate_graph = float_graph.copy()
-        qpass.apply(candidate_graph, ctx, [], skip)
-        return mean_output_cosine(reference, run_graph(candidate_graph, feeds, runtime), feeds)
+    def error_with_float(ids: frozenset[str]) -> float:
+        cosines[ids] = mean_output_cosine(reference, run_graph(quantized(ids), feeds, runtime), feeds)
+        return 1.0 - cosines[ids]
 
-    full = cosine(set())
-    qpass.state.full_cosine = full
+    measure = Measured(error_with_float)
+    measure(())
+    full = cosines[frozenset()]
     if full >= budget:
-        ctx.note(f"qdq: output cosine {full:.5f} with every MatMul quantized meets the budget {budget}")
-        qpass.state.skip = []
-        return []
-    sensitivity = {}
-    for name in names:
-        sensitivity[name] = 1.0 - cosine(set(names) - {name})
-    qpass.state.sensitivity = dict(sorted(sensitivity.items(), key=lambda kv: -kv[1]))
-    kept: list[str] = []
-    achieved = full
-    for name in sorted(names, key=lambda n: -sensitivity[n]):
-        kept.append(name)
-        achieved = cosine(set(kept))
-        if achieved >= budget:
-            break
-    ctx.note(f"qdq: output cosine {full:.5f} with every MatMul quantized; {achieved:.5f} with {len(kept)} kept "
-             f"in float (budget {budget})")
-    qpass.state.skip = kept
-    return kept
+        return BudgetResult(full, full)
+    ranking = rank(list(site_ids), measure, 1.0 - full)
+    kept, _ = return_to_float(ranking, measure, 1.0 - budget)
+    return BudgetResult(full, cosines[frozenset(kept)], kept, ranking.removed)

@@ -132,7 +132,7 @@ def test_default_verification_catches_a_shared_weight_smoothed_for_one_consumer(
     import onnx
 
     from tests.passes.test_qdq import _shared_weight_feeds, shared_weight_model
-    from tqc.passes.qdq import Quantizer
+    from tqc.passes.qdq.insert import Quantizer
 
     def own_vector_per_consumer(self, site, alpha):
         inputs = self._smoothing_inputs(site)

@@ -14,7 +14,8 @@ from onnx import numpy_helper
 
 from tqc.compiler.runtime import compare
 from tqc.compiler.cli.main import main
-from tqc.compiler.tools.diff import diff, op_class, sensitivity, shared_tensors
+from tqc.compiler.analysis.sensitivity import op_class
+from tqc.compiler.tools.diff import diff, sensitivity, shared_tensors
 from tqc.compiler.runtime.feeds import synthesize_feeds
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.io.model import load_model, save_model

@@ -1,0 +1,505 @@
+"""The rewrite half of ``qdq``: apply a ``QdqPlan`` (``tqc.passes.qdq.plan``) to the float graph.
+
+Before                                 After (--target trt)
+  x ─► MatMul(W) ─► y                    x ─► Q(s_x, 0) ─► DQ ─► MatMul ─► y
+                                         W_int8 ─► DQ(s_w per output channel, axis 1) ─┘
+  probs ─► MatMul(V)                     probs ─► Q/DQ ─► MatMul ◄─ DQ ◄─ Q ◄─ V   (INT8 MHA: head size 16/32/64)
+
+After (--target ort-cpu|ort-cuda)
+  x ─► Q(u8, s, zp) ─► DQ ─► MatMul      one Q/DQ pair per consumer (ORT fuses DQ->MatMul into
+  W_int8 ─► DQ(axis 1) ───────┘          MatMulIntegerToFloat)
+  x ─► Attention(W, b)                   x ─► [Mul(1/s)] ─► Q(u8) ─► QAttention(W·diag(s) INT8, b)  (QAttention sites)
+
+SmoothQuant (``smooth`` > 0): x ─► Mul(1/s) ─► Q/DQ ─► MatMul ◄─ DQ(INT8 of diag(s)·W): exact in float.
+Shared weights (ALBERT's layers): x1 ─► Mul(1/s) ─► Q/DQ ─► MatMul ◄─ DQ(W·diag(s) INT8) ─► MatMul ◄─ Q/DQ ◄─
+Mul(1/s) ◄─ x2, one s from the union of both consumers' ranges, one INT8 copy (``shared_weights=copy``: one
+per consumer). trt ``residual``: both inputs of the planned Adds get Q/DQ. Concat of dequantized inputs: every
+input takes the largest scale (TensorRT concatenates in INT8). FP16 graphs: scales take the float type of the
+tensor they quantize (float16, opset 19).
+
+The order is that of the single-step pass this replaced, so the compiled bytes are the same: QAttention
+sites first (then cleanup), then the remaining attentions are expanded (``tqc.passes.qdq.lower``), then the
+MatMul sites are quantized in the order of the lowered graph, then residual Adds and Concat scales.
+
+Smoothed ranges are measured here, not in the plan: with ``method`` other than ``max`` the range of x / s is
+calibrated on a probe of the graph as the insertion has left it at that point (QAttention sites already
+converted, attentions expanded), and s itself depends on how shared weights are smoothed, which is how to
+quantize, not where. The plan stays a function of the graph and the table; the measured ranges are cached by
+(site, s) across the budget's candidates (``range_cache``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from tqc.compiler.analysis.calibration import CalibrationTable, TensorRange
+from tqc.compiler.core.errors import TqcError
+from tqc.passes.fp16 import QDQ_FP16_OPSET, raise_opset
+from tqc.passes.fuse.match import constant_values, producer
+from tqc.passes.qdq.lower import is_ort_attention, lower
+from tqc.passes.qdq.openvino import activation_params
+from tqc.passes.qdq.plan import (ATTENTION, LINEAR, PlannedSite, QdqPlan, float_type, is_dq, qattention_node_name,
+                                 qattention_tag)
+from tqc.passes.rewrite import cleanup, produce, replace_output
+
+
+@dataclass
+class Site:
+    """A planned site bound to its node in the graph being rewritten."""
+
+    node: gs.Node
+    planned: PlannedSite
+
+    @property
+    def kind(self) -> str:
+        return self.planned.kind
+
+    @property
+    def activations(self) -> tuple[int, ...]:
+        return self.planned.activations
+
+    @property
+    def weight(self) -> int | None:
+        return self.planned.weight
+
+    @property
+    def weight_axis(self) -> int:
+        return self.planned.weight_axis
+
+    @property
+    def flops_per_token(self) -> float:
+        return self.planned.flops_per_token
+
+
+@dataclass(frozen=True)
+class InsertOptions:
+    """How to quantize the planned sites (``qdq``'s options that are not about where)."""
+
+    method: str = "max"
+    percentile: float = 99.99
+    smooth: float = 0.75
+    shared_weights: str = "share"
+
+
+def float_type_of_array(values: np.ndarray) -> type:
+    return np.float16 if values.dtype == np.float16 else np.float32
+
+
+def quantize_weight_array(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    reduce_axes = tuple(i for i in range(values.ndim) if i != axis)
+    amax = np.abs(values).max(axis=reduce_axes)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    scaled = values / scale.reshape(shape)  # the one float temporary: rounded and clipped in place
+    np.round(scaled, out=scaled)
+    np.clip(scaled, -127, 127, out=scaled)
+    return scaled.astype(np.int8), scale
+
+
+class Quantizer:
+    """Writes Q/DQ pairs, INT8 weights, SmoothQuant Muls and QAttention nodes into one graph, with names no
+    tensor of the graph has yet."""
+
+    def __init__(self, graph: gs.Graph, table: CalibrationTable, target: str, method: str, percentile: float):
+        self.graph = graph
+        self.table = table
+        self.target = target
+        self.method = method
+        self.percentile = percentile
+        self.shared: dict[str, gs.Tensor] = {}
+        self.counter = 0
+        # Weights used by several sites (ALBERT's layers share theirs): one smoothing vector per weight, from
+        # the union of its consumers' activation ranges, and one INT8 copy, dequantized once for every consumer.
+        self.shared_factors: dict[tuple[str, int], np.ndarray] = {}
+        self.weight_outputs: dict[tuple[str, int, bool], gs.Tensor] = {}
+        self.names: set[str] = set(graph.tensors().keys())
+        # Ranges of smoothed activations x / s measured on the calibration data (methods other than 'max'):
+        # the table holds x's ranges only, and a percentile of x / s is not a function of them.
+        self.source = None                                       # the calibration data, re-iterable
+        self.range_cache: dict[tuple[str, bytes], TensorRange] = {}  # (site, s) -> range, across insert() calls
+        self.measured: dict[str, TensorRange] = {}
+        self.float16 = False  # a float16 tensor was quantized: the graph needs opset 19
+
+    def unique_name(self, name: str) -> str:
+        """``name``, or ``name_2``, ``name_3``...: two distinct tensors must never share a name."""
+        candidate, index = name, 1
+        while candidate in self.names:
+            index += 1
+            candidate = f"{name}_{index}"
+        self.names.add(candidate)
+        return candidate
+
+    def unique_base(self, name: str, suffixes: tuple[str, ...]) -> str:
+        """``name`` (or ``name_2``...) such that no ``name + suffix`` is taken yet; reserves them."""
+        base, index = name, 1
+        while any(f"{base}{suffix}" in self.names for suffix in suffixes):
+            index += 1
+            base = f"{name}_{index}"
+        self.names.update(f"{base}{suffix}" for suffix in suffixes)
+        return base
+
+    @staticmethod
+    def weight_key(site: Site) -> tuple[str, int]:
+        return site.node.inputs[site.weight].name, site.weight_axis
+
+    def _smoothing_inputs(self, site: Site):
+        """(channel mins, channel maxes, weight, input axis of the weight), or None when smoothing cannot apply."""
+        node = site.node
+        entry = self.table.tensors.get(node.inputs[0].name)
+        weight = constant_values(node.inputs[site.weight])
+        if entry is None or entry.channel_min is None or weight is None:
+            return None
+        cmin = np.asarray(entry.channel_min, np.float64)
+        cmax = np.asarray(entry.channel_max, np.float64)
+        in_axis = 0 if site.weight_axis == 1 else 1  # [K, N] for MatMul, [N, K] for Gemm with transB
+        if cmin.size != weight.shape[in_axis]:
+            return None
+        return cmin, cmax, weight, in_axis
+
+    @staticmethod
+    def _factors(act: np.ndarray, weight: np.ndarray, axis: int, alpha: float) -> np.ndarray:
+        act = np.maximum(act, 1e-5)
+        wmax = np.maximum(np.abs(weight).max(axis=axis).astype(np.float64), 1e-5)
+        return np.clip(act ** alpha / wmax ** (1.0 - alpha), 1e-4, 1e4)
+
+    def smoothing_vector(self, site: Site, alpha: float) -> np.ndarray | None:
+        """The SmoothQuant vector s of a linear site (shared by every site of its weight), or None."""
+        inputs = self._smoothing_inputs(site)
+        if inputs is None:
+            return None
+        s = self.shared_factors.get(self.weight_key(site))
+        if s is None:
+            cmin, cmax, weight, _ = inputs
+            s = self._factors(np.maximum(np.abs(cmin), np.abs(cmax)), weight, site.weight_axis, alpha)
+        return s
+
+    def measure_smoothed(self, requests: list[tuple[str, gs.Tensor, np.ndarray]]) -> None:
+        """Calibrate x / s for every (site name, x, s) on the float graph, so that ``method`` (percentile,
+        entropy, mse) applies to the smoothed activations as it does to plain ones. 'max' needs no data:
+        max(x / s) is max over channels of the table's channel max / s."""
+        if self.method == "max" or not requests:
+            return
+        missing = [(key, tensor, s) for key, tensor, s in requests if (key, s.tobytes()) not in self.range_cache]
+        if missing:
+            if self.source is None:
+                raise TqcError(f"qdq: method={self.method} with SmoothQuant measures the smoothed activations on the "
+                               "calibration data, and a calibration table has only the unsmoothed ranges: give "
+                               "--calib DATA, or use smooth=0 or method=max")
+            from tqc.compiler.analysis.calibration import calibrate
+
+            probe = self.graph.copy()  # shares the weight arrays
+            tensors = probe.tensors()
+            names = []
+            for index, (_, tensor, s) in enumerate(missing):
+                out = gs.Variable(f"tqc_smoothed_probe{index}", dtype=float_type(tensor))
+                probe.nodes.append(gs.Node("Mul", f"tqc_smoothed_probe{index}_Mul", inputs=[
+                    tensors[tensor.name], gs.Constant(f"tqc_smoothed_probe{index}_factor",
+                                                      (1.0 / s).astype(float_type(tensor)))],
+                    outputs=[out]))
+                names.append(out.name)
+            probe.toposort()
+            table = calibrate(probe, self.source, names, model_hash="probe")
+            for (key, _, s), name in zip(missing, names):
+                self.range_cache[(key, s.tobytes())] = table.tensors[name]
+        for key, _, s in requests:
+            self.measured[key] = self.range_cache[(key, s.tobytes())]
+
+    def _smoothed_range(self, key: str, lo: float, hi: float) -> tuple[float, float]:
+        """The range of a smoothed activation: measured with ``method`` when it was, else [lo, hi] ('max')."""
+        entry = self.measured.get(key)
+        if entry is None:
+            return lo, hi
+        if self.target == "trt":
+            amax = entry.symmetric(self.method, self.percentile)
+            return -amax, amax
+        return entry.asymmetric(self.method, self.percentile)
+
+    def plan_shared_weights(self, sites: list[Site], alpha: float) -> int:
+        """One smoothing vector for each weight that several linear sites use: from the channel-wise largest
+        |activation| over all of them, so the one smoothed weight is exact for every consumer."""
+        groups: dict[tuple[str, int], list[Site]] = {}
+        for site in sites:
+            if site.kind == LINEAR and site.weight is not None:
+                groups.setdefault(self.weight_key(site), []).append(site)
+        shared = 0
+        for key, members in groups.items():
+            inputs = [self._smoothing_inputs(site) for site in members]
+            inputs = [i for i in inputs if i is not None]
+            if len(members) < 2 or len(inputs) < 2 or len({i[0].size for i in inputs}) > 1:
+                continue
+            act = np.max([np.maximum(np.abs(cmin), np.abs(cmax)) for cmin, cmax, _, _ in inputs], axis=0)
+            self.shared_factors[key] = self._factors(act, inputs[0][2], key[1], alpha)
+            shared += 1
+        return shared
+
+    def _range_params(self, lo: float, hi: float):
+        """Scale and zero-point for the range [lo, hi]: symmetric INT8 for trt, asymmetric UINT8 for ORT."""
+        if self.target == "trt":
+            amax = max(abs(lo), abs(hi))
+            return np.float32(max(amax, 1e-8) / 127.0), np.int8(0)
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = np.float32(max(hi - lo, 1e-8) / 255.0)
+        return scale, np.uint8(np.clip(round(-lo / float(scale)), 0, 255))
+
+    def _params(self, name: str, fixed_amax: float | None = None):
+        if fixed_amax is not None:
+            return self._range_params(-fixed_amax, fixed_amax) if self.target == "trt" else \
+                self._range_params(0.0, fixed_amax)
+        entry = self.table.tensors[name]
+        if self.target == "trt":
+            amax = entry.symmetric(self.method, self.percentile)
+            return self._range_params(-amax, amax)
+        return self._range_params(*entry.asymmetric(self.method, self.percentile))
+
+    def _qdq_pair(self, tensor: gs.Tensor, tag: str, scale, zero_point) -> gs.Variable:
+        ftype = float_type(tensor)  # FP16 graphs: float16 scales (opset 19), as TensorRT's strong typing wants
+        self.float16 |= ftype is np.float16
+        scale_c = gs.Constant(f"{tag}_scale", np.array(scale, ftype))
+        zp_c = gs.Constant(f"{tag}_zero_point", np.array(zero_point))
+        quantized = gs.Variable(f"{tag}_quantized", dtype=zp_c.values.dtype)
+        dequantized = gs.Variable(f"{tag}_dequantized", dtype=ftype)
+        produce(self.graph, "QuantizeLinear", f"{tag}_QuantizeLinear", [tensor, scale_c, zp_c], [quantized])
+        produce(self.graph, "DequantizeLinear", f"{tag}_DequantizeLinear", [quantized, scale_c, zp_c], [dequantized])
+        return dequantized
+
+    def fake_quantize(self, tensor: gs.Tensor, consumer: gs.Node, fixed_amax: float | None = None) -> gs.Tensor:
+        """Q -> DQ of ``tensor``; shared per tensor for trt, dedicated per consumer for ORT."""
+        key = tensor.name
+        shared = self.target in ("trt", "openvino")  # one Q/DQ per tensor (openvino: one FakeQuantize)
+        if shared and key in self.shared:
+            return self.shared[key]
+        if self.target == "openvino":
+            entry = self.table.tensors[key] if fixed_amax is None else None
+            scale, zero_point = activation_params(entry, consumer, self.method, self.percentile, fixed_amax)
+        else:
+            scale, zero_point = self._params(key, fixed_amax)
+        self.counter += 1
+        tag = f"{key}_tqc{self.counter}" if not shared else key
+        dequantized = self._qdq_pair(tensor, tag, scale, zero_point)
+        if shared:
+            self.shared[key] = dequantized
+        return dequantized
+
+    def smooth(self, site: Site, alpha: float) -> bool:
+        """SmoothQuant on one linear site: x' = x / s (a Mul), W' = diag(s) W, then quantize x' and W'.
+
+        Exact in float. x' takes its range from the table's per-channel ranges divided by s (the 'max'
+        method); returns False (plain quantization) when the table has no per-channel ranges. A weight that
+        several sites share takes the vector ``plan_shared_weights`` made for all of them, and is smoothed and
+        quantized once.
+        """
+        node = site.node
+        tensor = node.inputs[0]
+        inputs = self._smoothing_inputs(site)
+        if inputs is None:
+            return False
+        cmin, cmax, weight, in_axis = inputs
+        key = self.weight_key(site)
+        s = self.smoothing_vector(site, alpha)
+        lo, hi = self._smoothed_range(node.name, float((cmin / s).min()), float((cmax / s).max()))
+        self.counter += 1
+        tag = f"{node.name or tensor.name}_tqc_smooth{self.counter}"
+        ftype = float_type(tensor)
+        scaled = gs.Variable(f"{tag}_input", dtype=ftype)
+        produce(self.graph, "Mul", f"{tag}_Mul", [tensor, gs.Constant(f"{tag}_factor", (1.0 / s).astype(ftype))],
+                [scaled])
+        node.inputs[0] = self._qdq_pair(scaled, tag, *self._range_params(lo, hi))
+        cached = self.weight_outputs.get((*key, True)) if key in self.shared_factors else None
+        if cached is not None:
+            node.inputs[site.weight] = cached
+            return True
+        factor = s.astype(np.float32)
+        node.inputs[site.weight] = gs.Constant(self.unique_name(f"{node.inputs[site.weight].name}_smoothed"),
+                                               np.asarray(weight, np.float32) *
+                                               (factor[:, None] if in_axis == 0 else factor[None, :]))
+        self.quantize_weight(site, float_type_of_array(weight))
+        if key in self.shared_factors:
+            self.weight_outputs[(*key, True)] = node.inputs[site.weight]
+        return True
+
+    def qattention_vector(self, node: gs.Node, alpha: float) -> np.ndarray | None:
+        """The smoothing vector of a fused Attention's input (ones when alpha is 0), or None."""
+        entry = self.table.tensors.get(node.inputs[0].name)
+        weight = constant_values(node.inputs[1])
+        if entry is None or weight is None or entry.channel_min is None:
+            return None
+        weight = weight.astype(np.float64)
+        s = np.ones(weight.shape[0])
+        if alpha > 0:
+            cmin = np.asarray(entry.channel_min, np.float64)
+            cmax = np.asarray(entry.channel_max, np.float64)
+            act = np.maximum(np.maximum(np.abs(cmin), np.abs(cmax)), 1e-5)
+            s = np.clip(act ** alpha / np.maximum(np.abs(weight).max(axis=1), 1e-5) ** (1.0 - alpha), 1e-4, 1e4)
+        return s
+
+    def qattention(self, node: gs.Node, alpha: float) -> bool:
+        """com.microsoft Attention -> [Mul(1/s)] -> QuantizeLinear(u8) -> QAttention(INT8 per-column weights)."""
+        x = node.inputs[0]
+        entry = self.table.tensors.get(x.name)
+        weight = constant_values(node.inputs[1])
+        bias = constant_values(node.inputs[2]) if len(node.inputs) > 2 else None
+        if entry is None or weight is None or bias is None or entry.channel_min is None:
+            return False
+        if float_type(x) is np.float16:
+            return False  # ORT's QAttention takes float32 only
+        cmin = np.asarray(entry.channel_min, np.float64)
+        cmax = np.asarray(entry.channel_max, np.float64)
+        weight = weight.astype(np.float64)
+        s = self.qattention_vector(node, alpha)
+        lo, hi = self._smoothed_range(node.name, float((cmin / s).min()), float((cmax / s).max()))
+        scale, zero_point = self._range_params(lo, hi)
+        self.counter += 1
+        tag = qattention_tag(node.name, self.counter)
+        source = x
+        if alpha > 0:
+            source = gs.Variable(f"{tag}_input", dtype=np.float32)
+            produce(self.graph, "Mul", f"{tag}_Mul", [x, gs.Constant(f"{tag}_factor", (1.0 / s).astype(np.float32))],
+                    [source])
+        quantized = gs.Variable(f"{tag}_quantized", dtype=np.uint8)
+        scale_c = gs.Constant(f"{tag}_scale", np.array(scale, np.float32))
+        zp_c = gs.Constant(f"{tag}_zero_point", np.array(zero_point, np.uint8))
+        produce(self.graph, "QuantizeLinear", f"{tag}_QuantizeLinear", [source, scale_c, zp_c], [quantized])
+        q_weight, w_scale = quantize_weight_array((weight * s[:, None]).astype(np.float32), 1)
+        mask = node.inputs[3] if len(node.inputs) > 3 else gs.Variable.empty()
+        inputs = [quantized, gs.Constant(f"{tag}_weight_int8", q_weight), gs.Constant(f"{tag}_bias", bias.astype(np.float32)),
+                  scale_c, gs.Constant(f"{tag}_weight_scale", w_scale), mask, zp_c,
+                  gs.Constant(f"{tag}_weight_zero_point", np.zeros(w_scale.shape, np.int8))]
+        replace_output(self.graph, node.outputs[0], "QAttention", qattention_node_name(tag), inputs,
+                       attrs={"num_heads": node.attrs["num_heads"]}, domain="com.microsoft")
+        return True
+
+    def quantize_weight(self, site: Site, ftype: type | None = None) -> None:
+        """Per-channel INT8 weight and its DequantizeLinear (scales in ``ftype``, else the weight's own float
+        type); a weight several sites share is quantized once."""
+        weight = site.node.inputs[site.weight]
+        ftype = ftype or float_type(weight)
+        self.float16 |= ftype is np.float16
+        key = (weight.name, site.weight_axis, False)
+        if key in self.weight_outputs:
+            site.node.inputs[site.weight] = self.weight_outputs[key]
+            return
+        values = np.asarray(constant_values(weight), np.float32)
+        q, scale = quantize_weight_array(values, site.weight_axis)
+        name = self.unique_base(weight.name, ("_int8", "_scale", "_zero_point", "_dequantized"))
+        q_c = gs.Constant(f"{name}_int8", q)
+        s_c = gs.Constant(f"{name}_scale", scale.astype(ftype))
+        zp_c = gs.Constant(f"{name}_zero_point", np.zeros(scale.shape, np.int8))
+        out = gs.Variable(f"{name}_dequantized", dtype=ftype)
+        produce(self.graph, "DequantizeLinear", f"{name}_DequantizeLinear", [q_c, s_c, zp_c], [out],
+                attrs={"axis": site.weight_axis})
+        site.node.inputs[site.weight] = out
+        self.weight_outputs[key] = out
+
+
+def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: InsertOptions,
+           source: Iterable | None = None, range_cache: dict[tuple[str, bytes], TensorRange] | None = None) -> tuple[dict[str, object], list[str]]:
+    """Apply ``plan`` to ``graph`` (the float graph it was planned on, or a copy): (stats, notes).
+
+    ``source``: the calibration data (re-iterable), needed to measure smoothed ranges for methods other than
+    'max'; ``range_cache``: measured ranges kept across calls."""
+    notes: list[str] = []
+    alpha = options.smooth
+    range_cache = {} if range_cache is None else range_cache
+
+    def quantizer() -> Quantizer:
+        made = Quantizer(graph, table, plan.target, options.method, options.percentile)
+        made.source = source
+        made.range_cache = range_cache
+        return made
+
+    if plan.qattention_enabled:
+        converting = quantizer()
+        wanted = {site.id for site in plan.qattention}
+        attentions = [n for n in graph.nodes if is_ort_attention(n) and n.name in wanted]
+        vectors = [(n, converting.qattention_vector(n, alpha)) for n in attentions]
+        converting.measure_smoothed([(n.name, n.inputs[0], v) for n, v in vectors
+                                     if v is not None and constant_values(n.inputs[2]) is not None])
+        for node in attentions:
+            if not converting.qattention(node, alpha):
+                raise TqcError(f"qdq: internal error: planned QAttention site '{node.name}' cannot be converted")
+        cleanup(graph)
+    lowered = lower(graph, plan.target, keep={site.id for site in plan.qattention}, float_qkv=plan.float_attentions)
+
+    planned = {site.id: site for site in plan.sites}
+    sites: list[Site] = []
+    for node in graph.nodes:
+        site = planned.pop(node.name, None)
+        if site is not None:
+            sites.append(Site(node, site))
+    if planned:
+        raise TqcError(f"qdq: internal error: planned site '{next(iter(planned))}' is not in the graph")
+    quantize = quantizer()
+    int8_flops = plan.qattention_int8_flops
+    smoothed = 0
+    if alpha > 0 and options.shared_weights == "share":
+        quantize.plan_shared_weights(sites, alpha)
+    if alpha > 0:
+        vectors = [(site, quantize.smoothing_vector(site, alpha)) for site in sites if site.kind == LINEAR]
+        quantize.measure_smoothed([(site.node.name, site.node.inputs[0], v) for site, v in vectors if v is not None])
+    for site in sites:
+        if alpha > 0 and site.kind == LINEAR and quantize.smooth(site, alpha):
+            smoothed += 1
+            int8_flops += site.flops_per_token
+            continue
+        for index, fixed in zip(site.activations, site.planned.fixed_amax):
+            site.node.inputs[index] = quantize.fake_quantize(site.node.inputs[index], site.node, fixed)
+        if site.weight is not None and not is_dq(site.node.inputs[site.weight]):
+            quantize.quantize_weight(site)
+        int8_flops += site.flops_per_token
+    residuals = 0
+    adds = set(plan.residual_adds)
+    for node in [n for n in graph.nodes if n.op == "Add" and n.name in adds]:
+        a, b = node.inputs
+        if isinstance(a, gs.Variable) and isinstance(b, gs.Variable) and a.name in table.tensors and \
+                b.name in table.tensors and not is_dq(a) and not is_dq(b):
+            node.inputs[0] = quantize.fake_quantize(a, node)
+            node.inputs[1] = quantize.fake_quantize(b, node)
+            residuals += 1
+    concats = equalize_concat_scales(graph)
+    if quantize.float16 and raise_opset(graph):
+        notes.append(f"qdq: opset raised to {QDQ_FP16_OPSET}: Q/DQ of float16 tensors take float16 scales")
+    cleanup(graph)
+    stats: dict[str, object] = {
+        "quantized_matmuls": len(sites),
+        "linear": sum(1 for s in sites if s.kind == LINEAR),
+        "attention_bmm": sum(1 for s in sites if s.kind == ATTENTION),
+        "float_matmuls": len(plan.matmuls) - len(sites),
+        "residual_adds": residuals,
+        "concat_equalized": concats,
+        "smoothed": smoothed,
+        "q_nodes": sum(1 for n in graph.nodes if n.op == "QuantizeLinear"),
+        "dq_nodes": sum(1 for n in graph.nodes if n.op == "DequantizeLinear"),
+        "int8_matmul_flops": round(int8_flops / plan.total_flops, 4) if plan.total_flops else 0.0,
+        "attention_expanded": lowered.expanded,
+        "qattention": sum(1 for n in graph.nodes if n.op == "QAttention"),
+        "method": options.method + (f":{options.percentile:g}" if options.method == "percentile" else ""),
+    }
+    return stats, notes
+
+
+def equalize_concat_scales(graph: gs.Graph) -> int:
+    """Concat of dequantized inputs: give every input the largest scale, so TensorRT can concat in INT8."""
+    count = 0
+    for node in graph.nodes:
+        if node.op != "Concat":
+            continue
+        dqs = [producer(t) for t in node.inputs]
+        if not dqs or any(d is None or d.op != "DequantizeLinear" or len(d.inputs) < 2 for d in dqs):
+            continue
+        scales = [constant_values(d.inputs[1]) for d in dqs]
+        if any(s is None or s.size != 1 for s in scales):
+            continue
+        largest = max(float(s.reshape(-1)[0]) for s in scales)
+        for d in dqs:
+            q = producer(d.inputs[0])
+            for holder in (d, q):
+                if holder is not None and len(holder.inputs) > 1:
+                    holder.inputs[1] = gs.Constant(f"{holder.name}_equalized_scale",
+                                                   np.array(largest, constant_values(holder.inputs[1]).dtype))
+        count += 1
+    return count
