@@ -31,7 +31,8 @@ def fusion_target(target: str) -> str:
 
 
 def uses_contrib_ops(target: str) -> bool:
-    """ONNX Runtime targets run com.microsoft contrib ops (Attention, SkipLayerNormalization, QAttention...)."""
+    """ONNX Runtime targets run com.microsoft contrib ops (Attention, SkipLayerNormalization, QAttention...);
+    the others (trt, openvino) read standard ONNX only, and quantize attention's batched MatMuls themselves."""
     return target in ORT_TARGETS
 
 

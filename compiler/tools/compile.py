@@ -15,7 +15,7 @@ from tqc.compiler.core.errors import TqcError
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.io.model import check_input_path, load_model_lean, model_hash_async, save_model, write_text_atomic
 from tqc.compiler.pipeline.spec import parse_pipeline
-from tqc.compiler.core.target import TARGETS
+from tqc.compiler.core.target import TARGETS, uses_contrib_ops
 from tqc.passes.base import PassContext
 
 
@@ -98,7 +98,7 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
         from tqc.compiler.io.openvino_ir import require_openvino
 
         require_openvino()  # missing OpenVINO fails before anything runs
-        if opts.target.startswith("ort-"):
+        if uses_contrib_ops(opts.target):
             raise TqcError(f"OpenVINO IR output needs --target openvino (or trt): --target {opts.target} writes "
                            "com.microsoft ops that OpenVINO cannot read")
     elif out.suffix != ".onnx":

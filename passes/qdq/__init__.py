@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.analysis.calibration import TensorRange
+from tqc.compiler.core.target import uses_contrib_ops
 from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContext, PassResult, Tolerance, parse_bool,
                              parse_list)
 from tqc.passes.qdq.budget import budget_feeds, enforce_budget
@@ -158,6 +159,6 @@ class Qdq(Pass):
 
     def uses_qattention(self, target: str) -> bool:
         choice = str(self.values["qattention"]).lower()
-        if target in ("trt", "openvino") or choice == "false":
+        if not uses_contrib_ops(target) or choice == "false":
             return False
         return choice == "true" or (target == "ort-cpu" and not self.values["budget"] > 0)

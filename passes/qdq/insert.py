@@ -38,6 +38,7 @@ import onnx_graphsurgeon as gs
 
 from tqc.compiler.analysis.calibration import CalibrationTable, TensorRange
 from tqc.compiler.core.errors import TqcError
+from tqc.compiler.core.target import uses_contrib_ops
 from tqc.passes.fp16 import QDQ_FP16_OPSET, raise_opset
 from tqc.passes.fuse.match import constant_values, producer
 from tqc.passes.qdq.lower import is_ort_attention, lower
@@ -270,7 +271,7 @@ class Quantizer:
     def fake_quantize(self, tensor: gs.Tensor, consumer: gs.Node, fixed_amax: float | None = None) -> gs.Tensor:
         """Q -> DQ of ``tensor``; shared per tensor for trt, dedicated per consumer for ORT."""
         key = tensor.name
-        shared = self.target in ("trt", "openvino")  # one Q/DQ per tensor (openvino: one FakeQuantize)
+        shared = not uses_contrib_ops(self.target)  # one Q/DQ per tensor (openvino: one FakeQuantize)
         if shared and key in self.shared:
             return self.shared[key]
         if self.target == "openvino":

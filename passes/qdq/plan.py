@@ -228,7 +228,7 @@ def matmul_sites(graph: gs.Graph, op_types: Iterable[str], target: str, attentio
             site = PlannedSite(node.name, ATTENTION, (0, 1), None, 0, 2.0 * FLOP_TOKENS * heads * head,
                                (_fixed_amax(node, 0), _fixed_amax(node, 1)))
             eligible = True
-            if not (attention and target in ("trt", "openvino")):
+            if not (attention and not uses_contrib_ops(target)):
                 eligible = False
             elif target == "trt" and head not in TRT_INT8_MHA_HEAD_SIZES:
                 notes.append(f"qdq: attention MatMul '{node.name}' has head size {head}; TensorRT's INT8 MHA "
