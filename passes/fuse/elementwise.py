@@ -431,38 +431,49 @@ def layernorm_candidates(graph: gs.Graph) -> list[gs.Node]:
                 for u in consumers(n.outputs[0]))]
 
 
-def explain_layernorm(mean: gs.Node, limit: int = 8) -> Miss:
-    """Why the LayerNorm-shaped ``mean`` is no decomposed LayerNorm: every Add within ``limit`` nodes after it
-    is tried as the LayerNorm's end (its β Add); the rule that got furthest from any of them."""
-    best: tuple[str, NoMatch] | None = None
+def _spine_adds(mean: gs.Node) -> list[gs.Node]:
+    """The Adds a LayerNorm's centered x reaches through Div then Mul (where its β Add should be)."""
+    tensors = [u.outputs[0] for u in consumers(mean.outputs[0]) if u.op == "Sub"]
+    for op in ("Div", "Mul"):
+        tensors = [u.outputs[0] for t in tensors for u in consumers(t) if u.op == op]
+    return [u for t in tensors for u in consumers(t) if u.op == "Add"]
+
+
+def explain_layernorm(mean: gs.Node, limit: int = 32) -> Miss:
+    """Why the LayerNorm-shaped ``mean`` is no decomposed LayerNorm: the Adds after it (those on the
+    Sub-Div-Mul spine first, then any within ``limit`` nodes) are tried as the LayerNorm's end (its β Add); the
+    rule that got furthest from any of them (on a tie, the earlier Add)."""
+    candidates = _spine_adds(mean)
     frontier, seen = [mean], {id(mean)}
-    while frontier and len(seen) < limit * 4:
+    while frontier and len(seen) <= limit:
         node = frontier.pop(0)
         for user in (u for out in node.outputs for u in consumers(out)):
-            if id(user) in seen or len(seen) > limit * 4:
-                continue
-            seen.add(id(user))
-            frontier.append(user)
-            if user.op == "Add":
-                rule, found = closest(LAYERNORM_RULES, Walk(user), LAYERNORM_STEPS)
-                if isinstance(found, NoMatch) and (best is None or found.depth > best[1].depth):
-                    best = (rule, found)
+            if id(user) not in seen and len(seen) <= limit:
+                seen.add(id(user))
+                frontier.append(user)
+                if user.op == "Add" and all(user is not c for c in candidates):
+                    candidates.append(user)
+    best: tuple[str, NoMatch] | None = None
+    for add in candidates:
+        rule, found = closest(LAYERNORM_RULES, Walk(add), LAYERNORM_STEPS)
+        if isinstance(found, NoMatch) and (best is None or found.depth > best[1].depth):
+            best = (rule, found)
     if best is None:
-        return Miss(describe(mean), LAYERNORM_RULES[0].name, "no Add (β) follows within "
-                    f"{limit} nodes: not a LayerNorm")
+        return Miss(describe(mean), LAYERNORM_RULES[0].name, f"no Add (β) follows within {limit} nodes: not a "
+                    "LayerNorm")
     return Miss(describe(mean), best[0], best[1].reason)
 
 
 def fuse_layernorm(graph: gs.Graph) -> tuple[int, list[Miss]]:
     """Decomposed LayerNorms -> LayerNormalization (opset >= 17 only: older opsets have no such op).
 
-    Returns (count, the LayerNorm-shaped ReduceMeans no rule matched)."""
-    if int(graph.opset) < 17:
-        return 0, []
+    Returns (count, the LayerNorm-shaped ReduceMeans no rule matched, at any opset)."""
     count = 0
     matches = [m for m in layernorm_matches(graph) if m.decomposed]
     covered = {id(n) for m in matches for n in m.nodes}
     misses = [explain_layernorm(n) for n in layernorm_candidates(graph) if id(n) not in covered]
+    if int(graph.opset) < 17:
+        return 0, misses
     for match in matches:
         replace_output(graph, match.last.outputs[0], "LayerNormalization", f"tqc_layernorm{count}",
                        [match.x, through_identity(match.gamma), through_identity(match.beta)],

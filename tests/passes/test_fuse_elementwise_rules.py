@@ -267,3 +267,29 @@ def test_explain_residual_add_without_biased_projection():
            "is Add(MatMul, b) with a constant 1-D b (an embedding sum, or a residual without a biased " \
            "projection)" in ctx.messages, ctx.messages
     assert_same_numbers(before, after, ["h", "residual"])
+
+
+def test_explain_broken_layernorm_below_opset_17_and_broken_tanh_gelu():
+    """Opset 14 has no LayerNormalization: the note says so, and a LayerNorm no rule matches is still named; a
+    tanh GELU with a wrong cube coefficient stops rule 'tanh-pow' at its second step."""
+    g = Builder()
+    x = g.op("Add", g.op("MatMul", "x", g.const(W)), g.const(B))
+    cube = g.op("Pow", x, g.const(3.0), name="cube")
+    term = g.op("Mul", cube, g.const(0.05), name="coefficient")
+    scaled = g.op("Mul", g.op("Add", x, term, name="sum"), g.const(math.sqrt(2 / math.pi)))
+    core = g.op("Tanh", scaled, name="tanh")
+    half = g.op("Mul", g.op("Mul", x, g.op("Add", core, g.const(1.0))), g.const(0.5))
+    g, out = layernorm_model("legacy-mul", swapped="eps", x=half, builder=g)
+    g.nodes[-1] = helper.make_node("Add", [g.nodes[-2].output[0], "x"], [g.nodes[-1].output[0]], name="shift")
+    before = g.model(["x"], out, 14)
+    after, stats, ctx = fuse(before, "ort-cpu")
+    assert stats["gelu"] == 0 and stats["layernorm_fused"] == 0
+    gelu = next(m for m in ctx.messages if m.startswith("fuse: gelu: Tanh 'tanh'"))
+    # both operand orders of the Add are tried; the first finds the wrong coefficient
+    assert gelu.startswith("fuse: gelu: Tanh 'tanh' not fused; closest rule 'tanh-pow': step 2 (cube_sum: "
+                           "Pow(0.044715) either order): Add 'sum': Mul 'coefficient' multiplies by 0.05, not "
+                           "0.044715; "), gelu
+    assert "fuse: layernorm: ReduceMean 'mean' not fused; closest rule 'legacy-pow': step 1 (shift: Add either " \
+           "order): neither operand of Add 'shift' is a constant 1-D β" in ctx.messages, ctx.messages
+    assert any(m.startswith("fuse: layernorm: opset 14 has no LayerNormalization") for m in ctx.messages)
+    assert_same_numbers(before, after, ["x"])
