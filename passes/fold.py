@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from tqc.passes.base import Condition, Pass, PassContext, PassResult, Tolerance
 from tqc.passes.registry import register
+from tqc.passes.rewrite import bypass, cleanup, drop, redirect
 
 SMALL_CONSTANT_ELEMENTS = 64
 
@@ -40,9 +41,9 @@ class Fold(Pass):
         for _ in range(4):  # folding exposes duplicates and vice versa; a few rounds reach a fixed point
             count = len(graph.nodes)
             _quiet_fold(graph)
-            graph.cleanup(remove_unused_graph_inputs=False)
+            cleanup(graph, toposort=False)
             merged += merge_duplicates(graph)
-            graph.cleanup(remove_unused_graph_inputs=False)
+            cleanup(graph, toposort=False)
             if len(graph.nodes) == count:
                 break
         graph.toposort()
@@ -78,19 +79,11 @@ def remove_identities(graph: gs.Graph) -> int:
             # Keep the output's name: the producer of src writes dst directly.
             if id(src) in graph_inputs or id(src) in graph_outputs or isinstance(src, gs.Constant) or not src.inputs:
                 continue
-            producer = src.inputs[0]
-            producer.outputs = [dst if t is src else t for t in producer.outputs]
-            for consumer in list(src.outputs):
-                if consumer is node:
-                    continue
-                consumer.inputs = [dst if t is src else t for t in consumer.inputs]
+            bypass(node, keep_output_name=True)
         else:
-            for consumer in list(dst.outputs):
-                consumer.inputs = [src if t is dst else t for t in consumer.inputs]
-        node.inputs.clear()
-        node.outputs.clear()
+            bypass(node)
         removed += 1
-    graph.cleanup(remove_unused_graph_inputs=False)
+    cleanup(graph, toposort=False)
     return removed
 
 
@@ -140,8 +133,7 @@ def merge_duplicates(graph: gs.Graph) -> int:
         if any(id(t) in outputs for t in node.outputs):
             continue
         for mine, theirs in zip(node.outputs, first.outputs):
-            for consumer in list(mine.outputs):
-                consumer.inputs = [theirs if t is mine else t for t in consumer.inputs]
-        node.outputs.clear()
+            redirect(mine, theirs)
+        drop(node)
         merged += 1
     return merged

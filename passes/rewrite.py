@@ -10,8 +10,13 @@ name), so a fused node re-produces the tensor the old subgraph produced, under t
     cleanup(graph)  removes what no output reaches (graph inputs are kept: the signature never changes)
                     and sorts the nodes topologically.
 
-``replace_output(graph, old, op, ...)`` is ``detach`` + ``produce`` in one call. A pass never assigns
-``node.outputs`` or calls ``graph.cleanup`` itself.
+``replace_output(graph, old, op, ...)`` is ``detach`` + ``produce`` in one call. Removing a node::
+
+    redirect(y, z)                  drop(n)                         bypass(identity)
+      n ─► y ─► c   z                 n ─x (no inputs, no outputs)    a ─► Identity ─► b ─► c    a ─► c
+      (c reads z now: ─► c)           (cleanup removes it)            (b a graph output: a's producer writes b)
+
+A pass never assigns ``node.outputs`` or calls ``graph.cleanup`` itself.
 """
 
 from __future__ import annotations
@@ -57,17 +62,40 @@ def replace_output(graph: gs.Graph, tensor: gs.Tensor, op: str, name: str, input
     return produce(graph, op, name, inputs, [detach(tensor)], attrs=attrs, domain=domain)
 
 
-def redirect(tensor: gs.Tensor, replacement: gs.Tensor) -> int:
-    """Every consumer of ``tensor`` reads ``replacement`` instead; returns how many inputs changed.
+def redirect(tensor: gs.Tensor, replacement: gs.Tensor, skip: gs.Node | None = None) -> int:
+    """Every consumer of ``tensor`` (but ``skip``) reads ``replacement`` instead; returns how many inputs changed.
 
-    Graph outputs are not consumers: a graph output keeps its producer (use ``replace_output`` there)."""
+    Each consumer's input list is rebuilt in one assignment (onnx-graphsurgeon then lists that consumer last
+    among the readers of each of its inputs, as the passes always did). Graph outputs are not consumers: a
+    graph output keeps its producer (use ``replace_output`` there)."""
     count = 0
     for consumer in list(tensor.outputs):
-        for index, current in enumerate(consumer.inputs):
-            if current is tensor:
-                consumer.inputs[index] = replacement
-                count += 1
+        if consumer is skip:
+            continue
+        count += sum(1 for current in consumer.inputs if current is tensor)
+        consumer.inputs = [replacement if current is tensor else current for current in consumer.inputs]
     return count
+
+
+def drop(node: gs.Node) -> None:
+    """Disconnect ``node`` (no inputs, no outputs); ``cleanup`` removes it. Its outputs are left producer-less."""
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def bypass(node: gs.Node, keep_output_name: bool = False) -> None:
+    """Remove a node that passes its one input through (Identity): its consumers read its input instead.
+
+    With ``keep_output_name`` (the output is a graph output, whose name must stay), the input's producer
+    writes the output tensor directly and the input's other consumers read it."""
+    source, output = node.inputs[0], node.outputs[0]
+    if keep_output_name:
+        writer = source.inputs[0]
+        writer.outputs = [output if t is source else t for t in writer.outputs]
+        redirect(source, output, skip=node)
+    else:
+        redirect(output, source)
+    drop(node)
 
 
 def cleanup(graph: gs.Graph, toposort: bool = True) -> gs.Graph:

@@ -1,6 +1,11 @@
 """``fuse``: attention, GELU and (for ONNX Runtime) residual LayerNorm fusion, per target.
 
-See ``attention.py``, ``elementwise.py`` and ``embedding.py`` for the rewrites, ``attention_rules.py`` for the catalogue.
+See ``attention.py``, ``elementwise.py`` and ``embedding.py`` for the rewrites, ``attention_rules.py`` and
+``elementwise_rules.py`` for the catalogues. ``--explain fuse`` names, for every anchor left unfused (a
+Softmax, an Erf/Tanh, a LayerNorm-shaped ReduceMean, a residual Add before a LayerNorm), the closest rule and
+why it stopped::
+
+    fuse: gelu: Erf 'e' not fused; closest rule 'erf': step 2 (plus_one: Add(1) either order): Add 'a' adds 2, not 1
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ import onnx_graphsurgeon as gs
 from tqc.compiler.io.graph import ensure_domain
 from tqc.passes.base import NO_CONTRIB_OPS, Option, Pass, PassContext, PassResult, Tolerance, parse_bool
 from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
-from tqc.passes.fuse.elementwise import fuse_gelu, fuse_layernorm, fuse_skip_layernorm
+from tqc.passes.fuse.elementwise import Miss, fuse_gelu, fuse_layernorm, fuse_skip_layernorm
 from tqc.passes.fuse.embedding import fuse_embed_layernorm
 from tqc.passes.fuse.match import NoMatch
 from tqc.passes.qdq.openvino import fusion_target
 from tqc.passes.registry import register
+from tqc.passes.rewrite import cleanup, drop, redirect
 
 
 def lower_constant_nodes(graph: gs.Graph) -> int:
@@ -25,16 +31,21 @@ def lower_constant_nodes(graph: gs.Graph) -> int:
         if node.op == "Constant" and "value" in node.attrs and len(node.outputs) == 1:
             out = node.outputs[0]
             value = node.attrs["value"]
-            constant = gs.Constant(out.name, np.asarray(value.values))
-            for consumer in list(out.outputs):
-                consumer.inputs = [constant if t is out else t for t in consumer.inputs]
+            redirect(out, gs.Constant(out.name, np.asarray(value.values)))
             if out in graph.outputs:
                 continue
-            node.outputs.clear()
+            drop(node)
             count += 1
     if count:
-        graph.cleanup(remove_unused_graph_inputs=False)
+        cleanup(graph, toposort=False)
     return count
+
+
+def explain_misses(ctx: PassContext, what: str, misses: list[Miss]) -> None:
+    """One ``--explain fuse`` line per anchor no rule matched."""
+    if "fuse" in ctx.explain:
+        for miss in misses:
+            ctx.note(f"fuse: {what}: {miss.anchor} not fused; closest rule '{miss.rule}': {miss.reason}")
 
 
 def canonicalize(graph: gs.Graph) -> int:
@@ -118,7 +129,7 @@ class Fuse(Pass):
                              f"was not rewritten: {miss.reason}")
             rules = sorted({m.rule.name for m in matches})
             stats["attention_rules"] = ",".join(rules) if rules else "-"
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            cleanup(graph)
         stats["attention_blocks"] = softmax_count
         stats["attention"] = fused
         stats["attention_summary"] = f"{fused}/{softmax_count} attention fused"
@@ -129,7 +140,8 @@ class Fuse(Pass):
                 ctx.note(message)
         if self.values["gelu"]:
             exported_as_op = sum(1 for n in graph.nodes if n.op == "Gelu")  # opset 20 exports emit Gelu already
-            gelus, reason = fuse_gelu(graph, target, opset)
+            gelus, reason, gelu_misses = fuse_gelu(graph, target, opset)
+            explain_misses(ctx, "gelu", gelu_misses)
             stats["gelu"] = gelus + exported_as_op
             if reason:
                 if ctx.target == "openvino":  # OpenVINO also fuses the Erf GELU (into the FullyConnected before it)
@@ -137,11 +149,15 @@ class Fuse(Pass):
                 ctx.note(f"fuse: gelu: {reason}")
         else:
             stats["gelu"] = 0
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        cleanup(graph)
         stats["layernorm_fused"] = 0
         if self.values["layernorm"]:
-            stats["layernorm_fused"] = fuse_layernorm(graph)
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            stats["layernorm_fused"], layernorm_misses = fuse_layernorm(graph)
+            explain_misses(ctx, "layernorm", layernorm_misses)
+            if opset < 17 and "fuse" in ctx.explain:
+                ctx.note(f"fuse: layernorm: opset {opset} has no LayerNormalization (opset 17); LayerNorms written "
+                         "out in primitives are left to the residual and embedding fusions")
+            cleanup(graph)
         stats["skip_layernorm"] = 0
         skip_form = self.values["skip_layernorm"]
         if skip_form == "auto":
@@ -151,9 +167,10 @@ class Fuse(Pass):
                      "SkipLayerNormalization")
             skip_form = "contrib"
         if target != "trt" and skip_form != "off":
-            stats["skip_layernorm"] = fuse_skip_layernorm(graph, skip_form)
+            stats["skip_layernorm"], skip_misses = fuse_skip_layernorm(graph, skip_form)
+            explain_misses(ctx, "skip_layernorm", skip_misses)
             stats["skip_layernorm_form"] = skip_form
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            cleanup(graph)
         stats["layernorm"] = sum(1 for n in graph.nodes if n.op == "LayerNormalization")
         if target != "trt" and any(n.domain == "com.microsoft" for n in graph.nodes):
             ensure_domain(graph, "com.microsoft", 1)

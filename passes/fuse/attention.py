@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from tqc.passes.fuse.attention_rules import RULES, AttentionRule, Step
 from tqc.passes.fuse.match import (Linear, NoMatch, ancestors_reach, consumers, constant_values, describe,
                                    match_linear, producer, split_scalar_operand)
+from tqc.passes.rewrite import detach, detach_outputs, replace_output
 
 MASK_FILL = -10000.0
 
@@ -311,13 +312,6 @@ class MaskCache:
         return self.built["end"]
 
 
-def _detach(tensor: gs.Tensor) -> None:
-    """Make ``tensor`` producer-less so a new node can produce it under the same name."""
-    node = producer(tensor)
-    if node is not None:
-        node.outputs = [t if t is not tensor else gs.Variable(f"{tensor.name}_tqc_detached") for t in node.outputs]
-
-
 def _packed(match: AttentionMatch, fold_scale: bool) -> tuple[np.ndarray, np.ndarray]:
     s = match.scale if fold_scale else 1.0
     hidden = match.q.weight.shape[1]
@@ -392,7 +386,7 @@ def rewrite_trt(graph: gs.Graph, match: AttentionMatch, index: int, masks: MaskC
         gs.Node("Transpose", f"{prefix}_context_transpose", attrs={"perm": [0, 2, 1, 3]}, inputs=[ctx4],
                 outputs=[ctx_t]),
     ]
-    _detach(match.context)
+    detach(match.context)  # re-produced under its name by the last Reshape (appended with the block's nodes)
     nodes.append(gs.Node("Reshape", f"{prefix}_context_reshape",
                          inputs=[ctx_t, gs.Constant(f"{prefix}_context_shape", np.array([0, 0, hidden], np.int64))],
                          outputs=[match.context]))
@@ -411,9 +405,7 @@ def rewrite_ort(graph: gs.Graph, match: AttentionMatch, index: int, masks: MaskC
     attrs = {"num_heads": match.num_heads, "mask_filter_value": MASK_FILL}
     if not math.isclose(match.scale, 1.0 / math.sqrt(match.head_size), rel_tol=1e-6):
         attrs["scale"] = float(match.scale)
-    _detach(match.context)
-    graph.nodes.append(gs.Node("Attention", f"{prefix}", attrs=attrs, inputs=inputs, outputs=[match.context],
-                               domain="com.microsoft"))
+    replace_output(graph, match.context, "Attention", prefix, inputs, attrs=attrs, domain="com.microsoft")
 
 
 def expand_ort_attention(graph: gs.Graph, node: gs.Node, index: int, masks: MaskCache) -> None:
@@ -432,8 +424,7 @@ def expand_ort_attention(graph: gs.Graph, node: gs.Node, index: int, masks: Mask
     has_mask = len(node.inputs) > 3 and node.inputs[3].name != ""
     lin = [Linear(x, weight[:, i * hidden:(i + 1) * hidden], bias[i * hidden:(i + 1) * hidden], x, node, None)
            for i in range(3)]
-    context = node.outputs[0]
-    node.outputs = [gs.Variable(f"{context.name}_tqc_detached")]
+    context = detach_outputs(node)[0]
     match = AttentionMatch(rule=RULES[0], softmax=node, q=lin[0], k=lin[1], v=lin[2], num_heads=heads,
                            head_size=hidden // heads, scale=scale, mask=x if has_mask else None, context=context)
     rewrite_trt(graph, match, index, masks, prefix=f"tqc_xattn{index}")

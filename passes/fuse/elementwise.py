@@ -1,4 +1,4 @@
-"""GELU, LayerNorm and SkipLayerNormalization fusion.
+"""GELU, LayerNorm and SkipLayerNormalization fusion: the rules of ``elementwise_rules``, walked.
 
 GELU, exact (erf) form, any order of the final multiplications::
 
@@ -22,33 +22,183 @@ The contrib op is ORT CUDA's fastest form. On ORT CPU (1.30-1.32) its kernel is 
 Sum + LayerNormalization for a [1, 128, 384] input (0.145 vs 0.058 ms, 2 threads), 1.3 ms of MiniLM's
 8 ms INT8 run; and ORT's own SkipLayerNormFusion re-fuses Add + LayerNormalization into the slow op, but
 not Sum + LayerNormalization. ``sum`` is therefore ort-cpu's default form.
+
+Each rule is walked step by step (``walk``), a commutative step trying both operand orders; an anchor no rule
+matches gets a ``Miss``: the rule that got furthest and why it stopped (``--explain fuse``)::
+
+    Erf 'e' ─► Add(2) ─► ...      Miss("Erf 'e'", "erf", "step 2 (plus_one: Add(1) either order): Add 'a' adds 2, not 1")
+
+Every rewrite re-produces the old subgraph's output under its name (``rewrite.replace_output``/``produce``).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.match import (through_identity, constant_values, consumers, producer, scalar_value,
-                                   split_scalar_operand)
+from tqc.passes.fuse.elementwise_rules import (GELU_RULES, LAYERNORM_RULES, SKIP_LAYERNORM_RULES, GeluRule,
+                                               LayerNormRule, SkipLayerNormRule, Step)
+from tqc.passes.fuse.match import (NoMatch, through_identity, constant_values, consumers, describe, either_order,
+                                   other_operand, producer, scalar_value, split_scalar_operand)
+from tqc.passes.rewrite import detach, produce, replace_output
 
 
 def _close(value: float | None, target: float, tol: float = 1e-3) -> bool:
     return value is not None and abs(value - target) <= tol * max(1.0, abs(target))
 
 
-def _mul_chain(start: gs.Tensor, x: gs.Tensor) -> tuple[gs.Tensor, list[gs.Node]] | None:
-    """From t = (1 + erf|tanh), follow Muls until 0.5 * x * t is complete; returns (output, nodes)."""
-    factor, has_x, tensor, nodes = 1.0, False, start, []
-    while not (has_x and _close(factor, 0.5)):
+def _users(tensor: gs.Tensor) -> str:
+    return ", ".join(describe(u) for u in consumers(tensor)) or "nothing"
+
+
+@dataclass(frozen=True)
+class Walk:
+    """What a rule has bound so far; each step returns new ``Walk``s (one per operand-order alternative)."""
+
+    anchor: gs.Node
+    tensor: gs.Tensor | None = None          # where the next step starts
+    x: gs.Tensor | None = None               # the pattern's input
+    nodes: tuple[gs.Node, ...] = ()          # the nodes the pattern covers (so far)
+    bound: tuple[tuple[str, object], ...] = ()
+
+    def bind(self, tensor: gs.Tensor | None = None, x: gs.Tensor | None = None, nodes: Sequence[gs.Node] = (),
+             **bound: object) -> "Walk":
+        return replace(self, tensor=self.tensor if tensor is None else tensor, x=self.x if x is None else x,
+                       nodes=self.nodes + tuple(nodes), bound=self.bound + tuple(bound.items()))
+
+    def __getitem__(self, name: str) -> object:
+        return dict(self.bound)[name]
+
+
+StepFunction = Callable[[Step, Walk], list[Walk]]
+
+
+def walk(steps: tuple[Step, ...], start: Walk, kinds: dict[str, StepFunction], index: int = 0) -> Walk:
+    """Match ``steps`` from ``start``, depth first over each step's alternatives; the first complete walk wins.
+
+    A step function returns the alternatives that fit (a commutative step: up to one per operand order) or
+    raises ``NoMatch``; on a miss the reason of the deepest step is raised, with ``depth`` = that step's index."""
+    if index == len(steps):
+        return start
+    step = steps[index]
+    try:
+        alternatives = kinds[step.kind](step, start)
+    except NoMatch as miss:
+        raise NoMatch(f"step {index + 1} ({step}): {miss.reason}", index) from None
+    deepest: NoMatch | None = None
+    for alternative in alternatives:
+        try:
+            return walk(steps, alternative, kinds, index + 1)
+        except NoMatch as miss:
+            if deepest is None or miss.depth > deepest.depth:
+                deepest = miss
+    raise deepest if deepest is not None else NoMatch(f"step {index + 1} ({step}): no alternative", index)
+
+
+@dataclass
+class Miss:
+    """An anchor (Erf/Tanh, LayerNorm-shaped ReduceMean, residual Add) no rule matched: the closest rule, why."""
+
+    anchor: str
+    rule: str
+    reason: str
+
+
+def closest(rules: Sequence[GeluRule | LayerNormRule | SkipLayerNormRule], start: Walk,
+            kinds: dict[str, StepFunction]) -> tuple[object, Walk] | tuple[str, NoMatch]:
+    """The first rule that matches and its walk, else (the name of the rule that got furthest, its miss)."""
+    best: tuple[str, NoMatch] | None = None
+    for rule in rules:
+        try:
+            return rule, walk(rule.steps, start, kinds)
+        except NoMatch as miss:
+            if best is None or miss.depth > best[1].depth:
+                best = (rule.name, miss)
+    return best if best is not None else ("-", NoMatch("no rule", 0))
+
+
+# GELU ------------------------------------------------------------------------------------------------------
+
+
+def _scale_input(step: Step, w: Walk) -> list[Walk]:
+    pre = producer(w.anchor.inputs[0])
+    if pre is None or pre.op not in step.op:
+        raise NoMatch(f"expected {'/'.join(step.op)} by {step.value:.6g} before {describe(w.anchor)}, "
+                      f"found {describe(pre)}")
+    if pre.op == "Div":
+        divisor = scalar_value(pre.inputs[1])
+        orders = [(pre.inputs[0], 1.0 / divisor)] if divisor else []
+    else:
+        pairs = either_order(*pre.inputs) if step.commutative else [tuple(pre.inputs)]
+        orders = [(data, scalar_value(c)) for data, c in pairs if scalar_value(c) is not None]
+    fits = [w.bind(tensor=data, x=data, nodes=[pre, w.anchor]) for data, factor in orders
+            if _close(factor, step.value, step.tolerance)]
+    if not fits:
+        found = ", ".join(f"{factor:.6g}" for _, factor in orders) or "no scalar constant"
+        raise NoMatch(f"{describe(pre)} scales by {found}, not {step.value:.6g}")
+    return fits
+
+
+def _is_cube(power: gs.Node | None, x: gs.Tensor, step: Step) -> bool:
+    """Pow(x, 3) (``step.op`` Pow) or Mul(Mul(x, x), x) in either order (Mul)."""
+    if power is None or power.op not in step.op:
+        return False
+    if power.op == "Pow":
+        return power.inputs[0] is x and _close(scalar_value(power.inputs[1]), 3.0)
+    for square, single in either_order(*power.inputs):
+        inner = producer(square)
+        if single is x and inner is not None and inner.op == "Mul" and all(t is x for t in inner.inputs):
+            return True
+    return False
+
+
+def _cube_sum(step: Step, w: Walk) -> list[Walk]:
+    inner = producer(w.tensor)
+    if inner is None or inner.op != "Add":
+        raise NoMatch(f"expected Add(x, {step.value}·x³), found {describe(inner)}")
+    fits, found = [], []
+    for x, term in either_order(*inner.inputs) if step.commutative else [tuple(inner.inputs)]:
+        cube_mul = producer(term)
+        parts = split_scalar_operand(cube_mul) if cube_mul is not None and cube_mul.op == "Mul" else None
+        if parts is None:
+            found.append(f"{describe(cube_mul)} is no Mul by a constant")
+        elif not _close(parts[1], step.value, step.tolerance):
+            found.append(f"{describe(cube_mul)} multiplies by {parts[1]:.6g}, not {step.value}")
+        elif not _is_cube(producer(parts[0]), x, step):
+            found.append(f"{describe(producer(parts[0]))} is not {'Pow(x, 3)' if 'Pow' in step.op else 'x·x·x'}")
+        else:
+            fits.append(w.bind(x=x, nodes=[producer(parts[0]), cube_mul, inner]))
+    if not fits:
+        raise NoMatch(f"{describe(inner)}: {'; '.join(found)}")
+    return fits
+
+
+def _plus_one(step: Step, w: Walk) -> list[Walk]:
+    out = w.anchor.outputs[0]
+    users = consumers(out)
+    if len(users) != 1 or users[0].op != "Add":
+        raise NoMatch(f"expected one Add(·, 1) reading {describe(w.anchor)}, found {_users(out)}")
+    add = users[0]
+    value = scalar_value(other_operand(add, out))
+    if not _close(value, step.value, step.tolerance):
+        raise NoMatch(f"{describe(add)} adds {'a non-constant' if value is None else f'{value:.6g}'}, not 1")
+    return [w.bind(tensor=add.outputs[0], nodes=[add])]
+
+
+def _half_product(step: Step, w: Walk) -> list[Walk]:
+    """From t = (1 + erf|tanh), follow Muls until 0.5 * x * t is complete (any order and grouping)."""
+    x = w.x
+    factor, has_x, tensor, nodes = 1.0, False, w.tensor, []
+    while not (has_x and _close(factor, step.value)):
         users = consumers(tensor)
+        so_far = f"{factor:.6g}·{'x·' if has_x else ''}(1 + ·)"
         if len(users) != 1 or users[0].op != "Mul":
-            return None
+            raise NoMatch(f"the product is {so_far}; expected one Mul next, found {_users(tensor)}")
         node = users[0]
-        other = node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
+        other = other_operand(node, tensor)
         if other is x and not has_x:
             has_x = True
         elif scalar_value(other) is not None:
@@ -57,107 +207,80 @@ def _mul_chain(start: gs.Tensor, x: gs.Tensor) -> tuple[gs.Tensor, list[gs.Node]
             inner = producer(other)
             parts = split_scalar_operand(inner) if inner is not None and inner.op in ("Mul", "Div") else None
             if parts is None or parts[0] is not x or has_x:
-                return None
+                raise NoMatch(f"the product is {so_far}; {describe(node)} multiplies by '{other.name}', neither "
+                              f"x{'' if has_x else ' (again)'} nor a constant")
             has_x, factor = True, factor * parts[1]
             if len(consumers(other)) == 1:
                 nodes.append(inner)
         nodes.append(node)
         tensor = node.outputs[0]
         if len(nodes) > 4:
-            return None
-    return tensor, nodes
+            raise NoMatch(f"more than 4 Muls without reaching 0.5·x·(1 + ·) (at {factor:.6g}·x·(1 + ·))")
+    return [w.bind(tensor=tensor, nodes=nodes)]
 
 
-def _plus_one(tensor: gs.Tensor) -> gs.Node | None:
-    users = consumers(tensor)
-    if len(users) == 1 and users[0].op == "Add":
-        node = users[0]
-        other = node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
-        if _close(scalar_value(other), 1.0, 1e-6):
-            return node
-    return None
+GELU_STEPS: dict[str, StepFunction] = {"scale_input": _scale_input, "cube_sum": _cube_sum, "plus_one": _plus_one,
+                                       "half_product": _half_product}
 
 
-def match_gelu(node: gs.Node):
-    """For an Erf or Tanh node: (x, output, nodes, approximate) when it is the core of a GELU."""
-    if node.op == "Erf":
-        pre = producer(node.inputs[0])
-        parts = split_scalar_operand(pre) if pre is not None and pre.op in ("Mul", "Div") else None
-        if parts is None or not _close(parts[1], 1 / math.sqrt(2)):
-            return None
-        x, approximate, nodes = parts[0], "none", [pre, node]
-    elif node.op == "Tanh":
-        pre = producer(node.inputs[0])
-        parts = split_scalar_operand(pre) if pre is not None and pre.op == "Mul" else None
-        if parts is None or not _close(parts[1], math.sqrt(2 / math.pi)):
-            return None
-        inner = producer(parts[0])
-        if inner is None or inner.op != "Add":
-            return None
-        x = None
-        for a, b in ((inner.inputs[0], inner.inputs[1]), (inner.inputs[1], inner.inputs[0])):
-            cube_mul = producer(b)
-            cube_parts = split_scalar_operand(cube_mul) if cube_mul is not None and cube_mul.op == "Mul" else None
-            if cube_parts and _close(cube_parts[1], 0.044715):
-                power = producer(cube_parts[0])
-                if power is not None and power.op == "Pow" and power.inputs[0] is a and _close(
-                        scalar_value(power.inputs[1]), 3.0):
-                    x, nodes = a, [power, cube_mul, inner, pre, node]
-                elif power is not None and power.op == "Mul" and a in power.inputs:
-                    # x*x*x spelled as Mul(Mul(x, x), x)
-                    x, nodes = a, [power, cube_mul, inner, pre, node]
-        if x is None:
-            return None
-        approximate = "tanh"
-    else:
-        return None
-    add_one = _plus_one(node.outputs[0])
-    if add_one is None:
-        return None
-    chain = _mul_chain(add_one.outputs[0], x)
-    if chain is None:
-        return None
-    output, muls = chain
-    return x, output, nodes + [add_one] + muls, approximate
+@dataclass
+class GeluMatch:
+    rule: GeluRule
+    x: gs.Tensor
+    output: gs.Tensor
+    nodes: tuple[gs.Node, ...]
 
 
-def _bias_split(x: gs.Tensor):
-    """x = Add(MatMul(...), constant 1-D bias) used only by the GELU: (matmul output, bias values)."""
+def match_gelu(node: gs.Node) -> GeluMatch | Miss:
+    """For an Erf or Tanh node: the GELU it is the core of, else the closest rule and why it stopped."""
+    rules = [r for r in GELU_RULES if r.anchor == node.op]
+    if not rules:
+        return Miss(describe(node), "-", f"no GELU rule starts at {node.op}")
+    rule, found = closest(rules, Walk(node), GELU_STEPS)
+    if isinstance(found, NoMatch):
+        return Miss(describe(node), rule, found.reason)
+    return GeluMatch(rule, found.x, found.tensor, found.nodes)
+
+
+def _bias_split(x: gs.Tensor) -> tuple[gs.Tensor, np.ndarray, gs.Node] | None:
+    """x = Add(MatMul(...), constant 1-D bias), either order: (matmul output, bias values, the Add)."""
     node = producer(x)
     if node is None or node.op != "Add":
         return None
-    for data, other in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+    for data, other in either_order(*node.inputs):
         values = constant_values(other)
         if values is not None and values.ndim == 1 and producer(data) is not None and producer(data).op == "MatMul":
             return data, values.astype(np.float32), node
     return None
 
 
-def fuse_gelu(graph: gs.Graph, target: str, opset: int) -> tuple[int, str | None]:
-    """Returns (count, reason when nothing could be fused for this target)."""
-    found = [(n, m) for n in list(graph.nodes) if n.op in ("Erf", "Tanh") for m in [match_gelu(n)] if m]
+def fuse_gelu(graph: gs.Graph, target: str, opset: int) -> tuple[int, str | None, list[Miss]]:
+    """Returns (count, reason when nothing could be fused for this target, the Erf/Tanh nodes no rule matched)."""
+    found: list[GeluMatch] = []
+    misses: list[Miss] = []
+    for node in list(graph.nodes):
+        if node.op in ("Erf", "Tanh"):
+            result = match_gelu(node)
+            (found if isinstance(result, GeluMatch) else misses).append(result)
     if target == "trt" and opset < 20:
-        return 0, f"opset {opset} has no Gelu op (opset 20); TensorRT fuses the {len(found)} Erf/Tanh GELUs itself"
-    count = 0
-    for index, (_, (x, output, nodes, approximate)) in enumerate(found):
-        old = producer(output)
-        old.outputs = [gs.Variable(f"{output.name}_tqc_detached")]
+        return 0, (f"opset {opset} has no Gelu op (opset 20); TensorRT fuses the {len(found)} Erf/Tanh GELUs "
+                   "itself"), misses
+    for index, match in enumerate(found):
+        rule, x, name = match.rule, match.x, f"tqc_gelu{index}"
         if target == "trt":
-            graph.nodes.append(gs.Node("Gelu", f"tqc_gelu{index}", attrs={"approximate": approximate},
-                                       inputs=[x], outputs=[output]))
+            replace_output(graph, match.output, "Gelu", name, [x], attrs={"approximate": rule.approximate})
+            continue
+        biased = _bias_split(x)
+        if biased is not None and all(any(c is n for n in match.nodes) for c in consumers(x)):
+            data, bias, _ = biased
+            op, inputs = rule.ort_biased_op, [data, gs.Constant(f"{name}_bias", bias)]
         else:
-            biased = _bias_split(x)
-            op = "BiasGelu" if approximate == "none" else "FastGelu"
-            if biased is not None and all(any(c is n for n in nodes) for c in consumers(x)):
-                data, bias, _ = biased
-                inputs = [data, gs.Constant(f"tqc_gelu{index}_bias", bias)]
-            elif approximate == "none":
-                op, inputs = "Gelu", [x]
-            else:
-                inputs = [x]
-            graph.nodes.append(gs.Node(op, f"tqc_gelu{index}", inputs=inputs, outputs=[output], domain="com.microsoft"))
-        count += 1
-    return count, None
+            op, inputs = rule.ort_op, [x]
+        replace_output(graph, match.output, op, name, inputs, domain="com.microsoft")
+    return len(found), None, misses
+
+
+# LayerNorm -------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -170,6 +293,7 @@ class LayerNormMatch:
     epsilon: float
     last: gs.Node        # the node producing the normalized output
     decomposed: bool
+    nodes: tuple[gs.Node, ...] = field(default=())   # a decomposition's nodes
 
     @property
     def own_consumers_of_x(self) -> int:
@@ -185,44 +309,103 @@ def _last_axis_mean(node: gs.Node | None, x: gs.Tensor | None = None) -> bool:
     return axes is not None and list(np.asarray(axes).reshape(-1)) == [-1] and node.attrs.get("keepdims", 1) == 1
 
 
-def match_decomposed_layernorm(add_beta: gs.Node) -> LayerNormMatch | None:
+def _constant_vector(tensor: gs.Tensor) -> bool:
+    values = constant_values(tensor)
+    return values is not None and values.ndim == 1
+
+
+def _expect(tensor: gs.Tensor, step: Step) -> gs.Node:
+    node = producer(tensor)
+    if node is None or node.op not in step.op:
+        raise NoMatch(f"expected {'/'.join(step.op)} producing '{tensor.name}', found {describe(node)}")
+    return node
+
+
+def _operand_pairs(node: gs.Node, step: Step) -> list[tuple[gs.Tensor, gs.Tensor]]:
+    return list(either_order(*node.inputs)) if step.commutative else [tuple(node.inputs)]
+
+
+def _shift(step: Step, w: Walk) -> list[Walk]:
+    add = w.anchor
+    if add.op not in step.op or len(add.inputs) != 2:
+        raise NoMatch(f"{describe(add)} is no two-input Add")
+    fits = [w.bind(tensor=scaled, beta=beta, nodes=[add]) for scaled, beta in _operand_pairs(add, step)
+            if _constant_vector(beta)]
+    if not fits:
+        raise NoMatch(f"neither operand of {describe(add)} is a constant 1-D β")
+    return fits
+
+
+def _scale(step: Step, w: Walk) -> list[Walk]:
+    mul = _expect(w.tensor, step)
+    fits = [w.bind(tensor=normalized, gamma=gamma, nodes=[mul]) for normalized, gamma in _operand_pairs(mul, step)
+            if _constant_vector(gamma)]
+    if not fits:
+        raise NoMatch(f"neither operand of {describe(mul)} is a constant 1-D γ")
+    return fits
+
+
+def _normalize(step: Step, w: Walk) -> list[Walk]:
+    div = _expect(w.tensor, step)
+    centered, root = div.inputs
+    return [w.bind(tensor=centered, centered=centered, root=root, nodes=[div])]
+
+
+def _center(step: Step, w: Walk) -> list[Walk]:
+    sub = _expect(w.tensor, step)
+    x, mean = sub.inputs[0], producer(sub.inputs[1])
+    if not _last_axis_mean(mean, x):
+        raise NoMatch(f"{describe(sub)} subtracts {describe(mean)}, not ReduceMean(x, axes=[-1], keepdims=1) of "
+                      f"its first operand '{x.name}'")
+    return [w.bind(tensor=w["root"], x=x, mean=mean, nodes=[sub, mean])]
+
+
+def _root(step: Step, w: Walk) -> list[Walk]:
+    sqrt = _expect(w.tensor, step)
+    return [w.bind(tensor=sqrt.inputs[0], nodes=[sqrt])]
+
+
+def _epsilon(step: Step, w: Walk) -> list[Walk]:
+    add = _expect(w.tensor, step)
+    fits = [w.bind(tensor=variance, epsilon=scalar_value(eps), nodes=[add])
+            for variance, eps in _operand_pairs(add, step) if scalar_value(eps) is not None]
+    if not fits:
+        raise NoMatch(f"neither operand of {describe(add)} is a scalar constant ε")
+    return fits
+
+
+def _variance(step: Step, w: Walk) -> list[Walk]:
+    mean = producer(w.tensor)
+    if not _last_axis_mean(mean):
+        raise NoMatch(f"expected ReduceMean(axes=[-1], keepdims=1) producing '{w.tensor.name}', found {describe(mean)}")
+    return [w.bind(tensor=mean.inputs[0], nodes=[mean])]
+
+
+def _square(step: Step, w: Walk) -> list[Walk]:
+    square, centered = _expect(w.tensor, step), w["centered"]
+    if square.inputs[0] is not centered:
+        raise NoMatch(f"{describe(square)} squares '{square.inputs[0].name}', not x - mean ('{centered.name}')")
+    if square.op == "Pow" and not _close(scalar_value(square.inputs[1]), step.value, step.tolerance):
+        raise NoMatch(f"{describe(square)} raises to {scalar_value(square.inputs[1])}, not {step.value:g}")
+    if square.op == "Mul" and square.inputs[1] is not centered:
+        raise NoMatch(f"{describe(square)} multiplies x - mean by '{square.inputs[1].name}', not by itself")
+    return [w.bind(nodes=[square])]
+
+
+LAYERNORM_STEPS: dict[str, StepFunction] = {"shift": _shift, "scale": _scale, "normalize": _normalize,
+                                            "center": _center, "root": _root, "epsilon": _epsilon,
+                                            "variance": _variance, "square": _square}
+
+
+def match_decomposed_layernorm(add_beta: gs.Node) -> LayerNormMatch | Miss:
     """Add(Mul(Div(x - mean(x), Sqrt(mean((x - mean(x))^2) + eps)), gamma), beta), as opset < 17 exports
-    write LayerNorm (torch's legacy exporter: ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add)."""
-    if add_beta.op != "Add" or len(add_beta.inputs) != 2:
-        return None
-    for scaled, beta in ((add_beta.inputs[0], add_beta.inputs[1]), (add_beta.inputs[1], add_beta.inputs[0])):
-        mul = producer(scaled)
-        beta_values = constant_values(beta)
-        if mul is None or mul.op != "Mul" or beta_values is None or beta_values.ndim != 1:
-            continue
-        for normalized, gamma in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
-            div = producer(normalized)
-            gamma_values = constant_values(gamma)
-            if div is None or div.op != "Div" or gamma_values is None or gamma_values.ndim != 1:
-                continue
-            centered, root = div.inputs
-            sub, sqrt = producer(centered), producer(root)
-            if sub is None or sub.op != "Sub" or sqrt is None or sqrt.op != "Sqrt":
-                continue
-            x = sub.inputs[0]
-            if not _last_axis_mean(producer(sub.inputs[1]), x):
-                continue
-            add_eps = producer(sqrt.inputs[0])
-            if add_eps is None or add_eps.op != "Add":
-                continue
-            variance, eps = add_eps.inputs
-            if scalar_value(eps) is None:
-                variance, eps = eps, variance
-            epsilon = scalar_value(eps)
-            mean_sq = producer(variance)
-            square = producer(mean_sq.inputs[0]) if _last_axis_mean(mean_sq) else None
-            if epsilon is None or square is None or square.inputs[0] is not centered:
-                continue
-            if not ((square.op == "Pow" and scalar_value(square.inputs[1]) == 2.0) or
-                    (square.op == "Mul" and square.inputs[1] is centered)):
-                continue
-            return LayerNormMatch(x, gamma, beta, epsilon, add_beta, decomposed=True)
-    return None
+    write LayerNorm (torch's legacy exporter: ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add);
+    else the closest rule and why it stopped."""
+    rule, found = closest(LAYERNORM_RULES, Walk(add_beta), LAYERNORM_STEPS)
+    if isinstance(found, NoMatch):
+        return Miss(describe(add_beta), rule, found.reason)
+    return LayerNormMatch(found.x, found["gamma"], found["beta"], found["epsilon"], add_beta, decomposed=True,
+                          nodes=found.nodes)
 
 
 def layernorm_matches(graph: gs.Graph) -> list[LayerNormMatch]:
@@ -236,69 +419,139 @@ def layernorm_matches(graph: gs.Graph) -> list[LayerNormMatch]:
                                           float(node.attrs.get("epsilon", 1e-5)), node, decomposed=False))
         elif node.op == "Add":
             match = match_decomposed_layernorm(node)
-            if match is not None:
+            if isinstance(match, LayerNormMatch):
                 matches.append(match)
     return matches
 
 
-def fuse_layernorm(graph: gs.Graph) -> int:
-    """Decomposed LayerNorms -> LayerNormalization (opset >= 17 only: older opsets have no such op)."""
-    if int(graph.opset) < 17:
-        return 0
+def layernorm_candidates(graph: gs.Graph) -> list[gs.Node]:
+    """LayerNorm-shaped ReduceMeans: mean(x) over the last axis, subtracted from that x by a Sub."""
+    return [n for n in graph.nodes if _last_axis_mean(n) and
+            any(u.op == "Sub" and u.inputs[0] is n.inputs[0] and u.inputs[1] is n.outputs[0]
+                for u in consumers(n.outputs[0]))]
+
+
+def _spine_adds(mean: gs.Node) -> list[gs.Node]:
+    """The Adds a LayerNorm's centered x reaches through Div then Mul (where its β Add should be)."""
+    tensors = [u.outputs[0] for u in consumers(mean.outputs[0]) if u.op == "Sub"]
+    for op in ("Div", "Mul"):
+        tensors = [u.outputs[0] for t in tensors for u in consumers(t) if u.op == op]
+    return [u for t in tensors for u in consumers(t) if u.op == "Add"]
+
+
+def explain_layernorm(mean: gs.Node, limit: int = 32) -> Miss:
+    """Why the LayerNorm-shaped ``mean`` is no decomposed LayerNorm: the Adds after it (those on the
+    Sub-Div-Mul spine first, then any within ``limit`` nodes) are tried as the LayerNorm's end (its β Add); the
+    rule that got furthest from any of them (on a tie, the earlier Add)."""
+    candidates = _spine_adds(mean)
+    frontier, seen = [mean], {id(mean)}
+    while frontier and len(seen) <= limit:
+        node = frontier.pop(0)
+        for user in (u for out in node.outputs for u in consumers(out)):
+            if id(user) not in seen and len(seen) <= limit:
+                seen.add(id(user))
+                frontier.append(user)
+                if user.op == "Add" and all(user is not c for c in candidates):
+                    candidates.append(user)
+    best: tuple[str, NoMatch] | None = None
+    for add in candidates:
+        rule, found = closest(LAYERNORM_RULES, Walk(add), LAYERNORM_STEPS)
+        if isinstance(found, NoMatch) and (best is None or found.depth > best[1].depth):
+            best = (rule, found)
+    if best is None:
+        return Miss(describe(mean), LAYERNORM_RULES[0].name, f"no Add (β) follows within {limit} nodes: not a "
+                    "LayerNorm")
+    return Miss(describe(mean), best[0], best[1].reason)
+
+
+def fuse_layernorm(graph: gs.Graph) -> tuple[int, list[Miss]]:
+    """Decomposed LayerNorms -> LayerNormalization (opset >= 17 only: older opsets have no such op).
+
+    Returns (count, the LayerNorm-shaped ReduceMeans no rule matched, at any opset)."""
     count = 0
-    for match in [m for m in layernorm_matches(graph) if m.decomposed]:
-        out = match.last.outputs[0]
-        match.last.outputs = [gs.Variable(f"{out.name}_tqc_detached")]
-        graph.nodes.append(gs.Node("LayerNormalization", f"tqc_layernorm{count}",
-                                   attrs={"axis": -1, "epsilon": match.epsilon},
-                                   inputs=[match.x, through_identity(match.gamma), through_identity(match.beta)],
-                                   outputs=[out]))
+    matches = [m for m in layernorm_matches(graph) if m.decomposed]
+    covered = {id(n) for m in matches for n in m.nodes}
+    misses = [explain_layernorm(n) for n in layernorm_candidates(graph) if id(n) not in covered]
+    if int(graph.opset) < 17:
+        return 0, misses
+    for match in matches:
+        replace_output(graph, match.last.outputs[0], "LayerNormalization", f"tqc_layernorm{count}",
+                       [match.x, through_identity(match.gamma), through_identity(match.beta)],
+                       attrs={"axis": -1, "epsilon": match.epsilon})
         count += 1
-    return count
+    return count, misses
 
 
-def fuse_skip_layernorm(graph: gs.Graph, form: str = "contrib") -> int:
+# Residual LayerNorm ----------------------------------------------------------------------------------------
+
+
+def _affine_constant(step: Step, w: Walk) -> list[Walk]:
+    match: LayerNormMatch = w["layernorm"]
+    if constant_values(match.gamma) is None or constant_values(match.beta) is None:
+        raise NoMatch(f"{describe(match.last)} has a computed γ or β")
+    return [w]
+
+
+def _residual_add(step: Step, w: Walk) -> list[Walk]:
+    match: LayerNormMatch = w["layernorm"]
+    add = _expect(match.x, step)
+    readers = len(consumers(add.outputs[0]))
+    if readers != match.own_consumers_of_x:
+        raise NoMatch(f"{describe(add)} is read by {readers} nodes, not only by the LayerNorm")
+    if any(isinstance(t, gs.Constant) for t in add.inputs):
+        raise NoMatch(f"{describe(add)} adds a constant")
+    return [w.bind(residual_add=add, nodes=[add])]
+
+
+def _bias_projection(step: Step, w: Walk) -> list[Walk]:
+    """The first operand order whose first operand is a biased projection (no second try on a later miss)."""
+    add: gs.Node = w["residual_add"]
+    pairs = [(a, b) for a, b in _operand_pairs(add, step) if _bias_split(a) is not None]
+    if not pairs:
+        raise NoMatch(f"neither operand of {describe(add)} is Add(MatMul, b) with a constant 1-D b (an embedding "
+                      "sum, or a residual without a biased projection)")
+    projection, residual = pairs[0]
+    readers = len(consumers(projection))
+    if readers != 1:
+        raise NoMatch(f"the projection '{projection.name}' is read by {readers} nodes")
+    data, bias, bias_add = _bias_split(projection)
+    return [w.bind(x=data, residual=residual, bias=bias, nodes=[bias_add])]
+
+
+SKIP_LAYERNORM_STEPS: dict[str, StepFunction] = {"affine_constant": _affine_constant, "residual_add": _residual_add,
+                                                 "bias_projection": _bias_projection}
+
+
+def fuse_skip_layernorm(graph: gs.Graph, form: str = "contrib") -> tuple[int, list[Miss]]:
     """Fuse residual LayerNorms into ``form``: 'contrib' (SkipLayerNormalization) or 'sum' (see above).
 
     LayerNorms written out in primitives (opset < 17 exports) are matched too; there the 'sum' form has no
-    LayerNormalization op to use, so they become SkipLayerNormalization whatever the form.
+    LayerNormalization op to use, so they become SkipLayerNormalization whatever the form. Returns (count,
+    the residual Adds before a LayerNorm that no rule matched).
     """
     count = 0
+    misses: list[Miss] = []
     can_sum = int(graph.opset) >= 17
     for match in layernorm_matches(graph):
         ln = match.last
-        if constant_values(match.gamma) is None or constant_values(match.beta) is None:
+        rule, found = closest(SKIP_LAYERNORM_RULES, Walk(ln, bound=(("layernorm", match),)), SKIP_LAYERNORM_STEPS)
+        if isinstance(found, NoMatch):
+            add = producer(match.x)
+            if add is not None and add.op == "Add":
+                where = f"the LayerNorm ending at {describe(ln)}" if match.decomposed else describe(ln)
+                misses.append(Miss(f"{describe(add)} before {where}", rule, found.reason))
             continue
-        add = producer(match.x)
-        if add is None or add.op != "Add" or len(consumers(add.outputs[0])) != match.own_consumers_of_x:
-            continue
-        a, b = add.inputs
-        if isinstance(a, gs.Constant) or isinstance(b, gs.Constant):
-            continue
-        # Only residual blocks: one side is a biased projection (full [B, S, H]), the other the residual.
-        # Embedding sums are left alone: a position embedding may broadcast from [1, S, H].
-        biased = _bias_split(a)
-        if biased is None:
-            biased = _bias_split(b)
-            if biased is not None:
-                a, b = b, a
-        if biased is None or len(consumers(a)) != 1:
-            continue
-        data, bias, _ = biased
-        inputs = [data, b, through_identity(match.gamma), through_identity(match.beta),
-                  gs.Constant(f"tqc_skipln{count}_bias", bias)]
-        out = ln.outputs[0]
-        ln.outputs = [gs.Variable(f"{out.name}_tqc_detached")]
-        epsilon = match.epsilon
+        name = f"tqc_skipln{count}"
+        gamma, beta = through_identity(match.gamma), through_identity(match.beta)
+        bias = gs.Constant(f"{name}_bias", found["bias"])
+        out = detach(ln.outputs[0])
         if form == "sum" and can_sum:
-            total = gs.Variable(f"tqc_skipln{count}_sum", dtype=out.dtype)
-            graph.nodes += [
-                gs.Node("Sum", f"tqc_skipln{count}_Sum", inputs=[inputs[0], inputs[1], inputs[4]], outputs=[total]),
-                gs.Node("LayerNormalization", f"tqc_skipln{count}", attrs={"axis": -1, "epsilon": epsilon},
-                        inputs=[total, inputs[2], inputs[3]], outputs=[out]),
-            ]
+            total = gs.Variable(f"{name}_sum", dtype=out.dtype)
+            produce(graph, "Sum", f"{name}_Sum", [found.x, found["residual"], bias], [total])
+            produce(graph, "LayerNormalization", name, [total, gamma, beta], [out],
+                    attrs={"axis": -1, "epsilon": match.epsilon})
         else:
-            graph.nodes.append(gs.Node("SkipLayerNormalization", f"tqc_skipln{count}", domain="com.microsoft",
-                                       attrs={"epsilon": epsilon}, inputs=inputs, outputs=[out]))
+            produce(graph, "SkipLayerNormalization", name, [found.x, found["residual"], gamma, beta, bias], [out],
+                    attrs={"epsilon": match.epsilon}, domain="com.microsoft")
         count += 1
-    return count
+    return count, misses

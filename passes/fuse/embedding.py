@@ -38,6 +38,7 @@ import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.elementwise import layernorm_matches
 from tqc.passes.fuse.match import through_identity, constant_values, consumers, producer
+from tqc.passes.rewrite import detach, produce
 
 # Ops whose output elements are all elements of their first input (selection, replication, reshaping).
 _ELEMENT_PRESERVING = ("Expand", "Slice", "Gather", "GatherElements", "GatherND", "Reshape", "Unsqueeze", "Squeeze",
@@ -249,24 +250,22 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
         if plan.constant_rows:
             folded = constant_values(position_table).astype(np.float32) + sum(plan.constant_rows)
             position_table = gs.Constant(f"{position_table.name}_tqc_with_constant_rows", folded.astype(np.float32))
-        out = ln.outputs[0]
-        ln.outputs = [gs.Variable(f"{out.name}_tqc_detached")]
+        out = detach(ln.outputs[0])  # re-produced, same name, by the EmbedLayerNormalization below
         empty = gs.Variable.empty()
 
         def int32(t: gs.Tensor) -> gs.Tensor:  # the op takes int32 ids and masks
             if t.dtype == np.int32:
                 return t
             cast = gs.Variable(f"{t.name}_int32", dtype=np.int32)
-            graph.nodes.append(gs.Node("Cast", f"tqc_{t.name}_to_int32", attrs={"to": 6}, inputs=[t], outputs=[cast]))
+            produce(graph, "Cast", f"tqc_{t.name}_to_int32", [t], [cast], attrs={"to": 6})
             return cast
 
         position_ids = plan.position_ids
         if position_ids is not None and position_ids.shape is not None and len(position_ids.shape) == 1:
             unsqueezed = gs.Variable(f"{position_ids.name}_tqc_2d", dtype=position_ids.dtype)
-            graph.nodes.append(gs.Node("Unsqueeze", f"tqc_{position_ids.name}_unsqueeze",
-                                       inputs=[position_ids, gs.Constant(f"tqc_{position_ids.name}_axes",
-                                                                         np.array([0], np.int64))],
-                                       outputs=[unsqueezed]))
+            produce(graph, "Unsqueeze", f"tqc_{position_ids.name}_unsqueeze",
+                    [position_ids, gs.Constant(f"tqc_{position_ids.name}_axes", np.array([0], np.int64))],
+                    [unsqueezed])
             position_ids = unsqueezed
         op_inputs = [int32(plan.ids), int32(plan.segment_ids) if plan.segment else empty,
                      through_identity(plan.word.inputs[0]), position_table,
@@ -277,7 +276,7 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
             op_inputs.append(int32(mask) if mask is not None else gs.Variable.empty())
         if position_ids is not None:
             op_inputs.append(int32(position_ids))
-        graph.nodes.append(gs.Node("EmbedLayerNormalization", "tqc_embed_layernorm", domain="com.microsoft",
-                                   attrs={"epsilon": match.epsilon}, inputs=op_inputs, outputs=[out, mask_index]))
+        produce(graph, "EmbedLayerNormalization", "tqc_embed_layernorm", op_inputs, [out, mask_index],
+                attrs={"epsilon": match.epsilon}, domain="com.microsoft")
         return 1, (mask_index if mask is not None else None), None
     return 0, None, reason

@@ -1,8 +1,16 @@
-"""Small helpers for walking an onnx-graphsurgeon graph backwards and saying why a walk stopped."""
+"""Small helpers for walking an onnx-graphsurgeon graph backwards and saying why a walk stopped.
+
+Operand order is declared, never spelled out: a commutative node (Add, Mul) is matched through
+``either_order(a, b)``, which yields ``(a, b)`` then ``(b, a)`` (onnxscript's commute); a rule takes the first
+order that fits, or tries the next when a later step fails::
+
+    Add(MatMul, b)  and  Add(b, MatMul)    ──►   for data, bias in either_order(*add.inputs): ...
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -15,6 +23,17 @@ class NoMatch(Exception):
         super().__init__(reason)
         self.reason = reason
         self.depth = depth
+
+
+def either_order(a: gs.Tensor, b: gs.Tensor) -> Iterator[tuple[gs.Tensor, gs.Tensor]]:
+    """The operand-order alternatives of a commutative binary node: ``(a, b)``, then ``(b, a)``."""
+    yield a, b
+    yield b, a
+
+
+def other_operand(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor:
+    """The operand of a binary node that is not ``tensor`` (the second one when both are)."""
+    return next((other for first, other in either_order(*node.inputs) if first is tensor), node.inputs[0])
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -165,10 +184,9 @@ def split_scalar_operand(node: gs.Node) -> tuple[gs.Tensor, float] | None:
         return None
     a, b = node.inputs
     if node.op == "Mul":
-        if scalar_value(b) is not None:
-            return a, scalar_value(b)
-        if scalar_value(a) is not None:
-            return b, scalar_value(a)
+        for data, factor in either_order(a, b):
+            if scalar_value(factor) is not None:
+                return data, scalar_value(factor)
     if node.op == "Div" and scalar_value(b) is not None and scalar_value(b) != 0:
         return a, 1.0 / scalar_value(b)
     return None
@@ -212,8 +230,7 @@ def match_linear(tensor: gs.Tensor, what: str, depth: int) -> Linear:
     add = None
     bias = None
     if node is not None and node.op == "Add":
-        a, b = node.inputs
-        for data, other in ((a, b), (b, a)):
+        for data, other in either_order(*node.inputs):
             values = constant_values(other)
             if values is not None and values.ndim == 1 and producer(data) is not None and producer(data).op == "MatMul":
                 add, bias, node = node, values.astype(np.float32), producer(data)
