@@ -13,13 +13,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from tqc.compiler.core.target import fusion_target, uses_contrib_ops
 from tqc.compiler.io.graph import ensure_domain
 from tqc.passes.base import NO_CONTRIB_OPS, Option, Pass, PassContext, PassResult, Tolerance, parse_bool
 from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
 from tqc.passes.fuse.elementwise import Miss, fuse_gelu, fuse_layernorm, fuse_skip_layernorm
 from tqc.passes.fuse.embedding import fuse_embed_layernorm
 from tqc.passes.fuse.match import NoMatch
-from tqc.passes.qdq.openvino import fusion_target
 from tqc.passes.registry import register
 from tqc.passes.rewrite import cleanup, drop, redirect
 
@@ -99,7 +99,7 @@ class Fuse(Pass):
             mask_format = "end" if target == "ort-cuda" else "raw"
         masks = MaskCache(graph)
         stats["embed_layernorm"] = 0
-        if target != "trt" and self.values["embed_layernorm"]:
+        if uses_contrib_ops(target) and self.values["embed_layernorm"]:
             wants_end = mask_format == "end" and masks.source() is not None
             count, mask_index, reason = fuse_embed_layernorm(graph, masks.source() if wants_end else None)
             stats["embed_layernorm"] = count
@@ -112,14 +112,14 @@ class Fuse(Pass):
                      "keeps the embedding Gathers and LayerNorm")
         if self.values["attention"]:
             matches, misses = find_attention(graph, mask_input_names(graph))
-            if target != "trt" and matches and any(m.mask is not None for m in matches):
+            if uses_contrib_ops(target) and matches and any(m.mask is not None for m in matches):
                 stats["mask"] = mask_format
                 if mask_format == "end":
                     ctx.note("fuse: attention masks given as token counts (right padding); use fuse{mask=raw} "
                              "for left-padded inputs")
             for index, match in enumerate(matches):
                 try:
-                    if target == "trt":
+                    if not uses_contrib_ops(target):
                         rewrite_trt(graph, match, index, masks)
                     else:
                         rewrite_ort(graph, match, index, masks, mask_format)
@@ -166,13 +166,13 @@ class Fuse(Pass):
             ctx.note(f"fuse: skip_layernorm=sum needs LayerNormalization (opset 17); opset {opset} gets "
                      "SkipLayerNormalization")
             skip_form = "contrib"
-        if target != "trt" and skip_form != "off":
+        if uses_contrib_ops(target) and skip_form != "off":
             stats["skip_layernorm"], skip_misses = fuse_skip_layernorm(graph, skip_form)
             explain_misses(ctx, "skip_layernorm", skip_misses)
             stats["skip_layernorm_form"] = skip_form
             cleanup(graph)
         stats["layernorm"] = sum(1 for n in graph.nodes if n.op == "LayerNormalization")
-        if target != "trt" and any(n.domain == "com.microsoft" for n in graph.nodes):
+        if uses_contrib_ops(target) and any(n.domain == "com.microsoft" for n in graph.nodes):
             ensure_domain(graph, "com.microsoft", 1)
         modified = fused > 0 or stats["gelu"] > 0 or stats["skip_layernorm"] > 0 or stats["embed_layernorm"] > 0 or \
             stats["layernorm_fused"] > 0

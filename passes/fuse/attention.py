@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from tqc.compiler.core.target import input_role_by_name
 from tqc.passes.fuse.attention_rules import RULES, AttentionRule, Step
 from tqc.passes.fuse.match import (Linear, NoMatch, ancestors_reach, consumers, constant_values, describe,
                                    match_linear, producer, split_scalar_operand)
@@ -237,9 +238,9 @@ def _indexes_a_gather(tensor: gs.Tensor) -> bool:
 
 
 def mask_input_names(graph: gs.Graph) -> set[str]:
-    """The attention-mask inputs: those named ``*mask*``; else, by role, the 2-D integer or boolean inputs
+    """The attention-mask inputs: those whose name says so (``core.target.input_role_by_name``); else, by role, the 2-D integer or boolean inputs
     that index no embedding Gather (a user's ``ids, attn`` signature)."""
-    named = {t.name for t in graph.inputs if "mask" in t.name.lower()}
+    named = {t.name for t in graph.inputs if input_role_by_name(t.name) == "attention_mask"}
     if named:
         return named
     return {t.name for t in graph.inputs

@@ -25,8 +25,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.compiler.core.target import fusion_target  # noqa: F401  (fuse reads it from here until it asks target)
-
 TARGET = "openvino"
 
 
