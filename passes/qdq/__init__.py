@@ -1,16 +1,10 @@
 """``qdq``: insert QuantizeLinear/DequantizeLinear from a calibration table, with placement per target.
 
-Before                                 After (--target trt)
-  x ─► MatMul(W) ─► y                    x ─► Q(s_x, 0) ─► DQ ─► MatMul ─► y
-                                         W_int8 ─► DQ(s_w per output channel, axis 1) ─┘
-  probs ─► MatMul(V)                     probs ─► Q/DQ ─► MatMul ◄─ DQ ◄─ Q ◄─ V   (INT8 MHA: head size 16/32/64)
+    x ─► MatMul(W) ─► y      ->      x ─► Q ─► DQ ─► MatMul ─► y
+                                     W_int8 ─► DQ (per output channel) ─┘
 
-After (--target ort-cpu|ort-cuda)
-  x ─► Q(u8, s, zp) ─► DQ ─► MatMul      one Q/DQ pair per consumer (ORT fuses DQ->MatMul into
-  W_int8 ─► DQ(axis 1) ───────┘          MatMulIntegerToFloat); com.microsoft Attention is expanded first
-                                         so its QKV projection is a quantizable MatMul (ort-cuda), or
-                                         becomes Q(u8) ─► QAttention (INT8 QKV inside ORT's fused
-                                         attention kernel; ort-cpu's default: 1.1x faster there).
+Every form per target (attention batched MatMuls, QAttention, SmoothQuant, shared weights) is pictured in
+``insert.py``, which performs the rewrite; the choice of sites is ``plan.py``'s.
 
 ``trt``: symmetric INT8, zero-point 0, activations per tensor, weights per output channel, Q/DQ on MatMul/Gemm
 inputs (never outputs), optional residual Adds, attention batched MatMuls where TensorRT's INT8 MHA applies,
@@ -18,8 +12,7 @@ mask Add, LayerNorm, GELU and Softmax math left in float, equal scales across Co
 skipped. ``ort-*``: asymmetric UINT8 activations (a GELU output's [-0.17, 10] range keeps all 8 bits), INT8
 weights per channel. The pass is deterministic given the table, and running it twice changes nothing.
 
-Shared weights (ALBERT's layers): x1 ─► Mul(1/s) ─► Q/DQ ─► MatMul ◄─ DQ(W·diag(s) INT8) ─► MatMul ◄─ Q/DQ ◄─ Mul(1/s) ◄─ x2,
-one s from the union of both consumers' ranges, one INT8 copy (``shared_weights=copy``: one per consumer).
+Shared weights (ALBERT's layers): one smoothing vector from the union of the consumers' ranges, one INT8 copy.
 FP16 graphs (``fp16,qdq``): scales take the float type of the tensor they quantize (float16, opset 19).
 ``method`` applies to smoothed activations too (x/s measured on the calibration data). INT8 attention needs the
 sequences the model will see within TensorRT's limit (``tqc.compiler.core.target``).
