@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, make_mlp
+from tests.conftest import make_mlp
 from tests.hostile.harness import EXIT_SIGINT, EXIT_SIGTERM, Outcome, assert_unchanged, assert_user_error, snapshot
 
 PAUSING_TQC = """
@@ -58,8 +58,9 @@ def work(tmp_path) -> Path:
 
 
 def _env(tmp_path: Path) -> dict:
-    return {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": str(REPO.parent) + os.pathsep +
-            os.environ.get("PYTHONPATH", "")}
+    # tqc comes from the install (never from the checkout's parent folder: a clone named 'tqc' there would
+    # shadow the installed package as a namespace package without __version__)
+    return {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
 
 
 def signal_when(proc: subprocess.Popen, marker: str, signum: int, timeout: float = 240) -> Outcome:
