@@ -20,9 +20,11 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import onnx_graphsurgeon as gs
 
-from tqc.compiler.analysis.calibration import CalibrationTable
+from tqc.compiler.analysis.calibration import CalibrationTable, calibrate, calibration_targets
 from tqc.compiler.core.errors import TqcError, VerificationError, did_you_mean
 from tqc.compiler.core.profiles import Profile
+from tqc.compiler.core.target import uses_contrib_ops
+from tqc.compiler.io.graph import skeleton_of_graph
 from tqc.compiler.runtime.feeds import Feed
 
 Progress = Callable[[str], None]
@@ -163,9 +165,6 @@ class PassContext:
         if self.calibration is None:
             if self.calibration_source is None:
                 raise TqcError("calibration data is needed: give --calib DATA or --calib-table TABLE")
-            from tqc.compiler.analysis.calibration import calibrate, calibration_targets
-            from tqc.compiler.io.graph import skeleton_of_graph
-
             targets = calibration_targets(skeleton_of_graph(graph))
             self.calibration = calibrate(graph, self.calibration_source, targets, progress=self.progress,
                                          histograms=histograms)
@@ -216,8 +215,6 @@ def check_conditions(conditions: Iterable[Condition], graph: gs.Graph | None, ct
 
 def no_contrib_ops(graph: gs.Graph | None, ctx: PassContext) -> str | None:
     """For standard-ONNX targets (trt, openvino): no com.microsoft node."""
-    from tqc.compiler.core.target import uses_contrib_ops
-
     if graph is None or uses_contrib_ops(ctx.target):
         return None
     found = next((n for n in graph.nodes if n.domain == "com.microsoft"), None)

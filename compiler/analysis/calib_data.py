@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 
 from tqc.compiler.core.errors import TqcError
-from tqc.compiler.runtime.feeds import ROLES, Feed, input_roles, input_specs
+from tqc.compiler.core.target import INPUT_ROLES
+from tqc.compiler.runtime.feeds import Feed, input_roles, input_specs
 
 
 @dataclass
@@ -224,9 +225,9 @@ class FeedSource:
             from tqc.compiler.io.data_limits import text_max_length
 
             spec.max_length = text_max_length(model, spec.max_length)
-            unknown = sorted(set((spec.input_map or {}).values()) - set(ROLES))
+            unknown = sorted(set((spec.input_map or {}).values()) - set(INPUT_ROLES))
             if unknown:
-                raise TqcError(f"--input-map: '{unknown[0]}' is not a tokenizer output (use {', '.join(ROLES)})")
+                raise TqcError(f"--input-map: '{unknown[0]}' is not a tokenizer output (use {', '.join(INPUT_ROLES)})")
         self.roles = input_roles(model, spec.input_map, strict=True) if self.kind == "text" else None
         first = next(iter(self), None)
         if first is None:

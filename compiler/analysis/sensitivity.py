@@ -38,6 +38,11 @@ class Measured:
         return self.cache[key]
 
 
+def measured(error_with_float: ErrorWithFloat | Measured) -> Measured:
+    """``error_with_float`` with its cache (kept when it has one already)."""
+    return error_with_float if isinstance(error_with_float, Measured) else Measured(error_with_float)
+
+
 @dataclass(frozen=True)
 class Ranking:
     baseline: float                                          # error with every site quantized
@@ -54,7 +59,7 @@ class Ranking:
 def rank(ids: Sequence[str], error_with_float: ErrorWithFloat | Measured, baseline: float | None = None,
          progress: Callable[[str], None] = lambda message: None) -> Ranking:
     """Every site's error removed when it alone goes back to float, largest first."""
-    measure = error_with_float if isinstance(error_with_float, Measured) else Measured(error_with_float)
+    measure = measured(error_with_float)
     base = measure(()) if baseline is None else baseline
     removed = {}
     for index, sid in enumerate(ids):
@@ -79,7 +84,7 @@ def group_by(ids: Iterable[str], key: Callable[[str], str] = op_class) -> dict[s
 def rank_groups(groups: dict[str, list[str]], error_with_float: ErrorWithFloat | Measured,
                 baseline: float) -> list[tuple[str, list[str], float]]:
     """(group, members, error removed with all members in float), largest first."""
-    measure = error_with_float if isinstance(error_with_float, Measured) else Measured(error_with_float)
+    measure = measured(error_with_float)
     ranked = [(name, members, baseline - measure(members)) for name, members in groups.items()]
     return sorted(ranked, key=lambda item: -item[2])
 
@@ -87,7 +92,7 @@ def rank_groups(groups: dict[str, list[str]], error_with_float: ErrorWithFloat |
 def return_to_float(ranking: Ranking, error_with_float: ErrorWithFloat | Measured,
                     target: float) -> tuple[list[str], float]:
     """Sites returned to float, most useful first, until the error is at most ``target``: (kept, error)."""
-    measure = error_with_float if isinstance(error_with_float, Measured) else Measured(error_with_float)
+    measure = measured(error_with_float)
     kept: list[str] = []
     error = ranking.baseline
     for sid in ranking.order:

@@ -222,26 +222,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """Write ``path`` through ``write(fh)``: temp file in the same folder, fsync, mode 0666 & ~umask, then a
     rename; when the active command declared ``path`` as an output, the rename waits for its commit. A symlink
     is followed: the file it points at is replaced, the link stays."""
-    refuse_special(Path(path))
-    out = Path(os.path.realpath(path))
-    tmp = None
-    try:
-        tmp = temp_file_beside(out)
+    def save(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-            os.fchmod(fh.fileno(), umask_mode())
-        if not place_file(tmp, out):
-            _fsync_dir(out.parent)
-        tmp = None
-    except OSError as exc:
-        raise TqcError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            remove_if_present(str(tmp))
-            release_temp(tmp)
-    return Path(path)
+
+    return write_with(path, save)
 
 
 def write_with(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
@@ -249,10 +236,12 @@ def write_with(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
     write a temp file in the destination folder, which is then placed (or staged) like any output."""
     refuse_special(Path(path))
     out = Path(os.path.realpath(path))
-    tmp = temp_file_beside(out)
+    tmp = None
     try:
+        tmp = temp_file_beside(out)
         save(str(tmp))
-        place_file(tmp, out)
+        if not place_file(tmp, out):  # placed now (not staged): make the rename durable
+            _fsync_dir(out.parent)
         tmp = None
     except OSError as exc:
         raise TqcError(f"cannot write '{path}': {exc.strerror or exc}") from None

@@ -30,7 +30,6 @@ from tqc.compiler.core.errors import TqcError
 from tqc.compiler.core.target import INPUT_ROLES, input_role_by_name
 
 Feed = dict[str, np.ndarray]
-ROLES = INPUT_ROLES
 TOKEN_TYPE_MAX_ROWS = 16  # token-type tables hold a handful of rows (BERT 2, RoBERTa 1); positions hundreds
 _TRANSPARENT = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity"}
 _EMBED_LAYERNORM_ROLES = {0: "input_ids", 1: "token_type_ids", 7: "attention_mask", 8: "position_ids"}
@@ -90,7 +89,7 @@ def _embedding_evidence(name: str, consumers, shapes) -> tuple[list[int], set[st
 
 def input_roles(model: onnx.ModelProto, explicit: dict[str, str] | None = None,
                 strict: bool = False) -> dict[str, str | None]:
-    """Model input name -> role (a key of ``ROLES``), found from the graph; None where the graph does not tell.
+    """Model input name -> role (a key of ``INPUT_ROLES``), found from the graph; None where the graph does not tell.
 
     ``explicit`` (from ``--input-map``: model input -> tokenizer output) wins over the graph. The graph's
     evidence: the input indexing the largest embedding table is the token ids, a table of at most 16 rows the
@@ -104,8 +103,8 @@ def input_roles(model: onnx.ModelProto, explicit: dict[str, str] | None = None,
     for name, role in explicit.items():
         if name not in names:
             raise TqcError(f"--input-map: '{name}' is not an input of the model (inputs: {', '.join(names)})")
-        if role not in ROLES:
-            raise TqcError(f"--input-map: '{role}' is not a tokenizer output (use {', '.join(ROLES)})")
+        if role not in INPUT_ROLES:
+            raise TqcError(f"--input-map: '{role}' is not a tokenizer output (use {', '.join(INPUT_ROLES)})")
     consumers = defaultdict(list)
     for node in model.graph.node:
         for index, tensor in enumerate(node.input):
@@ -130,19 +129,19 @@ def input_roles(model: onnx.ModelProto, explicit: dict[str, str] | None = None,
         if len(candidates) == 1 and "attention_mask" not in roles.values():
             roles[candidates[0]] = "attention_mask"
     for name in names:
-        if roles[name] is None and name in ROLES and name not in roles.values():
+        if roles[name] is None and name in INPUT_ROLES and name not in roles.values():
             roles[name] = name  # the graph is silent; the tokenizer's own name
     roles.update(explicit)
     if strict:
         for name, role in roles.items():
             if role is None:
                 raise TqcError(f"cannot tell from the graph which tokenizer output feeds model input '{name}': "
-                               f"give --input-map {name}=<{'|'.join(ROLES)}>")
-        for role in ROLES:
+                               f"give --input-map {name}=<{'|'.join(INPUT_ROLES)}>")
+        for role in INPUT_ROLES:
             holders = [name for name, r in roles.items() if r == role]
             if len(holders) > 1 and not all(name in explicit for name in holders):  # explicit sharing is fine
                 raise TqcError(f"model inputs {', '.join(repr(h) for h in holders)} all look like {role}: give "
-                               f"--input-map {holders[0]}=<{'|'.join(ROLES)}>,...")
+                               f"--input-map {holders[0]}=<{'|'.join(INPUT_ROLES)}>,...")
     return roles
 
 

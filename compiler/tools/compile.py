@@ -125,7 +125,7 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
 
     for name in opts.explain:
         get_pass(name)  # unknown names get the did-you-mean error
-    ctx = PassContext(target=opts.target, explain=set(opts.explain), progress=progress)
+    ctx = PassContext(target=opts.target, explain=set(opts.explain))  # the manager gives it the progress
     if opts.shapes:  # the profiles' max sequence also decides qdq's INT8 attention placement
         from tqc.compiler.core.profiles import parse_shapes
 

@@ -325,24 +325,25 @@ def _operand_pairs(node: gs.Node, step: Step) -> list[tuple[gs.Tensor, gs.Tensor
     return list(either_order(*node.inputs)) if step.commutative else [tuple(node.inputs)]
 
 
+def _with_constant_vector(node: gs.Node, step: Step, w: Walk, role: str, symbol: str) -> list[Walk]:
+    """Every operand order of ``node`` whose second operand is a constant 1-D vector, bound as ``role``; the walk
+    goes on from the first operand."""
+    fits = [w.bind(tensor=other, nodes=[node], **{role: vector}) for other, vector in _operand_pairs(node, step)
+            if _constant_vector(vector)]
+    if not fits:
+        raise NoMatch(f"neither operand of {describe(node)} is a constant 1-D {symbol}")
+    return fits
+
+
 def _shift(step: Step, w: Walk) -> list[Walk]:
     add = w.anchor
     if add.op not in step.op or len(add.inputs) != 2:
         raise NoMatch(f"{describe(add)} is no two-input Add")
-    fits = [w.bind(tensor=scaled, beta=beta, nodes=[add]) for scaled, beta in _operand_pairs(add, step)
-            if _constant_vector(beta)]
-    if not fits:
-        raise NoMatch(f"neither operand of {describe(add)} is a constant 1-D β")
-    return fits
+    return _with_constant_vector(add, step, w, "beta", "β")
 
 
 def _scale(step: Step, w: Walk) -> list[Walk]:
-    mul = _expect(w.tensor, step)
-    fits = [w.bind(tensor=normalized, gamma=gamma, nodes=[mul]) for normalized, gamma in _operand_pairs(mul, step)
-            if _constant_vector(gamma)]
-    if not fits:
-        raise NoMatch(f"neither operand of {describe(mul)} is a constant 1-D γ")
-    return fits
+    return _with_constant_vector(_expect(w.tensor, step), step, w, "gamma", "γ")
 
 
 def _normalize(step: Step, w: Walk) -> list[Walk]:
