@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,8 +124,10 @@ def _read_into(path: Path, offset: int, array: np.ndarray) -> None:
 
 def load_lean(path: str | os.PathLike) -> LeanModel:
     """Read ``path`` as a skeleton and weights; external data is read from the files next to the model."""
+    from tqc.compiler.io.model_check import external_source
+
     p = Path(path)
-    base = p.resolve().parent
+    sizes: dict[Path, int] = {}  # external data files' sizes
     weights: dict[str, np.ndarray] = {}
     locations: set[str] = set()
     with open(p, "rb") as fh:
@@ -161,20 +164,11 @@ def load_lean(path: str | os.PathLike) -> LeanModel:
                         weights[tensor.name] = array
                         graph_pieces.append(_length_delimited(GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
                     elif tensor.data_location == onnx.TensorProto.EXTERNAL and dtype is not None:
-                        info = ExternalDataInfo(tensor)
-                        locations.add(info.location)
-                        source = (base / info.location).resolve()
-                        if base not in source.parents:  # as onnx's own loader: data stays beside the model
-                            raise TqcError(f"'{p}': tensor '{tensor.name}' names external data '{info.location}' "
-                                           "outside the model's folder")
-                        if not source.is_file():  # a FIFO or device would block or never end
-                            raise TqcError(f"'{p}' stores tensor '{tensor.name}' in '{info.location}', which is "
-                                           + ("not a regular file" if source.exists() else "missing next to the model"))
+                        locations.add(ExternalDataInfo(tensor).location)
+                        # checked (folder, regular file, memory, length) before anything is allocated
+                        source, offset, _ = external_source(tensor, f"initializer '{tensor.name}'", p, sizes=sizes)
                         array = np.empty(tuple(tensor.dims), dtype)
-                        if info.length is not None and info.length != array.nbytes:
-                            raise TqcError(f"'{p}': external data of '{tensor.name}' has {info.length} bytes, "
-                                           f"its shape needs {array.nbytes}")
-                        _read_into(source, info.offset or 0, array)
+                        _read_into(source, offset, array)
                         weights[tensor.name] = array
                         graph_pieces.append(_length_delimited(GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
                     else:
@@ -184,34 +178,26 @@ def load_lean(path: str | os.PathLike) -> LeanModel:
             _read_into(p, offset, array)
     skeleton = onnx.ModelProto()
     skeleton.ParseFromString(b"".join(pieces))
-    _load_external_attributes(p, base, skeleton, locations)
+    _load_external_attributes(p, skeleton, weights, locations, sizes)
     return LeanModel(skeleton, weights, sorted(locations))
 
 
-def _load_external_attributes(p: Path, base: Path, skeleton: onnx.ModelProto, locations: set[str]) -> None:
-    """A Constant's value saved as external data (``convert_attribute=True``; large exports have some) is read
-    into the skeleton itself: the graph keeps no reference to the file it came from."""
-    for node in skeleton.graph.node:
-        for attr in node.attribute:
-            tensor = attr.t
-            if attr.type != onnx.AttributeProto.TENSOR or tensor.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = ExternalDataInfo(tensor)
-            locations.add(info.location)
-            source = (base / info.location).resolve()
-            if base not in source.parents:
-                raise TqcError(f"'{p}': tensor '{tensor.name}' names external data '{info.location}' "
-                               "outside the model's folder")
-            if not source.is_file():
-                raise TqcError(f"'{p}' stores tensor '{tensor.name}' in '{info.location}', which is "
-                               + ("not a regular file" if source.exists() else "missing next to the model"))
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            array = np.empty(tuple(tensor.dims), dtype)
-            if info.length is not None and info.length != array.nbytes:
-                raise TqcError(f"'{p}': external data of '{tensor.name}' has {info.length} bytes, "
-                               f"its shape needs {array.nbytes}")
-            _read_into(source, info.offset or 0, array)
-            tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+def _load_external_attributes(p: Path, skeleton: onnx.ModelProto, weights: dict[str, np.ndarray],
+                               locations: set[str], sizes: dict[Path, int]) -> None:
+    """A Constant's value saved as external data (``convert_attribute=True``; large exports have some), and any
+    tensor of a subgraph body (If/Loop/Scan) stored outside, is read into the skeleton itself: the graph keeps
+    no reference to the file it came from. Each is checked as the initializers are before it is read."""
+    from tqc.compiler.io.model_check import external_source, node_tensors
+
+    others = ((t, f"initializer '{t.name}'") for t in skeleton.graph.initializer if t.name not in weights)
+    for tensor, where in chain(others, node_tensors(skeleton.graph)):  # the weights were read above
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        locations.add(ExternalDataInfo(tensor).location)
+        source, offset, _ = external_source(tensor, where, p, sizes=sizes)
+        array = np.empty(tuple(tensor.dims), onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        _read_into(source, offset, array)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
 
 
 def _tensor_header(stand_in: onnx.TensorProto) -> onnx.TensorProto:

@@ -54,6 +54,9 @@ def check_output_path(path: str | os.PathLike, inputs: tuple[str | os.PathLike, 
 
 def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
     p = check_input_path(path)
+    from tqc.compiler.io.model_check import refuse_openvino_ir
+
+    refuse_openvino_ir(p)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
@@ -86,10 +89,13 @@ def load_model_lean(path: str | os.PathLike):
     from tqc.compiler.io.lean import load_lean
 
     p = check_input_path(path)
-    from tqc.compiler.io.model_check import InvalidModelError, validate_model
+    from tqc.compiler.io.model_check import InvalidModelError, refuse_openvino_ir, validate_model
 
+    refuse_openvino_ir(p)
     try:
         lean = load_lean(p)
+    except InvalidModelError:
+        raise
     except TqcError as exc:  # external data outside the folder, missing or short: the model is invalid
         reason = str(exc).removeprefix(f"'{p}': ").removeprefix(f"'{p}' ")
         raise InvalidModelError(p, reason) from None
@@ -106,13 +112,12 @@ def external_locations(model: onnx.ModelProto) -> list[str]:
 
 
 def _external_tensors(model: onnx.ModelProto):
-    for tensor in model.graph.initializer:
+    """Every tensor stored outside the file: initializers, Constant values, subgraph bodies' tensors."""
+    from tqc.compiler.io.model_check import all_tensors
+
+    for tensor, _ in all_tensors(model.graph):
         if uses_external_data(tensor):
             yield tensor
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and uses_external_data(attr.t):
-                yield attr.t
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:

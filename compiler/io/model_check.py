@@ -80,10 +80,16 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.3g} PiB"  # pragma: no cover
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+def all_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, str]]:
     """Initializers and Constant-like tensor attributes of the graph and its subgraphs, with where they sit."""
     for tensor in graph.initializer:
         yield tensor, f"initializer '{tensor.name}'"
+    yield from node_tensors(graph)
+
+
+def node_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    """The tensors the nodes of ``graph`` hold: tensor attributes, and every tensor of their subgraph bodies
+    (If/Loop/Scan), nested ones too."""
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
@@ -92,52 +98,97 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, str
                 for t in attr.tensors:
                     yield t, f"attribute '{attr.name}' of node '{node.name or node.op_type}'"
             elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(attr.g)
+                yield from _in_subgraph(all_tensors(attr.g), attr.g, node)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _all_tensors(g)
+                    yield from _in_subgraph(all_tensors(g), g, node)
+
+
+def _in_subgraph(tensors, graph: onnx.GraphProto, node: onnx.NodeProto):
+    for tensor, where in tensors:
+        yield tensor, f"{where} in subgraph '{graph.name}' of node '{node.name or node.op_type}'"
 
 
 def check_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
-    """Every external-data reference stays in the model's folder, names a regular file and fits in it.
+    """Every external-data reference, in the main graph and in every subgraph body (If/Loop/Scan), stays in
+    the model's folder, names a regular file, fits in it and in this machine's memory.
 
     Returns the resolved data files. Run before anything reads them (``onnx.load_external_data_for_model``
     would follow an absolute path or a symlink out of the folder, or block on a FIFO).
     """
     p = Path(path)
+    memory = physical_memory_bytes()
+    sizes: dict[Path, int] = {}
+    for tensor, where in all_tensors(model.graph):
+        if uses_external_data(tensor):
+            external_source(tensor, where, p, memory, sizes)
+    return sorted(sizes)
+
+
+def external_source(tensor: onnx.TensorProto, where: str, path: str | os.PathLike, memory: int | None = None,
+                    sizes: dict[Path, int] | None = None) -> tuple[Path, int, int | None]:
+    """(data file, offset, length in bytes or None for a type of unknown size) of one external tensor, after
+    the checks every loader makes before it allocates or reads anything: a location in the model's folder
+    (not absolute, no ``..`` or symlink out), a regular file, dims within this machine's memory, and a file
+    long enough. ``sizes`` caches the file sizes across tensors."""
+    p = Path(path)
     base = p.resolve().parent
-    files: dict[Path, int] = {}
-    for tensor, where in _all_tensors(model.graph):
-        if not uses_external_data(tensor):
-            continue
-        info = ExternalDataInfo(tensor)
-        location = info.location or ""
-        if not location:
-            raise InvalidModelError(p, f"{where} uses external data without a location")
-        if os.path.isabs(location):
-            raise InvalidModelError(p, f"{where} names external data by an absolute path '{location}': external "
-                                       "data must stay in the model's folder")
-        source = (base / location).resolve()
-        if base not in source.parents:
-            raise InvalidModelError(p, f"{where} names external data '{location}' outside the model's folder")
-        if not source.exists():
-            raise InvalidModelError(p, f"{where} is stored in '{location}', which is missing next to the model")
-        if not source.is_file():
-            raise InvalidModelError(p, f"{where} is stored in '{location}', which is not a regular file")
-        size = files.setdefault(source, source.stat().st_size)
-        itemsize = _itemsize(tensor.data_type)
-        offset = int(info.offset or 0)
-        if offset < 0 or (info.length is not None and int(info.length) < 0):
-            raise InvalidModelError(p, f"{where}: negative external-data offset or length")
-        needed = None if itemsize is None else int(np.ceil(_elements(tensor.dims) * itemsize))
-        length = int(info.length) if info.length is not None else needed
-        if needed is not None and info.length is not None and length != needed:
-            raise InvalidModelError(p, f"{where}: external data holds {length} bytes, its dims {list(tensor.dims)} "
-                                       f"need {needed}")
-        if length is not None and offset + length > size:
-            raise InvalidModelError(p, f"{where}: '{location}' has {size} bytes, the tensor needs bytes "
-                                       f"{offset} to {offset + length}")
-    return sorted(files)
+    info = ExternalDataInfo(tensor)
+    location = info.location or ""
+    if not location:
+        raise InvalidModelError(p, f"{where} uses external data without a location")
+    if os.path.isabs(location):
+        raise InvalidModelError(p, f"{where} names external data by an absolute path '{location}': external "
+                                   "data must stay in the model's folder")
+    source = (base / location).resolve()
+    if base not in source.parents:
+        raise InvalidModelError(p, f"{where} names external data '{location}' outside the model's folder")
+    if not source.exists():
+        raise InvalidModelError(p, f"{where} is stored in '{location}', which is missing next to the model")
+    if not source.is_file():
+        raise InvalidModelError(p, f"{where} is stored in '{location}', which is not a regular file")
+    dims = list(tensor.dims)
+    if any(d < 0 for d in dims):
+        raise InvalidModelError(p, f"{where} has negative dims {dims}")
+    itemsize = _itemsize(tensor.data_type)
+    needed = None if itemsize is None else int(np.ceil(_elements(dims) * itemsize))
+    memory = physical_memory_bytes() if memory is None else memory
+    if needed is not None and needed > memory:
+        raise InvalidModelError(p, f"{where} has dims {dims} ({_human(needed)}), more than this machine's memory "
+                                   f"({_human(memory)})")
+    sizes = {} if sizes is None else sizes
+    size = sizes.setdefault(source, source.stat().st_size)
+    offset = int(info.offset or 0)
+    if offset < 0 or (info.length is not None and int(info.length) < 0):
+        raise InvalidModelError(p, f"{where}: negative external-data offset or length")
+    length = int(info.length) if info.length is not None else needed
+    if needed is not None and info.length is not None and length != needed:
+        raise InvalidModelError(p, f"{where}: external data holds {length} bytes, its dims {dims} need {needed}")
+    if length is not None and offset + length > size:
+        raise InvalidModelError(p, f"{where}: '{location}' has {size} bytes, the tensor needs bytes "
+                                   f"{offset} to {offset + length}")
+    return source, offset, length
+
+
+def refuse_openvino_ir(path: str | os.PathLike) -> None:
+    """One line for an OpenVINO IR file (``model.xml`` or its ``model.bin``) handed to a command that loads
+    ONNX: the protobuf parser would only say "unsupported protobuf wire type"."""
+    p = Path(path)
+    xml = p if p.suffix.lower() == ".xml" else p.with_suffix(".xml") if p.suffix.lower() == ".bin" else None
+    if xml is None or not xml.is_file():
+        return
+    try:
+        with open(xml, "rb") as fh:
+            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError:
+        return
+    if not head.startswith((b"<?xml", b"<net")) or b"<net" not in head:
+        if p == xml and head.startswith(b"<"):
+            raise TqcError(f"'{p}' is an XML file, not an ONNX model: give the .onnx file")
+        return
+    what = f"'{p}' is OpenVINO IR" if p == xml else f"'{p}' holds the weights of the OpenVINO IR '{xml.name}'"
+    raise TqcError(f"{what}, not ONNX: give the .onnx model it was made from (OpenVINO IR runs with "
+                   f"'tqc bench --provider openvino')")
 
 
 def raw_data_lengths(path: str | os.PathLike) -> dict[str, int]:
@@ -302,10 +353,11 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     graph, source = light.graph, model.graph
     graph.name = source.name
     graph.node.extend(source.node)
-    for node in graph.node:  # a Constant's value saved as external data (exporters do) points at a file not here
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_location == onnx.TensorProto.EXTERNAL:
-                attr.t.CopyFrom(stand_in(attr.t.name, attr.t.data_type, attr.t.dims))
+    # A Constant's value saved as external data (exporters do), or a subgraph body's tensor, points at a file
+    # not here (the graph has no initializers yet: these are the nodes' tensors, nested ones too).
+    for tensor, _ in all_tensors(graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.CopyFrom(stand_in(tensor.name, tensor.data_type, tensor.dims))
     graph.input.extend(source.input)
     graph.output.extend(source.output)
     graph.value_info.extend(source.value_info)
@@ -349,7 +401,7 @@ def validate_model(model: onnx.ModelProto, path: str | os.PathLike, checker: boo
         twice = next(n for n in names if n in seen or seen.add(n))
         raise InvalidModelError(p, f"initializer '{twice}' is defined twice")
     initializers = {id(t) for t in model.graph.initializer}
-    for tensor, where in _all_tensors(model.graph):
+    for tensor, where in all_tensors(model.graph):
         if raw_lengths is not None and id(tensor) in initializers:
             if tensor.name in external:
                 _check_tensor_data(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
