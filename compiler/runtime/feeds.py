@@ -176,6 +176,10 @@ def synthesize_feeds(model: onnx.ModelProto, count: int = 2, batch: int = 2, seq
     rng = np.random.default_rng(seed)
     specs = input_specs(model)
     roles = roles if roles is not None else input_roles(model)
+    for spec in specs:  # random strings would be fed as floats, and string outputs cannot be compared numerically
+        if not (np.issubdtype(spec.dtype, np.number) or spec.dtype == np.bool_):
+            raise TqcError(f"model input '{spec.name}' holds {_dtype_name(spec.dtype)}: tqc draws test inputs for "
+                           "numeric inputs only (compile: --verify structure; diff: give --data)")
     feeds = []
     for _ in range(count):
         feed: Feed = {}
@@ -212,6 +216,10 @@ def synthesize_feeds(model: onnx.ModelProto, count: int = 2, batch: int = 2, seq
             feed[spec.name] = value
         feeds.append(feed)
     return feeds
+
+
+def _dtype_name(dtype) -> str:
+    return "strings" if np.dtype(dtype).kind in "OSU" else f"{np.dtype(dtype)} values"
 
 
 VERIFICATION_SHAPES = ((2, 16), (3, 9))  # batch x sequence: two small shapes, each with a padded row
