@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import tempfile
 import warnings
@@ -139,11 +140,15 @@ def _from_pretrained(task: Task, folder: Path, attn: str):
 
     auto = getattr(transformers, task.auto_class)
     try:
-        model, info = auto.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn,
-                                           output_loading_info=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it is about to refuse anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            model, info = auto.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn,
+                                               output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise TqcError(f"cannot load weights from '{folder}' as {task.name}: {str(exc).strip().splitlines()[0]}") \
             from None
+    except pickle.UnpicklingError:  # torch's weights_only loader met code (a global, a reduce) and refused it
+        raise TqcError(refused_pickle(folder)) from None
     # A head whose weights are not in the folder would be random: refuse rather than export noise.
     # (The pooler of a base model is not exported, so its absence does not matter.)
     missing = sorted(k for k in info.get("missing_keys", ()) if "pooler" not in k)
@@ -157,6 +162,14 @@ def _from_pretrained(task: Task, folder: Path, attn: str):
     return model
 
 
+def refused_pickle(folder: Path) -> str:
+    """The line for a pickled weights file that torch's ``weights_only`` loader refused to unpickle."""
+    names = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")) if folder.is_dir() else []
+    what = f"'{folder / names[0]}'" if len(names) == 1 else f"the pickled weights in '{folder}'"
+    return (f"{what} is not a plain tensor file: torch refused to unpickle the code in it, and tqc never runs "
+            f"code from a weights file (save the weights as safetensors from a copy you trust)")
+
+
 def _sentence_transformer(folder: Path, attn: str):
     """The folder as a SentenceTransformer (its modules run as they would in sentence-transformers), or None."""
     try:
@@ -168,6 +181,8 @@ def _sentence_transformer(folder: Path, attn: str):
             warnings.simplefilter("ignore")
             return SentenceTransformer(str(folder), device="cpu", local_files_only=True,
                                        model_kwargs={"attn_implementation": attn})
+    except pickle.UnpicklingError:
+        raise TqcError(refused_pickle(folder)) from None
     except Exception as exc:  # sentence-transformers raises many types on a folder it cannot read
         raise TqcError(f"cannot load the sentence-transformers folder '{folder}': {type(exc).__name__}: "
                        f"{str(exc).strip().splitlines()[0][:300]}") from None
