@@ -17,6 +17,7 @@ A mismatch is one clear error line; nothing is guessed.
 from __future__ import annotations
 
 import importlib.util
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -35,7 +36,7 @@ class DataSpec:
     tokenizer: str | None = None
     samples: int | None = None      # at most this many samples
     batch_size: int = 8
-    max_length: int = 128
+    max_length: int | None = None   # tokens per sentence; None: 128, or the model's positions when fewer
     skip: int = 0                   # skip the first samples (text): keep calibration and evaluation apart
     input_map: dict[str, str] | None = None  # model input -> tokenizer output / data array name (--input-map)
 
@@ -157,9 +158,31 @@ def _load_script(spec: str) -> Callable[[], Iterable[dict]]:
 
 
 def read_sentences(path: Path, skip: int = 0, limit: int | None = None) -> list[str]:
-    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-    lines = [line for line in lines if line][skip:]
+    """The non-empty lines of a UTF-8 text file, stripped. A file that is not text (NUL bytes, bytes that are
+    not UTF-8) is refused in one line; text that is odd but usable (control characters) gets a note."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise TqcError(f"data '{path}' holds NUL bytes (the first at offset {data.index(0)}): it is not a text file "
+                       f"(give one sentence per line, UTF-8)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TqcError(f"data '{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
+                       f"give one sentence per line, UTF-8") from None
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    odd = [i for i, line in enumerate(lines) if any(_is_control(c) for c in line)]
+    if odd:
+        from tqc.compiler.io.data_limits import user_note
+
+        user_note(f"data '{path}': {len(odd)} of {len(lines)} sentences hold control characters (the first is "
+                  f"sentence {odd[0] + 1}); they are tokenized as they are")
+    lines = lines[skip:]
     return lines[:limit] if limit else lines
+
+
+def _is_control(char: str) -> bool:
+    return unicodedata.category(char) == "Cc" and char != "\t"
 
 
 def load_tokenizer(name: str | None, model: onnx.ModelProto):
@@ -229,6 +252,7 @@ class FeedSource:
             if unknown:
                 raise TqcError(f"--input-map: '{unknown[0]}' is not a tokenizer output (use {', '.join(INPUT_ROLES)})")
         self.roles = input_roles(model, spec.input_map, strict=True) if self.kind == "text" else None
+        self.sentences = read_sentences(path, spec.skip, spec.samples) if self.kind == "text" else None
         first = next(iter(self), None)
         if first is None:
             raise TqcError(f"data '{spec.path}' holds no samples")
@@ -273,7 +297,7 @@ class FeedSource:
                 if spec.samples and taken >= spec.samples:
                     return
         else:
-            sentences = read_sentences(Path(spec.path), spec.skip, spec.samples)
+            sentences = self.sentences  # read (and checked) once: calibration iterates twice
             for i in range(0, len(sentences), spec.batch_size):
                 feed = tokenize(self.tokenizer, sentences[i:i + spec.batch_size], self.roles, spec.max_length)
                 yield _validate(feed, self.model, f"{where} sentences {i}..")

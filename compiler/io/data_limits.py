@@ -9,9 +9,9 @@
 
 Indices are followed back through Cast nodes to the graph input they come from. A feed outside these
 limits would make ONNX Runtime fail inside a Gather ("indices element out of data bounds", printed by ORT
-itself) or compute garbage; here it is one line naming the input, the value and the table. Text longer than
-the position table is truncated to it (with a progress note); arrays are refused, since tqc cannot know how
-to shorten them. Batches must not be empty.
+itself) or compute garbage; here it is one line naming the input, the value and the table. Text is cut to
+the position table when no ``--max-length`` is given (a progress line), an explicit longer limit is refused;
+arrays are refused, since tqc cannot know how to shorten them. Batches must not be empty.
 """
 
 from __future__ import annotations
@@ -181,30 +181,54 @@ def _tokenizer_hint(name: str) -> str:
     return ": was the data tokenized with another model's tokenizer?"
 
 
-def text_max_length(model: onnx.ModelProto, requested: int, progress=None) -> int:
-    """The token limit for text: ``requested``, or the position table's length when that is shorter (said in a
-    progress note)."""
+DEFAULT_TEXT_MAX_LENGTH = 128  # tokens per sentence when --max-length is not given
+
+
+def text_max_length(model: onnx.ModelProto, requested: int | None, progress=None) -> int:
+    """The token limit for text. ``requested`` None (no ``--max-length``): 128, or the model's positions when
+    fewer (said in a progress line). An explicit value beyond the position table is a mistake, refused: text
+    cut to fewer tokens than asked for would calibrate on other data than the user named."""
+    longest = limits_of(model).max_sequence
+    if requested is None:
+        if longest is not None and longest < DEFAULT_TEXT_MAX_LENGTH:
+            (progress or progress_note)(f"text is truncated to {longest} tokens, the model's positions (the "
+                                        f"default limit is {DEFAULT_TEXT_MAX_LENGTH})")
+            return longest
+        return DEFAULT_TEXT_MAX_LENGTH
     if requested < 1:
         raise TqcError(f"--max-length must be at least 1, got {requested}")
-    longest = limits_of(model).max_sequence
     if longest is not None and requested > longest:
-        note = (f"--max-length {requested} is beyond the model's {longest} positions: text is truncated to "
-                f"{longest} tokens")
-        (progress or progress_note)(note)
-        return longest
+        raise TqcError(f"--max-length {requested} is beyond the model's {longest} positions (position table "
+                       f"'{limits_of(model).position_table}'): give at most {longest}, or leave it out")
     return requested
 
 
 def progress_note(message: str) -> None:
     """A progress line through the running command's UI (nothing outside the CLI)."""
+    ui = _current_ui()
+    if ui is not None and hasattr(ui, "progress"):
+        ui.progress(message)
+
+
+def user_note(message: str) -> None:
+    """Data accepted but suspicious: ``tqc: note: ...`` on stderr through the running command's UI (shown even
+    with -q); outside the CLI a Python warning."""
+    ui = _current_ui()
+    if ui is not None and hasattr(ui, "note"):
+        ui.note(message)
+    else:
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
+
+
+def _current_ui():
     try:
         import click
 
-        ui = click.get_current_context().find_root().obj
+        return click.get_current_context().find_root().obj
     except RuntimeError:
-        return
-    if ui is not None and hasattr(ui, "progress"):
-        ui.progress(message)
+        return None
 
 
 def check_sequence(model: onnx.ModelProto, seq: int, what: str) -> None:
