@@ -42,6 +42,10 @@ class Ui:
         if not self.quiet:
             click.echo(f"[{time.perf_counter() - self.start:6.1f}s] {message}", err=True)
 
+    def note(self, message: str) -> None:
+        """Data accepted but suspicious: said even with -q (it is not progress)."""
+        click.echo(f"tqc: note: {message}", err=True)
+
 
 def _guarded(name: str):
     """Run a command body inside its output guard (``tqc.compiler.io.output_guard.command``): outputs commit
@@ -152,7 +156,9 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
 @click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data (default: the model's own).")
 @click.option("--calib-samples", type=COUNT, default=32, show_default=True, help="Calibration samples to use.")
 @click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Calibration batch size.")
-@click.option("--max-length", type=COUNT, default=128, show_default=True, help="Token limit for .txt data.")
+@click.option("--max-length", type=COUNT, default=None,
+              help="Token limit per sentence of .txt data (default: 128, or the model's positions when fewer); a "
+                   "value beyond the model's positions is refused.")
 @click.option("--shapes", multiple=True, help="TensorRT profiles for .plan outputs: input_ids:1x16,8x128,32x512.")
 @click.option("--runtime", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
               help="Engine that --verify numeric runs every stage on (OpenVINO CPU runs in FP32 precision).")
@@ -161,7 +167,7 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
                    "(model input = tokenizer output, or array name).")
 def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify: str, dump_dir: str | None,
                 report_path: str | None, explain: tuple[str, ...], calib: str | None, calib_table: str | None,
-                tokenizer: str | None, calib_samples: int, batch_size: int, max_length: int,
+                tokenizer: str | None, calib_samples: int, batch_size: int, max_length: int | None,
                 shapes: tuple[str, ...], allow_table_mismatch: bool, runtime: str, input_map: str | None) -> None:
     """Run a pipeline of passes on MODEL and write the result."""
     from tqc.compiler.tools.compile import CompileOptions, compile_model
@@ -205,13 +211,15 @@ def format_report(report: dict) -> str:
 @click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data (default: the model's own).")
 @click.option("--samples", type=COUNT, default=32, show_default=True)
 @click.option("--batch-size", type=COUNT, default=8, show_default=True)
-@click.option("--max-length", type=COUNT, default=128, show_default=True)
+@click.option("--max-length", type=COUNT, default=None,
+              help="Token limit per sentence of .txt data (default: 128, or the model's positions when fewer); a "
+                   "value beyond the model's positions is refused.")
 @click.option("--input-map", default=None, metavar="MAP",
               help="Which data feeds which model input when the graph cannot tell: ids=input_ids,mask=attention_mask "
                    "(model input = tokenizer output, or array name).")
 @_guarded("calibrate")
 def calibrate_cmd(model: str, data: str, output: str, tokenizer: str | None, samples: int, batch_size: int,
-                  max_length: int, input_map: str | None) -> None:
+                  max_length: int | None, input_map: str | None) -> None:
     """Stream activation statistics of MODEL over DATA into a reusable calibration table."""
     from tqc.compiler.analysis.calib_data import DataSpec, FeedSource, parse_input_map
     from tqc.compiler.analysis.calibration import calibrate, calibration_targets
@@ -266,21 +274,20 @@ def check_cmd(model: str, target: str, as_json: bool, shapes: tuple[str, ...] = 
               help="Workspace pool, GiB.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="Builder optimization level.")
-@click.option("--timing-cache", default=None, help="Timing cache file (default ~/.cache/tqc/trt_timing.cache).")
+@click.option("--timing-cache", default=None, help="Timing cache file, read and updated with the plan (default "
+              "~/.cache/tqc/trt_timing.cache, or $TQC_TIMING_CACHE).")
 @_guarded("build")
 def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, workspace: float, opt_level: int,
               timing_cache: str | None) -> None:
     """Build a TensorRT plan from an ONNX model (strongly typed for Q/DQ graphs)."""
     from tqc.compiler.io.model import check_input_path, load_model
     from tqc.compiler.io.output_guard import current
-    from tqc.compiler.tools.trt import DEFAULT_TIMING_CACHE, build_plan, require_tensorrt
+    from tqc.compiler.tools.trt import build_plan, declare_plan_outputs, require_tensorrt
 
     guard = current()
     guard.reads_model(check_input_path(model))
     load_model(model, load_external_data=False)  # validated as every command's input (weights not read)
-    guard.reads(timing_cache or DEFAULT_TIMING_CACHE, "the timing cache")
-    guard.writes(output, "-o")
-    guard.writes(output + ".json", "the plan's metadata")
+    declare_plan_outputs(guard, output, timing_cache)  # plan, metadata, timing cache: staged, all or none
     require_tensorrt()
     meta = build_plan(model, output, shapes=shapes, fp16=fp16, workspace_gib=workspace, opt_level=opt_level,
                       timing_cache=timing_cache, progress=_ui().progress)
@@ -305,7 +312,8 @@ def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, work
 def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str, runs: int, warmup: int,
               budget: float, threads: int | None, cuda_graph: bool, json_path: str | None) -> None:
     """Latency (median, p95, p99) and throughput of one or more models; a comparison table."""
-    from tqc.compiler.tools.benchmark import bench_inputs, parse_bench_shapes, runner_for, time_callable, token_inputs
+    from tqc.compiler.tools.benchmark import (bench_inputs, check_runnable, parse_bench_shapes, runner_for, time_callable,
+                                              token_inputs)
     from tqc.compiler.runtime.feeds import input_specs
     from tqc.compiler.io.model import check_input_path, load_model, write_text_atomic
     from tqc.compiler.io.output_guard import current
@@ -316,14 +324,17 @@ def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str,
     guard.writes(json_path, "--json")
     ui = _ui()
     parsed = parse_bench_shapes(shapes)
+    onnx_models = {}
+    for model in models:  # every model, shape and runtime checked before the first measurement
+        check_runnable(model, provider, cuda_graph)
+        if not model.endswith((".plan", ".xml")):  # validated on load; only the signature and table dims are read
+            onnx_models[model] = load_model(model, load_external_data=False)
+            for batch, seq in parsed:
+                bench_inputs(onnx_models[model], [s.name for s in input_specs(onnx_models[model])], batch, seq,
+                             lengths)
     rows = []
     for model in models:
-        check_input_path(model)
-        onnx_model = None
-        if not model.endswith((".plan", ".xml")):  # validated on load; only the signature and table dims are read
-            onnx_model = load_model(model, load_external_data=False)
-            for batch, seq in parsed:  # every shape checked before the first measurement
-                bench_inputs(onnx_model, [s.name for s in input_specs(onnx_model)], batch, seq, lengths)
+        onnx_model = onnx_models.get(model)
         runner = runner_for(model, provider, threads, cuda_graph)
         names = runner.input_names
         for position, (batch, seq) in enumerate(parsed):
@@ -498,7 +509,7 @@ def passes_cmd() -> None:
 @click.option("--name", default=None, help="Model name (default: the file name's stem); text endpoint: NAME_text.")
 @click.option("--endpoints", type=click.Choice(["both", "raw", "text"]), default="both", show_default=True,
               help="raw tensors in, text in, or both (text needs a tokenizer).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "openvino"]), default="cpu", show_default=True,
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Runtime inside the server: ONNX Runtime CPU or CUDA (IO binding).")
 @click.option("--cuda-graph", is_flag=True, help="CUDA: one captured CUDA graph per (batch, sequence) bucket.")
 @click.option("--tokenizer", default=None, help="Tokenizer folder (default: the one the export recorded).")
@@ -520,7 +531,8 @@ def serve_cmd(model: str, host: str, http_port: int, grpc_port: int, metrics_por
               long_text: str, max_batch: int, preferred_batch: str, queue_delay_us: int, instances: int,
               threads: int | None, startup_timeout: float) -> None:
     """Serve MODEL (.onnx) behind a Triton Inference Server until SIGTERM or Ctrl-C: raw tensors in, and
-    text in (tokenized in the server) -> embeddings."""
+    text in (tokenized in the server) -> embeddings. A signal stops a serving server cleanly with exit 0; one
+    that arrives while it is still starting exits 130 (SIGINT) or 143 (SIGTERM)."""
     from tqc.compiler.cli.serve import run_serve
 
     run_serve(model=model, host=host, ports=(http_port, grpc_port, metrics_port), name=name, endpoints=endpoints,
@@ -586,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(argv: list[str], debug: bool) -> tuple[int, tuple[str, ...]]:
     """(exit code, temp-path policies to keep) of one run; messages printed here."""
-    from tqc.compiler.io.output_guard import Interrupted
+    from tqc.compiler.io.output_guard import KEPT_WRITTEN, Interrupted
 
     try:
         cli.main(args=argv, prog_name="tqc", standalone_mode=False)
@@ -594,7 +606,7 @@ def _run(argv: list[str], debug: bool) -> tuple[int, tuple[str, ...]]:
         click.echo(f"tqc: interrupted ({exc}); temporary files removed", err=True)
         return exc.exit_code, ()
     except click.exceptions.Exit as exc:
-        return exc.exit_code, ("success",)
+        return exc.exit_code, ("success", KEPT_WRITTEN)
     except click.exceptions.Abort:  # click turns KeyboardInterrupt (and EOF) into Abort
         click.echo("tqc: interrupted (SIGINT); temporary files removed", err=True)
         return SIGINT_EXIT_CODE, ()
@@ -611,7 +623,7 @@ def _run(argv: list[str], debug: bool) -> tuple[int, tuple[str, ...]]:
         if exc.reproducer:
             message += f"; reproduce with: {exc.reproducer}"
         click.echo(message, err=True)
-        return CHECK_FAILED_EXIT_CODE, ("check-failed",)
+        return CHECK_FAILED_EXIT_CODE, ("check-failed", KEPT_WRITTEN)
     except TqcError as exc:
         if debug:
             raise
@@ -630,12 +642,12 @@ def _run(argv: list[str], debug: bool) -> tuple[int, tuple[str, ...]]:
         return USER_ERROR_EXIT_CODE, ()
     except SystemExit as exc:  # sys.exit inside a command (tqc check), or from user code
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else USER_ERROR_EXIT_CODE)
-        return code, ("success",) if code == 0 else ()
+        return code, ("success", KEPT_WRITTEN) if code == 0 else ()
     except Exception as exc:
         if debug:
             raise
         return _internal_error(exc), ()
-    return OK_EXIT_CODE, ("success",)
+    return OK_EXIT_CODE, ("success", KEPT_WRITTEN)
 
 
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}

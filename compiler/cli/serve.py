@@ -1,4 +1,10 @@
-"""``tqc serve`` in the foreground: start the server, say where it listens, stop it on SIGTERM/SIGINT."""
+"""``tqc serve`` in the foreground: start the server, say where it listens, stop it on SIGTERM/SIGINT.
+
+Exit codes: a signal is the normal end of a server that is serving: it stops cleanly and exits 0. A signal
+that arrives while the server is still starting interrupts the command like any other: 130 (SIGINT) or 143
+(SIGTERM), the server stopped and its temporary folder removed. A server that dies on its own exits 1; one that
+cannot start (a port in use, a model that fails to load) exits 2.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Callable
 import click
 
 from tqc.compiler.core.errors import TqcError
+from tqc.compiler.io.output_guard import Interrupted
 from tqc.compiler.tools.serve.repository import ServeOptions
 from tqc.compiler.tools.serve.server import Ports, TritonServer
 
@@ -42,7 +49,8 @@ def run_serve(model: str, host: str, ports: tuple[int, int, int], name: str | No
         raise TqcError("--cuda-graph needs --provider cuda")
     server = TritonServer(opts, Ports(*ports), host=host, startup_timeout=startup_timeout)
 
-    stopping = []
+    stopping: list[int] = []
+    serving = False
 
     def stop(signum, frame):
         if stopping:  # a second signal while the server stops: finish stopping (nothing may be left behind)
@@ -67,12 +75,15 @@ def run_serve(model: str, host: str, ports: tuple[int, int, int], name: str | No
                     if queue_delay_us or opts.preferred_batch else "no dynamic batching")
         click.echo(f"serving on http://{server.http_url} grpc {server.grpc_url} metrics {server.metrics_url}; "
                    f"{batching}; max batch {max_batch}. SIGTERM or Ctrl-C stops it.", nl=True)
+        serving = True
         while server.running():
             time.sleep(0.2)
         raise ServerDied(f"tritonserver exited on its own; its log's last line: "
                          f"{(server.log().strip().splitlines() or [''])[-1][:300]}")
     except _Stop as stop_signal:
         progress(f"{stop_signal}: stopping the server")
+        if not serving:  # interrupted while starting: the command did not do what it was asked (130/143)
+            raise Interrupted(stopping[0]) from None
     finally:
         server.stop()
         for sig, handler in previous.items():

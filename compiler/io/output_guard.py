@@ -59,6 +59,7 @@ class Interrupted(BaseException):
 # ------------------------------------------------------------------ temp registry and signals
 
 _TEMPS: dict[str, str] = {}   # path -> when it is kept: "never", "success" (its command succeeded), "check-failed"
+KEPT_WRITTEN = "written"      # an output written as it comes (--dump-dir): kept on success and on a failed check
 _TEMPS_LOCK = threading.Lock()
 
 
@@ -100,7 +101,7 @@ def cleanup_temps(keep: Iterable[str] = ()) -> None:
 
 
 def _cleanup_at_exit() -> None:
-    cleanup_temps(keep=("success", "check-failed"))  # outside the CLI: reproducers stay
+    cleanup_temps(keep=("success", "check-failed", KEPT_WRITTEN))  # outside the CLI: reproducers stay
 
 
 atexit.register(_cleanup_at_exit)
@@ -430,7 +431,10 @@ class OutputGuard:
 
     def writes_into(self, folder: str | os.PathLike | None, names: Iterable[str], what: str) -> Path | None:
         """A folder the command fills with files of known names (--dump-dir, --save-dir): written as they come
-        (not staged), each checked like an output."""
+        (not staged), each checked like an output. What the command creates there (the folder and its missing
+        parents, or the files not there before) is registered as temporary with the ``KEPT_WRITTEN`` policy:
+        kept when the command succeeds or a check fails (the dump is the evidence), removed when it fails
+        otherwise (a full disk) or is interrupted; files that existed before are never removed."""
         if not folder:
             return None
         p = Path(folder)
@@ -440,8 +444,13 @@ class OutputGuard:
         if not existing.is_dir():
             raise TqcError(f"{what} '{p}': '{existing}' is not a directory")
         _check_folder(existing, what)
+        missing = [q for q in [p, *p.parents] if not q.exists()]
         for name in names:
-            self.writes(p / name, f"{what} file", staged=False, parents=True)
+            target = self.writes(p / name, f"{what} file", staged=False, parents=True)
+            if not missing and not target.exists():
+                register_temp(target, KEPT_WRITTEN)
+        if missing:
+            register_temp(missing[-1], KEPT_WRITTEN)  # the topmost folder tqc creates: removed whole
         return p
 
     def writes_folder(self, folder: str | os.PathLike, what: str) -> Path:

@@ -159,6 +159,25 @@ def bench_inputs(model, names: list[str], batch: int, seq: int, lengths: str = "
     return feed
 
 
+def ort_providers(provider: str, cuda_graph: bool = False) -> list:
+    """ONNX Runtime's provider list for ``--provider``, or one line when this install lacks it."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise TqcError("--provider cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+        return [("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graph else {}), "CPUExecutionProvider"]
+    if provider == "trt":
+        if "TensorrtExecutionProvider" not in available:
+            raise TqcError("--provider trt on an .onnx model needs ONNX Runtime's TensorRT execution provider "
+                           "(and TensorRT's libraries); it is not available here")
+        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise TqcError(f"--provider must be one of {', '.join(PROVIDERS)}")
+
+
 class OrtRunner:
     """One ONNX Runtime session; on CUDA, inputs and outputs bound on the device."""
 
@@ -171,21 +190,7 @@ class OrtRunner:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 4  # failures reach the user as one tqc line, not ORT log lines
-        available = ort.get_available_providers()
-        if provider == "cpu":
-            providers = ["CPUExecutionProvider"]
-        elif provider == "cuda":
-            if "CUDAExecutionProvider" not in available:
-                raise TqcError("--provider cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
-            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graph else {}),
-                         "CPUExecutionProvider"]
-        elif provider == "trt":
-            if "TensorrtExecutionProvider" not in available:
-                raise TqcError("--provider trt on an .onnx model needs ONNX Runtime's TensorRT execution provider "
-                               "(and TensorRT's libraries); it is not available here")
-            providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-        else:
-            raise TqcError(f"--provider must be one of {', '.join(PROVIDERS)}")
+        providers = ort_providers(provider, cuda_graph)
         self.provider = provider
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         wanted = {"cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}.get(provider)
@@ -269,13 +274,29 @@ class TrtPlanRunner:
         return run
 
 
-def runner_for(path: str | Path, provider: str, threads: int | None, cuda_graph: bool):
+def check_runnable(path: str | Path, provider: str, cuda_graph: bool = False) -> None:
+    """Refuse, before any model is measured, what ``runner_for`` would refuse for ``path`` on ``provider``: an
+    OpenVINO IR without ``--provider openvino``, a runtime this install lacks."""
     if str(path).endswith(".plan"):
-        return TrtPlanRunner(path)
-    if provider == "openvino" or str(path).endswith(".xml"):  # OpenVINO CPU: .onnx or IR
-        from tqc.compiler.io.openvino_ir import OvRunner
+        from tqc.compiler.tools.trt import require_tensorrt
 
+        require_tensorrt()
+    elif provider == "openvino" or str(path).endswith(".xml"):  # OpenVINO CPU: .onnx or IR
         if str(path).endswith(".xml") and provider != "openvino":
             raise TqcError(f"'{path}' is OpenVINO IR: bench it with --provider openvino")
+        from tqc.compiler.io.openvino_ir import require_openvino
+
+        require_openvino()
+    else:
+        ort_providers(provider, cuda_graph)
+
+
+def runner_for(path: str | Path, provider: str, threads: int | None, cuda_graph: bool):
+    check_runnable(path, provider, cuda_graph)
+    if str(path).endswith(".plan"):
+        return TrtPlanRunner(path)
+    if provider == "openvino" or str(path).endswith(".xml"):
+        from tqc.compiler.io.openvino_ir import OvRunner
+
         return OvRunner(path, threads)
     return OrtRunner(path, provider, threads, cuda_graph)

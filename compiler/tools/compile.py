@@ -34,7 +34,7 @@ class CompileOptions:
     tokenizer: str | None = None
     calib_samples: int | None = 32
     batch_size: int = 8
-    max_length: int = 128
+    max_length: int | None = None      # .txt data: None is 128, or the model's positions when fewer
     shapes: tuple[str, ...] = ()       # TensorRT profiles for .plan outputs
     allow_table_mismatch: bool = False  # use a calib_table whose model_hash is another model's
     runtime: str = "ort"               # engine of --verify numeric: ort | openvino
@@ -75,8 +75,9 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
     input_map = parse_input_map(opts.input_map)  # a malformed map fails before anything is loaded
     is_plan = out.suffix == ".plan"
     if is_plan:
-        guard.writes(out, "-o")
-        guard.writes(out.with_name(out.name + ".json"), "the plan's metadata")
+        from tqc.compiler.tools.trt import declare_plan_outputs
+
+        declare_plan_outputs(guard, out, None)  # plan, metadata and the default timing cache
     elif out.suffix == ".xml":  # OpenVINO IR: the .xml and its .bin weights
         guard.writes(out, "-o")
         guard.writes(out.with_suffix(".bin"), "the IR's weights (.bin)")

@@ -6,6 +6,8 @@
          ─► optimization profile per dynamic input (--shapes), workspace on MemoryPoolType.WORKSPACE,
             builder_optimization_level, persistent timing cache ─► build_serialized_network ─► model.plan
          + model.plan.json: tqc and TensorRT versions, source hash, profiles, precision
+         + the timing cache, updated: all three are outputs of the command (``declare_plan_outputs``), staged
+           and moved into place together on success, none of them on failure or interrupt
 
 Nothing here is faked: where TensorRT cannot be imported, every entry point raises one clear error.
 """
@@ -39,6 +41,39 @@ def require_tensorrt():
     if major < 10:
         raise TqcError(f"TensorRT {tensorrt.__version__} found; tqc builds with the TensorRT 10 API")
     return tensorrt
+
+
+def timing_cache_path(timing_cache: str | os.PathLike | None) -> Path:
+    """``--timing-cache``, or the default (``TQC_TIMING_CACHE``, else ~/.cache/tqc/trt_timing.cache)."""
+    return Path(timing_cache) if timing_cache else DEFAULT_TIMING_CACHE
+
+
+def declare_plan_outputs(guard, plan_path: str | os.PathLike, timing_cache: str | os.PathLike | None) -> Path:
+    """Declare what a build writes to the command's output guard, before any work: the plan, its ``.json``
+    metadata and the timing cache. The cache is read before the build and replaced after it, so it is an
+    output (staged like the plan, never written over the model or the plan); its folder may be missing (created
+    on success only). Returns the cache's path."""
+    guard.writes(plan_path, "-o")
+    guard.writes(Path(str(plan_path) + ".json"), "the plan's metadata")
+    cache = timing_cache_path(timing_cache)
+    guard.writes(cache, "the TensorRT timing cache", parents=True)  # a folder or a device there is refused
+    return cache
+
+
+def write_timing_cache(data: bytes, cache_path: Path) -> None:
+    """The serialized cache to ``cache_path`` (staged when the command declared it); a missing folder is
+    created, and removed again unless the command succeeds."""
+    from tqc.compiler.io.output_guard import register_temp
+
+    missing = [q for q in [cache_path.parent, *cache_path.parent.parents] if not q.exists()]
+    if missing:
+        try:
+            cache_path.parent.mkdir(parents=True)
+        except OSError as exc:
+            raise TqcError(f"cannot create the timing cache's folder '{cache_path.parent}': "
+                           f"{exc.strerror or exc}") from None
+        register_temp(missing[-1], "success")
+    write_bytes_atomic(data, cache_path)
 
 
 def has_qdq(model: onnx.ModelProto) -> bool:
@@ -95,7 +130,7 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, shapes=None, fp16: 
     config.builder_optimization_level = opt_level
     if fp16 and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
-    cache_path = Path(timing_cache) if timing_cache else DEFAULT_TIMING_CACHE
+    cache_path = timing_cache_path(timing_cache)
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -110,9 +145,8 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, shapes=None, fp16: 
     seconds = time.perf_counter() - start
     if serialized is None:
         raise TqcError("TensorRT failed to build the engine (see TensorRT's messages above)")
-    write_bytes_atomic(bytes(serialized), plan_path)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(bytes(config.get_timing_cache().serialize()), cache_path)
+    write_bytes_atomic(bytes(serialized), plan_path)  # the three outputs are staged: placed together on commit
+    write_timing_cache(bytes(config.get_timing_cache().serialize()), cache_path)
     meta = plan_metadata(source_hash or model_hash(onnx_path), profiles, strongly_typed, fp16, trt.__version__,
                          opt_level, workspace, round(seconds, 2))
     meta.update(io_ports(model))
