@@ -10,13 +10,14 @@ Every case asserts the same four things:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import pytest
 
@@ -104,3 +105,20 @@ def assert_user_error(outcome: Outcome, code: int = EXIT_USER, contains: str | N
     assert lines[0].startswith("tqc: "), lines[0]
     if contains is not None:
         assert contains.lower() in lines[0].lower(), f"{contains!r} not in {lines[0]!r}"
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str, readonly: bool = False) -> Iterator[Path]:
+    """A real small file system mounted on ``folder`` (a full disk, a read-only folder) for the block; the test
+    is skipped, with the reason, where this process may not mount one (not root, no mount permission)."""
+    if os.geteuid() != 0:
+        pytest.skip(f"a {size} tmpfs needs root (mount -t tmpfs)")
+    folder.mkdir(parents=True, exist_ok=True)
+    options = f"ro,size={size}" if readonly else f"size={size}"
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

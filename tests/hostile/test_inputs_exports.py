@@ -7,7 +7,7 @@ starts to fail, and data beyond them is one tqc line (exit 2), never ORT's own e
 * ``diff --data`` with ids beyond the vocabulary, in a child process so that anything ORT prints to the real
   stderr would be seen (1); ``calibrate`` with a sequence one past roberta's positions (1); ``bench`` one past
   the positions refused, at the limit measured (1); ``compile --calib`` text with a longer ``--max-length``
-  than the model's positions truncates with a note (1).
+  than the model's positions refused, without one truncated to the positions, at the positions silent (1).
 """
 
 from __future__ import annotations
@@ -117,8 +117,19 @@ def test_text_is_truncated_to_the_positions_in_compile(exports, tmp_path, capsys
     (tmp_path / "tok" / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(tmp_path / "tok" / "vocab.txt")).save_pretrained(str(tmp_path / "tok"))
     out = tmp_path / "q.onnx"
-    outcome = run_inprocess(["compile", path, "-p", "fold,qdq", "--target", "ort-cpu", "-o", out, "--calib",
-                             tmp_path / "long.txt", "--tokenizer", tmp_path / "tok", "--max-length", "4096"], capsys)
+    args = ["compile", path, "-p", "fold,qdq", "--target", "ort-cpu", "-o", out, "--calib", tmp_path / "long.txt",
+            "--tokenizer", tmp_path / "tok"]
+    # an explicit limit beyond the positions is a mistake (issue #20): refused, nothing written
+    outcome = run_inprocess(["-q", *args, "--max-length", "4096"], capsys)
+    assert_user_error(outcome, EXIT_USER, f"--max-length 4096 is beyond the model's {longest} positions")
+    assert not out.exists()
+    # without --max-length the limit is 128, or the positions when fewer (said in a progress line)
+    outcome = run_inprocess(args, capsys)
     assert outcome.code == EXIT_OK, outcome.err
-    assert f"text is truncated to {longest} tokens" in outcome.err
+    if longest < 128:
+        assert f"text is truncated to {longest} tokens" in outcome.err
+    assert out.exists()
+    out.unlink()
+    outcome = run_inprocess(["-q", *args, "--max-length", str(longest)], capsys)  # at the positions: silent
+    assert outcome.code == EXIT_OK and outcome.err == "", outcome.err
     assert out.exists()

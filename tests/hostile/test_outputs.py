@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -49,7 +48,7 @@ import pytest
 
 from tests.conftest import make_mlp
 from tests.hostile.harness import (EXIT_CHECK_FAILED, EXIT_INTERNAL, EXIT_OK, EXIT_SIGINT, EXIT_USER,
-                                   assert_unchanged, assert_user_error, run_inprocess, snapshot)
+                                   assert_unchanged, assert_user_error, run_inprocess, snapshot, tmpfs)
 
 
 # ------------------------------------------------------------------ fixtures
@@ -311,11 +310,8 @@ def readonly_dir(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
     if os.geteuid() == 0:  # root writes through mode bits: a read-only mount is the real thing
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                          capture_output=True).returncode != 0:
-            pytest.skip("cannot mount a read-only tmpfs here")
-        yield folder
-        subprocess.run(["umount", str(folder)], check=True)
+        with tmpfs(folder, "64k", readonly=True):
+            yield folder
     else:
         folder.chmod(0o555)
         yield folder
@@ -344,18 +340,9 @@ def test_read_only_folder_is_one_line(case, work, tmp_path, readonly_dir, capsys
 @pytest.fixture
 def full_disk(tmp_path):
     """A 200 kB tmpfs with about 16 kB free."""
-    if os.geteuid() != 0:
-        pytest.skip("a small tmpfs needs root (mount -t tmpfs -o size=200k)")
-    folder = tmp_path / "full"
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "full", "200k") as folder:
         (folder / "filler").write_bytes(b"\0" * (184 * 1024))
         yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 def test_full_disk_compile_leaves_nothing(work, tmp_path, full_disk, capsys):
