@@ -400,16 +400,16 @@ def validate_model(model: onnx.ModelProto, path: str | os.PathLike, checker: boo
         seen: set[str] = set()
         twice = next(n for n in names if n in seen or seen.add(n))
         raise InvalidModelError(p, f"initializer '{twice}' is defined twice")
-    initializers = {id(t) for t in model.graph.initializer}
-    for tensor, where in all_tensors(model.graph):
-        if raw_lengths is not None and id(tensor) in initializers:
-            if tensor.name in external:
-                _check_tensor_data(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
-                                                    data_location=onnx.TensorProto.EXTERNAL), where, p, memory)
-                continue
-            if tensor.name in raw_lengths:
-                _check_tensor_data(tensor, where, p, memory, raw_length=raw_lengths[tensor.name])
-                continue
+    for tensor in model.graph.initializer:  # by position, not id(): protobuf wrappers are not kept alive
+        where = f"initializer '{tensor.name}'"
+        if raw_lengths is not None and tensor.name in external:
+            _check_tensor_data(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                                data_location=onnx.TensorProto.EXTERNAL), where, p, memory)
+        elif raw_lengths is not None and tensor.name in raw_lengths:
+            _check_tensor_data(tensor, where, p, memory, raw_length=raw_lengths[tensor.name])
+        else:
+            _check_tensor_data(tensor, where, p, memory)
+    for tensor, where in node_tensors(model.graph):
         _check_tensor_data(tensor, where, p, memory)
     _check_static_dims(model.graph, p, memory)
     _check_dataflow(model.graph, p)
