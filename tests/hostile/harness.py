@@ -122,3 +122,40 @@ def tmpfs(folder: Path, size: str, readonly: bool = False) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def _proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command name: state, ppid, pgrp, ...) of every process."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                yield int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (e.g. the tritonserver a ``tqc serve`` started)."""
+    return [child for child, fields in _proc_stats() if int(fields[1]) == pid]
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes of the process group ``pgid``."""
+    return [member for member, fields in _proc_stats() if int(fields[2]) == pgid and fields[0] != "Z"]
+
+
+def break_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass bug on purpose: ``fold`` also adds 1 to a weight, so numeric verification must fail (exit 1)."""
+    import onnx_graphsurgeon as gs
+
+    from tqc.passes.fold import Fold
+
+    original = Fold.run
+
+    def wrong_fold(self, graph, ctx):
+        result = original(self, graph, ctx)
+        weight = next(t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.values.size > 4)
+        weight.values = weight.values + 1.0
+        return result
+
+    monkeypatch.setattr(Fold, "run", wrong_fold)

@@ -366,17 +366,6 @@ def test_json_ids_beyond_vocab_in_a_later_item_are_refused(world, capsys):
             world, "item 1", "outside the 50 rows")
 
 
-@pytest.fixture(scope="module")
-def text_world(tmp_path_factory) -> Path:
-    """A token model with MiniLM's vocabulary size but only 16 positions, and long sentences."""
-    pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("text")
-    make_token_model(folder / "tok30k.onnx", vocab=30522)
-    sentence = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
-    (folder / "long.txt").write_text("\n".join([sentence] * 8) + "\n")
-    return folder
-
-
 def test_text_longer_than_the_positions_is_truncated_with_a_note(text_world, capsys):
     out = text_world / "t.json"
     try:

@@ -32,7 +32,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import make_mlp
 from tests.hostile.harness import EXIT_OK, assert_unchanged, assert_user_error, run_inprocess, snapshot
-from tests.hostile.models import make_token_model
 
 
 def refused(capsys, args, root: Path, *words: str) -> str:
@@ -93,25 +92,28 @@ def _huge_external(folder: Path) -> Path:
     onnx.save(make_mlp(), str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
               size_threshold=0)
     model = onnx.load(str(path), load_external_data=False)
-    tensor = next(t for t in model.graph.initializer if t.name == "wa")
+    _declare_huge(next(t for t in model.graph.initializer if t.name == "wa"))
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _declare_huge(tensor: onnx.TensorProto) -> None:
+    """An external tensor that declares [1e6, 1e6] (3.64 TiB in float32) and no length of its own."""
     del tensor.dims[:]
     tensor.dims.extend([10**6, 10**6])
     for entry in list(tensor.external_data):
         if entry.key == "length":
             tensor.external_data.remove(entry)
-    path.write_bytes(model.SerializeToString())
-    return path
 
 
 @pytest.mark.parametrize("cmd", ["compile", "calibrate", "inspect", "check", "diff"])
 def test_external_tensor_beyond_memory_is_refused_before_allocation(cmd, tmp_path, capsys):
     model = _huge_external(tmp_path)
-    good = make_mlp(tmp_path / "good.onnx")
+    make_mlp(tmp_path / "good.onnx")
     np.savez(tmp_path / "x.npz", x=np.ones((2, 4), np.float32))
     args = {"compile": ["compile", model, "-p", "fold", "-o", tmp_path / "o.onnx"],
             "calibrate": ["calibrate", model, "--data", tmp_path / "x.npz", "-o", tmp_path / "t.json"],
             "inspect": ["inspect", model], "check": ["check", model], "diff": ["diff", model, tmp_path / "good.onnx"]}
-    assert good is not None
     refused(capsys, args[cmd], tmp_path, "input model is invalid", "initializer 'wa'", "[1000000, 1000000]",
             "3.64 TiB", "memory")
 
@@ -163,14 +165,9 @@ def test_export_of_a_malicious_pickle_is_refused_and_never_runs(form, tmp_path, 
 # ---------------------------------------------------------------- calibration text
 
 @pytest.fixture(scope="module")
-def text_world(tmp_path_factory) -> Path:
-    """A token model with MiniLM's vocabulary but 16 positions; sentences, odd and broken text files."""
-    pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("text")
-    make_token_model(folder / "tok.onnx", vocab=30522)
-    sentence = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
-    (folder / "long.txt").write_text("\n".join([sentence] * 8) + "\n")
-    (folder / "short.txt").write_text("a short sentence\nanother one here\n")
+def odd_texts(text_world) -> Path:
+    """``text_world`` (tests/hostile/conftest.py) with odd and broken text files beside its sentences."""
+    folder = text_world
     (folder / "random.txt").write_bytes(  # no NUL among them: refused as not UTF-8
         np.random.default_rng(0).integers(1, 256, 4096, dtype=np.uint8).tobytes())
     (folder / "nul.txt").write_bytes(b"\0" * 1024)
@@ -183,8 +180,8 @@ def text_world(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("cmd", ["compile", "calibrate"])
 def test_max_length_beyond_the_positions_is_refused(cmd, text_world, capsys):
     out = text_world / ("o.onnx" if cmd == "compile" else "t.json")
-    args = (["compile", text_world / "tok.onnx", "-p", "fold,qdq", "--target", "ort-cpu", "-o", out, "--calib"]
-            if cmd == "compile" else ["calibrate", text_world / "tok.onnx", "-o", out, "--data"])
+    args = (["compile", text_world / "tok30k.onnx", "-p", "fold,qdq", "--target", "ort-cpu", "-o", out, "--calib"]
+            if cmd == "compile" else ["calibrate", text_world / "tok30k.onnx", "-o", out, "--data"])
     refused(capsys, [*args, text_world / "long.txt", "--tokenizer", "minilm", "--max-length", "1000"], text_world,
             "--max-length 1000", "16 positions", "at most 16")
     # at the positions: accepted, nothing said, 16-token sequences
@@ -212,19 +209,21 @@ def test_max_length_help_states_the_rule(capsys):
                                          ("nul_inside.txt", ("NUL bytes", "offset 18")),
                                          ("latin1.txt", ("not UTF-8 text", "0xe9"))])
 @pytest.mark.parametrize("cmd", ["compile", "calibrate", "diff"])
-def test_calibration_text_that_is_not_text_is_refused(cmd, name, words, text_world, capsys):
-    model, data = text_world / "tok.onnx", text_world / name
+def test_calibration_text_that_is_not_text_is_refused(cmd, name, words, odd_texts, capsys):
+    text_world = odd_texts
+    model, data = text_world / "tok30k.onnx", text_world / name
     args = {"compile": ["compile", model, "-p", "fold,qdq", "-o", text_world / "o.onnx", "--calib", data],
             "calibrate": ["calibrate", model, "--data", data, "-o", text_world / "t.json"],
             "diff": ["diff", model, model, "--data", data]}[cmd]
     refused(capsys, [*args, "--tokenizer", "minilm"], text_world, f"data '{data}'", *words)
 
 
-def test_control_characters_are_noted_even_with_quiet(text_world, capsys):
+def test_control_characters_are_noted_even_with_quiet(odd_texts, capsys):
+    text_world = odd_texts
     out = text_world / "t.json"
     try:
         before = snapshot(text_world)
-        outcome = run_inprocess(["-q", "calibrate", text_world / "tok.onnx", "--data", text_world / "control.txt",
+        outcome = run_inprocess(["-q", "calibrate", text_world / "tok30k.onnx", "--data", text_world / "control.txt",
                                  "--tokenizer", "minilm", "-o", out], capsys)
         assert outcome.code == EXIT_OK, outcome.err
         notes = [line for line in outcome.err.splitlines() if line.startswith("tqc: note: ")]
@@ -288,12 +287,7 @@ def _subgraph_case(kind: str, folder: Path) -> tuple[Path, tuple[str, ...]]:
     if kind == "huge":
         path = _subgraph_model(folder)
         model = onnx.load(str(path), load_external_data=False)
-        tensor = next(a for a in model.graph.node[0].attribute if a.name == "then_branch").g.initializer[0]
-        del tensor.dims[:]
-        tensor.dims.extend([10**6, 10**6])
-        for entry in list(tensor.external_data):
-            if entry.key == "length":
-                tensor.external_data.remove(entry)
+        _declare_huge(next(a for a in model.graph.node[0].attribute if a.name == "then_branch").g.initializer[0])
         path.write_bytes(model.SerializeToString())
         return path, ("memory",)
     raise ValueError(kind)  # pragma: no cover

@@ -48,7 +48,7 @@ import pytest
 
 from tests.conftest import make_mlp
 from tests.hostile.harness import (EXIT_CHECK_FAILED, EXIT_INTERNAL, EXIT_OK, EXIT_SIGINT, EXIT_USER,
-                                   assert_unchanged, assert_user_error, run_inprocess, snapshot, tmpfs)
+                                   assert_unchanged, assert_user_error, break_fold, run_inprocess, snapshot, tmpfs)
 
 
 # ------------------------------------------------------------------ fixtures
@@ -555,19 +555,7 @@ def test_internal_error_is_exit_3_and_says_bug(work, tmp_path, capsys, monkeypat
 
 
 def test_verification_failure_is_exit_1_with_reproducer_and_no_output(work, tmp_path, capsys, monkeypatch):
-    import onnx_graphsurgeon as gs
-
-    from tqc.passes.fold import Fold
-
-    original = Fold.run
-
-    def wrong_fold(self, graph, ctx):  # a pass bug: a weight changes
-        result = original(self, graph, ctx)
-        weight = next(t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.values.size > 4)
-        weight.values = weight.values + 1.0
-        return result
-
-    monkeypatch.setattr(Fold, "run", wrong_fold)
+    break_fold(monkeypatch)  # a pass bug: a weight changes
     before = _all(tmp_path)
     outcome = run_inprocess("-q compile m.onnx -p fold --verify numeric -o o.onnx --report r.json".split(), capsys)
     assert_user_error(outcome, EXIT_CHECK_FAILED, "verification failed: 01_fold")

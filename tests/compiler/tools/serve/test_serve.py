@@ -21,6 +21,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from tests.conftest import SENTENCES
+from tests.hostile.harness import child_pids, group_pids
 
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
@@ -41,19 +42,6 @@ import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 TOL = 1e-5
-
-
-def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(entry.name))
-    return pids
 
 
 def sentences(count: int, skip: int = 2000) -> list[str]:
@@ -251,19 +239,6 @@ def _tqc(*args: str, **kwargs) -> subprocess.Popen:
                             text=True, start_new_session=True, **kwargs)
 
 
-def _server_pids_of(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (the tritonserver started by a tqc serve process)."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                children.append(int(entry.name))
-    return children
-
 
 def _serve_dirs() -> set[str]:
     import tempfile
@@ -295,7 +270,7 @@ def _check_cli_server(proc: subprocess.Popen, before: set[str]) -> None:
             break
     assert lines and lines[-1].startswith("serving on"), proc.communicate(timeout=30)
     http = lines[-1].split("http://")[1].split()[0]
-    children = _server_pids_of(proc.pid)
+    children = child_pids(proc.pid)
     assert children, "no tritonserver child"
     server_pgid = os.getpgid(children[0])
     client = httpclient.InferenceServerClient(http)
@@ -329,7 +304,7 @@ def test_a_model_that_fails_to_load_gives_one_line_and_exit_2(tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("tqc: error:")]
     assert len(errors) == 1 and "failed to load" in errors[0] and "NoSuchOp" in errors[0], err
     assert "Traceback" not in err
-    assert _server_pids_of(proc.pid) == []
+    assert child_pids(proc.pid) == []
 
 
 def test_startup_timeout_stops_everything(minilm):
@@ -355,4 +330,4 @@ def test_a_port_in_use_gives_one_line_and_exit_2(minilm):
         out, err = proc.communicate(timeout=180)
     assert proc.returncode == 2, (out, err)
     assert err.strip().splitlines()[-1].startswith("tqc: error: the server did not start:") and "already in use" in err
-    assert _server_pids_of(proc.pid) == [] and _serve_dirs() <= before
+    assert child_pids(proc.pid) == [] and _serve_dirs() <= before
