@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import onnx
 
-from tqc import __version__
+from tqc.version import __version__
 from tqc.compiler.runtime import compare
 from tqc.compiler.core.errors import TqcError, VerificationError
 from tqc.compiler.runtime.feeds import verification_feeds
