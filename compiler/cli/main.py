@@ -396,7 +396,6 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
 
     from tqc.compiler.runtime import compare
     from tqc.compiler.tools import diff as diffing
-    from tqc.compiler.runtime.feeds import synthesize_feeds
     from tqc.compiler.io.model import check_input_path, load_model, write_bytes_atomic, write_text_atomic
     from tqc.compiler.io.output_guard import current, make_temp_dir
 
@@ -419,16 +418,10 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     guard.writes_into(save_dir, ("inputs.json", "reference_outputs.json"), "--save-dir")
     ref_model = load_model(reference)
     cand_models = [load_model(c) for c in candidates]
-    if data:
-        from tqc.compiler.analysis.calib_data import DataSpec, FeedSource, parse_input_map
+    from tqc.compiler.analysis.calib_data import DataSpec, comparison_feeds, parse_input_map
 
-        feeds = list(FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
-                                         input_map=parse_input_map(input_map)), ref_model))
-    else:
-        from tqc.compiler.io.data_limits import limits_of
-
-        longest = limits_of(ref_model).max_sequence  # drawn no longer than the position table
-        feeds = synthesize_feeds(ref_model, count=2, seq=min(16, longest or 16))
+    feeds = comparison_feeds(ref_model, DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
+                                                 input_map=parse_input_map(input_map)) if data else None)
     results, ref_results = [], None
     for path, model in zip(candidates, cand_models):
         ui.progress(f"comparing {path} with {reference}" + (" tensor by tensor" if layerwise else ""))
