@@ -164,7 +164,7 @@ def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify
                 tokenizer: str | None, calib_samples: int, batch_size: int, max_length: int,
                 shapes: tuple[str, ...], allow_table_mismatch: bool, runtime: str, input_map: str | None) -> None:
     """Run a pipeline of passes on MODEL and write the result."""
-    from tqc.compiler.tools.compile import CompileOptions, compile_model
+    from tqc.compiler.tools.compile import CompileOptions, compile_model, format_report
 
     opts = CompileOptions(model=model, pipeline=pipeline_text, output=output, target=target, verify=verify,
                           dump_dir=dump_dir, report=report_path, explain=explain, calib=calib,
@@ -173,29 +173,6 @@ def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify
                           allow_table_mismatch=allow_table_mismatch, runtime=runtime, input_map=input_map)
     report = compile_model(opts, progress=_ui().progress)
     click.echo(format_report(report))
-
-
-def format_report(report: dict) -> str:
-    lines = [f"{report['input']['path']} -> {report['output']['path']}  (target {report['target']}, "
-             f"verify {report['verify']})"]
-    lines.append(f"  {'#':>2}  {'pass':<24} {'time':>8} {'verify':>8}  stats   (verify: max |diff|, or cosine for INT8, vs the stage before)")
-    for stage in report["stages"]:
-        verify = stage["verify"]
-        status = "-"
-        if "numeric" in verify:
-            numeric = verify["numeric"]
-            worst = max((float(o["max_abs"]) for o in numeric["outputs"].values()), default=0.0)
-            lowest = min((float(o["cosine"]) for o in numeric["outputs"].values()), default=1.0)
-            status = ("FAIL" if not numeric["passed"] else f"cos {lowest:.4f}" if "min_cosine" in numeric else
-                      "exact" if worst == 0 else f"{worst:.1e}")
-        elif verify.get("structure") == "ok":
-            status = "ok"
-        stats = ", ".join(f"{k}={v}" for k, v in stage["stats"].items())
-        lines.append(f"  {stage['index']:>2}  {stage['spec']:<24} {stage['seconds']:>7.2f}s {status:>8}  {stats}")
-    lines.append(f"  nodes {report['input']['nodes']} -> {report['output']['nodes']}, "
-                 f"total {report['total_seconds']:.2f}s")
-    lines += [f"  note: {message}" for message in report.get("messages", [])]
-    return "\n".join(lines)
 
 
 @cli.command("calibrate")
