@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from tqc import __version__
-from tqc.compiler.cli.ranges import COUNT, NON_NEGATIVE, OPSET, SEED, check_opset, finite_float
+from tqc.compiler.cli.ranges import COUNT, NON_NEGATIVE, OPSET, SEED, finite_float
 from tqc.compiler.core.errors import (CHECK_FAILED_EXIT_CODE, INTERNAL_ERROR_EXIT_CODE, OK_EXIT_CODE, SIGINT_EXIT_CODE,
                                  USER_ERROR_EXIT_CODE, TqcError, VerificationError)
 from tqc.compiler.core.target import TARGETS
@@ -107,20 +107,11 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
     """Export SOURCE to FP32 ONNX: 'minilm' (packaged, real weights), a family name (bert, roberta,
     distilbert, albert, electra, xlm-roberta, camembert; random weights), a config.json, or a local model
     folder (its head kept). Nothing is downloaded."""
-    from tqc.compiler.io.output_guard import current
-    from tqc.models.export import ExportSpec, export
-    from tqc.compiler.io.packaged import PACKAGED_MINILM_NAMES
+    from tqc.models.export import ExportSpec, export_guarded
 
-    check_opset(exporter, opset)
-    guard = current()
-    if Path(source).exists():  # a config.json or a model folder: read, never written over
-        guard.reads_folder(source, f"the export source '{source}'")
-    elif source.lower() in PACKAGED_MINILM_NAMES:
-        guard.reads_packaged_model()
-    guard.writes_model(output, "-o")
     ui = _ui()
-    info = export(ExportSpec(source, exporter=exporter, attn=attn, opset=opset, size=size, seed=seed, task=task),
-                  output, progress=ui.progress)
+    info = export_guarded(ExportSpec(source, exporter=exporter, attn=attn, opset=opset, size=size, seed=seed,
+                                     task=task), output, progress=ui.progress)
     click.echo(f"exported {info['source']} -> {info['output']} ({info['exporter']} exporter, {info['attn']} "
                f"attention, opset {info['opset']}, {info['nodes']} nodes, inputs {', '.join(info['inputs'])}, "
                f"outputs {', '.join(info['outputs'])})")
