@@ -402,3 +402,10 @@ def test_import_tqc_is_light_and_names_the_api(tmp_path):
     from tqc import passes
 
     assert {"Fold", "Fuse", "Qdq", "Fp16", "Pass"} <= set(dir(passes))
+
+
+def test_a_generator_serves_every_run_of_a_manager(mlp_data, tmp_path):
+    manager = tqc.PassManager("fold,qdq", calib=({"x": mlp_data[i:i + 8]} for i in range(0, 32, 8)))
+    first = saved_bytes(manager(make_mlp()), tmp_path / "a.onnx")
+    assert saved_bytes(manager(make_mlp()), tmp_path / "b.onnx") == first
+    assert first == saved_bytes(tqc.compile(make_mlp(), "fold,qdq", calib={"x": mlp_data}), tmp_path / "c.onnx")

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import numpy as np
 import onnx
 
-from tqc.compiler.analysis.calib_data import DataSpec, comparison_feeds, parse_input_map
+from tqc.compiler.analysis.calib_data import DataSpec, comparison_feeds, in_memory, parse_input_map
 from tqc.compiler.core.errors import TqcError
 from tqc.compiler.core.target import DEFAULT_TARGET
 from tqc.compiler.io import output_guard
@@ -105,7 +105,6 @@ class CompileResult:
         2 GB), ``.xml`` (OpenVINO IR, + ``.bin``) or ``.plan`` (TensorRT). Atomic (all files or none), and
         refused in one line when ``path`` is (or resolves to) a file the compile read: the input model or its
         external data, the calibration data or table, the tokenizer."""
-        start = time.perf_counter()
         with output_guard.command("save") as guard:
             self._inputs.declare(guard)
             out = declare_output(guard, os.fspath(path), "the output")
@@ -114,7 +113,6 @@ class CompileResult:
                 check_plan_shapes(self._lean.skeleton, self._shapes)
             write_output(self._lean, out, self._source_hash, self._shapes, progress=self._progress)
         self.report["output"]["path"] = str(out)
-        self.report["save_seconds"] = round(time.perf_counter() - start, 4)
         return out
 
     def __repr__(self) -> str:
@@ -177,7 +175,8 @@ class PassManager:
         it) and return the result; nothing is written but ``dump_dir``'s files."""
         start = time.perf_counter()
         calib_path = self.calib.path if self.calib is not None else None
-        texts = self.calib is not None and self.calib.data is not None and isinstance(self.calib.data, (list, tuple))
+        texts = self.calib is not None and self.calib.data is not None and not isinstance(self.calib.data, Mapping) \
+            and all(isinstance(item, str) for item in self.calib.data)
         with output_guard.command("compile") as guard:
             source = check_input_path(model) if isinstance(model, (str, os.PathLike)) else None
             inputs = _Inputs(source, calib_path, self.calib_table, self.tokenizer, texts)
@@ -323,8 +322,12 @@ def data_spec(data: Data | None, label: str, *, tokenizer: PathLike | None, samp
     if isinstance(data, (str, os.PathLike)):
         return DataSpec(os.fspath(data), tokenizer=tokenizer, samples=samples, batch_size=batch_size,
                         max_length=max_length, input_map=mapping)
-    return DataSpec(None, tokenizer=tokenizer, samples=samples, batch_size=batch_size, max_length=max_length,
+    spec = DataSpec(None, tokenizer=tokenizer, samples=samples, batch_size=batch_size, max_length=max_length,
                     input_map=mapping, data=data, label=label)
+    # Read once, here: its form is checked before any model is read, and a generator serves every run of a
+    # PassManager (up to ``samples`` rows of it are kept).
+    _, spec.data = in_memory(spec)
+    return spec
 
 
 def _count(value: Any, name: str) -> int:
