@@ -149,8 +149,8 @@ def test_every_calibration_form_gives_the_same_model(tmp_path, mlp_data):
     save_json(batches, str(tmp_path / "calib.json"))
     forms = {"npz": str(tmp_path / "calib.npz"), "json": tmp_path / "calib.json", "dict": {"x": mlp_data},
              "list": batches, "tuple": tuple(batches), "generator": (batch for batch in batches)}
-    saved = {name: saved_bytes(tqc.compile(tmp_path / "mlp.onnx", [Fold(), Qdq()], calib=data), tmp_path / f"{name}.onnx")
-             for name, data in forms.items()}
+    saved = {name: saved_bytes(tqc.compile(tmp_path / "mlp.onnx", [Fold(), Qdq()], calib=data),
+                               tmp_path / f"{name}.onnx") for name, data in forms.items()}
     assert len(set(saved.values())) == 1, {k: hashlib.sha256(v).hexdigest()[:8] for k, v in saved.items()}
     quantized = onnx.load_from_string(saved["dict"])
     assert sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node) == 2
@@ -216,12 +216,14 @@ def test_pass_options_are_refused_with_the_clis_line(text, make, mlp_path, tmp_p
 
 def test_pass_objects_take_python_values_and_print_as_python():
     assert Qdq(smooth="0.5").values == Qdq(smooth=0.5).values  # text parsed as the pipeline text is
-    assert Qdq(percentile=99).values["percentile"] == 99.0 and isinstance(Qdq(percentile=99).values["percentile"], float)
+    percentile = Qdq(percentile=99).values["percentile"]
+    assert percentile == 99.0 and isinstance(percentile, float)
     assert Qdq(exclude=("*a*", "*b*")).spec() == "qdq{exclude=*a*|*b*}"
     assert repr(Qdq(method="percentile", exclude=["*p*"])) == "Qdq(exclude=['*p*'], method='percentile')"
     assert repr(Fold()) == "Fold()"
     for bad, message in [(lambda: Qdq(smooth=True), "option 'smooth' of pass 'qdq' takes a number, got True (bool)"),
-                         (lambda: Fuse(attention="maybe"), "option 'attention' of pass 'fuse' takes a boolean, got 'maybe'"),
+                         (lambda: Fuse(attention="maybe"),
+                          "option 'attention' of pass 'fuse' takes a boolean, got 'maybe'"),
                          (lambda: Qdq(exclude=[1]), "option 'exclude' of pass 'qdq' takes a list of texts (or "
                                                     "'|'-separated text), got [1] (list)")]:
         with pytest.raises(tqc.TqcError) as info:
@@ -358,7 +360,8 @@ def test_export_is_tqc_export(tmp_path, capsys):
     code, _, err = run_cli(["-q", "export", "bert-tiny", "-o", str(tmp_path / "cli.onnx"), "--seed", "3"], capsys)
     assert code == 0, err
     assert digest(tmp_path / "api.onnx") == digest(tmp_path / "cli.onnx")
-    assert info["inputs"] == ["input_ids", "attention_mask", "token_type_ids"] and info["outputs"] == ["last_hidden_state"]
+    assert info["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert info["outputs"] == ["last_hidden_state"]
     feed = {"input_ids": np.array([[1, 5, 9, 2]]), "attention_mask": np.ones((1, 4), np.int64),
             "token_type_ids": np.zeros((1, 4), np.int64)}
     assert outputs(tmp_path / "api.onnx", feed)[0].shape == (1, 4, 64)

@@ -126,7 +126,8 @@ class _Inputs:
 
     def __init__(self, model: Path | None, calib: str | None, calib_table: str | None, tokenizer: str | None,
                  texts: bool):
-        self.model, self.calib, self.calib_table, self.tokenizer, self.texts = model, calib, calib_table, tokenizer, texts
+        self.model, self.calib, self.calib_table = model, calib, calib_table
+        self.tokenizer, self.texts = tokenizer, texts
 
     def declare(self, guard) -> None:
         declare_inputs(guard, self.model, self.calib, self.calib_table, self.tokenizer)
@@ -147,7 +148,7 @@ class PassManager:
     def __init__(self, passes: str | Sequence[Pass | str], *, target: str = DEFAULT_TARGET, calib: Data | None = None,
                  calib_table: PathLike | None = None, tokenizer: PathLike | None = None,
                  calib_samples: int | None = CompileOptions.calib_samples, batch_size: int = CompileOptions.batch_size,
-                 max_length: int = CompileOptions.max_length, input_map: str | Mapping[str, str] | None = None,
+                 max_length: int | None = CompileOptions.max_length, input_map: str | Mapping[str, str] | None = None,
                  verify: str = CompileOptions.verify, runtime: str = CompileOptions.runtime,
                  explain: str | Sequence[str] = (), shapes: str | Sequence[str] = (), dump_dir: PathLike | None = None,
                  allow_table_mismatch: bool = False, progress: Progress = None):
@@ -214,7 +215,7 @@ class PassManager:
 def compile(model: onnx.ModelProto | PathLike, passes: str | Sequence[Pass | str], *, target: str = DEFAULT_TARGET,
             calib: Data | None = None, calib_table: PathLike | None = None, tokenizer: PathLike | None = None,
             calib_samples: int | None = CompileOptions.calib_samples, batch_size: int = CompileOptions.batch_size,
-            max_length: int = CompileOptions.max_length, input_map: str | Mapping[str, str] | None = None,
+            max_length: int | None = CompileOptions.max_length, input_map: str | Mapping[str, str] | None = None,
             verify: str = CompileOptions.verify, runtime: str = CompileOptions.runtime,
             explain: str | Sequence[str] = (), shapes: str | Sequence[str] = (), dump_dir: PathLike | None = None,
             allow_table_mismatch: bool = False, progress: Progress = None) -> CompileResult:
@@ -230,7 +231,8 @@ def compile(model: onnx.ModelProto | PathLike, passes: str | Sequence[Pass | str
                     of such dicts (a generator is read once, up to ``calib_samples`` rows)
     calib_table     or a table from ``tqc calibrate`` (checked against the model's hash)
     tokenizer       tokenizer folder for texts (default: the one the export recorded)
-    calib_samples   samples used (32), ``batch_size`` (8) per calibration batch, ``max_length`` (128) tokens
+    calib_samples   samples used (32), ``batch_size`` (8) per calibration batch, ``max_length`` tokens per
+                    text (the CLI's default: 128, or the model's positions when fewer)
     input_map       which data feeds which input where the graph cannot tell: {"ids": "input_ids"} or the
                     CLI's text ``"ids=input_ids,mask=attention_mask"``
     verify          "numeric" (default, as the CLI), "structure" or "none"
@@ -308,13 +310,14 @@ def _lean_input(model, source: Path | None, progress: Callable[[str], None]):
 # ---------------------------------------------------------------- data
 
 def data_spec(data: Data | None, label: str, *, tokenizer: PathLike | None, samples: int | None, batch_size: int,
-              max_length: int, input_map: str | Mapping[str, str] | None) -> DataSpec | None:
+              max_length: int | None, input_map: str | Mapping[str, str] | None) -> DataSpec | None:
     """A ``DataSpec`` for calibration or comparison data given from Python (see ``Data``); the counts are
     checked as the CLI's options are (at least 1)."""
     if samples is not None:
         _count(samples, f"{label}_samples" if label == "calib" else "samples")
     _count(batch_size, "batch_size")
-    _count(max_length, "max_length")
+    if max_length is not None:  # None: the CLI's default when --max-length is left out
+        _count(max_length, "max_length")
     if data is None:
         return None
     mapping = _input_map(input_map)
@@ -409,7 +412,7 @@ class DiffResult:
 
 def diff(reference: onnx.ModelProto | PathLike, candidate: onnx.ModelProto | PathLike, *, data: Data | None = None,
          layerwise: bool = False, threshold: float = 0.05, tokenizer: PathLike | None = None, samples: int = 16,
-         batch_size: int = 8, max_length: int = CompileOptions.max_length,
+         batch_size: int = 8, max_length: int | None = CompileOptions.max_length,
          input_map: str | Mapping[str, str] | None = None, mask_padding: bool = True, runtime: str = "ort",
          sensitivity: bool = False, progress: Progress = None) -> DiffResult:
     """Compare ``candidate`` with ``reference`` on the same inputs, as ``tqc diff`` does: the reference on ONNX

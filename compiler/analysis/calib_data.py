@@ -177,14 +177,9 @@ def _load_script(spec: str) -> Callable[[], Iterable[dict]]:
 
 
 def read_sentences(path: Path, skip: int = 0, limit: int | None = None) -> list[str]:
-    return select_sentences(path.read_text(encoding="utf-8", errors="replace").splitlines(), skip, limit)
-
-
-def select_sentences(lines: Iterable[str], skip: int = 0, limit: int | None = None) -> list[str]:
-    """Texts as calibration reads them: stripped, blank ones dropped, the first ``skip`` skipped, at most
-    ``limit``."""
-    kept = [line for line in (text.strip() for text in lines) if line][skip:]
-    return kept[:limit] if limit else kept
+    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [line for line in lines if line][skip:]
+    return lines[:limit] if limit else lines
 
 
 def load_tokenizer(name: str | None, model: onnx.ModelProto):
@@ -251,6 +246,7 @@ class FeedSource:
             if unknown:
                 raise TqcError(f"--input-map: '{unknown[0]}' is not a tokenizer output (use {', '.join(INPUT_ROLES)})")
         self.roles = input_roles(model, spec.input_map, strict=True) if self.kind == "text" else None
+        self.sentences = self._sentences() if self.kind == "text" else None
         first = next(iter(self), None)
         if first is None:
             raise TqcError(f"{spec.describe()} holds no samples")
@@ -264,6 +260,13 @@ class FeedSource:
             if path.is_dir():
                 raise TqcError(f"data '{path}' is a directory; expected .npz, .json, .txt or script.py:function")
         self.items = None
+
+    def _sentences(self) -> list[str]:
+        """The texts, in memory or read from the ``.txt``, as calibration takes them (``skip``, ``samples``)."""
+        spec = self.spec
+        if self.items is not None:
+            return select_sentences(self.items, spec.skip, spec.samples)
+        return read_sentences(Path(spec.path), spec.skip, spec.samples)
 
     @staticmethod
     def _kind(text: str) -> str:
@@ -306,11 +309,17 @@ class FeedSource:
                 if spec.samples and taken >= spec.samples:
                     return
         else:
-            sentences = (select_sentences(self.items, spec.skip, spec.samples) if self.items is not None else
-                         read_sentences(Path(spec.path), spec.skip, spec.samples))
+            sentences = self.sentences  # read (and checked) once: calibration iterates twice
             for i in range(0, len(sentences), spec.batch_size):
                 feed = tokenize(self.tokenizer, sentences[i:i + spec.batch_size], self.roles, spec.max_length)
                 yield _validate(feed, self.model, f"{where} sentences {i}..")
+
+
+def select_sentences(texts: Iterable[str], skip: int = 0, limit: int | None = None) -> list[str]:
+    """Texts given in memory, taken as the lines of a ``.txt`` are: stripped, blank ones dropped, the first
+    ``skip`` skipped, at most ``limit``."""
+    kept = [text for text in (item.strip() for item in texts) if text][skip:]
+    return kept[:limit] if limit else kept
 
 
 def in_memory(spec: DataSpec) -> tuple[str, object]:
