@@ -37,7 +37,8 @@ import onnx
 from tqc.compiler.core.errors import TqcError
 from tqc.compiler.io.packaged import PACKAGED_MINILM, PACKAGED_MINILM_NAMES, packaged_minilm_path
 from tqc.compiler.io.model import load_model, save_model
-from tqc.models.recipes import BERT_INPUTS, RECIPES, ROBERTA_INPUTS, Recipe, find_recipe, recipe_for_model_type
+from tqc.models.recipes import (BERT_INPUTS, RECIPES, ROBERTA_INPUTS, SEEDS, SIZES, Recipe, check_opset, find_recipe,
+                                recipe_for_model_type)
 
 EXPORTERS = ("legacy", "dynamo")
 ATTENTIONS = ("eager", "sdpa")
@@ -357,12 +358,39 @@ def _quiet_libraries() -> None:
     logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
 
 
-def export(spec: ExportSpec, output: str | Path, progress=lambda message: None) -> dict:
-    """Export to ``output`` (written atomically). Returns a summary for the CLI."""
+def check_spec(spec: ExportSpec) -> None:
+    """Every option of ``spec`` within what ``tqc export`` accepts (one line naming the option otherwise)."""
     if spec.exporter not in EXPORTERS:
         raise TqcError(f"--exporter must be one of {', '.join(EXPORTERS)}")
     if spec.attn not in ATTENTIONS:
         raise TqcError(f"--attn must be one of {', '.join(ATTENTIONS)}")
+    check_opset(spec.exporter, spec.opset)
+    if spec.size is not None and spec.size not in SIZES:
+        raise TqcError(f"--size must be one of {', '.join(SIZES)}")
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not SEEDS[0] <= spec.seed <= SEEDS[1]:
+        raise TqcError(f"--seed must be an integer in [{SEEDS[0]}, {SEEDS[1]}], got {spec.seed!r}")
+    if spec.task is not None and spec.task not in TASKS:
+        raise TqcError(f"--task must be one of {', '.join(TASKS)}")
+
+
+def export_guarded(spec: ExportSpec, output: str | Path, progress=lambda message: None, what: str = "-o") -> dict:
+    """``export`` as ``tqc export`` runs it: inside the output guard, the source (a folder, a config, the
+    packaged MiniLM) declared read, so the output (``what`` names it in errors) is never written over it."""
+    from tqc.compiler.io import output_guard
+
+    check_spec(spec)
+    with output_guard.command("export") as guard:
+        if Path(spec.source).exists():  # a config.json or a model folder: read, never written over
+            guard.reads_folder(spec.source, f"the export source '{spec.source}'")
+        elif spec.source.lower() in PACKAGED_MINILM_NAMES:
+            guard.reads_packaged_model()
+        guard.writes_model(output, what)
+        return export(spec, output, progress=progress)
+
+
+def export(spec: ExportSpec, output: str | Path, progress=lambda message: None) -> dict:
+    """Export to ``output`` (written atomically). Returns a summary for the CLI."""
+    check_spec(spec)
     progress(f"loading {spec.source}")
     _quiet_libraries()
     loaded = load_torch_model(spec)

@@ -12,6 +12,23 @@ from typing import Any
 
 from tqc.compiler.core.errors import TqcError, did_you_mean
 
+SIZES = ("base", "tiny")
+SEEDS = (0, 2**32 - 1)  # numpy's and torch's seed range
+# torch's exporters: TorchScript-based (legacy) opsets 7..20, torch.export-based (dynamo) 18..23.
+OPSETS = {"legacy": (7, 20), "dynamo": (18, 23)}
+
+
+def check_opset(exporter: str, opset: int | None) -> None:
+    """An opset the exporter writes (``tqc export --opset``, ``tqc.export(opset=...)``), else one line."""
+    if opset is None:
+        return
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TqcError(f"--opset takes an integer, got {opset!r}")
+    low, high = OPSETS[exporter]
+    if not low <= opset <= high:
+        raise TqcError(f"--opset {opset}: the {exporter} exporter supports opsets {low} to {high}")
+
+
 BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ROBERTA_INPUTS = ("input_ids", "attention_mask")
 

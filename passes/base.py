@@ -70,6 +70,26 @@ class Option:
             ) from None
         return self.check(pass_name, key, value)
 
+    def coerce(self, pass_name: str, key: str, value: Any) -> Any:
+        """A value given from Python (``Qdq(smooth=0.5)``): text is parsed as the pipeline text is, an int is a
+        float where a float is asked; any other type than the option's is refused in one line, and the value
+        is then checked as ``check`` does."""
+        if isinstance(value, str) and self.type is not str:
+            return self.parse(pass_name, key, value)
+        accepted = _PYTHON_TYPES.get(self.type)
+        wrong = accepted is not None and (not isinstance(value, accepted) or
+                                          (isinstance(value, bool) and bool not in accepted))
+        if self.type is parse_list and not wrong:
+            wrong = not all(isinstance(item, str) for item in value)
+            value = list(value)
+        if wrong:
+            kind = "list of texts (or '|'-separated text)" if self.type is parse_list else _type_name(self.type)
+            raise TqcError(f"option '{key}' of pass '{pass_name}' takes a {kind}, got {value!r} "
+                           f"({type(value).__name__})")
+        if self.type is float:
+            value = float(value)
+        return self.check(pass_name, key, value)
+
     def check(self, pass_name: str, key: str, value: Any) -> Any:
         """``value`` if it is allowed, else a one-line ``TqcError`` naming the allowed values."""
         where = f"option '{key}' of pass '{pass_name}'"
@@ -108,6 +128,11 @@ def parse_list(text: str | list) -> list[str]:
     if isinstance(text, list):
         return text
     return [item.strip() for item in text.split("|") if item.strip()]
+
+
+# The Python values each option type takes (``Option.coerce``); a list option takes a list or tuple of texts.
+_PYTHON_TYPES: dict[Callable, tuple[type, ...]] = {float: (int, float), int: (int,), str: (str,),
+                                                   parse_bool: (bool,), parse_list: (list, tuple)}
 
 
 def _type_name(fn: Callable) -> str:
@@ -241,8 +266,13 @@ class Pass:
                 raise TqcError(f"pass '{self.name}' takes no options (got '{key}')")
             raise TqcError(f"pass '{self.name}' has no option '{key}'{did_you_mean(key, self.options)}")
         self.values: dict[str, Any] = {k: opt.default for k, opt in self.options.items()}
-        for key, value in values.items():  # the same ranges from Python as from the pipeline text
-            self.values[key] = self.options[key].check(self.name, key, value)
+        for key, value in values.items():  # the same types and ranges from Python as from the pipeline text
+            self.values[key] = self.options[key].coerce(self.name, key, value)
+
+    def __repr__(self) -> str:
+        """``Qdq(smooth=0.5)``: the class and its non-default options, as it would be written in Python."""
+        changed = {k: v for k, v in self.values.items() if v != self.options[k].default}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in sorted(changed.items()))})"
 
     @classmethod
     def summary(cls) -> str:

@@ -6,6 +6,11 @@ Sources (batch on axis 0 everywhere):
   * ``loader.py:function``       a polygraphy-style data loader script; only run when named explicitly
   * ``sentences.txt``            one sentence per line, tokenized with the model's tokenizer (``--tokenizer``)
 
+and, from Python (``DataSpec.data``; ``tqc.compile(calib=...)``, ``tqc.diff(data=...)``), the same in memory:
+  * a list of texts              as the lines of a ``.txt``
+  * a dict of arrays             as an ``.npz``
+  * any iterable of feed dicts   as a polygraphy inputs file or a loader's items (a generator is read once)
+
 Tokenizer outputs reach the model inputs by role, found from the graph (``feeds.input_roles``): a model whose
 inputs are ``ids``/``mask`` gets ``input_ids``/``attention_mask`` there. ``--input-map ids=input_ids,...``
 (model input = tokenizer output, or array name for .npz/.json/script data) names them when the graph cannot.
@@ -20,7 +25,7 @@ import importlib.util
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -32,13 +37,28 @@ from tqc.compiler.runtime.feeds import Feed, input_roles, input_specs
 
 @dataclass
 class DataSpec:
-    path: str
+    path: str | None                # a file (.npz, .json, .txt) or script.py:function; None: ``data`` in memory
     tokenizer: str | None = None
     samples: int | None = None      # at most this many samples
     batch_size: int = 8
     max_length: int | None = None   # tokens per sentence; None: 128, or the model's positions when fewer
     skip: int = 0                   # skip the first samples (text): keep calibration and evaluation apart
     input_map: dict[str, str] | None = None  # model input -> tokenizer output / data array name (--input-map)
+    data: object = None             # in memory: a list of texts, a dict of arrays, an iterable of feed dicts
+    label: str = "data"             # what error lines call in-memory data (the API's argument name)
+
+    def describe(self) -> str:
+        """How error lines name the data: ``data 'calib.txt'``, or ``calib (32 texts)``."""
+        data = self.data
+        if data is None:
+            return f"data '{self.path}'"
+        if isinstance(data, Mapping):
+            return f"{self.label} (a dict of {len(data)} array{'' if len(data) == 1 else 's'})"
+        if isinstance(data, (list, tuple)) and data and all(isinstance(item, str) for item in data):
+            return f"{self.label} ({len(data)} texts)"
+        if isinstance(data, (list, tuple)):
+            return f"{self.label} (a list of {len(data)} feeds)"
+        return f"{self.label} (a {type(data).__name__})"
 
 
 def parse_input_map(text: str | None) -> dict[str, str] | None:
@@ -169,16 +189,17 @@ def read_sentences(path: Path, skip: int = 0, limit: int | None = None) -> list[
     except UnicodeDecodeError as exc:
         raise TqcError(f"data '{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
                        f"give one sentence per line, UTF-8") from None
-    lines = [line.strip() for line in text.splitlines()]
-    lines = [line for line in lines if line]
-    odd = [i for i, line in enumerate(lines) if any(_is_control(c) for c in line)]
+    return select_sentences(text.splitlines(), skip, limit, where=f"data '{path}'")
+
+
+def note_control_characters(sentences: list[str], where: str) -> None:
+    """A note (stderr) when sentences hold control characters: usable, but rarely what a user meant."""
+    odd = [i for i, line in enumerate(sentences) if any(_is_control(c) for c in line)]
     if odd:
         from tqc.compiler.io.data_limits import user_note
 
-        user_note(f"data '{path}': {len(odd)} of {len(lines)} sentences hold control characters (the first is "
+        user_note(f"{where}: {len(odd)} of {len(sentences)} sentences hold control characters (the first is "
                   f"sentence {odd[0] + 1}); they are tokenized as they are")
-    lines = lines[skip:]
-    return lines[:limit] if limit else lines
 
 
 def _is_control(char: str) -> bool:
@@ -236,13 +257,10 @@ class FeedSource:
     def __init__(self, spec: DataSpec, model: onnx.ModelProto):
         self.spec = spec
         self.model = model
-        path = Path(spec.path)
-        self.kind = self._kind(spec.path)
-        if self.kind != "script":
-            if not path.exists():
-                raise TqcError(f"data '{path}' does not exist")
-            if path.is_dir():
-                raise TqcError(f"data '{path}' is a directory; expected .npz, .json, .txt or script.py:function")
+        if spec.data is not None:
+            self.kind, self.items = in_memory(spec)
+        else:
+            self._check_path(spec.path)
         self.tokenizer = load_tokenizer(spec.tokenizer, model) if self.kind == "text" else None
         if self.kind == "text":  # no longer than the model's position table (truncated, with a note)
             from tqc.compiler.io.data_limits import text_max_length
@@ -252,10 +270,27 @@ class FeedSource:
             if unknown:
                 raise TqcError(f"--input-map: '{unknown[0]}' is not a tokenizer output (use {', '.join(INPUT_ROLES)})")
         self.roles = input_roles(model, spec.input_map, strict=True) if self.kind == "text" else None
-        self.sentences = read_sentences(path, spec.skip, spec.samples) if self.kind == "text" else None
+        self.sentences = self._sentences() if self.kind == "text" else None
         first = next(iter(self), None)
         if first is None:
-            raise TqcError(f"data '{spec.path}' holds no samples")
+            raise TqcError(f"{spec.describe()} holds no samples")
+
+    def _check_path(self, text: str) -> None:
+        path = Path(text)
+        self.kind = self._kind(text)
+        if self.kind != "script":
+            if not path.exists():
+                raise TqcError(f"data '{path}' does not exist")
+            if path.is_dir():
+                raise TqcError(f"data '{path}' is a directory; expected .npz, .json, .txt or script.py:function")
+        self.items = None
+
+    def _sentences(self) -> list[str]:
+        """The texts, in memory or read from the ``.txt``, as calibration takes them (``skip``, ``samples``)."""
+        spec = self.spec
+        if self.items is not None:
+            return select_sentences(self.items, spec.skip, spec.samples, where=spec.describe())
+        return read_sentences(Path(spec.path), spec.skip, spec.samples)
 
     @staticmethod
     def _kind(text: str) -> str:
@@ -270,16 +305,17 @@ class FeedSource:
 
     def __iter__(self) -> Iterator[Feed]:
         spec = self.spec
-        where = f"data '{spec.path}'"
+        where = spec.describe()
         if self.kind == "npz":
-            arrays = _read_npz(Path(spec.path))
+            arrays = self.items if self.items is not None else _read_npz(Path(spec.path))
             if not arrays:
                 raise TqcError(f"{where} holds no arrays")
             for i, batch in enumerate(_batches_from_arrays(arrays, spec.batch_size, spec.samples)):
                 yield _validate(_rename(batch, spec.input_map), self.model, f"{where} batch {i}")
         elif self.kind == "json":
             taken = 0
-            for i, feed in enumerate(_read_polygraphy_json(Path(spec.path))):
+            items = self.items if self.items is not None else _read_polygraphy_json(Path(spec.path))
+            for i, feed in enumerate(items):
                 feed = _validate(_rename(feed, spec.input_map), self.model, f"{where} item {i}")
                 yield feed
                 taken += next(iter(feed.values())).shape[0]
@@ -301,3 +337,61 @@ class FeedSource:
             for i in range(0, len(sentences), spec.batch_size):
                 feed = tokenize(self.tokenizer, sentences[i:i + spec.batch_size], self.roles, spec.max_length)
                 yield _validate(feed, self.model, f"{where} sentences {i}..")
+
+
+def select_sentences(texts: Iterable[str], skip: int = 0, limit: int | None = None, where: str = "texts") -> list[str]:
+    """Sentences as the lines of a ``.txt`` (or texts given in memory) are taken: stripped, blank ones dropped
+    (control characters noted), the first ``skip`` skipped, at most ``limit``."""
+    kept = [text for text in (item.strip() for item in texts) if text]
+    note_control_characters(kept, where)
+    kept = kept[skip:]
+    return kept[:limit] if limit else kept
+
+
+def in_memory(spec: DataSpec) -> tuple[str, object]:
+    """(kind, items) of data given from Python, read as the file of that kind would be: a list of texts ->
+    ``text``, a dict of arrays -> ``npz``, any other iterable of feed dicts -> ``json`` (taken up to
+    ``spec.samples`` rows, once: a generator is not re-run). Anything else is refused in one line."""
+    data, label = spec.data, spec.label
+    if isinstance(data, Mapping):
+        arrays = {}
+        for name, value in data.items():
+            if not isinstance(name, str):
+                raise TqcError(f"{label}: a dict of arrays is keyed by input name, got the key {name!r}")
+            array = np.asarray(value)
+            if array.ndim == 0 or array.dtype == object:
+                raise TqcError(f"{label}: '{name}' is not an array with the batch on axis 0 "
+                               f"(got {type(value).__name__})")
+            arrays[name] = array
+        return "npz", arrays
+    if isinstance(data, (str, bytes, np.ndarray)) or not isinstance(data, Iterable):
+        raise TqcError(f"{label} must be a path, a list of texts, a dict of arrays (input name -> array) or an "
+                       f"iterable of such dicts, got {type(data).__name__}")
+    if isinstance(data, (list, tuple)) and data and all(isinstance(item, str) for item in data):
+        return "text", list(data)
+    if isinstance(data, (list, tuple)) and any(isinstance(item, str) for item in data):
+        index, item = next((i, x) for i, x in enumerate(data) if not isinstance(x, str))
+        raise TqcError(f"{label}: item {index} of the list of texts is {type(item).__name__}, not a text")
+    from tqc.compiler.io.data_limits import user_loader_feeds
+
+    feeds, taken = [], 0
+    for feed in user_loader_feeds(lambda: data, "", what=label):
+        feeds.append(feed)
+        rows = [len(v) for v in feed.values() if np.ndim(v) > 0]
+        taken += rows[0] if rows else 1
+        if spec.samples and taken >= spec.samples:
+            break
+    return "json", feeds
+
+
+def comparison_feeds(model: onnx.ModelProto, spec: DataSpec | None) -> list[Feed]:
+    """The inputs a diff runs both models on: the data ``spec`` names, validated against ``model``, else two
+    small batches drawn from its signature (random token ids below the vocabulary, sequences of 16 or the
+    position table's length when shorter)."""
+    if spec is not None:
+        return list(FeedSource(spec, model))
+    from tqc.compiler.io.data_limits import limits_of
+    from tqc.compiler.runtime.feeds import synthesize_feeds
+
+    longest = limits_of(model).max_sequence  # drawn no longer than the position table
+    return synthesize_feeds(model, count=2, seq=min(16, longest or 16))

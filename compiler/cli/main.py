@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from tqc import __version__
-from tqc.compiler.cli.ranges import COUNT, NON_NEGATIVE, OPSET, SEED, check_opset, finite_float
+from tqc.compiler.cli.ranges import COUNT, NON_NEGATIVE, OPSET, SEED, finite_float
 from tqc.compiler.core.errors import (CHECK_FAILED_EXIT_CODE, INTERNAL_ERROR_EXIT_CODE, OK_EXIT_CODE, SIGINT_EXIT_CODE,
                                  USER_ERROR_EXIT_CODE, TqcError, VerificationError)
 from tqc.compiler.core.target import TARGETS
@@ -111,20 +111,11 @@ def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | 
     """Export SOURCE to FP32 ONNX: 'minilm' (packaged, real weights), a family name (bert, roberta,
     distilbert, albert, electra, xlm-roberta, camembert; random weights), a config.json, or a local model
     folder (its head kept). Nothing is downloaded."""
-    from tqc.compiler.io.output_guard import current
-    from tqc.models.export import ExportSpec, export
-    from tqc.compiler.io.packaged import PACKAGED_MINILM_NAMES
+    from tqc.models.export import ExportSpec, export_guarded
 
-    check_opset(exporter, opset)
-    guard = current()
-    if Path(source).exists():  # a config.json or a model folder: read, never written over
-        guard.reads_folder(source, f"the export source '{source}'")
-    elif source.lower() in PACKAGED_MINILM_NAMES:
-        guard.reads_packaged_model()
-    guard.writes_model(output, "-o")
     ui = _ui()
-    info = export(ExportSpec(source, exporter=exporter, attn=attn, opset=opset, size=size, seed=seed, task=task),
-                  output, progress=ui.progress)
+    info = export_guarded(ExportSpec(source, exporter=exporter, attn=attn, opset=opset, size=size, seed=seed,
+                                     task=task), output, progress=ui.progress)
     click.echo(f"exported {info['source']} -> {info['output']} ({info['exporter']} exporter, {info['attn']} "
                f"attention, opset {info['opset']}, {info['nodes']} nodes, inputs {', '.join(info['inputs'])}, "
                f"outputs {', '.join(info['outputs'])})")
@@ -170,7 +161,7 @@ def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify
                 tokenizer: str | None, calib_samples: int, batch_size: int, max_length: int | None,
                 shapes: tuple[str, ...], allow_table_mismatch: bool, runtime: str, input_map: str | None) -> None:
     """Run a pipeline of passes on MODEL and write the result."""
-    from tqc.compiler.tools.compile import CompileOptions, compile_model
+    from tqc.compiler.tools.compile import CompileOptions, compile_model, format_report
 
     opts = CompileOptions(model=model, pipeline=pipeline_text, output=output, target=target, verify=verify,
                           dump_dir=dump_dir, report=report_path, explain=explain, calib=calib,
@@ -179,29 +170,6 @@ def compile_cmd(model: str, pipeline_text: str, output: str, target: str, verify
                           allow_table_mismatch=allow_table_mismatch, runtime=runtime, input_map=input_map)
     report = compile_model(opts, progress=_ui().progress)
     click.echo(format_report(report))
-
-
-def format_report(report: dict) -> str:
-    lines = [f"{report['input']['path']} -> {report['output']['path']}  (target {report['target']}, "
-             f"verify {report['verify']})"]
-    lines.append(f"  {'#':>2}  {'pass':<24} {'time':>8} {'verify':>8}  stats   (verify: max |diff|, or cosine for INT8, vs the stage before)")
-    for stage in report["stages"]:
-        verify = stage["verify"]
-        status = "-"
-        if "numeric" in verify:
-            numeric = verify["numeric"]
-            worst = max((float(o["max_abs"]) for o in numeric["outputs"].values()), default=0.0)
-            lowest = min((float(o["cosine"]) for o in numeric["outputs"].values()), default=1.0)
-            status = ("FAIL" if not numeric["passed"] else f"cos {lowest:.4f}" if "min_cosine" in numeric else
-                      "exact" if worst == 0 else f"{worst:.1e}")
-        elif verify.get("structure") == "ok":
-            status = "ok"
-        stats = ", ".join(f"{k}={v}" for k, v in stage["stats"].items())
-        lines.append(f"  {stage['index']:>2}  {stage['spec']:<24} {stage['seconds']:>7.2f}s {status:>8}  {stats}")
-    lines.append(f"  nodes {report['input']['nodes']} -> {report['output']['nodes']}, "
-                 f"total {report['total_seconds']:.2f}s")
-    lines += [f"  note: {message}" for message in report.get("messages", [])]
-    return "\n".join(lines)
 
 
 @cli.command("calibrate")
@@ -407,7 +375,6 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
 
     from tqc.compiler.runtime import compare
     from tqc.compiler.tools import diff as diffing
-    from tqc.compiler.runtime.feeds import synthesize_feeds
     from tqc.compiler.io.model import check_input_path, load_model, write_bytes_atomic, write_text_atomic
     from tqc.compiler.io.output_guard import current, make_temp_dir
 
@@ -430,16 +397,10 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     guard.writes_into(save_dir, ("inputs.json", "reference_outputs.json"), "--save-dir")
     ref_model = load_model(reference)
     cand_models = [load_model(c) for c in candidates]
-    if data:
-        from tqc.compiler.analysis.calib_data import DataSpec, FeedSource, parse_input_map
+    from tqc.compiler.analysis.calib_data import DataSpec, comparison_feeds, parse_input_map
 
-        feeds = list(FeedSource(DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
-                                         input_map=parse_input_map(input_map)), ref_model))
-    else:
-        from tqc.compiler.io.data_limits import limits_of
-
-        longest = limits_of(ref_model).max_sequence  # drawn no longer than the position table
-        feeds = synthesize_feeds(ref_model, count=2, seq=min(16, longest or 16))
+    feeds = comparison_feeds(ref_model, DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
+                                                 input_map=parse_input_map(input_map)) if data else None)
     results, ref_results = [], None
     for path, model in zip(candidates, cand_models):
         ui.progress(f"comparing {path} with {reference}" + (" tensor by tensor" if layerwise else ""))

@@ -13,11 +13,11 @@ import math
 
 import click
 
+from tqc.models.recipes import OPSETS, SEEDS
+
 COUNT = click.IntRange(min=1)             # samples, batch sizes, runs, lengths: at least one
 NON_NEGATIVE = click.IntRange(min=0)      # warm-up runs, delays
-SEED = click.IntRange(min=0, max=2**32 - 1)  # numpy's and torch's seed range
-# torch's exporters: TorchScript-based (legacy) opsets 7..20, torch.export-based (dynamo) 18..23.
-OPSETS = {"legacy": (7, 20), "dynamo": (18, 23)}
+SEED = click.IntRange(min=SEEDS[0], max=SEEDS[1])  # numpy's and torch's seed range
 OPSET = click.IntRange(min=min(lo for lo, _ in OPSETS.values()), max=max(hi for _, hi in OPSETS.values()))
 
 
@@ -36,13 +36,3 @@ class FiniteFloatRange(click.FloatRange):
 def finite_float(min: float | None = None, max: float | None = None, min_open: bool = False,
                  max_open: bool = False) -> FiniteFloatRange:
     return FiniteFloatRange(min=min, max=max, min_open=min_open, max_open=max_open)
-
-
-def check_opset(exporter: str, opset: int | None) -> None:
-    from tqc.compiler.core.errors import TqcError
-
-    if opset is None:
-        return
-    low, high = OPSETS[exporter]
-    if not low <= opset <= high:
-        raise TqcError(f"--opset {opset}: the {exporter} exporter supports opsets {low} to {high}")

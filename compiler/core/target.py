@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 TARGETS = ("trt", "ort-cpu", "ort-cuda", "openvino")
+DEFAULT_TARGET = "trt"  # tqc compile's --target default (compiler/cli/main.py), and tqc.compile's
 ORT_TARGETS = ("ort-cpu", "ort-cuda")
 # Targets whose graphs are standard ONNX (no com.microsoft ops): fusion writes the ``trt`` form for them.
 STANDARD_ONNX_FUSION = {"trt": "trt", "openvino": "trt"}

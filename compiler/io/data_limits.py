@@ -248,20 +248,22 @@ def _describe_exit(exc: BaseException) -> str:
     return f"raised {type(exc).__name__}" + (f": {text[:200]}" if text else "")
 
 
-def user_loader_feeds(loader, label: str):
+def user_loader_feeds(loader, label: str, what: str = "data loader"):
     """Feed dicts from a user's data loader function, each call into user code guarded: an exception or a
     ``SystemExit`` (``sys.exit(0)`` would otherwise end tqc with exit 0 and no output) becomes one
-    ``TqcError`` naming the loader; a wrong return type too. Ctrl-C still interrupts."""
+    ``TqcError`` naming the loader; a wrong return type too. Ctrl-C still interrupts. ``what`` names the source
+    in those lines (the Python API passes its argument's name, with an empty ``label``)."""
+    where = f"{what} {label}".strip()
     if not callable(loader):
-        raise TqcError(f"data loader {label} is not a function (it is a {type(loader).__name__})")
+        raise TqcError(f"{where} is not a function (it is a {type(loader).__name__})")
     try:
         result = loader()
     except KeyboardInterrupt:
         raise
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code: anything it does is reported
-        raise TqcError(f"data loader {label} {_describe_exit(exc)}") from None
+        raise TqcError(f"{where} {_describe_exit(exc)}") from None
     if isinstance(result, (dict, str, bytes, np.ndarray)) or result is None or not hasattr(result, "__iter__"):
-        raise TqcError(f"data loader {label} returned {type(result).__name__}; it must return or yield feed "
+        raise TqcError(f"{where} returned {type(result).__name__}; it must return or yield feed "
                        "dicts (input name -> array), e.g. a list of dicts")
     iterator = iter(result)
     index = 0
@@ -273,9 +275,9 @@ def user_loader_feeds(loader, label: str):
         except KeyboardInterrupt:
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001
-            raise TqcError(f"data loader {label} {_describe_exit(exc)} (while producing item {index})") from None
+            raise TqcError(f"{where} {_describe_exit(exc)} (while producing item {index})") from None
         if not isinstance(item, dict):
-            raise TqcError(f"data loader {label} yielded {type(item).__name__} as item {index}; each item must be a "
+            raise TqcError(f"{where} yielded {type(item).__name__} as item {index}; each item must be a "
                            "dict of input name -> array")
         yield item
         index += 1

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from tqc import __version__
+from tqc.version import __version__
 from tqc.compiler.io.skeleton import stand_in, travels_as_stand_in
 
 

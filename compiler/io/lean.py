@@ -256,3 +256,58 @@ def write_lean(lean: LeanModel, out, external_data: str | None = None, data_out=
             out.write(piece)
             if array is not None:
                 out.write(memoryview(array.reshape(-1).view(np.uint8)))
+
+
+def lean_of_model(model: onnx.ModelProto) -> LeanModel:
+    """A model held in memory as a skeleton plus weights, split as ``load_lean`` splits a file (the same
+    tensors become stand-ins), so that a pipeline runs on it as on the file. ``model`` is not changed: its
+    weights are copied into the arrays. A tensor whose external data was not loaded is refused in one line."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(skeleton, model, skip="graph")
+    graph, source = skeleton.graph, model.graph
+    _copy_fields(graph, source, skip="initializer")
+    weights: dict[str, np.ndarray] = {}
+    for tensor in source.initializer:
+        dtype = _STREAMED_DTYPES.get(tensor.data_type)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise TqcError(f"tensor '{tensor.name}' of the model is stored in external data that was not loaded: "
+                           "give the model's path, or load it with onnx.load(path) (load_external_data=True)")
+        if dtype is not None and travels_as_stand_in(tensor.dims):
+            weights[tensor.name] = np.array(onnx.numpy_helper.to_array(tensor), dtype=dtype, copy=True)
+            graph.initializer.append(stand_in(tensor.name, tensor.data_type, tensor.dims))
+        else:
+            graph.initializer.append(tensor)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_location == onnx.TensorProto.EXTERNAL:
+                raise TqcError(f"constant '{node.name or node.output[0]}' of the model is stored in external data "
+                               "that was not loaded: give the model's path, or load it with onnx.load(path)")
+    return LeanModel(skeleton, weights)
+
+
+def _copy_fields(target, source, skip: str) -> None:
+    """Every field that is set on the message ``source``, but ``skip``, copied onto ``target`` (the weights
+    are not copied by way of a whole-message copy)."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
+def model_of_lean(lean: LeanModel) -> onnx.ModelProto:
+    """The ``onnx.ModelProto`` of a skeleton plus weights (the arrays copied into it)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(lean.skeleton)
+    for tensor in model.graph.initializer:
+        array = lean.weights.get(tensor.name)
+        if array is not None:
+            full = onnx.numpy_helper.from_array(np.ascontiguousarray(array), tensor.name)
+            full.data_type = tensor.data_type
+            full.doc_string = tensor.doc_string
+            tensor.CopyFrom(full)
+    return model

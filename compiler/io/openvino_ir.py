@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from tqc import __version__
+from tqc.version import __version__
 from tqc.compiler.core.errors import TqcError
 
 INSTALL_HINT = ("OpenVINO is not installed (import openvino failed): pip install 'tqc[openvino]' (or pip install "

@@ -6,7 +6,7 @@
                         │            exact-name output matching, the pass's tolerance
                         └ --dump-dir: NN_<pass>.onnx, its report and outputs, inputs.json
 
-``numeric`` is the CLI's default: the inputs are a few small batches drawn within the model's limits
+``numeric`` is the default (the CLI's and the Python API's): the inputs are a few small batches drawn within the model's limits
 (``feeds.verification_feeds``: token ids below the vocabulary, sequences within the position table, two
 batch x sequence shapes, padded rows), and without ``--dump-dir`` each stage runs as the graph itself
 (``GraphSession``: the skeleton plus the graph's own arrays, no export, no weight copy), so the check costs a
@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import onnx
 
-from tqc import __version__
+from tqc.version import __version__
 from tqc.compiler.runtime import compare
 from tqc.compiler.core.errors import TqcError, VerificationError
 from tqc.compiler.runtime.feeds import verification_feeds
@@ -60,7 +60,7 @@ class StageRecord:
 
 
 class PassManager:
-    def __init__(self, passes: list[Pass], ctx: PassContext | None = None, verify: str = "structure",
+    def __init__(self, passes: list[Pass], ctx: PassContext | None = None, verify: str = "numeric",
                  dump_dir: str | Path | None = None, progress: Progress | None = None, runtime: str = "ort"):
         if verify not in VERIFY_LEVELS:
             raise TqcError(f"--verify must be one of {', '.join(VERIFY_LEVELS)}")

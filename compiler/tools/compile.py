@@ -11,11 +11,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from tqc.compiler.core.errors import TqcError
-from tqc.compiler.pipeline.manager import PassManager
+from tqc.compiler.pipeline.manager import VERIFY_LEVELS, PassManager
 from tqc.compiler.io.model import check_input_path, load_model_lean, model_hash_async, save_model, write_text_atomic
 from tqc.compiler.pipeline.spec import parse_pipeline
-from tqc.compiler.core.target import TARGETS, uses_contrib_ops
+from tqc.compiler.core.target import DEFAULT_TARGET, TARGETS, uses_contrib_ops
 from tqc.passes.base import PassContext
 
 
@@ -24,7 +26,7 @@ class CompileOptions:
     model: str
     pipeline: str
     output: str
-    target: str = "trt"
+    target: str = DEFAULT_TARGET
     verify: str = "numeric"             # --verify structure opts out of the numeric check
     dump_dir: str | None = None
     report: str | None = None
@@ -39,6 +41,9 @@ class CompileOptions:
     allow_table_mismatch: bool = False  # use a calib_table whose model_hash is another model's
     runtime: str = "ort"               # engine of --verify numeric: ort | openvino
     input_map: str | None = None        # --input-map ids=input_ids,mask=attention_mask
+
+
+RUNTIMES = ("ort", "openvino")  # engines --verify numeric runs the stages on
 
 
 def compile_model(opts: CompileOptions, progress=lambda message: None) -> dict:
@@ -60,50 +65,22 @@ def dump_file_names(passes) -> list[str]:
 
 def _compile(opts: CompileOptions, progress, guard) -> dict:
     start = time.perf_counter()
-    if opts.target not in TARGETS:
-        raise TqcError(f"--target must be one of {', '.join(TARGETS)}")
+    check_choices(opts.target, opts.verify, opts.runtime)
     source = check_input_path(opts.model)
     # Everything read and written is declared before any work: an output that is (or resolves to) an input,
     # another output, or a device/FIFO is refused here.
-    guard.reads_model(source)
-    guard.reads_data(opts.calib, "--calib")
-    guard.reads(opts.calib_table, "--calib-table")
-    guard.reads_tokenizer(opts.tokenizer, opts.calib)
-    out = Path(opts.output)
+    declare_inputs(guard, source, opts.calib, opts.calib_table, opts.tokenizer)
     from tqc.compiler.analysis.calib_data import parse_input_map
 
     input_map = parse_input_map(opts.input_map)  # a malformed map fails before anything is loaded
+    out = declare_output(guard, opts.output)
     is_plan = out.suffix == ".plan"
-    if is_plan:
-        from tqc.compiler.tools.trt import declare_plan_outputs
-
-        declare_plan_outputs(guard, out, None)  # plan, metadata and the default timing cache
-    elif out.suffix == ".xml":  # OpenVINO IR: the .xml and its .bin weights
-        guard.writes(out, "-o")
-        guard.writes(out.with_suffix(".bin"), "the IR's weights (.bin)")
-        guard.writes(out.with_name(out.name + ".json"), "the IR's metadata")
-    else:
-        guard.writes_model(out, "-o")
     guard.writes(opts.report, "--report")
     if opts.calib and opts.calib_table:
         raise TqcError("give either --calib or --calib-table, not both")
     passes = parse_pipeline(opts.pipeline)
     guard.writes_into(opts.dump_dir, dump_file_names(passes), "--dump-dir")
-    if is_plan:
-        from tqc.compiler.core.profiles import parse_shapes
-        from tqc.compiler.tools.trt import require_tensorrt
-
-        parse_shapes(opts.shapes)  # a malformed --shapes fails before anything runs
-        require_tensorrt()
-    elif out.suffix == ".xml":
-        from tqc.compiler.io.openvino_ir import require_openvino
-
-        require_openvino()  # missing OpenVINO fails before anything runs
-        if uses_contrib_ops(opts.target):
-            raise TqcError(f"OpenVINO IR output needs --target openvino (or trt): --target {opts.target} writes "
-                           "com.microsoft ops that OpenVINO cannot read")
-    elif out.suffix != ".onnx":
-        raise TqcError(f"output '{out}' must end in .onnx, .plan (TensorRT) or .xml (OpenVINO IR)")
+    check_output_format(out, opts.target, opts.shapes)
     progress(f"loading {source}")
     hash_thread = model_hash_async(source)  # in a thread, next to the load and the first passes
     lean = load_model_lean(source)  # the weights are read once, into the arrays the passes work on
@@ -114,45 +91,20 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
 
     model = lean.skeleton
     if is_plan:
-        from tqc.compiler.core.profiles import parse_shapes
-
-        dynamic = [i.name for i in model.graph.input if any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
-        given = set(parse_shapes(opts.shapes))
-        missing = [n for n in dynamic if n not in given and "*" not in given]
-        if missing:  # refused before any pass runs (and before anything is written)
-            raise TqcError(f"a .plan output needs --shapes for every dynamic input; missing: {', '.join(missing)} "
-                           f"(e.g. --shapes {missing[0]}:1x16,8x128,32x512)")
-    from tqc.passes.registry import get_pass
-
-    for name in opts.explain:
-        get_pass(name)  # unknown names get the did-you-mean error
-    ctx = PassContext(target=opts.target, explain=set(opts.explain))  # the manager gives it the progress
-    if opts.shapes:  # the profiles' max sequence also decides qdq's INT8 attention placement
-        from tqc.compiler.core.profiles import parse_shapes
-
-        ctx.shapes = parse_shapes(opts.shapes)
-    if opts.calib and opts.calib_table:
-        raise TqcError("give either --calib or --calib-table, not both")
+        check_plan_shapes(model, opts.shapes)  # refused before any pass runs (and before anything is written)
+    calib = None
     if opts.calib:
-        from tqc.compiler.analysis.calib_data import DataSpec, FeedSource
+        from tqc.compiler.analysis.calib_data import DataSpec
 
-        ctx.calibration_source = FeedSource(
-            DataSpec(opts.calib, tokenizer=opts.tokenizer, samples=opts.calib_samples, batch_size=opts.batch_size,
-                     max_length=opts.max_length, input_map=input_map), model)
-    elif opts.calib_table:
-        from tqc.compiler.analysis.calibration import CalibrationTable
-
-        ctx.calibration = CalibrationTable.load(opts.calib_table)
-        from tqc.compiler.analysis.table_check import check_table_matches
-
-        check_table_matches(ctx.calibration, opts.calib_table, source, hashing, model, opts.allow_table_mismatch,
-                            progress)
+        calib = DataSpec(opts.calib, tokenizer=opts.tokenizer, samples=opts.calib_samples, batch_size=opts.batch_size,
+                         max_length=opts.max_length, input_map=input_map)
+    ctx = pass_context(model, target=opts.target, explain=opts.explain, shapes=opts.shapes, calib=calib,
+                       calib_table=opts.calib_table, model_path=source, hashing=hashing,
+                       allow_table_mismatch=opts.allow_table_mismatch, progress=progress)
     if opts.runtime == "openvino" and opts.verify == "numeric":
         from tqc.compiler.io.openvino_ir import require_openvino
 
         require_openvino()
-    elif opts.runtime not in ("ort", "openvino"):
-        raise TqcError(f"--runtime must be ort or openvino, got '{opts.runtime}'")
     manager = PassManager(passes, ctx, verify=opts.verify, dump_dir=opts.dump_dir, progress=progress,
                           runtime=opts.runtime)
     nodes_in = len(model.graph.node)
@@ -164,17 +116,10 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
         progress("building the TensorRT plan")
         build_plan_from_model(result, out, source_hash=source_hash, shapes=opts.shapes, progress=progress)
         nodes_out = len(result.graph.node)
-    elif out.suffix == ".xml":
-        from tqc.compiler.io.openvino_ir import write_ir
-
-        result = manager.run_lean(lean)
-        source_hash = hashing()
-        write_ir(result, out, source_hash=source_hash, progress=progress)
-        nodes_out = len(result.skeleton.graph.node)
     else:
         result = manager.run_lean(lean)  # written straight from the graph's arrays: no export, no copy
-        save_model(result, out)
         source_hash = hashing()
+        write_output(result, out, source_hash, progress=progress)
         nodes_out = len(result.skeleton.graph.node)
     report = manager.report(
         input={"path": str(source), "hash": source_hash, "nodes": nodes_in},
@@ -184,3 +129,145 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
     if opts.report:
         write_text_atomic(json.dumps(report, indent=2, default=str) + "\n", opts.report)
     return report
+
+
+# ---------------------------------------------------------------- the steps, shared with the Python API (tqc.api)
+
+def check_choices(target: str, verify: str, runtime: str) -> None:
+    """The target, verification level and verification engine are known ones (one line each otherwise)."""
+    if target not in TARGETS:
+        raise TqcError(f"--target must be one of {', '.join(TARGETS)}")
+    if verify not in VERIFY_LEVELS:
+        raise TqcError(f"--verify must be one of {', '.join(VERIFY_LEVELS)}")
+    if runtime not in RUNTIMES:
+        raise TqcError(f"--runtime must be ort or openvino, got '{runtime}'")
+
+
+def declare_inputs(guard, model: Path | None, calib: str | None, calib_table: str | None,
+                   tokenizer: str | None) -> None:
+    """What a compile reads, declared to the output guard: no output may be written over any of it."""
+    guard.reads_model(model)
+    guard.reads_data(calib, "--calib")
+    guard.reads(calib_table, "--calib-table")
+    guard.reads_tokenizer(tokenizer, calib)
+
+
+def declare_output(guard, output: str | Path, what: str = "-o") -> Path:
+    """Declare the compiled model's output and what comes with it: a plan's metadata (``.plan.json``) and timing
+    cache, an IR's
+    weights and metadata (``.bin``, ``.xml.json``), an ONNX model's external data (``.onnx.data``)."""
+    out = Path(output)
+    if out.suffix == ".plan":
+        from tqc.compiler.tools.trt import declare_plan_outputs
+
+        declare_plan_outputs(guard, out, None)  # plan, metadata and the default timing cache
+    elif out.suffix == ".xml":  # OpenVINO IR: the .xml and its .bin weights
+        guard.writes(out, what)
+        guard.writes(out.with_suffix(".bin"), "the IR's weights (.bin)")
+        guard.writes(out.with_name(out.name + ".json"), "the IR's metadata")
+    else:
+        guard.writes_model(out, what)
+    return out
+
+
+def check_output_format(out: Path, target: str, shapes: tuple[str, ...] = ()) -> None:
+    """The output's format can be written on this machine for this target (before anything runs)."""
+    if out.suffix == ".plan":
+        from tqc.compiler.core.profiles import parse_shapes
+        from tqc.compiler.tools.trt import require_tensorrt
+
+        parse_shapes(shapes)  # a malformed --shapes fails before anything runs
+        require_tensorrt()
+    elif out.suffix == ".xml":
+        from tqc.compiler.io.openvino_ir import require_openvino
+
+        require_openvino()  # missing OpenVINO fails before anything runs
+        if uses_contrib_ops(target):
+            raise TqcError(f"OpenVINO IR output needs --target openvino (or trt): --target {target} writes "
+                           "com.microsoft ops that OpenVINO cannot read")
+    elif out.suffix != ".onnx":
+        raise TqcError(f"output '{out}' must end in .onnx, .plan (TensorRT) or .xml (OpenVINO IR)")
+
+
+def check_plan_shapes(model: onnx.ModelProto, shapes: tuple[str, ...]) -> None:
+    """A TensorRT plan needs a profile (``--shapes``) for every dynamic input of ``model``."""
+    from tqc.compiler.core.profiles import parse_shapes
+
+    dynamic = [i.name for i in model.graph.input if any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
+    given = set(parse_shapes(shapes))
+    missing = [n for n in dynamic if n not in given and "*" not in given]
+    if missing:
+        raise TqcError(f"a .plan output needs --shapes for every dynamic input; missing: {', '.join(missing)} "
+                       f"(e.g. --shapes {missing[0]}:1x16,8x128,32x512)")
+
+
+def pass_context(model: onnx.ModelProto, *, target: str, explain=(), shapes: tuple[str, ...] = (), calib=None,
+                 calib_table: str | None = None, model_path: str | Path | None = None, hashing=None,
+                 allow_table_mismatch: bool = False, progress=lambda message: None) -> PassContext:
+    """The context the passes read: the target, ``explain`` (pass names, checked), the TensorRT profiles, and
+    the calibration data (``calib``: a ``DataSpec``, read as a ``FeedSource`` against ``model``) or a table
+    (``calib_table``: a file from ``tqc calibrate``, checked against the model's hash: ``hashing()``)."""
+    from tqc.passes.registry import get_pass
+
+    for name in explain:
+        get_pass(name)  # unknown names get the did-you-mean error
+    ctx = PassContext(target=target, explain=set(explain))  # the manager gives it the progress
+    if shapes:  # the profiles' max sequence also decides qdq's INT8 attention placement
+        from tqc.compiler.core.profiles import parse_shapes
+
+        ctx.shapes = parse_shapes(shapes)
+    if calib is not None and calib_table:
+        raise TqcError("give either --calib or --calib-table, not both")
+    if calib is not None:
+        from tqc.compiler.analysis.calib_data import FeedSource
+
+        ctx.calibration_source = FeedSource(calib, model)
+    elif calib_table:
+        from tqc.compiler.analysis.calibration import CalibrationTable
+        from tqc.compiler.analysis.table_check import check_table_matches
+
+        ctx.calibration = CalibrationTable.load(calib_table)
+        check_table_matches(ctx.calibration, calib_table, model_path, hashing, model, allow_table_mismatch, progress)
+    return ctx
+
+
+def write_output(result, out: Path, source_hash: str | None, shapes: tuple[str, ...] = (),
+                 progress=lambda message: None) -> None:
+    """Write a compiled ``LeanModel`` as ``out`` says: ONNX (external data above 2 GB), OpenVINO IR (``.xml``)
+    or a TensorRT plan (``.plan``); atomically, through the output guard."""
+    if out.suffix == ".plan":
+        from tqc.compiler.io.lean import model_of_lean
+        from tqc.compiler.tools.trt import build_plan_from_model
+
+        progress("building the TensorRT plan")
+        build_plan_from_model(model_of_lean(result), out, source_hash=source_hash, shapes=shapes, progress=progress)
+    elif out.suffix == ".xml":
+        from tqc.compiler.io.openvino_ir import write_ir
+
+        write_ir(result, out, source_hash=source_hash, progress=progress)
+    else:
+        save_model(result, out)
+
+
+def format_report(report: dict) -> str:
+    """The compile report as ``tqc compile`` prints it: one line per pass (time, verification, stats)."""
+    output = report["output"].get("path") or "(in memory)"
+    lines = [f"{report['input']['path']} -> {output}  (target {report['target']}, verify {report['verify']})"]
+    lines.append(f"  {'#':>2}  {'pass':<24} {'time':>8} {'verify':>8}  stats   (verify: max |diff|, or cosine for INT8, vs the stage before)")
+    for stage in report["stages"]:
+        verify = stage["verify"]
+        status = "-"
+        if "numeric" in verify:
+            numeric = verify["numeric"]
+            worst = max((float(o["max_abs"]) for o in numeric["outputs"].values()), default=0.0)
+            lowest = min((float(o["cosine"]) for o in numeric["outputs"].values()), default=1.0)
+            status = ("FAIL" if not numeric["passed"] else f"cos {lowest:.4f}" if "min_cosine" in numeric else
+                      "exact" if worst == 0 else f"{worst:.1e}")
+        elif verify.get("structure") == "ok":
+            status = "ok"
+        stats = ", ".join(f"{k}={v}" for k, v in stage["stats"].items())
+        lines.append(f"  {stage['index']:>2}  {stage['spec']:<24} {stage['seconds']:>7.2f}s {status:>8}  {stats}")
+    lines.append(f"  nodes {report['input']['nodes']} -> {report['output']['nodes']}, "
+                 f"total {report['total_seconds']:.2f}s")
+    lines += [f"  note: {message}" for message in report.get("messages", [])]
+    return "\n".join(lines)

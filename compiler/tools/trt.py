@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from tqc import __version__
+from tqc.version import __version__
 from tqc.compiler.core.errors import TqcError
 from tqc.compiler.io.model import model_hash, save_model, write_bytes_atomic, write_text_atomic
 from tqc.compiler.core.profiles import Profile, parse_shapes, resolve_profiles

@@ -5,7 +5,10 @@
       -> models (export recipes, the packaged MiniLM)
       -> runtime (sessions, feeds, comparison) -> analysis (calibration, sensitivity)
       -> passes -> pipeline (spec, manager, compile) -> tools (diff, bench, check, TensorRT, Triton,
-         OpenVINO, serve) -> cli
+         OpenVINO, serve) -> api (``tqc`` itself and ``tqc.api``: compile, diff, export from Python) -> cli
+
+The package version lives in ``tqc.version`` (core), so that every layer may read it while ``tqc``, the public
+API, sits above the tools it calls.
 
 A module may import its own layer and the layers below it, never one above. Every import counts, also the
 lazy ones inside functions. Private names (``_x``) are not imported across modules.
@@ -22,7 +25,7 @@ ROOTS = {"tqc": REPO / "tqc", "tqc.passes": REPO / "passes", "tqc.compiler": REP
 
 # Lowest first. The longest matching prefix decides a module's layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("tqc", "tqc.compiler", "tqc.compiler.core")),
+    ("core", ("tqc.version", "tqc.compiler", "tqc.compiler.core")),
     ("io", ("tqc.compiler.io",)),
     ("models", ("tqc.models",)),
     ("runtime", ("tqc.compiler.runtime",)),
@@ -30,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("passes", ("tqc.passes",)),
     ("pipeline", ("tqc.compiler.pipeline",)),
     ("tools", ("tqc.compiler.tools",)),
+    ("api", ("tqc", "tqc.api")),
     ("cli", ("tqc.compiler.cli", "tqc.__main__")),
 ]
 
