@@ -121,10 +121,14 @@ def _read_into(path: Path, offset: int, array: np.ndarray) -> None:
             view = view[got:]
 
 
-def load_lean(path: str | os.PathLike) -> LeanModel:
-    """Read ``path`` as a skeleton and weights; external data is read from the files next to the model."""
+def load_lean(path: str | os.PathLike, weights: bool = True) -> LeanModel:
+    """Read ``path`` as a skeleton and weights; external data is read from the files next to the model.
+
+    With ``weights=False`` only the skeleton is built (the external data files are checked, not read): the
+    structure of a model whose weights are loaded later, one model at a time (``tqc diff``)."""
     p = Path(path)
     base = p.resolve().parent
+    read_weights = weights
     weights: dict[str, np.ndarray] = {}
     locations: set[str] = set()
     with open(p, "rb") as fh:
@@ -156,9 +160,10 @@ def load_lean(path: str | os.PathLike) -> LeanModel:
                     nbytes = raw[1] - raw[0] if raw else 0
                     if raw is not None and dtype is not None and travels_as_stand_in(tensor.dims) and \
                             nbytes == int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(dtype).itemsize:
-                        array = np.empty(tuple(tensor.dims), dtype)
-                        streamed.append((array, raw[0]))
-                        weights[tensor.name] = array
+                        if read_weights:
+                            array = np.empty(tuple(tensor.dims), dtype)
+                            streamed.append((array, raw[0]))
+                            weights[tensor.name] = array
                         graph_pieces.append(_length_delimited(GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
                     elif tensor.data_location == onnx.TensorProto.EXTERNAL and dtype is not None:
                         info = ExternalDataInfo(tensor)
@@ -170,12 +175,16 @@ def load_lean(path: str | os.PathLike) -> LeanModel:
                         if not source.is_file():  # a FIFO or device would block or never end
                             raise TqcError(f"'{p}' stores tensor '{tensor.name}' in '{info.location}', which is "
                                            + ("not a regular file" if source.exists() else "missing next to the model"))
-                        array = np.empty(tuple(tensor.dims), dtype)
-                        if info.length is not None and info.length != array.nbytes:
+                        nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+                        if info.length is not None and info.length != nbytes:
                             raise TqcError(f"'{p}': external data of '{tensor.name}' has {info.length} bytes, "
-                                           f"its shape needs {array.nbytes}")
-                        _read_into(source, info.offset or 0, array)
-                        weights[tensor.name] = array
+                                           f"its shape needs {nbytes}")
+                        if read_weights:
+                            array = np.empty(tuple(tensor.dims), dtype)
+                            _read_into(source, info.offset or 0, array)
+                            weights[tensor.name] = array
+                        elif source.stat().st_size < (info.offset or 0) + nbytes:  # what reading would find
+                            raise TqcError(f"'{source}' ends before the tensor data it should hold")
                         graph_pieces.append(_length_delimited(GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
                     else:
                         graph_pieces.append(buf[g_begin:g_end])
