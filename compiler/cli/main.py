@@ -394,10 +394,9 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     """Compare CANDIDATES against REFERENCE on ORT CPU: per output, per shared tensor, first divergence."""
     import shutil
 
-    from tqc.compiler.runtime import compare
     from tqc.compiler.tools import diff as diffing
     from tqc.compiler.runtime.feeds import synthesize_feeds
-    from tqc.compiler.io.model import check_input_path, load_model, write_bytes_atomic, write_text_atomic
+    from tqc.compiler.io.model import check_input_path, write_bytes_atomic, write_text_atomic
     from tqc.compiler.io.output_guard import current, make_temp_dir
 
     ui = _ui()
@@ -417,8 +416,9 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     guard.writes(json_path, "--json")
     guard.writes(plot_path, "--plot")
     guard.writes_into(save_dir, ("inputs.json", "reference_outputs.json"), "--save-dir")
-    ref_model = load_model(reference)
-    cand_models = [load_model(c) for c in candidates]
+    # Skeletons now, checked; each model's weights only for its own run (diffing.compare_models), one at a time.
+    ref_side, cand_sides = diffing.prepare(reference, [(c, c) for c in candidates])
+    ref_model = ref_side.skeleton
     if data:
         from tqc.compiler.analysis.calib_data import DataSpec, FeedSource, parse_input_map
 
@@ -429,26 +429,20 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
 
         longest = limits_of(ref_model).max_sequence  # drawn no longer than the position table
         feeds = synthesize_feeds(ref_model, count=2, seq=min(16, longest or 16))
-    results, ref_results = [], None
-    for path, model in zip(candidates, cand_models):
-        ui.progress(f"comparing {path} with {reference}" + (" tensor by tensor" if layerwise else ""))
-        result, ref_results_now, _ = diffing.diff(ref_model, model, feeds, layerwise=layerwise, threshold=threshold,
-                                                  candidate_name=path, mask_padding=mask_padding,
-                                                  reference_results=ref_results if not layerwise else None,
-                                                  runtime=runtime)
-        ref_results = ref_results_now
-        results.append(result)
+    ui.progress(f"comparing {', '.join(candidates)} with {reference}" + (" tensor by tensor" if layerwise else ""))
+    results, ref_results, _ = diffing.compare_models(ref_side, cand_sides, feeds,
+                                                     layerwise=layerwise, threshold=threshold,
+                                                     mask_padding=mask_padding, runtime=runtime, progress=ui.progress)
     click.echo(diffing.format_table(results, layerwise))
     folder = Path(save_dir) if save_dir else make_temp_dir("tqc-diff-", keep="success")  # kept if diff succeeds
     # The reference already ran; polygraphy's reference file holds its graph outputs only.
-    ref_out_results = compare.restrict(ref_results, [o.name for o in ref_model.graph.output])
-    inputs, ref_outputs = diffing.save_polygraphy_files(folder, feeds, ref_out_results)
+    inputs, ref_outputs = diffing.save_polygraphy_files(folder, feeds, ref_results)
     click.echo(f"polygraphy files in {folder}; reproduce and shrink with:")
     for command in diffing.polygraphy_commands(reference, candidates[0], inputs, ref_outputs, atol=1e-3, rtol=1e-3):
         click.echo(f"  {command}")
     payload: dict = {"reference": reference, "results": [r.as_dict() for r in results]}
     if sensitivity:
-        ranking = diffing.sensitivity(ref_model, cand_models[0], feeds, progress=ui.progress)
+        ranking = diffing.sensitivity(reference, candidates[0], feeds, progress=ui.progress)
         payload["sensitivity"] = ranking
         click.echo(f"sensitivity of {candidates[0]} (output rel L2 {ranking['baseline_rel_l2']:.4g}; share of it "
                    "removed by un-quantizing):")
@@ -463,11 +457,15 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
         scratch = make_temp_dir(".tqc-plot-")  # matplotlib writes the file itself: drawn aside, then placed
         try:
             drawn = scratch / Path(plot_path).name
-            diffing.plot(results, drawn)
+            from tqc.compiler.tools.diff_plot import plot
+
+            plot(results, drawn)
             write_bytes_atomic(drawn.read_bytes(), plot_path)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         click.echo(f"plot: {plot_path}")
+    if not data:  # said last, under the numbers it qualifies (and not at all when the command fails)
+        click.echo(f"tqc: note: {diffing.drawn_inputs_note(ref_model, feeds)}", err=True)
 
 
 @cli.command("passes")
