@@ -367,6 +367,13 @@ def format_table(results: list[DiffResult], layerwise: bool, limit: int = 40) ->
     return "\n".join(lines)
 
 
+def plot(results: list[DiffResult], path: str | Path, metric: str = "sqnr_db") -> None:
+    """``--plot``: the figure of ``tqc.compiler.tools.diff_plot`` as a PNG at ``path``."""
+    from tqc.compiler.tools.diff_plot import plot as save_plot
+
+    save_plot(results, path, metric)
+
+
 # ---------------------------------------------------------------- sensitivity
 
 def unquantize(graph: gs.Graph, ids: set[str] | frozenset[str]) -> int:
