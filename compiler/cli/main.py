@@ -369,7 +369,8 @@ def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, i
 @click.argument("reference")
 @click.argument("candidates", nargs=-1, required=True)
 @click.option("--data", default=None, help="Inputs: .npz, polygraphy .json, .txt sentences, script.py:fn "
-                                           "(default: drawn from the model's signature).")
+                                           "(default: random token ids drawn from the model's signature; "
+                                           "a note on stderr says so).")
 @click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data.")
 @click.option("--samples", type=COUNT, default=16, show_default=True)
 @click.option("--batch-size", type=COUNT, default=8, show_default=True)
