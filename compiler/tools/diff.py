@@ -223,8 +223,8 @@ def compare_models(reference: ModelLike | Side, candidates: list[tuple[ModelLike
     ref, sides = prepare(reference, candidates)
     outputs = [o.name for o in ref.skeleton.graph.output]
     order = {n: i for i, n in enumerate(topological_float_tensors(ref.skeleton))}
-    compared = {side.name: shared_tensors(ref.skeleton, side.skeleton) if layerwise else outputs for side in sides}
-    exposed = list(dict.fromkeys(n for names in compared.values() for n in names)) if layerwise else None
+    compared = [shared_tensors(ref.skeleton, side.skeleton) if layerwise else outputs for side in sides]
+    exposed = list(dict.fromkeys(n for names in compared for n in names)) if layerwise else None
     masks = compare.padding_masks(feeds) if mask_padding else None
     stored = StoredOutputs(outputs)
     try:
@@ -233,7 +233,7 @@ def compare_models(reference: ModelLike | Side, candidates: list[tuple[ModelLike
             stored.add(values)
             del values  # not the last feed's values alive during the candidates' runs
         results, cand_results = [], []
-        for side in sides:
+        for side, names in zip(sides, compared):
             progress(f"running {side.name}")
             cand_outputs = StoredOutputs(outputs)
 
@@ -242,7 +242,6 @@ def compare_models(reference: ModelLike | Side, candidates: list[tuple[ModelLike
                     cand_outputs.in_memory.append({n: values[n] for n in outputs if n in values})
                     yield values
 
-            names = compared[side.name]
             metrics = merged_metrics(recorded(side.outputs_per_feed(feeds, names if layerwise else None, runtime)),
                                      stored.value, names, masks)
             results.append(_result(side, metrics, outputs, names, order, layerwise, threshold))
