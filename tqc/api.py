@@ -36,7 +36,7 @@ from tqc.compiler.core.errors import TqcError
 from tqc.compiler.core.target import DEFAULT_TARGET
 from tqc.compiler.io import output_guard
 from tqc.compiler.io.lean import LeanModel, lean_of_model, model_of_lean
-from tqc.compiler.io.model import check_input_path, load_model, load_model_lean, model_hash_async
+from tqc.compiler.io.model import check_input_path, load_model_lean, model_hash_async
 from tqc.compiler.io.model_check import validate_model
 from tqc.compiler.pipeline.manager import PassManager as _Manager
 from tqc.compiler.pipeline.spec import parse_pipeline
@@ -443,28 +443,28 @@ def diff(reference: onnx.ModelProto | PathLike, candidate: onnx.ModelProto | Pat
     spec = data_spec(data, "data", tokenizer=tokenizer, samples=samples, batch_size=batch_size,
                      max_length=max_length, input_map=input_map)
     report = progress_function(progress)
-    ref_model, ref_name = _full_model(reference, "reference")
-    cand_model, cand_name = _full_model(candidate, "candidate")
-    feeds = comparison_feeds(ref_model, spec)
-    report(f"comparing {cand_name} with {ref_name}" + (" tensor by tensor" if layerwise else ""))
-    result, _, _ = diffing.diff(ref_model, cand_model, feeds, layerwise=layerwise, threshold=threshold,
-                                candidate_name=cand_name, mask_padding=mask_padding, runtime=runtime)
-    ranking = diffing.sensitivity(ref_model, cand_model, feeds, progress=report) if sensitivity else None
+    ref_side, (cand_side,) = diffing.prepare(_diff_side(reference, "reference"), [_diff_side(candidate, "candidate")])
+    feeds = comparison_feeds(ref_side.skeleton, spec)
+    report(f"comparing {cand_side.name} with {ref_side.name}" + (" tensor by tensor" if layerwise else ""))
+    result, _, _ = diffing.diff(ref_side, cand_side, feeds, layerwise=layerwise, threshold=threshold,
+                                candidate_name=cand_side.name, mask_padding=mask_padding, runtime=runtime)
+    ranking = diffing.sensitivity(ref_side.source, cand_side.source, feeds, progress=report) if sensitivity else None
     return DiffResult(result, feeds, layerwise, ranking)
 
 
-def _full_model(model: onnx.ModelProto | PathLike, role: str) -> tuple[onnx.ModelProto, str]:
-    """(model with its weights, its name): loaded and validated as the CLI loads it, or a copy of an object."""
+def _diff_side(model: onnx.ModelProto | PathLike, role: str) -> diffing.Side:
+    """One side of a diff, as the CLI reads it: a path as a checked skeleton whose weights are read only for
+    its own run (one model's weights in memory at a time), or a copy of an object (left unchanged)."""
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         check_input_path(path)
-        return load_model(path), path
+        return diffing.Side.of(path, path)
     if not isinstance(model, onnx.ModelProto):
         raise TqcError(f"the {role} must be an onnx.ModelProto or a path, got {type(model).__name__}")
     copied = onnx.ModelProto()
     copied.CopyFrom(model)  # diffing adds shape information to the graph: the caller's model stays as it was
     validate_model(copied, f"<{role}: onnx.ModelProto>")
-    return copied, role
+    return diffing.Side.of(copied, role)
 
 
 # ---------------------------------------------------------------- export

@@ -348,7 +348,8 @@ def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, i
 @click.argument("reference")
 @click.argument("candidates", nargs=-1, required=True)
 @click.option("--data", default=None, help="Inputs: .npz, polygraphy .json, .txt sentences, script.py:fn "
-                                           "(default: drawn from the model's signature).")
+                                           "(default: random token ids drawn from the model's signature; "
+                                           "a note on stderr says so).")
 @click.option("--tokenizer", default=None, help="Tokenizer folder for .txt data.")
 @click.option("--samples", type=COUNT, default=16, show_default=True)
 @click.option("--batch-size", type=COUNT, default=8, show_default=True)
@@ -373,9 +374,8 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     """Compare CANDIDATES against REFERENCE on ORT CPU: per output, per shared tensor, first divergence."""
     import shutil
 
-    from tqc.compiler.runtime import compare
     from tqc.compiler.tools import diff as diffing
-    from tqc.compiler.io.model import check_input_path, load_model, write_bytes_atomic, write_text_atomic
+    from tqc.compiler.io.model import check_input_path, write_bytes_atomic, write_text_atomic
     from tqc.compiler.io.output_guard import current, make_temp_dir
 
     ui = _ui()
@@ -395,32 +395,27 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     guard.writes(json_path, "--json")
     guard.writes(plot_path, "--plot")
     guard.writes_into(save_dir, ("inputs.json", "reference_outputs.json"), "--save-dir")
-    ref_model = load_model(reference)
-    cand_models = [load_model(c) for c in candidates]
+    # Skeletons now, checked; each model's weights only for its own run (diffing.compare_models), one at a time.
+    ref_side, cand_sides = diffing.prepare(reference, [(c, c) for c in candidates])
+    ref_model = ref_side.skeleton
     from tqc.compiler.analysis.calib_data import DataSpec, comparison_feeds, parse_input_map
 
     feeds = comparison_feeds(ref_model, DataSpec(data, tokenizer=tokenizer, samples=samples, batch_size=batch_size,
                                                  input_map=parse_input_map(input_map)) if data else None)
-    results, ref_results = [], None
-    for path, model in zip(candidates, cand_models):
-        ui.progress(f"comparing {path} with {reference}" + (" tensor by tensor" if layerwise else ""))
-        result, ref_results_now, _ = diffing.diff(ref_model, model, feeds, layerwise=layerwise, threshold=threshold,
-                                                  candidate_name=path, mask_padding=mask_padding,
-                                                  reference_results=ref_results if not layerwise else None,
-                                                  runtime=runtime)
-        ref_results = ref_results_now
-        results.append(result)
+    ui.progress(f"comparing {', '.join(candidates)} with {reference}" + (" tensor by tensor" if layerwise else ""))
+    results, ref_results, _ = diffing.compare_models(ref_side, cand_sides, feeds,
+                                                     layerwise=layerwise, threshold=threshold,
+                                                     mask_padding=mask_padding, runtime=runtime, progress=ui.progress)
     click.echo(diffing.format_table(results, layerwise))
     folder = Path(save_dir) if save_dir else make_temp_dir("tqc-diff-", keep="success")  # kept if diff succeeds
     # The reference already ran; polygraphy's reference file holds its graph outputs only.
-    ref_out_results = compare.restrict(ref_results, [o.name for o in ref_model.graph.output])
-    inputs, ref_outputs = diffing.save_polygraphy_files(folder, feeds, ref_out_results)
+    inputs, ref_outputs = diffing.save_polygraphy_files(folder, feeds, ref_results)
     click.echo(f"polygraphy files in {folder}; reproduce and shrink with:")
     for command in diffing.polygraphy_commands(reference, candidates[0], inputs, ref_outputs, atol=1e-3, rtol=1e-3):
         click.echo(f"  {command}")
     payload: dict = {"reference": reference, "results": [r.as_dict() for r in results]}
     if sensitivity:
-        ranking = diffing.sensitivity(ref_model, cand_models[0], feeds, progress=ui.progress)
+        ranking = diffing.sensitivity(reference, candidates[0], feeds, progress=ui.progress)
         payload["sensitivity"] = ranking
         click.echo(f"sensitivity of {candidates[0]} (output rel L2 {ranking['baseline_rel_l2']:.4g}; share of it "
                    "removed by un-quantizing):")
@@ -440,6 +435,8 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         click.echo(f"plot: {plot_path}")
+    if not data:  # said last, under the numbers it qualifies (and not at all when the command fails)
+        click.echo(f"tqc: note: {diffing.drawn_inputs_note(ref_model, feeds)}", err=True)
 
 
 @cli.command("passes")

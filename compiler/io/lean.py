@@ -122,12 +122,16 @@ def _read_into(path: Path, offset: int, array: np.ndarray) -> None:
             view = view[got:]
 
 
-def load_lean(path: str | os.PathLike) -> LeanModel:
-    """Read ``path`` as a skeleton and weights; external data is read from the files next to the model."""
+def load_lean(path: str | os.PathLike, weights: bool = True) -> LeanModel:
+    """Read ``path`` as a skeleton and weights; external data is read from the files next to the model.
+
+    With ``weights=False`` only the skeleton is built (the external data files are checked, not read): the
+    structure of a model whose weights are loaded later, one model at a time (``tqc diff``)."""
     from tqc.compiler.io.model_check import external_source
 
     p = Path(path)
     sizes: dict[Path, int] = {}  # external data files' sizes
+    read_weights = weights
     weights: dict[str, np.ndarray] = {}
     locations: set[str] = set()
     with open(p, "rb") as fh:
@@ -159,17 +163,19 @@ def load_lean(path: str | os.PathLike) -> LeanModel:
                     nbytes = raw[1] - raw[0] if raw else 0
                     if raw is not None and dtype is not None and travels_as_stand_in(tensor.dims) and \
                             nbytes == int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(dtype).itemsize:
-                        array = np.empty(tuple(tensor.dims), dtype)
-                        streamed.append((array, raw[0]))
-                        weights[tensor.name] = array
+                        if read_weights:
+                            array = np.empty(tuple(tensor.dims), dtype)
+                            streamed.append((array, raw[0]))
+                            weights[tensor.name] = array
                         graph_pieces.append(_length_delimited(GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
                     elif tensor.data_location == onnx.TensorProto.EXTERNAL and dtype is not None:
                         locations.add(ExternalDataInfo(tensor).location)
                         # checked (folder, regular file, memory, length) before anything is allocated
                         source, offset, _ = external_source(tensor, f"initializer '{tensor.name}'", p, sizes=sizes)
-                        array = np.empty(tuple(tensor.dims), dtype)
-                        _read_into(source, offset, array)
-                        weights[tensor.name] = array
+                        if read_weights:
+                            array = np.empty(tuple(tensor.dims), dtype)
+                            _read_into(source, offset, array)
+                            weights[tensor.name] = array
                         graph_pieces.append(_length_delimited(GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
                     else:
                         graph_pieces.append(buf[g_begin:g_end])
@@ -189,8 +195,9 @@ def _load_external_attributes(p: Path, skeleton: onnx.ModelProto, weights: dict[
     no reference to the file it came from. Each is checked as the initializers are before it is read."""
     from tqc.compiler.io.model_check import external_source, node_tensors
 
-    others = ((t, f"initializer '{t.name}'") for t in skeleton.graph.initializer if t.name not in weights)
-    for tensor, where in chain(others, node_tensors(skeleton.graph)):  # the weights were read above
+    others = ((t, f"initializer '{t.name}'") for t in skeleton.graph.initializer
+              if t.name not in weights and not _is_stand_in(t))  # the weights: read above (or not: weights=False)
+    for tensor, where in chain(others, node_tensors(skeleton.graph)):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         locations.add(ExternalDataInfo(tensor).location)
@@ -198,6 +205,10 @@ def _load_external_attributes(p: Path, skeleton: onnx.ModelProto, weights: dict[
         array = np.empty(tuple(tensor.dims), onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
         _read_into(source, offset, array)
         tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+
+
+def _is_stand_in(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and ExternalDataInfo(tensor).location == SKELETON_DATA
 
 
 def _tensor_header(stand_in: onnx.TensorProto) -> onnx.TensorProto:

@@ -83,9 +83,10 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
     return model
 
 
-def load_model_lean(path: str | os.PathLike):
+def load_model_lean(path: str | os.PathLike, weights: bool = True):
     """``load_model`` for a model that is only compiled: a skeleton plus weights read straight into numpy
-    arrays (see ``tqc.compiler.io.lean``), the weights held once instead of three times."""
+    arrays (see ``tqc.compiler.io.lean``), the weights held once instead of three times. ``weights=False``:
+    the skeleton alone, checked the same way (the weights are loaded later, e.g. one model at a time)."""
     from tqc.compiler.io.lean import load_lean
 
     p = check_input_path(path)
@@ -93,7 +94,7 @@ def load_model_lean(path: str | os.PathLike):
 
     refuse_openvino_ir(p)
     try:
-        lean = load_lean(p)
+        lean = load_lean(p, weights=weights)
     except InvalidModelError:
         raise
     except TqcError as exc:  # external data outside the folder, missing or short: the model is invalid

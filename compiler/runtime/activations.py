@@ -6,12 +6,13 @@ calibration. Statistics are reduced batch by batch, so memory stays bounded by t
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from tqc.compiler.io.lean import LeanModel
 from tqc.compiler.runtime.feeds import Feed
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
@@ -50,34 +51,63 @@ def exposed_model_bytes(model: onnx.ModelProto, names: Iterable[str] | None = No
     return data, output_names
 
 
-def stream_intermediates(model: onnx.ModelProto | gs.Graph, feeds: Iterable[Feed],
+def open_session(model: onnx.ModelProto | gs.Graph | LeanModel,
+                 names: Iterable[str] | None = None) -> tuple[Callable[[Feed], list[np.ndarray]], list[str]]:
+    """``(run, output names)``: ``run(feed)`` runs ``model`` on ORT CPU (optimizations off) with ``names``
+    exposed (default: every float tensor a node produces). A gs graph or a ``LeanModel`` lends its arrays to
+    ORT (``GraphSession``: no copy of the weights, any size); a ModelProto is serialized (under 2 GB). The
+    session, and what it borrows, lives as long as ``run``."""
+    names = list(names) if names is not None else None
+    if isinstance(model, (gs.Graph, LeanModel)):
+        from tqc.compiler.runtime.graph_session import GraphSession
+
+        if isinstance(model, LeanModel):
+            graph_session = GraphSession.from_lean(
+                model, outputs=names if names is not None else float_node_outputs(model.skeleton))
+        else:
+            graph_session = GraphSession(model, outputs=names if names is not None else [
+                out.name for node in model.nodes for out in node.outputs
+                if out.dtype is not None and np.issubdtype(np.dtype(out.dtype), np.floating)])
+        return (lambda feed: graph_session.run(graph_session.output_names, feed)), graph_session.output_names
+    import onnxruntime as ort
+
+    data, output_names = exposed_model_bytes(model, names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    del data
+    inputs = {i.name for i in session.get_inputs()}
+    return (lambda feed: session.run(output_names, {k: v for k, v in feed.items() if k in inputs})), output_names
+
+
+def float_node_outputs(model: onnx.ModelProto) -> list[str]:
+    """Every float tensor a node of ``model`` produces (types from its value_info and outputs)."""
+    types = float_tensor_types(model)
+    return [out for node in model.graph.node for out in node.output if out and types.get(out) in FLOAT_TYPES]
+
+
+def outputs_per_feed(model: onnx.ModelProto | gs.Graph | LeanModel, feeds: Iterable[Feed],
+                     names: Iterable[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Run ``model`` (see ``open_session``) on each feed in turn; yield {exposed tensor: value} per feed.
+    The session, and the weights it borrowed, go when the generator does."""
+    run, output_names = open_session(model, names)
+    for feed in feeds:
+        yield dict(zip(output_names, run(feed)))
+
+
+def stream_intermediates(model: onnx.ModelProto | gs.Graph | LeanModel, feeds: Iterable[Feed],
                          reduce: Callable[[str, np.ndarray], None], names: Iterable[str] | None = None) -> list[str]:
     """Run on ORT CPU (optimizations off) and call ``reduce(name, value)`` for every exposed tensor.
 
-    A gs graph runs through a ``GraphSession`` (its weights are not copied); a ModelProto is serialized.
+    A gs graph or a ``LeanModel`` runs through a ``GraphSession`` (its weights are not copied); a ModelProto
+    is serialized.
     """
     names = list(names) if names is not None else None
-    if isinstance(model, gs.Graph):
-        from tqc.compiler.runtime.graph_session import GraphSession
-
-        wanted = names if names is not None else [
-            out.name for node in model.nodes for out in node.outputs
-            if out.dtype is not None and np.issubdtype(np.dtype(out.dtype), np.floating)]
-        session = GraphSession(model, outputs=wanted)
-        output_names = session.output_names
-    else:
-        import onnxruntime as ort
-
-        data, output_names = exposed_model_bytes(model, names)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        del data
+    run, output_names = open_session(model, names)
     wanted_inputs = set(names) if names is not None else set()
     for feed in feeds:
-        values = session.run(output_names, feed)
-        for name, value in zip(output_names, values):
+        for name, value in zip(output_names, run(feed)):
             reduce(name, value)
         for name in wanted_inputs & set(feed):  # graph inputs are observed straight from the feed
             reduce(name, np.asarray(feed[name]))

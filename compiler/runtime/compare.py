@@ -224,16 +224,6 @@ def compare_results(reference, candidate, atol: float, rtol: float,
                       outputs=merged, missing=missing, min_cosine=min_cosine)
 
 
-def restrict(run_results, names: list[str]):
-    """The same polygraphy RunResults holding only ``names`` (e.g. graph outputs of a layerwise run)."""
-    from polygraphy.comparator.struct import RunResults
-
-    restricted = RunResults()
-    for runner, iterations in run_results.items():
-        restricted.append((runner, [_subset(it, names) for it in iterations]))
-    return restricted
-
-
 def _subset(iter_result, names: list[str]):
     from polygraphy.comparator.struct import IterationResult
 

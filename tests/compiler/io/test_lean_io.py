@@ -36,6 +36,10 @@ def test_lean_load_equals_onnx_load(tmp_path, external):
     assert list(lean.skeleton.graph.node) == list(full.graph.node)
     assert lean.skeleton.ByteSize() < 4096
     assert lean.external_locations == (["m.onnx.data"] if external else [])
+    # weights=False: the same skeleton, checked the same way, and not a byte of the weights read.
+    bare = model_io.load_model_lean(path, weights=False)
+    assert bare.weights == {} and bare.skeleton == lean.skeleton
+    assert bare.external_locations == lean.external_locations
 
 
 @pytest.mark.parametrize("external", [False, True])

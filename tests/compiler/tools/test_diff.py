@@ -15,7 +15,8 @@ from onnx import numpy_helper
 from tqc.compiler.runtime import compare
 from tqc.compiler.cli.main import main
 from tqc.compiler.analysis.sensitivity import op_class
-from tqc.compiler.tools.diff import diff, sensitivity, shared_tensors
+from tqc.compiler.tools.diff import DiffResult, TensorRow, diff, drawn_inputs_note, sensitivity, shared_tensors
+from tqc.compiler.tools.diff_plot import draw
 from tqc.compiler.runtime.feeds import synthesize_feeds
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.io.model import load_model, save_model
@@ -135,3 +136,124 @@ def test_sensitivity_ranks_and_its_exclude_option_works(exports, tmp_path):
     manager.run(load_model(path))
     stats = manager.records[-1].stats
     assert stats["quantized_matmuls"] + stats["qattention"] == 8 - 3  # quantized sites: MatMuls and QAttention
+
+
+# ---------------------------------------------------------------- inputs note, plot, models over 2 GB
+
+def test_cli_says_when_it_compares_on_random_token_ids(exports, tmp_path, capsys):
+    path = exports.get("bert", size="tiny")
+    with pytest.raises(SystemExit) as info:
+        main(["-q", "diff", str(path), str(path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 0
+    notes = [line for line in err.splitlines() if line.startswith("tqc: note: ")]
+    assert len(notes) == 1
+    assert "no --data: compared on 2 batches of random token ids, not text" in notes[0] and "input_ids 2x16" in notes[0]
+    assert "--data sentences.txt --tokenizer FOLDER" in notes[0]  # this export records no tokenizer
+    # Real inputs given: nothing to say.
+    feeds = synthesize_feeds(load_model(path), count=1)
+    np.savez(tmp_path / "inputs.npz", **feeds[0])
+    with pytest.raises(SystemExit) as info:
+        main(["-q", "diff", str(path), str(path), "--data", str(tmp_path / "inputs.npz")])
+    assert info.value.code == 0 and "tqc: note" not in capsys.readouterr().err
+    # A model that records its tokenizer needs only the text file.
+    model = load_model(path)
+    model.metadata_props.append(onnx.StringStringEntryProto(key="tqc.tokenizer", value="packaged:minilm"))
+    note = drawn_inputs_note(model, synthesize_feeds(model, count=2))
+    assert "--data sentences.txt (one text per line; the model records its tokenizer)" in note
+
+
+def _row(name: str, index: int, sqnr: float) -> TensorRow:
+    metrics = compare.TensorMetrics(name, [1], 0.0, 0.0, 10 ** (-sqnr / 20), 1.0, sqnr)
+    return TensorRow(name, index, name, "MatMul", metrics)
+
+
+def test_plot_names_the_tensors_and_keeps_outliers_on_the_edge():
+    parts = ("attention/self/Reshape_4", "attention/output/dense/MatMul", "output/LayerNorm/LayerNormalization")
+    names = ["/model/embeddings/LayerNorm/LayerNormalization_output_0"] + [
+        f"/model/encoder/layer.{layer}/{part}_output_0" for layer in range(6) for part in parts] + ["last_hidden_state"]
+    values = [135.3] + [16.0 + (i * 7) % 20 for i in range(18)] + [math.inf]  # 16..35 dB, one 135 dB, one exact
+    result = DiffResult("int8.onnx", outputs=[], layers=[_row(n, 3 * i, v) for i, (n, v) in enumerate(zip(names, values))])
+    fig = draw([result])
+    import matplotlib.pyplot as plt
+
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[:3] == ["emb LayerNorm", "L0 attn/self/Reshape_4", "L0 attn/output/dense/MatMul"]
+    assert labels[-1] == "last_hidden_state" and len(labels) == len(names)  # few tensors: every one named
+    low, high = ax.get_ylim()
+    assert low < 16.0 and 35.0 < high < 135.3  # the 135 dB point does not set the scale:
+    assert (35.0 - 16.0) / (high - low) > 0.3  # the bulk fills a good part of the axis
+    edge = [line for line in ax.lines if line.get_label() == "off scale (value written)"]
+    assert len(edge) == 1 and list(edge[0].get_xdata()) == [0, len(names) - 1]
+    assert all(y == high for y in edge[0].get_ydata())
+    assert {"135 dB", "inf dB"} <= {t.get_text() for t in ax.texts}
+    plt.close(fig)
+    # A real model's hundreds of tensors: one tick per layer, named after it.
+    many = [f"/model/encoder/layer.{layer}/{part}_{k}_output_0" for layer in range(24) for part in parts
+            for k in range(2)]
+    result = DiffResult("fp16.onnx", outputs=[], layers=[_row(n, i, 50.0 + i % 7) for i, n in enumerate(many)])
+    fig = draw([result])
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == [f"L{layer}" for layer in range(24)]
+    plt.close(fig)
+
+
+def _model_over_2gb(folder: Path) -> tuple[Path, Path, int]:
+    """Two models over protobuf's 2 GB sharing one external data file: y = sum_i(x @ W_i) + b, four
+    [4096, 32768] float32 weights (zeros but their first 16 rows, so the file is sparse on disk); the
+    candidate's bias differs by 1 %."""
+    rows, cols, count = 4096, 32768, 4
+    nbytes = rows * cols * 4
+    rng = np.random.default_rng(0)
+    with open(folder / "big.onnx.data", "wb") as data:
+        for i in range(count):
+            data.seek(i * nbytes)
+            data.write(rng.standard_normal((16, cols)).astype(np.float32).tobytes())
+        data.truncate(count * nbytes)
+    weights = []
+    for i in range(count):
+        w = onnx.TensorProto(name=f"W{i}", data_type=onnx.TensorProto.FLOAT, dims=[rows, cols])
+        w.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", "big.onnx.data"), ("offset", str(i * nbytes)), ("length", str(nbytes))):
+            entry = w.external_data.add()
+            entry.key, entry.value = key, value
+        weights.append(w)
+    bias = rng.standard_normal(cols).astype(np.float32)
+    nodes = [onnx.helper.make_node("MatMul", ["x", f"W{i}"], [f"h{i}"], name=f"mm{i}") for i in range(count)]
+    nodes += [onnx.helper.make_node("Sum", [f"h{i}" for i in range(count)], ["s"], name="sum"),
+              onnx.helper.make_node("Add", ["s", "b"], ["y"], name="add")]
+    paths = []
+    for name, b in (("big.onnx", bias), ("big_candidate.onnx", bias * 1.01)):
+        graph = onnx.helper.make_graph(
+            nodes, "big", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "sequence", rows])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "sequence", cols])],
+            initializer=weights + [numpy_helper.from_array(b, "b")])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+        (folder / name).write_bytes(model.SerializeToString())
+        paths.append(folder / name)
+    return paths[0], paths[1], count * nbytes + cols * 4
+
+
+@pytest.mark.slow  # about 15 s of CPU (2 GiB read twice, zeros from a sparse file), over 30 s on a busy machine
+def test_layerwise_diff_of_a_model_over_2gb_holds_one_model_at_a_time(tmp_path):
+    reference, candidate, weight_bytes = _model_over_2gb(tmp_path)
+    assert weight_bytes > 2**31
+    measure = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    tqc = [sys.executable, "-c", "import sys; from tqc.compiler.cli.main import main; sys.exit(main())"]
+    try:
+        run = subprocess.run([sys.executable, "-c", measure, *tqc, "-q", "diff", str(reference), str(candidate),
+                              "--layerwise", "--json", str(tmp_path / "d.json")], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        peak = int(run.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss: KiB
+        data = json.loads((tmp_path / "d.json").read_text())
+    finally:
+        for name in ("big.onnx", "big_candidate.onnx", "big.onnx.data"):
+            (tmp_path / name).unlink(missing_ok=True)
+    layers = {row["name"]: row for row in data["results"][0]["layers"]}
+    assert set(layers) == {"h0", "h1", "h2", "h3", "s", "y"}
+    assert all(layers[n]["max_abs"] == 0 for n in ("h0", "h1", "h2", "h3", "s"))  # the weights are shared
+    assert 0 < layers["y"]["rel_l2"] < 0.05 and data["results"][0]["outputs"][0]["name"] == "y"
+    # Both models' weights at once would be 4 GiB: one at a time, plus the interpreter and ORT.
+    assert peak < 1.5 * weight_bytes, f"peak RSS {peak / 2**30:.2f} GiB for {weight_bytes / 2**30:.2f} GiB of weights"
