@@ -12,18 +12,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from tqc.compiler.io.structure import float_tensor_types, infer_shapes
 from tqc.compiler.runtime.feeds import Feed
+from tqc.compiler.runtime.graph_session import GraphSession
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
-
-
-def float_tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of every tensor whose type shape inference (or the graph) knows."""
-    types: dict[str, int] = {}
-    for value in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
-        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-            types[value.name] = value.type.tensor_type.elem_type
-    return types
 
 
 def exposed_model_bytes(model: onnx.ModelProto, names: Iterable[str] | None = None) -> tuple[bytes, list[str]]:
@@ -32,8 +25,6 @@ def exposed_model_bytes(model: onnx.ModelProto, names: Iterable[str] | None = No
     The outputs are appended, serialized and removed again: no copy of the weights is made.
     """
     if not model.graph.value_info:
-        from tqc.compiler.io.structure import infer_shapes
-
         infer_shapes(model, strict=False)
     types = float_tensor_types(model)
     existing = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
@@ -58,8 +49,6 @@ def stream_intermediates(model: onnx.ModelProto | gs.Graph, feeds: Iterable[Feed
     """
     names = list(names) if names is not None else None
     if isinstance(model, gs.Graph):
-        from tqc.compiler.runtime.graph_session import GraphSession
-
         wanted = names if names is not None else [
             out.name for node in model.nodes for out in node.outputs
             if out.dtype is not None and np.issubdtype(np.dtype(out.dtype), np.floating)]

@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from tqc.compiler.runtime.activations import float_tensor_types
 from tqc.compiler.io.graph import skeleton_of_graph
 from tqc.compiler.io.skeleton import SKELETON_DATA
+from tqc.compiler.io.structure import float_tensor_types
 
 
 class GraphSession:

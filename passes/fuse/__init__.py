@@ -16,11 +16,11 @@ import onnx_graphsurgeon as gs
 from tqc.compiler.core.target import fusion_target, uses_contrib_ops
 from tqc.compiler.io.graph import ensure_domain
 from tqc.passes.base import NO_CONTRIB_OPS, Option, Pass, PassContext, PassResult, Tolerance, parse_bool
+from tqc.passes.fold import Fold
 from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
 from tqc.passes.fuse.elementwise import Miss, fuse_gelu, fuse_layernorm, fuse_skip_layernorm
 from tqc.passes.fuse.embedding import fuse_embed_layernorm
 from tqc.passes.fuse.match import NoMatch
-from tqc.passes.registry import register
 from tqc.passes.rewrite import cleanup, drop, redirect
 
 
@@ -51,14 +51,11 @@ def explain_misses(ctx: PassContext, what: str, misses: list[Miss]) -> None:
 def canonicalize(graph: gs.Graph) -> int:
     """``fold``'s canonical form (Identity removal, constant folding), so ``fuse`` works alone; returns the
     number of nodes removed (0 when ``fold`` ran before)."""
-    from tqc.passes.fold import Fold
-
     before = len(graph.nodes)
     Fold().run(graph, PassContext())
     return before - len(graph.nodes)
 
 
-@register
 class Fuse(Pass):
     """Fuse attention blocks, GELU and residual LayerNorms into the ops the target runs fastest."""
 

@@ -41,7 +41,6 @@ from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContex
 from tqc.passes.qdq.budget import budget_feeds, enforce_budget
 from tqc.passes.qdq.insert import InsertOptions, insert
 from tqc.passes.qdq.plan import PlanOptions, QdqPlan, graph_sequence_bound, plan_sites
-from tqc.passes.registry import register
 
 
 @dataclass
@@ -55,7 +54,6 @@ class QdqState:
                                                                  # removes alone in float, largest first
 
 
-@register
 class Qdq(Pass):
     """Insert Q/DQ from a calibration table (INT8), placed per target, with optional accuracy budget."""
 
