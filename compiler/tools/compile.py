@@ -15,7 +15,7 @@ from tqc.compiler.core.errors import TqcError
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.io.model import check_input_path, load_model_lean, model_hash_async, save_model, write_text_atomic
 from tqc.compiler.pipeline.spec import parse_pipeline
-from tqc.compiler.core.target import TARGETS, uses_contrib_ops
+from tqc.compiler.core.target import Target
 from tqc.passes.base import PassContext
 
 
@@ -60,8 +60,7 @@ def dump_file_names(passes) -> list[str]:
 
 def _compile(opts: CompileOptions, progress, guard) -> dict:
     start = time.perf_counter()
-    if opts.target not in TARGETS:
-        raise TqcError(f"--target must be one of {', '.join(TARGETS)}")
+    target = Target.named(opts.target)  # an unknown name fails here, before anything is read
     source = check_input_path(opts.model)
     # Everything read and written is declared before any work: an output that is (or resolves to) an input,
     # another output, or a device/FIFO is refused here.
@@ -98,7 +97,7 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
         from tqc.compiler.io.openvino_ir import require_openvino
 
         require_openvino()  # missing OpenVINO fails before anything runs
-        if uses_contrib_ops(opts.target):
+        if target.contrib_ops:
             raise TqcError(f"OpenVINO IR output needs --target openvino (or trt): --target {opts.target} writes "
                            "com.microsoft ops that OpenVINO cannot read")
     elif out.suffix != ".onnx":
@@ -125,7 +124,7 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
 
     for name in opts.explain:
         get_pass(name)  # unknown names get the did-you-mean error
-    ctx = PassContext(target=opts.target, explain=set(opts.explain))  # the manager gives it the progress
+    ctx = PassContext(target=target, explain=set(opts.explain))  # the manager gives it the progress
     if opts.shapes:  # the profiles' max sequence also decides qdq's INT8 attention placement
         from tqc.compiler.core.profiles import parse_shapes
 
