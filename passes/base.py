@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from tqc.compiler.analysis.calibration import CalibrationTable, calibrate, calibration_targets
 from tqc.compiler.core.errors import TqcError, VerificationError, did_you_mean
 from tqc.compiler.core.profiles import Profile
-from tqc.compiler.core.target import uses_contrib_ops
+from tqc.compiler.core.target import TRT, Target
 from tqc.compiler.io.graph import skeleton_of_graph
 from tqc.compiler.runtime.feeds import Feed
 
@@ -165,10 +165,11 @@ class PassContext:
 
     ``calibration_source`` is the pipeline's calibration data (re-iterable batches: a ``FeedSource`` or a list);
     ``calibration`` is a table given by the user (``--calib-table``) or measured from that data by
-    ``calibration_table`` on the graph as it stands before the first pass that asks.
+    ``calibration_table`` on the graph as it stands before the first pass that asks. ``target`` is a ``Target``;
+    a name given instead (a script's ``PassContext(target="ort-cpu")``) is resolved by ``Target.named``.
     """
 
-    target: str = "trt"
+    target: Target = TRT
     calibration: CalibrationTable | None = None
     calibration_source: Iterable[Feed] | None = None
     verification_feeds: list[Feed] | None = None
@@ -176,6 +177,10 @@ class PassContext:
     explain: set[str] = field(default_factory=set)
     messages: list[str] = field(default_factory=list)
     progress: Progress = field(default=lambda message: None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target, str):
+            self.target = Target.named(self.target)
 
     def note(self, message: str) -> None:
         self.messages.append(message)
@@ -240,7 +245,7 @@ def check_conditions(conditions: Iterable[Condition], graph: gs.Graph | None, ct
 
 def no_contrib_ops(graph: gs.Graph | None, ctx: PassContext) -> str | None:
     """For standard-ONNX targets (trt, openvino): no com.microsoft node."""
-    if graph is None or uses_contrib_ops(ctx.target):
+    if graph is None or ctx.target.contrib_ops:
         return None
     found = next((n for n in graph.nodes if n.domain == "com.microsoft"), None)
     return None if found is None else f"'{found.name}' ({found.op}) is a com.microsoft op, which {ctx.target} cannot run"

@@ -17,14 +17,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.base import Condition, Pass, PassContext, PassResult, Tolerance
-from tqc.passes.registry import register
 from tqc.passes.rewrite import bypass, cleanup, drop, redirect
 
 SMALL_CONSTANT_ELEMENTS = 64
 
 
 
-@register
 class Fold(Pass):
     """Constant folding, Identity and dead-node removal, shape simplification, duplicate merging."""
 

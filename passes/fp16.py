@@ -36,7 +36,6 @@ from tqc.compiler.runtime.feeds import synthesize_feeds
 from tqc.compiler.io.structure import infer_shapes
 from tqc.compiler.io.graph import skeleton_of_graph, to_graph, to_model, update_tensor_types
 from tqc.passes.base import Condition, Option, Pass, PassContext, PassResult, Tolerance, parse_bool, parse_list
-from tqc.passes.registry import register
 
 FP16_MAX = 65504.0
 QDQ_FP16_OPSET = 19  # QuantizeLinear/DequantizeLinear take float16 inputs and scales from opset 19
@@ -140,7 +139,6 @@ def _shape_only_value_infos():
         ort_float16.make_value_info_from_tensor = original
 
 
-@register
 class Fp16(Pass):
     """Convert to FP16 (FP32 inputs/outputs), keeping overflowing nodes in FP32."""
 

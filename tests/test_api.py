@@ -235,7 +235,7 @@ def test_pass_objects_take_python_values_and_print_as_python():
     (dict(passes=[Fold, Fuse()]), "passes[0] is the class Fold: give an instance, Fold()"),
     (dict(passes=[]), "empty pipeline: give passes, e.g. [Fold()] or 'fold'"),
     (dict(passes=[Fold(), 3]), "passes[1] is int, not a pass (tqc.passes.Fold(), ...) or pipeline text"),
-    (dict(passes="fold", target="tpu"), "--target must be one of trt, ort-cpu, ort-cuda, openvino"),
+    (dict(passes="fold", target="tpu"), "unknown target 'tpu' (did you mean 'ort-cpu'?)"),
     (dict(passes="fold", verify="full"), "--verify must be one of none, structure, numeric"),
     (dict(passes="fold", batch_size=0), "Invalid value for 'batch_size': 0 is not in the range x>=1"),
     (dict(passes="fold", calib_samples=-1), "Invalid value for 'calib_samples': -1 is not in the range x>=1"),

@@ -430,7 +430,9 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
         scratch = make_temp_dir(".tqc-plot-")  # matplotlib writes the file itself: drawn aside, then placed
         try:
             drawn = scratch / Path(plot_path).name
-            diffing.plot(results, drawn)
+            from tqc.compiler.tools.diff_plot import plot
+
+            plot(results, drawn)
             write_bytes_atomic(drawn.read_bytes(), plot_path)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -1,13 +1,16 @@
 """Every fact about a deployment target, and about how an encoder's inputs are recognised, in one place.
 
-    TARGETS                 trt | ort-cpu | ort-cuda | openvino (the CLI's --target choices, the passes' targets)
-    fusion_target(t)        whose fusion forms apply: openvino fuses as trt does (standard ONNX ops)
-    uses_contrib_ops(t)     ONNX Runtime targets read com.microsoft ops; trt and openvino do not
-    TRT_INT8_MHA_*          TensorRT 10's fused INT8 attention limits (qdq's placement, ``tqc check``)
+    Target                  one deployment target: every fact the passes act on (below), one instance per name
+    Target.named(name)      the one place a target's name (``--target``, ``CompileOptions.target``) becomes a Target
+    TARGETS                 trt | ort-cpu | ort-cuda | openvino (the names: the CLI's --target choices)
+    Int8MhaLimits           TensorRT 10's fused INT8 attention limits (qdq's placement, ``tqc check``)
     attention_heads(dims)   (heads, head size) of the canonical attention layout's Reshape target
     input_role_by_name(n)   the name-based guess of an input's role (mask, token types, positions, ids), for
                             drawing inputs where the graph gives no evidence (``runtime.feeds.input_roles``
                             reads the evidence first)
+
+The passes ask a Target what it does, never which one it is: ``target.contrib_ops``, not ``target == "ort-cpu"``.
+A new target is one more row of the table below (and its writer in ``compiler/tools/``).
 
 TensorRT 10's fused INT8 multi-head attention runs only for head sizes 16/32/64 and sequences up to 512: ``qdq``
 places INT8 attention by these limits and ``tqc check`` reports by them. The sequence a model will see comes
@@ -17,24 +20,76 @@ position table allows (``position_table_rows``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
-TARGETS = ("trt", "ort-cpu", "ort-cuda", "openvino")
+from tqc.compiler.core.errors import TqcError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Int8MhaLimits:
+    """Where a target's fused INT8 attention runs: these head sizes, sequences up to ``max_sequence``."""
+
+    head_sizes: tuple[int, ...]
+    max_sequence: int
+
+
+TRT_INT8_MHA = Int8MhaLimits(head_sizes=(16, 32, 64), max_sequence=512)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment target: what its runtime reads and runs, as the passes need to know it.
+
+    ``str(target)`` is its name. Two targets differ only in these facts; a pass that needs another one adds a
+    field here (with a value in every row of the table), never a comparison of names.
+    """
+
+    name: str
+    runtime: str                       # who runs the graph, as messages name it
+    contrib_ops: bool                  # reads com.microsoft ops (Attention, SkipLayerNormalization, QAttention...);
+                                       # else standard ONNX only: fuse writes standard ops (Gelu at opset 20)
+    attention_mask_format: str         # fuse{mask=auto}: 'end' (token counts, ORT's fused CUDA kernels) or 'raw'
+    skip_layernorm_form: str           # fuse{skip_layernorm=auto}: 'sum' (Sum + LayerNormalization) or 'contrib'
+    symmetric_int8_activations: bool   # qdq: INT8 activations, zero point 0 (else asymmetric UINT8)
+    activation_form_by_consumer: bool  # qdq: the activation's form follows its consumer (qdq/openvino.py)
+    qdq_per_consumer: bool             # qdq: one Q/DQ pair per consumer (ORT fuses DQ -> MatMul), else per tensor
+    int8_attention_matmuls: bool       # qdq: quantizes attention's batched MatMuls (runs them in INT8)
+    int8_mha: Int8MhaLimits | None     # ...only within these limits (None: no limit)
+    residual_add_qdq: bool             # qdq{residual=true}: both inputs of residual Adds get Q/DQ
+    qattention_by_default: bool        # qdq{qattention=auto}: fused Attentions become QAttention (without budget)
+
+    def __str__(self) -> str:
+        return self.name
+
+    @staticmethod
+    def named(name: str) -> "Target":
+        """The target called ``name``; an unknown name is a user mistake (did-you-mean)."""
+        if name not in BY_NAME:
+            raise TqcError(f"unknown target '{name}'{did_you_mean(name, BY_NAME)}")
+        return BY_NAME[name]
+
+
+# The table: one row per target. openvino fuses as trt does (standard ONNX: OpenVINO's CPU plugin fuses
+# LayerNorm, the Erf GELU and Q/DQ itself) and quantizes by its own forms (passes/qdq/openvino.py).
+TRT = Target("trt", runtime="TensorRT", contrib_ops=False, attention_mask_format="raw", skip_layernorm_form="contrib",
+             symmetric_int8_activations=True, activation_form_by_consumer=False, qdq_per_consumer=False,
+             int8_attention_matmuls=True, int8_mha=TRT_INT8_MHA, residual_add_qdq=True, qattention_by_default=False)
+ORT_CPU = Target("ort-cpu", runtime="ONNX Runtime CPU", contrib_ops=True, attention_mask_format="raw",
+                 skip_layernorm_form="sum", symmetric_int8_activations=False, activation_form_by_consumer=False,
+                 qdq_per_consumer=True, int8_attention_matmuls=False, int8_mha=None, residual_add_qdq=False,
+                 qattention_by_default=True)
+ORT_CUDA = Target("ort-cuda", runtime="ONNX Runtime CUDA", contrib_ops=True, attention_mask_format="end",
+                  skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=False,
+                  qdq_per_consumer=True, int8_attention_matmuls=False, int8_mha=None, residual_add_qdq=False,
+                  qattention_by_default=False)
+OPENVINO = Target("openvino", runtime="OpenVINO", contrib_ops=False, attention_mask_format="raw",
+                  skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=True,
+                  qdq_per_consumer=False, int8_attention_matmuls=True, int8_mha=None, residual_add_qdq=False,
+                  qattention_by_default=False)
+BY_NAME = {t.name: t for t in (TRT, ORT_CPU, ORT_CUDA, OPENVINO)}
+TARGETS = tuple(BY_NAME)  # the names, in the CLI's order
 DEFAULT_TARGET = "trt"  # tqc compile's --target default (compiler/cli/main.py), and tqc.compile's
-ORT_TARGETS = ("ort-cpu", "ort-cuda")
-# Targets whose graphs are standard ONNX (no com.microsoft ops): fusion writes the ``trt`` form for them.
-STANDARD_ONNX_FUSION = {"trt": "trt", "openvino": "trt"}
-
-
-def fusion_target(target: str) -> str:
-    """The target whose fusion rules apply: ``openvino`` fuses as ``trt`` does (standard ONNX ops)."""
-    return STANDARD_ONNX_FUSION.get(target, target)
-
-
-def uses_contrib_ops(target: str) -> bool:
-    """ONNX Runtime targets run com.microsoft contrib ops (Attention, SkipLayerNormalization, QAttention...);
-    the others (trt, openvino) read standard ONNX only, and quantize attention's batched MatMuls themselves."""
-    return target in ORT_TARGETS
 
 
 INPUT_ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -62,9 +117,6 @@ def attention_heads(reshape_target) -> tuple[int, int] | None:
         return int(values[2]), int(values[3])
     return None
 
-
-TRT_INT8_MHA_HEAD_SIZES = (16, 32, 64)
-TRT_INT8_MHA_MAX_SEQUENCE = 512
 
 _PASS_THROUGH = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten", "Expand")
 

@@ -36,8 +36,9 @@ from onnx.external_data_helper import ExternalDataInfo
 
 from tqc.compiler.core.errors import TqcError
 from tqc.compiler.io.skeleton import SKELETON_DATA, stand_in, travels_as_stand_in
+from tqc.compiler.io.wire import (GRAPH_INITIALIZER, MODEL_GRAPH, TENSOR_RAW_DATA, encode_varint, length_delimited,
+                                  proto_fields)
 
-MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
 _STREAMED_DTYPES = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT16: np.int16,
@@ -56,59 +57,6 @@ class LeanModel:
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.weights.values())
-
-
-def _varint(buf, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def proto_fields(buf, start: int, end: int):
-    """(field number, field start, payload start, payload end) of each field in buf[start:end]."""
-    pos = start
-    while pos < end:
-        begin = pos
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-            yield number, begin, pos, pos
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            yield number, begin, pos, pos + length
-            pos += length
-        elif wire == 1:
-            pos += 8
-            yield number, begin, pos, pos
-        elif wire == 5:
-            pos += 4
-            yield number, begin, pos, pos
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > end:
-            raise ValueError("truncated protobuf field")
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _encode_varint((number << 3) | 2) + _encode_varint(len(payload)) + payload
 
 
 def _read_into(path: Path, offset: int, array: np.ndarray) -> None:
@@ -167,7 +115,7 @@ def load_lean(path: str | os.PathLike, weights: bool = True) -> LeanModel:
                             array = np.empty(tuple(tensor.dims), dtype)
                             streamed.append((array, raw[0]))
                             weights[tensor.name] = array
-                        graph_pieces.append(_length_delimited(GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
+                        graph_pieces.append(length_delimited(GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
                     elif tensor.data_location == onnx.TensorProto.EXTERNAL and dtype is not None:
                         locations.add(ExternalDataInfo(tensor).location)
                         # checked (folder, regular file, memory, length) before anything is allocated
@@ -176,10 +124,10 @@ def load_lean(path: str | os.PathLike, weights: bool = True) -> LeanModel:
                             array = np.empty(tuple(tensor.dims), dtype)
                             _read_into(source, offset, array)
                             weights[tensor.name] = array
-                        graph_pieces.append(_length_delimited(GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
+                        graph_pieces.append(length_delimited(GRAPH_INITIALIZER, stand_in(tensor.name, tensor.data_type, tensor.dims).SerializeToString()))
                     else:
                         graph_pieces.append(buf[g_begin:g_end])
-                pieces.append(_length_delimited(MODEL_GRAPH, b"".join(graph_pieces)))
+                pieces.append(length_delimited(MODEL_GRAPH, b"".join(graph_pieces)))
         for array, offset in streamed:
             _read_into(p, offset, array)
     skeleton = onnx.ModelProto()
@@ -245,9 +193,9 @@ def write_lean(lean: LeanModel, out, external_data: str | None = None, data_out=
                     header = _tensor_header(stand_in)
                     if external_data is None:
                         head = header.SerializeToString(deterministic=True)
-                        raw_key = _encode_varint((TENSOR_RAW_DATA << 3) | 2) + _encode_varint(array.nbytes)
+                        raw_key = encode_varint((TENSOR_RAW_DATA << 3) | 2) + encode_varint(array.nbytes)
                         body_size = len(head) + len(raw_key) + array.nbytes
-                        piece = _encode_varint((GRAPH_INITIALIZER << 3) | 2) + _encode_varint(body_size) + head + raw_key
+                        piece = encode_varint((GRAPH_INITIALIZER << 3) | 2) + encode_varint(body_size) + head + raw_key
                         parts.append((piece, array))
                         continue
                     offset = -(-offset // 4096) * 4096
@@ -259,10 +207,10 @@ def write_lean(lean: LeanModel, out, external_data: str | None = None, data_out=
                     data_out.seek(offset)
                     data_out.write(memoryview(array.reshape(-1).view(np.uint8)))
                     offset += array.nbytes
-                    piece = _length_delimited(GRAPH_INITIALIZER, header.SerializeToString(deterministic=True))
+                    piece = length_delimited(GRAPH_INITIALIZER, header.SerializeToString(deterministic=True))
             parts.append((piece, None))
         graph_size = sum(len(piece) + (array.nbytes if array is not None else 0) for piece, array in parts)
-        out.write(_encode_varint((MODEL_GRAPH << 3) | 2) + _encode_varint(graph_size))
+        out.write(encode_varint((MODEL_GRAPH << 3) | 2) + encode_varint(graph_size))
         for piece, array in parts:
             out.write(piece)
             if array is not None:

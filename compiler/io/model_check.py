@@ -206,7 +206,7 @@ def raw_data_lengths(path: str | os.PathLike) -> dict[str, int]:
 def _walk_raw_lengths(path: str | os.PathLike, lengths: dict[str, int]) -> None:
     import mmap
 
-    from tqc.compiler.io.lean import GRAPH_INITIALIZER, MODEL_GRAPH, TENSOR_RAW_DATA, proto_fields
+    from tqc.compiler.io.wire import GRAPH_INITIALIZER, MODEL_GRAPH, TENSOR_RAW_DATA, proto_fields
 
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size

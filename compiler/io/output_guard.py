@@ -274,7 +274,7 @@ def external_data_files(model_path: str | os.PathLike) -> list[Path]:
     protobuf fields without reading any weights. An unreadable file gives [] (its loader says why)."""
     import onnx
 
-    from tqc.compiler.io.lean import proto_fields
+    from tqc.compiler.io.wire import proto_fields
 
     path = Path(model_path)
     locations: set[str] = set()

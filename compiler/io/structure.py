@@ -1,7 +1,8 @@
 """Structural checks run after every pass: onnx checker, strict shape inference, unchanged signature.
 
 Models whose tensors exceed protobuf's 2 GB limit are checked through a temporary file with external data,
-using the path-based checker and shape inference.
+using the path-based checker and shape inference. ``float_tensor_types``: the element type of every tensor the
+model's value infos, inputs and outputs declare (what exposing intermediates as outputs needs).
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def infer_shapes(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     return model
+
+
+def float_tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of every tensor whose type shape inference (or the graph) knows."""
+    types: dict[str, int] = {}
+    for value in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types
 
 
 def run_checker(model: onnx.ModelProto) -> None:

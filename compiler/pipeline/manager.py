@@ -277,7 +277,7 @@ class PassManager:
     def report(self, **extra: Any) -> dict:
         return {
             "tqc_version": __version__,
-            "target": self.ctx.target,
+            "target": self.ctx.target.name,
             "verify": self.verify,
             "pipeline": ",".join(p.spec() for p in self.passes),
             "stages": [r.as_dict() for r in self.records],

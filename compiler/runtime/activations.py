@@ -13,18 +13,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.io.lean import LeanModel
+from tqc.compiler.io.structure import float_tensor_types, infer_shapes
 from tqc.compiler.runtime.feeds import Feed
+from tqc.compiler.runtime.graph_session import GraphSession
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
-
-
-def float_tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of every tensor whose type shape inference (or the graph) knows."""
-    types: dict[str, int] = {}
-    for value in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
-        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-            types[value.name] = value.type.tensor_type.elem_type
-    return types
 
 
 def exposed_model_bytes(model: onnx.ModelProto, names: Iterable[str] | None = None) -> tuple[bytes, list[str]]:
@@ -33,8 +26,6 @@ def exposed_model_bytes(model: onnx.ModelProto, names: Iterable[str] | None = No
     The outputs are appended, serialized and removed again: no copy of the weights is made.
     """
     if not model.graph.value_info:
-        from tqc.compiler.io.structure import infer_shapes
-
         infer_shapes(model, strict=False)
     types = float_tensor_types(model)
     existing = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
@@ -59,8 +50,6 @@ def open_session(model: onnx.ModelProto | gs.Graph | LeanModel,
     session, and what it borrows, lives as long as ``run``."""
     names = list(names) if names is not None else None
     if isinstance(model, (gs.Graph, LeanModel)):
-        from tqc.compiler.runtime.graph_session import GraphSession
-
         if isinstance(model, LeanModel):
             graph_session = GraphSession.from_lean(
                 model, outputs=names if names is not None else float_node_outputs(model.skeleton))

@@ -26,11 +26,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from tqc.compiler.runtime.activations import float_tensor_types
 from tqc.compiler.core.errors import TqcError
 from tqc.compiler.io.graph import skeleton_of_graph
 from tqc.compiler.io.lean import LeanModel
 from tqc.compiler.io.skeleton import SKELETON_DATA
+from tqc.compiler.io.structure import float_tensor_types
 
 
 class GraphSession:

@@ -17,7 +17,7 @@ from tqc.compiler.core.errors import TqcError
 from tqc.compiler.pipeline.manager import VERIFY_LEVELS, PassManager
 from tqc.compiler.io.model import check_input_path, load_model_lean, model_hash_async, save_model, write_text_atomic
 from tqc.compiler.pipeline.spec import parse_pipeline
-from tqc.compiler.core.target import DEFAULT_TARGET, TARGETS, uses_contrib_ops
+from tqc.compiler.core.target import DEFAULT_TARGET, Target
 from tqc.passes.base import PassContext
 
 
@@ -135,8 +135,7 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
 
 def check_choices(target: str, verify: str, runtime: str) -> None:
     """The target, verification level and verification engine are known ones (one line each otherwise)."""
-    if target not in TARGETS:
-        raise TqcError(f"--target must be one of {', '.join(TARGETS)}")
+    Target.named(target)  # an unknown name: one line with a did-you-mean
     if verify not in VERIFY_LEVELS:
         raise TqcError(f"--verify must be one of {', '.join(VERIFY_LEVELS)}")
     if runtime not in RUNTIMES:
@@ -182,7 +181,7 @@ def check_output_format(out: Path, target: str, shapes: tuple[str, ...] = ()) ->
         from tqc.compiler.io.openvino_ir import require_openvino
 
         require_openvino()  # missing OpenVINO fails before anything runs
-        if uses_contrib_ops(target):
+        if Target.named(target).contrib_ops:
             raise TqcError(f"OpenVINO IR output needs --target openvino (or trt): --target {target} writes "
                            "com.microsoft ops that OpenVINO cannot read")
     elif out.suffix != ".onnx":
@@ -211,7 +210,7 @@ def pass_context(model: onnx.ModelProto, *, target: str, explain=(), shapes: tup
 
     for name in explain:
         get_pass(name)  # unknown names get the did-you-mean error
-    ctx = PassContext(target=target, explain=set(explain))  # the manager gives it the progress
+    ctx = PassContext(target=Target.named(target), explain=set(explain))  # the manager gives it the progress
     if shapes:  # the profiles' max sequence also decides qdq's INT8 attention placement
         from tqc.compiler.core.profiles import parse_shapes
 

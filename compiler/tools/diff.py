@@ -14,7 +14,7 @@ its compared tensors go to .npy files (``StoredOutputs``) and its weights are re
 runs the same way, feed by feed, compared as it goes. Peak memory: the largest model's weights plus one
 feed's activations (XLM-R large, 2.08 GiB of weights: 2.5 GiB; ``bench/bench_diff_large.py``).
 
-``--plot`` (``tqc.compiler.tools.diff_plot``) names the x-axis after the tensors (or the layers, for a real
+``--plot`` (``tqc.compiler.tools.diff_plot``, called by the CLI) names the x-axis after the tensors (or the layers, for a real
 model's hundreds of them) and scales the y-axis to the bulk of the values; the few outside sit on the edge.
 
 ``--sensitivity`` un-quantizes one quantized site (MatMul or QAttention; ids as ``qdq``'s plan names them,
@@ -364,13 +364,6 @@ def format_table(results: list[DiffResult], layerwise: bool, limit: int = 40) ->
             worst = sorted(result.layers, key=lambda r: r.metrics.sqnr_db)[:5]
             lines.append("  lowest SQNR: " + ", ".join(f"{r.name} ({r.metrics.sqnr_db:.1f} dB)" for r in worst))
     return "\n".join(lines)
-
-
-def plot(results: list[DiffResult], path: str | Path, metric: str = "sqnr_db") -> None:
-    """``--plot``: the figure of ``tqc.compiler.tools.diff_plot`` as a PNG at ``path``."""
-    from tqc.compiler.tools.diff_plot import plot as save_plot
-
-    save_plot(results, path, metric)
 
 
 # ---------------------------------------------------------------- sensitivity

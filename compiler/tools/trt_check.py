@@ -18,8 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from tqc.compiler.core.target import (TRT_INT8_MHA_HEAD_SIZES, TRT_INT8_MHA_MAX_SEQUENCE, attention_heads,
-                                       position_table_rows, sequence_bound)
+from tqc.compiler.core.target import TRT_INT8_MHA, attention_heads, position_table_rows, sequence_bound
 
 
 @lru_cache(maxsize=1)
@@ -214,13 +213,13 @@ def _attention_blocks(model, constants, report: CheckReport, bound: tuple[int | 
         size = head_size(qk.input[0]) or head_size(pv.input[1])
         quantized = all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
                         for i in list(qk.input) + list(pv.input))
-        too_long = bound[0] is not None and bound[0] > TRT_INT8_MHA_MAX_SEQUENCE
-        eligible = size in TRT_INT8_MHA_HEAD_SIZES and quantized and not too_long
-        reason = (f"eligible for INT8 MHA when the profile's max sequence is <= {TRT_INT8_MHA_MAX_SEQUENCE}" +
+        too_long = bound[0] is not None and bound[0] > TRT_INT8_MHA.max_sequence
+        eligible = size in TRT_INT8_MHA.head_sizes and quantized and not too_long
+        reason = (f"eligible for INT8 MHA when the profile's max sequence is <= {TRT_INT8_MHA.max_sequence}" +
                   (f" (sequences up to {bound[0]}: {bound[1]})" if bound[0] is not None else "") if eligible else
-                  f"head size {size} is not in {TRT_INT8_MHA_HEAD_SIZES}" if size not in TRT_INT8_MHA_HEAD_SIZES else
+                  f"head size {size} is not in {TRT_INT8_MHA.head_sizes}" if size not in TRT_INT8_MHA.head_sizes else
                   f"sequences up to {bound[0]} ({bound[1]}) exceed TensorRT's INT8 MHA limit of "
-                  f"{TRT_INT8_MHA_MAX_SEQUENCE}" + ("; the quantized batched MatMuls will run outside the fused INT8 "
+                  f"{TRT_INT8_MHA.max_sequence}" + ("; the quantized batched MatMuls will run outside the fused INT8 "
                                                 "MHA kernel" if quantized else "") if too_long else
                   "batched MatMuls not quantized: runs as FP16/FP32 MHA")
         blocks.append({"softmax": softmax.name, "head_size": size, "int8_mha": eligible, "note": reason,
@@ -228,11 +227,11 @@ def _attention_blocks(model, constants, report: CheckReport, bound: tuple[int | 
     if blocks:
         count = sum(b["int8_mha"] for b in blocks)
         report.add("info", "attention", f"{len(blocks)} attention blocks; {count} meet TensorRT's INT8 MHA conditions "
-                                        f"(head size {TRT_INT8_MHA_HEAD_SIZES}, sequence <= {TRT_INT8_MHA_MAX_SEQUENCE})"
+                                        f"(head size {TRT_INT8_MHA.head_sizes}, sequence <= {TRT_INT8_MHA.max_sequence})"
                                         + (f"; sequences up to {bound[0]} ({bound[1]})" if bound[0] is not None else ""))
-        if bound[0] is not None and bound[0] > TRT_INT8_MHA_MAX_SEQUENCE and any(b["quantized"] for b in blocks):
+        if bound[0] is not None and bound[0] > TRT_INT8_MHA.max_sequence and any(b["quantized"] for b in blocks):
             report.add("warning", "int8-mha-sequence", f"sequences up to {bound[0]} ({bound[1]}) exceed TensorRT's "
-                                                       f"INT8 MHA limit of {TRT_INT8_MHA_MAX_SEQUENCE}: give --shapes "
+                                                       f"INT8 MHA limit of {TRT_INT8_MHA.max_sequence}: give --shapes "
                                                        "with a smaller max, or keep attention in float")
     return blocks
 

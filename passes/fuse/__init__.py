@@ -13,14 +13,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.compiler.core.target import fusion_target, uses_contrib_ops
 from tqc.compiler.io.graph import ensure_domain
 from tqc.passes.base import NO_CONTRIB_OPS, Option, Pass, PassContext, PassResult, Tolerance, parse_bool
+from tqc.passes.fold import Fold
 from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
 from tqc.passes.fuse.elementwise import Miss, fuse_gelu, fuse_layernorm, fuse_skip_layernorm
 from tqc.passes.fuse.embedding import fuse_embed_layernorm
 from tqc.passes.fuse.match import NoMatch
-from tqc.passes.registry import register
 from tqc.passes.rewrite import cleanup, drop, redirect
 
 
@@ -51,14 +50,11 @@ def explain_misses(ctx: PassContext, what: str, misses: list[Miss]) -> None:
 def canonicalize(graph: gs.Graph) -> int:
     """``fold``'s canonical form (Identity removal, constant folding), so ``fuse`` works alone; returns the
     number of nodes removed (0 when ``fold`` ran before)."""
-    from tqc.passes.fold import Fold
-
     before = len(graph.nodes)
     Fold().run(graph, PassContext())
     return before - len(graph.nodes)
 
 
-@register
 class Fuse(Pass):
     """Fuse attention blocks, GELU and residual LayerNorms into the ops the target runs fastest."""
 
@@ -89,17 +85,17 @@ class Fuse(Pass):
             # (large dynamo exports keep W^T as a Transpose node), Constant nodes, foldable shape arithmetic.
             stats["canonicalized_nodes"] = canonicalize(graph)
         lower_constant_nodes(graph)  # so fuse also works without a fold before it
-        target = fusion_target(ctx.target)  # openvino: the standard-ONNX (trt) forms
+        target = ctx.target
         opset = int(graph.opset)
         softmax_count = sum(1 for n in graph.nodes if n.op == "Softmax")
         fused = 0
         misses = []
         mask_format = self.values["mask"]
         if mask_format == "auto":
-            mask_format = "end" if target == "ort-cuda" else "raw"
+            mask_format = target.attention_mask_format
         masks = MaskCache(graph)
         stats["embed_layernorm"] = 0
-        if uses_contrib_ops(target) and self.values["embed_layernorm"]:
+        if target.contrib_ops and self.values["embed_layernorm"]:
             wants_end = mask_format == "end" and masks.source() is not None
             count, mask_index, reason = fuse_embed_layernorm(graph, masks.source() if wants_end else None)
             stats["embed_layernorm"] = count
@@ -112,14 +108,14 @@ class Fuse(Pass):
                      "keeps the embedding Gathers and LayerNorm")
         if self.values["attention"]:
             matches, misses = find_attention(graph, mask_input_names(graph))
-            if uses_contrib_ops(target) and matches and any(m.mask is not None for m in matches):
+            if target.contrib_ops and matches and any(m.mask is not None for m in matches):
                 stats["mask"] = mask_format
                 if mask_format == "end":
                     ctx.note("fuse: attention masks given as token counts (right padding); use fuse{mask=raw} "
                              "for left-padded inputs")
             for index, match in enumerate(matches):
                 try:
-                    if not uses_contrib_ops(target):
+                    if not target.contrib_ops:
                         rewrite_trt(graph, match, index, masks)
                     else:
                         rewrite_ort(graph, match, index, masks, mask_format)
@@ -144,8 +140,6 @@ class Fuse(Pass):
             explain_misses(ctx, "gelu", gelu_misses)
             stats["gelu"] = gelus + exported_as_op
             if reason:
-                if ctx.target == "openvino":  # OpenVINO also fuses the Erf GELU (into the FullyConnected before it)
-                    reason = reason.replace("TensorRT fuses", "OpenVINO fuses")
                 ctx.note(f"fuse: gelu: {reason}")
         else:
             stats["gelu"] = 0
@@ -161,18 +155,18 @@ class Fuse(Pass):
         stats["skip_layernorm"] = 0
         skip_form = self.values["skip_layernorm"]
         if skip_form == "auto":
-            skip_form = "sum" if target == "ort-cpu" and opset >= 17 else "contrib"
+            skip_form = target.skip_layernorm_form if opset >= 17 else "contrib"  # 'sum' needs LayerNormalization
         if skip_form == "sum" and opset < 17:
             ctx.note(f"fuse: skip_layernorm=sum needs LayerNormalization (opset 17); opset {opset} gets "
                      "SkipLayerNormalization")
             skip_form = "contrib"
-        if uses_contrib_ops(target) and skip_form != "off":
+        if target.contrib_ops and skip_form != "off":
             stats["skip_layernorm"], skip_misses = fuse_skip_layernorm(graph, skip_form)
             explain_misses(ctx, "skip_layernorm", skip_misses)
             stats["skip_layernorm_form"] = skip_form
             cleanup(graph)
         stats["layernorm"] = sum(1 for n in graph.nodes if n.op == "LayerNormalization")
-        if uses_contrib_ops(target) and any(n.domain == "com.microsoft" for n in graph.nodes):
+        if target.contrib_ops and any(n.domain == "com.microsoft" for n in graph.nodes):
             ensure_domain(graph, "com.microsoft", 1)
         modified = fused > 0 or stats["gelu"] > 0 or stats["skip_layernorm"] > 0 or stats["embed_layernorm"] > 0 or \
             stats["layernorm_fused"] > 0

@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from tqc.compiler.core.target import Target
 from tqc.passes.fuse.elementwise_rules import (GELU_RULES, LAYERNORM_RULES, SKIP_LAYERNORM_RULES, GeluRule,
                                                LayerNormRule, SkipLayerNormRule, Step)
 from tqc.passes.fuse.match import (NoMatch, through_identity, constant_values, consumers, describe, either_order,
@@ -254,20 +255,24 @@ def _bias_split(x: gs.Tensor) -> tuple[gs.Tensor, np.ndarray, gs.Node] | None:
     return None
 
 
-def fuse_gelu(graph: gs.Graph, target: str, opset: int) -> tuple[int, str | None, list[Miss]]:
-    """Returns (count, reason when nothing could be fused for this target, the Erf/Tanh nodes no rule matched)."""
+def fuse_gelu(graph: gs.Graph, target: Target, opset: int) -> tuple[int, str | None, list[Miss]]:
+    """Returns (count, reason when nothing could be fused for this target, the Erf/Tanh nodes no rule matched).
+
+    Standard-ONNX targets get the Gelu op (opset 20; older opsets: none, their runtime fuses the pattern
+    itself); ONNX Runtime targets the rule's com.microsoft op (``ort_op``, or ``ort_biased_op`` taking the bias
+    of the MatMul before)."""
     found: list[GeluMatch] = []
     misses: list[Miss] = []
     for node in list(graph.nodes):
         if node.op in ("Erf", "Tanh"):
             result = match_gelu(node)
             (found if isinstance(result, GeluMatch) else misses).append(result)
-    if target == "trt" and opset < 20:
-        return 0, (f"opset {opset} has no Gelu op (opset 20); TensorRT fuses the {len(found)} Erf/Tanh GELUs "
+    if not target.contrib_ops and opset < 20:
+        return 0, (f"opset {opset} has no Gelu op (opset 20); {target.runtime} fuses the {len(found)} Erf/Tanh GELUs "
                    "itself"), misses
     for index, match in enumerate(found):
         rule, x, name = match.rule, match.x, f"tqc_gelu{index}"
-        if target == "trt":
+        if not target.contrib_ops:
             replace_output(graph, match.output, "Gelu", name, [x], attrs={"approximate": rule.approximate})
             continue
         biased = _bias_split(x)

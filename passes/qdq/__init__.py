@@ -35,13 +35,12 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.analysis.calibration import TensorRange
-from tqc.compiler.core.target import uses_contrib_ops
+from tqc.compiler.core.target import Target
 from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContext, PassResult, Tolerance, parse_bool,
                              parse_list)
 from tqc.passes.qdq.budget import budget_feeds, enforce_budget
 from tqc.passes.qdq.insert import InsertOptions, insert
 from tqc.passes.qdq.plan import PlanOptions, QdqPlan, graph_sequence_bound, plan_sites
-from tqc.passes.registry import register
 
 
 @dataclass
@@ -55,7 +54,6 @@ class QdqState:
                                                                  # removes alone in float, largest first
 
 
-@register
 class Qdq(Pass):
     """Insert Q/DQ from a calibration table (INT8), placed per target, with optional accuracy budget."""
 
@@ -139,7 +137,8 @@ class Qdq(Pass):
         return PassResult(stats["quantized_matmuls"] > 0 or stats.get("attention_expanded", 0) > 0, stats)
 
     def plan_options(self, graph: gs.Graph, ctx: PassContext) -> PlanOptions:
-        bound = graph_sequence_bound(graph, ctx) if ctx.target == "trt" and self.values["attention"] else (None, "")
+        limited = ctx.target.int8_mha is not None and self.values["attention"]  # INT8 attention within limits
+        bound = graph_sequence_bound(graph, ctx) if limited else (None, "")
         return PlanOptions(op_types=tuple(self.values["op_types"]), exclude=tuple(self.values["exclude"]),
                            attention=self.values["attention"], residual=self.values["residual"],
                            qattention=self.uses_qattention(ctx.target), max_sequence=bound)
@@ -150,8 +149,8 @@ class Qdq(Pass):
         return insert(graph, plan, ctx.calibration, options, source=ctx.calibration_source,
                       range_cache=self.state.smoothed_ranges)
 
-    def uses_qattention(self, target: str) -> bool:
+    def uses_qattention(self, target: Target) -> bool:
         choice = str(self.values["qattention"]).lower()
-        if not uses_contrib_ops(target) or choice == "false":
+        if not target.contrib_ops or choice == "false":
             return False
-        return choice == "true" or (target == "ort-cpu" and not self.values["budget"] > 0)
+        return choice == "true" or (target.qattention_by_default and not self.values["budget"] > 0)

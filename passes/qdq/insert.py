@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 
 from tqc.compiler.analysis.calibration import CalibrationTable, TensorRange
 from tqc.compiler.core.errors import TqcError
-from tqc.compiler.core.target import uses_contrib_ops
+from tqc.compiler.core.target import Target
 from tqc.passes.fp16 import QDQ_FP16_OPSET, raise_opset
 from tqc.passes.fuse.match import constant_values, producer
 from tqc.passes.qdq.lower import is_ort_attention, lower
@@ -106,7 +106,7 @@ class Quantizer:
     """Writes Q/DQ pairs, INT8 weights, SmoothQuant Muls and QAttention nodes into one graph, with names no
     tensor of the graph has yet."""
 
-    def __init__(self, graph: gs.Graph, table: CalibrationTable, target: str, method: str, percentile: float):
+    def __init__(self, graph: gs.Graph, table: CalibrationTable, target: Target, method: str, percentile: float):
         self.graph = graph
         self.table = table
         self.target = target
@@ -215,7 +215,7 @@ class Quantizer:
         entry = self.measured.get(key)
         if entry is None:
             return lo, hi
-        if self.target == "trt":
+        if self.target.symmetric_int8_activations:
             amax = entry.symmetric(self.method, self.percentile)
             return -amax, amax
         return entry.asymmetric(self.method, self.percentile)
@@ -239,8 +239,9 @@ class Quantizer:
         return shared
 
     def _range_params(self, lo: float, hi: float):
-        """Scale and zero-point for the range [lo, hi]: symmetric INT8 for trt, asymmetric UINT8 for ORT."""
-        if self.target == "trt":
+        """Scale and zero-point for the range [lo, hi]: symmetric INT8 where the target wants it (trt), else
+        asymmetric UINT8."""
+        if self.target.symmetric_int8_activations:
             amax = max(abs(lo), abs(hi))
             return np.float32(max(amax, 1e-8) / 127.0), np.int8(0)
         lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -249,10 +250,10 @@ class Quantizer:
 
     def _params(self, name: str, fixed_amax: float | None = None):
         if fixed_amax is not None:
-            return self._range_params(-fixed_amax, fixed_amax) if self.target == "trt" else \
+            return self._range_params(-fixed_amax, fixed_amax) if self.target.symmetric_int8_activations else \
                 self._range_params(0.0, fixed_amax)
         entry = self.table.tensors[name]
-        if self.target == "trt":
+        if self.target.symmetric_int8_activations:
             amax = entry.symmetric(self.method, self.percentile)
             return self._range_params(-amax, amax)
         return self._range_params(*entry.asymmetric(self.method, self.percentile))
@@ -271,10 +272,10 @@ class Quantizer:
     def fake_quantize(self, tensor: gs.Tensor, consumer: gs.Node, fixed_amax: float | None = None) -> gs.Tensor:
         """Q -> DQ of ``tensor``; shared per tensor for trt, dedicated per consumer for ORT."""
         key = tensor.name
-        shared = not uses_contrib_ops(self.target)  # one Q/DQ per tensor (openvino: one FakeQuantize)
+        shared = not self.target.qdq_per_consumer  # one Q/DQ per tensor (openvino: one FakeQuantize)
         if shared and key in self.shared:
             return self.shared[key]
-        if self.target == "openvino":
+        if self.target.activation_form_by_consumer:
             entry = self.table.tensors[key] if fixed_amax is None else None
             scale, zero_point = activation_params(entry, consumer, self.method, self.percentile, fixed_amax)
         else:

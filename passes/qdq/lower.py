@@ -22,7 +22,7 @@ from typing import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.compiler.core.target import uses_contrib_ops
+from tqc.compiler.core.target import Target
 from tqc.passes.fuse.attention import MaskCache, expand_ort_attention
 from tqc.passes.rewrite import cleanup
 
@@ -47,13 +47,13 @@ def _float16_input(node: gs.Node) -> bool:
         return False
 
 
-def lower(graph: gs.Graph, target: str, keep: Iterable[str] = (), float_qkv: dict[str, str] | None = None) -> Lowered:
+def lower(graph: gs.Graph, target: Target, keep: Iterable[str] = (), float_qkv: dict[str, str] | None = None) -> Lowered:
     """Expand the com.microsoft Attentions of an ORT-target graph, in place, except those named in ``keep``
     (they become QAttention) and FP16 ones; ``float_qkv`` maps those whose QKV projection stays float to why
     ("excluded by pattern")."""
     result = Lowered()
     keep, float_qkv = set(keep), dict(float_qkv or {})
-    if not uses_contrib_ops(target) or not any(is_ort_attention(n) and n.name not in keep for n in graph.nodes):
+    if not target.contrib_ops or not any(is_ort_attention(n) and n.name not in keep for n in graph.nodes):
         return result
     masks = MaskCache(graph)
     for index, node in enumerate([n for n in graph.nodes if is_ort_attention(n) and n.name not in keep]):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-TARGET = "openvino"
 
 
 def is_attention_matmul(node: gs.Node) -> bool:

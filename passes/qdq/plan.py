@@ -36,8 +36,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.analysis.calibration import CalibrationTable
-from tqc.compiler.core.target import (TRT_INT8_MHA_HEAD_SIZES, TRT_INT8_MHA_MAX_SEQUENCE, attention_heads,
-                                       position_table_rows, sequence_bound, uses_contrib_ops)
+from tqc.compiler.core.target import Target, attention_heads, position_table_rows, sequence_bound
 from tqc.passes.base import PassContext
 from tqc.passes.fuse.match import constant_values, producer
 from tqc.passes.qdq.lower import is_ort_attention, lower
@@ -78,7 +77,7 @@ class PlanOptions:
 class QdqPlan:
     """What ``insert`` does to a float graph. ``sites`` and ``qattention`` are the rankable sites."""
 
-    target: str
+    target: Target
     sites: tuple[PlannedSite, ...]           # MatMul/Gemm sites to quantize, in the lowered graph's order
     qattention: tuple[PlannedSite, ...]      # fused Attentions to convert to QAttention, in graph order
     float_attentions: dict[str, str]         # Attentions expanded with their QKV projection left in float: why
@@ -193,11 +192,13 @@ def _fixed_amax(node: gs.Node, index: int) -> float | None:
     return 1.0 if made is not None and made.op == "Softmax" else None
 
 
-def matmul_sites(graph: gs.Graph, op_types: Iterable[str], target: str, attention: bool, notes: list[str],
+def matmul_sites(graph: gs.Graph, op_types: Iterable[str], target: Target, attention: bool, notes: list[str],
                  max_sequence: tuple[int | None, str] = (None, "")) -> list[tuple[PlannedSite, bool]]:
     """(site, eligible) for every MatMul/Gemm of a linear layer or of attention; attention MatMuls count in the
-    FLOPs but are eligible only where the target runs them in INT8 (trt within its MHA limits, openvino)."""
+    FLOPs but are eligible only where the target runs them in INT8 (``int8_attention_matmuls``), within its
+    fused INT8 attention's limits (``int8_mha``: trt's head sizes and sequence)."""
     sites = []
+    limits = target.int8_mha
     long_sequence_noted = False
     for node in graph.nodes:
         if node.op not in op_types or len(node.inputs) < 2:
@@ -228,17 +229,18 @@ def matmul_sites(graph: gs.Graph, op_types: Iterable[str], target: str, attentio
             site = PlannedSite(node.name, ATTENTION, (0, 1), None, 0, 2.0 * FLOP_TOKENS * heads * head,
                                (_fixed_amax(node, 0), _fixed_amax(node, 1)))
             eligible = True
-            if not (attention and not uses_contrib_ops(target)):
+            if not (attention and target.int8_attention_matmuls):
                 eligible = False
-            elif target == "trt" and head not in TRT_INT8_MHA_HEAD_SIZES:
-                notes.append(f"qdq: attention MatMul '{node.name}' has head size {head}; TensorRT's INT8 MHA "
-                             f"needs {TRT_INT8_MHA_HEAD_SIZES}: left in float")
+            elif limits is not None and head not in limits.head_sizes:
+                notes.append(f"qdq: attention MatMul '{node.name}' has head size {head}; {target.runtime}'s INT8 MHA "
+                             f"needs {limits.head_sizes}: left in float")
                 eligible = False
-            elif max_sequence[0] is not None and max_sequence[0] > TRT_INT8_MHA_MAX_SEQUENCE:
+            elif limits is not None and max_sequence[0] is not None and max_sequence[0] > limits.max_sequence:
                 if not long_sequence_noted:
-                    notes.append(f"qdq: sequences up to {max_sequence[0]} ({max_sequence[1]}) exceed TensorRT's INT8 "
-                                 f"MHA limit of {TRT_INT8_MHA_MAX_SEQUENCE}: the attention batched MatMuls stay in "
-                                 "float (give --shapes with a max sequence <= 512 to quantize them)")
+                    notes.append(f"qdq: sequences up to {max_sequence[0]} ({max_sequence[1]}) exceed "
+                                 f"{target.runtime}'s INT8 MHA limit of {limits.max_sequence}: the attention batched "
+                                 f"MatMuls stay in float (give --shapes with a max sequence <= {limits.max_sequence} "
+                                 "to quantize them)")
                     long_sequence_noted = True
                 eligible = False
             sites.append((site, eligible))
@@ -260,7 +262,7 @@ def _qattention_flops(weight_shape: tuple[int, ...]) -> tuple[float, float]:
     return 2.0 * k * n + 2 * 2.0 * FLOP_TOKENS * (n // 3), 2.0 * k * n
 
 
-def plan_sites(graph: gs.Graph, target: str, options: PlanOptions, table: CalibrationTable,
+def plan_sites(graph: gs.Graph, target: Target, options: PlanOptions, table: CalibrationTable,
                skip: Iterable[str] = ()) -> QdqPlan:
     """The plan for ``graph`` (not modified). ``skip``: site ids to keep in float (the accuracy budget's)."""
     skip = set(skip)
@@ -285,7 +287,7 @@ def plan_sites(graph: gs.Graph, target: str, options: PlanOptions, table: Calibr
 
     # The MatMuls the lowered graph will have: expand on a copy (shares the weight arrays; the graph stays).
     lowered = graph
-    if uses_contrib_ops(target) and any(n.name not in converted for n in attentions):
+    if target.contrib_ops and any(n.name not in converted for n in attentions):
         lowered = graph.copy()
         lowered_result = lower(lowered, target, keep=converted, float_qkv=float_attentions)
         notes.extend(lowered_result.notes)
@@ -314,7 +316,7 @@ def plan_sites(graph: gs.Graph, target: str, options: PlanOptions, table: Calibr
         chosen.append(site)
 
     residual_adds = []
-    if target == "trt" and options.residual:
+    if target.residual_add_qdq and options.residual:
         for node in lowered.nodes:
             if node.op != "Add" or len(node.inputs) != 2:
                 continue

@@ -11,7 +11,8 @@ The package version lives in ``tqc.version`` (core), so that every layer may rea
 API, sits above the tools it calls.
 
 A module may import its own layer and the layers below it, never one above. Every import counts, also the
-lazy ones inside functions. Private names (``_x``) are not imported across modules.
+lazy ones inside functions. Private names (``_x``) are not imported across modules. No two modules import each
+other, directly or through others (a cycle, lazy imports counted): a cycle fails with its modules and lines.
 """
 
 from __future__ import annotations
@@ -101,6 +102,81 @@ def back_edges(roots: dict[str, Path] = ROOTS, base: Path = REPO) -> list[str]:
     return problems
 
 
+def import_graph(roots: dict[str, Path] = ROOTS, base: Path = REPO) -> dict[str, dict[str, str]]:
+    """module -> {tqc module it imports: 'file:line' of the first such import}; lazy imports count."""
+    found = modules(roots)
+    graph: dict[str, dict[str, str]] = {}
+    for module, path in sorted(found.items()):
+        edges = graph.setdefault(module, {})
+        for target, _, line in imports_of(module, path, set(found)):
+            if target in found and target != module:
+                edges.setdefault(target, f"{path.relative_to(base)}:{line}")
+    return graph
+
+
+def strongly_connected(graph: dict[str, dict[str, str]]) -> list[list[str]]:
+    """Groups of modules that reach each other (Tarjan), each of two or more, sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in graph.get(module, {}):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(groups)
+
+
+def shortest_cycle(graph: dict[str, dict[str, str]], group: list[str]) -> list[str]:
+    """The shortest cycle through the group's first module, within the group (breadth first)."""
+    start, members = group[0], set(group)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        following = []
+        for module in frontier:
+            for target in sorted(graph[module]):
+                if target == start:
+                    return paths[module] + [start]
+                if target in members and target not in paths:
+                    paths[target] = paths[module] + [target]
+                    following.append(target)
+        frontier = following
+    raise AssertionError(f"no cycle through {start} in {group}")
+
+
+def cycles(roots: dict[str, Path] = ROOTS, base: Path = REPO) -> list[str]:
+    """One line per group of modules importing each other: a shortest cycle, each import with its line."""
+    graph = import_graph(roots, base)
+    lines = []
+    for group in strongly_connected(graph):
+        cycle = shortest_cycle(graph, group)
+        steps = " -> ".join(f"{a} ({graph[a][b]})" for a, b in zip(cycle, cycle[1:]))
+        others = [m for m in group if m not in cycle]
+        others = f"; also in this group: {', '.join(others)}" if others else ""
+        lines.append(f"import cycle: {steps} -> {cycle[0]}{others}")
+    return lines
+
+
 def test_imports_run_one_way() -> None:
     problems = back_edges()
     assert not problems, "imports against the layers:\n" + "\n".join(problems)
@@ -126,3 +202,30 @@ def test_a_back_edge_is_caught(tmp_path: Path) -> None:
         "compiler/io/model.py:2: tqc.compiler.io.model (io) imports tqc.passes.fold (passes), a layer above",
         "compiler/io/model.py:2: tqc.compiler.io.model imports the private name tqc.passes.fold._helper",
     ]
+
+
+def test_no_import_cycle() -> None:
+    problems = cycles()
+    assert not problems, "modules importing each other (lazy imports count):\n" + "\n".join(problems)
+
+
+def test_a_cycle_is_caught(tmp_path: Path) -> None:
+    """The cycle checker itself: a registry importing two passes lazily, both importing the registry back (one
+    group, its shortest cycle named with the other member); a module importing the registry is no part of it."""
+    (tmp_path / "passes").mkdir()
+    (tmp_path / "passes" / "__init__.py").write_text("")
+    (tmp_path / "passes" / "registry.py").write_text(
+        "def load():\n    from tqc.passes import fold, qdq\n    return fold, qdq\n")
+    for name in ("fold", "qdq", "spec"):
+        (tmp_path / "passes" / f"{name}.py").write_text("from tqc.passes.registry import load\n")
+    roots = {"tqc.passes": tmp_path / "passes"}
+    assert back_edges(roots, tmp_path) == []  # one layer: only the cycle checker sees it
+    assert cycles(roots, tmp_path) == [
+        "import cycle: tqc.passes.fold (passes/fold.py:1) -> tqc.passes.registry (passes/registry.py:2) -> "
+        "tqc.passes.fold; also in this group: tqc.passes.qdq"]
+    (tmp_path / "passes" / "fold.py").write_text("")
+    assert cycles(roots, tmp_path) == [
+        "import cycle: tqc.passes.qdq (passes/qdq.py:1) -> tqc.passes.registry (passes/registry.py:2) -> "
+        "tqc.passes.qdq"]
+    (tmp_path / "passes" / "qdq.py").write_text("")
+    assert cycles(roots, tmp_path) == []

@@ -10,6 +10,7 @@ import pytest
 
 from tqc.compiler.analysis.calibration import CalibrationTable
 from tqc.compiler.analysis.sensitivity import Measured, rank, return_to_float
+from tqc.compiler.core.target import Target
 from tqc.compiler.io.graph import to_graph, to_model
 from tqc.compiler.io.model import load_model
 from tqc.compiler.pipeline.manager import PassManager
@@ -51,7 +52,7 @@ def fused_and_table(path, target: str, feeds):
 def plan_for(graph, target: str, qdq: Qdq, table, ctx_feeds) -> QdqPlan:
     ctx = PassContext(target=target, verification_feeds=ctx_feeds, calibration=table)
     ctx.calibration_source = ctx_feeds
-    return plan_sites(graph, target, qdq.plan_options(graph, ctx), table)
+    return plan_sites(graph, ctx.target, qdq.plan_options(graph, ctx), table)
 
 
 def graph_bytes(graph) -> bytes:
@@ -75,7 +76,7 @@ def test_plan_is_pure_and_its_ids_are_stable(target, bert):
         assert [s.id for s in first.qattention] == ["tqc_attn0", "tqc_attn1"] and set(first.site_ids) <= names
     else:  # the QKV MatMuls exist once the attentions are expanded (as insert expands them)
         lowered = graph.copy()
-        lower(lowered, target)
+        lower(lowered, Target.named(target))
         assert set(first.site_ids) <= {n.name for n in lowered.nodes} and not first.qattention
         assert {"tqc_xattn0_qkv_matmul", "tqc_xattn1_qkv_matmul"} <= set(first.site_ids)
 

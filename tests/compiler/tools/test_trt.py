@@ -236,7 +236,8 @@ def test_int8_attention_follows_the_sequences_the_model_allows(long_bert):
 
     # one fact, one place: no local copies or aliases of TensorRT's INT8 MHA limits
     assert not hasattr(qdq, "TRT_MHA_MAX_SEQUENCE") and not hasattr(trt_check, "INT8_MHA_MAX_SEQUENCE")
-    assert plan.TRT_INT8_MHA_MAX_SEQUENCE is trt_check.TRT_INT8_MHA_MAX_SEQUENCE is target_facts.TRT_INT8_MHA_MAX_SEQUENCE
+    assert not hasattr(plan, "TRT_INT8_MHA") and not hasattr(plan, "TRT_INT8_MHA_MAX_SEQUENCE")  # plan asks the Target
+    assert trt_check.TRT_INT8_MHA is target_facts.Target.named("trt").int8_mha is target_facts.TRT_INT8_MHA
     model, q, stats, ctx = _long_qdq(long_bert)  # calibrated on 16 tokens; the position table allows 1024
     assert stats["attention_bmm"] == 0 and stats["linear"] == 8
     assert any("sequences up to 1024 (the position table (1024 positions))" in m for m in ctx.messages)
