@@ -112,11 +112,11 @@ def matmul_placement(compiled, model) -> dict[str, tuple[str, str]]:
 
     The runtime node is the FullyConnected, MatMul or Subgraph that names the MatMul in its
     ``originalLayersNames`` (``runtime_hosts``), or, where OpenVINO's low-precision transformations rebuilt the
-    MatMul under a derived name (``<name>/DequantizationMultiply``, seen when the input's zero point is 0), one
-    that names a layer ``<name>/...``. The layer type depends on the CPU: a linear layer becomes a
-    ``FullyConnected``; an attention MatMul stays a ``MatMul`` on AVX2/AVX-512 VNNI CPUs, and on CPUs with AMX
-    it is folded, with the mask, the Softmax and the other attention MatMul, into one ``Subgraph`` (a snippet
-    kernel) whose precision is that of its integer inputs.
+    MatMul under a derived name (``<name>/DequantizationMultiply``: seen where a UINT8 input's zero point is
+    128, which OpenVINO runs as symmetric INT8), one that names a layer ``<name>/...``. The layer type depends
+    on the CPU: a linear layer becomes a ``FullyConnected``; an attention MatMul stays a ``MatMul`` on AVX2 and
+    AVX-512 VNNI CPUs, and on CPUs with AMX it is folded, with the mask, the Softmax and the other attention
+    MatMul, into one ``Subgraph`` (a snippet kernel) whose precision is that of its integer inputs.
     """
     hosts = runtime_hosts(compiled)
     placement = {}

@@ -107,7 +107,7 @@ def test_minilm_openvino_int8_ir_on_held_out_sentences(exports, tmp_path):
     compile_cli([str(path), "-p", "fold,fuse,qdq", "--target", "openvino", "--calib", str(CALIB_SENTENCES),
                  "--calib-samples", "32", "-o", str(xml)])
     meta = json.loads((tmp_path / "q.xml.json").read_text())
-    # 24 linear layers in integer FullyConnected nodes (u8 inputs; i8 where an input's zero point is 0) and 12
+    # 24 linear layers in integer FullyConnected nodes (u8; i8 where a UINT8 input's zero point is 128) and 12
     # attention MatMuls (as MatMul nodes, or inside i8 Subgraphs on CPUs with AMX)
     nodes = meta["matmul_runtime_nodes"]
     assert meta["int8_matmuls"] == "36/36"
