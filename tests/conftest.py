@@ -14,7 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SENTENCES = REPO.parent / "shared" / "data" / "sentences.txt"
+# calibration: the packaged sentences (the CLI's default set); judging: 256 held-out sentences, none of them a
+# calibration sentence (tests/data/README.md says where they come from)
+CALIB_SENTENCES = REPO / "models" / "data" / "calib_sentences.txt"
+HELDOUT_SENTENCES = REPO / "tests" / "data" / "heldout_sentences.txt"
 
 
 def make_mlp(path: Path | None = None, hidden: int = 8, with_identity: bool = True, seed: int = 0) -> onnx.ModelProto:

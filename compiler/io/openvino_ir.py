@@ -5,7 +5,10 @@
                       compresses float weights of float models, and leaves a Q/DQ model's float weights FP32;
                       INT8 weights stay INT8) ─► model.xml + model.bin (same folder)
                    ─► .bin then .xml renamed into place; model.xml.json: tqc and OpenVINO versions, source hash,
-                      inputs/outputs, what ran in INT8 on this machine's CPU (the compiled runtime graph)
+                      inputs/outputs, what ran in INT8 on this machine's CPU (the compiled runtime graph):
+                      int8_matmuls = the model's MatMuls whose runtime node takes integer inputs, counted
+                      through each runtime node's original layer names, so an attention MatMul counts whether
+                      it runs as a MatMul (AVX2/AVX-512 VNNI) or inside an i8 Subgraph (AMX CPUs)
 
 OpenVINO is optional (``pip install 'tqc[openvino]'``) and imported only here, lazily: where it is missing,
 every entry point raises one clear error (exit 2).
@@ -60,7 +63,8 @@ def compile_ov(model, threads: int | None = None, core=None):
         return core.compile_model(source, "CPU", config)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TqcError(f"OpenVINO cannot compile '{model}': {first}") from None
+        what = f"'{model}'" if isinstance(model, (str, os.PathLike)) else f"'{model.get_friendly_name()}'"
+        raise TqcError(f"OpenVINO cannot compile {what}: {first}") from None
 
 
 def runtime_precisions(compiled) -> dict:
@@ -80,14 +84,63 @@ def runtime_precisions(compiled) -> dict:
     return summary
 
 
-def int8_matmuls(summary: dict) -> tuple[int, int]:
-    """(integer, total) among FullyConnected and MatMul nodes of a ``runtime_precisions`` summary."""
-    total = integer = 0
-    for layer in ("FullyConnected", "MatMul"):
-        for precision, count in summary.get(layer, {}).items():
-            total += count
-            integer += count if precision in ("u8", "i8") else 0
-    return integer, total
+INTEGER = ("u8", "i8")
+
+
+COMPUTE = ("FullyConnected", "MatMul", "Subgraph")  # runtime nodes that can hold a MatMul's arithmetic
+
+
+def runtime_hosts(compiled) -> dict[str, list[tuple[str, str]]]:
+    """Original layer name -> (layer type, runtime precision) of each runtime node that names it in its
+    ``originalLayersNames`` (a fused node names every layer it took in)."""
+    hosts: dict[str, list[tuple[str, str]]] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "originalLayersNames" not in info:
+            continue
+        layer = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
+        for name in info["originalLayersNames"].astype(str).split(","):
+            if name:
+                hosts.setdefault(name, []).append((layer, precision))
+    return hosts
+
+
+def matmul_placement(compiled, model) -> dict[str, tuple[str, str]]:
+    """Where each MatMul of ``model`` (the ``ov.Model`` that was compiled) runs: its name -> (layer type,
+    runtime precision) of the runtime node that does its arithmetic; ``("?", "?")`` where none is found.
+
+    The runtime node is the FullyConnected, MatMul or Subgraph that names the MatMul in its
+    ``originalLayersNames`` (``runtime_hosts``), or, where OpenVINO's low-precision transformations rebuilt the
+    MatMul under a derived name (``<name>/DequantizationMultiply``: seen where a UINT8 input's zero point is
+    128, which OpenVINO runs as symmetric INT8), one that names a layer ``<name>/...``. The layer type depends
+    on the CPU: a linear layer becomes a ``FullyConnected``; an attention MatMul stays a ``MatMul`` on AVX2 and
+    AVX-512 VNNI CPUs, and on CPUs with AMX it is folded, with the mask, the Softmax and the other attention
+    MatMul, into one ``Subgraph`` (a snippet kernel) whose precision is that of its integer inputs.
+    """
+    hosts = runtime_hosts(compiled)
+    placement = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        name = op.get_friendly_name()
+        found = [h for h in hosts.get(name, []) if h[0] in COMPUTE]
+        if not found:
+            found = [h for other, found_in in hosts.items() if other.startswith(name + "/")
+                     for h in found_in if h[0] in COMPUTE]
+        placement[name] = found[0] if found else ("?", "?")
+    return placement
+
+
+def int8_matmuls(placement: dict[str, tuple[str, str]]) -> tuple[int, int]:
+    """(integer, total): the model's MatMuls, and those whose runtime node runs on integer inputs (u8/i8),
+    whatever node type holds them (``matmul_placement``)."""
+    return sum(1 for _, precision in placement.values() if precision in INTEGER), len(placement)
+
+
+def placement_summary(placement: dict[str, tuple[str, str]]) -> dict[str, int]:
+    """{'FullyConnected u8': 24, 'Subgraph i8': 12, ...}: how many MatMuls each kind of runtime node holds."""
+    return dict(sorted(Counter(f"{layer} {precision}" for layer, precision in placement.values()).items()))
 
 
 class OvRunner:
@@ -142,16 +195,20 @@ def write_ir(model, xml_path: str | os.PathLike, source_hash: str, compress_to_f
             raise TqcError(f"OpenVINO could not convert the compiled model: {first}") from None
         ov.save_model(converted, str(tmp / out.name), compress_to_fp16=compress_to_fp16)
         seconds = time.perf_counter() - start
-        compiled = compile_ov(tmp / out.name)  # proves the IR loads; the runtime graph says what runs INT8
+        core = ov.Core()  # compiling proves the IR loads; the runtime graph says what runs INT8
+        saved = core.read_model(str(tmp / out.name))
+        compiled = compile_ov(saved, core=core)
         precisions = runtime_precisions(compiled)
-        integer, total = int8_matmuls(precisions)
+        placement = matmul_placement(compiled, saved)
+        integer, total = int8_matmuls(placement)
         meta = {
             "tqc_version": __version__,
             "openvino_version": ov.get_version(),
             "source_model_hash": source_hash,
             "compress_to_fp16": compress_to_fp16,
             "convert_seconds": round(seconds, 2),
-            "int8_matmuls": f"{integer}/{total}",
+            "int8_matmuls": f"{integer}/{total}",  # the model's MatMuls on integer inputs, in any runtime node
+            "matmul_runtime_nodes": placement_summary(placement),
             "runtime_precisions": precisions,
             **_ports(converted),
         }

@@ -10,7 +10,8 @@ evidence is the compiled model's runtime graph, ``compiled_model.get_runtime_mod
                  [-0.17, 10] keeps every code, and u8 x s8 is the fast dot product on AVX2/VNNI CPUs)
   attention     q ─► Q(i8, s, 0) ─► DQ ─► MatMul ◄─ DQ ◄─ Q(i8) ◄─ k^T        MatMul runs i8
                 probs ─► Q(u8, 1/255, 0) ─► DQ ─► MatMul ◄─ DQ ◄─ Q(i8) ◄─ v   MatMul runs u8 x i8
-                (Softmax outputs lie in [0, 1]: all 256 codes instead of trt's 128)
+                (Softmax outputs lie in [0, 1]: all 256 codes instead of trt's 128; on CPUs with AMX the
+                 plugin folds both MatMuls, the mask, the Softmax and the probs' pair into one i8 Subgraph)
   float         LayerNorm (MVN), Softmax, the mask Add, residual Adds, GELU (fused into the FC before it)
 
 Fusion for this target is the standard-ONNX form that ``trt`` uses (packed QKV, scale folded into Q, one

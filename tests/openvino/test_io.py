@@ -11,11 +11,7 @@ import pytest
 from tqc.compiler.analysis.calib_data import DataSpec, FeedSource
 from tqc.compiler.io.model import load_model
 
-from ..conftest import REPO, SENTENCES
-
-# a worktree one level deeper than the repository (../../shared) finds the same data
-SENTENCES = next((p for p in (SENTENCES, REPO.parent.parent / "shared" / "data" / "sentences.txt") if p.is_file()),
-                 SENTENCES)
+from ..conftest import CALIB_SENTENCES, HELDOUT_SENTENCES
 from .test_placement import compile_cli, token_npz
 
 
@@ -58,6 +54,11 @@ def test_ir_written_atomically_with_metadata_reloaded_and_run(tiny_ir):
     assert sorted(p.name for p in folder.iterdir()) == ["calib.npz", "tiny.bin", "tiny.xml", "tiny.xml.json"]
     meta = json.loads((folder / "tiny.xml.json").read_text())
     assert meta["int8_matmuls"] == "12/12" and meta["source_model_hash"].startswith("sha256:")
+    # the 8 linear layers run as u8 FullyConnected on any x86-64 CPU; the 4 attention MatMuls as i8/u8 MatMuls
+    # (AVX2, AVX-512 VNNI) or inside one i8 Subgraph per attention (AMX)
+    nodes = meta["matmul_runtime_nodes"]
+    assert nodes.pop("FullyConnected u8", 0) + nodes.pop("FullyConnected i8", 0) == 8 and sum(nodes.values()) == 4
+    assert set(nodes) <= {"MatMul i8", "MatMul u8", "Subgraph i8"}
     assert [p["name"] for p in meta["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
     # reloaded by OpenVINO from disk and run: close to the FP32 export on ONNX Runtime
     feed = synthesize_feeds(load_model(source), count=1)[0]
@@ -102,13 +103,16 @@ def test_minilm_openvino_int8_ir_on_held_out_sentences(exports, tmp_path):
     from tqc.compiler.io.openvino_ir import OvRunner
 
     path = exports.get("minilm")
-    lines = [s for s in SENTENCES.read_text().splitlines() if s.strip()]
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n".join(lines[:32]))
-    xml = tmp_path / "q.xml"
-    compile_cli([str(path), "-p", "fold,fuse,qdq", "--target", "openvino", "--calib", str(calib), "-o", str(xml)])
-    assert json.loads((tmp_path / "q.xml.json").read_text())["int8_matmuls"] == "36/36"
-    feeds = list(FeedSource(DataSpec(str(SENTENCES), samples=256, skip=len(lines) - 256, batch_size=32),
+    xml = tmp_path / "q.xml"  # calibrated on the first 32 packaged sentences
+    compile_cli([str(path), "-p", "fold,fuse,qdq", "--target", "openvino", "--calib", str(CALIB_SENTENCES),
+                 "--calib-samples", "32", "-o", str(xml)])
+    meta = json.loads((tmp_path / "q.xml.json").read_text())
+    # 24 linear layers in integer FullyConnected nodes (u8; i8 where a UINT8 input's zero point is 128) and 12
+    # attention MatMuls (as MatMul nodes, or inside i8 Subgraphs on CPUs with AMX)
+    nodes = meta["matmul_runtime_nodes"]
+    assert meta["int8_matmuls"] == "36/36"
+    assert nodes.get("FullyConnected u8", 0) + nodes.get("FullyConnected i8", 0) == 24
+    feeds = list(FeedSource(DataSpec(str(HELDOUT_SENTENCES), samples=256, batch_size=32),
                             load_model(path)))
     session = ort.InferenceSession(str(path))
     runner = OvRunner(xml, threads=2)

@@ -1,7 +1,8 @@
 """``--target openvino`` placement: what the graph holds, and what OpenVINO's CPU plugin runs in INT8.
 
 The runtime graph (``compiled_model.get_runtime_model()``) is the evidence: FullyConnected nodes run u8
-(asymmetric UINT8 activations, zero point folded in), attention MatMuls i8 (Q @ K^T) and u8 (probs @ V).
+(asymmetric UINT8 activations, zero point folded in); attention MatMuls run i8 (Q @ K^T) and u8 (probs @ V) on
+AVX2 / AVX-512 VNNI CPUs, and inside one i8 ``Subgraph`` per attention on CPUs with AMX.
 """
 
 import numpy as np
@@ -17,7 +18,8 @@ from tqc.passes.base import PassContext
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tqc[openvino]')")
 
-from tqc.compiler.io.openvino_ir import OvRunner, compile_ov, int8_matmuls, runtime_precisions  # noqa: E402
+from tqc.compiler.io.openvino_ir import (OvRunner, compile_ov, int8_matmuls, matmul_placement,  # noqa: E402
+                                        runtime_hosts, runtime_precisions)
 
 
 def mlp_after_layernorm() -> onnx.ModelProto:
@@ -125,7 +127,14 @@ def tiny_openvino(exports, tmp_path_factory):
     return path, onnx.load(str(path)), report["stages"][-1]
 
 
+def subgraph_input_types(compiled, name: str) -> list[str]:
+    """Element types (u8, i8, f32, ...) of the inputs of the runtime node called ``name``."""
+    op = next(op for op in compiled.get_runtime_model().get_ordered_ops() if op.get_friendly_name() == name)
+    return [i.get_element_type().get_type_name() for i in op.inputs()]
+
+
 def test_attention_matmuls_int8_probs_uint8_on_a_real_export(tiny_openvino):
+    """On any x86-64 CPU: every MatMul of the graph runs on integer inputs, whatever runtime node holds it."""
     path, q, stage = tiny_openvino
     assert stage["stats"]["attention_bmm"] == 4 and stage["stats"]["linear"] == 8  # 2 layers
     assert stage["verify"]["numeric"]["passed"]
@@ -140,11 +149,29 @@ def test_attention_matmuls_int8_probs_uint8_on_a_real_export(tiny_openvino):
                 assert zp.dtype == np.uint8 and zp == 0 and np.isclose(scale, 1 / 255)
             else:  # q, k, v: symmetric INT8
                 assert zp.dtype == np.int8 and zp == 0
-    precisions = runtime_precisions(compile_ov(path))
-    assert precisions["MatMul"] == {"i8": 2, "u8": 2}  # Q @ K^T i8, probs @ V u8
-    assert int8_matmuls(precisions) == (12, 12)
+    core = ov.Core()
+    model = core.read_model(str(path))
+    compiled = compile_ov(model, core=core)
+    placement = matmul_placement(compiled, model)
+    attention = {n: p for n, p in placement.items() if n.startswith("tqc_attn") and n.endswith(("_qk", "_pv"))}
+    assert len(attention) == 4 and int8_matmuls(placement) == (12, 12)  # 8 linear + 4 attention, all integer
+    assert {placement[n] for n in placement if n not in attention} == {("FullyConnected", "u8")}
+    hosts = runtime_hosts(compiled)
+    for layer in range(2):
+        qk, pv = attention[f"tqc_attn{layer}_qk"], attention[f"tqc_attn{layer}_pv"]
+        if qk[0] == "MatMul":  # AVX2 / AVX-512 VNNI: Q @ K^T i8 x i8, probs @ V u8 x i8, Softmax in float
+            assert (qk, pv) == (("MatMul", "i8"), ("MatMul", "u8"))
+            assert hosts[f"tqc_attn{layer}_softmax"][0] in (("Softmax", "f32"), ("Softmax", "bf16"))  # float (bf16:
+            # OpenVINO's default inference precision on CPUs with BF16 units)
+        else:  # AMX: one i8 Subgraph holds Q @ K^T, the mask, the Softmax, the probs' UINT8 pair and probs @ V
+            assert qk == pv == ("Subgraph", "i8")
+            names = {n for n, h in hosts.items() if qk in h and n.startswith(f"tqc_attn{layer}_")}
+            assert {f"tqc_attn{layer}_{n}" for n in ("qk", "softmax", "pv")} <= names
+            assert any(n.startswith(f"tqc_attn{layer}_probs_") for n in names)  # the probs' Q/DQ, folded in
+            inputs = subgraph_input_types(compiled, f"tqc_attn{layer}_pv")
+            assert inputs.count("i8") == 3  # q, k and v enter as INT8 (the mask in float)
+    precisions = runtime_precisions(compiled)
     assert set(precisions.get("MVN", {})) == {"f32"}  # LayerNormalization fused into MVN, in float
-    assert "f32" in precisions["Softmax"]
 
 
 def test_fusion_is_standard_onnx(tiny_openvino):

@@ -14,10 +14,13 @@ import numpy as np
 import onnx
 import pytest
 
+from tqc.compiler.analysis.calib_data import read_sentences
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.io.model import load_model
 from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.passes.base import PassContext
+
+from ..conftest import CALIB_SENTENCES, HELDOUT_SENTENCES
 
 HEADS = {"hidden": ("AutoModel", ["hidden"]),
          "pool": ("AutoModel", ["sentence_embedding"]),
@@ -263,10 +266,6 @@ def test_user_exports_with_heads_fuse_exactly(family, exporter, attn, head, name
             assert stats["embed_layernorm"] == 1, ctx.messages
 
 
-# ../shared/data/sentences.txt beside the repository (a worktree one level deeper sees it two levels up)
-SENTENCES = next((root / "shared" / "data" / "sentences.txt" for root in Path(__file__).resolve().parents[3:5]
-                  if (root / "shared" / "data" / "sentences.txt").exists()),
-                 Path(__file__).resolve().parents[3] / "shared" / "data" / "sentences.txt")
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -278,10 +277,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
                                   "optimum-roberta-token-classification"])
 @pytest.mark.parametrize("target", ["ort-cpu", "trt"])
 def test_int8_on_third_party_exports_keeps_cosine(name, target, tmp_path):
-    """fold,fuse,qdq calibrated on the first 32 real sentences, judged on the last 64 (held out): every output
+    """fold,fuse,qdq calibrated on the first 32 packaged sentences, judged on the last 64 held-out ones: every output
     keeps cosine >= 0.99 to the FP32 graph (token-level outputs over real tokens only)."""
-    if not SENTENCES.exists():
-        pytest.skip(f"{SENTENCES} is not there")
     entry = next((e for e in _manifest() if e["name"] == name), None)
     if entry is None:
         pytest.skip(f"fixture {name} not in the manifest")
@@ -291,9 +288,9 @@ def test_int8_on_third_party_exports_keeps_cosine(name, target, tmp_path):
 
     from tqc.compiler.cli.main import main
 
-    lines = [line.strip() for line in SENTENCES.read_text().splitlines() if line.strip()]
     calib = tmp_path / "calib.txt"
-    calib.write_text("\n".join(lines[:32]) + "\n")
+    calib.write_text("\n".join(read_sentences(CALIB_SENTENCES, limit=32)) + "\n")
+    lines = read_sentences(HELDOUT_SENTENCES)[-64:]
     output = tmp_path / "int8.onnx"
     with pytest.raises(SystemExit) as info:
         main(["-q", "compile", str(path), "-p", "fold,fuse,qdq", "--target", target, "--calib", str(calib),
@@ -303,7 +300,7 @@ def test_int8_on_third_party_exports_keeps_cosine(name, target, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(FIXTURES / name), local_files_only=True)
     inputs = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
     cosines = {}
-    for start in range(len(lines) - 64, len(lines), 16):
+    for start in range(0, len(lines), 16):
         batch = tokenizer(lines[start:start + 16], padding=True, truncation=True, max_length=64, return_tensors="np")
         feed = {key: value.astype(np.int64) for key, value in batch.items() if key in inputs}
         reference, quantized = run_ort(path, feed), run_ort(output, feed)
@@ -317,7 +314,7 @@ def test_int8_on_third_party_exports_keeps_cosine(name, target, tmp_path):
     for out_name, parts in cosines.items():
         cosine = _cosine(np.concatenate([r.reshape(-1) for r, _ in parts]),
                          np.concatenate([g.reshape(-1) for _, g in parts]))
-        print(f"{name} {target} INT8 {out_name}: cosine {cosine:.5f} on {len(lines[-64:])} held-out sentences")
+        print(f"{name} {target} INT8 {out_name}: cosine {cosine:.5f} on {len(lines)} held-out sentences")
         assert cosine >= 0.99, (out_name, cosine)
 
 

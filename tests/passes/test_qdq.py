@@ -15,7 +15,7 @@ from tqc.compiler.io.model import load_model
 from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.passes.base import PassContext
 
-from ..conftest import SENTENCES
+from ..conftest import CALIB_SENTENCES, HELDOUT_SENTENCES
 
 
 def two_consumers_model():
@@ -190,14 +190,11 @@ def test_minilm_int8_fidelity_on_held_out_sentences(target, floor, exports, tmp_
     from tqc.compiler.cli.main import main
 
     path = exports.get("minilm")
-    calib = tmp_path / "calib.txt"
-    lines = [s for s in SENTENCES.read_text().splitlines() if s.strip()]
-    calib.write_text("\n".join(lines[:32]))
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(SystemExit) as info:  # calibrated on the first 32 packaged sentences
         main(["-q", "compile", str(path), "-p", "fold,fuse,qdq", "-o", str(tmp_path / "q.onnx"), "--target", target,
-              "--calib", str(calib)])
+              "--calib", str(CALIB_SENTENCES), "--calib-samples", "32"])
     assert info.value.code == 0
-    source = FeedSource(DataSpec(str(SENTENCES), samples=256, skip=len(lines) - 256, batch_size=32), load_model(path))
+    source = FeedSource(DataSpec(str(HELDOUT_SENTENCES), samples=256, batch_size=32), load_model(path))
     feeds = list(source)
     cosine = (_sentence_embeddings(path, feeds) * _sentence_embeddings(tmp_path / "q.onnx", feeds)).sum(1)
     assert cosine.mean() >= floor

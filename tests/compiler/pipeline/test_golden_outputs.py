@@ -1,8 +1,9 @@
-"""Behaviour unchanged across the issue #12 restructure: the fixed set compiles to the recorded bytes.
+"""Behaviour unchanged: the fixed set compiles to its recorded fingerprints, on any x86-64 CPU.
 
-The hashes in ``tests/golden/hashes.json`` were recorded before the restructure (``tests/golden/golden.py
---write``, commit 44191a9). The inputs are exported again here; if an export itself differs (another torch or
-transformers), the compiled outputs are not comparable and the test says so instead of comparing.
+``tests/golden/fingerprints.json`` holds one fingerprint per model of the set (``tests/golden/golden.py``'s
+docstring says what is exact and what is tolerant, and why). The inputs are exported again here; if an export
+itself differs (another torch or transformers), the compiled outputs are not comparable and the test says so
+instead of comparing. The other tests prove the comparison still catches a real change, on one compiled output.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden"
 sys.path.insert(0, str(GOLDEN))
@@ -21,13 +25,127 @@ pytest.importorskip("transformers")
 
 
 @pytest.mark.slow
-def test_fixed_set_compiles_to_the_recorded_bytes(tmp_path: Path) -> None:
-    recorded = json.loads(golden.HASHES.read_text())
+def test_fixed_set_compiles_to_the_recorded_behaviour(tmp_path: Path) -> None:
+    recorded = json.loads(golden.FINGERPRINTS.read_text())
     computed = golden.compute(tmp_path)
-    exports = {k: v for k, v in computed.items() if k.endswith(" export")}
-    changed_exports = [k for k, v in exports.items() if recorded[k] != v]
+    changed_exports = [k for k in computed if k.endswith(" export") and golden.compare(recorded[k], computed[k])]
     assert not changed_exports, (f"the exports themselves differ from those recorded ({changed_exports}): another "
                                  "torch/transformers; the golden outputs cannot be compared on this machine")
     assert set(computed) == set(recorded)
-    differing = sorted(k for k in recorded if recorded[k] != computed[k])
-    assert not differing, f"compiled bytes changed for: {differing}"
+    failed = {k: v for k, v in golden.check(computed, recorded).items() if v}
+    assert not failed, f"behaviour changed for: {failed}"
+
+
+# --- the comparison catches real changes (one compiled output, mutated) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def compiled(exports, tmp_path_factory):
+    """roberta-tiny fold,fuse,qdq for trt (smoothed linear layers, INT8 attention), compiled as the set is."""
+    source = exports.get("roberta", size="tiny")
+    folder = tmp_path_factory.mktemp("golden")
+    out = golden.compile_one(source, "trt", "fold,fuse,qdq", folder, "roberta-tiny")
+    return source, folder, onnx.load(str(out))
+
+
+def _fingerprint(model: onnx.ModelProto) -> dict:
+    return golden.fingerprint_model(onnx.ModelProto.FromString(model.SerializeToString()))
+
+
+def _mutated(model: onnx.ModelProto, change) -> dict:
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    change(copy)
+    return golden.fingerprint_model(copy)
+
+
+def _set(model: onnx.ModelProto, name: str, fn) -> None:
+    """New values for an initializer; everything else about it (doc string, dims) stays."""
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    values = fn(numpy_helper.to_array(tensor).copy())
+    assert values.dtype == numpy_helper.to_array(tensor).dtype
+    tensor.raw_data = numpy_helper.from_array(values, name).raw_data
+
+
+def _toward_zero(a: np.ndarray, where: np.ndarray, steps: int) -> np.ndarray:
+    """INT8 codes moved ``steps`` toward zero (up from zero) at ``where``: never clipped, always a change."""
+    moved = a.astype(np.int16) - np.where(a > 0, steps, -steps)
+    return np.where(where.reshape(a.shape), moved, a).astype(np.int8)
+
+
+def _activation_scales(model: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return sorted({n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits})
+
+
+def _smoothed_codes(model: onnx.ModelProto) -> list[str]:
+    return sorted(t.name for t in model.graph.initializer if "_smoothed" in t.name and t.data_type == onnx.TensorProto.INT8
+                  and len(t.dims) == 2)
+
+
+def test_a_cross_cpu_sized_difference_passes(compiled):
+    """What another instruction set does to calibration: every derived float a few ulps off, a code one step."""
+    _, _, model = compiled
+    recorded = _fingerprint(model)
+    scales, codes = _activation_scales(model), _smoothed_codes(model)
+    assert len(scales) >= 8 and len(codes) == 8
+
+    def change(m):
+        for name in scales:
+            _set(m, name, lambda a: (a * np.float32(1 + 3e-6)).astype(a.dtype))
+        _set(m, codes[0], lambda a: _toward_zero(a, np.arange(a.size) == 7, 1))
+
+    assert golden.compare(recorded, _mutated(model, change)) == []
+    assert golden.compare(recorded, _fingerprint(model)) == []
+
+
+@pytest.mark.parametrize("what", ["scale 1% off", "scale 1e-4 off", "zero point 2 steps", "codes 2 steps",
+                                  "codes moved on 5%", "unsmoothed initializer 1 ulp", "attribute", "node order",
+                                  "op type", "node name"])
+def test_a_real_change_fails(compiled, what):
+    _, _, model = compiled
+    recorded = _fingerprint(model)
+    scale = _activation_scales(model)[3]
+    code = _smoothed_codes(model)[1]
+
+    def change(m):
+        nodes = m.graph.node
+        if what == "scale 1% off":
+            _set(m, scale, lambda a: (a * np.float32(1.01)).astype(a.dtype))
+        elif what == "scale 1e-4 off":
+            _set(m, scale, lambda a: (a * np.float32(1 + 1e-4)).astype(a.dtype))
+        elif what == "zero point 2 steps":
+            zp = next(n.input[2] for n in nodes if n.op_type == "QuantizeLinear" and n.input[1] == scale)
+            _set(m, zp, lambda a: (a + 2).astype(a.dtype))
+        elif what == "codes 2 steps":
+            _set(m, code, lambda a: _toward_zero(a, np.arange(a.size) == 0, 2))
+        elif what == "codes moved on 5%":
+            _set(m, code, lambda a: _toward_zero(a, np.arange(a.size) % 20 == 0, 1))
+        elif what == "unsmoothed initializer 1 ulp":
+            gamma = next(n.input[1] for n in nodes if n.op_type == "LayerNormalization")
+            _set(m, gamma, lambda a: np.nextafter(a, np.float32(np.inf)).astype(a.dtype))
+        elif what == "attribute":
+            ln = next(n for n in nodes if n.op_type == "LayerNormalization")
+            next(a for a in ln.attribute if a.name == "epsilon").f *= 10
+        elif what == "node order":
+            i = next(i for i in range(len(nodes) - 1) if nodes[i].op_type == "DequantizeLinear"
+                     and nodes[i + 1].op_type == "DequantizeLinear")
+            first = onnx.NodeProto.FromString(nodes[i].SerializeToString())
+            nodes[i].CopyFrom(nodes[i + 1])
+            nodes[i + 1].CopyFrom(first)
+        elif what == "op type":
+            next(n for n in nodes if n.op_type == "Erf").op_type = "Tanh"
+        elif what == "node name":
+            nodes[len(nodes) // 2].name += "_renamed"
+
+    problems = golden.compare(recorded, _mutated(model, change))
+    assert problems, what
+
+
+def test_another_range_method_fails(compiled):
+    """qdq{method=percentile} instead of the default max: other activation scales, caught."""
+    source, folder, model = compiled
+    other = folder / "percentile.onnx"
+    golden.tqc("compile", str(source), "-p", "fold,fuse,qdq{method=percentile}", "--target", "trt", "-o", str(other),
+               "--verify", "none", "--calib", str(golden.token_data(folder)), "--calib-samples", "16",
+               "--batch-size", "8")
+    problems = golden.compare(_fingerprint(model), golden.fingerprint(other))
+    assert any("relative bound" in p for p in problems), problems

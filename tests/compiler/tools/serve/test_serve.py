@@ -20,7 +20,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.conftest import SENTENCES
+from tests.conftest import HELDOUT_SENTENCES
 from tests.hostile.harness import child_pids, group_pids
 
 pytest.importorskip("tritonclient.http")
@@ -44,11 +44,11 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 TOL = 1e-5
 
 
-def sentences(count: int, skip: int = 2000) -> list[str]:
-    if SENTENCES.exists():
-        lines = [line.strip() for line in SENTENCES.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return lines[skip:skip + count]
-    return [f"sentence number {i} about serving a transformer model behind triton" * (1 + i % 3) for i in range(count)]
+def sentences(count: int, skip: int = 0) -> list[str]:
+    """Real sentences from the repository's held-out set."""
+    lines = [line.strip() for line in HELDOUT_SENTENCES.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert skip + count <= len(lines)
+    return lines[skip:skip + count]
 
 
 class Reference:
@@ -158,7 +158,7 @@ def test_raw_tensors_match_direct_ort(server, reference, protocol):
 
 def test_concurrent_requests_are_batched_and_exact(server, reference):
     """Requests of different lengths arrive together; the dynamic batcher merges them (ragged); answers match."""
-    texts = sentences(24, skip=2100)
+    texts = sentences(24, skip=100)
     expected = reference.embed(texts)
     feeds = [token_feed(1, 5 + (i % 3) * 9, 100 + i) for i in range(12)]
 
