@@ -82,7 +82,8 @@ def _smoothed_codes(model: onnx.ModelProto) -> list[str]:
 
 
 def test_a_cross_cpu_sized_difference_passes(compiled):
-    """What another instruction set does to calibration: every derived float a few ulps off, a code one step."""
+    """What another instruction set does to calibration (golden.TOLERANCE's comment): every activation scale
+    1e-5 off, one INT8 code of a smoothed weight one step."""
     _, _, model = compiled
     recorded = _fingerprint(model)
     scales, codes = _activation_scales(model), _smoothed_codes(model)
@@ -90,7 +91,7 @@ def test_a_cross_cpu_sized_difference_passes(compiled):
 
     def change(m):
         for name in scales:
-            _set(m, name, lambda a: (a * np.float32(1 + 3e-6)).astype(a.dtype))
+            _set(m, name, lambda a: (a * np.float32(1 + 1e-5)).astype(a.dtype))  # measured: up to 7.5e-6
         _set(m, codes[0], lambda a: _toward_zero(a, np.arange(a.size) == 7, 1))
 
     assert golden.compare(recorded, _mutated(model, change)) == []
