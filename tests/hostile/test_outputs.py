@@ -411,13 +411,13 @@ def test_external_data_output_and_report_all_or_none(work, tmp_path, capsys, mon
 
 
 def test_plot_failure_leaves_no_json(work, tmp_path, capsys, monkeypatch):
-    from tqc.compiler.tools import diff as diffing
+    from tqc.compiler.tools import diff_plot
     from tqc.compiler.core.errors import TqcError
 
     def failing_plot(results, path):
         raise TqcError("--plot needs matplotlib: pip install 'tqc[plot]'")
 
-    monkeypatch.setattr(diffing, "plot", failing_plot)
+    monkeypatch.setattr(diff_plot, "plot", failing_plot)
     refused("diff m.onnx m2.onnx --layerwise --json j.json --plot p.png".split(), capsys, tmp_path, "matplotlib")
 
 
