@@ -186,6 +186,8 @@ class Pool(Pass):
 
     def __init__(self, **values):
         super().__init__(**values)
+        if not self.values["output"].strip():
+            raise TqcError("option 'output' of pass 'pool' must be a name, got ''")
         self.ensures = (Condition(POOLED_TEXT, partial(_pooled_output, name=self.values["output"])),)
 
     def _source(self, graph: gs.Graph) -> gs.Tensor:

@@ -173,6 +173,7 @@ def two_token_outputs() -> onnx.ModelProto:
     ("pool{mode=avg}", "option 'mode' of pass 'pool' must be one of mean, cls, max"),
     ("pool{normalize=maybe}", "option 'normalize' of pass 'pool' takes a boolean, got 'maybe'"),
     ("pool{source=c}", "pass 'pool': source 'c' is not a graph output"),
+    ("pool{output= }", "option 'output' of pass 'pool' must be a name"),
     ("pool", "which output to pool is ambiguous: 'a' [batchxsequencex4] float32, 'b' [batchxsequencex4] float32; "
              "give source=NAME"),
 ])
@@ -180,6 +181,21 @@ def test_option_errors_are_one_line(spec, message):
     with pytest.raises(TqcError) as info:
         PassManager(parse_pipeline(spec), PassContext(), verify="structure").run(two_token_outputs())
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_manager_holds_a_pass_to_the_output_change_it_declares():
+    from tqc.passes.base import AddedOutput, Pass, PassResult
+
+    class Claims(Pass):
+        """Declares an added output it never adds."""
+
+        name = "claims"
+
+        def run(self, graph, ctx):
+            return PassResult(True, added_outputs=(AddedOutput("c", lambda outputs, feed: outputs["a"], "a"),))
+
+    with pytest.raises(VerificationError, match=r"graph outputs are \['a', 'b'\]; the pass declared \['a', 'b', 'c'\]"):
+        PassManager([Claims()], PassContext(), verify="none").run(two_token_outputs())
 
 
 def test_source_chosen_when_ambiguous_and_no_token_output_refused():
