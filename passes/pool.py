@@ -37,7 +37,7 @@ MODES = ("mean", "cls", "max")
 MASK_EPS = 1e-9      # sentence-transformers' clamp of the token count
 NORM_EPS = 1e-12     # torch.nn.functional.normalize's eps
 MAX_FILL = -1e9      # sentence-transformers' value for padded positions under max pooling
-AXES_INPUT_OPSET = {"ReduceSum": 13, "Unsqueeze": 13, "ReduceMax": 18, "ReduceL2": 18}
+AXES_INPUT_OPSET = {"ReduceSum": 13, "Unsqueeze": 13, "ReduceMax": 18, "ReduceMean": 18, "ReduceL2": 18}
 FLOATS = (np.float32, np.float16)
 
 
@@ -121,14 +121,7 @@ def build_pooling(graph: gs.Graph, tokens: gs.Tensor, mask: gs.Tensor | None, mo
     if mode == "cls":
         pooled = b.op("Gather", [h, b.const("first", np.array(0, np.int64))], {"axis": 1}, out=last)
     elif mask is None:  # no mask input: every position is a token
-        if mode == "mean":
-            summed = b.op("ReduceSum", [h], {"keepdims": 0}, axes=[1])
-            shape = b.op("Shape", [h], dtype=np.int64)
-            seq = b.op("Gather", [shape, b.const("seq_axis", np.array(1, np.int64))], {"axis": 0}, dtype=np.int64)
-            count = b.op("Cast", [seq], {"to": 1})
-            pooled = b.op("Div", [summed, count], out=last)
-        else:
-            pooled = b.op("ReduceMax", [h], {"keepdims": 0}, axes=[1], out=last)
+        pooled = b.op("ReduceMean" if mode == "mean" else "ReduceMax", [h], {"keepdims": 0}, axes=[1], out=last)
     else:
         m = b.op("Cast", [mask], {"to": 1})
         m3 = b.op("Unsqueeze", [m], axes=[2])

@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import tqc.passes.pool as pool
+from tqc.passes.pool import MODES
 from tqc.compiler.core.errors import TqcError, VerificationError
 from tqc.compiler.io.model import load_model
 from tqc.compiler.pipeline.manager import PassManager
@@ -183,6 +184,25 @@ def test_option_errors_are_one_line(spec, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("mode", ["mean", "max", "cls"])
+@pytest.mark.parametrize("opset", [11, 18])
+def test_float16_token_output_pools_in_float32(mode, opset):
+    """A model whose token output is declared FP16: pooled in FP32 after a Cast, the pooled output FP32."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", "sequence", 4])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT16, ["batch", "sequence", 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["h"])], "g", [x, mask], [h]),
+                              opset_imports=[helper.make_opsetid("", opset)])
+    compiled = PassManager(parse_pipeline(f"pool{{mode={mode}}}"), PassContext()).run(model)
+    assert compiled.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    rng = np.random.default_rng(0)
+    feed = {"x": (rng.standard_normal((3, 6, 4)) * 100).astype(np.float16),
+            "attention_mask": np.array([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5], np.int64)}
+    out = run_all(compiled, [feed])[0]["sentence_embedding"]
+    expected = numpy_pool(np.maximum(feed["x"], 0).astype(np.float32), feed["attention_mask"], mode, True)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
 def test_manager_holds_a_pass_to_the_output_change_it_declares():
     from tqc.passes.base import AddedOutput, Pass, PassResult
 
@@ -205,6 +225,9 @@ def test_source_chosen_when_ambiguous_and_no_token_output_refused():
     x = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
     out = run_all(compiled, [{"x": x}])[0]
     np.testing.assert_allclose(out["sentence_embedding"], (-x).max(1), atol=1e-6)  # no mask input: every position
+    compiled = PassManager(parse_pipeline("pool{source=a,normalize=false}"), PassContext()).run(two_token_outputs())
+    np.testing.assert_allclose(run_all(compiled, [{"x": x}])[0]["sentence_embedding"], np.maximum(x, 0).mean(1),
+                               atol=1e-6)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])
     classifier = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["logits"])], "g", [x], [logits]),
@@ -230,3 +253,17 @@ def test_cli_explain_and_stats_lines(exports, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["passes"])
     assert info.value.code == 0 and "\npool       Pool token outputs" in capsys.readouterr().out
+
+
+def test_pool_verifies_on_openvino(exports):
+    """The pooled graph runs on OpenVINO CPU (FP32), judged there against numpy pooling of OpenVINO's own token
+    output of the stage before."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tqc[openvino]')")
+    model = load_model(exports.get("bert", size="tiny"))
+    feeds = sentence_feeds(samples=16, vocab=1000)
+    for mode in MODES:
+        ctx = PassContext(target="openvino", verification_feeds=feeds)
+        manager = PassManager(parse_pipeline(f"fold,fuse,pool{{mode={mode}}}"), ctx, runtime="openvino")
+        manager.run(model)
+        assert manager.records[-1].verify["numeric"]["passed"], mode
+        assert manager.records[-1].verify["numeric"]["outputs"]["sentence_embedding"]["shape"] == [16, 64]
