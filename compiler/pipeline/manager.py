@@ -1,9 +1,11 @@
 """Runs a pipeline of passes and verifies the graph after every one.
 
     input ─► pass 1 ─► verify ─► pass 2 ─► verify ─► ... ─► output
-                        │ structure: onnx checker, strict shape inference, same inputs/outputs
+                        │ structure: onnx checker, strict shape inference, same inputs/outputs (or exactly
+                        │            the output change the pass declares: PassResult.removed/added_outputs)
                         │ numeric:   ORT CPU (optimizations off) before vs after, polygraphy Comparator,
-                        │            exact-name output matching, the pass's tolerance
+                        │            exact-name output matching, the pass's tolerance; an added output
+                        │            against its reference, computed from the outputs of the stage before
                         └ --dump-dir: NN_<pass>.onnx, its report and outputs, inputs.json
 
 ``numeric`` is the default (the CLI's and the Python API's): the inputs are a few small batches drawn within the model's limits

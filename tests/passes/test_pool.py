@@ -14,6 +14,7 @@ from tqc.compiler.core.errors import TqcError, VerificationError
 from tqc.compiler.io.model import load_model
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.pipeline.spec import parse_pipeline
+from tqc.compiler.tools.trt_check import check_trt
 from tqc.passes.base import PassContext, PreconditionError
 
 from ..conftest import CALIB_SENTENCES
@@ -116,6 +117,8 @@ def test_tiny_modes_on_standard_onnx(mode, normalize, opset, exports):
     compiled, manager, _ = compile_pipeline(model, spec, "trt", feeds)
     assert manager.records[-1].verify["numeric"]["passed"]
     assert all(n.domain in ("", "ai.onnx") for n in compiled.graph.node)  # runs on every target
+    report = check_trt(compiled)  # every op in onnx-tensorrt's supported table
+    assert report.ok, [f.message for f in report.findings]
     for feed, out in zip(feeds, run_all(compiled, feeds)):
         expected = numpy_pool(out["last_hidden_state"], feed["attention_mask"], mode, normalize)
         np.testing.assert_allclose(out["sentence_embedding"], expected, atol=1e-5, rtol=0)
