@@ -1,6 +1,6 @@
 """Graph passes, as objects that chain into a pipeline::
 
-    from tqc.passes import Fold, Fuse, Qdq, Fp16
+    from tqc.passes import Fold, Fuse, Qdq, Fp16, Pool
 
     pipeline = [Fold(), Fuse(skip_layernorm="sum"), Qdq(method="percentile", percentile=99.99)]
     # the same pipeline as the text "fold,fuse{skip_layernorm=sum},qdq{method=percentile}"
@@ -24,10 +24,12 @@ if TYPE_CHECKING:
     from tqc.passes.fold import Fold
     from tqc.passes.fp16 import Fp16
     from tqc.passes.fuse import Fuse
+    from tqc.passes.pool import Pool
     from tqc.passes.qdq import Qdq
 
 # public name -> the module (under tqc.passes) that defines it
-_PUBLIC = {"Fold": "fold", "Fuse": "fuse", "Qdq": "qdq", "Fp16": "fp16", "Pass": "base", "PassContext": "base",
+_PUBLIC = {"Fold": "fold", "Fuse": "fuse", "Qdq": "qdq", "Fp16": "fp16", "Pool": "pool", "Pass": "base",
+           "PassContext": "base",
            "PassResult": "base", "Option": "base", "Tolerance": "base", "available": "registry"}
 
 __all__ = sorted(_PUBLIC)

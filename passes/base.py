@@ -149,11 +149,28 @@ class Tolerance:
     min_cosine: float | None = None  # when set, outputs are judged by cosine similarity instead of elementwise
 
 
+@dataclass(frozen=True)
+class AddedOutput:
+    """A graph output a pass adds, and its reference: ``reference(outputs, feed)`` computes in numpy, from the
+    outputs of the graph before the pass on one verification input ``feed``, what the new output must equal.
+    The manager judges the new output against it at the pass's tolerance (``describe`` goes into the report)."""
+
+    name: str
+    reference: Callable[[dict[str, Any], dict[str, Any]], Any]
+    describe: str
+
+
 @dataclass
 class PassResult:
+    """What a pass did. A pass that changes the graph's outputs says so: ``removed_outputs`` (names of the graph
+    before) and ``added_outputs`` (each with its reference); the manager then checks the new output list against
+    exactly that change and verifies the added outputs against their references, the kept ones as usual."""
+
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     tolerance: Tolerance | None = None  # this run's tolerance when it differs from the pass's (fp16 after qdq)
+    removed_outputs: tuple[str, ...] = ()
+    added_outputs: tuple[AddedOutput, ...] = ()
 
 
 CALIBRATION_BATCHES = 4  # batches of the calibration data that measurement steps (qdq's budget) read

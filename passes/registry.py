@@ -13,9 +13,10 @@ from tqc.passes.base import Pass
 from tqc.passes.fold import Fold
 from tqc.passes.fp16 import Fp16
 from tqc.passes.fuse import Fuse
+from tqc.passes.pool import Pool
 from tqc.passes.qdq import Qdq
 
-BUILTIN: tuple[Type[Pass], ...] = (Fold, Fp16, Fuse, Qdq)
+BUILTIN: tuple[Type[Pass], ...] = (Fold, Fp16, Fuse, Pool, Qdq)
 
 _REGISTRY: dict[str, Type[Pass]] = {}
 

@@ -58,6 +58,23 @@ def check_signature(before: Signature, after: Signature, stage: str) -> None:
                 raise VerificationError(f"{stage}: graph {kind} changed from {a.describe()} to {b.describe()}")
 
 
+def changed_signature(before: Signature, after: Signature, removed: tuple[str, ...], added: tuple[str, ...],
+                      stage: str) -> Signature:
+    """The signature a pass that changes the graph's outputs promised: the outputs before less ``removed``, plus
+    ``added`` (their ports as the graph declares them), in the graph's order. A graph whose outputs are not
+    exactly these fails here; ``check_signature`` then holds the kept outputs to their types and ranks."""
+    old = {p.name: p for p in before.outputs}
+    unknown = [name for name in removed if name not in old]
+    if unknown:
+        raise VerificationError(f"{stage}: the pass removed output(s) {unknown} the graph did not have")
+    wanted = sorted([name for name in old if name not in removed] + list(added))
+    got = [p.name for p in after.outputs]
+    if sorted(got) != wanted or len(set(got)) != len(got):
+        raise VerificationError(f"{stage}: graph outputs are {got}; the pass declared {wanted}")
+    new = {p.name: p for p in after.outputs}
+    return Signature(before.inputs, tuple(new[name] if name in added else old[name] for name in got))
+
+
 def infer_shapes(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
     """Shape inference on the skeleton; the inferred value_info is set on ``model`` (returned).
 

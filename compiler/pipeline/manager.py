@@ -1,9 +1,11 @@
 """Runs a pipeline of passes and verifies the graph after every one.
 
     input ─► pass 1 ─► verify ─► pass 2 ─► verify ─► ... ─► output
-                        │ structure: onnx checker, strict shape inference, same inputs/outputs
+                        │ structure: onnx checker, strict shape inference, same inputs/outputs (or exactly
+                        │            the output change the pass declares: PassResult.removed/added_outputs)
                         │ numeric:   ORT CPU (optimizations off) before vs after, polygraphy Comparator,
-                        │            exact-name output matching, the pass's tolerance
+                        │            exact-name output matching, the pass's tolerance; an added output
+                        │            against its reference, computed from the outputs of the stage before
                         └ --dump-dir: NN_<pass>.onnx, its report and outputs, inputs.json
 
 ``numeric`` is the default (the CLI's and the Python API's): the inputs are a few small batches drawn within the model's limits
@@ -35,9 +37,9 @@ from tqc.compiler.io.graph import lean_of_graph, skeleton_of_graph, to_graph, to
 from tqc.compiler.io.lean import LeanModel
 from tqc.compiler.io.model import save_model, write_text_atomic
 from tqc.compiler.io.output_guard import reproducer_dir, write_with
-from tqc.compiler.io.structure import infer_shapes, signature, verify_structure
+from tqc.compiler.io.structure import changed_signature, infer_shapes, signature, verify_structure
 from tqc.compiler.io.skeleton import model_header
-from tqc.passes.base import Pass, PassContext, Tolerance, check_conditions
+from tqc.passes.base import AddedOutput, Pass, PassContext, Tolerance, check_conditions
 
 VERIFY_LEVELS = ("none", "structure", "numeric")
 
@@ -57,6 +59,24 @@ class StageRecord:
     def as_dict(self) -> dict:
         return {"index": self.index, "pass": self.name, "spec": self.spec, "modified": self.modified,
                 "seconds": round(self.seconds, 4), "stats": self.stats, "verify": self.verify}
+
+
+def derived_results(previous, feeds, removed: tuple[str, ...], added: tuple[AddedOutput, ...]):
+    """The reference of a pass that changes the graph's outputs: per verification input, the outputs before it
+    that stay, plus each added output's reference computed from the outputs before (polygraphy RunResults, so
+    that the reproducer compares against exactly this)."""
+    import numpy as np
+    from polygraphy.comparator import IterationResult, RunResults
+
+    name, iterations = list(previous.items())[0]
+    derived = []
+    for iteration, feed in zip(iterations, feeds):
+        outputs = {k: v for k, v in iteration.items() if k not in removed}
+        before = dict(iteration.items())
+        for output in added:
+            outputs[output.name] = np.asarray(output.reference(before, feed))
+        derived.append(IterationResult(outputs, runner_name=name))
+    return RunResults([(name, derived)])
 
 
 class PassManager:
@@ -147,6 +167,12 @@ class PassManager:
             self.records.append(record)
             vstart = time.perf_counter()
             light = skeleton_of_graph(graph, like=like)
+            changes_outputs = bool(result.removed_outputs or result.added_outputs)
+            if changes_outputs:  # the promised new outputs, checked whatever the verify level
+                expected = changed_signature(expected, signature(light), tuple(result.removed_outputs),
+                                             tuple(a.name for a in result.added_outputs), stage)
+                record.verify["outputs"] = {"removed": list(result.removed_outputs),
+                                            "added": {a.name: a.describe for a in result.added_outputs}}
             if self.verify != "none":
                 light = verify_structure(light, expected, stage)
                 record.verify["structure"] = "ok"
@@ -158,6 +184,9 @@ class PassManager:
                 self._dump_model(candidate, index, p.name)
             if self.verify == "numeric":
                 self.progress(f"      verify numeric ({len(feeds)} batches)")
+                if changes_outputs:  # the new outputs against their references, computed from the stage before
+                    previous_results = derived_results(previous_results, feeds, result.removed_outputs,
+                                                       result.added_outputs)
                 previous_results = self._verify_numeric(p, result.tolerance or p.tolerance, current, candidate, feeds,
                                                         previous_results, index, record, graph)
             if self.verify != "none":
