@@ -258,7 +258,9 @@ class PassManager:
         cand_pair = list(results.items())[0]
         masks = compare.padding_masks(feeds) if tol.min_cosine is not None else None
         outcome = compare.compare_results(ref_pair, cand_pair, atol=tol.atol, rtol=tol.rtol,
-                                          min_cosine=tol.min_cosine, masks=masks)
+                                          min_cosine=tol.min_cosine, masks=masks,
+                                          unmasked=compare.fixed_width_outputs(
+                                              graph.outputs if graph is not None else after.graph.output))
         record.verify["numeric"] = outcome.as_dict()
         if self.dump_dir:
             self._dump_io(feeds, results, index, p.name)

@@ -176,6 +176,25 @@ def padding_masks(feeds) -> list[np.ndarray] | None:
     return masks
 
 
+def fixed_width_outputs(outputs) -> set[str]:
+    """Names of the graph outputs (ONNX ValueInfoProtos or gs Variables) whose axis 1 is declared a fixed size.
+
+    The sequence axis of a token-level output is dynamic; a fixed axis 1 is a feature axis (a pooled
+    [batch, hidden] embedding, logits of a classifier), never padding, even when its size happens to equal a
+    batch's sequence length: such outputs are compared whole (``mask_padding`` does not apply to them)."""
+    fixed = set()
+    for out in outputs:
+        if isinstance(out, onnx.ValueInfoProto):
+            dims = out.type.tensor_type.shape.dim
+            second = dims[1].dim_value if len(dims) > 1 and dims[1].HasField("dim_value") else None
+        else:  # gs.Variable
+            shape = out.shape or []
+            second = shape[1] if len(shape) > 1 and isinstance(shape[1], int) and shape[1] >= 0 else None
+        if second:
+            fixed.add(out.name)
+    return fixed
+
+
 def mask_padding(value: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """Zero the padded [batch, sequence] rows of a tensor laid out [batch, sequence, ...]."""
     if mask is None or value.ndim < 2 or tuple(value.shape[:2]) != tuple(mask.shape):
@@ -186,12 +205,13 @@ def mask_padding(value: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 def compare_results(reference, candidate, atol: float, rtol: float,
                     names: Iterable[str] | None = None, min_cosine: float | None = None,
-                    masks: list[np.ndarray] | None = None) -> Comparison:
+                    masks: list[np.ndarray] | None = None, unmasked: Iterable[str] = ()) -> Comparison:
     """Compare two polygraphy (runner_name, [IterationResult]) pairs by exact output names.
 
     The verdict comes from polygraphy's ``CompareFunc.simple`` (elementwise |a-b| <= atol + rtol*|b|), or
     from the cosine when ``min_cosine`` is set; the metrics are tqc's. With ``masks`` (one per iteration),
-    padded positions of [batch, sequence, ...] tensors are left out of the metrics.
+    padded positions of [batch, sequence, ...] tensors are left out of the metrics, except in the outputs named
+    in ``unmasked`` (``fixed_width_outputs``: a fixed axis 1 is no sequence).
     """
     from polygraphy.comparator import CompareFunc
 
@@ -201,6 +221,7 @@ def compare_results(reference, candidate, atol: float, rtol: float,
     compare = CompareFunc.simple(atol=atol if finite else 0.0, rtol=rtol if finite else 0.0,
                                  find_output_func=exact_name_matcher, check_shapes=True)
     wanted = list(names) if names is not None else list(ref_iters[0].keys())
+    unmasked = set(unmasked)
     passed = True
     per_output: dict[str, list[TensorMetrics]] = {}
     missing: list[str] = []
@@ -214,9 +235,10 @@ def compare_results(reference, candidate, atol: float, rtol: float,
             passed = passed and bool(result) and all(bool(v) for v in result.values()) and not missing
             for name in wanted:
                 if name in cand_sub and name in ref_sub:
+                    name_mask = None if name in unmasked else mask
                     per_output.setdefault(name, []).append(
-                        tensor_metrics(name, mask_padding(np.asarray(ref_sub[name]), mask),
-                                       mask_padding(np.asarray(cand_sub[name]), mask)))
+                        tensor_metrics(name, mask_padding(np.asarray(ref_sub[name]), name_mask),
+                                       mask_padding(np.asarray(cand_sub[name]), name_mask)))
     merged = {k: merge_metrics(v) for k, v in per_output.items()}
     if min_cosine is not None:  # statistical verdict (quantization): every output keeps this cosine
         passed = not missing and all(m.cosine >= min_cosine for m in merged.values())

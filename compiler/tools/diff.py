@@ -226,6 +226,8 @@ def compare_models(reference: ModelLike | Side, candidates: list[tuple[ModelLike
     compared = [shared_tensors(ref.skeleton, side.skeleton) if layerwise else outputs for side in sides]
     exposed = list(dict.fromkeys(n for names in compared for n in names)) if layerwise else None
     masks = compare.padding_masks(feeds) if mask_padding else None
+    # the reference's declared shapes (Side.of inferred them): a fixed axis 1 is no sequence axis
+    unmasked = compare.fixed_width_outputs([*ref.skeleton.graph.output, *ref.skeleton.graph.value_info])
     stored = StoredOutputs(outputs)
     try:
         progress("running the reference" + (f" with {len(exposed)} tensors exposed" if exposed else ""))
@@ -243,7 +245,7 @@ def compare_models(reference: ModelLike | Side, candidates: list[tuple[ModelLike
                     yield values
 
             metrics = merged_metrics(recorded(side.outputs_per_feed(feeds, names if layerwise else None, runtime)),
-                                     stored.value, names, masks)
+                                     stored.value, names, masks, unmasked)
             results.append(_result(side, metrics, outputs, names, order, layerwise, threshold))
             cand_results.append(cand_outputs.run_results(side.name))
         return results, stored.run_results(), cand_results
@@ -252,9 +254,10 @@ def compare_models(reference: ModelLike | Side, candidates: list[tuple[ModelLike
 
 
 def merged_metrics(per_feed: Iterable[dict], expected: Callable[[int, str], np.ndarray | None], names: list[str],
-                   masks: list[np.ndarray] | None) -> dict[str, compare.TensorMetrics]:
+                   masks: list[np.ndarray] | None, unmasked: set[str] = frozenset()) -> dict[str, compare.TensorMetrics]:
     """Each named tensor's metrics against ``expected(feed index, name)``, feed by feed, merged (worst case);
-    padded positions left out where ``masks`` are given."""
+    padded positions left out where ``masks`` are given, except in ``unmasked`` tensors (a fixed axis 1:
+    ``compare.fixed_width_outputs``)."""
     per_tensor: dict[str, list[compare.TensorMetrics]] = {}
     for index, values in enumerate(per_feed):
         mask = masks[index] if masks is not None and index < len(masks) else None
@@ -262,8 +265,10 @@ def merged_metrics(per_feed: Iterable[dict], expected: Callable[[int, str], np.n
             reference = expected(index, name)
             if reference is None or name not in values:
                 continue
+            name_mask = None if name in unmasked else mask
             per_tensor.setdefault(name, []).append(compare.tensor_metrics(
-                name, compare.mask_padding(np.asarray(reference), mask), compare.mask_padding(values[name], mask)))
+                name, compare.mask_padding(np.asarray(reference), name_mask),
+                compare.mask_padding(values[name], name_mask)))
         del values
     return {n: compare.merge_metrics(m) for n, m in per_tensor.items()}
 
@@ -432,7 +437,8 @@ def sensitivity(reference: ModelLike, candidate: ModelLike, feeds, progress=lamb
         graph = to_graph(lean.skeleton, lean.weights)  # the arrays are shared, never written: unquantize rewires
         if ids:
             unquantize(graph, ids)
-        metrics = merged_metrics(outputs_per_feed(graph, feeds, outputs), expected.value, outputs, masks)
+        metrics = merged_metrics(outputs_per_feed(graph, feeds, outputs), expected.value, outputs, masks,
+                                 compare.fixed_width_outputs(lean.skeleton.graph.output))
         return float(np.mean([m.rel_l2 for m in metrics.values()]))
 
     ids = list(dict.fromkeys(sid for sid, _ in quantized_sites(to_graph(lean.skeleton, lean.weights))))

@@ -45,17 +45,20 @@ def run_graph(graph: gs.Graph, feeds: Sequence[Feed], runtime: str = "ort") -> l
     return [dict(zip(session.output_names, session.run(session.output_names, feed))) for feed in feeds]
 
 
-def mean_output_cosine(ref_iters: list[dict], cand_iters: list[dict], feeds: Sequence[Feed]) -> float:
+def mean_output_cosine(ref_iters: list[dict], cand_iters: list[dict], feeds: Sequence[Feed],
+                       unmasked: set[str] = frozenset()) -> float:
     """Per-sample cosine of every output, averaged over samples and outputs.
 
-    Padding positions carry no meaning: the comparison engine's padding masks leave them out.
+    Padding positions carry no meaning: the comparison engine's padding masks leave them out (not in the
+    ``unmasked`` outputs, whose axis 1 is fixed: ``compare.fixed_width_outputs``).
     """
     masks = compare.padding_masks(feeds) or [None] * len(ref_iters)
     values = []
     for mask, ref, cand in zip(masks, ref_iters, cand_iters):
         for name in ref.keys():
-            a = compare.mask_padding(np.asarray(ref[name], np.float64), mask)
-            b = compare.mask_padding(np.asarray(cand[name], np.float64), mask)
+            name_mask = None if name in unmasked else mask
+            a = compare.mask_padding(np.asarray(ref[name], np.float64), name_mask)
+            b = compare.mask_padding(np.asarray(cand[name], np.float64), name_mask)
             a = a.reshape(a.shape[0], -1)
             b = b.reshape(b.shape[0], -1)
             num = (a * b).sum(axis=1)
@@ -87,10 +90,11 @@ def enforce_budget(float_graph: gs.Graph, site_ids: Sequence[str], quantized: Ca
                    feeds: Sequence[Feed], budget: float, runtime: str = "ort") -> BudgetResult:
     """``quantized(S)``: a new quantized graph with the sites ``S`` in float (``float_graph`` is not touched)."""
     reference = run_graph(float_graph, feeds, runtime)
+    unmasked = compare.fixed_width_outputs(float_graph.outputs)
     cosines: dict[frozenset[str], float] = {}
 
     def error_with_float(ids: frozenset[str]) -> float:
-        cosines[ids] = mean_output_cosine(reference, run_graph(quantized(ids), feeds, runtime), feeds)
+        cosines[ids] = mean_output_cosine(reference, run_graph(quantized(ids), feeds, runtime), feeds, unmasked)
         return 1.0 - cosines[ids]
 
     measure = Measured(error_with_float)
