@@ -76,12 +76,14 @@ def encode(tokenizer, sentences, names, max_length=128):
     return feed
 
 
-def embed(path: Path, feeds: list[dict], threads: int) -> np.ndarray:
+def embed(path: Path | bytes, feeds: list[dict], threads: int) -> np.ndarray:
+    """Mean-pooled (over the attention mask), normalised sentence embeddings of a model file or its bytes."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                   providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     out = []
     for feed in feeds:

@@ -159,6 +159,35 @@ def _percentile_from_hist(hist: np.ndarray, upper: float, q: float) -> float:
     return upper * min(index + 1, hist.size) / hist.size
 
 
+def fake_quantize(x: np.ndarray, scale: float, zero_point: int, qmin: int, qmax: int) -> np.ndarray:
+    """x through QuantizeLinear then DequantizeLinear (round half to even, saturating), in float32."""
+    q = np.clip(np.rint(x / np.float32(scale)) + zero_point, qmin, qmax)
+    return ((q - zero_point) * np.float32(scale)).astype(np.float32)
+
+
+def range_output_errors(model: onnx.ModelProto | gs.Graph, feeds: Iterable,
+                        requests: dict[str, tuple[np.ndarray, list[tuple[float, int, int, int]]]]) -> dict[str, list[float]]:
+    """The error each candidate range of an activation causes at the output of the layer it feeds.
+
+    ``requests``: tensor name -> (weight [K, N] of the layer the tensor feeds on its last axis, candidates as
+    (scale, zero point, qmin, qmax)). Returns, per tensor, the summed squared error of (Q/DQ(x) - x) @ W over
+    ``feeds`` for each candidate, streamed batch by batch (memory: one batch of one tensor at a time).
+    """
+    errors = {name: [0.0] * len(candidates) for name, (_, candidates) in requests.items()}
+
+    def observe(name: str, value: np.ndarray) -> None:
+        if name not in requests:
+            return
+        weight, candidates = requests[name]
+        x = np.asarray(value, np.float32).reshape(-1, weight.shape[0])
+        for i, candidate in enumerate(candidates):
+            diff = (fake_quantize(x, *candidate) - x) @ weight
+            errors[name][i] += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+
+    stream_intermediates(model, feeds, observe, names=list(requests))
+    return errors
+
+
 def calibration_targets(model: onnx.ModelProto) -> list[str]:
     """Tensors a quantizer may need ranges for: non-constant inputs of MatMul/Gemm/Attention and residual Adds."""
     constants = {t.name for t in model.graph.initializer}

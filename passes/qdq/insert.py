@@ -86,6 +86,12 @@ class InsertOptions:
     shared_weights: str = "share"
 
 
+def _code_range(zero_point) -> tuple[int, int]:
+    """(qmin, qmax) of the integer type of a zero point (UINT8 or INT8)."""
+    info = np.iinfo(np.asarray(zero_point).dtype)
+    return int(info.min), int(info.max)
+
+
 def float_type_of_array(values: np.ndarray) -> type:
     return np.float16 if values.dtype == np.float16 else np.float32
 
@@ -122,8 +128,10 @@ class Quantizer:
         # Ranges of smoothed activations x / s measured on the calibration data (methods other than 'max'):
         # the table holds x's ranges only, and a percentile of x / s is not a function of them.
         self.source = None                                       # the calibration data, re-iterable
-        self.range_cache: dict[tuple[str, bytes], TensorRange] = {}  # (site, s) -> range, across insert() calls
-        self.measured: dict[str, TensorRange] = {}
+        # (site, s) -> (the method's range of x / s, kept: it beats 'max' at the layer output); across insert() calls
+        self.range_cache: dict[tuple[str, bytes], tuple[TensorRange, bool]] = {}
+        self.measured: dict[str, TensorRange | None] = {}
+        self.plain: dict[str, bool] = {}  # unsmoothed tensor -> the method's range kept (else 'max')
         self.float16 = False  # a float16 tensor was quantized: the graph needs opset 19
 
     def unique_name(self, name: str) -> str:
@@ -179,24 +187,34 @@ class Quantizer:
             s = self._factors(np.maximum(np.abs(cmin), np.abs(cmax)), weight, site.weight_axis, alpha)
         return s
 
-    def measure_smoothed(self, requests: list[tuple[str, gs.Tensor, np.ndarray]]) -> None:
-        """Calibrate x / s for every (site name, x, s) on the float graph, so that ``method`` (percentile,
-        entropy, mse) applies to the smoothed activations as it does to plain ones. 'max' needs no data:
+    def smoothed_weight(self, site: Site, s: np.ndarray) -> np.ndarray:
+        """diag(s) W of a linear site as [K, N] (a Gemm's transposed weight turned back), in float."""
+        _, _, weight, in_axis = self._smoothing_inputs(site)
+        weight = np.asarray(weight, np.float32)
+        return weight * s[:, None].astype(np.float32) if in_axis == 0 else (weight * s[None, :].astype(np.float32)).T
+
+    def measure_smoothed(self, requests: list[tuple[str, gs.Tensor, np.ndarray, np.ndarray]]) -> None:
+        """Calibrate x / s for every (site name, x, s, smoothed weight [K, N]) on the graph, so that ``method``
+        (percentile, entropy, mse) applies to the smoothed activations as it does to plain ones, then keep the
+        method's range only where it lowers the error at the layer's output, ||(Q/DQ(x/s) - x/s) @ W'||^2 over
+        the calibration data, below the 'max' range's. A clipping method is right for a tensor whose extremes
+        are rare noise (a GELU output) and wrong for one whose extremes carry the signal (a LayerNorm output
+        feeding attention); the layer's output error tells them apart per tensor. 'max' needs no data:
         max(x / s) is max over channels of the table's channel max / s."""
         if self.method == "max" or not requests:
             return
-        missing = [(key, tensor, s) for key, tensor, s in requests if (key, s.tobytes()) not in self.range_cache]
+        missing = [r for r in requests if (r[0], r[2].tobytes()) not in self.range_cache]
         if missing:
             if self.source is None:
                 raise TqcError(f"qdq: method={self.method} with SmoothQuant measures the smoothed activations on the "
                                "calibration data, and a calibration table has only the unsmoothed ranges: give "
                                "--calib DATA, or use smooth=0 or method=max")
-            from tqc.compiler.analysis.calibration import calibrate
+            from tqc.compiler.analysis.calibration import calibrate, range_output_errors
 
             probe = self.graph.copy()  # shares the weight arrays
             tensors = probe.tensors()
             names = []
-            for index, (_, tensor, s) in enumerate(missing):
+            for index, (_, tensor, s, _) in enumerate(missing):
                 out = gs.Variable(f"tqc_smoothed_probe{index}", dtype=float_type(tensor))
                 probe.nodes.append(gs.Node("Mul", f"tqc_smoothed_probe{index}_Mul", inputs=[
                     tensors[tensor.name], gs.Constant(f"tqc_smoothed_probe{index}_factor",
@@ -205,20 +223,75 @@ class Quantizer:
                 names.append(out.name)
             probe.toposort()
             table = calibrate(probe, self.source, names, model_hash="probe")
-            for (key, _, s), name in zip(missing, names):
-                self.range_cache[(key, s.tobytes())] = table.tensors[name]
-        for key, _, s in requests:
-            self.measured[key] = self.range_cache[(key, s.tobytes())]
+            candidates = {}
+            for (_, tensor, s, weight), name in zip(missing, names):
+                max_range = self._range_params(*self._max_smoothed_range(tensor, s))
+                method_range = self._range_params(*self._method_range(table.tensors[name]))
+                candidates[name] = (np.asarray(weight, np.float32),
+                                    [(float(scale), int(zp), *_code_range(zp)) for scale, zp in (max_range, method_range)])
+            errors = range_output_errors(probe, self.source, candidates)
+            for (key, _, s, _), name in zip(missing, names):
+                self.range_cache[(key, s.tobytes())] = (table.tensors[name], errors[name][1] < errors[name][0])
+        for key, _, s, _ in requests:
+            entry, kept = self.range_cache[(key, s.tobytes())]
+            self.measured[key] = entry if kept else None
+
+    def _max_smoothed_range(self, tensor: gs.Tensor, s: np.ndarray) -> tuple[float, float]:
+        """The 'max' range of x / s: from the table's per-channel ranges of x."""
+        entry = self.table.tensors[tensor.name]
+        return (float((np.asarray(entry.channel_min, np.float64) / s).min()),
+                float((np.asarray(entry.channel_max, np.float64) / s).max()))
+
+    def _method_range(self, entry: TensorRange, method: str | None = None) -> tuple[float, float]:
+        """The range ``method`` (default: the pass's) gives a tensor, symmetric where the target wants it."""
+        method = method or self.method
+        if self.target.symmetric_int8_activations:
+            amax = entry.symmetric(method, self.percentile)
+            return -amax, amax
+        return entry.asymmetric(method, self.percentile)
+
+    def check_plain_ranges(self, sites: list[Site]) -> None:
+        """The unsmoothed inputs of linear sites: keep the method's range of a tensor only where it lowers the
+        summed error at the outputs of the linear layers it feeds (on the calibration data) below 'max''s."""
+        if self.method == "max" or self.source is None:
+            return
+        groups: dict[str, list[np.ndarray]] = {}
+        for site in sites:
+            tensor = site.node.inputs[0]
+            weight = constant_values(site.node.inputs[site.weight]) if site.weight is not None else None
+            if site.kind == LINEAR and weight is not None and weight.ndim == 2 and tensor.name in self.table.tensors:
+                weight = np.asarray(weight, np.float32)
+                groups.setdefault(tensor.name, []).append(weight if site.weight_axis == 1 else weight.T)
+        missing = {name: np.concatenate(weights, axis=1) for name, weights in groups.items()
+                   if (f"plain:{name}", b"") not in self.range_cache}
+        if missing:
+            from tqc.compiler.analysis.calibration import range_output_errors
+
+            candidates = {}
+            for name, weight in missing.items():
+                entry = self.table.tensors[name]
+                params = [self._range_params(*self._method_range(entry, m)) for m in ("max", self.method)]
+                candidates[name] = (weight, [(float(scale), int(zp), *_code_range(zp)) for scale, zp in params])
+            errors = range_output_errors(self.graph.copy(), self.source, candidates)
+            for name in missing:
+                self.range_cache[(f"plain:{name}", b"")] = (self.table.tensors[name], errors[name][1] < errors[name][0])
+        for name in groups:
+            self.plain[name] = self.range_cache[(f"plain:{name}", b"")][1]
+
+    def tensor_method(self, name: str) -> str:
+        """The range method of an unsmoothed tensor: 'max' where ``check_plain_ranges`` found it better."""
+        return "max" if self.plain.get(name) is False else self.method
 
     def _smoothed_range(self, key: str, lo: float, hi: float) -> tuple[float, float]:
-        """The range of a smoothed activation: measured with ``method`` when it was, else [lo, hi] ('max')."""
+        """The range of a smoothed activation: the method's where it was measured and kept, else [lo, hi]
+        ('max')."""
         entry = self.measured.get(key)
-        if entry is None:
-            return lo, hi
-        if self.target.symmetric_int8_activations:
-            amax = entry.symmetric(self.method, self.percentile)
-            return -amax, amax
-        return entry.asymmetric(self.method, self.percentile)
+        return (lo, hi) if entry is None else self._method_range(entry)
+
+    def method_sites(self) -> tuple[int, int]:
+        """(sites that take the method's range, sites measured for it)."""
+        decisions = [e is not None for e in self.measured.values()] + list(self.plain.values())
+        return sum(decisions), len(decisions)
 
     def plan_shared_weights(self, sites: list[Site], alpha: float) -> int:
         """One smoothing vector for each weight that several linear sites use: from the channel-wise largest
@@ -252,11 +325,7 @@ class Quantizer:
         if fixed_amax is not None:
             return self._range_params(-fixed_amax, fixed_amax) if self.target.symmetric_int8_activations else \
                 self._range_params(0.0, fixed_amax)
-        entry = self.table.tensors[name]
-        if self.target.symmetric_int8_activations:
-            amax = entry.symmetric(self.method, self.percentile)
-            return self._range_params(-amax, amax)
-        return self._range_params(*entry.asymmetric(self.method, self.percentile))
+        return self._range_params(*self._method_range(self.table.tensors[name], self.tensor_method(name)))
 
     def _qdq_pair(self, tensor: gs.Tensor, tag: str, scale, zero_point) -> gs.Variable:
         ftype = float_type(tensor)  # FP16 graphs: float16 scales (opset 19), as TensorRT's strong typing wants
@@ -277,7 +346,7 @@ class Quantizer:
             return self.shared[key]
         if self.target.activation_form_by_consumer:
             entry = self.table.tensors[key] if fixed_amax is None else None
-            scale, zero_point = activation_params(entry, consumer, self.method, self.percentile, fixed_amax)
+            scale, zero_point = activation_params(entry, consumer, self.tensor_method(key), self.percentile, fixed_amax)
         else:
             scale, zero_point = self._params(key, fixed_amax)
         self.counter += 1
@@ -399,7 +468,7 @@ class Quantizer:
 
 
 def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: InsertOptions,
-           source: Iterable | None = None, range_cache: dict[tuple[str, bytes], TensorRange] | None = None) -> tuple[dict[str, object], list[str]]:
+           source: Iterable | None = None, range_cache: dict[tuple[str, bytes], tuple[TensorRange, bool]] | None = None) -> tuple[dict[str, object], list[str]]:
     """Apply ``plan`` to ``graph`` (the float graph it was planned on, or a copy): (stats, notes).
 
     ``source``: the calibration data (re-iterable), needed to measure smoothed ranges for methods other than
@@ -414,16 +483,24 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
         made.range_cache = range_cache
         return made
 
+    measured = [0, 0]  # sites taking the method's range, sites measured for it
+
+    def count(q: Quantizer) -> None:
+        kept, total = q.method_sites()
+        measured[0] += kept
+        measured[1] += total
+
     if plan.qattention_enabled:
         converting = quantizer()
         wanted = {site.id for site in plan.qattention}
         attentions = [n for n in graph.nodes if is_ort_attention(n) and n.name in wanted]
         vectors = [(n, converting.qattention_vector(n, alpha)) for n in attentions]
-        converting.measure_smoothed([(n.name, n.inputs[0], v) for n, v in vectors
-                                     if v is not None and constant_values(n.inputs[2]) is not None])
+        converting.measure_smoothed([(n.name, n.inputs[0], v, constant_values(n.inputs[1]) * v[:, None])
+                                     for n, v in vectors if v is not None and constant_values(n.inputs[2]) is not None])
         for node in attentions:
             if not converting.qattention(node, alpha):
                 raise TqcError(f"qdq: internal error: planned QAttention site '{node.name}' cannot be converted")
+        count(converting)
         cleanup(graph)
     lowered = lower(graph, plan.target, keep={site.id for site in plan.qattention}, float_qkv=plan.float_attentions)
 
@@ -442,7 +519,10 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
         quantize.plan_shared_weights(sites, alpha)
     if alpha > 0:
         vectors = [(site, quantize.smoothing_vector(site, alpha)) for site in sites if site.kind == LINEAR]
-        quantize.measure_smoothed([(site.node.name, site.node.inputs[0], v) for site, v in vectors if v is not None])
+        quantize.measure_smoothed([(site.node.name, site.node.inputs[0], v, quantize.smoothed_weight(site, v))
+                                   for site, v in vectors if v is not None])
+    quantize.check_plain_ranges([site for site in sites if not (alpha > 0 and site.kind == LINEAR and
+                                                               quantize._smoothing_inputs(site) is not None)])
     for site in sites:
         if alpha > 0 and site.kind == LINEAR and quantize.smooth(site, alpha):
             smoothed += 1
@@ -453,6 +533,13 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
         if site.weight is not None and not is_dq(site.node.inputs[site.weight]):
             quantize.quantize_weight(site)
         int8_flops += site.flops_per_token
+    count(quantize)
+    if options.method != "max" and source is None:
+        notes.append(f"qdq: method={options.method} ranges taken unchecked: without --calib DATA (a table only) the "
+                     "layer output error that decides between them and 'max' cannot be measured")
+    if measured[1]:
+        notes.append(f"qdq: method={options.method} lowers the layer output error at {measured[0]} of {measured[1]} "
+                     "linear-layer inputs on the calibration data; the others keep the 'max' range")
     residuals = 0
     adds = set(plan.residual_adds)
     for node in [n for n in graph.nodes if n.op == "Add" and n.name in adds]:
@@ -481,6 +568,8 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
         "qattention": sum(1 for n in graph.nodes if n.op == "QAttention"),
         "method": options.method + (f":{options.percentile:g}" if options.method == "percentile" else ""),
     }
+    if measured[1]:
+        stats["method_ranges"] = measured[0]
     return stats, notes
 
 

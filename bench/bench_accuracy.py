@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""INT8 fidelity of tqc's range methods on the real all-MiniLM-L6-v2 (ORT CPU): a first version of issue 21's
+accuracy benchmark.
+
+Calibrates on the first --calib-sentences of ../shared/data/sentences.txt and judges on the last
+--eval-sentences (no overlap): mean and min cosine of the token-pooled sentence embedding (over the tokens
+the attention mask keeps) to FP32, and nearest-neighbour agreement (each sentence keeps, among the evaluation
+set, the nearest neighbour it has in FP32). Rows: the default (``max``, SmoothQuant 0.75), every range
+method, SmoothQuant variants. Every row compiles ``fold,fuse,qdq{...}`` with ``verify=structure`` so a variant
+that would fail qdq's own numeric check (output cosine < 0.98 on the calibration data) still gets a number;
+the table says which would have failed.
+
+    python bench/bench_accuracy.py --json bench/results/accuracy_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_qdq import embed, encode, fidelity, log, tokenizer_for  # noqa: E402  (the shared helpers)
+
+REPO = Path(__file__).resolve().parents[1]
+# The project's 3,000 real sentences live beside the checkout (../shared); a worktree sits one level deeper.
+SENTENCES = next((p / "shared" / "data" / "sentences.txt" for p in REPO.parents
+                  if (p / "shared" / "data" / "sentences.txt").is_file()), REPO.parent / "shared" / "data" / "sentences.txt")
+ROWS = {  # row -> the qdq item of the pipeline (the default: max ranges, SmoothQuant 0.75)
+    "max (default)": "qdq",
+    "percentile 99.99": "qdq{method=percentile}",
+    "percentile 99.999": "qdq{method=percentile,percentile=99.999}",
+    "entropy": "qdq{method=entropy}",
+    "mse": "qdq{method=mse}",
+    "max smooth=0.5": "qdq{smooth=0.5}",
+    "max smooth=0": "qdq{smooth=0}",
+    "mse smooth=0": "qdq{method=mse,smooth=0}",
+    "percentile smooth=0": "qdq{method=percentile,smooth=0}",
+}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="bench_work_accuracy")
+    parser.add_argument("--calib-sentences", type=int, default=200)
+    parser.add_argument("--eval-sentences", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all)")
+    parser.add_argument("--json", default=str(REPO / "bench" / "results" / "accuracy_cpu.json"))
+    args = parser.parse_args()
+    if not SENTENCES.is_file():
+        sys.exit(f"bench_accuracy: {SENTENCES} is absent: this benchmark needs the project's 3,000 real sentences "
+                 "(one per line) there")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import tqc
+
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    sentences = [s.strip() for s in SENTENCES.read_text().splitlines() if s.strip()]
+    calib = sentences[: args.calib_sentences]
+    held_out = sentences[-args.eval_sentences:]
+    if set(calib) & set(held_out):
+        sys.exit("bench_accuracy: calibration and evaluation sentences overlap; use fewer of each")
+    fp32 = work / "minilm-fp32.onnx"
+    if not fp32.exists():
+        log("export minilm")
+        tqc.export("minilm", fp32)
+    tokenizer = tokenizer_for("minilm")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    feeds = [encode(tokenizer, held_out[i:i + 100], names) for i in range(0, len(held_out), 100)]
+    reference = embed(fp32, feeds, args.threads)
+    rows = []
+    for row in args.rows.split(","):
+        qdq = ROWS[row]
+        start = time.perf_counter()
+        result = tqc.compile(fp32, f"fold,fuse,{qdq}", target="ort-cpu", calib=calib,
+                             calib_samples=len(calib), verify="structure")
+        seconds = time.perf_counter() - start
+        path = work / "candidate.onnx"
+        result.save(path)
+        numbers = fidelity(reference, embed(path, feeds, args.threads))
+        rows.append({"row": row, "pipeline": f"fold,fuse,{qdq}", **numbers, "compile_s": round(seconds, 1)})
+        log(f"{row}: {numbers}")
+    print(f"\nMiniLM (real weights), ort-cpu, calibrated on {len(calib)} sentences, judged on {len(held_out)}; "
+          f"{cpu_name()}, {args.threads} threads\n")
+    print("| variant | qdq | mean cos | min cos | NN agreement |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['row']} | `{r['pipeline'].split(',', 2)[2]}` | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
+              f"{100 * r['nn_agreement']:.1f}% |")
+    out = {"cpu": cpu_name(), "threads": args.threads, "model": "all-MiniLM-L6-v2 (tqc export minilm)",
+           "target": "ort-cpu", "calib_sentences": len(calib), "eval_sentences": len(held_out), "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
