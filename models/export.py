@@ -413,7 +413,7 @@ def export_guarded(spec: ExportSpec, output: str | Path, progress=lambda message
         return export(spec, output, progress=progress)
 
 
-def recorded_positions(onnx_model: onnx.ModelProto, config) -> int | None:
+def positions_to_record(onnx_model: onnx.ModelProto, config) -> int | None:
     """The config's ``max_position_embeddings`` for a graph with no absolute position table (rotary, relative
     only), so the data limits know the longest sequence the model was built for; None when the graph's own
     position table says it, or the config has no such value."""
@@ -468,7 +468,7 @@ def export(spec: ExportSpec, output: str | Path, progress=lambda message: None) 
             "tqc.outputs": ",".join(outputs)}
     if loaded.tokenizer:
         meta["tqc.tokenizer"] = loaded.tokenizer
-    positions = recorded_positions(onnx_model, loaded.config)
+    positions = positions_to_record(onnx_model, loaded.config)
     if positions is not None:
         meta[MAX_POSITIONS_KEY] = str(positions)
     existing = {p.key for p in onnx_model.metadata_props}

@@ -10,11 +10,11 @@
         max_position_embeddings, recorded at export as ``tqc.max_positions``; without it, no limit is known
 
 Other 2-D tables whose indices are computed, not read from an input (MPNet's relative attention bias
-buckets), limit nothing. Indices are followed back through Cast nodes to the graph input they come from. A feed outside these
-limits would make ONNX Runtime fail inside a Gather ("indices element out of data bounds", printed by ORT
-itself) or compute garbage; here it is one line naming the input, the value and the table. Text is cut to
-the position table when no ``--max-length`` is given (a progress line), an explicit longer limit is refused;
-arrays are refused, since tqc cannot know how to shorten them. Batches must not be empty.
+buckets), limit nothing. Indices are followed back through Cast nodes to the graph input they come from. A
+feed outside these limits would make ONNX Runtime fail inside a Gather ("indices element out of data bounds",
+printed by ORT itself) or compute garbage; here it is one line naming the input, the value and the table.
+Text is cut to the position table when no ``--max-length`` is given (a progress line), an explicit longer
+limit is refused; arrays are refused, since tqc cannot know how to shorten them. Batches must not be empty.
 """
 
 from __future__ import annotations
