@@ -51,7 +51,7 @@ class ModelLimits:
         """Where ``max_sequence`` comes from, for messages: the position table, or the recorded config value."""
         if self.position_table is not None:
             return f"position table '{self.position_table}'"
-        return f"max_position_embeddings recorded at export ({MAX_POSITIONS_KEY}; the graph has no position table)"
+        return f"recorded max_position_embeddings ({MAX_POSITIONS_KEY}: exported without a position table)"
 
 
 def _constant_values(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
@@ -259,8 +259,8 @@ def check_sequence(model: onnx.ModelProto, seq: int, what: str) -> None:
     """Refuse a sequence length beyond the position table (bench shapes)."""
     longest = limits_of(model).max_sequence
     if longest is not None and seq > longest:
-        raise TqcError(f"{what}: sequence {seq} is beyond the model's {limits_of(model).positions_source} "
-                       f"({longest} positions)")
+        raise TqcError(f"{what}: sequence {seq} is beyond the model's {limits_of(model).positions_source}: "
+                       f"{longest} positions")
 
 
 # ---------------------------------------------------------------- user code (``loader.py:function``)
