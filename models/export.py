@@ -3,7 +3,12 @@
 Sources: ``minilm`` (the packaged all-MiniLM-L6-v2, real weights), a family name (``bert``, ``roberta``,
 ``bert-tiny`` ...: random weights from the recipe's config, seeded), a ``config.json`` (random weights), or a
 local model directory (its weights). Exporters: ``legacy`` (TorchScript) or ``dynamo`` (torch.export);
-attention: ``eager`` or ``sdpa`` (transformers' default). Nothing is downloaded: a hub name is refused.
+attention: ``eager`` or ``sdpa`` (default: sdpa where transformers has it for the family, else eager; DeBERTa-v2
+and MPNet are eager only, and ``--attn sdpa`` for them is refused). Nothing is downloaded: a hub name is refused.
+
+Families without an absolute position table (ModernBERT: rotary; DeBERTa-v3: relative only) record the
+config's ``max_position_embeddings`` as ``tqc.max_positions``, which the data limits read as the longest
+sequence (``compiler/io/data_limits.py``).
 
 The head is kept. The task is ``--task``, else the architecture the config names, else feature-extraction;
 outputs are named as Optimum names them::
@@ -36,6 +41,7 @@ import onnx
 
 from tqc.compiler.core.errors import TqcError
 from tqc.compiler.io.packaged import PACKAGED_MINILM, PACKAGED_MINILM_NAMES, packaged_minilm_path
+from tqc.compiler.io.data_limits import MAX_POSITIONS_KEY, model_limits
 from tqc.compiler.io.model import load_model, save_model
 from tqc.models.recipes import (BERT_INPUTS, RECIPES, ROBERTA_INPUTS, SEEDS, SIZES, Recipe, check_opset, find_recipe,
                                 recipe_for_model_type)
@@ -74,7 +80,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ExportSpec:
     source: str
     exporter: str = "legacy"
-    attn: str = "sdpa"
+    attn: str | None = None  # eager | sdpa; None: the family's default (Recipe.default_attention)
     opset: int | None = None
     size: str | None = None  # base | tiny, for family names
     seed: int = 0
@@ -92,6 +98,22 @@ class LoadedModel:
     config: object
     tokenizer: str | None = None        # a folder, PACKAGED_MINILM, or None (random weights: no tokenizer)
     notes: list[str] = field(default_factory=list)
+    attn: str = "sdpa"                  # the attention implementation the model was built with
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.recipe.inputs_for(self.config)
+
+
+def attention_for(spec: ExportSpec, recipe: Recipe) -> str:
+    """``spec.attn``, or the family's default; an implementation transformers lacks for the family: one line."""
+    if spec.attn is None:
+        return recipe.default_attention
+    if spec.attn not in recipe.attentions:
+        raise TqcError(f"--attn {spec.attn}: transformers has no {spec.attn} attention for {recipe.model_type} "
+                       f"models (only {', '.join(recipe.attentions)}); give --attn {recipe.default_attention} or "
+                       f"leave --attn out")
+    return spec.attn
 
 
 def _require_torch():
@@ -217,6 +239,7 @@ def _load_folder(spec: ExportSpec, folder: Path, description: str | None = None,
         raise TqcError(f"'{hf_folder}/config.json' is not a transformers config: {str(exc).splitlines()[0]}") \
             from None
     recipe = find_recipe("minilm") if packaged else recipe_for_model_type(config.model_type)
+    attn = attention_for(spec, recipe)
     from tqc.compiler.io.model_check import check_export_config
 
     check_export_config(config, str(folder))
@@ -227,19 +250,20 @@ def _load_folder(spec: ExportSpec, folder: Path, description: str | None = None,
         if not is_sentence_transformer:
             raise TqcError(f"--task sentence-embedding needs a sentence-transformers folder (with modules.json); "
                            f"'{folder}' has none")
-        model = _sentence_transformer(folder, spec.attn)
+        model = _sentence_transformer(folder, attn)
         if model is not None:
             modules = ", ".join(type(m).__name__ for m in model)
             return LoadedModel(model, recipe, f"{description} (sentence-transformers: {modules})",
-                               TASKS["sentence-embedding"], config, tokenizer, notes)
+                               TASKS["sentence-embedding"], config, tokenizer, notes, attn)
         notes.append("sentence-transformers is not installed: exported last_hidden_state without the folder's "
                      "pooling/normalization (pip install sentence-transformers to export sentence_embedding)")
         task = TASKS["feature-extraction"]
     else:
         task = _choose_task(spec, getattr(config, "architectures", None), f"'{hf_folder}/config.json'")
-    model = _from_pretrained(task, hf_folder, spec.attn)
+    model = _from_pretrained(task, hf_folder, attn)
     architecture = type(model).__name__
-    return LoadedModel(model, recipe, f"{description} ({architecture}, {task.name})", task, config, tokenizer, notes)
+    return LoadedModel(model, recipe, f"{description} ({architecture}, {task.name})", task, config, tokenizer, notes,
+                       attn)
 
 
 def load_torch_model(spec: ExportSpec) -> LoadedModel:
@@ -288,15 +312,16 @@ def load_torch_model(spec: ExportSpec) -> LoadedModel:
     check_export_config(config, source)  # e.g. a hidden size that is not a multiple of the heads: one line
     if task.name == "sentence-embedding":
         raise TqcError("--task sentence-embedding needs a sentence-transformers folder (with modules.json) or minilm")
+    attn = attention_for(spec, recipe)
     torch.manual_seed(spec.seed)
     auto = getattr(transformers, task.auto_class)
-    model = auto.from_config(config, attn_implementation=spec.attn)
+    model = auto.from_config(config, attn_implementation=attn)
     if task.name != "feature-extraction":
         description += f" ({type(model).__name__}, {task.name})"
-    return LoadedModel(model, recipe, description, task, model.config)
+    return LoadedModel(model, recipe, description, task, model.config, attn=attn)
 
 
-def sample_inputs(recipe: Recipe, config, batch: int = SAMPLE_BATCH, sequence: int = SAMPLE_SEQUENCE):
+def sample_inputs(inputs: tuple[str, ...], config, batch: int = SAMPLE_BATCH, sequence: int = SAMPLE_SEQUENCE):
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -305,7 +330,7 @@ def sample_inputs(recipe: Recipe, config, batch: int = SAMPLE_BATCH, sequence: i
     values = {"input_ids": ids, "attention_mask": torch.ones(batch, sequence, dtype=torch.long),
               "token_type_ids": torch.zeros(batch, sequence, dtype=torch.long)}
     values["attention_mask"][1, sequence - 4:] = 0
-    return tuple(values[name] for name in recipe.inputs)
+    return tuple(values[name] for name in inputs)
 
 
 def _wrapper(loaded: LoadedModel):
@@ -337,11 +362,11 @@ def _wrapper(loaded: LoadedModel):
             return self.outputs(input_ids=input_ids, attention_mask=attention_mask)
 
     wrappers = {BERT_INPUTS: WithTokenTypes, ROBERTA_INPUTS: WithoutTokenTypes}
-    return wrappers[loaded.recipe.inputs]().eval()
+    return wrappers[loaded.inputs]().eval()
 
 
-def dynamic_axes(recipe: Recipe, task: Task) -> dict[str, dict[int, str]]:
-    axes = {name: {0: "batch", 1: "sequence"} for name in recipe.inputs}
+def dynamic_axes(inputs: tuple[str, ...], task: Task) -> dict[str, dict[int, str]]:
+    axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
     for name, per_token in zip(task.outputs, task.per_token):
         axes[name] = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
     return axes
@@ -362,7 +387,7 @@ def check_spec(spec: ExportSpec) -> None:
     """Every option of ``spec`` within what ``tqc export`` accepts (one line naming the option otherwise)."""
     if spec.exporter not in EXPORTERS:
         raise TqcError(f"--exporter must be one of {', '.join(EXPORTERS)}")
-    if spec.attn not in ATTENTIONS:
+    if spec.attn is not None and spec.attn not in ATTENTIONS:
         raise TqcError(f"--attn must be one of {', '.join(ATTENTIONS)}")
     check_opset(spec.exporter, spec.opset)
     if spec.size is not None and spec.size not in SIZES:
@@ -388,6 +413,16 @@ def export_guarded(spec: ExportSpec, output: str | Path, progress=lambda message
         return export(spec, output, progress=progress)
 
 
+def positions_to_record(onnx_model: onnx.ModelProto, config) -> int | None:
+    """The config's ``max_position_embeddings`` for a graph with no absolute position table (rotary, relative
+    only), so the data limits know the longest sequence the model was built for; None when the graph's own
+    position table says it, or the config has no such value."""
+    value = getattr(config, "max_position_embeddings", None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value if model_limits(onnx_model).max_sequence is None else None
+
+
 def export(spec: ExportSpec, output: str | Path, progress=lambda message: None) -> dict:
     """Export to ``output`` (written atomically). Returns a summary for the CLI."""
     check_spec(spec)
@@ -397,13 +432,13 @@ def export(spec: ExportSpec, output: str | Path, progress=lambda message: None) 
     loaded.model.eval()
     import torch
 
-    recipe, task = loaded.recipe, loaded.task
+    recipe, task, inputs, attn = loaded.recipe, loaded.task, loaded.inputs, loaded.attn
     wrapper = _wrapper(loaded)
-    args = sample_inputs(recipe, loaded.config)
+    args = sample_inputs(inputs, loaded.config)
     opset = spec.opset or (17 if spec.exporter == "legacy" else 18)
     description = loaded.description
     outputs = list(task.outputs)
-    progress(f"exporting {description} with the {spec.exporter} exporter, {spec.attn} attention, opset {opset}")
+    progress(f"exporting {description} with the {spec.exporter} exporter, {attn} attention, opset {opset}")
     with tempfile.TemporaryDirectory(prefix="tqc-export-") as tmp:
         tmp_path = Path(tmp) / "model.onnx"
         try:
@@ -411,15 +446,15 @@ def export(spec: ExportSpec, output: str | Path, progress=lambda message: None) 
                 warnings.simplefilter("ignore")
                 if spec.exporter == "legacy":
                     torch.onnx.export(wrapper, args, str(tmp_path), dynamo=False, opset_version=opset,
-                                      input_names=list(recipe.inputs), output_names=outputs,
-                                      dynamic_axes=dynamic_axes(recipe, task), do_constant_folding=True)
+                                      input_names=list(inputs), output_names=outputs,
+                                      dynamic_axes=dynamic_axes(inputs, task), do_constant_folding=True)
                 else:
                     max_seq = int(getattr(loaded.config, "max_position_embeddings", 512)) - 2
                     batch = torch.export.Dim("batch", min=1, max=4096)
                     sequence = torch.export.Dim("sequence", min=1, max=max(max_seq, SAMPLE_SEQUENCE + 1))
-                    shapes = tuple({0: batch, 1: sequence} for _ in recipe.inputs)
+                    shapes = tuple({0: batch, 1: sequence} for _ in inputs)
                     program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
-                                                input_names=list(recipe.inputs), output_names=outputs,
+                                                input_names=list(inputs), output_names=outputs,
                                                 dynamic_shapes=shapes, verbose=False)
                     program.save(str(tmp_path), external_data=True)
         except TqcError:
@@ -428,17 +463,20 @@ def export(spec: ExportSpec, output: str | Path, progress=lambda message: None) 
             raise TqcError(f"torch's {spec.exporter} exporter failed on {description}: "
                            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from exc
         onnx_model = load_model(tmp_path)
-    meta = {"tqc.family": recipe.family, "tqc.exporter": spec.exporter, "tqc.attn": spec.attn,
-            "tqc.source": description, "tqc.inputs": ",".join(recipe.inputs), "tqc.task": task.name,
+    meta = {"tqc.family": recipe.family, "tqc.exporter": spec.exporter, "tqc.attn": attn,
+            "tqc.source": description, "tqc.inputs": ",".join(inputs), "tqc.task": task.name,
             "tqc.outputs": ",".join(outputs)}
     if loaded.tokenizer:
         meta["tqc.tokenizer"] = loaded.tokenizer
+    positions = positions_to_record(onnx_model, loaded.config)
+    if positions is not None:
+        meta[MAX_POSITIONS_KEY] = str(positions)
     existing = {p.key for p in onnx_model.metadata_props}
     for key, value in meta.items():
         if key not in existing:
             onnx_model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     save_model(onnx_model, output)
     return {"output": str(output), "family": recipe.family, "source": description, "exporter": spec.exporter,
-            "attn": spec.attn, "opset": opset, "nodes": len(onnx_model.graph.node), "task": task.name,
-            "inputs": list(recipe.inputs), "outputs": outputs, "tokenizer": loaded.tokenizer,
+            "attn": attn, "opset": opset, "nodes": len(onnx_model.graph.node), "task": task.name,
+            "inputs": list(inputs), "outputs": outputs, "tokenizer": loaded.tokenizer,
             "notes": list(loaded.notes)}

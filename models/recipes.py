@@ -3,6 +3,13 @@
 ``base`` is the published base-size architecture (random weights unless the source has real ones);
 ``tiny`` is a small configuration with the same layout, for fast structural tests. MiniLM is the packaged
 sentence-transformers/all-MiniLM-L6-v2 with its real weights.
+
+``attention`` names the family's attention form, a fact of the architecture that tests and benchmarks select
+on: ``bert`` (Softmax(QK^T * scale + mask) V, with an absolute position table: the eight classic families),
+``relative-bias`` (MPNet: a bucketed relative position bias added to the scores), ``disentangled``
+(DeBERTa-v2/v3: content-to-position and position-to-content scores added, no absolute positions in v3),
+``rotary-local`` (ModernBERT: rotary Q/K, every n-th layer global, the others a sliding-window band).
+``attentions`` are the implementations transformers has for the family (DeBERTa-v2 and MPNet: eager only).
 """
 
 from __future__ import annotations
@@ -35,6 +42,18 @@ ROBERTA_INPUTS = ("input_ids", "attention_mask")
 _TINY_COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                     vocab_size=1000, max_position_embeddings=128)
 
+# DeBERTa-v3-base (microsoft/deberta-v3-base): relative attention with log buckets, c2p + p2c, no absolute
+# position table, no token types. DeBERTa-v3 is the DeBERTa-v2 architecture; mDeBERTa-v3 differs in vocabulary.
+_DEBERTA_V3 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                   vocab_size=128100, max_position_embeddings=512, type_vocab_size=0, relative_attention=True,
+                   position_buckets=256, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+                   norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False, layer_norm_eps=1e-7)
+# Tiny: 8 buckets, so relative distances past 4 are log-bucketed at the test lengths (16 and more).
+_DEBERTA_TINY = dict(_DEBERTA_V3, **_TINY_COMMON, position_buckets=8)
+# ModernBERT tiny: layers full / sliding / full, a window of 8 (4 each side), shorter than the test sequences.
+_MODERNBERT_TINY = dict(_TINY_COMMON, num_hidden_layers=3, global_attn_every_n_layers=2, local_attention=8,
+                        pad_token_id=0, bos_token_id=1, cls_token_id=1, eos_token_id=2, sep_token_id=2)
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -46,6 +65,21 @@ class Recipe:
     description: str
     real_weights: bool = False
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    attention: str = "bert"                           # the attention form (module docstring)
+    attentions: tuple[str, ...] = ("eager", "sdpa")   # transformers' implementations for the family
+    token_types_from_config: bool = False             # token_type_ids only when config.type_vocab_size > 0
+
+    def inputs_for(self, config) -> tuple[str, ...]:
+        """The graph inputs of a model of this family with ``config`` (DeBERTa: token types only when the
+        config has a token-type table, as Optimum exports it)."""
+        if self.token_types_from_config:
+            return BERT_INPUTS if int(getattr(config, "type_vocab_size", 0) or 0) > 0 else ROBERTA_INPUTS
+        return self.inputs
+
+    @property
+    def default_attention(self) -> str:
+        """sdpa (transformers' default) where the family has it, else eager."""
+        return "sdpa" if "sdpa" in self.attentions else "eager"
 
     def config(self, size: str = "base"):
         from transformers import AutoConfig
@@ -94,11 +128,31 @@ RECIPES: dict[str, Recipe] = {
                          bos_token_id=5, eos_token_id=6, layer_norm_eps=1e-5),
                tiny=dict(_TINY_COMMON, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1),
                description="CamemBERT-base"),
+        Recipe("modernbert", "modernbert", ROBERTA_INPUTS, base={}, tiny=_MODERNBERT_TINY,
+               description="ModernBERT-base (rotary, global attention every 3rd layer, 128-token local window, "
+                           "GeGLU)", attention="rotary-local"),
+        Recipe("deberta-v2", "deberta-v2", ROBERTA_INPUTS, base=_DEBERTA_V3, tiny=_DEBERTA_TINY,
+               description="DeBERTa-v3-base layout (DeBERTa-v2 architecture: disentangled relative attention)",
+               aliases=("deberta-v3", "debertav2", "debertav3"), attention="disentangled", attentions=("eager",),
+               token_types_from_config=True),
+        Recipe("mdeberta", "deberta-v2", ROBERTA_INPUTS, base=dict(_DEBERTA_V3, vocab_size=251000),
+               tiny=_DEBERTA_TINY, description="mDeBERTa-v3-base (DeBERTa-v2 architecture, multilingual vocabulary)",
+               aliases=("mdeberta-v3",), attention="disentangled", attentions=("eager",),
+               token_types_from_config=True),
+        Recipe("mpnet", "mpnet", ROBERTA_INPUTS,
+               base=dict(vocab_size=30527, max_position_embeddings=514, layer_norm_eps=1e-5),
+               tiny=dict(_TINY_COMMON, max_position_embeddings=130, relative_attention_num_buckets=32),
+               description="MPNet-base (relative position bias; the all-mpnet-base-v2 layout)",
+               attention="relative-bias", attentions=("eager",)),
     ]
 }
 
+# The eight classic families: BERT-style attention with an absolute position table.
+CLASSIC_FAMILIES = tuple(name for name, recipe in RECIPES.items() if recipe.attention == "bert")
+
 _BY_MODEL_TYPE = {"bert": "bert", "roberta": "roberta", "distilbert": "distilbert", "albert": "albert",
-                  "electra": "electra", "xlm-roberta": "xlm-roberta", "camembert": "camembert"}
+                  "electra": "electra", "xlm-roberta": "xlm-roberta", "camembert": "camembert",
+                  "modernbert": "modernbert", "deberta-v2": "deberta-v2", "mpnet": "mpnet"}
 
 
 def find_recipe(name: str) -> Recipe:

@@ -69,13 +69,13 @@ class ExportCache:
         self.root = root
         self.paths: dict[tuple, Path] = {}
 
-    def get(self, source: str, exporter: str = "legacy", attn: str = "sdpa", size: str | None = None,
+    def get(self, source: str, exporter: str = "legacy", attn: str | None = None, size: str | None = None,
             opset: int | None = None) -> Path:
         key = (source, exporter, attn, size, opset)
         if key not in self.paths:
             from tqc.models.export import ExportSpec, export
 
-            path = self.root / f"{source}-{size or 'default'}-{exporter}-{attn}-{opset or 'd'}.onnx"
+            path = self.root / f"{source}-{size or 'default'}-{exporter}-{attn or 'auto'}-{opset or 'd'}.onnx"
             export(ExportSpec(source, exporter=exporter, attn=attn, size=size, opset=opset), path)
             self.paths[key] = path
         return self.paths[key]

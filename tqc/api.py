@@ -469,7 +469,7 @@ def _diff_side(model: onnx.ModelProto | PathLike, role: str) -> diffing.Side:
 
 # ---------------------------------------------------------------- export
 
-def export(source: str | os.PathLike, path: PathLike, *, exporter: str = "legacy", attn: str = "sdpa",
+def export(source: str | os.PathLike, path: PathLike, *, exporter: str = "legacy", attn: str | None = None,
            opset: int | None = None, size: str | None = None, seed: int = 0, task: str | None = None,
            progress: Progress = None) -> dict[str, Any]:
     """Export ``source`` to FP32 ONNX at ``path``, as ``tqc export`` does, and return its summary (source,
@@ -477,7 +477,8 @@ def export(source: str | os.PathLike, path: PathLike, *, exporter: str = "legacy
 
     source      "minilm" (the packaged all-MiniLM-L6-v2, real weights), a family ("bert", "roberta", ...;
                 "-tiny" for a test config; random weights, ``seed``), a config.json, or a local model folder
-    exporter    "legacy" (TorchScript) or "dynamo" (torch.export); ``attn`` "sdpa" or "eager"
+    exporter    "legacy" (TorchScript) or "dynamo" (torch.export); ``attn`` "sdpa" or "eager" (default: sdpa
+                where transformers has it for the family, else eager)
     opset       default 17 (legacy) or 18 (dynamo); legacy 7-20, dynamo 18-23
     size        for family names: "base" or "tiny"
     task        the head to export (default: what config.json names; feature-extraction)

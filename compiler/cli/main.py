@@ -94,8 +94,9 @@ def _quiet_graphsurgeon() -> None:
 @click.option("-o", "--output", required=True, help="ONNX file to write.")
 @click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True,
               help="torch's TorchScript-based (legacy) or torch.export-based (dynamo) ONNX exporter.")
-@click.option("--attn", type=click.Choice(["eager", "sdpa"]), default="sdpa", show_default=True,
-              help="transformers attention implementation at export (sdpa is transformers' default).")
+@click.option("--attn", type=click.Choice(["eager", "sdpa"]), default=None,
+              help="transformers attention implementation at export (default: sdpa, transformers' default, where "
+                   "the family has it; eager for DeBERTa-v2 and MPNet, which have no sdpa).")
 @click.option("--opset", type=OPSET, default=None, help="ONNX opset (default 17 legacy, 18 dynamo; legacy "
               "supports 7-20, dynamo 18-23).")
 @click.option("--size", type=click.Choice(["base", "tiny"]), default=None,
@@ -106,11 +107,11 @@ def _quiet_graphsurgeon() -> None:
               help="Head to export (default: the architecture config.json names; sentence-transformers folders: "
                    "sentence-embedding; else feature-extraction).")
 @_guarded("export")
-def export_cmd(source: str, output: str, exporter: str, attn: str, opset: int | None, size: str | None,
+def export_cmd(source: str, output: str, exporter: str, attn: str | None, opset: int | None, size: str | None,
                seed: int, task: str | None) -> None:
     """Export SOURCE to FP32 ONNX: 'minilm' (packaged, real weights), a family name (bert, roberta,
-    distilbert, albert, electra, xlm-roberta, camembert; random weights), a config.json, or a local model
-    folder (its head kept). Nothing is downloaded."""
+    distilbert, albert, electra, xlm-roberta, camembert, modernbert, deberta-v2 / deberta-v3, mdeberta, mpnet;
+    random weights), a config.json, or a local model folder (its head kept). Nothing is downloaded."""
     from tqc.models.export import ExportSpec, export_guarded
 
     ui = _ui()

@@ -6,12 +6,15 @@
         BERT:     positions = Slice(arange buffer, 0, S)          offset 0
         RoBERTa:  positions = CumSum(mask) * mask + padding_idx   offset padding_idx + 1
     EmbedLayerNormalization(input_ids, segment_ids, word [V, H], position [P, H], segment [T, H], ...)  (fused)
+    no position table (ModernBERT: rotary; DeBERTa-v3: relative positions only): the config's
+        max_position_embeddings, recorded at export as ``tqc.max_positions``; without it, no limit is known
 
-Indices are followed back through Cast nodes to the graph input they come from. A feed outside these
-limits would make ONNX Runtime fail inside a Gather ("indices element out of data bounds", printed by ORT
-itself) or compute garbage; here it is one line naming the input, the value and the table. Text is cut to
-the position table when no ``--max-length`` is given (a progress line), an explicit longer limit is refused;
-arrays are refused, since tqc cannot know how to shorten them. Batches must not be empty.
+Other 2-D tables whose indices are computed, not read from an input (MPNet's relative attention bias
+buckets), limit nothing. Indices are followed back through Cast nodes to the graph input they come from. A
+feed outside these limits would make ONNX Runtime fail inside a Gather ("indices element out of data bounds",
+printed by ORT itself) or compute garbage; here it is one line naming the input, the value and the table.
+Text is cut to the position table when no ``--max-length`` is given (a progress line), an explicit longer
+limit is refused; arrays are refused, since tqc cannot know how to shorten them. Batches must not be empty.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from tqc.compiler.core.errors import TqcError
 from tqc.compiler.core.target import input_role_by_name
 
 _EMBED_LAYERNORM = "EmbedLayerNormalization"
+MAX_POSITIONS_KEY = "tqc.max_positions"  # export metadata: max_position_embeddings of a model without a table
 
 
 @dataclass
 class ModelLimits:
     """``tables``: graph input -> (rows of the embedding table it indexes, table name);
-    ``max_sequence``: longest sequence the position table covers (None: no position table found)."""
+    ``max_sequence``: longest sequence the position table covers, else the recorded ``max_position_embeddings``
+    (None: neither found); ``position_table``: the table's name (None when the limit is the recorded one)."""
 
     tables: dict[str, tuple[int, str]] = field(default_factory=dict)
     max_sequence: int | None = None
@@ -40,6 +45,13 @@ class ModelLimits:
     def rows(self, name: str) -> int | None:
         entry = self.tables.get(name)
         return entry[0] if entry else None
+
+    @property
+    def positions_source(self) -> str:
+        """Where ``max_sequence`` comes from, for messages: the position table, or the recorded config value."""
+        if self.position_table is not None:
+            return f"position table '{self.position_table}'"
+        return f"recorded max_position_embeddings ({MAX_POSITIONS_KEY}: exported without a position table)"
 
 
 def _constant_values(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
@@ -138,7 +150,19 @@ def model_limits(model: onnx.ModelProto) -> ModelLimits:
                 table(ins[1], ins[4], ins[4])
             if ins[3]:
                 positions(ins[8] or None, ins[3], ins[3])
+    if limits.max_sequence is None:
+        limits.max_sequence = recorded_positions(model)
     return limits
+
+
+def recorded_positions(model: onnx.ModelProto) -> int | None:
+    """``tqc.max_positions`` from the export metadata (a positive integer), else None."""
+    value = next((p.value for p in model.metadata_props if p.key == MAX_POSITIONS_KEY), None)
+    try:
+        number = int(value) if value is not None else 0
+    except ValueError:
+        return None
+    return number if number > 0 else None
 
 
 _CACHE: dict[int, tuple[onnx.ModelProto, ModelLimits]] = {}
@@ -170,8 +194,8 @@ def check_feed(feed: dict[str, np.ndarray], model: onnx.ModelProto, where: str) 
     if limits.max_sequence is not None:
         for name, value in feed.items():
             if name in limits.tables and value.ndim >= 2 and value.shape[-1] > limits.max_sequence:
-                raise TqcError(f"{where}: input '{name}' has sequence length {value.shape[-1]}, the model's position "
-                               f"table '{limits.position_table}' covers at most {limits.max_sequence}")
+                raise TqcError(f"{where}: input '{name}' has sequence length {value.shape[-1]}, the model's "
+                               f"{limits.positions_source} covers at most {limits.max_sequence}")
     return feed
 
 
@@ -198,8 +222,8 @@ def text_max_length(model: onnx.ModelProto, requested: int | None, progress=None
     if requested < 1:
         raise TqcError(f"--max-length must be at least 1, got {requested}")
     if longest is not None and requested > longest:
-        raise TqcError(f"--max-length {requested} is beyond the model's {longest} positions (position table "
-                       f"'{limits_of(model).position_table}'): give at most {longest}, or leave it out")
+        raise TqcError(f"--max-length {requested} is beyond the model's {longest} positions "
+                       f"({limits_of(model).positions_source}): give at most {longest}, or leave it out")
     return requested
 
 
@@ -235,8 +259,8 @@ def check_sequence(model: onnx.ModelProto, seq: int, what: str) -> None:
     """Refuse a sequence length beyond the position table (bench shapes)."""
     longest = limits_of(model).max_sequence
     if longest is not None and seq > longest:
-        raise TqcError(f"{what}: sequence {seq} is beyond the model's position table "
-                       f"'{limits_of(model).position_table}' ({longest} positions)")
+        raise TqcError(f"{what}: sequence {seq} is beyond the model's {limits_of(model).positions_source}: "
+                       f"{longest} positions")
 
 
 # ---------------------------------------------------------------- user code (``loader.py:function``)

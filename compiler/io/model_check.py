@@ -430,7 +430,9 @@ def check_export_config(config, source: str) -> None:
             continue
         if value is None:
             continue
-        minimum = 1 if key != "num_hidden_layers" else 0
+        # DeBERTa-v2/v3 configs say type_vocab_size 0: no token-type table (the export then has no token_type_ids)
+        zero_ok = key == "num_hidden_layers" or (key == "type_vocab_size" and config.model_type == "deberta-v2")
+        minimum = 0 if zero_ok else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise TqcError(f"{where}: '{key}' must be an integer >= {minimum}, got {value!r}")
         sizes[key] = value

@@ -28,6 +28,7 @@ from onnx import helper
 
 from tqc.compiler.core.errors import TqcError
 from tqc.compiler.core.target import INPUT_ROLES, input_role_by_name
+from tqc.compiler.io.data_limits import recorded_positions
 
 Feed = dict[str, np.ndarray]
 TOKEN_TYPE_MAX_ROWS = 16  # token-type tables hold a handful of rows (BERT 2, RoBERTa 1); positions hundreds
@@ -231,11 +232,12 @@ def max_positions(model: onnx.ModelProto) -> int | None:
     The position table is taken as the second largest embedding table (a Gather's 2-D constant data; the
     largest is the vocabulary), when it has more than 2 rows (token-type tables have 1 or 2): conservative, a
     larger token-type table only shortens the drawn sequences. Two rows are kept back for RoBERTa's offset
-    positions."""
+    positions. A model without one (rotary, relative positions only) gives the ``max_position_embeddings``
+    its export recorded, if any."""
     shapes = _table_shapes(model)
     rows = sorted({int(shapes[n.input[0]][0]) for n in model.graph.node
                    if n.op_type == "Gather" and len(shapes.get(n.input[0], ())) == 2}, reverse=True)
-    return rows[1] - 2 if len(rows) > 1 and rows[1] > 2 else None
+    return rows[1] - 2 if len(rows) > 1 and rows[1] > 2 else recorded_positions(model)
 
 
 def verification_feeds(model: onnx.ModelProto, shapes: tuple[tuple[int, int], ...] = VERIFICATION_SHAPES,

@@ -9,12 +9,12 @@ from tqc.compiler.io.graph import to_graph
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.io.model import load_model
 from tqc.compiler.pipeline.spec import parse_pipeline
-from tqc.models.recipes import RECIPES
+from tqc.models.recipes import CLASSIC_FAMILIES
 from tqc.passes.base import PassContext
 from tqc.passes.fuse.attention import find_attention, mask_input_names
 from tqc.passes.fuse.attention_rules import RULES
 
-FAMILIES = sorted(RECIPES)
+FAMILIES = sorted(CLASSIC_FAMILIES)  # ModernBERT, DeBERTa-v2, MPNet: test_fuse_new_families.py
 VARIANTS = [("legacy", "eager"), ("legacy", "sdpa"), ("dynamo", "eager"), ("dynamo", "sdpa")]
 RULE_FOR_VARIANT = {("legacy", "eager"): "eager", ("dynamo", "eager"): "eager",
                     ("legacy", "sdpa"): "sdpa-legacy", ("dynamo", "sdpa"): "sdpa-dynamo"}
