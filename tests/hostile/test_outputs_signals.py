@@ -148,10 +148,10 @@ def test_signal_during_commit_is_all_or_none(work, tmp_path):
 def test_sigterm_during_a_real_export_removes_the_export_folder(work, tmp_path):
     pytest.importorskip("torch")
     before = state(work, tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "tqc", "export", "bert-tiny", "-o", "bt.onnx"], cwd=work,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
-                            stdin=subprocess.DEVNULL)
-    outcome = signal_when(proc, "exporting", signal.SIGTERM)
+    # Paused where torch's exporter is entered (the model built, the export folder made): a tiny model exports
+    # in a fraction of a second, so a signal timed from the "exporting" line could land after tqc finished.
+    outcome = paused_run(tmp_path, work, "torch.onnx", "export", "export bert-tiny -o bt.onnx", signal.SIGTERM)
+    assert "exporting bert-tiny" in outcome.err
     assert_interrupted(outcome, signal.SIGTERM)
     after = state(work, tmp_path)
     assert_unchanged(before, after)
