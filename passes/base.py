@@ -205,16 +205,17 @@ class PassContext:
     def has_calibration(self) -> bool:
         return self.calibration is not None or self.calibration_source is not None
 
-    def calibration_table(self, graph: gs.Graph, histograms: bool = True) -> CalibrationTable:
+    def calibration_table(self, graph: gs.Graph, histograms: bool = True,
+                          percentiles: tuple[float, ...] = ()) -> CalibrationTable:
         """The calibration table: the one given, else measured now on ``graph`` (run as it is: no export, no
         copy of its weights) over the calibration data. ``histograms=False`` reads the data once ('max' ranges
-        and per-channel ranges only)."""
+        and per-channel ranges only); ``percentiles`` are measured besides the table's standard ones."""
         if self.calibration is None:
             if self.calibration_source is None:
                 raise TqcError("calibration data is needed: give --calib DATA or --calib-table TABLE")
             targets = calibration_targets(skeleton_of_graph(graph))
             self.calibration = calibrate(graph, self.calibration_source, targets, progress=self.progress,
-                                         histograms=histograms)
+                                         histograms=histograms, percentiles=percentiles)
         return self.calibration
 
     def calibration_batches(self, count: int = CALIBRATION_BATCHES, rows: int | None = None) -> list[Feed]:

@@ -206,8 +206,11 @@ def calibration_targets(model: onnx.ModelProto) -> list[str]:
 
 
 def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[str], progress=lambda message: None,
-              model_hash: str | None = None, histograms: bool = True) -> CalibrationTable:
+              model_hash: str | None = None, histograms: bool = True,
+              percentiles: Iterable[float] = ()) -> CalibrationTable:
     """Observe ``tensors`` of ``model`` over ``feeds`` and build the table.
+
+    ``percentiles`` are measured besides ``PERCENTILES`` (``qdq{percentile=99}`` with calibration data).
 
     ``model`` may be a gs graph: it then runs without being exported (see ``tqc.compiler.runtime.graph_session``).
 
@@ -291,7 +294,7 @@ def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[
         _set_channels(r, name)
         r.amax["max"] = bound
         r.lo["max"], r.hi["max"] = lows[name], highs[name]
-        for q in PERCENTILES:
+        for q in sorted(set(PERCENTILES) | set(percentiles)):
             key = _key("percentile", q)
             r.amax[key] = min(_percentile_from_hist(absolute, bound, q), bound)
             total = hist.sum()

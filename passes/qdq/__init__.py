@@ -72,7 +72,8 @@ class Qdq(Pass):
                          "per linear-layer input only where it lowers that layer's output error on the calibration "
                          "data below max's (clipping a LayerNorm output feeding attention lost 0.016 of MiniLM's "
                          "cosine), else max", choices=("max", "percentile", "entropy", "mse")),
-        "percentile": Option(float, 99.99, "percentile for method=percentile (99.9, 99.99 or 99.999)",
+        "percentile": Option(float, 99.99, "percentile for method=percentile (any with --calib; a table from "
+                                           "tqc calibrate holds 99.9, 99.99 and 99.999)",
                              min=90, max=100),  # below 90 clipping saturates a tenth of the values: no range
         "exclude": Option(parse_list, [], "node-name patterns to keep in float ('|'-separated, fnmatch)"),
         "op_types": Option(parse_list, ["MatMul", "Gemm"], "op types to quantize"),
@@ -101,7 +102,9 @@ class Qdq(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         # Histograms only when the range method needs them: 'max' reads the data once.
-        table = ctx.calibration_table(graph, histograms=self.values["method"] != "max")
+        method = self.values["method"]
+        table = ctx.calibration_table(graph, histograms=method != "max",
+                                      percentiles=(self.values["percentile"],) if method == "percentile" else ())
         self.state = QdqState()
         options = self.plan_options(graph, ctx)
         stats_extra: dict[str, object] = {}

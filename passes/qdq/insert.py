@@ -222,7 +222,7 @@ class Quantizer:
                     outputs=[out]))
                 names.append(out.name)
             probe.toposort()
-            table = calibrate(probe, self.source, names, model_hash="probe")
+            table = calibrate(probe, self.source, names, model_hash="probe", percentiles=(self.percentile,))
             candidates = {}
             for (_, tensor, s, weight), name in zip(missing, names):
                 max_range = self._range_params(*self._max_smoothed_range(tensor, s))

@@ -228,3 +228,25 @@ def test_cli_calibrate_on_a_raw_export_then_compile(exports, tmp_path, capsys):
               "--calib-table", str(table), "--verify", "numeric"])
     assert info.value.code == 0, capsys.readouterr().err
     assert "qattention=2" in capsys.readouterr().out
+
+
+def test_any_percentile_in_range_is_measured_with_calibration_data(tmp_path, capsys):
+    """qdq{percentile} accepts [90, 100]: with --calib the asked percentile is measured (it was refused unless it
+    was one of the table's standard three); a table from tqc calibrate holds those three only."""
+    model = folded(make_mlp(with_identity=False))
+    x = mlp_data(64)
+    table = calibrate(model, FeedSource(DataSpec(npz(tmp_path, x=x)), model), calibration_targets(model),
+                      percentiles=(95.0,))
+    r = table.tensors["x"]
+    assert r.amax["percentile:95"] <= r.amax["percentile:99.9"]
+    # 95% of |x| lie at or below it, and not already one histogram bin lower
+    bin_width = 2 * max(abs(r.min), abs(r.max)) / BINS
+    assert np.mean(np.abs(x) <= r.amax["percentile:95"] + 1e-6) >= 0.95
+    assert np.mean(np.abs(x) <= r.amax["percentile:95"] - bin_width) < 0.95
+    mlp_path = tmp_path / "mlp.onnx"
+    make_mlp(mlp_path, with_identity=False)
+    with pytest.raises(SystemExit) as info:
+        main(["-q", "compile", str(mlp_path), "-p", "fold,qdq{method=percentile,percentile=95}", "-o",
+              str(tmp_path / "q.onnx"), "--calib", npz(tmp_path, x=mlp_data(32)), "--verify", "numeric"])
+    assert info.value.code == 0, capsys.readouterr().err
+    assert "method=percentile:95," in capsys.readouterr().out
