@@ -432,14 +432,7 @@ def diff(reference: onnx.ModelProto | PathLike, candidate: onnx.ModelProto | Pat
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold) \
             or threshold < 0:
         raise TqcError(f"Invalid value for 'threshold': {threshold!r} is not a finite number >= 0")
-    if runtime not in ("ort", "openvino"):
-        raise TqcError(f"--runtime must be ort or openvino, got '{runtime}'")
-    if runtime == "openvino":
-        from tqc.compiler.io.openvino_ir import require_openvino
-
-        require_openvino()
-        if sensitivity:
-            raise TqcError("--sensitivity runs on ONNX Runtime only; drop --runtime openvino for it")
+    diffing.check_runtime(runtime, sensitivity)
     spec = data_spec(data, "data", tokenizer=tokenizer, samples=samples, batch_size=batch_size,
                      max_length=max_length, input_map=input_map)
     report = progress_function(progress)

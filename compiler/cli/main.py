@@ -382,12 +382,7 @@ def diff_cmd(reference: str, candidates: tuple[str, ...], data: str | None, toke
     ui = _ui()
     if plot_path and not layerwise:  # option combinations first: nothing is written for a refused command
         raise TqcError("--plot draws per-tensor errors: add --layerwise")
-    if runtime == "openvino":
-        from tqc.compiler.io.openvino_ir import require_openvino
-
-        require_openvino()
-        if sensitivity:
-            raise TqcError("--sensitivity runs on ONNX Runtime only; drop --runtime openvino for it")
+    diffing.check_runtime(runtime, sensitivity)
     guard = current()
     for path in (reference, *candidates):
         guard.reads_model(check_input_path(path), f"the model '{path}'")

@@ -199,6 +199,19 @@ def _check_pair(reference: Side, candidate: Side) -> None:
         raise TqcError(f"{candidate.name} lacks output '{missing[0]}' of the reference: the models do not match")
 
 
+def check_runtime(runtime: str, sensitivity: bool = False) -> None:
+    """The engine the candidates run on (``ort`` or ``openvino``, installed), checked before anything is read;
+    ``--sensitivity`` runs on ONNX Runtime only. One line each (the CLI and ``tqc.diff``)."""
+    if runtime not in ("ort", "openvino"):
+        raise TqcError(f"--runtime must be ort or openvino, got '{runtime}'")
+    if runtime == "openvino":
+        from tqc.compiler.io.openvino_ir import require_openvino
+
+        require_openvino()
+        if sensitivity:
+            raise TqcError("--sensitivity runs on ONNX Runtime only; drop --runtime openvino for it")
+
+
 def prepare(reference: ModelLike | Side, candidates: list[tuple[ModelLike, str] | Side]) -> tuple[Side, list[Side]]:
     """The sides of a comparison, each model read as a skeleton and checked, and the candidates checked
     against the reference (same inputs and outputs): every refusal comes before anything runs."""
