@@ -8,10 +8,10 @@ comparable across machines. Prints a table of medians and writes JSON.
     python bench/bench_fuse.py --device cuda --json out/fuse_cuda.json   (onnxruntime-gpu, torch with CUDA)
 
 Variants (GPU: FP16; CPU: FP32, torch.compile reduce-overhead needs CUDA graphs and runs on GPU only):
-  torch-eager            transformers model, sdpa attention
-  torch-compile          torch.compile(mode="reduce-overhead"), sdpa attention
-  ort-plain              ORT on the sdpa export, no extra optimization (ORT's default session optimizations on)
-  ort-opt[sdpa|eager]    onnxruntime.transformers optimizer (+fp16) on the sdpa / eager export
+  torch-eager            transformers model, the family's default attention (sdpa where it has one)
+  torch-compile          torch.compile(mode="reduce-overhead"), the same attention
+  ort-plain              ORT on the default export (sdpa, or eager where the family has no sdpa), no extra optimization (ORT's default session optimizations on)
+  ort-opt[sdpa|eager]    onnxruntime.transformers optimizer (+fp16) on each export the family has
   tqc[sdpa|eager]        tqc fold,fuse(+fp16) on the sdpa / eager export
 ORT on CUDA runs with IO binding, and again with CUDA graphs (suffix +graph).
 Models have random weights built from the recipes' configs (latency does not depend on the values).
@@ -62,7 +62,7 @@ def export_models(family: str, workdir: Path) -> dict[str, Path]:
     cfg_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(cfg_dir)
     paths = {}
-    for attn in ("sdpa", "eager"):
+    for attn in recipe.attentions:  # DeBERTa-v2 and MPNet have eager only
         path = workdir / f"{family}-{attn}.onnx"
         if not path.exists():
             log(f"export {family} ({attn})")
@@ -115,9 +115,10 @@ def torch_runners(family: str, device: str, compile_mode: bool):
 
     from tqc.models.recipes import find_recipe
 
-    config = find_recipe(family).config("base")
+    recipe = find_recipe(family)
+    config = recipe.config("base")
     torch.manual_seed(0)
-    model = AutoModel.from_config(config, attn_implementation="sdpa").eval()
+    model = AutoModel.from_config(config, attn_implementation=recipe.default_attention).eval()
     dtype = torch.float16 if device == "cuda" else torch.float32
     model = model.to(device=device, dtype=dtype)
     fn = torch.compile(model, mode="reduce-overhead") if compile_mode else model
@@ -169,8 +170,8 @@ def main() -> None:
         recipe = find_recipe(family)
         vocab = recipe.config("base").vocab_size
         paths = export_models(family, workdir)
-        sessions: dict[str, Path] = {"ort-plain": paths["sdpa"]}
-        for attn in ("sdpa", "eager"):
+        sessions: dict[str, Path] = {"ort-plain": paths[recipe.default_attention]}
+        for attn in paths:
             out = workdir / f"{family}-{attn}-ortopt.onnx"
             results["compile"][f"{family}/ort-opt[{attn}]"] = ort_optimize(paths[attn], out, family, cuda, cuda)
             sessions[f"ort-opt[{attn}]"] = out
@@ -258,17 +259,18 @@ def print_table(results: dict) -> None:
             value = table.get((model, shape, v))
             cells.append(f"{value:>17.3f}" if value is not None else f"{'-':>17}")
         print(f"{model:<8} {shape:<7} " + " ".join(cells))
-    best_tqc = "tqc[sdpa]+graph" if any(v == "tqc[sdpa]+graph" for v in variants) else "tqc[sdpa]"
-    print(f"\nratios (anchor / {best_tqc}; >1 means tqc is faster)")
+    print("\nratios (anchor / the fastest tqc variant of that model and shape; >1 means tqc is faster)")
     anchors = [v for v in variants if not v.startswith("tqc")]
-    print(f"{'model':<8} {'shape':<7} " + " ".join(f"{v:>17}" for v in anchors))
+    print(f"{'model':<8} {'shape':<7} {'tqc variant':>17} " + " ".join(f"{v:>17}" for v in anchors))
     for model, shape in keys:
-        ours = table.get((model, shape, best_tqc))
+        ours = {v: table.get((model, shape, v)) for v in variants if v.startswith("tqc")}
+        ours = {v: t for v, t in ours.items() if t}
+        best = min(ours, key=ours.get) if ours else "-"
         cells = []
         for v in anchors:
             other = table.get((model, shape, v))
-            cells.append(f"{other / ours:>17.2f}" if ours and other else f"{'-':>17}")
-        print(f"{model:<8} {shape:<7} " + " ".join(cells))
+            cells.append(f"{other / ours[best]:>17.2f}" if ours and other else f"{'-':>17}")
+        print(f"{model:<8} {shape:<7} {best:>17} " + " ".join(cells))
     print("\ncompile: " + json.dumps(results["compile"]))
 
 
