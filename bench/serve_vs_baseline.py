@@ -1,0 +1,199 @@
+"""Batch-1 text-in latency of ``tqc serve`` against the hand-written Triton python-backend baseline, one client.
+
+The baseline is ``../shared/gpu/baseline_pyback`` (``model.py``: tokenizer + ORT CUDA with IO binding and one CUDA
+graph per shape + mean pooling + L2 norm, all in the stub; or any folder with its ``config.pbtxt`` and
+``model.py``). Both servers run at once on this host, each started the way its own script starts it, and one
+client measures both with the same loop (the baseline's: sequential gRPC requests, 200 warm-up, then timed),
+alternating which server goes first each round, so every figure is a ratio taken under the same conditions.
+
+Texts: the baseline's own two (11 and 128 tokens after its truncation at 128) and one of exactly 16 tokens;
+``tqc serve`` runs with ``--max-length 128`` so the long text is truncated alike.
+
+    python bench/serve_vs_baseline.py --tqc-model minilm.pooled.fp16.onnx --baseline-model minilm.fp16.onnx \
+        --tokenizer TOKENIZER_DIR --baseline-dir BASELINE_DIR [--rounds 3] [--json out.json] [-- tqc serve options]
+
+Needs the GPU machine's serving setup (../shared/gpu/README.md: the carried wheels in /tmp/site).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+S11 = "a short sentence about fast transformer inference."
+S128 = " ".join(["the compiler fuses attention and quantizes matrix products for deployment"] * 12)
+
+
+def pytriton_site() -> Path:
+    """The folder holding the nvidia-pytriton wheel's ``pytriton`` and ``nvidia_pytriton.libs``."""
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent.parent
+
+
+def wait_ready(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited ({proc.returncode}); log {log}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} not ready after {seconds:.0f}s; log {log}:\n{log.read_text()[-3000:]}")
+
+
+PTH_FILES: list[Path] = []
+
+
+def start_baseline(model: Path, tokenizer: Path, folder: Path, ports: tuple[int, int, int]) -> subprocess.Popen:
+    """As ``run.sh`` does: a one-model repository, the wheel's python backend and 3.12 stub, LD_LIBRARY_PATH."""
+    site = pytriton_site()
+    server = site / "pytriton" / "tritonserver"
+    repo, backend = Path("/tmp/svb_baseline_repo"), Path("/tmp/svb_baseline_backend")
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.rmtree(backend, ignore_errors=True)
+    (repo / "minilm" / "1").mkdir(parents=True)
+    (backend / "python").mkdir(parents=True)
+    shutil.copy(folder / "config.pbtxt", repo / "minilm")
+    shutil.copy(folder / "model.py", repo / "minilm" / "1")
+    for item in (server / "backends" / "python").iterdir():  # cp backends/python/* (files; run.sh's glob)
+        if item.is_file():
+            shutil.copy(item, backend / "python")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    shutil.copy(server / "python_backend_stubs" / version / "triton_python_backend_stub", backend / "python")
+    venv_site = subprocess.run([sys.executable, "-c", "import site; print(site.getsitepackages()[0])"],
+                               capture_output=True, text=True).stdout.strip()
+    for d in ("/usr/local/lib/python3.12/dist-packages", "/usr/lib/python3/dist-packages"):
+        if Path(d).is_dir():  # as run.sh does; removed again when the run ends (PTH_FILES)
+            Path(d, "zz_tmpsite.pth").write_text(f"{site}\n{venv_site}\n")
+            PTH_FILES.append(Path(d, "zz_tmpsite.pth"))
+    env = dict(os.environ, PROBE_TOK=str(tokenizer), PROBE_MODEL=str(model),
+               LD_LIBRARY_PATH=f"{site}/nvidia_pytriton.libs:/usr/lib/x86_64-linux-gnu:" + os.environ.get("LD_LIBRARY_PATH", ""))
+    log = Path("/tmp/svb_baseline_server.log")
+    proc = subprocess.Popen([str(server / "bin" / "tritonserver"), f"--model-repository={repo}",
+                             f"--backend-directory={backend}", f"--http-port={ports[0]}", f"--grpc-port={ports[1]}",
+                             f"--metrics-port={ports[2]}"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    wait_ready(f"http://localhost:{ports[0]}/v2/models/minilm/ready", 180, proc, log)
+    return proc
+
+
+def start_tqc(model: Path, tokenizer: Path, ports: tuple[int, int, int], device: str, extra: list[str]) -> subprocess.Popen:
+    log = Path("/tmp/svb_tqc_server.log")
+    runtime = ["--provider", "cuda", "--cuda-graph"] if device == "cuda" else ["--provider", "cpu"]
+    cmd = [sys.executable, "-m", "tqc", "serve", str(model), *runtime, "--endpoints", "text",
+           "--tokenizer", str(tokenizer), "--max-length", "128", "--name", "m", "--port", str(ports[0]),
+           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra]
+    print("tqc:", " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_ready(f"http://localhost:{ports[0]}/v2/models/m_text/ready", 300, proc, log)
+    return proc
+
+
+def text_of_tokens(tokenizer: Path, count: int) -> str:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    words = S128.split()
+    for n in range(1, len(words)):
+        text = " ".join(words[:n])
+        if len(tok.encode(text).ids) == count:
+            return text
+    raise SystemExit(f"no prefix of the long text has exactly {count} tokens")
+
+
+def measure(url: str, model: str, input_name: str, text: str, requests: int, warmup: int) -> list[float]:
+    from tritonclient.grpc import InferenceServerClient, InferInput
+
+    client = InferenceServerClient(url)
+    x = np.frombuffer(text.encode(), dtype=np.uint8)[None, :].copy()
+    times = []
+    for i in range(warmup + requests):
+        tensor = InferInput(input_name, list(x.shape), "UINT8")
+        tensor.set_data_from_numpy(x)
+        start = time.perf_counter()
+        client.infer(model, [tensor])
+        times.append(time.perf_counter() - start)
+    return [t * 1e3 for t in times[warmup:]]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tqc-model", required=True, type=Path)
+    parser.add_argument("--baseline-model", required=True, type=Path)
+    parser.add_argument("--tokenizer", required=True, type=Path)
+    parser.add_argument("--baseline-dir", required=True, type=Path)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: to try this script without a GPU (give it a CPU copy of the baseline)")
+    parser.add_argument("tqc_options", nargs="*", help="extra `tqc serve` options (after --)")
+    args = parser.parse_args()
+    texts = {"11 tokens": S11, "16 tokens": text_of_tokens(args.tokenizer, 16), "128 tokens": S128}
+    servers = {}
+    try:
+        servers["baseline"] = (start_baseline(args.baseline_model.resolve(), args.tokenizer.resolve(),
+                                              args.baseline_dir.resolve(), (18100, 18101, 18102)),
+                               "localhost:18101", "minilm", "text")
+        servers["tqc"] = (start_tqc(args.tqc_model.resolve(), args.tokenizer.resolve(), (18200, 18201, 18202),
+                                    args.device, args.tqc_options), "localhost:18201", "m_text", "TEXT")
+        rows: dict[tuple[str, str], list[dict]] = {}
+        for r in range(args.rounds):
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for label, text in texts.items():
+                for name in order:
+                    _, url, model, input_name = servers[name]
+                    t = measure(url, model, input_name, text, args.requests, args.warmup)
+                    cell = {"p50_ms": statistics.median(t), "p99_ms": float(np.percentile(t, 99))}
+                    rows.setdefault((name, label), []).append(cell)
+                    print(f"round {r} {name:<8} {label:<10}: p50 {cell['p50_ms']:.3f} ms, p99 {cell['p99_ms']:.3f} ms",
+                          file=sys.stderr, flush=True)
+    finally:
+        for proc, *_ in servers.values():
+            stop(proc)
+        for pth in PTH_FILES:
+            pth.unlink(missing_ok=True)
+    table = []
+    print(f"\n{'server':<9} {'text':<11} {'p50 ms':>8} {'p99 ms':>8}  (medians of {args.rounds} rounds; ratio tqc/baseline)")
+    for label in texts:
+        med = {name: {q: statistics.median(c[q] for c in rows[(name, label)]) for q in ("p50_ms", "p99_ms")}
+               for name in servers}
+        for name in servers:
+            table.append({"server": name, "text": label, **med[name], "rounds": rows[(name, label)]})
+            ratio = med[name]["p50_ms"] / med["baseline"]["p50_ms"]
+            print(f"{name:<9} {label:<11} {med[name]['p50_ms']:>8.3f} {med[name]['p99_ms']:>8.3f}  {ratio:.2f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"texts": texts, "tqc_options": args.tqc_options, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
