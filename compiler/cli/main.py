@@ -345,7 +345,8 @@ def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str,
 def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, instances: int, kind: str,
                       queue_delay_us: int, text: bool, tokenizer: str | None, max_length: int | None,
                       long_text: str) -> None:
-    """Write a Triton model repository (config.pbtxt + version folder) for an ONNX model or a plan."""
+    """Write a Triton model repository (config.pbtxt + version folder) for an ONNX model or a plan; with --text
+    also a python-backend tokenizer and an ensemble that takes text."""
     if not text:
         from tqc.compiler.tools.triton import export_triton
 
