@@ -35,16 +35,16 @@ def _param(key: str, value) -> dict:
     return {"key": key, "value": {"string_value": str(value)}}
 
 
-def tokenizer_config(name: str, token_inputs: list[str], max_batch: int, instances: int, queue_delay_us: int,
+def tokenizer_config(name: str, names: list[str], max_batch: int, instances: int, queue_delay_us: int,
                      settings: dict) -> dict:
     """The python-backend tokenizer: TEXT [texts] -> each token input INT64 [texts, sequence]."""
     text = [{"name": "TEXT", "data_type": "TYPE_STRING", "dims": [-1, 1] if max_batch > 0 else [-1]}]
-    tokens = [{"name": n, "data_type": "TYPE_INT64", "dims": [-1, -1]} for n in token_inputs]
+    tokens = [{"name": n, "data_type": "TYPE_INT64", "dims": [-1, -1]} for n in names]
     config = model_config(name, None, text, tokens, max_batch, instances, "KIND_CPU", queue_delay_us)
     del config["platform"]
     config["backend"] = "python"
     config["parameters"] = [_param(key, settings[key]) for key in ("max_length", "pad_id", "long_text")] + [
-        _param("outputs", ",".join(token_inputs)), _param("max_text_bytes", MAX_TEXT_BYTES)]
+        _param("outputs", ",".join(names)), _param("max_text_bytes", MAX_TEXT_BYTES)]
     return config
 
 
@@ -128,7 +128,8 @@ def check_ensemble(ensemble: dict, configs: dict[str, dict]) -> list[str]:
     return problems
 
 
-def _token_inputs(config: dict) -> list[str]:
+def token_inputs(config: dict) -> list[str]:
+    """The model's inputs, which must all be token tensors (INT64 [batch, sequence]) and hold input_ids."""
     names = [p["name"] for p in config["input"]]
     for port in config["input"]:
         rank = len(port["dims"]) + (1 if config["max_batch_size"] > 0 else 0)
@@ -158,7 +159,7 @@ def export_triton_text(model_path: str | Path, repo: str | Path, name: str | Non
         repo = Path(repo)
         final, model, files = model_folder(guard, model_path, repo, name, max_batch, instances, kind,
                                            queue_delay_us)
-        token_inputs = _token_inputs(model)
+        names = token_inputs(model)
         folder = tokenizer_folder(tokenizer, Path(model_path))
         if folder is None:
             raise TqcError("--text needs the model's tokenizer: give --tokenizer DIR (the export metadata names none)")
@@ -170,7 +171,7 @@ def export_triton_text(model_path: str | Path, repo: str | Path, name: str | Non
         if positions and limit > positions:
             raise TqcError(f"--max-length {limit} exceeds the model's {positions} positions")
         settings = {"max_length": limit, "pad_id": facts["pad_id"], "long_text": long_text}
-        tok = tokenizer_config(f"{model['name']}_tokenizer", token_inputs, max_batch, instances, queue_delay_us,
+        tok = tokenizer_config(f"{model['name']}_tokenizer", names, max_batch, instances, queue_delay_us,
                                settings)
         text = ensemble_config(f"{model['name']}_text", tok, model)
         problems = check_ensemble(text, {model["name"]: model, tok["name"]: tok})

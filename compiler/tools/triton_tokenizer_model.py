@@ -4,7 +4,8 @@ It is the first step of the ``NAME_text`` ensemble and runs in a stock Triton co
 imports nothing from tqc: numpy (in the container) and ``tokenizers`` (``pip install tokenizers`` in the
 container, or a folder named by TQC_SERVE_STUB_PATH in the server's environment, put first on ``sys.path``).
 
-    request  TEXT  BYTES [n, 1]  (UTF-8, one text per row)
+    requests TEXT  BYTES [n, 1]  (UTF-8, one text per row); the texts of all requests of an execute call are
+             tokenized in one call
     response the model's token inputs (input_ids, attention_mask, token_type_ids: the ones it has), INT64 [n, seq],
              padded to the longest text of the request; answers of a request never depend on another request
 
@@ -66,14 +67,13 @@ class TritonPythonModel:
             raise RequestError("TEXT holds no text")
         return texts
 
-    def _tokens(self, texts):
-        encodings = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(texts)
+    def _tokens(self, encodings):
         if self.long_text == "error" and any(e.overflowing for e in encodings):
             raise RequestError(f"TEXT is longer than the model's limit of {self.max_length} tokens")
         seq = max(len(e.ids) for e in encodings)
-        values = {"input_ids": np.full((len(texts), seq), self.pad_id, dtype=np.int64),
-                  "attention_mask": np.zeros((len(texts), seq), dtype=np.int64),
-                  "token_type_ids": np.zeros((len(texts), seq), dtype=np.int64)}
+        values = {"input_ids": np.full((len(encodings), seq), self.pad_id, dtype=np.int64),
+                  "attention_mask": np.zeros((len(encodings), seq), dtype=np.int64),
+                  "token_type_ids": np.zeros((len(encodings), seq), dtype=np.int64)}
         for row, encoding in enumerate(encodings):
             n = len(encoding.ids)
             values["input_ids"][row, :n] = encoding.ids
@@ -82,10 +82,25 @@ class TritonPythonModel:
         return [pb_utils.Tensor(name, values[name]) for name in self.outputs]
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
+        """The texts of every request in one tokenizer call (its threads), then each request padded on its own."""
+        responses = [None] * len(requests)
+        owners, texts = [], []
+        for index, request in enumerate(requests):
             try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._tokens(self._texts(request))))
+                mine = self._texts(request)
             except RequestError as exc:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))))
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc)))
+                continue
+            owners.append((index, len(texts), len(mine)))
+            texts.extend(mine)
+        if texts:
+            # one text: encode() (encode_batch's thread pool costs more than it saves there)
+            encodings = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(texts)
+            for index, start, count in owners:
+                try:
+                    tensors = self._tokens(encodings[start:start + count])
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+                except RequestError as exc:
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=[],
+                                                                  error=pb_utils.TritonError(str(exc)))
         return responses

@@ -193,6 +193,15 @@ def test_the_exported_ensemble_answers_text_in_tritonserver(repo, minilm, tmp_pa
     config = served / "minilm" / "config.pbtxt"
     config.write_text(config.read_text().replace('platform: "onnxruntime_onnx"', 'backend: "python"'))
     shutil.copyfile(STANDIN, served / "minilm" / "1" / "model.py")
+    # a second tokenizer step and ensemble, as --long-text error writes them
+    shutil.copytree(served / "minilm_tokenizer", served / "strict_tokenizer")
+    shutil.copytree(served / "minilm_text", served / "strict_text")
+    for path, old, new in ((served / "strict_tokenizer" / "config.pbtxt", '"minilm_tokenizer"', '"strict_tokenizer"'),
+                           (served / "strict_tokenizer" / "config.pbtxt", '"truncate"', '"error"'),
+                           (served / "strict_text" / "config.pbtxt", '"minilm_text"', '"strict_text"'),
+                           (served / "strict_text" / "config.pbtxt", '"minilm_tokenizer"', '"strict_tokenizer"')):
+        assert old in path.read_text()
+        path.write_text(path.read_text().replace(old, new))
     texts = sentences(6) + ["Été à Zürich: naïve café ☕"]
     long_text = " ".join(sentences(30, skip=10))
     expected = reference(minilm, texts + [long_text])
@@ -214,10 +223,15 @@ def test_the_exported_ensemble_answers_text_in_tritonserver(repo, minilm, tmp_pa
             with pytest.raises(InferenceServerException) as info:
                 client.infer("minilm_text", text_request(httpclient, bad))
             assert words in str(info.value), str(info.value)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("strict_text", text_request(httpclient, [long_text]))
+        assert "longer than the model's limit of 256 tokens" in str(info.value)
+        strict = client.infer("strict_text", text_request(httpclient, texts[:2])).as_numpy("sentence_embedding")
         assert client.is_server_ready()  # still serving after the refused requests
     np.testing.assert_allclose(one_by_one, expected, atol=TOL, rtol=0)  # the long text: truncated at 256 tokens
     np.testing.assert_allclose(together, expected[:len(texts)], atol=TOL, rtol=0)  # padded to the longest
     np.testing.assert_allclose(concurrent, expected[[i % len(texts) for i in range(18)]], atol=TOL, rtol=0)
+    np.testing.assert_allclose(strict, expected[:2], atol=TOL, rtol=0)
 
 
 def test_text_export_refusals_write_nothing(minilm, tmp_path):
@@ -233,3 +247,37 @@ def test_text_export_refusals_write_nothing(minilm, tmp_path):
     with pytest.raises(TqcError, match="needs the ONNX model"):
         export_triton_text(tmp_path / "m.plan", tmp_path / "r4")
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r3").exists() and not (tmp_path / "r4").exists()
+
+
+@pytest.mark.parametrize("max_batch", [8, 0])
+def test_a_model_without_token_type_ids_gets_the_two_tensors_it_takes(max_batch):
+    from tqc.compiler.tools.triton import model_config
+    from tqc.compiler.tools.triton_text import ensemble_config, tokenizer_config, token_inputs
+
+    ports = [{"name": n, "data_type": "TYPE_INT64", "dims": [-1, -1]} for n in ("input_ids", "attention_mask")]
+    model = model_config("m", "onnxruntime_onnx", ports, [{"name": "e", "data_type": "TYPE_FP32", "dims": [-1, 8]}],
+                         max_batch, 1, "KIND_GPU", 100)
+    tok = tokenizer_config("m_tokenizer", token_inputs(model), max_batch, 1, 100,
+                           {"max_length": 128, "pad_id": 1, "long_text": "truncate"})
+    text = ensemble_config("m_text", tok, model)
+    assert [(p["name"], p["dims"]) for p in tok["output"]] == [
+        ("input_ids", [-1] if max_batch else [-1, -1]), ("attention_mask", [-1] if max_batch else [-1, -1])]
+    assert text["input"][0]["dims"] == ([1] if max_batch else [-1]) and text["max_batch_size"] == max_batch
+    assert check_ensemble(text, {"m": model, "m_tokenizer": tok}) == []
+    assert check_ensemble(text, {"m": model, "m_tokenizer": dict(tok, output=tok["output"][:1])}) == [
+        "step 1 (m_tokenizer): output 'attention_mask' is not an output of the model",
+        "step 2 (m) reads ['attention_mask'], which no input or step gives",
+        "ensemble output 'e' is produced by no step"]
+    wrong = dict(model, input=[dict(ports[0], name="input_ids", data_type="TYPE_INT32", dims=[-1])])
+    with pytest.raises(TqcError, match="input 'input_ids' is not one"):
+        token_inputs(dict(wrong, max_batch_size=8))
+
+
+def test_an_unbatched_text_repository_is_accepted_by_triton(pooled, tmp_path):
+    from tqc.compiler.tools.serve.repo_check import check_triton_repository
+
+    export_triton_text(pooled, tmp_path / "repo", name="m", max_batch=0, long_text="error", max_length=64)
+    rows = check_triton_repository(tmp_path / "repo")
+    assert [row["model"] for row in rows] == ["m", "m_text", "m_tokenizer"] and all(row["ok"] for row in rows), rows
+    config = parse_pbtxt((tmp_path / "repo" / "m_tokenizer" / "config.pbtxt").read_text())
+    assert {p["key"]: p["value"]["string_value"] for p in config["parameters"]}["max_length"] == "64"
