@@ -281,3 +281,19 @@ def test_an_unbatched_text_repository_is_accepted_by_triton(pooled, tmp_path):
     assert [row["model"] for row in rows] == ["m", "m_text", "m_tokenizer"] and all(row["ok"] for row in rows), rows
     config = parse_pbtxt((tmp_path / "repo" / "m_tokenizer" / "config.pbtxt").read_text())
     assert {p["key"]: p["value"]["string_value"] for p in config["parameters"]}["max_length"] == "64"
+
+
+def test_the_cli_writes_the_three_models_and_notes_a_per_token_output(minilm, tmp_path, capsys):
+    from tests.hostile.harness import run_inprocess
+
+    outcome = run_inprocess(["export-triton", minilm, "-o", tmp_path / "repo", "--name", "tokens", "--text",
+                             "--long-text", "error", "--instances", "2"], capsys)
+    assert outcome.code == 0, outcome.err
+    assert "tokens_tokenizer" in outcome.out and "token limit 256" in outcome.out
+    assert "'last_hidden_state' is per token" in outcome.err and "pool pass" in outcome.err
+    configs = {p.name: parse_pbtxt((p / "config.pbtxt").read_text()) for p in (tmp_path / "repo").iterdir()}
+    assert configs["tokens_text"]["output"] == [{"name": "last_hidden_state", "data_type": "TYPE_FP32",
+                                                 "dims": [-1, 384]}]
+    assert configs["tokens_tokenizer"]["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    assert configs["tokens"]["instance_group"] == [{"count": 2, "kind": "KIND_GPU"}]
+    assert check_ensemble(configs["tokens_text"], configs) == []
