@@ -160,6 +160,8 @@ def export_triton_text(model_path: str | Path, repo: str | Path, name: str | Non
         final, model, files = model_folder(guard, model_path, repo, name, max_batch, instances, kind,
                                            queue_delay_us)
         names = token_inputs(model)
+        tok_final = guard.writes_folder(repo / f"{model['name']}_tokenizer", "the Triton tokenizer folder")
+        text_final = guard.writes_folder(repo / f"{model['name']}_text", "the Triton ensemble folder")
         folder = tokenizer_folder(tokenizer, Path(model_path))
         if folder is None:
             raise TqcError("--text needs the model's tokenizer: give --tokenizer DIR (the export metadata names none)")
@@ -167,20 +169,19 @@ def export_triton_text(model_path: str | Path, repo: str | Path, name: str | Non
         scratch = guard.temp_dir()
         facts = save_tokenizer(folder, scratch / "tokenizer.json")
         positions = model_facts(Path(model_path)).max_positions
+        if max_length and positions and max_length > positions:
+            raise TqcError(f"--max-length {max_length} exceeds the model's {positions} positions")
         limit = max_length or sentence_encoder(folder).get("max_length") or facts["model_max_length"] or 512
-        if positions and limit > positions:
-            raise TqcError(f"--max-length {limit} exceeds the model's {positions} positions")
+        limit = min(limit, positions or limit)  # a default never exceeds what the model can take
         settings = {"max_length": limit, "pad_id": facts["pad_id"], "long_text": long_text}
-        tok = tokenizer_config(f"{model['name']}_tokenizer", names, max_batch, instances, queue_delay_us,
-                               settings)
-        text = ensemble_config(f"{model['name']}_text", tok, model)
+        tok = tokenizer_config(tok_final.name, names, max_batch, instances, queue_delay_us, settings)
+        text = ensemble_config(text_final.name, tok, model)
         problems = check_ensemble(text, {model["name"]: model, tok["name"]: tok})
         if problems:
             raise RuntimeError(f"the ensemble tqc wrote is miswired: {problems[0]}")
         folders = [(final, model, files),
-                   (guard.writes_folder(repo / tok["name"], "the Triton tokenizer folder"), tok,
-                    [(TOKENIZER_MODEL, "model.py"), (scratch / "tokenizer.json", "tokenizer.json")]),
-                   (guard.writes_folder(repo / text["name"], "the Triton ensemble folder"), text, [])]
+                   (tok_final, tok, [(TOKENIZER_MODEL, "model.py"), (scratch / "tokenizer.json", "tokenizer.json")]),
+                   (text_final, text, [])]
         for folder_path, config, folder_files in folders:
             stage_folder(guard, folder_path, config, folder_files)
     batch_axis = 1 if max_batch == 0 else 0

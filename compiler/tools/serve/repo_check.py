@@ -146,7 +146,7 @@ def check_triton_repository(repo: str | Path, timeout: float = 120.0) -> list[di
         try:
             files = _signature(model, configs[model.name], configs)
         except (IndexError, KeyError, ValueError, TypeError, AttributeError) as exc:
-            files = f"config.pbtxt could not be read by tqc's parser ({type(exc).__name__})"
+            files = f"config.pbtxt could not be read by tqc's parser or checks ({type(exc).__name__})"
         rows.append({"model": model.name, "triton": verdicts[model.name], "files": files,
                      "ok": verdicts[model.name].startswith("ok") and (files.startswith("ok") or "not loadable" in files)})
     return rows
