@@ -10,8 +10,9 @@
         config.pbtxt
         1/                 (empty: Triton wants a version folder for an ensemble too)
 
-A stock Triton container (nvcr.io/nvidia/tritonserver:<yy.mm>-py3) loads all three; its python backend needs
-``tokenizers`` installed. The ensemble answers what the model answers: sentence embeddings when the model
+The three are for a stock Triton container (nvcr.io/nvidia/tritonserver:<yy.mm>-py3, with ``tokenizers``
+installed for its python backend); no such container runs on the project's machines, and the tritonserver here
+has no onnxruntime backend, so what is verified, and how, is listed in docs/scale-out.md. The ensemble answers what the model answers: sentence embeddings when the model
 pools in the graph (``tqc compile -p ...,pool``), token states otherwise (padded to the longest text of the
 request; a note says so). ``check_ensemble`` verifies the wiring (every step names a model of the repository,
 every tensor it maps exists with the same type and compatible dims, every output is produced) and runs on the

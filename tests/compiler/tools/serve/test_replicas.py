@@ -1,12 +1,16 @@
 """Two ``tqc serve`` replicas, as a load balancer sees them (docs/scale-out.md): two real tritonservers on free
 loopback ports. Each is live and ready, its models are ready, it answers the same text with the same numbers,
-and its metrics count what it served; requests spread over the ready replicas are all answered; a stopped
-replica fails its readiness probe while the other keeps answering.
+and its metrics count what it served; requests spread over the ready replicas are all answered; behind a real
+HAProxy (when installed) that probes readiness, every request is answered while one replica stops; a stopped
+replica fails its probes while the other keeps answering.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -20,7 +24,7 @@ pytest.importorskip("tokenizers")
 
 from tqc.compiler.core.errors import TqcError  # noqa: E402
 from tqc.compiler.tools.serve.repository import ServeOptions  # noqa: E402
-from tqc.compiler.tools.serve.server import TritonServer  # noqa: E402
+from tqc.compiler.tools.serve.server import TritonServer, free_port  # noqa: E402
 from tqc.compiler.tools.serve.triton_dist import find_triton  # noqa: E402
 
 try:
@@ -85,7 +89,7 @@ def test_each_replica_is_live_ready_and_answers_the_same(replicas):
     assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
 
 
-def test_requests_spread_over_ready_replicas_and_a_stopped_one_leaves(replicas):
+def test_requests_spread_over_ready_replicas_are_counted_by_each(replicas):
     before = [served(s.metrics_url) for s in replicas]
     text = "A load balancer sends this sentence to whichever replica is ready."
     answers = []
@@ -95,8 +99,88 @@ def test_requests_spread_over_ready_replicas_and_a_stopped_one_leaves(replicas):
     np.testing.assert_allclose(np.stack(answers), np.stack([answers[0]] * 8), atol=1e-6, rtol=0)
     assert [served(s.metrics_url) - b for s, b in zip(replicas, before)] == [4, 4]  # each replica's own count
 
-    replicas[0].stop()
+
+def test_behind_haproxy_every_request_is_answered_while_a_replica_stops(replicas, tmp_path):
+    """HAProxy probing /v2/health/ready (docs/scale-out.md's configuration): requests through it reach both
+    replicas; one replica stops, HAProxy takes it out, and every request is still answered, by the other."""
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed (apt-get install haproxy)")
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY.format(port=port, r0=replicas[0].http_url, r1=replicas[1].http_url,
+                                     socket=tmp_path / "admin.sock"))
+    proxy = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    front = f"127.0.0.1:{port}"
+    text = "Through the balancer."
+    try:
+        deadline = time.monotonic() + 20
+        while status(front, "/v2/health/ready") != 200:
+            assert proxy.poll() is None, proxy.stderr.read()
+            assert time.monotonic() < deadline, "haproxy did not become ready"
+            time.sleep(0.1)
+        before = [served(s.metrics_url) for s in replicas]
+        answers = [embed(front, text) for _ in range(12)]
+        spread = [served(s.metrics_url) - b for s, b in zip(replicas, before)]
+        assert sum(spread) == 12 and min(spread) > 0, spread
+
+        assert server_states(tmp_path / "admin.sock") == {"r0": "UP", "r1": "UP"}
+        replicas[0].stop()
+        assert status(replicas[0].http_url, "/v2/health/ready") == 0
+        deadline = time.monotonic() + 20
+        while server_states(tmp_path / "admin.sock")["r0"] != "DOWN":  # its readiness check failed
+            assert time.monotonic() < deadline, server_states(tmp_path / "admin.sock")
+            time.sleep(0.1)
+        before = served(replicas[1].metrics_url)
+        answers += [embed(front, text) for _ in range(12)]
+        assert served(replicas[1].metrics_url) - before == 12
+        np.testing.assert_allclose(np.stack(answers), np.stack([answers[0]] * 24), atol=1e-6, rtol=0)
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=10)
+
+
+def test_a_stopped_replica_fails_its_probes_and_the_other_answers(replicas):
+    replicas[0].stop()  # already stopped by the HAProxy test when it ran: stop() is idempotent
     assert [status(replicas[0].http_url, p) for p in PROBES] == [0, 0, 0]
     ready = [s for s in replicas if status(s.http_url, "/v2/health/ready") == 200]
     assert ready == [replicas[1]]
-    np.testing.assert_allclose(embed(ready[0].http_url, text), answers[0], atol=1e-6, rtol=0)
+    assert np.allclose(np.linalg.norm(embed(ready[0].http_url, "Still answering.")), 1.0, atol=1e-5)
+
+
+def server_states(socket_path) -> dict[str, str]:
+    """HAProxy's view of each replica (its stats socket, ``show stat``): UP or DOWN by the readiness check."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(socket_path))
+        sock.sendall(b"show stat\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    rows = [line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")]
+    header = data.decode().splitlines()[0].lstrip("# ").split(",")
+    return {row[1]: row[header.index("status")] for row in rows if row[0] == "replicas" and row[1] in ("r0", "r1")}
+
+
+HAPROXY = """global
+  maxconn 256
+  stats socket {socket} mode 600 level admin
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  retries 2
+  option redispatch
+frontend triton
+  bind 127.0.0.1:{port}
+  default_backend replicas
+backend replicas
+  balance roundrobin
+  option httpchk GET /v2/health/ready
+  http-check expect status 200
+  server r0 {r0} check inter 200ms fall 1 rise 1
+  server r1 {r1} check inter 200ms fall 1 rise 1
+"""
