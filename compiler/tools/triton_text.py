@@ -12,11 +12,13 @@
 
 The three are for a stock Triton container (nvcr.io/nvidia/tritonserver:<yy.mm>-py3, with ``tokenizers``
 installed for its python backend); no such container runs on the project's machines, and the tritonserver here
-has no onnxruntime backend, so what is verified, and how, is listed in docs/scale-out.md. The ensemble answers what the model answers: sentence embeddings when the model
-pools in the graph (``tqc compile -p ...,pool``), token states otherwise (padded to the longest text of the
-request; a note says so). ``check_ensemble`` verifies the wiring (every step names a model of the repository,
-every tensor it maps exists with the same type and compatible dims, every output is produced) and runs on the
-configs before anything is written, and in ``tqc check-triton``.
+has no onnxruntime backend, so what is verified, and how, is listed in docs/scale-out.md.
+
+The ensemble answers what the model answers: sentence embeddings when the model pools in the graph
+(``tqc compile -p ...,pool``), token states otherwise (padded to the longest text of the request, returned with
+the tokenizer's attention_mask; a note says so). ``check_ensemble`` verifies the wiring (every step names a
+model of the repository, every tensor it maps exists with the same type and compatible dims, every output is
+produced) on the configs before anything is written, and in ``tqc check-triton``.
 """
 
 from __future__ import annotations
@@ -49,18 +51,28 @@ def tokenizer_config(name: str, names: list[str], max_batch: int, instances: int
     return config
 
 
+def per_token(model: dict) -> bool:
+    """Whether an output of the model has a sequence axis (token states, not one row per text)."""
+    batch_axis = 0 if model["max_batch_size"] > 0 else 1
+    return any(len(p["dims"]) - batch_axis >= 2 for p in model["output"])
+
+
 def ensemble_config(name: str, tokenizer: dict, model: dict) -> dict:
-    """TEXT -> tokenizer -> model; the ensemble's outputs are the model's (names, types, dims)."""
+    """TEXT -> tokenizer -> model; the ensemble's outputs are the model's (names, types, dims), plus the
+    tokenizer's attention_mask when the model answers per token (it says which positions are padding)."""
     def identity(names):
         return [{"key": n, "value": n} for n in names]
 
-    token_names = [p["name"] for p in tokenizer["output"]]
+    outputs = [dict(p) for p in model["output"]]
+    if per_token(model) and "attention_mask" not in [p["name"] for p in outputs]:
+        outputs += [dict(p) for p in tokenizer["output"] if p["name"] == "attention_mask"]
     return {"name": name, "platform": "ensemble", "max_batch_size": model["max_batch_size"],
-            "input": [dict(p) for p in tokenizer["input"]], "output": [dict(p) for p in model["output"]],
+            "input": [dict(p) for p in tokenizer["input"]], "output": outputs,
             "ensemble_scheduling": {"step": [
                 {"model_name": tokenizer["name"], "model_version": -1, "input_map": identity(["TEXT"]),
-                 "output_map": identity(token_names)},
-                {"model_name": model["name"], "model_version": -1, "input_map": identity(token_names),
+                 "output_map": identity([p["name"] for p in tokenizer["output"]])},
+                {"model_name": model["name"], "model_version": -1,
+                 "input_map": identity([p["name"] for p in model["input"]]),
                  "output_map": identity([p["name"] for p in model["output"]])}]}}
 
 
@@ -175,7 +187,8 @@ def export_triton_text(model_path: str | Path, repo: str | Path, name: str | Non
         limit = max_length or sentence_encoder(folder).get("max_length") or facts["model_max_length"] or 512
         limit = min(limit, positions or limit)  # a default never exceeds what the model can take
         settings = {"max_length": limit, "pad_id": facts["pad_id"], "long_text": long_text}
-        tok = tokenizer_config(tok_final.name, names, max_batch, instances, queue_delay_us, settings)
+        produced = names + (["attention_mask"] if per_token(model) and "attention_mask" not in names else [])
+        tok = tokenizer_config(tok_final.name, produced, max_batch, instances, queue_delay_us, settings)
         text = ensemble_config(text_final.name, tok, model)
         problems = check_ensemble(text, {model["name"]: model, tok["name"]: tok})
         if problems:
@@ -185,9 +198,9 @@ def export_triton_text(model_path: str | Path, repo: str | Path, name: str | Non
                    (text_final, text, [])]
         for folder_path, config, folder_files in folders:
             stage_folder(guard, folder_path, config, folder_files)
-    batch_axis = 1 if max_batch == 0 else 0
-    if note and len(model["output"][0]["dims"]) - batch_axis != 1:
-        note(f"'{model['output'][0]['name']}' is per token: {text['name']} returns token states padded to the "
-             "longest text of a request; compile with the pool pass for sentence embeddings")
+    if note and per_token(model):
+        note(f"the model answers per token: {text['name']} returns its states padded to the longest text of a "
+             "request, with the attention_mask that marks real tokens; compile with the pool pass for sentence "
+             "embeddings")
     return {"repository": str(repo), "models": [str(f) for f, _, _ in folders], "config": model,
             "settings": settings}

@@ -59,22 +59,28 @@ def repo(pooled, tmp_path_factory) -> Path:
     return repo
 
 
-def reference(minilm: Path, texts: list[str], max_length: int = 256) -> np.ndarray:
-    """One text at a time, no padding: transformers' tokenizer, ORT CPU, sentence-transformers' mean + L2 norm."""
+def token_states(minilm: Path, texts: list[str], max_length: int = 256) -> list[np.ndarray]:
+    """Each text's token states, run alone (no padding): transformers' tokenizer and ORT CPU."""
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
     from tqc.compiler.io.packaged import packaged_minilm_path
-    from tqc.passes.pool import pool_reference
 
     session = ort.InferenceSession(str(minilm), providers=["CPUExecutionProvider"])
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()), local_files_only=True)
-    rows = []
+    states = []
     for text in texts:
         enc = tokenizer([text], truncation=True, max_length=max_length, return_tensors="np")
         feed = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-        rows.append(pool_reference(session.run(None, feed)[0], feed["attention_mask"], "mean", True)[0])
-    return np.stack(rows)
+        states.append(session.run(None, feed)[0][0])
+    return states
+
+
+def reference(minilm: Path, texts: list[str]) -> np.ndarray:
+    """Sentence embeddings as sentence-transformers computes them: each text alone, mean over its tokens, L2 norm."""
+    from tqc.passes.pool import pool_reference
+
+    return np.stack([pool_reference(states[None], None, "mean", True)[0] for states in token_states(minilm, texts)])
 
 
 def test_the_repository_holds_three_models_that_tritons_schema_parses(repo):
@@ -190,9 +196,11 @@ def test_the_exported_ensemble_answers_text_in_tritonserver(repo, minilm, tmp_pa
 
     served = tmp_path / "repo"
     shutil.copytree(repo, served)
-    config = served / "minilm" / "config.pbtxt"
-    config.write_text(config.read_text().replace('platform: "onnxruntime_onnx"', 'backend: "python"'))
-    shutil.copyfile(STANDIN, served / "minilm" / "1" / "model.py")
+    export_triton_text(minilm, served, name="tokens", kind="KIND_CPU", max_batch=16)  # per token, unpooled
+    for model in ("minilm", "tokens"):
+        config = served / model / "config.pbtxt"
+        config.write_text(config.read_text().replace('platform: "onnxruntime_onnx"', 'backend: "python"'))
+        shutil.copyfile(STANDIN, served / model / "1" / "model.py")
     # a second tokenizer step and ensemble, as --long-text error writes them
     shutil.copytree(served / "minilm_tokenizer", served / "strict_tokenizer")
     shutil.copytree(served / "minilm_text", served / "strict_text")
@@ -227,11 +235,19 @@ def test_the_exported_ensemble_answers_text_in_tritonserver(repo, minilm, tmp_pa
             client.infer("strict_text", text_request(httpclient, [long_text]))
         assert "longer than the model's limit of 256 tokens" in str(info.value)
         strict = client.infer("strict_text", text_request(httpclient, texts[:2])).as_numpy("sentence_embedding")
+        tokens = client.infer("tokens_text", text_request(httpclient, texts[:3]))
         assert client.is_server_ready()  # still serving after the refused requests
     np.testing.assert_allclose(one_by_one, expected, atol=TOL, rtol=0)  # the long text: truncated at 256 tokens
     np.testing.assert_allclose(together, expected[:len(texts)], atol=TOL, rtol=0)  # padded to the longest
     np.testing.assert_allclose(concurrent, expected[[i % len(texts) for i in range(18)]], atol=TOL, rtol=0)
     np.testing.assert_allclose(strict, expected[:2], atol=TOL, rtol=0)
+    # per token: three texts padded to the longest; the mask marks each text's own tokens, whose states are its own
+    states, mask = tokens.as_numpy("last_hidden_state"), tokens.as_numpy("attention_mask")
+    alone = token_states(minilm, texts[:3])
+    assert [int(m.sum()) for m in mask] == [len(a) for a in alone] and states.shape[1] == max(len(a) for a in alone)
+    for row, own in enumerate(alone):
+        assert not mask[row, len(own):].any()
+        np.testing.assert_allclose(states[row, :len(own)], own, atol=TOL, rtol=0)
 
 
 def test_text_export_refusals_write_nothing(minilm, tmp_path):
@@ -290,10 +306,11 @@ def test_the_cli_writes_the_three_models_and_notes_a_per_token_output(minilm, tm
                              "--long-text", "error", "--instances", "2"], capsys)
     assert outcome.code == 0, outcome.err
     assert "tokens_tokenizer" in outcome.out and "token limit 256" in outcome.out
-    assert "'last_hidden_state' is per token" in outcome.err and "pool pass" in outcome.err
+    assert "answers per token" in outcome.err and "attention_mask" in outcome.err and "pool pass" in outcome.err
     configs = {p.name: parse_pbtxt((p / "config.pbtxt").read_text()) for p in (tmp_path / "repo").iterdir()}
-    assert configs["tokens_text"]["output"] == [{"name": "last_hidden_state", "data_type": "TYPE_FP32",
-                                                 "dims": [-1, 384]}]
+    assert configs["tokens_text"]["output"] == [
+        {"name": "last_hidden_state", "data_type": "TYPE_FP32", "dims": [-1, 384]},
+        {"name": "attention_mask", "data_type": "TYPE_INT64", "dims": [-1]}]  # which positions are padding
     assert configs["tokens_tokenizer"]["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
     assert configs["tokens"]["instance_group"] == [{"count": 2, "kind": "KIND_GPU"}]
     assert check_ensemble(configs["tokens_text"], configs) == []
