@@ -333,16 +333,37 @@ def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str,
 @click.option("--instances", type=int, default=1, show_default=True)
 @click.option("--kind", type=click.Choice(["KIND_GPU", "KIND_CPU"]), default="KIND_GPU", show_default=True)
 @click.option("--queue-delay-us", type=int, default=100, show_default=True, help="Dynamic batching queue delay.")
+@click.option("--text", is_flag=True, help="Also NAME_tokenizer (python backend) and NAME_text (an ensemble: "
+                                           "text in, the model's outputs out); ONNX models only.")
+@click.option("--tokenizer", default=None, help="With --text: tokenizer folder (default: the one the export "
+                                                "recorded).")
+@click.option("--max-length", type=click.IntRange(1, 8192), default=None,
+              help="With --text: token limit (default: the sentence encoder's or tokenizer's).")
+@click.option("--long-text", type=click.Choice(["truncate", "error"]), default="truncate", show_default=True,
+              help="With --text: a text over the token limit is truncated, or answered with an error.")
 @_guarded("export-triton")
 def export_triton_cmd(model: str, repo: str, name: str | None, max_batch: int, instances: int, kind: str,
-                      queue_delay_us: int) -> None:
-    """Write a Triton model repository (config.pbtxt + version folder) for an ONNX model or a plan."""
-    from tqc.compiler.tools.triton import export_triton
+                      queue_delay_us: int, text: bool, tokenizer: str | None, max_length: int | None,
+                      long_text: str) -> None:
+    """Write a Triton model repository (config.pbtxt + version folder) for an ONNX model or a plan; with --text
+    also a python-backend tokenizer and an ensemble that takes text."""
+    if not text:
+        from tqc.compiler.tools.triton import export_triton
 
-    info = export_triton(model, repo, name=name, max_batch=max_batch, instances=instances, kind=kind,
-                         queue_delay_us=queue_delay_us)
-    click.echo(f"wrote {info['model']} ({info['config']['platform']}, max_batch_size "
-               f"{info['config']['max_batch_size']})")
+        if tokenizer is not None or max_length is not None or long_text != "truncate":
+            raise TqcError("--tokenizer, --max-length and --long-text belong to --text; add --text")
+        info = export_triton(model, repo, name=name, max_batch=max_batch, instances=instances, kind=kind,
+                             queue_delay_us=queue_delay_us)
+        click.echo(f"wrote {info['model']} ({info['config']['platform']}, max_batch_size "
+                   f"{info['config']['max_batch_size']})")
+        return
+    from tqc.compiler.tools.triton_text import export_triton_text
+
+    info = export_triton_text(model, repo, name=name, max_batch=max_batch, instances=instances, kind=kind,
+                              queue_delay_us=queue_delay_us, tokenizer=tokenizer, max_length=max_length,
+                              long_text=long_text, note=_ui().note)
+    click.echo(f"wrote {', '.join(info['models'])} (onnxruntime_onnx, python tokenizer, ensemble; max_batch_size "
+               f"{info['config']['max_batch_size']}, token limit {info['settings']['max_length']})")
 
 
 @cli.command("diff")

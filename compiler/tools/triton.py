@@ -59,20 +59,38 @@ def model_config(name: str, platform: str, inputs: list[dict], outputs: list[dic
     }
 
 
+ENUM_FIELDS = {"data_type", "kind"}  # written bare (TYPE_FP32, KIND_GPU); every other string is quoted
+
+
 def to_pbtxt(config: dict) -> str:
-    def tensor(p):
-        return (f'  {{\n    name: "{p["name"]}"\n    data_type: {p["data_type"]}\n'
-                f'    dims: [ {", ".join(str(d) for d in p["dims"])} ]\n  }}')
-    lines = [f'name: "{config["name"]}"', f'platform: "{config["platform"]}"',
-             f'max_batch_size: {config["max_batch_size"]}',
-             "input [\n" + ",\n".join(tensor(p) for p in config["input"]) + "\n]",
-             "output [\n" + ",\n".join(tensor(p) for p in config["output"]) + "\n]"]
-    if config.get("dynamic_batching"):
-        lines.append("dynamic_batching {\n  max_queue_delay_microseconds: "
-                     f'{config["dynamic_batching"]["max_queue_delay_microseconds"]}\n}}')
-    group = config["instance_group"][0]
-    lines.append(f'instance_group [\n  {{\n    count: {group["count"]}\n    kind: {group["kind"]}\n  }}\n]')
-    return "\n".join(lines) + "\n"
+    """A config as data (nested dicts, lists, ints, strings) in protobuf text format, as Triton reads it; a list
+    of messages is written ``key [ {...}, {...} ]`` (maps too: entries with ``key`` and ``value``); None is left
+    out."""
+    def scalar(key: str, value) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError(f"config field '{key}' holds {value!r}")
+        return str(value) if isinstance(value, int) or key in ENUM_FIELDS else f'"{value}"'
+
+    def fields(message: dict, pad: str) -> list[str]:
+        lines = []
+        for key, value in message.items():
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                lines += [f"{pad}{key} {{", *fields(value, pad + "  "), f"{pad}}}"]
+            elif isinstance(value, list) and value and isinstance(value[0], dict):
+                items = [[f"{pad}  {{", *fields(item, pad + "    "), f"{pad}  }}"] for item in value]
+                lines.append(f"{pad}{key} [")
+                for position, item in enumerate(items):
+                    lines += item[:-1] + [item[-1] + ("," if position < len(items) - 1 else "")]
+                lines.append(f"{pad}]")
+            elif isinstance(value, list):
+                lines.append(f"{pad}{key}: [ {', '.join(scalar(key, v) for v in value)} ]")
+            else:
+                lines.append(f"{pad}{key}: {scalar(key, value)}")
+        return lines
+
+    return "\n".join(fields(config, "")) + "\n"
 
 
 def parse_pbtxt(text: str) -> dict:
@@ -184,59 +202,75 @@ def _weight_files(model_path: Path) -> list[tuple[Path, str]]:
     return files
 
 
+def check_options(max_batch: int, instances: int, kind: str, queue_delay_us: int, version: int) -> None:
+    """The counts and the instance kind of an export, refused in one line before anything is read."""
+    _check_counts(**{"--max-batch": max_batch, "--instances": instances, "--queue-delay-us": queue_delay_us,
+                     "version": version})
+    if kind not in ("KIND_GPU", "KIND_CPU"):
+        raise TqcError(f"--kind must be KIND_GPU or KIND_CPU, got '{kind}'")
+
+
+def model_folder(guard, model_path: str | Path, repo: Path, name: str | None, max_batch: int, instances: int,
+                 kind: str, queue_delay_us: int) -> tuple[Path, dict, list[tuple[Path, str]]]:
+    """The model's folder declared with the guard: (folder, config, [(source file, name in the version folder)])."""
+    from tqc.compiler.io.model import check_input_path
+
+    model_path = check_input_path(model_path)
+    name = name or model_path.stem
+    if not NAME.match(name) or name in (".", ".."):
+        raise TqcError(f"model name '{name}' may hold letters, digits, '.', '_' and '-' only")
+    guard.reads_model(model_path)
+    final = guard.writes_folder(repo / name, "the Triton model folder")
+    if model_path.suffix == ".plan":
+        meta_path = model_path.with_name(model_path.name + ".json")
+        if not meta_path.is_file():
+            raise TqcError(f"'{meta_path}' (written by tqc build) is missing: it names the plan's inputs and outputs")
+        inputs, outputs = _plan_ports(meta_path)
+        platform = "tensorrt_plan"
+        files = [(model_path, "model.plan")]
+    else:
+        model = load_model(model_path, load_external_data=False)
+        initializers = {t.name for t in model.graph.initializer}
+        inputs, outputs = triton_ports(model.graph.input, initializers), triton_ports(model.graph.output)
+        platform = "onnxruntime_onnx"
+        files = [(model_path, "model.onnx")] + _weight_files(model_path)
+    _check_port_names(inputs, f"inputs of '{model_path}'")
+    _check_port_names(outputs, f"outputs of '{model_path}'")
+    if max_batch > 0:
+        for port in inputs + outputs:
+            if not port["dims"] or port["dims"][0] != -1:
+                raise TqcError(f"'{port['name']}' has no dynamic batch axis 0; use --max-batch 0")
+    return final, model_config(name, platform, inputs, outputs, max_batch, instances, kind, queue_delay_us), files
+
+
+def stage_folder(guard, final: Path, config: dict, files: list[tuple[Path, str]], version: int = 1) -> None:
+    """``final`` staged whole: config.pbtxt (parsed back and compared with ``config`` first) and the version folder
+    holding ``files``; renamed into place when the command commits."""
+    text = to_pbtxt(config)
+    if parse_pbtxt(text) != {k: v for k, v in config.items() if v is not None}:
+        raise RuntimeError(f"the written config.pbtxt of '{final.name}' does not parse back to the intended config")
+    staging = guard.stage_dir(final)
+    try:
+        (staging / str(version)).mkdir()
+        (staging / "config.pbtxt").write_text(text)
+        for source, target in files:
+            destination = staging / str(version) / target
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, destination)
+    except OSError as exc:
+        raise TqcError(f"cannot write the repository '{final.parent}': {exc.strerror or exc}") from None
+
+
 def export_triton(model_path: str | Path, repo: str | Path, name: str | None = None, max_batch: int = 32,
                   instances: int = 1, kind: str = "KIND_GPU", queue_delay_us: int = 100, version: int = 1) -> dict:
     """Write ``repo/<name>/`` (config.pbtxt, ``<version>/model.onnx`` and every external-data file it names, or
     ``model.plan``). Everything is checked before anything is written; the model folder is assembled in a
     temp folder and renamed into place (parent folders created for it are removed again on failure)."""
     from tqc.compiler.io import output_guard
-    from tqc.compiler.io.model import check_input_path
 
-    _check_counts(**{"--max-batch": max_batch, "--instances": instances, "--queue-delay-us": queue_delay_us,
-                     "version": version})
-    if kind not in ("KIND_GPU", "KIND_CPU"):
-        raise TqcError(f"--kind must be KIND_GPU or KIND_CPU, got '{kind}'")
+    check_options(max_batch, instances, kind, queue_delay_us, version)
     with output_guard.command("export-triton") as guard:
-        model_path = check_input_path(model_path)
-        name = name or model_path.stem
-        if not NAME.match(name) or name in (".", ".."):
-            raise TqcError(f"model name '{name}' may hold letters, digits, '.', '_' and '-' only")
-        guard.reads_model(model_path)
-        repo = Path(repo)
-        final = guard.writes_folder(repo / name, "the Triton model folder")
-        if model_path.suffix == ".plan":
-            meta_path = model_path.with_name(model_path.name + ".json")
-            if not meta_path.is_file():
-                raise TqcError(f"'{meta_path}' (written by tqc build) is missing: it names the plan's inputs and outputs")
-            inputs, outputs = _plan_ports(meta_path)
-            platform = "tensorrt_plan"
-            files = [(model_path, "model.plan")]
-        else:
-            model = load_model(model_path, load_external_data=False)
-            initializers = {t.name for t in model.graph.initializer}
-            inputs, outputs = triton_ports(model.graph.input, initializers), triton_ports(model.graph.output)
-            platform = "onnxruntime_onnx"
-            files = [(model_path, "model.onnx")] + _weight_files(model_path)
-        _check_port_names(inputs, f"inputs of '{model_path}'")
-        _check_port_names(outputs, f"outputs of '{model_path}'")
-        if max_batch > 0:
-            for port in inputs + outputs:
-                if not port["dims"] or port["dims"][0] != -1:
-                    raise TqcError(f"'{port['name']}' has no dynamic batch axis 0; use --max-batch 0")
-        config = model_config(name, platform, inputs, outputs, max_batch, instances, kind, queue_delay_us)
-        text = to_pbtxt(config)
-        parsed = parse_pbtxt(text)
-        expected = {k: v for k, v in config.items() if v is not None}
-        if parsed != expected:
-            raise RuntimeError("the written config.pbtxt does not parse back to the intended config")
-        staging = guard.stage_dir(final)
-        try:
-            (staging / str(version)).mkdir()
-            (staging / "config.pbtxt").write_text(text)
-            for source, target in files:
-                destination = staging / str(version) / target
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, destination)
-        except OSError as exc:
-            raise TqcError(f"cannot write the repository '{repo}': {exc.strerror or exc}") from None
+        final, config, files = model_folder(guard, model_path, Path(repo), name, max_batch, instances, kind,
+                                            queue_delay_us)
+        stage_folder(guard, final, config, files, version)
     return {"repository": str(repo), "model": str(final), "config": config}

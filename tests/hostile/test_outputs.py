@@ -521,6 +521,11 @@ OPTIONS = [
                                             '"outputs": [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1]}]}'),
      "export-triton p.plan -o repo", "bad entry"),
     ("triton-plan-metadata-missing", _plan(None), "export-triton p.plan -o repo", "is missing"),
+    ("triton-text-options-without-text", None, "export-triton m.onnx -o repo --tokenizer minilm", "add --text"),
+    ("triton-text-not-a-token-model", None, "export-triton m.onnx -o repo --text --tokenizer minilm", "token model"),
+    ("triton-text-of-a-plan", _plan('{"inputs": [], "outputs": []}'), "export-triton p.plan -o repo --text",
+     "needs the ONNX model"),
+    ("triton-text-max-length-zero", None, "export-triton m.onnx -o repo --text --max-length 0", "--max-length"),
     ("compile-calib-and-table", None, "compile m.onnx -p fold,qdq --calib data.npz --calib-table table.json -o o.onnx",
      "not both"),
 ]

@@ -9,6 +9,9 @@ The tritonserver here (nvidia-pytriton's) has the python backend only, so an ``o
     1/model.onnx  -> loaded by ONNX Runtime CPU from the repository's copy (so weights in external data files
                      must be there), and its inputs/outputs compared with the config's names, types and dims
     1/model.plan  -> not loadable here (no TensorRT); reported as such
+    ensemble      -> its wiring against the repository's configs (``triton_text.check_ensemble``): steps name
+                     models that are there, tensors meet with the same type and compatible dims
+    python model  -> its model.py is there; a tokenizer.json beside it loads with ``tokenizers``
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tqc.compiler.core.errors import TqcError
 from tqc.compiler.tools.serve.server import free_port
 from tqc.compiler.tools.serve.triton_dist import find_triton
 from tqc.compiler.tools.triton import parse_pbtxt
+from tqc.compiler.tools.triton_text import check_ensemble
 
 MISSING_BACKEND = re.compile(r"unable to find backend library for backend '(\w+)'")
 ORT_TO_TRITON = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(int64)": "TYPE_INT64",
@@ -46,21 +50,50 @@ def _triton_verdicts(repo: Path, names: list[str], timeout: float) -> dict[str, 
     verdicts = {}
     for name in names:
         match = (re.search(rf"failed to load '{re.escape(name)}' version \d+: (.*)", log)
-                 or re.search(rf"Poll failed for model directory '{re.escape(name)}': (.*)", log))
+                 or re.search(rf"Poll failed for model directory '{re.escape(name)}': (.*)", log)
+                 or re.search(rf"load failed for model '{re.escape(name)}': (.*?);?$", log, re.M))
         if match is None:
             verdicts[name] = "ok" if f"successfully loaded '{name}'" in log else "no verdict in the server's log"
             continue
         reason = match.group(1).strip().strip('"')
-        verdicts[name] = (f"ok (config accepted; the {MISSING_BACKEND.search(reason).group(1)} backend is not in "
-                          "this server)" if MISSING_BACKEND.search(reason) else reason[:300])
+        missing = MISSING_BACKEND.search(reason)
+        if missing and re.match(rf"ensemble '{re.escape(name)}' depends on ", reason):  # wiring checked at poll
+            verdicts[name] = (f"ok (config accepted; its steps need the {missing.group(1)} backend, which is not "
+                              "in this server)")
+        else:
+            verdicts[name] = (f"ok (config accepted; the {missing.group(1)} backend is not in this server)"
+                              if missing else reason[:300])
     return verdicts
 
 
-def _signature(model_dir: Path, config: dict) -> str:
+def _python_model(folder: Path) -> str:
+    """A python-backend step of ``export-triton --text``: its model.py, and its tokenizer.json loaded by tokenizers."""
+    if not (folder / "model.py").is_file():
+        return f"'{folder.name}/model.py' is missing"
+    if (folder / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except ImportError:
+            return "ok (model.py present; tokenizers is not installed here to load tokenizer.json)"
+        except Exception as exc:  # tokenizers raises its own exception type for a malformed file
+            return f"'{folder.name}/tokenizer.json' does not load: {str(exc).splitlines()[0][:200]}"
+        return "ok (model.py present; tokenizer.json loaded by tokenizers)"
+    return "ok (model.py present)"
+
+
+def _signature(model_dir: Path, config: dict, configs: dict[str, dict]) -> str:
     versions = sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
     if not versions:
         return "no version folder"
     folder = versions[-1]
+    if config.get("platform") == "ensemble":
+        problems = check_ensemble(config, configs)
+        return "ok (every step names a model here; tensors, types and dims agree)" if not problems else \
+            "; ".join(problems)
+    if config.get("backend") == "python":
+        return _python_model(folder)
     if (folder / "model.plan").exists():
         return "not loadable here (TensorRT plan; no TensorRT on this machine)"
     path = folder / "model.onnx"
@@ -102,13 +135,18 @@ def check_triton_repository(repo: str | Path, timeout: float = 120.0) -> list[di
     if not models:
         raise TqcError(f"'{repo}' holds no model folder with a config.pbtxt")
     verdicts = _triton_verdicts(repo, [m.name for m in models], timeout)
+    configs: dict[str, dict] = {}
+    for model in models:
+        try:
+            configs[model.name] = dict(parse_pbtxt((model / "config.pbtxt").read_text()), name=model.name)
+        except (IndexError, KeyError, ValueError):
+            pass
     rows = []
     for model in models:
         try:
-            config = parse_pbtxt((model / "config.pbtxt").read_text())
-            files = _signature(model, config)
-        except (IndexError, KeyError, ValueError) as exc:
-            files = f"config.pbtxt could not be read by tqc's parser ({type(exc).__name__})"
+            files = _signature(model, configs[model.name], configs)
+        except (IndexError, KeyError, ValueError, TypeError, AttributeError) as exc:
+            files = f"config.pbtxt could not be read by tqc's parser or checks ({type(exc).__name__})"
         rows.append({"model": model.name, "triton": verdicts[model.name], "files": files,
                      "ok": verdicts[model.name].startswith("ok") and (files.startswith("ok") or "not loadable" in files)})
     return rows
