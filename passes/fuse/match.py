@@ -1,4 +1,5 @@
-"""Small helpers for walking an onnx-graphsurgeon graph backwards and saying why a walk stopped.
+"""The graph queries ``fuse``'s rules (``engine``), ``qdq`` and ``diff`` share: producers, constants, static
+dimensions and scalars computed from them, biased projections.
 
 Operand order is declared, never spelled out: a commutative node (Add, Mul) is matched through
 ``either_order(a, b)``, which yields ``(a, b)`` then ``(b, a)`` (onnxscript's commute); a rule takes the first
@@ -14,15 +15,6 @@ from typing import Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-
-class NoMatch(Exception):
-    """A pattern did not match; ``depth`` says how far it got (for 'closest rule' reports)."""
-
-    def __init__(self, reason: str, depth: int = 0):
-        super().__init__(reason)
-        self.reason = reason
-        self.depth = depth
 
 
 def either_order(a: gs.Tensor, b: gs.Tensor) -> Iterator[tuple[gs.Tensor, gs.Tensor]]:
@@ -213,6 +205,18 @@ def ancestors_reach(tensor: gs.Tensor, targets: set[str], limit: int = 2000,
     return False
 
 
+def bias_split(x: gs.Tensor) -> tuple[gs.Tensor, np.ndarray, gs.Node] | None:
+    """x = Add(MatMul(...), constant 1-D bias), either order: (matmul output, bias values, the Add)."""
+    node = producer(x)
+    if node is None or node.op != "Add":
+        return None
+    for data, other in either_order(*node.inputs):
+        values = constant_values(other)
+        if values is not None and values.ndim == 1 and producer(data) is not None and producer(data).op == "MatMul":
+            return data, values.astype(np.float32), node
+    return None
+
+
 @dataclass
 class Linear:
     """x @ W (+ b) with constant W [in, out] and optional constant b [out]."""
@@ -225,19 +229,16 @@ class Linear:
     add: gs.Node | None
 
 
-def match_linear(tensor: gs.Tensor, what: str, depth: int) -> Linear:
-    node = producer(tensor)
-    add = None
-    bias = None
-    if node is not None and node.op == "Add":
-        for data, other in either_order(*node.inputs):
-            values = constant_values(other)
-            if values is not None and values.ndim == 1 and producer(data) is not None and producer(data).op == "MatMul":
-                add, bias, node = node, values.astype(np.float32), producer(data)
-                break
+def linear(tensor: gs.Tensor, what: str) -> Linear | str:
+    """``tensor`` as x @ W (+ b), else the reason it is not one."""
+    node, add, bias = producer(tensor), None, None
+    biased = bias_split(tensor)
+    if biased is not None:
+        data, bias, add = biased
+        node = producer(data)
     if node is None or node.op != "MatMul":
-        raise NoMatch(f"{what}: expected MatMul (+ bias Add) projection, found {describe(node)}", depth)
+        return f"{what}: expected MatMul (+ bias Add) projection, found {describe(node)}"
     weight = constant_values(node.inputs[1])
     if weight is None or weight.ndim != 2:
-        raise NoMatch(f"{what}: projection '{node.name}' has no constant 2-D weight", depth)
+        return f"{what}: projection '{node.name}' has no constant 2-D weight"
     return Linear(node.inputs[0], weight.astype(np.float32), bias, tensor, node, add)
