@@ -12,7 +12,10 @@ A path step names an op and, for Transpose, its perm; a ``Mul/Div`` path step is
 (either operand order) or by a scalar the graph computes from static dimensions (``1/sqrt(sqrt(Shape(Q)[-1]))``,
 evaluated by ``match.evaluate_static``). The rule's check reads the number of heads and compares the widths.
 All families of transformers 5 (BERT, RoBERTa, MiniLM, DistilBERT, ALBERT, ELECTRA, XLM-R, CamemBERT) share
-these layouts; the exporter and attention implementation choose the rule. ``attention_rewrite`` writes the
+these layouts; the exporter and attention implementation choose the rule. Two rules take an additive bias
+computed elsewhere in the graph, which stays as it is and feeds the fused op: ``eager-bias`` (MPNet's relative
+position bias: ``+ bias`` before the mask) and ``disentangled`` (DeBERTa-v2/v3: heads flattened to [B*H, S, D]
+for bmm, the c2p + p2c scores as the bias, the mask a masked_fill). ``attention_rewrite`` writes the
 match for the target; ``masks`` builds the mask forms.
 """
 
@@ -23,9 +26,10 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.attention_rewrite import AttentionBlock
-from tqc.passes.fuse.engine import Miss, NoMatch, Rule, Step, StepFunction, Walk, search
-from tqc.passes.fuse.match import (ancestors_reach, constant_values, consumers, describe, linear, producer,
-                                   split_scalar_operand)
+from tqc.passes.fuse.engine import Miss, NoMatch, Rule, Step, StepFunction, Walk, operand_orders, search
+from tqc.passes.fuse.masks import mask_fill_step, mask_step
+from tqc.passes.fuse.match import (ancestors_reach, consumers, describe, heads_from_reshape, linear, producer,
+                                   split_scalar_operand, static_dims)
 
 
 def _role_steps(role: str, *steps: Step) -> tuple[Step, ...]:
@@ -34,12 +38,14 @@ def _role_steps(role: str, *steps: Step) -> tuple[Step, ...]:
 
 
 SCALE = Step("", ("Mul", "Div"))
+FLAT = Step("", ("Reshape",))  # heads flattened into the batch, [B*H, S, D], for a bmm (DeBERTa)
 SPLIT_HEADS = (Step("", ("Transpose",), perm=(0, 2, 1, 3)), Step("", ("Reshape",)))
 SPLIT_HEADS_KT = (Step("", ("Transpose",), perm=(0, 2, 3, 1)), Step("", ("Reshape",)))
 MERGE_HEADS = (Step("merge_heads", ("Reshape",), optional=True), Step("merge_heads", ("Transpose",), perm=(0, 2, 1, 3)),
                Step("merge_heads", ("Reshape",)))
 PROJECTIONS = (Step("q_projection", ("MatMul",)), Step("k_projection", ("MatMul",)), Step("v_projection", ("MatMul",)))
 MASK = Step("mask", ("Add",), optional=True)
+BIAS = Step("bias", ("Add",), commutative=True)
 SCORE_SCALE = Step("score_scale", ("Mul", "Div"))
 SCORES = Step("scores", ("MatMul",))
 
@@ -51,12 +57,23 @@ def _block(w: Walk) -> AttentionBlock | str:
     if k.weight.shape[1] != hidden or v.weight.shape[1] != hidden:
         return "projections: Q, K and V widths differ"
     reshape = w.get("q_reshape")
-    heads = _heads_from_reshape(reshape, hidden) if reshape is not None else None
+    heads = heads_from_reshape(reshape, hidden) if reshape is not None else None
     if heads is None or hidden % heads:
         return f"cannot read the number of heads from '{reshape.name if reshape is not None else '?'}'"
+    bias, flat = w.get("bias"), w.get("bias_shape") is not None
+    dims = static_dims(bias) if bias is not None else None
+    rank = 3 if flat else 4
+    if bias is not None and (dims is None or len(dims) != rank or (not flat and dims[1] not in (None, heads))):
+        shape = "[batch x heads, S, S]" if flat else f"[batch or 1, {heads} heads, S, S]"
+        return f"the bias '{bias.name}' is not proven {shape} (dimensions {dims})"
+    fill = w.get("mask_fill")
+    fill_dims = static_dims(fill[0]) if fill is not None else None
+    if fill_dims is not None and (len(fill_dims) != 4 or fill_dims[1] != 1):
+        return f"the masked_fill condition '{fill[0].name}' is not [batch, 1, S, S] (dimensions {fill_dims})"
     scale = w.get("score_scale", 1.0) * w.get("q_scale", 1.0) * w.get("k_scale", 1.0)
     return AttentionBlock(q=q, k=k, v=v, num_heads=heads, head_size=hidden // heads, scale=scale,
-                          mask=w.get("mask"), context=w["out"])
+                          mask=w.get("mask"), context=w["out"], bias=bias, bias_shape=w.get("bias_shape"),
+                          mask_fill=w.get("mask_fill"))
 
 
 def _check(w: Walk) -> str | None:
@@ -65,10 +82,14 @@ def _check(w: Walk) -> str | None:
 
 
 def _rule(name: str, description: str, before: tuple[Step, ...], q_path: tuple[Step, ...],
-          k_path: tuple[Step, ...], nan_guard: bool) -> Rule:
+          k_path: tuple[Step, ...], nan_guard: bool, flat: bool = False) -> Rule:
+    """Steps after the Softmax, ``before`` it, the Q/K/V paths, the projections; ``flat``: the probabilities
+    and V flattened to [B*H, S, *] for a bmm."""
     after = (Step("softmax", ("Softmax",)), Step("nan_guard", ("IsNaN", "Where")) if nan_guard else
-             Step("no_nan_guard"), Step("context", ("MatMul",))) + MERGE_HEADS
-    paths = _role_steps("q", *q_path) + _role_steps("k", *k_path) + _role_steps("v", *SPLIT_HEADS)
+             Step("no_nan_guard")) + ((Step("flat_probs", ("Reshape",)),) if flat else ()) + \
+        (Step("context", ("MatMul",)),) + MERGE_HEADS
+    v_path = ((FLAT,) if flat else ()) + SPLIT_HEADS
+    paths = _role_steps("q", *q_path) + _role_steps("k", *k_path) + _role_steps("v", *v_path)
     steps = after + before + paths + PROJECTIONS
     return Rule(name, description, ("Softmax",), steps, _check)
 
@@ -85,6 +106,13 @@ RULES: tuple[Rule, ...] = (
     _rule("sdpa-legacy-4x", "transformers < 4.58 sdpa through the TorchScript exporter (Optimum, sentence-"
           "transformers' ONNX backend): sqrt(scale) computed from Shape(Q)[-1] on Q and on K^T, no NaN guard",
           (MASK, SCORES), (SCALE,) + SPLIT_HEADS, (SCALE,) + SPLIT_HEADS_KT, nan_guard=False),
+    _rule("eager-bias", "eager attention with an additive bias computed elsewhere in the graph (MPNet's relative "
+          "position bias): (Q @ K^T) * scale + bias + mask", (MASK, BIAS, SCORE_SCALE, SCORES), SPLIT_HEADS,
+          SPLIT_HEADS_KT, nan_guard=False),
+    _rule("disentangled", "DeBERTa-v2/v3: heads flattened to [B*H, S, D] for bmm, K^T scaled, the c2p + p2c bias "
+          "added to the scores, the mask applied by masked_fill (Where)",
+          (Step("mask_fill", ("Where",)), Step("scores_4d", ("Reshape",)), BIAS, SCORES), (FLAT,) + SPLIT_HEADS,
+          (SCALE, Step("", ("Transpose",), perm=(0, 2, 1)), FLAT) + SPLIT_HEADS, nan_guard=False, flat=True),
     _rule("k-transposed-late", "transformers 4.x eager: K split as [B,H,S,D], then K.transpose(-1, -2) before "
           "the scores", (MASK, SCORE_SCALE, SCORES), SPLIT_HEADS,
           (Step("", ("Transpose",), perm=(0, 1, 3, 2)),) + SPLIT_HEADS, nan_guard=False),
@@ -118,6 +146,14 @@ def _no_nan_guard(step: Step, w: Walk) -> list[Walk]:
     return [w]
 
 
+def _flat_probs(step: Step, w: Walk) -> list[Walk]:
+    """Forwards: the probabilities reshaped to [B*H, S, S] for the context bmm."""
+    nexts = [n for n in consumers(w["probs"]) if n.op != "Shape"]
+    if len(nexts) != 1 or nexts[0].op not in step.op:
+        raise NoMatch(f"expected one Reshape of the probabilities, found {_found(nexts)}")
+    return [w.bind(probs=nexts[0].outputs[0], nodes=nexts)]
+
+
 def _context(step: Step, w: Walk) -> list[Walk]:
     probs = w["probs"]
     users = consumers(probs)
@@ -138,21 +174,25 @@ def _merge_heads(step: Step, w: Walk) -> list[Walk]:
     return [w.bind(out=node.outputs[0], nodes=[node])]
 
 
-def _mask(step: Step, w: Walk) -> list[Walk]:
-    """An Add before the Softmax: one operand derived from the attention mask input, the other the scores."""
+def _scores_4d(step: Step, w: Walk) -> list[Walk]:
+    """Backwards: the [B*H, S, S] scores reshaped to [B, H, S, S]; the bias is reshaped by the same shape."""
     node = producer(w.tensor)
-    if node is None or node.op != "Add":
-        if step.optional:
-            return [w]
-        raise NoMatch(f"expected the mask Add before Softmax, found {describe(node)}")
-    mask_inputs = w["mask_inputs"]
-    a, b = node.inputs
-    a_from_mask, b_from_mask = ancestors_reach(a, mask_inputs), ancestors_reach(b, mask_inputs)
-    if a_from_mask == b_from_mask:
-        raise NoMatch(f"Add '{node.name}' before Softmax has no operand derived from the attention mask "
-                      f"input ({', '.join(sorted(mask_inputs)) or 'none found'})")
-    scores, mask = (a, b) if b_from_mask else (b, a)
-    return [w.bind(tensor=scores, mask=mask, nodes=[node])]
+    if node is None or node.op not in step.op:
+        raise NoMatch(f"expected the Reshape of the scores to [B, H, S, S], found {describe(node)}")
+    return [w.bind(tensor=node.inputs[0], bias_shape=node.inputs[1], nodes=[node])]
+
+
+def _bias(step: Step, w: Walk) -> list[Walk]:
+    """Add(scores, bias): each operand order whose bias does not come from the attention mask input (MPNet's
+    relative position bias); the later steps decide which operand is the scores."""
+    node = producer(w.tensor)
+    if node is None or node.op not in step.op:
+        raise NoMatch(f"expected the bias Add before Softmax, found {describe(node)}")
+    fits = [w.bind(tensor=scores, bias=bias, nodes=[node]) for scores, bias in operand_orders(node, step)
+            if not ancestors_reach(bias, w["mask_inputs"])]
+    if not fits:
+        raise NoMatch(f"both operands of {describe(node)} derive from the attention mask input")
+    return fits
 
 
 def _score_scale(step: Step, w: Walk) -> list[Walk]:
@@ -203,35 +243,11 @@ def _projection(step: Step, w: Walk) -> list[Walk]:
 
 STEPS: dict[str, StepFunction] = {
     "softmax": _softmax, "nan_guard": _nan_guard, "no_nan_guard": _no_nan_guard, "context": _context,
-    "merge_heads": _merge_heads, "mask": _mask, "score_scale": _score_scale, "scores": _scores,
+    "flat_probs": _flat_probs, "merge_heads": _merge_heads, "mask": mask_step, "mask_fill": mask_fill_step,
+    "scores_4d": _scores_4d, "bias": _bias, "score_scale": _score_scale, "scores": _scores,
     "q_path": _path, "k_path": _path, "v_path": _path,
     "q_projection": _projection, "k_projection": _projection, "v_projection": _projection,
 }
-
-
-def _heads_from_reshape(reshape: gs.Node, hidden: int) -> int | None:
-    """Read H from a Reshape to [B, S, H, D] (constant shape, or Concat with constant H and D)."""
-    shape = reshape.inputs[1]
-    values = constant_values(shape)
-    if values is not None and values.size == 4 and values[2] > 0:
-        return int(values[2])
-    node = producer(shape)
-    if node is not None and node.op == "Concat" and len(node.inputs) >= 3:
-        flat: list[int | None] = []
-        for part in node.inputs:
-            part_values = constant_values(part)
-            if part_values is None:
-                flat.append(None)
-            else:
-                flat.extend(int(v) for v in part_values.reshape(-1))
-        if len(flat) == 4 and flat[2] is not None and flat[2] > 0:
-            return flat[2]
-        if len(flat) == 4 and flat[3] is not None and flat[3] > 0 and hidden % flat[3] == 0:
-            return hidden // flat[3]
-    out_shape = reshape.outputs[0].shape
-    if out_shape is not None and len(out_shape) == 4 and isinstance(out_shape[2], int) and out_shape[2] > 0:
-        return int(out_shape[2])
-    return None
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The attention mask: which graph inputs are the mask, and the forms the fused attentions take, each built
-once for the whole graph (``MaskCache``)::
+"""The attention mask: which graph inputs are the mask, the attention rules' steps that recognize it before a
+Softmax (an additive mask, a masked_fill), and the forms the fused attentions take, each built once for the
+whole graph (``MaskCache``)::
 
     additive_4d     Unsqueeze((1 - float(attention_mask)) * -10000, [1, 2])      [B, 1, 1, S]   standard targets
     int32_index     int32(attention_mask)                                        [B, S]         ORT, any padding
@@ -12,7 +13,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.core.target import input_role_by_name
-from tqc.passes.fuse.match import consumers
+from tqc.passes.fuse.engine import NoMatch, Step, Walk
+from tqc.passes.fuse.match import ancestors_reach, consumers, describe, producer, scalar_value
 from tqc.passes.rewrite import produce
 
 MASK_FILL = -10000.0
@@ -29,8 +31,8 @@ def _indexes_a_gather(tensor: gs.Tensor) -> bool:
 
 
 def mask_input_names(graph: gs.Graph) -> set[str]:
-    """The attention-mask inputs: those whose name says so (``core.target.input_role_by_name``); else, by role, the 2-D integer or boolean inputs
-    that index no embedding Gather (a user's ``ids, attn`` signature)."""
+    """The attention-mask inputs: those whose name says so (``core.target.input_role_by_name``); else, by role,
+    the 2-D integer or boolean inputs that index no embedding Gather (a user's ``ids, attn`` signature)."""
     named = {t.name for t in graph.inputs if input_role_by_name(t.name) == "attention_mask"}
     if named:
         return named
@@ -98,3 +100,38 @@ class MaskCache:
                     attrs={"keepdims": 0})
             self.built["end"] = ends
         return self.built["end"]
+
+
+def mask_step(step: Step, w: Walk) -> list[Walk]:
+    """An Add before the Softmax: one operand derived from the attention mask input, the other the scores."""
+    node = producer(w.tensor)
+    if node is None or node.op != "Add":
+        if step.optional:
+            return [w]
+        raise NoMatch(f"expected the mask Add before Softmax, found {describe(node)}")
+    mask_inputs = w["mask_inputs"]
+    a, b = node.inputs
+    a_from_mask, b_from_mask = ancestors_reach(a, mask_inputs), ancestors_reach(b, mask_inputs)
+    if a_from_mask == b_from_mask:
+        if step.optional and not a_from_mask:
+            return [w]  # no mask here; the Add may be what a later step takes (a bias)
+        raise NoMatch(f"Add '{node.name}' before Softmax has {'both' if a_from_mask else 'no'} operands derived "
+                      f"from the attention mask input ({', '.join(sorted(mask_inputs)) or 'none found'})")
+    scores, mask = (a, b) if b_from_mask else (b, a)
+    return [w.bind(tensor=scores, mask=mask, nodes=[node])]
+
+
+def mask_fill_step(step: Step, w: Walk) -> list[Walk]:
+    """masked_fill before the Softmax: Where(condition, fill, scores) or Where(condition, scores, fill), the
+    condition derived from the attention mask input, the fill a constant of at most -10000."""
+    node = producer(w.tensor)
+    if node is None or node.op not in step.op:
+        raise NoMatch(f"expected the masked_fill Where before Softmax, found {describe(node)}")
+    condition, first, second = node.inputs
+    if not ancestors_reach(condition, w["mask_inputs"]):
+        raise NoMatch(f"the condition of {describe(node)} does not derive from the attention mask input")
+    for fill, scores, fill_when_true in ((first, second, True), (second, first, False)):
+        value = scalar_value(fill)
+        if value is not None and value <= MASK_FILL:
+            return [w.bind(tensor=scores, mask_fill=(condition, value, fill_when_true), nodes=[node])]
+    raise NoMatch(f"neither branch of {describe(node)} is a constant fill of at most {MASK_FILL:g}")

@@ -73,11 +73,45 @@ def static_dims(tensor: gs.Tensor, depth: int = 0) -> list[int | None] | None:
             target = int_vector(node.inputs[1], depth + 1)
             if target is not None:
                 derived = [int(d) if d is not None and d > 0 else None for d in target]
+                if target.count(-1) == 1:
+                    derived[target.index(-1)] = _inferred_dim(node, target, depth + 1)
     if known is None:
         return derived
     if derived is not None and len(derived) == len(known):
         return [k if k is not None else d for k, d in zip(known, derived)]
     return known
+
+
+def _copied_dim(part: gs.Tensor, source: gs.Tensor) -> int | None:
+    """``i`` when ``part`` is Shape(source)[i] (a Gather of index i, through Unsqueeze/Cast), else None."""
+    node = producer(part)
+    while node is not None and node.op in ("Unsqueeze", "Cast"):
+        node = producer(node.inputs[0])
+    if node is None or node.op != "Gather" or producer(node.inputs[0]) is None:
+        return None
+    shape, index = producer(node.inputs[0]), constant_values(node.inputs[1])
+    if shape.op != "Shape" or shape.inputs[0] is not source or shape.attrs.get("start", 0) != 0 or \
+            "end" in shape.attrs or index is None or index.size != 1:
+        return None
+    return int(index.reshape(-1)[0])
+
+
+def _inferred_dim(reshape: gs.Node, target: list[int | None], depth: int) -> int | None:
+    """The -1 of a Reshape whose other entries are constants or the input's own dimensions (x.view(B, S, H,
+    -1) with B, S read from x): the product of the input's other dimensions over the constants."""
+    source, concat = reshape.inputs[0], producer(reshape.inputs[1])
+    dims = static_dims(source, depth + 1)
+    if dims is None or concat is None or concat.op != "Concat" or len(concat.inputs) != len(target):
+        return None
+    copied = [_copied_dim(part, source) for part in concat.inputs]
+    copied = [c + len(dims) if c is not None and c < 0 else c for c in copied]
+    constants = [d for d, c in zip(target, copied) if c is None and d != -1]
+    rest = [d for i, d in enumerate(dims) if i not in copied]
+    if any(d is None or d <= 0 for d in constants + rest) or len(set(c for c in copied if c is not None)) != \
+            len([c for c in copied if c is not None]):
+        return None
+    whole, part = int(np.prod(rest)), int(np.prod(constants))
+    return whole // part if part and whole % part == 0 else None
 
 
 _UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative}
@@ -185,11 +219,12 @@ def split_scalar_operand(node: gs.Node) -> tuple[gs.Tensor, float] | None:
 
 
 def ancestors_reach(tensor: gs.Tensor, targets: set[str], limit: int = 2000,
-                    stop_ops: tuple[str, ...] = ("MatMul", "Gemm", "Softmax")) -> bool:
+                    stop_ops: tuple[str, ...] = ("MatMul", "Gemm", "Softmax", "Shape")) -> bool:
     """Whether a tensor named in ``targets`` feeds ``tensor`` without passing through ``stop_ops``.
 
     Mask subgraphs contain no MatMul or Softmax; stopping there keeps a layer's scores (which depend on the
-    mask through earlier layers) from counting as mask-derived.
+    mask through earlier layers) from counting as mask-derived. A Shape reads dimensions, not values: a bias
+    expanded to the mask's shape (dynamo's MPNet) is not derived from the mask.
     """
     stack, seen = [tensor], set()
     while stack and len(seen) < limit:
@@ -203,6 +238,31 @@ def ancestors_reach(tensor: gs.Tensor, targets: set[str], limit: int = 2000,
         if node is not None and node.op not in stop_ops:
             stack.extend(node.inputs)
     return False
+
+
+def heads_from_reshape(reshape: gs.Node, hidden: int) -> int | None:
+    """Read H from a Reshape to [B, S, H, D] (constant shape, or Concat with constant H and D)."""
+    shape = reshape.inputs[1]
+    values = constant_values(shape)
+    if values is not None and values.size == 4 and values[2] > 0:
+        return int(values[2])
+    node = producer(shape)
+    if node is not None and node.op == "Concat" and len(node.inputs) >= 3:
+        flat: list[int | None] = []
+        for part in node.inputs:
+            part_values = constant_values(part)
+            if part_values is None:
+                flat.append(None)
+            else:
+                flat.extend(int(v) for v in part_values.reshape(-1))
+        if len(flat) == 4 and flat[2] is not None and flat[2] > 0:
+            return flat[2]
+        if len(flat) == 4 and flat[3] is not None and flat[3] > 0 and hidden % flat[3] == 0:
+            return hidden // flat[3]
+    out_shape = reshape.outputs[0].shape
+    if out_shape is not None and len(out_shape) == 4 and isinstance(out_shape[2], int) and out_shape[2] > 0:
+        return int(out_shape[2])
+    return None
 
 
 def bias_split(x: gs.Tensor) -> tuple[gs.Tensor, np.ndarray, gs.Node] | None:
