@@ -178,9 +178,9 @@ def _rewrite_biased(graph: gs.Graph, block: AttentionBlock, index: int, masks: M
 
         MultiHeadAttention(x@Wq+bq, x@Wk+bk, x@Wv+bv, mask_index, bias, num_heads, scale) ─► context
 
-    A masked_fill mask (DeBERTa's: query and key padding, a padded query row all masked) is the graph's own,
-    added to the bias as Where(condition, fill, 0): exact at every position (a key padding mask would change the
-    padded query rows). Its fill (-3.4e38) has no float16 value: ``fp16`` after it fails verification."""
+    A masked_fill mask (DeBERTa's: query and key padding, a padded query row all masked) stays the graph's own
+    (``_masked_fill_as_bias``): exact at every position, padded query rows included, where a key padding mask
+    would change those rows."""
     prefix, empty = f"tqc_mha{index}", gs.Variable.empty()
     mask, bias, context = empty, _bias_4d(graph, block, prefix), block.context
     if block.mask_fill is not None:

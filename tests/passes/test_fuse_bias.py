@@ -91,3 +91,18 @@ def test_a_term_derived_from_the_mask_is_no_bias(exports):
     feeds = seeded_feeds(model)
     for before, after in zip(outputs_on(model, feeds), outputs_on(fused, feeds)):
         assert np.abs(before - after).max() <= 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_deberta_masked_fill_survives_fp16_on_ort(exporter, exports):
+    """DeBERTa's fill (-3.4e38) has no float16 value: the fused op takes the mask as -10000 in its bias and the
+    rows masked whole as the mean of V, so fuse,fp16 verifies (fp16's own tolerance) and stays finite."""
+    model = load_model(exports.get("deberta-v2", exporter=exporter, size="tiny"))
+    manager = PassManager(parse_pipeline("fuse,fp16"), PassContext(target="ort-cpu"), verify="numeric")
+    half = manager.run(model)
+    assert manager.records[0].stats["attention_summary"] == "2/2 attention fused"
+    feeds = seeded_feeds(model)
+    for before, after in zip(outputs_on(model, feeds), outputs_on(half, feeds)):
+        assert np.isfinite(after).all()
+        a, b = before.reshape(-1), after.reshape(-1)
+        assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) >= 0.999
