@@ -57,7 +57,7 @@ def test_every_attention_block_fuses_exactly(family, exporter, attn, target, exp
     else:
         assert ops.count(("com.microsoft", "Attention")) == layers
         assert stats["embed_layernorm"] == 1, stats  # RoBERTa-style computed position ids included
-        assert stats["skip_layernorm_form"] == "sum"  # ort-cpu: Sum + LayerNormalization (see elementwise.py)
+        assert stats["skip_layernorm_form"] == "sum"  # ort-cpu: Sum + LayerNormalization (see skip_layernorm.py)
         assert ops.count(("", "Sum")) == stats["skip_layernorm"] >= 2 * layers - 1
         gelu = "FastGelu" if family == "albert" else "BiasGelu"
         assert ops.count(("com.microsoft", gelu)) == layers
