@@ -1,9 +1,10 @@
 """``fuse``: attention, GELU and (for ONNX Runtime) residual LayerNorm fusion, per target.
 
-See ``attention.py``, ``elementwise.py`` and ``embedding.py`` for the rewrites, ``attention_rules.py`` and
-``elementwise_rules.py`` for the catalogues. ``--explain fuse`` names, for every anchor left unfused (a
-Softmax, an Erf/Tanh, a LayerNorm-shaped ReduceMean, a residual Add before a LayerNorm), the closest rule and
-why it stopped::
+One rule engine (``engine.py``) runs every fusion's catalogue: ``attention.py`` (its rewrites in
+``attention_rewrite.py``, its masks in ``masks.py``), ``gelu.py``, ``layernorm.py``, ``skip_layernorm.py``;
+``embed_layernorm.py`` proves each embedding Gather's meaning instead. ``--explain fuse`` names, for every anchor
+left unfused (a Softmax, an Erf/Tanh, a LayerNorm-shaped ReduceMean, a residual Add before a LayerNorm), the
+closest rule and the step where it stopped::
 
     fuse: gelu: Erf 'e' not fused; closest rule 'erf': step 2 (plus_one: Add(1) either order): Add 'a' adds 2, not 1
 """
@@ -16,10 +17,14 @@ import onnx_graphsurgeon as gs
 from tqc.compiler.io.graph import ensure_domain
 from tqc.passes.base import NO_CONTRIB_OPS, Option, Pass, PassContext, PassResult, Tolerance, parse_bool
 from tqc.passes.fold import Fold
-from tqc.passes.fuse.attention import (MaskCache, find_attention, mask_input_names, rewrite_ort, rewrite_trt)
-from tqc.passes.fuse.elementwise import Miss, fuse_gelu, fuse_layernorm, fuse_skip_layernorm
-from tqc.passes.fuse.embedding import fuse_embed_layernorm
-from tqc.passes.fuse.match import NoMatch
+from tqc.passes.fuse.attention import find_attention
+from tqc.passes.fuse.attention_rewrite import rewrite_contrib, rewrite_standard
+from tqc.passes.fuse.embed_layernorm import fuse_embed_layernorm
+from tqc.passes.fuse.engine import Miss, NoMatch
+from tqc.passes.fuse.gelu import fuse_gelu
+from tqc.passes.fuse.layernorm import fuse_layernorm
+from tqc.passes.fuse.masks import MaskCache, mask_input_names
+from tqc.passes.fuse.skip_layernorm import fuse_skip_layernorm
 from tqc.passes.rewrite import cleanup, drop, redirect
 
 
@@ -40,11 +45,11 @@ def lower_constant_nodes(graph: gs.Graph) -> int:
     return count
 
 
-def explain_misses(ctx: PassContext, what: str, misses: list[Miss]) -> None:
+def explain_misses(ctx: PassContext, what: str, misses: list[Miss], separator: str = ": ") -> None:
     """One ``--explain fuse`` line per anchor no rule matched."""
     if "fuse" in ctx.explain:
         for miss in misses:
-            ctx.note(f"fuse: {what}: {miss.anchor} not fused; closest rule '{miss.rule}': {miss.reason}")
+            ctx.note(f"fuse: {what}{separator}{miss.anchor} not fused; closest rule '{miss.rule}': {miss.reason}")
 
 
 def canonicalize(graph: gs.Graph) -> int:
@@ -108,7 +113,7 @@ class Fuse(Pass):
                      "keeps the embedding Gathers and LayerNorm")
         if self.values["attention"]:
             matches, misses = find_attention(graph, mask_input_names(graph))
-            if target.contrib_ops and matches and any(m.mask is not None for m in matches):
+            if target.contrib_ops and matches and any(m.block.mask is not None for m in matches):
                 stats["mask"] = mask_format
                 if mask_format == "end":
                     ctx.note("fuse: attention masks given as token counts (right padding); use fuse{mask=raw} "
@@ -116,9 +121,9 @@ class Fuse(Pass):
             for index, match in enumerate(matches):
                 try:
                     if not target.contrib_ops:
-                        rewrite_trt(graph, match, index, masks)
+                        rewrite_standard(graph, match.block, index, masks)
                     else:
-                        rewrite_ort(graph, match, index, masks, mask_format)
+                        rewrite_contrib(graph, match.block, index, masks, mask_format)
                     fused += 1
                 except NoMatch as miss:
                     ctx.note(f"fuse: attention at '{match.softmax.name}' matched rule '{match.rule.name}' but "
@@ -129,11 +134,7 @@ class Fuse(Pass):
         stats["attention_blocks"] = softmax_count
         stats["attention"] = fused
         stats["attention_summary"] = f"{fused}/{softmax_count} attention fused"
-        for miss in misses:
-            message = (f"fuse: attention-shaped subgraph at Softmax '{miss.softmax}' not fused; closest rule "
-                       f"'{miss.rule}': {miss.reason}")
-            if "fuse" in ctx.explain:
-                ctx.note(message)
+        explain_misses(ctx, "attention-shaped subgraph at", misses, separator=" ")
         if self.values["gelu"]:
             exported_as_op = sum(1 for n in graph.nodes if n.op == "Gelu")  # opset 20 exports emit Gelu already
             gelus, reason, gelu_misses = fuse_gelu(graph, target, opset)

@@ -1,4 +1,5 @@
-"""Small helpers for walking an onnx-graphsurgeon graph backwards and saying why a walk stopped.
+"""The graph queries ``fuse``'s rules (``engine``), ``qdq`` and ``diff`` share: producers, constants, static
+dimensions and scalars computed from them, biased projections.
 
 Operand order is declared, never spelled out: a commutative node (Add, Mul) is matched through
 ``either_order(a, b)``, which yields ``(a, b)`` then ``(b, a)`` (onnxscript's commute); a rule takes the first
@@ -14,15 +15,6 @@ from typing import Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-
-class NoMatch(Exception):
-    """A pattern did not match; ``depth`` says how far it got (for 'closest rule' reports)."""
-
-    def __init__(self, reason: str, depth: int = 0):
-        super().__init__(reason)
-        self.reason = reason
-        self.depth = depth
 
 
 def either_order(a: gs.Tensor, b: gs.Tensor) -> Iterator[tuple[gs.Tensor, gs.Tensor]]:
@@ -81,11 +73,45 @@ def static_dims(tensor: gs.Tensor, depth: int = 0) -> list[int | None] | None:
             target = int_vector(node.inputs[1], depth + 1)
             if target is not None:
                 derived = [int(d) if d is not None and d > 0 else None for d in target]
+                if target.count(-1) == 1:
+                    derived[target.index(-1)] = _inferred_dim(node, target, depth + 1)
     if known is None:
         return derived
     if derived is not None and len(derived) == len(known):
         return [k if k is not None else d for k, d in zip(known, derived)]
     return known
+
+
+def _copied_dim(part: gs.Tensor, source: gs.Tensor) -> int | None:
+    """``i`` when ``part`` is Shape(source)[i] (a Gather of index i, through Unsqueeze/Cast), else None."""
+    node = producer(part)
+    while node is not None and node.op in ("Unsqueeze", "Cast"):
+        node = producer(node.inputs[0])
+    if node is None or node.op != "Gather" or producer(node.inputs[0]) is None:
+        return None
+    shape, index = producer(node.inputs[0]), constant_values(node.inputs[1])
+    if shape.op != "Shape" or shape.inputs[0] is not source or shape.attrs.get("start", 0) != 0 or \
+            "end" in shape.attrs or index is None or index.size != 1:
+        return None
+    return int(index.reshape(-1)[0])
+
+
+def _inferred_dim(reshape: gs.Node, target: list[int | None], depth: int) -> int | None:
+    """The -1 of a Reshape whose other entries are constants or the input's own dimensions (x.view(B, S, H,
+    -1) with B, S read from x): the product of the input's other dimensions over the constants."""
+    source, concat = reshape.inputs[0], producer(reshape.inputs[1])
+    dims = static_dims(source, depth + 1)
+    if dims is None or concat is None or concat.op != "Concat" or len(concat.inputs) != len(target):
+        return None
+    copied = [_copied_dim(part, source) for part in concat.inputs]
+    copied = [c + len(dims) if c is not None and c < 0 else c for c in copied]
+    constants = [d for d, c in zip(target, copied) if c is None and d != -1]
+    rest = [d for i, d in enumerate(dims) if i not in copied]
+    if any(d is None or d <= 0 for d in constants + rest) or len(set(c for c in copied if c is not None)) != \
+            len([c for c in copied if c is not None]):
+        return None
+    whole, part = int(np.prod(rest)), int(np.prod(constants))
+    return whole // part if part and whole % part == 0 else None
 
 
 _UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative}
@@ -193,11 +219,12 @@ def split_scalar_operand(node: gs.Node) -> tuple[gs.Tensor, float] | None:
 
 
 def ancestors_reach(tensor: gs.Tensor, targets: set[str], limit: int = 2000,
-                    stop_ops: tuple[str, ...] = ("MatMul", "Gemm", "Softmax")) -> bool:
+                    stop_ops: tuple[str, ...] = ("MatMul", "Gemm", "Softmax", "Shape")) -> bool:
     """Whether a tensor named in ``targets`` feeds ``tensor`` without passing through ``stop_ops``.
 
     Mask subgraphs contain no MatMul or Softmax; stopping there keeps a layer's scores (which depend on the
-    mask through earlier layers) from counting as mask-derived.
+    mask through earlier layers) from counting as mask-derived. A Shape reads dimensions, not values: a bias
+    expanded to the mask's shape (dynamo's MPNet) is not derived from the mask.
     """
     stack, seen = [tensor], set()
     while stack and len(seen) < limit:
@@ -213,6 +240,43 @@ def ancestors_reach(tensor: gs.Tensor, targets: set[str], limit: int = 2000,
     return False
 
 
+def heads_from_reshape(reshape: gs.Node, hidden: int) -> int | None:
+    """Read H from a Reshape to [B, S, H, D] (constant shape, or Concat with constant H and D)."""
+    shape = reshape.inputs[1]
+    values = constant_values(shape)
+    if values is not None and values.size == 4 and values[2] > 0:
+        return int(values[2])
+    node = producer(shape)
+    if node is not None and node.op == "Concat" and len(node.inputs) >= 3:
+        flat: list[int | None] = []
+        for part in node.inputs:
+            part_values = constant_values(part)
+            if part_values is None:
+                flat.append(None)
+            else:
+                flat.extend(int(v) for v in part_values.reshape(-1))
+        if len(flat) == 4 and flat[2] is not None and flat[2] > 0:
+            return flat[2]
+        if len(flat) == 4 and flat[3] is not None and flat[3] > 0 and hidden % flat[3] == 0:
+            return hidden // flat[3]
+    out_shape = reshape.outputs[0].shape
+    if out_shape is not None and len(out_shape) == 4 and isinstance(out_shape[2], int) and out_shape[2] > 0:
+        return int(out_shape[2])
+    return None
+
+
+def bias_split(x: gs.Tensor) -> tuple[gs.Tensor, np.ndarray, gs.Node] | None:
+    """x = Add(MatMul(...), constant 1-D bias), either order: (matmul output, bias values, the Add)."""
+    node = producer(x)
+    if node is None or node.op != "Add":
+        return None
+    for data, other in either_order(*node.inputs):
+        values = constant_values(other)
+        if values is not None and values.ndim == 1 and producer(data) is not None and producer(data).op == "MatMul":
+            return data, values.astype(np.float32), node
+    return None
+
+
 @dataclass
 class Linear:
     """x @ W (+ b) with constant W [in, out] and optional constant b [out]."""
@@ -225,19 +289,16 @@ class Linear:
     add: gs.Node | None
 
 
-def match_linear(tensor: gs.Tensor, what: str, depth: int) -> Linear:
-    node = producer(tensor)
-    add = None
-    bias = None
-    if node is not None and node.op == "Add":
-        for data, other in either_order(*node.inputs):
-            values = constant_values(other)
-            if values is not None and values.ndim == 1 and producer(data) is not None and producer(data).op == "MatMul":
-                add, bias, node = node, values.astype(np.float32), producer(data)
-                break
+def linear(tensor: gs.Tensor, what: str) -> Linear | str:
+    """``tensor`` as x @ W (+ b), else the reason it is not one."""
+    node, add, bias = producer(tensor), None, None
+    biased = bias_split(tensor)
+    if biased is not None:
+        data, bias, add = biased
+        node = producer(data)
     if node is None or node.op != "MatMul":
-        raise NoMatch(f"{what}: expected MatMul (+ bias Add) projection, found {describe(node)}", depth)
+        return f"{what}: expected MatMul (+ bias Add) projection, found {describe(node)}"
     weight = constant_values(node.inputs[1])
     if weight is None or weight.ndim != 2:
-        raise NoMatch(f"{what}: projection '{node.name}' has no constant 2-D weight", depth)
+        return f"{what}: projection '{node.name}' has no constant 2-D weight"
     return Linear(node.inputs[0], weight.astype(np.float32), bias, tensor, node, add)

@@ -23,7 +23,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.core.target import Target
-from tqc.passes.fuse.attention import MaskCache, expand_ort_attention
+from tqc.passes.fuse.attention_rewrite import expand_ort_attention
+from tqc.passes.fuse.masks import MaskCache
 from tqc.passes.rewrite import cleanup
 
 

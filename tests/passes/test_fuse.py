@@ -11,8 +11,8 @@ from tqc.compiler.io.model import load_model
 from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.models.recipes import CLASSIC_FAMILIES
 from tqc.passes.base import PassContext
-from tqc.passes.fuse.attention import find_attention, mask_input_names
-from tqc.passes.fuse.attention_rules import RULES
+from tqc.passes.fuse.attention import RULES, find_attention
+from tqc.passes.fuse.masks import mask_input_names
 
 FAMILIES = sorted(CLASSIC_FAMILIES)  # ModernBERT, DeBERTa-v2, MPNet: test_fuse_new_families.py
 VARIANTS = [("legacy", "eager"), ("legacy", "sdpa"), ("dynamo", "eager"), ("dynamo", "sdpa")]
@@ -57,7 +57,7 @@ def test_every_attention_block_fuses_exactly(family, exporter, attn, target, exp
     else:
         assert ops.count(("com.microsoft", "Attention")) == layers
         assert stats["embed_layernorm"] == 1, stats  # RoBERTa-style computed position ids included
-        assert stats["skip_layernorm_form"] == "sum"  # ort-cpu: Sum + LayerNormalization (see elementwise.py)
+        assert stats["skip_layernorm_form"] == "sum"  # ort-cpu: Sum + LayerNormalization (see skip_layernorm.py)
         assert ops.count(("", "Sum")) == stats["skip_layernorm"] >= 2 * layers - 1
         gelu = "FastGelu" if family == "albert" else "BiasGelu"
         assert ops.count(("com.microsoft", gelu)) == layers

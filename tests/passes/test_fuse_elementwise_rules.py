@@ -1,6 +1,6 @@
-"""Every GELU, LayerNorm and residual-LayerNorm rule of ``passes/fuse/elementwise_rules.py``, each operand-order
-alternative included, fused on a synthetic graph and run on ONNX Runtime CPU (optimizations off) before and
-after: the outputs agree within 1e-4. And ``--explain fuse`` on deliberately broken patterns."""
+"""Every GELU, LayerNorm and residual-LayerNorm rule (``passes/fuse/gelu.py``, ``layernorm.py``,
+``skip_layernorm.py``), each operand-order alternative included, fused on a synthetic graph and run on ONNX
+Runtime CPU (optimizations off) before and after: the outputs agree within 1e-4. And ``--explain fuse`` on deliberately broken patterns."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 from tqc.compiler.io.graph import to_graph, to_model
 from tqc.passes.base import PassContext
 from tqc.passes.fuse import Fuse
-from tqc.passes.fuse.elementwise_rules import GELU_RULES, LAYERNORM_RULES, SKIP_LAYERNORM_RULES, STEP_KINDS
+from tqc.passes.fuse import gelu, layernorm, skip_layernorm
+
+GELU_RULES, LAYERNORM_RULES, SKIP_LAYERNORM_RULES = gelu.RULES, layernorm.RULES, skip_layernorm.RULES
 
 HIDDEN = 8
 RNG = np.random.default_rng(0)
@@ -131,7 +133,7 @@ GELU_VARIANTS = {
 
 def test_every_gelu_rule_has_variants_here():
     assert sorted(GELU_VARIANTS) == sorted(r.name for r in GELU_RULES)
-    assert all(step.kind in STEP_KINDS for r in GELU_RULES + LAYERNORM_RULES + SKIP_LAYERNORM_RULES
+    assert all(step.kind in module.STEPS for module in (gelu, layernorm, skip_layernorm) for r in module.RULES
                for step in r.steps)
 
 

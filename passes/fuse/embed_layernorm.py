@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.elementwise import layernorm_matches
+from tqc.passes.fuse.layernorm import layernorm_matches
 from tqc.passes.fuse.match import through_identity, constant_values, consumers, producer
 from tqc.passes.rewrite import detach, produce
 
