@@ -78,8 +78,8 @@ class Target:
 # LayerNorm, the Erf GELU and Q/DQ itself) and quantizes by its own forms (passes/qdq/openvino.py).
 TRT = Target("trt", runtime="TensorRT", contrib_ops=False, attention_mask_format="raw", skip_layernorm_form="contrib",
              symmetric_int8_activations=True, activation_form_by_consumer=False, qdq_per_consumer=False,
-             int8_attention_matmuls=True, int8_attention_by_default=True, zero_points_in_bias=False, int8_mha=TRT_INT8_MHA,
-             residual_add_qdq=True, qattention_by_default=False)
+             int8_attention_matmuls=True, int8_attention_by_default=True, zero_points_in_bias=False,
+             int8_mha=TRT_INT8_MHA, residual_add_qdq=True, qattention_by_default=False)
 ORT_CPU = Target("ort-cpu", runtime="ONNX Runtime CPU", contrib_ops=True, attention_mask_format="raw",
                  skip_layernorm_form="sum", symmetric_int8_activations=False, activation_form_by_consumer=False,
                  qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,

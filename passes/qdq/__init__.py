@@ -81,7 +81,7 @@ class Qdq(Pass):
         "residual": Option(parse_bool, False, "trt: also quantize both inputs of residual Adds"),
         "attention": Option(parse_auto_bool, "auto", "quantize the attention batched MatMuls (INT8 MHA): 'auto' "
                             "on trt, not on openvino (OpenVINO's INT8 attention runs slower than its bf16 one on "
-                            "AMX CPUs, and float attention is the more accurate)", choices=("auto", "true", "false")),
+                            "AMX CPUs, and float attention is as accurate)", choices=("auto", "true", "false")),
         "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)",
                          min=0, max=1),
         "budget_runtime": Option(str, "ort", "engine the budget step measures on: ort (ORT CPU, optimizations off) "

@@ -5,27 +5,31 @@ dequantization past each MatMul and run it with integer inputs. What the placeme
 evidence is the compiled model's runtime graph, ``compiled_model.get_runtime_model()``, whose nodes carry
 ``layerType`` and ``runtimePrecision``; see ``tqc.compiler.io.openvino_ir.runtime_precisions`` and the README)::
 
-  linear layer  x ─► Q(u8, s, zp) ─► DQ ─► MatMul ◄─ DQ(axis 1) ◄─ W_int8    FullyConnected runs u8 x i8
-                (asymmetric UINT8 per tensor: the zero point is folded into the FC; a GELU output's
-                 [-0.17, 10] keeps every code, and u8 x s8 is the fast dot product on AVX2/VNNI CPUs)
-  attention     q ─► Q(i8, s, 0) ─► DQ ─► MatMul ◄─ DQ ◄─ Q(i8) ◄─ k^T        MatMul runs i8
+  linear layer  x ─► Q(u8, s, zp) ─► DQ(u8, s, 0) ─► MatMul ◄─ DQ(axis 1) ◄─ W_int8   FullyConnected runs
+                                                      └► Add(b - zp*s*sum_k W)         u8 x i8, bias fused
+                (asymmetric UINT8 codes per tensor: a GELU output's [-0.17, 10] keeps every code, and u8 x s8
+                 is the fast dot product on AVX2/VNNI CPUs; the zero point lives in the bias, below)
+  attention     (``attention=true`` only; by default attention stays float, below)
+                q ─► Q(i8, s, 0) ─► DQ ─► MatMul ◄─ DQ ◄─ Q(i8) ◄─ k^T        MatMul runs i8
                 probs ─► Q(u8, 1/255, 0) ─► DQ ─► MatMul ◄─ DQ ◄─ Q(i8) ◄─ v   MatMul runs u8 x i8
                 (Softmax outputs lie in [0, 1]: all 256 codes instead of trt's 128; on CPUs with AMX the
                  plugin folds both MatMuls, the mask, the Softmax and the probs' pair into one i8 Subgraph)
-  float         LayerNorm (MVN), Softmax, the mask Add, residual Adds, GELU (fused into the FC before it)
+  float         LayerNorm (MVN), Softmax, the mask Add, residual Adds, GELU (fused into the FC before it),
+                attention (``ov.convert_model`` fuses it into ScaledDotProductAttention; bf16 on AMX CPUs)
 
 Two choices are made for speed on CPUs with AMX (Intel Xeon since Sapphire Rapids), from OpenVINO's own
 performance counters (``bench/bench_openvino_profile.py``; numbers in ``docs/openvino.md``):
 
   zero point in the bias   OpenVINO runs a FullyConnected whose UINT8 input has a nonzero zero point through
-                           its zero-point compensation path (1.4x slower on AMX than zero point 0, no faster on
-                           AVX-512 VNNI). ``fold_zero_points`` keeps the Q (codes stay asymmetric, all 256 of
-                           them) and gives the DQ zero point 0: the MatMul sees x + zp*s, and its bias takes
-                           -zp*s*sum_k W[k, :] at compile time. Same arithmetic, the fast kernel.
-  attention in float       OpenVINO's INT8 attention Subgraph runs slower than its bf16 one on AMX (and no
-                           faster on VNNI CPUs), and float attention is the more accurate: ``qdq{attention=auto}``
-                           keeps attention's batched MatMuls in float on this target (``attention=true`` forces
-                           INT8 attention).
+                           its zero-point compensation path (1.3-1.4x slower on AMX than zero point 0, 5% on
+                           AVX-512 VNNI, where symmetric INT8 is the slow form). ``fold_zero_points`` keeps the
+                           Q (codes stay asymmetric, all 256 of them) and gives the DQ zero point 0: the MatMul
+                           sees x + zp*s, and its bias takes -zp*s*sum_k W[k, :] at compile time. Same
+                           arithmetic, the fast kernel.
+  attention in float       OpenVINO's INT8 attention Subgraph runs slower than its bf16 one on AMX (on the
+                           AVX2 EPYC the two could not be told apart), and float attention is as accurate (MiniLM,
+                           600 held-out sentences: mean cosine 0.9979 vs 0.9976): ``qdq{attention=auto}`` keeps
+                           attention's batched MatMuls in float on this target (``attention=true``: INT8).
 
 Fusion for this target is the standard-ONNX form that ``trt`` uses (packed QKV, scale folded into Q, one
 mask for all layers): OpenVINO's CPU plugin fuses LayerNormalization into MVN, the Erf GELU and the bias
@@ -129,9 +133,9 @@ def _bias_add(matmul: gs.Node) -> tuple[gs.Node, int] | None:
 def fold_zero_points(graph: gs.Graph) -> int:
     """Give every activation DequantizeLinear with a nonzero UINT8 zero point zero point 0, where all its
     consumers are linear layers (MatMul or Gemm with a constant or INT8 weight); each layer's bias (the constant
-    Add after a MatMul, or a new one; Gemm's C) takes ``-zp * scale * W.sum(0)``, so its output is unchanged (up to float rounding). The Q keeps its
-    zero point: the codes, and so the quantization error, are those of the asymmetric range. Returns the count
-    of DequantizeLinear nodes changed."""
+    Add after a MatMul, or a new one; Gemm's C) takes ``-zp * scale * W.sum(0)``, so its output is unchanged (up
+    to float rounding). The Q keeps its zero point: the codes, and so the quantization error, are those of the
+    asymmetric range. Returns the count of DequantizeLinear nodes changed."""
     folded = 0
     for node in list(graph.nodes):
         if node.op != "DequantizeLinear" or len(node.inputs) < 3 or not isinstance(node.inputs[0], gs.Variable):
