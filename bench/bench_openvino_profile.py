@@ -18,7 +18,8 @@ For each variant and shape: per-node time from ``ov::enable_profiling`` (``PERF_
 MatMul, the attention Subgraph; the rest: LayerNorm (MVN), Eltwise, Softmax, FakeQuantize, Reorder, Convert,
 Transpose, Split...); the runtime model's precisions (``runtime_precisions``) and where each MatMul runs
 (``matmul_placement``); latency from interleaved rounds (each round runs every variant and shape; median of the
-round medians, speed-up over ``fp32`` measured in the same rounds); fidelity of mean-pooled embeddings on held-out
+round medians, speed-up over ``fp32`` measured in the same rounds; the profiles are not interleaved: under other
+load compare shares within a variant); fidelity of mean-pooled embeddings on held-out
 sentences against ORT FP32 (mean/min cosine, nearest-neighbour agreement).
 
     python bench/bench_openvino_profile.py --json bench/results/openvino_profile_amx.json
