@@ -88,6 +88,8 @@ class Option:
                            f"({type(value).__name__})")
         if self.type is float:
             value = float(value)
+        if self.type is parse_auto_bool:
+            value = parse_auto_bool(value)
         return self.check(pass_name, key, value)
 
     def check(self, pass_name: str, key: str, value: Any) -> Any:
@@ -123,6 +125,15 @@ def parse_bool(text: str | bool) -> bool:
     raise ValueError(text)
 
 
+def parse_auto_bool(text: str | bool) -> str:
+    """'auto', or a boolean as 'true' / 'false' (``attention=auto|true|false``; True / False from Python)."""
+    if isinstance(text, bool):
+        return "true" if text else "false"
+    if text.strip().lower() == "auto":
+        return "auto"
+    return "true" if parse_bool(text) else "false"
+
+
 def parse_list(text: str | list) -> list[str]:
     """``a|b|c`` (commas separate options in the pipeline text, so lists use '|')."""
     if isinstance(text, list):
@@ -132,12 +143,13 @@ def parse_list(text: str | list) -> list[str]:
 
 # The Python values each option type takes (``Option.coerce``); a list option takes a list or tuple of texts.
 _PYTHON_TYPES: dict[Callable, tuple[type, ...]] = {float: (int, float), int: (int,), str: (str,),
-                                                   parse_bool: (bool,), parse_list: (list, tuple)}
+                                                   parse_bool: (bool,), parse_auto_bool: (bool,),
+                                                   parse_list: (list, tuple)}
 
 
 def _type_name(fn: Callable) -> str:
-    return {parse_bool: "boolean", parse_list: "'|'-separated list", float: "number", int: "integer",
-            str: "string"}.get(fn, getattr(fn, "__name__", "value"))
+    return {parse_bool: "boolean", parse_auto_bool: "boolean or 'auto'", parse_list: "'|'-separated list",
+            float: "number", int: "integer", str: "string"}.get(fn, getattr(fn, "__name__", "value"))
 
 
 @dataclass

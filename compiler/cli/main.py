@@ -281,8 +281,8 @@ def build_cmd(model: str, output: str, shapes: tuple[str, ...], fp16: bool, work
 def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str, runs: int, warmup: int,
               budget: float, threads: int | None, cuda_graph: bool, json_path: str | None) -> None:
     """Latency (median, p95, p99) and throughput of one or more models; a comparison table."""
-    from tqc.compiler.tools.benchmark import (bench_inputs, check_runnable, parse_bench_shapes, runner_for, time_callable,
-                                              token_inputs)
+    from tqc.compiler.tools.benchmark import (bench_inputs, check_runnable, format_bench_table, parse_bench_shapes,
+                                              runner_for, time_callable, token_inputs)
     from tqc.compiler.runtime.feeds import input_specs
     from tqc.compiler.io.model import check_input_path, load_model, write_text_atomic
     from tqc.compiler.io.output_guard import current
@@ -313,13 +313,10 @@ def bench_cmd(models: tuple[str, ...], provider: str, shapes: str, lengths: str,
             feed = bench_inputs(onnx_model, names, batch, seq, lengths) if onnx_model is not None else \
                 token_inputs(names, batch, seq, 30000, lengths)
             timing = time_callable(runner.prepare(feed), batch, runs, warmup, budget)
-            rows.append({"model": model, "shape": f"{batch}x{seq}", "provider": provider, **timing.as_dict()})
-    base = {r["shape"]: r["median_ms"] for r in rows if r["model"] == models[0]}
-    click.echo(f"{'model':<40} {'shape':<8} {'median ms':>10} {'p95':>8} {'p99':>8} {'seq/s':>9}  vs first")
-    for r in rows:
-        ratio = base.get(r["shape"], r["median_ms"]) / r["median_ms"]
-        click.echo(f"{r['model'][-40:]:<40} {r['shape']:<8} {r['median_ms']:>10.3f} {r['p95_ms']:>8.3f} "
-                   f"{r['p99_ms']:>8.3f} {r['throughput']:>9.1f}  {ratio:.2f}x")
+            precision = {"precision": runner.precision} if hasattr(runner, "precision") else {}
+            rows.append({"model": model, "shape": f"{batch}x{seq}", "provider": provider, **precision,
+                         **timing.as_dict()})
+    click.echo(format_bench_table(rows, models[0]))
     if json_path:
         write_text_atomic(json.dumps({"provider": provider, "lengths": lengths, "rows": rows}, indent=2) + "\n",
                           json_path)

@@ -55,6 +55,10 @@ class Target:
     activation_form_by_consumer: bool  # qdq: the activation's form follows its consumer (qdq/openvino.py)
     qdq_per_consumer: bool             # qdq: one Q/DQ pair per consumer (ORT fuses DQ -> MatMul), else per tensor
     int8_attention_matmuls: bool       # qdq: quantizes attention's batched MatMuls (runs them in INT8)
+    int8_attention_by_default: bool    # qdq{attention=auto}: ...and does so by default (openvino: float attention
+                                       # runs faster on AMX CPUs, as fast elsewhere; passes/qdq/openvino.py)
+    zero_points_in_bias: bool          # qdq: a linear layer's UINT8 input zero point moves into its bias (zero
+                                       # point 0 at run time: OpenVINO's fast INT8 path; passes/qdq/openvino.py)
     int8_mha: Int8MhaLimits | None     # ...only within these limits (None: no limit)
     residual_add_qdq: bool             # qdq{residual=true}: both inputs of residual Adds get Q/DQ
     qattention_by_default: bool        # qdq{qattention=auto}: fused Attentions become QAttention (without budget)
@@ -74,19 +78,20 @@ class Target:
 # LayerNorm, the Erf GELU and Q/DQ itself) and quantizes by its own forms (passes/qdq/openvino.py).
 TRT = Target("trt", runtime="TensorRT", contrib_ops=False, attention_mask_format="raw", skip_layernorm_form="contrib",
              symmetric_int8_activations=True, activation_form_by_consumer=False, qdq_per_consumer=False,
-             int8_attention_matmuls=True, int8_mha=TRT_INT8_MHA, residual_add_qdq=True, qattention_by_default=False)
+             int8_attention_matmuls=True, int8_attention_by_default=True, zero_points_in_bias=False,
+             int8_mha=TRT_INT8_MHA, residual_add_qdq=True, qattention_by_default=False)
 ORT_CPU = Target("ort-cpu", runtime="ONNX Runtime CPU", contrib_ops=True, attention_mask_format="raw",
                  skip_layernorm_form="sum", symmetric_int8_activations=False, activation_form_by_consumer=False,
-                 qdq_per_consumer=True, int8_attention_matmuls=False, int8_mha=None, residual_add_qdq=False,
-                 qattention_by_default=True)
+                 qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
+                 zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=True)
 ORT_CUDA = Target("ort-cuda", runtime="ONNX Runtime CUDA", contrib_ops=True, attention_mask_format="end",
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=False,
-                  qdq_per_consumer=True, int8_attention_matmuls=False, int8_mha=None, residual_add_qdq=False,
-                  qattention_by_default=False)
+                  qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
+                  zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=False)
 OPENVINO = Target("openvino", runtime="OpenVINO", contrib_ops=False, attention_mask_format="raw",
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=True,
-                  qdq_per_consumer=False, int8_attention_matmuls=True, int8_mha=None, residual_add_qdq=False,
-                  qattention_by_default=False)
+                  qdq_per_consumer=False, int8_attention_matmuls=True, int8_attention_by_default=False,
+                  zero_points_in_bias=True, int8_mha=None, residual_add_qdq=False, qattention_by_default=False)
 BY_NAME = {t.name: t for t in (TRT, ORT_CPU, ORT_CUDA, OPENVINO)}
 TARGETS = tuple(BY_NAME)  # the names, in the CLI's order
 DEFAULT_TARGET = "trt"  # tqc compile's --target default (compiler/cli/main.py), and tqc.compile's

@@ -87,7 +87,7 @@ def runtime_precisions(compiled) -> dict:
 INTEGER = ("u8", "i8")
 
 
-COMPUTE = ("FullyConnected", "MatMul", "Subgraph")  # runtime nodes that can hold a MatMul's arithmetic
+COMPUTE = ("FullyConnected", "MatMul", "Subgraph", "ScaledDotProductAttention")  # nodes that can hold a MatMul
 
 
 def runtime_hosts(compiled) -> dict[str, list[tuple[str, str]]]:
@@ -113,22 +113,32 @@ def matmul_placement(compiled, model) -> dict[str, tuple[str, str]]:
     The runtime node is the FullyConnected, MatMul or Subgraph that names the MatMul in its
     ``originalLayersNames`` (``runtime_hosts``), or, where OpenVINO's low-precision transformations rebuilt the
     MatMul under a derived name (``<name>/DequantizationMultiply``: seen where a UINT8 input's zero point is
-    128, which OpenVINO runs as symmetric INT8), one that names a layer ``<name>/...``. The layer type depends
+    128, which OpenVINO runs as symmetric INT8), one that names a layer ``<name>/...``, or (a float
+    FullyConnected, which names only the bias Add it took in) one that names the Add after it. The layer type depends
     on the CPU: a linear layer becomes a ``FullyConnected``; an attention MatMul stays a ``MatMul`` on AVX2 and
     AVX-512 VNNI CPUs, and on CPUs with AMX it is folded, with the mask, the Softmax and the other attention
-    MatMul, into one ``Subgraph`` (a snippet kernel) whose precision is that of its integer inputs.
+    MatMul, into one ``Subgraph`` (a snippet kernel) whose precision is that of its integer inputs. A float
+    attention that ``ov.convert_model`` fused into one ``ScaledDotProductAttention`` op counts as its two MatMuls
+    (``<name> (Q.K^T)``, ``<name> (probs.V)``), both placed where that op runs.
     """
     hosts = runtime_hosts(compiled)
     placement = {}
     for op in model.get_ordered_ops():
-        if op.get_type_name() != "MatMul":
+        if op.get_type_name() not in ("MatMul", "ScaledDotProductAttention"):
             continue
         name = op.get_friendly_name()
         found = [h for h in hosts.get(name, []) if h[0] in COMPUTE]
         if not found:
             found = [h for other, found_in in hosts.items() if other.startswith(name + "/")
                      for h in found_in if h[0] in COMPUTE]
-        placement[name] = found[0] if found else ("?", "?")
+        if not found:  # a float FullyConnected names only the bias Add it took in
+            found = [h for target in op.output(0).get_target_inputs() if target.get_node().get_type_name() == "Add"
+                     for h in hosts.get(target.get_node().get_friendly_name(), []) if h[0] in COMPUTE]
+        host = found[0] if found else ("?", "?")
+        if op.get_type_name() == "MatMul":
+            placement[name] = host
+        else:  # a float attention ov.convert_model fused into one op: its two MatMuls
+            placement[f"{name} (Q.K^T)"] = placement[f"{name} (probs.V)"] = host
     return placement
 
 
@@ -143,11 +153,27 @@ def placement_summary(placement: dict[str, tuple[str, str]]) -> dict[str, int]:
     return dict(sorted(Counter(f"{layer} {precision}" for layer, precision in placement.values()).items()))
 
 
+def inference_precision(compiled) -> str:
+    """The float precision OpenVINO chose for the compiled model (``INFERENCE_PRECISION_HINT``: bf16 on CPUs with
+    AMX or AVX512-BF16 unless told otherwise, f32 elsewhere)."""
+    return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def precision_summary(compiled, model) -> str:
+    """What the engine runs, in a few words: 'bf16' (a float model at OpenVINO's default on an AMX CPU), 'f32',
+    or 'int8 24/36 + bf16' (24 of the model's 36 MatMuls on integer inputs, the rest in bf16)."""
+    integer, total = int8_matmuls(matmul_placement(compiled, model))
+    float_part = inference_precision(compiled)
+    return f"int8 {integer}/{total} + {float_part}" if integer else float_part
+
+
 class OvRunner:
-    """One compiled OpenVINO model on CPU (the ``tqc bench`` runner interface: ``input_names``, ``prepare``)."""
+    """One compiled OpenVINO model on CPU (the ``tqc bench`` runner interface: ``input_names``, ``prepare``;
+    ``precision``: ``precision_summary`` of what it runs)."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         self.compiled = compile_ov(path, threads)
+        self.precision = precision_summary(self.compiled, require_openvino().Core().read_model(str(path)))
         self.request = self.compiled.create_infer_request()
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.output_names = [port.get_any_name() for port in self.compiled.outputs]

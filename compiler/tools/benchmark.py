@@ -300,3 +300,21 @@ def runner_for(path: str | Path, provider: str, threads: int | None, cuda_graph:
 
         return OvRunner(path, threads)
     return OrtRunner(path, provider, threads, cuda_graph)
+
+
+def format_bench_table(rows: list[dict], first: str) -> str:
+    """The comparison table of ``tqc bench``: one line per model and shape, speed-up against the first model.
+
+    OpenVINO rows carry a ``precision`` column: what the engine ran (``openvino_ir.precision_summary``), so an
+    FP32 model at OpenVINO's default ('bf16' on AMX CPUs) stands next to an INT8 IR ('int8 24/36 + bf16')."""
+    base = {r["shape"]: r["median_ms"] for r in rows if r["model"] == first}
+    with_precision = any("precision" in r for r in rows)
+    width = max([len(r.get("precision", "")) for r in rows] + [len("precision")])
+    column = f" {'precision':<{width}}" if with_precision else ""
+    lines = [f"{'model':<40} {'shape':<8}{column} {'median ms':>10} {'p95':>8} {'p99':>8} {'seq/s':>9}  vs first"]
+    for r in rows:
+        ratio = base.get(r["shape"], r["median_ms"]) / r["median_ms"]
+        cell = f" {r.get('precision', '-'):<{width}}" if with_precision else ""
+        lines.append(f"{r['model'][-40:]:<40} {r['shape']:<8}{cell} {r['median_ms']:>10.3f} {r['p95_ms']:>8.3f} "
+                     f"{r['p99_ms']:>8.3f} {r['throughput']:>9.1f}  {ratio:.2f}x")
+    return "\n".join(lines)

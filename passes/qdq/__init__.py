@@ -37,10 +37,11 @@ import onnx_graphsurgeon as gs
 
 from tqc.compiler.analysis.calibration import TensorRange
 from tqc.compiler.core.target import Target
-from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContext, PassResult, Tolerance, parse_bool,
-                             parse_list)
+from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContext, PassResult, Tolerance,
+                             parse_auto_bool, parse_bool, parse_list)
 from tqc.passes.qdq.budget import budget_feeds, enforce_budget
 from tqc.passes.qdq.insert import InsertOptions, insert
+from tqc.passes.qdq.openvino import fold_zero_points
 from tqc.passes.qdq.plan import PlanOptions, QdqPlan, graph_sequence_bound, plan_sites
 
 
@@ -78,7 +79,9 @@ class Qdq(Pass):
         "exclude": Option(parse_list, [], "node-name patterns to keep in float ('|'-separated, fnmatch)"),
         "op_types": Option(parse_list, ["MatMul", "Gemm"], "op types to quantize"),
         "residual": Option(parse_bool, False, "trt: also quantize both inputs of residual Adds"),
-        "attention": Option(parse_bool, True, "trt: quantize the attention batched MatMuls (INT8 MHA)"),
+        "attention": Option(parse_auto_bool, "auto", "quantize the attention batched MatMuls (INT8 MHA): 'auto' "
+                            "on trt, not on openvino (OpenVINO's INT8 attention runs slower than its bf16 one on "
+                            "AMX CPUs, and float attention is as accurate)", choices=("auto", "true", "false")),
         "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)",
                          min=0, max=1),
         "budget_runtime": Option(str, "ort", "engine the budget step measures on: ort (ORT CPU, optimizations off) "
@@ -143,18 +146,27 @@ class Qdq(Pass):
             ctx.note(note)
         return PassResult(stats["quantized_matmuls"] > 0 or stats.get("attention_expanded", 0) > 0, stats)
 
+    def int8_attention(self, target: Target) -> bool:
+        """``attention``: 'true'/'false' as given; 'auto': the target's default."""
+        choice = self.values["attention"]
+        return choice == "true" or (choice == "auto" and target.int8_attention_by_default)
+
     def plan_options(self, graph: gs.Graph, ctx: PassContext) -> PlanOptions:
-        limited = ctx.target.int8_mha is not None and self.values["attention"]  # INT8 attention within limits
+        attention = self.int8_attention(ctx.target)
+        limited = ctx.target.int8_mha is not None and attention  # INT8 attention within limits
         bound = graph_sequence_bound(graph, ctx) if limited else (None, "")
         return PlanOptions(op_types=tuple(self.values["op_types"]), exclude=tuple(self.values["exclude"]),
-                           attention=self.values["attention"], residual=self.values["residual"],
+                           attention=attention, residual=self.values["residual"],
                            qattention=self.uses_qattention(ctx.target), max_sequence=bound)
 
     def insert(self, graph: gs.Graph, plan: QdqPlan, ctx: PassContext) -> tuple[dict[str, object], list[str]]:
         options = InsertOptions(method=self.values["method"], percentile=self.values["percentile"],
                                 smooth=self.values["smooth"], shared_weights=self.values["shared_weights"])
-        return insert(graph, plan, ctx.calibration, options, source=ctx.calibration_source,
-                      range_cache=self.state.smoothed_ranges)
+        stats, notes = insert(graph, plan, ctx.calibration, options, source=ctx.calibration_source,
+                              range_cache=self.state.smoothed_ranges)
+        if ctx.target.zero_points_in_bias:
+            stats["zero_points_folded"] = fold_zero_points(graph)
+        return stats, notes
 
     def uses_qattention(self, target: Target) -> bool:
         choice = str(self.values["qattention"]).lower()

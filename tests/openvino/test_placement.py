@@ -1,8 +1,10 @@
 """``--target openvino`` placement: what the graph holds, and what OpenVINO's CPU plugin runs in INT8.
 
 The runtime graph (``compiled_model.get_runtime_model()``) is the evidence: FullyConnected nodes run u8
-(asymmetric UINT8 activations, zero point folded in); attention MatMuls run i8 (Q @ K^T) and u8 (probs @ V) on
-AVX2 / AVX-512 VNNI CPUs, and inside one i8 ``Subgraph`` per attention on CPUs with AMX.
+(asymmetric UINT8 codes; the zero point moved into the bias, so OpenVINO runs its zero-point-0 kernel); by default
+attention stays in float (OpenVINO's fused attention); with ``qdq{attention=true}`` attention MatMuls run i8
+(Q @ K^T) and u8 (probs @ V) on AVX2 / AVX-512 VNNI CPUs, and inside one i8 ``Subgraph`` per attention on CPUs
+with AMX.
 """
 
 import numpy as np
@@ -112,19 +114,52 @@ def token_npz(model_path, path, count: int = 4):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_openvino(exports, tmp_path_factory):
+def compile_tiny(exports, folder, qdq: str):
     """bert-tiny fused and quantized for openvino by ``tqc compile``, every pass verified on OpenVINO."""
     import json
 
     source = exports.get("bert", size="tiny")
-    folder = tmp_path_factory.mktemp("ov")
     path = folder / "tiny.onnx"
-    compile_cli([str(source), "-p", "fold,fuse,qdq", "--target", "openvino", "--calib",
+    compile_cli([str(source), "-p", f"fold,fuse,{qdq}", "--target", "openvino", "--calib",
                  str(token_npz(source, folder / "calib.npz")), "-o", str(path), "--verify", "numeric",
                  "--runtime", "openvino", "--report", str(folder / "report.json")])
     report = json.loads((folder / "report.json").read_text())
     return path, onnx.load(str(path)), report["stages"][-1]
+
+
+@pytest.fixture(scope="module")
+def tiny_openvino(exports, tmp_path_factory):
+    """bert-tiny with INT8 attention (``qdq{attention=true}``)."""
+    return compile_tiny(exports, tmp_path_factory.mktemp("ov"), "qdq{attention=true}")
+
+
+@pytest.fixture(scope="module")
+def tiny_openvino_default(exports, tmp_path_factory):
+    """bert-tiny with the default placement (float attention, zero points in the biases)."""
+    return compile_tiny(exports, tmp_path_factory.mktemp("ov_default"), "qdq")
+
+
+def test_default_keeps_attention_float_and_runs_linear_layers_with_zero_point_0(tiny_openvino_default):
+    """On any x86-64 CPU: the 8 linear layers run on integer inputs whose DequantizeLinear has zero point 0 (the
+    Q keeps the asymmetric one, the bias takes the rest); the 4 attention MatMuls run in float."""
+    path, q, stage = tiny_openvino_default
+    assert stage["stats"]["attention_bmm"] == 0 and stage["stats"]["linear"] == 8
+    assert stage["stats"]["zero_points_folded"] >= 1 and stage["verify"]["numeric"]["passed"]
+    initializers = {t.name for t in q.graph.initializer}
+    activation_dqs = [n for n in nodes(q, "DequantizeLinear") if n.input[0] not in initializers]
+    assert len(activation_dqs) == 8 and all(init(q, n.input[2]) == 0 for n in activation_dqs)
+    assert any(init(q, n.input[2]) not in (0, 128) for n in nodes(q, "QuantizeLinear"))  # asymmetric codes
+    core = ov.Core()
+    model = core.read_model(str(path))
+    compiled = compile_ov(model, core=core)
+    placement = matmul_placement(compiled, model)
+    assert int8_matmuls(placement) == (8, 12)
+    attention_names = ("(Q.K^T)", "(probs.V)", "_qk", "_pv")  # a fused float attention op, or its MatMuls
+    linear = {n: p for n, p in placement.items() if not n.endswith(attention_names)}
+    assert len(linear) == 8 and {p[0] for p in linear.values()} == {"FullyConnected"}
+    assert {p[1] for p in linear.values()} <= {"u8", "i8"}
+    attention = {p for n, p in placement.items() if n not in linear}
+    assert attention and {precision for _, precision in attention} <= {"f32", "bf16"}  # float attention
 
 
 def subgraph_input_types(compiled, name: str) -> list[str]:
