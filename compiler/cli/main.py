@@ -465,8 +465,9 @@ def passes_cmd() -> None:
 @click.option("--name", default=None, help="Model name (default: the file name's stem); text endpoint: NAME_text.")
 @click.option("--endpoints", type=click.Choice(["both", "raw", "text"]), default="both", show_default=True,
               help="raw tensors in, text in, or both (text needs a tokenizer).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Runtime inside the server: ONNX Runtime CPU or CUDA (IO binding).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "openvino"]), default=None,
+              help="Runtime inside the server: ONNX Runtime CPU or CUDA (IO binding), or OpenVINO CPU (FP32 "
+                   "precision). Default: openvino for an IR (.xml), else cpu.")
 @click.option("--cuda-graph", is_flag=True, help="CUDA: one captured CUDA graph per (batch, sequence) bucket.")
 @click.option("--tokenizer", default=None, help="Tokenizer folder (default: the one the export recorded).")
 @click.option("--max-length", type=click.IntRange(1, 8192), default=None,
@@ -483,10 +484,10 @@ def passes_cmd() -> None:
 @click.option("--startup-timeout", type=click.FloatRange(1, 3600), default=180.0, show_default=True,
               help="Seconds to wait for the models to load.")
 def serve_cmd(model: str, host: str, http_port: int, grpc_port: int, metrics_port: int, name: str | None,
-              endpoints: str, provider: str, cuda_graph: bool, tokenizer: str | None, max_length: int | None,
+              endpoints: str, provider: str | None, cuda_graph: bool, tokenizer: str | None, max_length: int | None,
               long_text: str, max_batch: int, preferred_batch: str, queue_delay_us: int, instances: int,
               threads: int | None, startup_timeout: float) -> None:
-    """Serve MODEL (.onnx) behind a Triton Inference Server until SIGTERM or Ctrl-C: raw tensors in, and
+    """Serve MODEL (.onnx, or OpenVINO IR .xml) behind a Triton Inference Server until SIGTERM or Ctrl-C: raw tensors in, and
     text in (tokenized in the server) -> embeddings. A signal stops a serving server cleanly with exit 0; one
     that arrives while it is still starting exits 130 (SIGINT) or 143 (SIGTERM)."""
     from tqc.compiler.cli.serve import run_serve

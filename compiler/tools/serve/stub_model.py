@@ -68,8 +68,10 @@ class OrtRunner:
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(conf["onnx"], options, providers=self.providers(conf))
         self.check_providers(conf)
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        # the text endpoint asks for the one output it returns (a pooled model: only the embedding)
+        self.output_names = conf.get("run_outputs") or [o.name for o in self.session.get_outputs()]
         self.bucketed = False
+        self.describe = f"onnxruntime {ort.__version__} {self.session.get_providers()}"
 
     def providers(self, conf):
         return ["CPUExecutionProvider"]
@@ -157,13 +159,36 @@ class OrtCudaRunner(OrtRunner):
         return {name: value.numpy() for name, value in outputs.items()}
 
 
-def openvino_runner(conf):
-    """Hook for the OpenVINO runtime (another change adds tqc's OpenVINO target): a runner needs
-    ``run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]`` and a ``bucketed`` attribute."""
-    raise RuntimeError("the openvino runtime is not available to 'tqc serve' yet")
+class OpenVinoRunner:
+    """OpenVINO on CPU: an IR (``tqc compile --target openvino``) or an ONNX file, one infer request.
+
+    Inputs are shared with the numpy feed (no copy); the outputs are copied out of the request's buffers, which
+    the next call overwrites before Triton has sent the responses of this one. Float layers run in FP32
+    (``INFERENCE_PRECISION_HINT``): OpenVINO's default on AMX CPUs is bf16, which would change the answers of
+    the model that tqc compiled and verified.
+    """
+
+    def __init__(self, conf):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if conf.get("threads"):
+            config["INFERENCE_NUM_THREADS"] = int(conf["threads"])
+        self.compiled = core.compile_model(core.read_model(conf["onnx"]), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        names = conf.get("run_outputs") or [port.get_any_name() for port in self.compiled.outputs]
+        self.ports = [(name, self.compiled.output(name)) for name in names]
+        self.input_names = {port.get_any_name() for port in self.compiled.inputs}
+        self.bucketed = False
+        self.describe = f"openvino {ov.get_version()} CPU"
+
+    def run(self, feed):
+        self.request.infer({k: v for k, v in feed.items() if k in self.input_names}, share_inputs=True)
+        return {name: self.request.get_tensor(port).data.copy() for name, port in self.ports}
 
 
-RUNNERS = {"cpu": OrtRunner, "cuda": OrtCudaRunner, "openvino": openvino_runner}
+RUNNERS = {"cpu": OrtRunner, "cuda": OrtCudaRunner, "openvino": OpenVinoRunner}
 
 
 def check_numpy():
@@ -190,17 +215,18 @@ class TritonPythonModel:
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(os.path.join(_HERE, CONF["tokenizer"]))
-            self.tokenizer.no_padding()
             self.tokenizer.enable_truncation(self.max_length)
             self.pad_id = int(CONF.get("pad_id", 0))
+            if self.runner.bucketed:  # padded to buckets below
+                self.tokenizer.no_padding()
+            else:  # the tokenizer pads a batch to its longest row (in Rust, with the mask)
+                self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=CONF.get("pad_token", "[PAD]"))
+            self.wanted = [spec["name"] for spec in self.inputs]
         # with "timings": seconds spent per padded shape "BATCHxSEQ": [tokenizer, ORT call, pooling, calls]
         self.timings = {} if CONF.get("timings") else None
         self._warm_up()
-        import onnxruntime
-
         print(f"tqc-stub: {CONF['kind']} model ready: python {sys.version.split()[0]}, numpy {np.__version__} ({os.path.dirname(np.__file__)}), "
-              f"onnxruntime {onnxruntime.__version__} {getattr(self.runner, 'session', None) and self.runner.session.get_providers()}, "
-              f"max_length {self.max_length}", flush=True)
+              f"{self.runner.describe}, max_length {self.max_length}", flush=True)
         if self.timings is not None:
             self.timings.clear()
 
@@ -291,13 +317,38 @@ class TritonPythonModel:
         start = time.perf_counter()
         # one text: encode() (encode_batch's thread pool costs ~0.3 ms for a single 128-token text)
         encodings = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(texts)
+        rows = len(encodings)
+        if self.runner.bucketed:
+            feed, mask = self._bucketed_feed(encodings)
+        else:  # padded by the tokenizer: one conversion per input the model takes
+            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+            values = {"attention_mask": mask}
+            for name in self.wanted:
+                if name == "input_ids":
+                    values[name] = np.array([e.ids for e in encodings], dtype=np.int64)
+                elif name == "token_type_ids":
+                    values[name] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+            feed = {name: values[name] for name in self.wanted}
+        truncated = [bool(e.overflowing) for e in encodings]
+        tokenized = time.perf_counter()
+        output = self.runner.run(feed)[CONF["output"]][:rows]
+        ran = time.perf_counter()
+        output = self._pool(output, mask[:rows])
+        if self.timings is not None:
+            entry = self.timings.setdefault("x".join(str(d) for d in mask.shape), [0.0, 0.0, 0.0, 0])
+            entry[0] += tokenized - start
+            entry[1] += ran - tokenized
+            entry[2] += time.perf_counter() - ran
+            entry[3] += 1
+        counts = mask[:rows].sum(axis=1, keepdims=True)
+        return np.ascontiguousarray(output, dtype=np.float32), counts, truncated
+
+    def _bucketed_feed(self, encodings):
+        """CUDA graphs: a few fixed shapes, captured once each; padding rows copy the first row."""
         longest = max(len(e.ids) for e in encodings)
         rows = len(encodings)
-        if self.runner.bucketed:  # CUDA graphs: a few fixed shapes, captured once each
-            seq = min(max(16, _pow2_at_least(longest, self.max_length)), self.max_length)
-            batch = _pow2_at_least(rows, self.max_batch)
-        else:
-            seq, batch = longest, rows  # pad to the longest text of the batch
+        seq = min(max(16, _pow2_at_least(longest, self.max_length)), self.max_length)
+        batch = _pow2_at_least(rows, self.max_batch)
         ids = np.full((batch, seq), self.pad_id, dtype=np.int64)
         mask = np.zeros((batch, seq), dtype=np.int64)
         types = np.zeros((batch, seq), dtype=np.int64)
@@ -306,31 +357,28 @@ class TritonPythonModel:
             ids[row, :n] = encoding.ids
             mask[row, :n] = 1
             types[row, :n] = encoding.type_ids
-        if batch > rows:  # padding rows copy the first row, so no row is all-masked
+        if batch > rows:
             ids[rows:], mask[rows:], types[rows:] = ids[0], mask[0], types[0]
-        truncated = [bool(e.overflowing) for e in encodings]
         values = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        feed = {spec["name"]: values[spec["name"]] for spec in self.inputs}
-        tokenized = time.perf_counter()
-        output = self.runner.run(feed)[CONF["output"]][:rows]
-        ran = time.perf_counter()
+        return {name: values[name] for name in self.wanted}, mask
+
+    @staticmethod
+    def _pool(output, mask):
+        """Host pooling as sentence-transformers does it, for a model that returns tokens; "graph": as it is."""
         pooling = CONF.get("pooling", "mean")
+        if pooling == "graph":  # pooled (and normalised) by the model itself (the pool pass)
+            return output
         if output.ndim == 3 and pooling == "mean":  # masked mean as one batched matmul: [rows,1,seq] @ [rows,seq,h]
-            weights = mask[:rows, None, :].astype(np.float32)
+            weights = mask[:, None, :].astype(np.float32)
             summed = np.matmul(weights, output.astype(np.float32, copy=False))[:, 0]
             output = summed / np.maximum(weights.sum(axis=2), 1e-9)
+        elif output.ndim == 3 and pooling == "max":  # padded positions at -1e9, as sentence-transformers
+            output = np.where(mask[:, :, None] > 0, output.astype(np.float32, copy=False), np.float32(-1e9)).max(axis=1)
         elif output.ndim == 3 and pooling == "cls":
             output = output[:, 0].astype(np.float32)
         if CONF.get("normalize") and output.ndim == 2:
             output = output / np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
-        if self.timings is not None:
-            entry = self.timings.setdefault(f"{batch}x{seq}", [0.0, 0.0, 0.0, 0])
-            entry[0] += tokenized - start
-            entry[1] += ran - tokenized
-            entry[2] += time.perf_counter() - ran
-            entry[3] += 1
-        counts = mask[:rows].sum(axis=1)
-        return np.ascontiguousarray(output, dtype=np.float32), counts, truncated
+        return output
 
     def _execute_text(self, requests):
         responses = [None] * len(requests)
@@ -353,7 +401,7 @@ class TritonPythonModel:
                 continue
             responses[index] = pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor(CONF["text_output"], embeddings[start:start + rows]),
-                pb_utils.Tensor("token_count", counts[start:start + rows, None].astype(np.int64))])
+                pb_utils.Tensor("token_count", counts[start:start + rows])])
         return responses
 
     def execute(self, requests):
