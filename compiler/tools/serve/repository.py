@@ -37,7 +37,7 @@ POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "
 class ServeOptions:
     model: str
     name: str | None = None
-    provider: str = "cpu"  # cpu | cuda | openvino (hook)
+    provider: str = "cpu"  # cpu | cuda (ONNX Runtime) | openvino (an IR needs it)
     endpoints: tuple[str, ...] = ("raw", "text")
     tokenizer: str | None = None  # folder, 'minilm', or None: from the export metadata
     max_length: int | None = None  # token limit (default: the tokenizer's / sentence encoder's)
