@@ -521,6 +521,9 @@ OPTIONS = [
                                             '"outputs": [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1]}]}'),
      "export-triton p.plan -o repo", "bad entry"),
     ("triton-plan-metadata-missing", _plan(None), "export-triton p.plan -o repo", "is missing"),
+    ("serve-max-padding-over-one", None, "serve m.onnx --max-padding 1.5", "0.0<=x<=1.0"),
+    ("serve-instances-zero", None, "serve m.onnx --instances 0", "1<=x<=64"),
+    ("serve-provider-typo", None, "serve m.onnx --provider openvin", "'cpu', 'cuda', 'openvino'"),
     ("compile-calib-and-table", None, "compile m.onnx -p fold,qdq --calib data.npz --calib-table table.json -o o.onnx",
      "not both"),
 ]

@@ -20,6 +20,7 @@ truncated (sentence-transformers' behaviour) or refused (``long_text="error"``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,8 @@ class ServeOptions:
     preferred_batch: tuple[int, ...] = ()
     queue_delay_us: int = 0  # 0: no dynamic batching
     instances: int = 1
-    threads: int | None = None
+    threads: int | None = None  # default: ORT's own (all cores) for one instance, cores / instances for several
+    max_padding: float = 0.5  # text: a batch splits into length groups each padded at most this fraction
     cuda_graph: bool = False
     prepend_paths: tuple[str, ...] = ()
     timings_dir: str | None = None
@@ -193,7 +195,13 @@ def write_repository(opts: ServeOptions, repo: Path, sitedirs: list[str]) -> dic
     name = opts.name or model_path.name.split(".")[0].replace("-", "_")
     if any(size < 1 or size > opts.max_batch for size in opts.preferred_batch):
         raise TqcError(f"--preferred-batch sizes must lie in [1, --max-batch {opts.max_batch}]")
-    base = {"onnx": str(model_path), "provider": opts.provider, "threads": opts.threads,
+    if not 0.0 <= opts.max_padding <= 1.0:
+        raise TqcError(f"--max-padding must lie in [0, 1], not {opts.max_padding}")
+    threads = opts.threads
+    if threads is None and opts.instances > 1 and opts.provider != "cuda":  # instances share the cores
+        threads = max(1, (os.cpu_count() or 1) // opts.instances)
+    base = {"onnx": str(model_path), "provider": opts.provider, "threads": threads, "instances": opts.instances,
+            "max_padding": opts.max_padding,
             "cuda_graph": opts.cuda_graph, "inputs": facts.inputs, "vocab": facts.vocab,
             "type_vocab": facts.type_vocab, "max_batch": opts.max_batch, "sitedirs": sitedirs,
             "prepend_paths": list(opts.prepend_paths), **opts.extra}

@@ -229,6 +229,7 @@ class TritonPythonModel:
               f"{self.runner.describe}, max_length {self.max_length}", flush=True)
         if self.timings is not None:
             self.timings.clear()
+            self._timings_saved = 0.0
 
     def _warm_up(self):
         if self.kind == "text":
@@ -330,18 +331,53 @@ class TritonPythonModel:
                     values[name] = np.array([e.type_ids for e in encodings], dtype=np.int64)
             feed = {name: values[name] for name in self.wanted}
         truncated = [bool(e.overflowing) for e in encodings]
-        tokenized = time.perf_counter()
+        counts = mask[:rows].sum(axis=1, keepdims=True)
+        tokenized = time.perf_counter() - start
+        groups = self._length_groups(counts[:, 0]) if rows > 1 and not self.runner.bucketed else None
+        if groups is None:
+            output = self._run_pooled(feed, mask, rows, tokenized)
+        else:  # rows sorted by length, run in groups padded to their own longest row; answers put back in order
+            output = None
+            for index in groups:
+                longest = int(counts[index[-1], 0])
+                part = self._run_pooled({name: value[index, :longest] for name, value in feed.items()},
+                                        mask[index, :longest], len(index), tokenized / len(groups))
+                if output is None:
+                    output = np.empty((rows,) + part.shape[1:], dtype=np.float32)
+                output[index] = part
+        return np.ascontiguousarray(output, dtype=np.float32), counts, truncated
+
+    def _length_groups(self, lengths):
+        """Row indices in groups whose padding stays within ``max_padding`` of their positions (lengths sorted
+        ascending, a group closed when the next row would pass the bound), or None for one group. Pooled outputs
+        only: a token output keeps the batch's one padded shape."""
+        bound = float(CONF.get("max_padding", 1.0))
+        if bound >= 1.0 or CONF.get("pooling", "mean") == "none":
+            return None
+        order = np.argsort(lengths, kind="stable")
+        groups, first, total = [], 0, 0
+        for position, row in enumerate(order):
+            length = int(lengths[row])
+            size = position - first + 1
+            if size > 1 and (size * length - (total + length)) > bound * size * length:
+                groups.append(order[first:position])
+                first, total = position, 0
+            total += length
+        groups.append(order[first:])
+        return groups if len(groups) > 1 else None
+
+    def _run_pooled(self, feed, mask, rows, tokenize_seconds):
+        started = time.perf_counter()
         output = self.runner.run(feed)[CONF["output"]][:rows]
         ran = time.perf_counter()
         output = self._pool(output, mask[:rows])
         if self.timings is not None:
             entry = self.timings.setdefault("x".join(str(d) for d in mask.shape), [0.0, 0.0, 0.0, 0])
-            entry[0] += tokenized - start
-            entry[1] += ran - tokenized
+            entry[0] += tokenize_seconds
+            entry[1] += ran - started
             entry[2] += time.perf_counter() - ran
             entry[3] += 1
-        counts = mask[:rows].sum(axis=1, keepdims=True)
-        return np.ascontiguousarray(output, dtype=np.float32), counts, truncated
+        return output
 
     def _bucketed_feed(self, encodings):
         """CUDA graphs: a few fixed shapes, captured once each; padding rows copy the first row."""
@@ -407,15 +443,29 @@ class TritonPythonModel:
     def execute(self, requests):
         try:
             if self.kind == "text":
-                return self._execute_text(requests)
+                responses = self._execute_text(requests)
+                if self.timings is not None:
+                    self._save_timings()
+                return responses
             return self._execute_raw(requests)
         except Exception as exc:  # a failure of the model itself: answer every request, keep serving
             message = f"inference failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
                     for _ in requests]
 
+    def _save_timings(self, at_most_every=1.0):
+        """Write the timings (atomically) at most once a second: the server's stop signals the stub's process
+        group, so finalize() is not reliably reached. One file per instance (process) when there are several."""
+        now = time.monotonic()
+        if not self.timings or now - self._timings_saved < at_most_every:
+            return
+        self._timings_saved = now
+        path = CONF["timings"]
+        if int(CONF.get("instances", 1)) > 1:
+            path = path.replace(".timings.json", f".{os.getpid()}.timings.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as file:
+            json.dump(self.timings, file)
+        os.replace(path + ".tmp", path)
+
     def finalize(self):
-        if self.timings:
-            path = CONF.get("timings")
-            with open(path, "w", encoding="utf-8") as file:
-                json.dump(self.timings, file)
+        self._save_timings(at_most_every=0.0)

@@ -290,6 +290,50 @@ def test_max_pooling_of_a_sentence_encoder_is_max_on_the_host(minilm, reference)
     assert np.abs(got.as_numpy("embeddings") - mean).max() > 0.1
 
 
+def test_two_instances_and_length_groups_answer_exactly(minilm, reference, tmp_path):
+    """--instances 2: two stub processes serve the text model, concurrent requests are answered exactly; with
+    max_padding 0.25 a request of short and long texts runs as length groups (never as one batch padded to the
+    longest text), and its answers are those of each text alone."""
+    import json
+
+    short = [" ".join(t.split()[:3]) for t in sentences(3, skip=150)]  # real text, a few words
+    long_ = [" ".join(sentences(3, skip=160 + 3 * i)) for i in range(3)]  # three sentences each
+    assert max(len(reference.tokenizer(t)["input_ids"]) for t in short) * 3 < min(
+        len(reference.tokenizer(t)["input_ids"]) for t in long_)
+    mixed = [long_[0], short[0], long_[1], short[1], short[2], long_[2]]
+    longest = max(len(reference.tokenizer(t)["input_ids"]) for t in mixed)
+    texts = sentences(16, skip=120)
+    timings = tmp_path / "timings"
+    timings.mkdir()
+    with TritonServer(ServeOptions(model=str(minilm), name="two", endpoints=("text",), instances=2,
+                                   max_padding=0.25, queue_delay_us=1000, timings_dir=str(timings)),
+                      startup_timeout=300) as srv:
+        client = httpclient.InferenceServerClient(srv.http_url)
+        config = client.get_model_config("two_text")
+        assert [int(g["count"]) for g in config["instance_group"]] == [2]
+        stubs = [pid for pid in group_pids(srv.pgid)
+                 if b"triton_python_backend_stub" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(stubs) == 2, stubs
+        conf = json.loads((srv.tmp / "repo" / "two_text" / "1" / "serve.json").read_text())
+        assert conf["threads"] == max(1, (os.cpu_count() or 1) // 2)  # the instances share the cores
+        got_mixed = client.infer("two_text", [text_input(httpclient, mixed)])
+
+        def send(i):
+            own = httpclient.InferenceServerClient(srv.http_url)
+            return own.infer("two_text", [text_input(httpclient, [texts[i]])]).as_numpy("embeddings")[0]
+
+        with ThreadPoolExecutor(8) as pool:
+            got = np.stack(list(pool.map(send, range(len(texts)))))
+    np.testing.assert_allclose(got_mixed.as_numpy("embeddings"), reference.embed(mixed), atol=TOL, rtol=0)
+    assert list(got_mixed.as_numpy("token_count")[:, 0]) == [len(reference.tokenizer(t)["input_ids"]) for t in mixed]
+    np.testing.assert_allclose(got, reference.embed(texts), atol=TOL, rtol=0)
+    shapes = set()
+    for file in timings.glob("two_text.*.timings.json"):  # one per instance
+        shapes |= set(json.loads(file.read_text()))
+    assert f"{len(mixed)}x{longest}" not in shapes, shapes
+    assert any(s.endswith(f"x{longest}") and int(s.split("x")[0]) < len(mixed) for s in shapes), shapes
+
+
 def _tqc(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tqc", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, **kwargs)
