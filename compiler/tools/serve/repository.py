@@ -11,7 +11,9 @@
 Batching and padding: Triton's dynamic batcher hands one ``execute`` call several requests (``allow_ragged_batch``
 lets requests of different lengths meet). Raw requests are grouped by sequence length and each group runs as
 one batch, unpadded: answers are exactly those of a lone request. Text rows of all requests are tokenized
-together and padded to the longest row of the batch (masked positions do not enter the mean pooling); with
+together and run in length groups, each padded to its longest row with at most ``max_padding`` of its positions
+padding (masked positions do not enter the pooling); a model compiled with the pool pass (``tqc.pool``
+metadata) returns its pooled output, which the stub returns as it is; with
 CUDA graphs they are padded to power-of-two buckets (sequence >= 16, capped at the token limit; batch capped
 at max_batch_size) so a few captured graphs serve every request. Texts longer than the token limit are
 truncated (sentence-transformers' behaviour) or refused (``long_text="error"``).

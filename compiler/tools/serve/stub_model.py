@@ -1,14 +1,17 @@
 """The Triton python-backend ``model.py`` that ``tqc serve`` copies into each model of its repository.
 
 It runs inside Triton's ``triton_python_backend_stub`` process (one per model instance), so it imports nothing
-from tqc: only numpy, onnxruntime, tokenizers and ``triton_python_backend_utils``. The stub runs an isolated
+from tqc: only numpy, onnxruntime (or openvino, for ``provider: openvino``), tokenizers and
+``triton_python_backend_utils``. The stub runs an isolated
 interpreter that ignores PYTHONPATH, so the site-packages folders of the Python that started ``tqc serve`` are
 read from ``serve.json`` (beside this file) and put first on ``sys.path`` before numpy is imported.
 
     request (one or several, gathered by Triton's dynamic batcher)
       raw:  input_ids/attention_mask/token_type_ids INT64 [n, seq]  -> checked -> grouped by shape -> ORT -> split
-      text: TEXT UINT8 [n, bytes] (UTF-8, rows right-padded with 0) -> checked -> tokenized (all rows together,
-            padded to the longest row of the batch, or to a bucket on CUDA graphs) -> ORT -> pooled -> split
+      text: TEXT UINT8 [n, bytes] (UTF-8, rows right-padded with 0) -> checked -> tokenized (all rows together;
+            the tokenizer truncates and pads to the longest row, or rows go to a bucket on CUDA graphs) -> length
+            groups (max_padding) -> runtime (a pooled model: only its pooled output) -> pooled on the host unless
+            the graph pools -> split
 
 A request that fails its checks gets an error response of its own; the others of the batch are answered.
 """

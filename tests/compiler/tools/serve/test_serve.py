@@ -347,8 +347,13 @@ def _serve_dirs() -> set[str]:
 
 
 def test_cli_serves_until_sigterm_then_leaves_nothing(minilm, tmp_path):
+    serve_cli_until_sigterm(minilm)
+
+
+def serve_cli_until_sigterm(model: Path) -> None:
+    """``tqc serve MODEL`` (text endpoint, long texts refused) answers, stops on SIGTERM with 0, leaves nothing."""
     before = _serve_dirs()
-    proc = _tqc("serve", str(minilm), "--port", "0", "--grpc-port", "0", "--metrics-port", "0",
+    proc = _tqc("serve", str(model), "--port", "0", "--grpc-port", "0", "--metrics-port", "0",
                 "--endpoints", "text", "--long-text", "error", "--queue-delay-us", "0", "--name", "minilm")
     try:
         _check_cli_server(proc, before)

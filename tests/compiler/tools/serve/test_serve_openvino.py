@@ -7,7 +7,6 @@ server runs it) and pooled in numpy; the ONNX file's with ONNX Runtime on the sa
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,23 +15,15 @@ import numpy as np
 import pytest
 
 pytest.importorskip("openvino")
-pytest.importorskip("tritonclient.http")
 
-from tqc.compiler.core.errors import TqcError  # noqa: E402
+# test_serve skips this module too where tritonserver, tritonclient or tokenizers are missing
+from tests.compiler.tools.serve.test_serve import (  # noqa: E402
+    Reference, _tqc, raw_inputs, sentences, serve_cli_until_sigterm, text_input, token_feed)
 from tqc.compiler.tools.serve.repository import ServeOptions  # noqa: E402
 from tqc.compiler.tools.serve.server import TritonServer  # noqa: E402
-from tqc.compiler.tools.serve.triton_dist import find_triton  # noqa: E402
 from tqc.passes.pool import pool_reference  # noqa: E402
 
-try:
-    find_triton()
-except TqcError as exc:  # pragma: no cover - the serve extra is part of dev
-    pytest.skip(f"no tritonserver here: {exc}", allow_module_level=True)
-
 import tritonclient.http as httpclient  # noqa: E402
-
-from tests.compiler.tools.serve.test_serve import (  # noqa: E402
-    Reference, _check_cli_server, _serve_dirs, _tqc, sentences, text_input, token_feed)
 
 OV_TOL = 1e-5   # the server and this process run the same IR on the same OpenVINO build
 ORT_TOL = 1e-4  # OpenVINO FP32 against ONNX Runtime FP32 on the same ONNX file
@@ -86,13 +77,7 @@ def test_ir_served_answers_text_and_raw_as_openvino_in_process(ir, minilm):
         alone = np.concatenate([client.infer("ov_text", [text_input(httpclient, [t])]).as_numpy("embeddings")
                                 for t in texts])
         feed = token_feed(2, 19, 5)
-        raw = httpclient.InferInput
-        inputs = []
-        for name, value in feed.items():
-            tensor = raw(name, list(value.shape), "INT64")
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
-        got_raw = client.infer("ov", inputs).as_numpy("last_hidden_state")
+        got_raw = client.infer("ov", raw_inputs(httpclient, feed)).as_numpy("last_hidden_state")
         log = srv.log()
     expected = reference.embed(texts)
     np.testing.assert_allclose(together, expected, atol=OV_TOL, rtol=0)
@@ -111,15 +96,7 @@ def test_onnx_with_provider_openvino_matches_onnx_runtime(minilm):
 
 
 def test_cli_serves_an_ir_until_sigterm(ir):
-    before = _serve_dirs()
-    proc = _tqc("serve", str(ir), "--port", "0", "--grpc-port", "0", "--metrics-port", "0", "--endpoints", "text",
-                "--long-text", "error", "--queue-delay-us", "0", "--name", "minilm")
-    try:
-        _check_cli_server(proc, before)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=60)
+    serve_cli_until_sigterm(ir)
 
 
 @pytest.mark.parametrize("provider, words", [("cpu", "served with --provider openvino"),
