@@ -483,15 +483,15 @@ def passes_cmd() -> None:
               help="Model instances (processes): requests tokenize and run in parallel.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None,
               help="Runtime threads per instance (CPU; default: all cores, divided among --instances).")
-@click.option("--max-padding", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+@click.option("--max-padding", type=click.FloatRange(0.0, 1.0), default=None,
               help="Text: the rows of a batch run in length groups, each at most this fraction padding (1: one "
-                   "group, padded to the longest row).")
+                   "group, padded to the longest row). Default: 0.5 on CPU and OpenVINO, 1 on CUDA.")
 @click.option("--startup-timeout", type=click.FloatRange(1, 3600), default=180.0, show_default=True,
               help="Seconds to wait for the models to load.")
 def serve_cmd(model: str, host: str, http_port: int, grpc_port: int, metrics_port: int, name: str | None,
               endpoints: str, provider: str | None, cuda_graph: bool, tokenizer: str | None, max_length: int | None,
               long_text: str, max_batch: int, preferred_batch: str, queue_delay_us: int, instances: int,
-              threads: int | None, max_padding: float, startup_timeout: float) -> None:
+              threads: int | None, max_padding: float | None, startup_timeout: float) -> None:
     """Serve MODEL (.onnx, or OpenVINO IR .xml) behind a Triton Inference Server until SIGTERM or Ctrl-C: raw tensors in, and
     text in (tokenized in the server) -> embeddings. A signal stops a serving server cleanly with exit 0; one
     that arrives while it is still starting exits 130 (SIGINT) or 143 (SIGTERM)."""

@@ -41,7 +41,7 @@ def run_serve(model: str, host: str, ports: tuple[int, int, int], name: str | No
               provider: str | None, cuda_graph: bool, tokenizer: str | None, max_length: int | None,
               long_text: str, max_batch: int, preferred_batch: str, queue_delay_us: int, instances: int,
               threads: int | None, startup_timeout: float, progress: Callable[[str], None],
-              max_padding: float = 0.5) -> None:
+              max_padding: float | None = None) -> None:
     provider = provider or ("openvino" if is_ir(model) else "cpu")
     opts = ServeOptions(model=model, name=name, provider=provider,
                         endpoints=("raw", "text") if endpoints == "both" else (endpoints,), tokenizer=tokenizer,
@@ -80,7 +80,7 @@ def run_serve(model: str, host: str, ports: tuple[int, int, int], name: str | No
                     if queue_delay_us or opts.preferred_batch else "no dynamic batching")
         batching += f"; {instances} instance{'s' if instances > 1 else ''}"
         if server.text:
-            batching += f", text in length groups of at most {max_padding:g} padding"
+            batching += f", text in length groups of at most {opts.max_padding:g} padding"
         click.echo(f"serving on http://{server.http_url} grpc {server.grpc_url} metrics {server.metrics_url}; "
                    f"{batching}; max batch {max_batch}. SIGTERM or Ctrl-C stops it.", nl=True)
         serving = True

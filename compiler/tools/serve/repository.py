@@ -53,7 +53,8 @@ class ServeOptions:
     queue_delay_us: int = 0  # 0: no dynamic batching
     instances: int = 1
     threads: int | None = None  # default: ORT's own (all cores) for one instance, cores / instances for several
-    max_padding: float = 0.5  # text: a batch splits into length groups each padded at most this fraction
+    max_padding: float | None = None  # text: length groups each padded at most this fraction; None: 0.5 on CPU
+    # and OpenVINO, 1 (one group, as before) on CUDA, where groups were not measured
     cuda_graph: bool = False
     prepend_paths: tuple[str, ...] = ()
     timings_dir: str | None = None
@@ -197,6 +198,8 @@ def write_repository(opts: ServeOptions, repo: Path, sitedirs: list[str]) -> dic
     name = opts.name or model_path.name.split(".")[0].replace("-", "_")
     if any(size < 1 or size > opts.max_batch for size in opts.preferred_batch):
         raise TqcError(f"--preferred-batch sizes must lie in [1, --max-batch {opts.max_batch}]")
+    if opts.max_padding is None:
+        opts.max_padding = 1.0 if opts.provider == "cuda" else 0.5
     if not 0.0 <= opts.max_padding <= 1.0:
         raise TqcError(f"--max-padding must lie in [0, 1], not {opts.max_padding}")
     threads = opts.threads
