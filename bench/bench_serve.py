@@ -242,9 +242,10 @@ class InProcess:
 
 
 def overhead_main(args, models) -> None:
-    """``--overhead``: per round, for each model: N texts in process, then N through the server over each
+    """``--overhead``: per round, for each model, each of N texts in process, then through the server over each
     protocol, one at a time (batch 1, no dynamic batching); the overhead is the difference of the p50s of the
-    same round, and the figure is its median over rounds."""
+    same round, and the figure is its median over rounds; "paired" is the median over texts of the difference
+    of the two adjacent measurements of one text, median over rounds."""
     from tqc.compiler.tools.serve.repository import ServeOptions
     from tqc.compiler.tools.serve.server import TritonServer
 
@@ -294,6 +295,9 @@ def overhead_main(args, models) -> None:
                         latencies[protocol].append(time.perf_counter() - start)
                 for kind, values in latencies.items():
                     cells.setdefault((label, kind), []).append(float(np.median(values)) * 1000)
+                for protocol in protocols:  # text by text, adjacent in time: the least sensitive to load drift
+                    paired = np.subtract(latencies[protocol], latencies["in-process"])
+                    cells.setdefault((label, f"{protocol} paired"), []).append(float(np.median(paired)) * 1000)
                 print(f"round {round_index} {label}: " + ", ".join(
                     f"{kind} {cells[(label, kind)][-1]:.3f} ms" for kind in ["in-process", *protocols]),
                     file=sys.stderr, flush=True)
@@ -303,7 +307,7 @@ def overhead_main(args, models) -> None:
     rows = []
     print(f"\nbatch 1, p50 per round, median over {args.rounds} rounds ({len(texts)} real held-out sentences per "
           f"cell): ms")
-    print(f"{'model':<14} {'in-process':>10} " + " ".join(f"{p:>8} {'overhead':>8}" for p in protocols))
+    print(f"{'model':<14} {'in-process':>10} " + " ".join(f"{p:>8} {'overhead':>8} {'paired':>8}" for p in protocols))
     for label in servers:
         base = cells[(label, "in-process")]
         row = {"model": label, "in_process_ms": round(float(np.median(base)), 4), "rounds": args.rounds}
@@ -313,7 +317,9 @@ def overhead_main(args, models) -> None:
             row[f"{protocol}_ms"] = round(float(np.median(served)), 4)
             row[f"{protocol}_overhead_ms"] = round(float(np.median(np.subtract(served, base))), 4)
             row[f"{protocol}_rounds_ms"] = [round(x, 4) for x in served]
-            line += f"{row[f'{protocol}_ms']:>8.3f} {row[f'{protocol}_overhead_ms']:>8.3f} "
+            row[f"{protocol}_paired_overhead_ms"] = round(float(np.median(cells[(label, f"{protocol} paired")])), 4)
+            line += (f"{row[f'{protocol}_ms']:>8.3f} {row[f'{protocol}_overhead_ms']:>8.3f} "
+                     f"{row[f'{protocol}_paired_overhead_ms']:>8.3f} ")
         row["in_process_rounds_ms"] = [round(x, 4) for x in base]
         rows.append(row)
         print(line)
