@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqc.compiler.core.errors import TqcError, did_you_mean
-from tqc.compiler.tools.serve.facts import ModelFacts, model_facts, read_facts
+# TOKEN_INPUTS and model_facts stay importable from here (tools/triton_text imports them)
+from tqc.compiler.tools.serve.facts import TOKEN_INPUTS, ModelFacts, model_facts, read_facts  # noqa: F401
 from tqc.passes.pool import METADATA_KEY as POOL_METADATA
 
 STUB_MODEL = Path(__file__).with_name("stub_model.py")
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                  "pooling_mode_max_tokens": "max"}  # sentence-transformers' Pooling config -> the stub's modes
+HOST_POOLING = ("mean", "cls", "max")
 
 
 @dataclass
@@ -61,7 +63,12 @@ class ServeOptions:
     extra: dict = field(default_factory=dict)
 
 
-def tokenizer_folder(name: str | None, meta: dict) -> Path | None:
+def tokenizer_folder(name: str | None, model_path: Path) -> Path | None:
+    """``recorded_tokenizer`` with the metadata of the ONNX model at ``model_path``."""
+    return recorded_tokenizer(name, model_facts(model_path).metadata if name is None else {})
+
+
+def recorded_tokenizer(name: str | None, meta: dict) -> Path | None:
     """An explicit folder (or 'minilm'); else what the export metadata ``meta`` records: the packaged MiniLM, or
     the local model folder the export came from when it holds a tokenizer. None when nothing is known."""
     source = name
@@ -87,7 +94,8 @@ def tokenizer_folder(name: str | None, meta: dict) -> Path | None:
 
 
 def sentence_encoder(folder: Path) -> dict:
-    """Pooling and normalisation that a sentence-transformers folder declares (modules.json), else {}."""
+    """Pooling and normalisation that a sentence-transformers folder declares (modules.json), else {}. A pooling
+    the host cannot do (several modes, mean_sqrt_len, ...) is returned by its config keys."""
     modules_path = folder / "modules.json"
     if not modules_path.exists():
         return {}
@@ -97,11 +105,10 @@ def sentence_encoder(folder: Path) -> dict:
         if module.get("type", "").endswith(".Pooling"):
             config = json.loads((folder / module.get("path", "") / "config.json").read_text())
             modes = [key for key, value in config.items() if key.startswith("pooling_mode_") and value]
-            if len(modes) != 1 or modes[0] not in POOLING_MODES:
-                raise TqcError(f"the sentence encoder in '{folder}' pools with {' + '.join(modes) or 'no mode'}; "
-                               f"'tqc serve' pools with one of {', '.join(sorted(set(POOLING_MODES.values())))} "
-                               f"(give --endpoints raw, or compile the pooling into the model with the pool pass)")
-            found["pooling"] = POOLING_MODES[modes[0]]
+            if len(modes) == 1 and modes[0] in POOLING_MODES:
+                found["pooling"] = POOLING_MODES[modes[0]]
+            else:  # the host cannot pool so; text_pooling refuses where it would have to
+                found["pooling"] = " + ".join(modes) or "no mode"
     bert_config = folder / "sentence_bert_config.json"
     if bert_config.exists():
         found["max_length"] = int(json.loads(bert_config.read_text()).get("max_seq_length", 512))
@@ -158,9 +165,14 @@ def text_pooling(opts: ServeOptions, facts: ModelFacts, encoder: dict) -> dict:
                 "text_output": "embeddings", "describe": f"{mode} (in the graph)", "notes": notes}
     output = facts.outputs[0]
     pooling = opts.pooling or encoder.get("pooling") or "mean"
-    if pooling not in ("mean", "cls", "max", "none"):
-        raise TqcError(f"pooling must be mean, cls, max or none, not '{pooling}'{did_you_mean(pooling, ['mean', 'cls', 'max', 'none'])}")
     pooled = len(output["dims"]) == 2 and pooling != "none"
+    if pooled and pooling not in HOST_POOLING:
+        if opts.pooling is not None:
+            raise TqcError(f"pooling must be mean, cls, max or none, not '{pooling}'"
+                           f"{did_you_mean(pooling, [*HOST_POOLING, 'none'])}")
+        raise TqcError(f"the sentence encoder of the tokenizer folder pools with {pooling}; 'tqc serve' pools with "
+                       f"one of {', '.join(HOST_POOLING)} (give --endpoints raw, or compile the pooling into the "
+                       f"model with the pool pass)")
     normalize = bool(encoder.get("normalize", False) if opts.normalize is None else opts.normalize)
     return {"output": output["name"], "pooling": pooling if pooled else "none", "normalize": normalize,
             "dims": output["dims"][-1:] if pooled else output["dims"],
@@ -212,7 +224,7 @@ def write_repository(opts: ServeOptions, repo: Path, sitedirs: list[str]) -> dic
             "prepend_paths": list(opts.prepend_paths), **opts.extra}
     models: dict[str, str] = {}
     text_settings: dict = {}
-    folder = tokenizer_folder(opts.tokenizer, facts.metadata) if "text" in opts.endpoints else None
+    folder = recorded_tokenizer(opts.tokenizer, facts.metadata) if "text" in opts.endpoints else None
     if "text" in opts.endpoints and folder is None:
         if opts.endpoints == ("text",):
             raise TqcError("the text endpoint needs the model's tokenizer: give --tokenizer DIR (the export "
@@ -234,7 +246,8 @@ def write_repository(opts: ServeOptions, repo: Path, sitedirs: list[str]) -> dic
             limit = opts.max_length or encoder.get("max_length") or tok["model_max_length"] or 512
             limit = min(limit, facts.max_positions or limit)
             text = text_pooling(opts, facts, encoder)
-            conf.update(tokenizer="tokenizer.json", pad_id=tok["pad_id"], pad_token=tok["pad_token"], max_length=int(limit),
+            conf.update(tokenizer="tokenizer.json", pad_id=tok["pad_id"], pad_token=tok["pad_token"],
+                        max_length=int(limit),
                         long_text=opts.long_text, max_text_bytes=opts.max_text_bytes, output=text["output"],
                         run_outputs=[text["output"]], pooling=text["pooling"], normalize=text["normalize"],
                         text_output=text["text_output"])

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from tqc.compiler.core.errors import TqcError
-from tqc.compiler.tools.serve.repository import ServeOptions, model_facts, sentence_encoder, write_repository
+from tqc.compiler.tools.serve.repository import (ServeOptions, model_facts, sentence_encoder, tokenizer_folder,
+                                                 write_repository)
 
 
 def test_limits_come_from_the_model_plain_and_fused(exports, tmp_path):
@@ -44,15 +45,24 @@ def _encoder_folder(folder, pooling: dict, normalize: bool):
     return folder
 
 
-def test_sentence_encoder_pooling_modes_max_kept_others_refused(tmp_path):
+def test_sentence_encoder_pooling_modes_max_kept_others_refused(exports, tmp_path):
+    """max stays max (it was read as mean); a pooling the host cannot do is refused when serving text."""
     assert sentence_encoder(_encoder_folder(tmp_path / "max", {"pooling_mode_max_tokens": True}, False)) == {
         "normalize": False, "pooling": "max"}
     assert sentence_encoder(_encoder_folder(tmp_path / "cls", {"pooling_mode_cls_token": True}, True)) == {
         "normalize": True, "pooling": "cls"}
+    minilm = exports.get("minilm")
     for name, modes in (("sqrt", {"pooling_mode_mean_sqrt_len_tokens": True}),
                         ("two", {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True})):
+        folder = _encoder_folder(tmp_path / name, modes, False)
+        assert sentence_encoder(folder)["pooling"] == " + ".join(modes)
+        for file in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            source = tokenizer_folder(None, minilm) / file
+            if source.exists():
+                (folder / file).write_bytes(source.read_bytes())
         with pytest.raises(TqcError, match="pools with pooling_mode_"):
-            sentence_encoder(_encoder_folder(tmp_path / name, modes, False))
+            write_repository(ServeOptions(model=str(minilm), tokenizer=str(folder), endpoints=("text",)),
+                             tmp_path / f"repo-{name}", [])
 
 
 def test_a_pooled_model_serves_its_own_pooling(exports, tmp_path):
