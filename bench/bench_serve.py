@@ -32,8 +32,11 @@ SENTENCES = ROOT.parent / "shared" / "data" / "sentences.txt"
 
 
 def held_out_sentences() -> list[str]:
-    if SENTENCES.exists():
-        lines = [line.strip() for line in SENTENCES.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The last 1,000 of ../shared/data/sentences.txt (beside the checkout; $TQC_BENCH_SENTENCES overrides), else
+    the 64 sentences the package ships."""
+    path = Path(os.environ.get("TQC_BENCH_SENTENCES", SENTENCES))
+    if path.exists():
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return lines[-1000:]
     from tqc.compiler.analysis.calib_data import read_sentences
 
@@ -161,17 +164,172 @@ def triton_stats(url: str, model: str) -> dict:
     return out
 
 
-def build_cpu_models(workdir: Path) -> list[tuple[str, str]]:
-    """MiniLM FP32 (tqc export) and INT8 (fold,fuse,qdq --target ort-cpu, calibrated on shipped sentences)."""
+def build_cpu_models(workdir: Path, pool: bool = False, openvino: bool = False) -> list[tuple[str, str, str]]:
+    """MiniLM FP32 (tqc export; with ``pool``: fold,fuse,pool), INT8 for ORT (fold,fuse,qdq --target ort-cpu,
+    calibrated on shipped sentences; + pool) and, with ``openvino``, INT8 OpenVINO IR (fold,fuse,qdq --target
+    openvino; + pool). Returns (path, label, provider)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    fp32, int8 = workdir / "minilm.onnx", workdir / "minilm.int8.onnx"
+    export = workdir / "minilm.onnx"
     tqc = [sys.executable, "-m", "tqc", "-q"]
-    if not fp32.exists():
-        subprocess.run(tqc + ["export", "minilm", "-o", str(fp32)], check=True)
-    if not int8.exists():
-        subprocess.run(tqc + ["compile", str(fp32), "-p", "fold,fuse,qdq", "--target", "ort-cpu", "--calib",
-                              str(ROOT / "models" / "data" / "calib_sentences.txt"), "-o", str(int8)], check=True)
-    return [(str(fp32), "fp32"), (str(int8), "int8")]
+    calib = ["--calib", str(ROOT / "models" / "data" / "calib_sentences.txt")]
+    if not export.exists():
+        subprocess.run(tqc + ["export", "minilm", "-o", str(export)], check=True)
+    tail = ",pool" if pool else ""
+    suffix = ".pool" if pool else ""
+    plans = [("fp32", "fold,fuse" + tail if pool else "", "ort-cpu", f"minilm{suffix}.onnx", "cpu"),
+             ("int8", "fold,fuse,qdq" + tail, "ort-cpu", f"minilm.int8{suffix}.onnx", "cpu")]
+    if openvino:
+        plans.append(("ov-int8", "fold,fuse,qdq" + tail, "openvino", f"minilm.ov-int8{suffix}.xml", "openvino"))
+    models = []
+    for label, pipeline, target, name, provider in plans:
+        path = workdir / name
+        if pipeline and not path.exists():
+            subprocess.run(tqc + ["compile", str(export), "-p", pipeline, "--target", target, *calib, "-o", str(path)],
+                           check=True)
+        models.append((str(path if pipeline else export), label + ("-pool" if pool else ""), provider))
+    return models
+
+
+class InProcess:
+    """The baseline of ``--overhead``: what the stub does for one text, in this process: the repository's own
+    tokenizer.json through ``tokenizers``, the same runtime and options (ORT session, or OpenVINO at FP32
+    precision), pooling and normalisation in numpy unless the graph pools."""
+
+    def __init__(self, server):
+        from tokenizers import Tokenizer
+
+        version = server.tmp / "repo" / "m_text" / "1"
+        self.conf = json.loads((version / "serve.json").read_text())
+        self.tokenizer = Tokenizer.from_file(str(version / self.conf["tokenizer"]))
+        self.tokenizer.enable_truncation(self.conf["max_length"])
+        self.names = [i["name"] for i in self.conf["inputs"]]
+        threads = self.conf.get("threads")
+        if self.conf["provider"] == "openvino":
+            import openvino as ov
+
+            core = ov.Core()
+            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = int(threads)
+            compiled = core.compile_model(core.read_model(self.conf["onnx"]), "CPU", config)
+            request, port = compiled.create_infer_request(), compiled.output(self.conf["output"])
+            self.run = lambda feed: request.infer(feed, share_inputs=True)[port].copy()
+        else:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
+            session = ort.InferenceSession(self.conf["onnx"], options, providers=["CPUExecutionProvider"])
+            wanted = [self.conf["output"]]
+            self.run = lambda feed: session.run(wanted, feed)[0]
+
+    def __call__(self, text: str) -> np.ndarray:
+        encoding = self.tokenizer.encode(text)
+        values = {"input_ids": np.array([encoding.ids], dtype=np.int64),
+                  "attention_mask": np.array([encoding.attention_mask], dtype=np.int64),
+                  "token_type_ids": np.array([encoding.type_ids], dtype=np.int64)}
+        out = self.run({name: values[name] for name in self.names})
+        if self.conf["pooling"] == "mean":  # one text: no padding, the mean over its tokens
+            out = out.mean(axis=1)
+        elif self.conf["pooling"] == "cls":
+            out = out[:, 0]
+        elif self.conf["pooling"] == "max":
+            out = out.max(axis=1)
+        if self.conf["pooling"] != "graph" and self.conf["normalize"]:
+            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+
+def overhead_main(args, models) -> None:
+    """``--overhead``: per round, for each model, each of N texts in process, then through the server over each
+    protocol, one at a time (batch 1, no dynamic batching); the overhead is the difference of the p50s of the
+    same round, and the figure is its median over rounds; "paired" is the median over texts of the difference
+    of the two adjacent measurements of one text, median over rounds."""
+    from tqc.compiler.tools.serve.repository import ServeOptions
+    from tqc.compiler.tools.serve.server import TritonServer
+
+    protocols = [p for p in args.protocols.split(",") if p]
+    texts = held_out_sentences()[:args.requests]
+    servers, baselines, cells = {}, {}, {}
+    try:
+        for path, label, provider in models:
+            opts = ServeOptions(model=path, name="m", endpoints=("text",), provider=provider, threads=args.threads,
+                                tokenizer=args.tokenizer, queue_delay_us=0, max_batch=64)
+            print(f"starting {label} ({provider})", file=sys.stderr, flush=True)
+            servers[label] = TritonServer(opts, startup_timeout=600).start()
+            baselines[label] = InProcess(servers[label])
+        clients = {}
+        for label, server in servers.items():
+            for protocol in protocols:
+                if protocol == "grpc":
+                    import tritonclient.grpc as module
+                else:
+                    import tritonclient.http as module
+                client = module.InferenceServerClient(server.grpc_url if protocol == "grpc" else server.http_url)
+                inputs = []
+                for payload in encode(texts):
+                    tensor = module.InferInput("TEXT", list(payload.shape), "UINT8")
+                    tensor.set_data_from_numpy(payload)
+                    inputs.append(tensor)
+                clients[(label, protocol)] = (client, inputs)
+                served = client.infer("m_text", [inputs[0]]).as_numpy("embeddings")  # warm-up and a check
+                here = baselines[label](texts[0])
+                worst = float(np.abs(served - here).max())
+                print(f"{label} {protocol}: served vs in-process max |diff| {worst:.2e}", file=sys.stderr)
+                if worst > 1e-4:
+                    raise SystemExit(f"{label}: the server's answer differs from the in-process run ({worst:.2e})")
+            for text in texts[:20]:
+                baselines[label](text)
+        for round_index in range(args.rounds):
+            for label in servers:  # interleaved per text: a change of the machine's load hits every column
+                latencies: dict[str, list[float]] = {kind: [] for kind in ["in-process", *protocols]}
+                for index, text in enumerate(texts):
+                    start = time.perf_counter()
+                    baselines[label](text)
+                    latencies["in-process"].append(time.perf_counter() - start)
+                    for protocol in protocols:
+                        client, inputs = clients[(label, protocol)]
+                        start = time.perf_counter()
+                        client.infer("m_text", [inputs[index]])
+                        latencies[protocol].append(time.perf_counter() - start)
+                for kind, values in latencies.items():
+                    cells.setdefault((label, kind), []).append(float(np.median(values)) * 1000)
+                for protocol in protocols:  # text by text, adjacent in time: the least sensitive to load drift
+                    paired = np.subtract(latencies[protocol], latencies["in-process"])
+                    cells.setdefault((label, f"{protocol} paired"), []).append(float(np.median(paired)) * 1000)
+                print(f"round {round_index} {label}: " + ", ".join(
+                    f"{kind} {cells[(label, kind)][-1]:.3f} ms" for kind in ["in-process", *protocols]),
+                    file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    rows = []
+    print(f"\nbatch 1, p50 per round, median over {args.rounds} rounds ({len(texts)} real held-out sentences per "
+          f"cell): ms")
+    print(f"{'model':<14} {'in-process':>10} " + " ".join(f"{p:>8} {'overhead':>8} {'paired':>8}" for p in protocols))
+    for label in servers:
+        base = cells[(label, "in-process")]
+        row = {"model": label, "in_process_ms": round(float(np.median(base)), 4), "rounds": args.rounds}
+        line = f"{label:<14} {row['in_process_ms']:>10.3f} "
+        for protocol in protocols:
+            served = cells[(label, protocol)]
+            row[f"{protocol}_ms"] = round(float(np.median(served)), 4)
+            row[f"{protocol}_overhead_ms"] = round(float(np.median(np.subtract(served, base))), 4)
+            row[f"{protocol}_rounds_ms"] = [round(x, 4) for x in served]
+            row[f"{protocol}_paired_overhead_ms"] = round(float(np.median(cells[(label, f"{protocol} paired")])), 4)
+            line += (f"{row[f'{protocol}_ms']:>8.3f} {row[f'{protocol}_overhead_ms']:>8.3f} "
+                     f"{row[f'{protocol}_paired_overhead_ms']:>8.3f} ")
+        row["in_process_rounds_ms"] = [round(x, 4) for x in base]
+        rows.append(row)
+        print(line)
+    if args.json:
+        payload = {"machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()}, "args": vars(args),
+                   "models": models, "overhead": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        tmp.replace(args.json)
 
 
 def main() -> None:
@@ -196,15 +354,24 @@ def main() -> None:
     parser.add_argument("--soak-concurrency", type=int, default=16)
     parser.add_argument("--json", default=None)
     parser.add_argument("--timings-dir", default=None, help="Keep the model's own timings (tokenizer/ORT/pool).")
+    parser.add_argument("--pool", action="store_true", help="Built models end with the pool pass (pooled in the "
+                                                             "graph).")
+    parser.add_argument("--openvino", action="store_true", help="Also build and serve an OpenVINO INT8 IR.")
+    parser.add_argument("--overhead", action="store_true",
+                        help="Batch 1, one request at a time: tqc serve against the same tokenizer + runtime "
+                             "in this process, interleaved per round (--requests each), instead of the load test.")
+    parser.add_argument("--requests", type=int, default=300, help="--overhead: requests per cell and round.")
     args = parser.parse_args()
 
     from tqc.compiler.cli.serve import parse_sizes
     from tqc.compiler.tools.serve.repository import ServeOptions
     from tqc.compiler.tools.serve.server import TritonServer
 
-    models = [tuple(m.rsplit(":", 1)) if ":" in m else (m, Path(m).stem) for m in args.model]
+    models = [(*(m.rsplit(":", 1) if ":" in m else (m, Path(m).stem)), args.provider) for m in args.model]
     if not models:
-        models = build_cpu_models(Path(args.workdir))
+        models = build_cpu_models(Path(args.workdir), pool=args.pool, openvino=args.openvino)
+    if args.overhead:
+        return overhead_main(args, models)
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     protocols = [p for p in args.protocols.split(",") if p]
     batchings = [b for b in args.batching.split(",") if b]
@@ -213,9 +380,9 @@ def main() -> None:
     timings_dir.mkdir(parents=True, exist_ok=True)
     servers = {}
     try:
-        for path, label in models:
+        for path, label, provider in models:
             for batching in batchings:
-                opts = ServeOptions(model=path, name="m", endpoints=("text",), provider=args.provider,
+                opts = ServeOptions(model=path, name="m", endpoints=("text",), provider=provider,
                                     tokenizer=args.tokenizer, cuda_graph=args.cuda_graph, threads=args.threads,
                                     queue_delay_us=args.queue_delay_us if batching == "on" else 0,
                                     preferred_batch=parse_sizes(args.preferred_batch) if batching == "on" else (),

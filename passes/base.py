@@ -183,6 +183,7 @@ class PassResult:
     tolerance: Tolerance | None = None  # this run's tolerance when it differs from the pass's (fp16 after qdq)
     removed_outputs: tuple[str, ...] = ()
     added_outputs: tuple[AddedOutput, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)  # model metadata_props to set (pool: what it pooled)
 
 
 CALIBRATION_BATCHES = 4  # batches of the calibration data that measurement steps (qdq's budget) read

@@ -16,12 +16,16 @@ already returns the pooled output (a sentence-transformers export's ``sentence_e
 own modules) is left as it is, with a note: its own pooling is the model's definition, which pool's options
 could only contradict; pool refuses there when mode or normalize differ from their defaults.
 
+The written model records what it pools in its metadata (``tqc.pool``: output, mode, normalize, source), so
+``tqc serve`` returns that output as the embedding and pools nothing on the host.
+
 Verification: the pooled output is judged against numpy pooling of the token output of the graph before
 (``reference``), at 1e-5; the other outputs as usual.
 """
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import numpy as np
@@ -39,6 +43,7 @@ NORM_EPS = 1e-12     # torch.nn.functional.normalize's eps
 MAX_FILL = -1e9      # sentence-transformers' value for padded positions under max pooling
 AXES_INPUT_OPSET = {"ReduceSum": 13, "Unsqueeze": 13, "ReduceMax": 18, "ReduceMean": 18, "ReduceL2": 18}
 FLOATS = (np.float32, np.float16)
+METADATA_KEY = "tqc.pool"  # JSON {output, mode, normalize, source}: what the graph pools (tqc serve reads it)
 
 
 def pool_reference(tokens: np.ndarray, mask: np.ndarray | None, mode: str, normalize: bool) -> np.ndarray:
@@ -228,7 +233,9 @@ class Pool(Pass):
                                  "mask": mask.name if mask is not None else None, "nodes_added": added,
                                  "tokens_kept": keep},
                           removed_outputs=() if keep else (tokens.name,),
-                          added_outputs=(AddedOutput(name, reference, f"numpy {how}"),))
+                          added_outputs=(AddedOutput(name, reference, f"numpy {how}"),),
+                          metadata={METADATA_KEY: json.dumps({"output": name, "mode": mode, "normalize": normalize,
+                                                              "source": tokens.name})})
 
     def _already_pooled(self, existing: gs.Tensor, ctx: PassContext) -> PassResult:
         if not (_is_float(existing) and _rank(existing) == 2):

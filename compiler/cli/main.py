@@ -483,8 +483,9 @@ def passes_cmd() -> None:
 @click.option("--name", default=None, help="Model name (default: the file name's stem); text endpoint: NAME_text.")
 @click.option("--endpoints", type=click.Choice(["both", "raw", "text"]), default="both", show_default=True,
               help="raw tensors in, text in, or both (text needs a tokenizer).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Runtime inside the server: ONNX Runtime CPU or CUDA (IO binding).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "openvino"]), default=None,
+              help="Runtime inside the server: ONNX Runtime CPU or CUDA (IO binding), or OpenVINO CPU (FP32 "
+                   "precision). Default: openvino for an IR (.xml), else cpu.")
 @click.option("--cuda-graph", is_flag=True, help="CUDA: one captured CUDA graph per (batch, sequence) bucket.")
 @click.option("--tokenizer", default=None, help="Tokenizer folder (default: the one the export recorded).")
 @click.option("--max-length", type=click.IntRange(1, 8192), default=None,
@@ -496,15 +497,20 @@ def passes_cmd() -> None:
 @click.option("--preferred-batch", default="", help="Dynamic batching: preferred batch sizes, e.g. 8,16.")
 @click.option("--queue-delay-us", type=click.IntRange(0, 10_000_000), default=100, show_default=True,
               help="Dynamic batching: max queue delay in microseconds (0 with no --preferred-batch: off).")
-@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True, help="Model instances.")
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="ORT intra-op threads (CPU).")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Model instances (processes): requests tokenize and run in parallel.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="Runtime threads per instance (CPU; default: all cores, divided among --instances).")
+@click.option("--max-padding", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Text: the rows of a batch run in length groups, each at most this fraction padding (1: one "
+                   "group, padded to the longest row). Default: 0.5 on CPU and OpenVINO, 1 on CUDA.")
 @click.option("--startup-timeout", type=click.FloatRange(1, 3600), default=180.0, show_default=True,
               help="Seconds to wait for the models to load.")
 def serve_cmd(model: str, host: str, http_port: int, grpc_port: int, metrics_port: int, name: str | None,
-              endpoints: str, provider: str, cuda_graph: bool, tokenizer: str | None, max_length: int | None,
+              endpoints: str, provider: str | None, cuda_graph: bool, tokenizer: str | None, max_length: int | None,
               long_text: str, max_batch: int, preferred_batch: str, queue_delay_us: int, instances: int,
-              threads: int | None, startup_timeout: float) -> None:
-    """Serve MODEL (.onnx) behind a Triton Inference Server until SIGTERM or Ctrl-C: raw tensors in, and
+              threads: int | None, max_padding: float | None, startup_timeout: float) -> None:
+    """Serve MODEL (.onnx, or OpenVINO IR .xml) behind a Triton Inference Server until SIGTERM or Ctrl-C: raw tensors in, and
     text in (tokenized in the server) -> embeddings. A signal stops a serving server cleanly with exit 0; one
     that arrives while it is still starting exits 130 (SIGINT) or 143 (SIGTERM)."""
     from tqc.compiler.cli.serve import run_serve
@@ -512,7 +518,7 @@ def serve_cmd(model: str, host: str, http_port: int, grpc_port: int, metrics_por
     run_serve(model=model, host=host, ports=(http_port, grpc_port, metrics_port), name=name, endpoints=endpoints,
               provider=provider, cuda_graph=cuda_graph, tokenizer=tokenizer, max_length=max_length,
               long_text=long_text, max_batch=max_batch, preferred_batch=preferred_batch,
-              queue_delay_us=queue_delay_us, instances=instances, threads=threads,
+              queue_delay_us=queue_delay_us, instances=instances, threads=threads, max_padding=max_padding,
               startup_timeout=startup_timeout, progress=_ui().progress)
 
 

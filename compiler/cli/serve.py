@@ -15,6 +15,7 @@ from typing import Callable
 import click
 
 from tqc.compiler.core.errors import TqcError
+from tqc.compiler.io.openvino_ir import is_ir
 from tqc.compiler.io.output_guard import Interrupted
 from tqc.compiler.tools.serve.repository import ServeOptions
 from tqc.compiler.tools.serve.server import Ports, TritonServer
@@ -36,15 +37,17 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def run_serve(model: str, host: str, ports: tuple[int, int, int], name: str | None, endpoints: str, provider: str,
-              cuda_graph: bool, tokenizer: str | None, max_length: int | None, long_text: str, max_batch: int,
-              preferred_batch: str, queue_delay_us: int, instances: int, threads: int | None,
-              startup_timeout: float, progress: Callable[[str], None]) -> None:
+def run_serve(model: str, host: str, ports: tuple[int, int, int], name: str | None, endpoints: str,
+              provider: str | None, cuda_graph: bool, tokenizer: str | None, max_length: int | None,
+              long_text: str, max_batch: int, preferred_batch: str, queue_delay_us: int, instances: int,
+              threads: int | None, startup_timeout: float, progress: Callable[[str], None],
+              max_padding: float | None = None) -> None:
+    provider = provider or ("openvino" if is_ir(model) else "cpu")
     opts = ServeOptions(model=model, name=name, provider=provider,
                         endpoints=("raw", "text") if endpoints == "both" else (endpoints,), tokenizer=tokenizer,
                         max_length=max_length, long_text=long_text, max_batch=max_batch,
                         preferred_batch=parse_sizes(preferred_batch), queue_delay_us=queue_delay_us,
-                        instances=instances, threads=threads, cuda_graph=cuda_graph)
+                        instances=instances, threads=threads, cuda_graph=cuda_graph, max_padding=max_padding)
     if cuda_graph and provider != "cuda":
         raise TqcError("--cuda-graph needs --provider cuda")
     server = TritonServer(opts, Ports(*ports), host=host, startup_timeout=startup_timeout)
@@ -67,12 +70,17 @@ def run_serve(model: str, host: str, ports: tuple[int, int, int], name: str | No
             click.echo(f"model '{model_name}' ({kind}): {what}")
         if endpoints == "both" and "text" not in server.models.values():
             click.echo("no text endpoint: the export records no tokenizer (give --tokenizer DIR)")
+        for note in server.text.get("notes", []):
+            click.echo(f"note: {note}", err=True)
         if server.text:
             click.echo(f"text: tokenizer {server.text['tokenizer']}, limit {server.text['max_length']} tokens "
                        f"({server.text['long_text']}), pooling {server.text['pooling']}, "
                        f"normalized {str(server.text['normalize']).lower()}")
         batching = (f"dynamic batching (queue delay {queue_delay_us} us, preferred {list(opts.preferred_batch)})"
                     if queue_delay_us or opts.preferred_batch else "no dynamic batching")
+        batching += f"; {instances} instance{'s' if instances > 1 else ''}"
+        if server.text:
+            batching += f", text in length groups of at most {opts.max_padding:g} padding"
         click.echo(f"serving on http://{server.http_url} grpc {server.grpc_url} metrics {server.metrics_url}; "
                    f"{batching}; max batch {max_batch}. SIGTERM or Ctrl-C stops it.", nl=True)
         serving = True

@@ -49,6 +49,15 @@ def _finish_header(model: onnx.ModelProto, like: onnx.ModelProto | None) -> onnx
     return model
 
 
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    """Set ``metadata_props`` keys of ``model`` (an existing key's value is replaced)."""
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(value)))
+
+
 def attach_weights(graph: gs.Graph, weights: dict) -> None:
     """Give the graph's stand-in constants (a lean load's skeleton) their arrays; see ``tqc.compiler.io.lean``."""
     for tensor in graph.tensors().values():

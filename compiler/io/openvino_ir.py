@@ -8,7 +8,8 @@
                       inputs/outputs, what ran in INT8 on this machine's CPU (the compiled runtime graph):
                       int8_matmuls = the model's MatMuls whose runtime node takes integer inputs, counted
                       through each runtime node's original layer names, so an attention MatMul counts whether
-                      it runs as a MatMul (AVX2/AVX-512 VNNI) or inside an i8 Subgraph (AMX CPUs)
+                      it runs as a MatMul (AVX2/AVX-512 VNNI) or inside an i8 Subgraph (AMX CPUs); and the
+                      ONNX model's metadata (tokenizer, pool pass), which ``tqc serve model.xml`` reads
 
 OpenVINO is optional (``pip install 'tqc[openvino]'``) and imported only here, lazily: where it is missing,
 every entry point raises one clear error (exit 2).
@@ -237,6 +238,8 @@ def write_ir(model, xml_path: str | os.PathLike, source_hash: str, compress_to_f
             "matmul_runtime_nodes": placement_summary(placement),
             "runtime_precisions": precisions,
             **_ports(converted),
+            # the ONNX model's metadata (tokenizer, pool pass, ...), which the IR does not carry: tqc serve reads it
+            "metadata": {p.key: p.value for p in getattr(model, "skeleton", model).metadata_props},
         }
         # staged with the command's other outputs (all or none); .bin first, so an .xml never points at a
         # missing or stale .bin when no command is active

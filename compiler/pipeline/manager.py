@@ -33,7 +33,8 @@ from tqc.version import __version__
 from tqc.compiler.runtime import compare
 from tqc.compiler.core.errors import TqcError, VerificationError
 from tqc.compiler.runtime.feeds import verification_feeds
-from tqc.compiler.io.graph import lean_of_graph, skeleton_of_graph, to_graph, to_model, update_tensor_types
+from tqc.compiler.io.graph import (lean_of_graph, set_metadata, skeleton_of_graph, to_graph, to_model,
+                                   update_tensor_types)
 from tqc.compiler.io.lean import LeanModel
 from tqc.compiler.io.model import save_model, write_text_atomic
 from tqc.compiler.io.output_guard import reproducer_dir, write_with
@@ -163,6 +164,8 @@ class PassManager:
             result = p.run(graph, self.ctx)
             seconds = time.perf_counter() - start
             check_conditions(p.ensures, graph, self.ctx, p.name, "ensures", on="graph")
+            if result.metadata:  # the written model carries them (to_model copies like's metadata_props)
+                set_metadata(like, result.metadata)
             record = StageRecord(index, p.name, p.spec(), result.modified, seconds, dict(result.stats))
             self.records.append(record)
             vstart = time.perf_counter()

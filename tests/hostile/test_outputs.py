@@ -507,6 +507,9 @@ def _plan(meta: str | None):
 
 OPTIONS = [
     ("diff-plot-without-layerwise", None, "diff m.onnx m2.onnx --json j.json --plot p.png", "--layerwise"),
+    ("serve-max-padding-over-one", None, "serve m.onnx --max-padding 1.5", "0.0<=x<=1.0"),
+    ("serve-instances-zero", None, "serve m.onnx --instances 0", "1<=x<=64"),
+    ("serve-provider-typo", None, "serve m.onnx --provider openvin", "'cpu', 'cuda', 'openvino'"),
     ("triton-max-batch-negative", None, "export-triton m.onnx -o repo --max-batch -1", "[0, 2147483647]"),
     ("triton-instances-zero", None, "export-triton m.onnx -o repo --instances 0", "[1, 1024]"),
     ("triton-queue-delay-negative", None, "export-triton m.onnx -o repo --queue-delay-us -5", "--queue-delay-us"),

@@ -2,6 +2,8 @@
 its formulas), on real sentences with padding, after fuse, qdq and fp16; on MiniLM it equals
 ``SentenceTransformer(...).encode`` of the packaged folder. The manager verifies the pass against that pooling."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -225,6 +227,9 @@ def test_source_chosen_when_ambiguous_and_no_token_output_refused():
     compiled = PassManager(parse_pipeline("pool{source=b,mode=max,normalize=false}"), PassContext()).run(
         two_token_outputs())
     assert [o.name for o in compiled.graph.output] == ["a", "sentence_embedding"]
+    recorded = {p.key: p.value for p in compiled.metadata_props}  # what tqc serve reads
+    assert json.loads(recorded["tqc.pool"]) == {"output": "sentence_embedding", "mode": "max", "normalize": False,
+                                                "source": "b"}
     x = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
     out = run_all(compiled, [{"x": x}])[0]
     np.testing.assert_allclose(out["sentence_embedding"], (-x).max(1), atol=1e-6)  # no mask input: every position

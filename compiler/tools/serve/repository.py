@@ -11,7 +11,9 @@
 Batching and padding: Triton's dynamic batcher hands one ``execute`` call several requests (``allow_ragged_batch``
 lets requests of different lengths meet). Raw requests are grouped by sequence length and each group runs as
 one batch, unpadded: answers are exactly those of a lone request. Text rows of all requests are tokenized
-together and padded to the longest row of the batch (masked positions do not enter the mean pooling); with
+together and run in length groups, each padded to its longest row with at most ``max_padding`` of its positions
+padding (masked positions do not enter the pooling); a model compiled with the pool pass (``tqc.pool``
+metadata) returns its pooled output, which the stub returns as it is; with
 CUDA graphs they are padded to power-of-two buckets (sequence >= 16, capped at the token limit; batch capped
 at max_batch_size) so a few captured graphs serve every request. Texts longer than the token limit are
 truncated (sentence-transformers' behaviour) or refused (``long_text="error"``).
@@ -20,26 +22,27 @@ truncated (sentence-transformers' behaviour) or refused (``long_text="error"``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
-
-from tqc.compiler.core.errors import TqcError
-from tqc.compiler.io.model import load_model
+from tqc.compiler.core.errors import TqcError, did_you_mean
+# TOKEN_INPUTS and model_facts stay importable from here (tools/triton_text imports them)
+from tqc.compiler.tools.serve.facts import TOKEN_INPUTS, ModelFacts, model_facts, read_facts  # noqa: F401
+from tqc.passes.pool import METADATA_KEY as POOL_METADATA
 
 STUB_MODEL = Path(__file__).with_name("stub_model.py")
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
-                  onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.INT32: "TYPE_INT32"}
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                 "pooling_mode_max_tokens": "max"}  # sentence-transformers' Pooling config -> the stub's modes
+HOST_POOLING = ("mean", "cls", "max")
 
 
 @dataclass
 class ServeOptions:
     model: str
     name: str | None = None
-    provider: str = "cpu"  # cpu | cuda | openvino (hook)
+    provider: str = "cpu"  # cpu | cuda (ONNX Runtime) | openvino (an IR needs it)
     endpoints: tuple[str, ...] = ("raw", "text")
     tokenizer: str | None = None  # folder, 'minilm', or None: from the export metadata
     max_length: int | None = None  # token limit (default: the tokenizer's / sentence encoder's)
@@ -51,78 +54,25 @@ class ServeOptions:
     preferred_batch: tuple[int, ...] = ()
     queue_delay_us: int = 0  # 0: no dynamic batching
     instances: int = 1
-    threads: int | None = None
+    threads: int | None = None  # default: ORT's own (all cores) for one instance, cores / instances for several
+    max_padding: float | None = None  # text: length groups each padded at most this fraction; None: 0.5 on CPU
+    # and OpenVINO, 1 (one group, as before) on CUDA, where groups were not measured
     cuda_graph: bool = False
     prepend_paths: tuple[str, ...] = ()
     timings_dir: str | None = None
     extra: dict = field(default_factory=dict)
 
 
-@dataclass
-class ModelFacts:
-    path: Path
-    inputs: list[dict]
-    outputs: list[dict]
-    vocab: int | None
-    type_vocab: int
-    max_positions: int | None  # rows of the position-embedding table (RoBERTa-style: minus the padding offset)
-
-
-def model_facts(path: Path) -> ModelFacts:
-    from tqc.compiler.runtime.feeds import vocab_size
-
-    model = load_model(path, load_external_data=False)
-    initializers = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    inputs, outputs = [], []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tt = value.type.tensor_type
-        if value.name not in TOKEN_INPUTS or tt.elem_type != onnx.TensorProto.INT64 or len(tt.shape.dim) != 2:
-            raise TqcError(f"'tqc serve' serves token models (INT64 input_ids/attention_mask/token_type_ids "
-                           f"[batch, sequence]); input '{value.name}' is not one")
-        inputs.append({"name": value.name, "data_type": "TYPE_INT64"})
-    for value in model.graph.output:
-        tt = value.type.tensor_type
-        if tt.elem_type not in ONNX_TO_TRITON:
-            raise TqcError(f"output '{value.name}' has an element type the server cannot return")
-        outputs.append({"name": value.name, "data_type": ONNX_TO_TRITON[tt.elem_type],
-                        "dims": [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1
-                                 for d in tt.shape.dim][1:]})
-    if "input_ids" not in [i["name"] for i in inputs]:
-        raise TqcError("'tqc serve' needs a model with an 'input_ids' input")
-    type_vocab = 2
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "token_type_ids":
-            type_vocab = int(initializers.get(node.input[0], (2,))[0])
-        if node.op_type == "EmbedLayerNormalization" and len(node.input) > 4 and node.input[4] in initializers:
-            type_vocab = int(initializers[node.input[4]][0])  # its ids may arrive through a Cast
-    vocab = vocab_size(model, "input_ids")
-    if vocab is None:
-        for node in model.graph.node:
-            if node.op_type == "EmbedLayerNormalization" and len(node.input) > 2:
-                vocab = int(initializers.get(node.input[2], (0,))[0]) or None
-    positions = None
-    for name, dims in initializers.items():
-        if "position_embeddings" in name and len(dims) == 2:
-            positions = int(dims[0])
-    for node in model.graph.node:
-        if node.op_type == "EmbedLayerNormalization" and len(node.input) > 3 and node.input[3] in initializers:
-            positions = int(initializers[node.input[3]][0])
-    meta = {p.key: p.value for p in model.metadata_props}
-    if positions and meta.get("tqc.family") in ("roberta", "xlm-roberta", "camembert"):
-        positions -= 2  # position ids start after the padding index
-    return ModelFacts(path=path, inputs=inputs, outputs=outputs, vocab=vocab, type_vocab=type_vocab,
-                      max_positions=positions)
-
-
 def tokenizer_folder(name: str | None, model_path: Path) -> Path | None:
-    """An explicit folder (or 'minilm'); else what the export metadata records: the packaged MiniLM, or the
-    local model folder the export came from when it holds a tokenizer. None when nothing is known."""
+    """``recorded_tokenizer`` with the metadata of the ONNX model at ``model_path``."""
+    return recorded_tokenizer(name, model_facts(model_path).metadata if name is None else {})
+
+
+def recorded_tokenizer(name: str | None, meta: dict) -> Path | None:
+    """An explicit folder (or 'minilm'); else what the export metadata ``meta`` records: the packaged MiniLM, or
+    the local model folder the export came from when it holds a tokenizer. None when nothing is known."""
     source = name
     if source is None:
-        model = load_model(model_path, load_external_data=False)
-        meta = {p.key: p.value for p in model.metadata_props}
         if meta.get("tqc.tokenizer"):
             source = meta["tqc.tokenizer"]
         elif meta.get("tqc.family") == "minilm" and "real weights" in meta.get("tqc.source", ""):
@@ -144,7 +94,8 @@ def tokenizer_folder(name: str | None, model_path: Path) -> Path | None:
 
 
 def sentence_encoder(folder: Path) -> dict:
-    """Pooling and normalisation that a sentence-transformers folder declares (modules.json), else {}."""
+    """Pooling and normalisation that a sentence-transformers folder declares (modules.json), else {}. A pooling
+    the host cannot do (several modes, mean_sqrt_len, ...) is returned by its config keys."""
     modules_path = folder / "modules.json"
     if not modules_path.exists():
         return {}
@@ -153,7 +104,11 @@ def sentence_encoder(folder: Path) -> dict:
     for module in modules:
         if module.get("type", "").endswith(".Pooling"):
             config = json.loads((folder / module.get("path", "") / "config.json").read_text())
-            found["pooling"] = ("cls" if config.get("pooling_mode_cls_token") else "mean")
+            modes = [key for key, value in config.items() if key.startswith("pooling_mode_") and value]
+            if len(modes) == 1 and modes[0] in POOLING_MODES:
+                found["pooling"] = POOLING_MODES[modes[0]]
+            else:  # the host cannot pool so; text_pooling refuses where it would have to
+                found["pooling"] = " + ".join(modes) or "no mode"
     bert_config = folder / "sentence_bert_config.json"
     if bert_config.exists():
         found["max_length"] = int(json.loads(bert_config.read_text()).get("max_seq_length", 512))
@@ -177,8 +132,52 @@ def save_tokenizer(folder: Path, target: Path) -> dict:
     backend.no_truncation()
     target.write_text(backend.to_str(), encoding="utf-8")
     limit = getattr(tokenizer, "model_max_length", None)
-    return {"pad_id": int(tokenizer.pad_token_id or 0),
+    return {"pad_id": int(tokenizer.pad_token_id or 0), "pad_token": str(tokenizer.pad_token or "[PAD]"),
             "model_max_length": int(limit) if limit and limit < 100_000 else None}
+
+
+def text_pooling(opts: ServeOptions, facts: ModelFacts, encoder: dict) -> dict:
+    """Which output the text endpoint returns and what the stub does to it.
+
+    A model compiled with the pool pass records ``tqc.pool`` (output, mode, normalize): the stub requests only
+    that output and returns it as it is (pooling "graph"); asking for another pooling is refused, and a sentence
+    encoder folder that declares another one is noted. Otherwise the first output: a token output [batch, seq,
+    hidden] is pooled on the host (the encoder's mode, else mean), any other output is returned as it is."""
+    notes: list[str] = []
+    recorded = facts.metadata.get(POOL_METADATA)
+    if recorded:
+        pool = json.loads(recorded)
+        output = next((o for o in facts.outputs if o["name"] == pool["output"]), None)
+        if output is None:
+            raise TqcError(f"the model's metadata says the pool pass wrote output '{pool['output']}', but the model "
+                           f"has no such output{did_you_mean(pool['output'], [o['name'] for o in facts.outputs])}")
+        mode, normalize = pool["mode"], bool(pool["normalize"])
+        for what, asked, has in (("pooling", opts.pooling, mode), ("normalisation", opts.normalize, normalize)):
+            if asked is not None and asked != has:
+                raise TqcError(f"the model pools in its graph ({mode}, normalize {str(normalize).lower()}); "
+                               f"{what} {asked} cannot apply to it")
+        for what, declared, has in (("pools with", encoder.get("pooling"), mode),
+                                    ("normalize", encoder.get("normalize"), normalize)):
+            if declared is not None and declared != has:
+                notes.append(f"the tokenizer folder's sentence encoder says {what} {declared}; the model's graph "
+                             f"does {has} (its pool pass), and that is what is served")
+        return {"output": output["name"], "pooling": "graph", "normalize": normalize, "dims": output["dims"],
+                "text_output": "embeddings", "describe": f"{mode} (in the graph)", "notes": notes}
+    output = facts.outputs[0]
+    pooling = opts.pooling or encoder.get("pooling") or "mean"
+    pooled = len(output["dims"]) == 2 and pooling != "none"
+    if pooled and pooling not in HOST_POOLING:
+        if opts.pooling is not None:
+            raise TqcError(f"pooling must be mean, cls, max or none, not '{pooling}'"
+                           f"{did_you_mean(pooling, [*HOST_POOLING, 'none'])}")
+        raise TqcError(f"the sentence encoder of the tokenizer folder pools with {pooling}; 'tqc serve' pools with "
+                       f"one of {', '.join(HOST_POOLING)} (give --endpoints raw, or compile the pooling into the "
+                       f"model with the pool pass)")
+    normalize = bool(encoder.get("normalize", False) if opts.normalize is None else opts.normalize)
+    return {"output": output["name"], "pooling": pooling if pooled else "none", "normalize": normalize,
+            "dims": output["dims"][-1:] if pooled else output["dims"],
+            "text_output": "embeddings" if pooled else output["name"],
+            "describe": pooling if pooled else "none", "notes": notes}
 
 
 def _config_pbtxt(name: str, inputs: list[dict], outputs: list[dict], opts: ServeOptions, ragged: bool) -> str:
@@ -207,17 +206,25 @@ def write_repository(opts: ServeOptions, repo: Path, sitedirs: list[str]) -> dic
         raise TqcError(f"--provider must be cpu, cuda or openvino, not '{opts.provider}'")
     if opts.long_text not in ("truncate", "error"):
         raise TqcError("--long-text must be truncate or error")
-    facts = model_facts(model_path)
+    facts = read_facts(model_path, opts.provider)
     name = opts.name or model_path.name.split(".")[0].replace("-", "_")
     if any(size < 1 or size > opts.max_batch for size in opts.preferred_batch):
         raise TqcError(f"--preferred-batch sizes must lie in [1, --max-batch {opts.max_batch}]")
-    base = {"onnx": str(model_path), "provider": opts.provider, "threads": opts.threads,
+    if opts.max_padding is None:
+        opts.max_padding = 1.0 if opts.provider == "cuda" else 0.5
+    if not 0.0 <= opts.max_padding <= 1.0:
+        raise TqcError(f"--max-padding must lie in [0, 1], not {opts.max_padding}")
+    threads = opts.threads
+    if threads is None and opts.instances > 1 and opts.provider != "cuda":  # instances share the cores
+        threads = max(1, (os.cpu_count() or 1) // opts.instances)
+    base = {"onnx": str(model_path), "provider": opts.provider, "threads": threads, "instances": opts.instances,
+            "max_padding": opts.max_padding,
             "cuda_graph": opts.cuda_graph, "inputs": facts.inputs, "vocab": facts.vocab,
             "type_vocab": facts.type_vocab, "max_batch": opts.max_batch, "sitedirs": sitedirs,
             "prepend_paths": list(opts.prepend_paths), **opts.extra}
     models: dict[str, str] = {}
     text_settings: dict = {}
-    folder = tokenizer_folder(opts.tokenizer, model_path) if "text" in opts.endpoints else None
+    folder = recorded_tokenizer(opts.tokenizer, facts.metadata) if "text" in opts.endpoints else None
     if "text" in opts.endpoints and folder is None:
         if opts.endpoints == ("text",):
             raise TqcError("the text endpoint needs the model's tokenizer: give --tokenizer DIR (the export "
@@ -238,22 +245,19 @@ def write_repository(opts: ServeOptions, repo: Path, sitedirs: list[str]) -> dic
             tok = save_tokenizer(folder, version / "tokenizer.json")
             limit = opts.max_length or encoder.get("max_length") or tok["model_max_length"] or 512
             limit = min(limit, facts.max_positions or limit)
-            output = facts.outputs[0]
-            pooling = opts.pooling or encoder.get("pooling") or "mean"
-            pooled = len(output["dims"]) == 2 and pooling != "none"
-            conf.update(tokenizer="tokenizer.json", pad_id=tok["pad_id"], max_length=int(limit),
-                        long_text=opts.long_text, max_text_bytes=opts.max_text_bytes, output=output["name"],
-                        pooling=pooling if pooled else "none",
-                        normalize=bool(encoder.get("normalize", False) if opts.normalize is None else opts.normalize),
-                        text_output="embeddings" if pooled else output["name"])
+            text = text_pooling(opts, facts, encoder)
+            conf.update(tokenizer="tokenizer.json", pad_id=tok["pad_id"], pad_token=tok["pad_token"],
+                        max_length=int(limit),
+                        long_text=opts.long_text, max_text_bytes=opts.max_text_bytes, output=text["output"],
+                        run_outputs=[text["output"]], pooling=text["pooling"], normalize=text["normalize"],
+                        text_output=text["text_output"])
             if opts.timings_dir:
                 conf["timings"] = str(Path(opts.timings_dir).resolve() / f"{model_name}.timings.json")
-            out_dims = output["dims"][-1:] if pooled else output["dims"]
             inputs = [{"name": "TEXT", "data_type": "TYPE_UINT8", "dims": [-1]}]
-            outputs = [{"name": conf["text_output"], "data_type": "TYPE_FP32", "dims": out_dims},
+            outputs = [{"name": conf["text_output"], "data_type": "TYPE_FP32", "dims": text["dims"]},
                        {"name": "token_count", "data_type": "TYPE_INT64", "dims": [1]}]
-            text_settings = {"tokenizer": str(folder), "max_length": int(limit), "pooling": conf["pooling"],
-                             "normalize": conf["normalize"], "long_text": opts.long_text}
+            text_settings = {"tokenizer": str(folder), "max_length": int(limit), "pooling": text["describe"],
+                             "normalize": text["normalize"], "long_text": opts.long_text, "notes": text["notes"]}
         (repo / model_name / "config.pbtxt").write_text(_config_pbtxt(model_name, inputs, outputs, opts, True))
         (version / "serve.json").write_text(json.dumps(conf, indent=1))
         shutil.copyfile(STUB_MODEL, version / "model.py")

@@ -1,14 +1,17 @@
 """The Triton python-backend ``model.py`` that ``tqc serve`` copies into each model of its repository.
 
 It runs inside Triton's ``triton_python_backend_stub`` process (one per model instance), so it imports nothing
-from tqc: only numpy, onnxruntime, tokenizers and ``triton_python_backend_utils``. The stub runs an isolated
+from tqc: only numpy, onnxruntime (or openvino, for ``provider: openvino``), tokenizers and
+``triton_python_backend_utils``. The stub runs an isolated
 interpreter that ignores PYTHONPATH, so the site-packages folders of the Python that started ``tqc serve`` are
 read from ``serve.json`` (beside this file) and put first on ``sys.path`` before numpy is imported.
 
     request (one or several, gathered by Triton's dynamic batcher)
       raw:  input_ids/attention_mask/token_type_ids INT64 [n, seq]  -> checked -> grouped by shape -> ORT -> split
-      text: TEXT UINT8 [n, bytes] (UTF-8, rows right-padded with 0) -> checked -> tokenized (all rows together,
-            padded to the longest row of the batch, or to a bucket on CUDA graphs) -> ORT -> pooled -> split
+      text: TEXT UINT8 [n, bytes] (UTF-8, rows right-padded with 0) -> checked -> tokenized (all rows together;
+            the tokenizer truncates and pads to the longest row, or rows go to a bucket on CUDA graphs) -> length
+            groups (max_padding) -> runtime (a pooled model: only its pooled output) -> pooled on the host unless
+            the graph pools -> split
 
 A request that fails its checks gets an error response of its own; the others of the batch are answered.
 """
@@ -68,8 +71,10 @@ class OrtRunner:
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(conf["onnx"], options, providers=self.providers(conf))
         self.check_providers(conf)
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        # the text endpoint asks for the one output it returns (a pooled model: only the embedding)
+        self.output_names = conf.get("run_outputs") or [o.name for o in self.session.get_outputs()]
         self.bucketed = False
+        self.describe = f"onnxruntime {ort.__version__} {self.session.get_providers()}"
 
     def providers(self, conf):
         return ["CPUExecutionProvider"]
@@ -157,13 +162,36 @@ class OrtCudaRunner(OrtRunner):
         return {name: value.numpy() for name, value in outputs.items()}
 
 
-def openvino_runner(conf):
-    """Hook for the OpenVINO runtime (another change adds tqc's OpenVINO target): a runner needs
-    ``run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]`` and a ``bucketed`` attribute."""
-    raise RuntimeError("the openvino runtime is not available to 'tqc serve' yet")
+class OpenVinoRunner:
+    """OpenVINO on CPU: an IR (``tqc compile --target openvino``) or an ONNX file, one infer request.
+
+    Inputs are shared with the numpy feed (no copy); the outputs are copied out of the request's buffers, which
+    the next call overwrites before Triton has sent the responses of this one. Float layers run in FP32
+    (``INFERENCE_PRECISION_HINT``): OpenVINO's default on AMX CPUs is bf16, which would change the answers of
+    the model that tqc compiled and verified.
+    """
+
+    def __init__(self, conf):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if conf.get("threads"):
+            config["INFERENCE_NUM_THREADS"] = int(conf["threads"])
+        self.compiled = core.compile_model(core.read_model(conf["onnx"]), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        names = conf.get("run_outputs") or [port.get_any_name() for port in self.compiled.outputs]
+        self.ports = [(name, self.compiled.output(name)) for name in names]
+        self.input_names = {port.get_any_name() for port in self.compiled.inputs}
+        self.bucketed = False
+        self.describe = f"openvino {ov.get_version()} CPU"
+
+    def run(self, feed):
+        self.request.infer({k: v for k, v in feed.items() if k in self.input_names}, share_inputs=True)
+        return {name: self.request.get_tensor(port).data.copy() for name, port in self.ports}
 
 
-RUNNERS = {"cpu": OrtRunner, "cuda": OrtCudaRunner, "openvino": openvino_runner}
+RUNNERS = {"cpu": OrtRunner, "cuda": OrtCudaRunner, "openvino": OpenVinoRunner}
 
 
 def check_numpy():
@@ -190,19 +218,21 @@ class TritonPythonModel:
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(os.path.join(_HERE, CONF["tokenizer"]))
-            self.tokenizer.no_padding()
             self.tokenizer.enable_truncation(self.max_length)
             self.pad_id = int(CONF.get("pad_id", 0))
+            if self.runner.bucketed:  # padded to buckets below
+                self.tokenizer.no_padding()
+            else:  # the tokenizer pads a batch to its longest row (in Rust, with the mask)
+                self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=CONF.get("pad_token", "[PAD]"))
+            self.wanted = [spec["name"] for spec in self.inputs]
         # with "timings": seconds spent per padded shape "BATCHxSEQ": [tokenizer, ORT call, pooling, calls]
         self.timings = {} if CONF.get("timings") else None
         self._warm_up()
-        import onnxruntime
-
         print(f"tqc-stub: {CONF['kind']} model ready: python {sys.version.split()[0]}, numpy {np.__version__} ({os.path.dirname(np.__file__)}), "
-              f"onnxruntime {onnxruntime.__version__} {getattr(self.runner, 'session', None) and self.runner.session.get_providers()}, "
-              f"max_length {self.max_length}", flush=True)
+              f"{self.runner.describe}, max_length {self.max_length}", flush=True)
         if self.timings is not None:
             self.timings.clear()
+            self._timings_saved = 0.0
 
     def _warm_up(self):
         if self.kind == "text":
@@ -291,13 +321,73 @@ class TritonPythonModel:
         start = time.perf_counter()
         # one text: encode() (encode_batch's thread pool costs ~0.3 ms for a single 128-token text)
         encodings = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(texts)
+        rows = len(encodings)
+        if self.runner.bucketed:
+            feed, mask = self._bucketed_feed(encodings)
+        else:  # padded by the tokenizer: one conversion per input the model takes
+            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+            values = {"attention_mask": mask}
+            for name in self.wanted:
+                if name == "input_ids":
+                    values[name] = np.array([e.ids for e in encodings], dtype=np.int64)
+                elif name == "token_type_ids":
+                    values[name] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+            feed = {name: values[name] for name in self.wanted}
+        truncated = [bool(e.overflowing) for e in encodings]
+        counts = mask[:rows].sum(axis=1, keepdims=True)
+        tokenized = time.perf_counter() - start
+        groups = self._length_groups(counts[:, 0]) if rows > 1 and not self.runner.bucketed else None
+        if groups is None:
+            output = self._run_pooled(feed, mask, rows, tokenized)
+        else:  # rows sorted by length, run in groups padded to their own longest row; answers put back in order
+            output = None
+            for index in groups:
+                longest = int(counts[index[-1], 0])
+                part = self._run_pooled({name: value[index, :longest] for name, value in feed.items()},
+                                        mask[index, :longest], len(index), tokenized / len(groups))
+                if output is None:
+                    output = np.empty((rows,) + part.shape[1:], dtype=np.float32)
+                output[index] = part
+        return np.ascontiguousarray(output, dtype=np.float32), counts, truncated
+
+    def _length_groups(self, lengths):
+        """Row indices in groups whose padding stays within ``max_padding`` of their positions (lengths sorted
+        ascending, a group closed when the next row would pass the bound), or None for one group. Pooled outputs
+        only: a token output keeps the batch's one padded shape."""
+        bound = float(CONF.get("max_padding", 1.0))
+        if bound >= 1.0 or CONF.get("pooling", "mean") == "none":
+            return None
+        order = np.argsort(lengths, kind="stable")
+        groups, first, total = [], 0, 0
+        for position, row in enumerate(order):
+            length = int(lengths[row])
+            size = position - first + 1
+            if size > 1 and (size * length - (total + length)) > bound * size * length:
+                groups.append(order[first:position])
+                first, total = position, 0
+            total += length
+        groups.append(order[first:])
+        return groups if len(groups) > 1 else None
+
+    def _run_pooled(self, feed, mask, rows, tokenize_seconds):
+        started = time.perf_counter()
+        output = self.runner.run(feed)[CONF["output"]][:rows]
+        ran = time.perf_counter()
+        output = self._pool(output, mask[:rows])
+        if self.timings is not None:
+            entry = self.timings.setdefault("x".join(str(d) for d in mask.shape), [0.0, 0.0, 0.0, 0])
+            entry[0] += tokenize_seconds
+            entry[1] += ran - started
+            entry[2] += time.perf_counter() - ran
+            entry[3] += 1
+        return output
+
+    def _bucketed_feed(self, encodings):
+        """CUDA graphs: a few fixed shapes, captured once each; padding rows copy the first row."""
         longest = max(len(e.ids) for e in encodings)
         rows = len(encodings)
-        if self.runner.bucketed:  # CUDA graphs: a few fixed shapes, captured once each
-            seq = min(max(16, _pow2_at_least(longest, self.max_length)), self.max_length)
-            batch = _pow2_at_least(rows, self.max_batch)
-        else:
-            seq, batch = longest, rows  # pad to the longest text of the batch
+        seq = min(max(16, _pow2_at_least(longest, self.max_length)), self.max_length)
+        batch = _pow2_at_least(rows, self.max_batch)
         ids = np.full((batch, seq), self.pad_id, dtype=np.int64)
         mask = np.zeros((batch, seq), dtype=np.int64)
         types = np.zeros((batch, seq), dtype=np.int64)
@@ -306,31 +396,28 @@ class TritonPythonModel:
             ids[row, :n] = encoding.ids
             mask[row, :n] = 1
             types[row, :n] = encoding.type_ids
-        if batch > rows:  # padding rows copy the first row, so no row is all-masked
+        if batch > rows:
             ids[rows:], mask[rows:], types[rows:] = ids[0], mask[0], types[0]
-        truncated = [bool(e.overflowing) for e in encodings]
         values = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        feed = {spec["name"]: values[spec["name"]] for spec in self.inputs}
-        tokenized = time.perf_counter()
-        output = self.runner.run(feed)[CONF["output"]][:rows]
-        ran = time.perf_counter()
+        return {name: values[name] for name in self.wanted}, mask
+
+    @staticmethod
+    def _pool(output, mask):
+        """Host pooling as sentence-transformers does it, for a model that returns tokens; "graph": as it is."""
         pooling = CONF.get("pooling", "mean")
+        if pooling == "graph":  # pooled (and normalised) by the model itself (the pool pass)
+            return output
         if output.ndim == 3 and pooling == "mean":  # masked mean as one batched matmul: [rows,1,seq] @ [rows,seq,h]
-            weights = mask[:rows, None, :].astype(np.float32)
+            weights = mask[:, None, :].astype(np.float32)
             summed = np.matmul(weights, output.astype(np.float32, copy=False))[:, 0]
             output = summed / np.maximum(weights.sum(axis=2), 1e-9)
+        elif output.ndim == 3 and pooling == "max":  # padded positions at -1e9, as sentence-transformers
+            output = np.where(mask[:, :, None] > 0, output.astype(np.float32, copy=False), np.float32(-1e9)).max(axis=1)
         elif output.ndim == 3 and pooling == "cls":
             output = output[:, 0].astype(np.float32)
         if CONF.get("normalize") and output.ndim == 2:
             output = output / np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
-        if self.timings is not None:
-            entry = self.timings.setdefault(f"{batch}x{seq}", [0.0, 0.0, 0.0, 0])
-            entry[0] += tokenized - start
-            entry[1] += ran - tokenized
-            entry[2] += time.perf_counter() - ran
-            entry[3] += 1
-        counts = mask[:rows].sum(axis=1)
-        return np.ascontiguousarray(output, dtype=np.float32), counts, truncated
+        return output
 
     def _execute_text(self, requests):
         responses = [None] * len(requests)
@@ -353,21 +440,35 @@ class TritonPythonModel:
                 continue
             responses[index] = pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor(CONF["text_output"], embeddings[start:start + rows]),
-                pb_utils.Tensor("token_count", counts[start:start + rows, None].astype(np.int64))])
+                pb_utils.Tensor("token_count", counts[start:start + rows])])
         return responses
 
     def execute(self, requests):
         try:
             if self.kind == "text":
-                return self._execute_text(requests)
+                responses = self._execute_text(requests)
+                if self.timings is not None:
+                    self._save_timings()
+                return responses
             return self._execute_raw(requests)
         except Exception as exc:  # a failure of the model itself: answer every request, keep serving
             message = f"inference failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
                     for _ in requests]
 
+    def _save_timings(self, at_most_every=1.0):
+        """Write the timings (atomically) at most once a second: the server's stop signals the stub's process
+        group, so finalize() is not reliably reached. One file per instance (process) when there are several."""
+        now = time.monotonic()
+        if not self.timings or now - self._timings_saved < at_most_every:
+            return
+        self._timings_saved = now
+        path = CONF["timings"]
+        if int(CONF.get("instances", 1)) > 1:
+            path = path.replace(".timings.json", f".{os.getpid()}.timings.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as file:
+            json.dump(self.timings, file)
+        os.replace(path + ".tmp", path)
+
     def finalize(self):
-        if self.timings:
-            path = CONF.get("timings")
-            with open(path, "w", encoding="utf-8") as file:
-                json.dump(self.timings, file)
+        self._save_timings(at_most_every=0.0)

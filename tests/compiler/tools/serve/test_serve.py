@@ -234,6 +234,106 @@ def test_health_readiness_and_metrics_endpoints(server):
     assert grpcclient.InferenceServerClient(server.grpc_url).is_server_ready()
 
 
+def _compile(source: Path, target: Path, pipeline: str, *extra: str) -> Path:
+    subprocess.run([sys.executable, "-m", "tqc", "-q", "compile", str(source), "-p", pipeline, "-o", str(target),
+                    *extra], check=True, capture_output=True)
+    return target
+
+
+@pytest.fixture(scope="module")
+def pooled_server(minilm, tmp_path_factory):
+    """The same MiniLM with mean pooling and L2 normalisation compiled into its graph (the pool pass)."""
+    pooled = _compile(minilm, tmp_path_factory.mktemp("pooled") / "minilm.pool.onnx", "pool")
+    with TritonServer(ServeOptions(model=str(pooled), name="pooled", endpoints=("text",), queue_delay_us=2000,
+                                   threads=1), startup_timeout=300) as srv:
+        yield srv
+
+
+def test_a_model_pooled_in_its_graph_answers_as_host_pooling(server, pooled_server):
+    """The pooled model's text endpoint requests only sentence_embedding and pools nothing on the host; its
+    answers equal those of the host-pooling path (the plain model's server), alone and batched, truncated too."""
+    import json
+
+    conf = json.loads((pooled_server.tmp / "repo" / "pooled_text" / "1" / "serve.json").read_text())
+    assert (conf["run_outputs"], conf["pooling"], conf["normalize"]) == (["sentence_embedding"], "graph", True)
+    assert pooled_server.text["pooling"] == "mean (in the graph)"
+    texts = sentences(7, skip=30) + ["Été à Zürich: naïve café ☕", " ".join(sentences(40))]
+    host = httpclient.InferenceServerClient(server.http_url)
+    graph = grpcclient.InferenceServerClient(pooled_server.grpc_url)
+    expected = host.infer("minilm_text", [text_input(httpclient, texts)])
+    together = graph.infer("pooled_text", [text_input(grpcclient, texts)])
+    alone = np.concatenate([graph.infer("pooled_text", [text_input(grpcclient, [t])]).as_numpy("embeddings")
+                            for t in texts])
+    np.testing.assert_allclose(together.as_numpy("embeddings"), expected.as_numpy("embeddings"), atol=TOL, rtol=0)
+    np.testing.assert_allclose(alone, expected.as_numpy("embeddings"), atol=TOL, rtol=0)
+    assert list(together.as_numpy("token_count")[:, 0]) == list(expected.as_numpy("token_count")[:, 0])
+    assert together.as_numpy("token_count")[-1, 0] == 256  # the long text was truncated on both paths
+
+
+def test_max_pooling_of_a_sentence_encoder_is_max_on_the_host(minilm, reference):
+    """Max pooling (a sentence encoder's pooling_mode_max_tokens) runs as max, not mean: padded positions
+    excluded as sentence-transformers excludes them, in a batch padded to its longest text."""
+    from tqc.passes.pool import pool_reference
+
+    texts = sentences(5, skip=60)
+    with TritonServer(ServeOptions(model=str(minilm), name="mx", endpoints=("text",), pooling="max",
+                                   normalize=False, threads=1), startup_timeout=300) as srv:
+        assert srv.text["pooling"] == "max" and srv.text["normalize"] is False
+        got = httpclient.InferenceServerClient(srv.http_url).infer("mx_text", [text_input(httpclient, texts)])
+    rows = []
+    for text in texts:  # unpadded, one at a time
+        enc = reference.tokenizer([text], truncation=True, max_length=256, return_tensors="np")
+        feed = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        rows.append(pool_reference(reference.raw(feed), feed["attention_mask"], "max", False)[0])
+    np.testing.assert_allclose(got.as_numpy("embeddings"), np.stack(rows), atol=TOL, rtol=0)
+    mean = reference.embed(texts)  # and it is not the mean
+    assert np.abs(got.as_numpy("embeddings") - mean).max() > 0.1
+
+
+def test_two_instances_and_length_groups_answer_exactly(minilm, reference, tmp_path):
+    """--instances 2: two stub processes serve the text model, concurrent requests are answered exactly; with
+    max_padding 0.25 a request of short and long texts runs as length groups (never as one batch padded to the
+    longest text), and its answers are those of each text alone."""
+    import json
+
+    short = [" ".join(t.split()[:3]) for t in sentences(3, skip=150)]  # real text, a few words
+    long_ = [" ".join(sentences(3, skip=160 + 3 * i)) for i in range(3)]  # three sentences each
+    assert max(len(reference.tokenizer(t)["input_ids"]) for t in short) * 3 < min(
+        len(reference.tokenizer(t)["input_ids"]) for t in long_)
+    mixed = [long_[0], short[0], long_[1], short[1], short[2], long_[2]]
+    longest = max(len(reference.tokenizer(t)["input_ids"]) for t in mixed)
+    texts = sentences(16, skip=120)
+    timings = tmp_path / "timings"
+    timings.mkdir()
+    with TritonServer(ServeOptions(model=str(minilm), name="two", endpoints=("text",), instances=2,
+                                   max_padding=0.25, queue_delay_us=1000, timings_dir=str(timings)),
+                      startup_timeout=300) as srv:
+        client = httpclient.InferenceServerClient(srv.http_url)
+        config = client.get_model_config("two_text")
+        assert [int(g["count"]) for g in config["instance_group"]] == [2]
+        stubs = [pid for pid in group_pids(srv.pgid)
+                 if b"triton_python_backend_stub" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(stubs) == 2, stubs
+        conf = json.loads((srv.tmp / "repo" / "two_text" / "1" / "serve.json").read_text())
+        assert conf["threads"] == max(1, (os.cpu_count() or 1) // 2)  # the instances share the cores
+        got_mixed = client.infer("two_text", [text_input(httpclient, mixed)])
+
+        def send(i):
+            own = httpclient.InferenceServerClient(srv.http_url)
+            return own.infer("two_text", [text_input(httpclient, [texts[i]])]).as_numpy("embeddings")[0]
+
+        with ThreadPoolExecutor(8) as pool:
+            got = np.stack(list(pool.map(send, range(len(texts)))))
+    np.testing.assert_allclose(got_mixed.as_numpy("embeddings"), reference.embed(mixed), atol=TOL, rtol=0)
+    assert list(got_mixed.as_numpy("token_count")[:, 0]) == [len(reference.tokenizer(t)["input_ids"]) for t in mixed]
+    np.testing.assert_allclose(got, reference.embed(texts), atol=TOL, rtol=0)
+    shapes = set()
+    for file in timings.glob("two_text.*.timings.json"):  # one per instance
+        shapes |= set(json.loads(file.read_text()))
+    assert f"{len(mixed)}x{longest}" not in shapes, shapes
+    assert any(s.endswith(f"x{longest}") and int(s.split("x")[0]) < len(mixed) for s in shapes), shapes
+
+
 def _tqc(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tqc", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, **kwargs)
@@ -247,8 +347,13 @@ def _serve_dirs() -> set[str]:
 
 
 def test_cli_serves_until_sigterm_then_leaves_nothing(minilm, tmp_path):
+    serve_cli_until_sigterm(minilm)
+
+
+def serve_cli_until_sigterm(model: Path) -> None:
+    """``tqc serve MODEL`` (text endpoint, long texts refused) answers, stops on SIGTERM with 0, leaves nothing."""
     before = _serve_dirs()
-    proc = _tqc("serve", str(minilm), "--port", "0", "--grpc-port", "0", "--metrics-port", "0",
+    proc = _tqc("serve", str(model), "--port", "0", "--grpc-port", "0", "--metrics-port", "0",
                 "--endpoints", "text", "--long-text", "error", "--queue-delay-us", "0", "--name", "minilm")
     try:
         _check_cli_server(proc, before)
