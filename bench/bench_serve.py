@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import run_load  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ROOT.parent / "shared" / "data" / "sentences.txt"
 
@@ -353,6 +356,12 @@ def main() -> None:
     parser.add_argument("--soak", type=float, default=0.0, help="Seconds of the soak run at --soak-concurrency.")
     parser.add_argument("--soak-concurrency", type=int, default=16)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--instances", type=int, default=1, help="Model instances per server (tqc serve --instances).")
+    parser.add_argument("--max-batch", type=int, default=64, help="Rows per execute (tqc serve --max-batch).")
+    parser.add_argument("--max-padding", type=float, default=None, help="tqc serve --max-padding (default: serve's).")
+    parser.add_argument("--client-procs", type=int, default=1,
+                        help="gRPC load from this many processes (bench/loadgen.py, asyncio) at concurrency >= 16; "
+                             "1: one process of threads. One Python process cannot drive thousands of requests/s.")
     parser.add_argument("--timings-dir", default=None, help="Keep the model's own timings (tokenizer/ORT/pool).")
     parser.add_argument("--pool", action="store_true", help="Built models end with the pool pass (pooled in the "
                                                              "graph).")
@@ -386,7 +395,8 @@ def main() -> None:
                                     tokenizer=args.tokenizer, cuda_graph=args.cuda_graph, threads=args.threads,
                                     queue_delay_us=args.queue_delay_us if batching == "on" else 0,
                                     preferred_batch=parse_sizes(args.preferred_batch) if batching == "on" else (),
-                                    max_batch=64, timings_dir=str(timings_dir / f"{label}-{batching}"))
+                                    max_batch=args.max_batch, instances=args.instances, max_padding=args.max_padding,
+                                    timings_dir=str(timings_dir / f"{label}-{batching}"))
                 Path(opts.timings_dir).mkdir(parents=True, exist_ok=True)
                 print(f"starting {label} batching={batching}", file=sys.stderr, flush=True)
                 servers[(label, batching)] = TritonServer(opts, startup_timeout=600).start()
@@ -404,7 +414,10 @@ def main() -> None:
                     for concurrency in concurrencies:
                         for (label, batching), server in servers.items():
                             url = server.grpc_url if protocol == "grpc" else server.http_url
-                            result = Load(url, protocol, "m_text", payloads, concurrency).run(args.seconds)
+                            if protocol == "grpc" and args.client_procs > 1 and concurrency >= 16:
+                                result = run_load(url, "m_text", payloads, concurrency, args.seconds, args.client_procs)
+                            else:
+                                result = Load(url, protocol, "m_text", payloads, concurrency).run(args.seconds)
                             rows.setdefault((label, batching, protocol, concurrency, tokens), []).append(result)
                             print(f"round {round_index} {label:<6} batching={batching:<3} {protocol:<4} "
                                   f"c={concurrency:<3} tokens={tokens or 'real'}: {result.get('p50_ms', '-')} ms p50, "

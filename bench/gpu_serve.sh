@@ -54,24 +54,32 @@ if [ ! -f "$work/minilm.fp16.onnx" ]; then
   python3 -m tqc -q export "$tok/config.json" --attn eager -o "$work/minilm.onnx"
   python3 -m tqc -q compile "$work/minilm.onnx" -p fold,fuse,fp16 --target ort-cuda -o "$work/minilm.fp16.onnx"
 fi
-if [ ! -f "$work/bert.fp16.onnx" ]; then
+if [ ! -f "$work/bert.pooled.fp16.onnx" ]; then
   python3 -m tqc -q export bert --attn eager -o "$work/bert.onnx"
-  python3 -m tqc -q compile "$work/bert.onnx" -p fold,fuse,fp16 --target ort-cuda -o "$work/bert.fp16.onnx"
+  python3 -m tqc -q compile "$work/bert.onnx" -p fold,fuse,fp16,pool --target ort-cuda -o "$work/bert.pooled.fp16.onnx"
 fi
 if [ ! -f "$work/minilm.pooled.fp16.onnx" ]; then  # pooling + L2 norm in the graph: [batch, 384] comes back
   python3 -m tqc -q compile "$work/minilm.onnx" -p fold,fuse,fp16,pool --target ort-cuda -o "$work/minilm.pooled.fp16.onnx"
 fi
+stage=${STAGE:-all}  # b1 | tput | all: the parts fit one device call each (10 minutes)
+# correctness first (server vs ORT CUDA run directly), with and without CUDA graphs
+graph=--cuda-graph
+if [ "$stage" != tput ]; then
+python3 "$root/bench/gpu_serve_check.py" "$work/minilm.fp16.onnx" "$tok" 2>&1 | tee "$root/bench/results/serve_gpu_check.log" || graph=
 # batch 1 against the hand-written baseline: both servers up at once, one client, alternating rounds
 python3 "$root/bench/serve_vs_baseline.py" --tqc-model "$work/minilm.pooled.fp16.onnx" \
   --baseline-model "$work/minilm.fp16.onnx" --tokenizer "$tok" --baseline-dir "$root/.gpu/baseline_pyback" \
-  --rounds 3 --json "$root/bench/results/serve_vs_baseline_gpu.json" 2>&1 | tee "$root/bench/results/serve_vs_baseline_gpu.log"
-# correctness first (server vs ORT CUDA run directly), with and without CUDA graphs
-graph=--cuda-graph
-python3 "$root/bench/gpu_serve_check.py" "$work/minilm.fp16.onnx" "$tok" 2>&1 | tee "$root/bench/results/serve_gpu_check.log" || graph=
-# batch 1, 16 and 128 tokens; then throughput at concurrency 64 (batching off and on); gRPC, as transformer-deploy
+  --rounds 3 --json "$root/bench/results/serve_vs_baseline_gpu.json" -- --queue-delay-us 0 \
+  2>&1 | tee "$root/bench/results/serve_vs_baseline_gpu.log"
+fi
+if [ "$stage" != b1 ]; then
+# throughput at concurrency 256 (dynamic batching, several instances, load from 8 client processes, gRPC);
+# pooled models (only [batch, hidden] leaves the GPU)
 python3 "$root/bench/bench_serve.py" --provider cuda $graph --tokenizer "$tok" \
-  --model "$work/minilm.fp16.onnx:minilm" --model "$work/bert.fp16.onnx:bert" \
-  --tokens 16,128 --concurrency 1,64 --protocols grpc --batching off,on --queue-delay-us 100 \
-  --preferred-batch 8,16,32,64 --seconds "$seconds" --rounds 3 --workdir "$work/bench" \
+  --model "$work/minilm.pooled.fp16.onnx:minilm" --model "$work/bert.pooled.fp16.onnx:bert" \
+  --tokens 16,128 --concurrency 256 --protocols grpc --batching on --queue-delay-us 200 \
+  --preferred-batch 32,64,128 --max-batch 128 --instances "${INSTANCES:-4}" --client-procs 8 \
+  --seconds "$seconds" --rounds 3 --workdir "$work/bench" \
   --json "$root/bench/results/serve_gpu.json" 2>&1 | tee "$root/bench/results/serve_gpu.log"
+fi
 [ -n "${OUT:-}" ] && cp "$root"/bench/results/serve_*gpu* "$OUT"/ || true

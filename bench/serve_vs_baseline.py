@@ -119,8 +119,12 @@ def text_of_tokens(tokenizer: Path, count: int) -> str:
     raise SystemExit(f"no prefix of the long text has exactly {count} tokens")
 
 
-def measure(url: str, model: str, input_name: str, text: str, requests: int, warmup: int) -> list[float]:
-    from tritonclient.grpc import InferenceServerClient, InferInput
+def measure(url: str, model: str, input_name: str, text: str, requests: int, warmup: int,
+            protocol: str = "grpc") -> list[float]:
+    if protocol == "grpc":
+        from tritonclient.grpc import InferenceServerClient, InferInput
+    else:
+        from tritonclient.http import InferenceServerClient, InferInput
 
     client = InferenceServerClient(url)
     x = np.frombuffer(text.encode(), dtype=np.uint8)[None, :].copy()
@@ -132,6 +136,15 @@ def measure(url: str, model: str, input_name: str, text: str, requests: int, war
         client.infer(model, [tensor])
         times.append(time.perf_counter() - start)
     return [t * 1e3 for t in times[warmup:]]
+
+
+def answer(url: str, model: str, input_name: str, output: str, text: str) -> np.ndarray:
+    from tritonclient.grpc import InferenceServerClient, InferInput
+
+    x = np.frombuffer(text.encode(), dtype=np.uint8)[None, :].copy()
+    tensor = InferInput(input_name, list(x.shape), "UINT8")
+    tensor.set_data_from_numpy(x)
+    return InferenceServerClient(url).infer(model, [tensor]).as_numpy(output)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -153,46 +166,62 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--protocols", default="grpc,http", help="grpc, http or both (both servers over each)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cpu: to try this script without a GPU (give it a CPU copy of the baseline)")
     parser.add_argument("tqc_options", nargs="*", help="extra `tqc serve` options (after --)")
     args = parser.parse_args()
+    protocols = [p for p in args.protocols.split(",") if p]
     texts = {"11 tokens": S11, "16 tokens": text_of_tokens(args.tokenizer, 16), "128 tokens": S128}
     servers = {}
     try:
         servers["baseline"] = (start_baseline(args.baseline_model.resolve(), args.tokenizer.resolve(),
                                               args.baseline_dir.resolve(), (18100, 18101, 18102)),
-                               "localhost:18101", "minilm", "text")
+                               {"grpc": "localhost:18101", "http": "localhost:18100"}, "minilm", "text")
         servers["tqc"] = (start_tqc(args.tqc_model.resolve(), args.tokenizer.resolve(), (18200, 18201, 18202),
-                                    args.device, args.tqc_options), "localhost:18201", "m_text", "TEXT")
-        rows: dict[tuple[str, str], list[dict]] = {}
+                                    args.device, args.tqc_options),
+                           {"grpc": "localhost:18201", "http": "localhost:18200"}, "m_text", "TEXT")
+        agreement = {}  # the two servers answer the same texts alike (same export; FP16 graph)
+        for label, text in texts.items():
+            a = answer("localhost:18101", "minilm", "text", "embedding", text)
+            b = answer("localhost:18201", "m_text", "TEXT", "embeddings", text)
+            agreement[label] = {"max_abs_diff": float(np.abs(a - b).max()),
+                                "cosine": float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))}
+            print(f"answers, {label}: max |diff| {agreement[label]['max_abs_diff']:.2e}, cosine "
+                  f"{agreement[label]['cosine']:.6f}", file=sys.stderr, flush=True)
+        rows: dict[tuple[str, str, str], list[dict]] = {}
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
-            for label, text in texts.items():
-                for name in order:
-                    _, url, model, input_name = servers[name]
-                    t = measure(url, model, input_name, text, args.requests, args.warmup)
-                    cell = {"p50_ms": statistics.median(t), "p99_ms": float(np.percentile(t, 99))}
-                    rows.setdefault((name, label), []).append(cell)
-                    print(f"round {r} {name:<8} {label:<10}: p50 {cell['p50_ms']:.3f} ms, p99 {cell['p99_ms']:.3f} ms",
-                          file=sys.stderr, flush=True)
+            for protocol in protocols:
+                for label, text in texts.items():
+                    for name in order:
+                        _, urls, model, input_name = servers[name]
+                        t = measure(urls[protocol], model, input_name, text, args.requests, args.warmup, protocol)
+                        cell = {"p50_ms": statistics.median(t), "p99_ms": float(np.percentile(t, 99))}
+                        rows.setdefault((name, protocol, label), []).append(cell)
+                        print(f"round {r} {name:<8} {protocol:<4} {label:<10}: p50 {cell['p50_ms']:.3f} ms, "
+                              f"p99 {cell['p99_ms']:.3f} ms", file=sys.stderr, flush=True)
     finally:
         for proc, *_ in servers.values():
             stop(proc)
         for pth in PTH_FILES:
             pth.unlink(missing_ok=True)
     table = []
-    print(f"\n{'server':<9} {'text':<11} {'p50 ms':>8} {'p99 ms':>8}  (medians of {args.rounds} rounds; ratio tqc/baseline)")
-    for label in texts:
-        med = {name: {q: statistics.median(c[q] for c in rows[(name, label)]) for q in ("p50_ms", "p99_ms")}
-               for name in servers}
-        for name in servers:
-            table.append({"server": name, "text": label, **med[name], "rounds": rows[(name, label)]})
-            ratio = med[name]["p50_ms"] / med["baseline"]["p50_ms"]
-            print(f"{name:<9} {label:<11} {med[name]['p50_ms']:>8.3f} {med[name]['p99_ms']:>8.3f}  {ratio:.2f}x")
+    print(f"\n{'server':<9} {'proto':<5} {'text':<11} {'p50 ms':>8} {'p99 ms':>8}  (medians of {args.rounds} rounds; "
+          "p50 ratio to the baseline over the same protocol)")
+    for protocol in protocols:
+        for label in texts:
+            med = {name: {q: statistics.median(c[q] for c in rows[(name, protocol, label)]) for q in ("p50_ms", "p99_ms")}
+                   for name in servers}
+            for name in servers:
+                table.append({"server": name, "protocol": protocol, "text": label, **med[name],
+                              "rounds": rows[(name, protocol, label)]})
+                ratio = med[name]["p50_ms"] / med["baseline"]["p50_ms"]
+                print(f"{name:<9} {protocol:<5} {label:<11} {med[name]['p50_ms']:>8.3f} {med[name]['p99_ms']:>8.3f}  "
+                      f"{ratio:.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"texts": texts, "tqc_options": args.tqc_options, "table": table}, indent=1))
+        args.json.write_text(json.dumps({"texts": texts, "agreement": agreement, "tqc_options": args.tqc_options, "table": table}, indent=1))
 
 
 if __name__ == "__main__":
