@@ -42,6 +42,11 @@ ROWS = {  # row -> the qdq item of the pipeline (the default: max ranges, Smooth
     "max smooth=0": "qdq{smooth=0}",
     "mse smooth=0": "qdq{method=mse,smooth=0}",
     "percentile smooth=0": "qdq{method=percentile,smooth=0}",
+    # The refinements that keep every INT8 MatMul (constants only), each alone, then together
+    "bias correction": "qdq{bias_correct=true}",
+    "gptq rounding": "qdq{rounding=gptq}",
+    "alpha per layer": "qdq{smooth_search=true}",
+    "all three": "qdq{smooth_search=true,rounding=gptq,bias_correct=true}",
 }
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.analysis.calibration import TensorRange
@@ -54,6 +55,7 @@ class QdqState:
     full_cosine: float | None = None                             # budget: output cosine with every site quantized
     sensitivity: dict[str, float] = field(default_factory=dict)  # budget: output error (1 - cosine) each site
                                                                  # removes alone in float, largest first
+    samples: dict[str, np.ndarray] = field(default_factory=dict)  # layer-input token samples (the refinements)
 
 
 class Qdq(Pass):
@@ -96,6 +98,16 @@ class Qdq(Pass):
                                  "once for all of them (one vector from the union of their activation ranges) and "
                                  "keeps one INT8 copy; 'copy' gives every consumer its own smoothed INT8 copy",
                                  choices=("share", "copy")),
+        "smooth_search": Option(parse_bool, False, "choose SmoothQuant's alpha per linear layer (with smooth > 0): "
+                                "the point of the grid 0, 0.1 .. 1 whose smoothing gives the lowest error at that "
+                                "layer's output on the calibration data (Intel Neural Compressor's auto-alpha); "
+                                "constants only, the graph is the same"),
+        "rounding": Option(str, "nearest", "INT8 weight codes: nearest, or gptq (GPTQ: each layer's weight rows "
+                           "rounded one by one with the rounding error fed back through the inverse Hessian of the "
+                           "layer's input on the calibration data; same scales, same graph)",
+                           choices=("nearest", "gptq")),
+        "bias_correct": Option(parse_bool, False, "shift each quantized linear layer's bias by its mean output "
+                               "error on the calibration data (NNCF's fast bias correction; layers with a bias)"),
     }
     # Quantization is judged statistically, not elementwise: outputs must keep this cosine to the float graph.
     tolerance = Tolerance(atol=math.inf, rtol=math.inf, min_cosine=0.98)
@@ -152,9 +164,11 @@ class Qdq(Pass):
 
     def insert(self, graph: gs.Graph, plan: QdqPlan, ctx: PassContext) -> tuple[dict[str, object], list[str]]:
         options = InsertOptions(method=self.values["method"], percentile=self.values["percentile"],
-                                smooth=self.values["smooth"], shared_weights=self.values["shared_weights"])
+                                smooth=self.values["smooth"], shared_weights=self.values["shared_weights"],
+                                smooth_search=self.values["smooth_search"], rounding=self.values["rounding"],
+                                bias_correct=self.values["bias_correct"])
         return insert(graph, plan, ctx.calibration, options, source=ctx.calibration_source,
-                      range_cache=self.state.smoothed_ranges)
+                      range_cache=self.state.smoothed_ranges, sample_cache=self.state.samples, progress=ctx.progress)
 
     def uses_qattention(self, target: Target) -> bool:
         choice = str(self.values["qattention"]).lower()
