@@ -37,6 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.analysis.calibration import TensorRange
+from tqc.compiler.core.errors import TqcError
 from tqc.compiler.core.target import Target
 from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContext, PassResult, Tolerance, parse_bool,
                              parse_list)
@@ -83,6 +84,12 @@ class Qdq(Pass):
         "attention": Option(parse_bool, True, "trt: quantize the attention batched MatMuls (INT8 MHA)"),
         "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)",
                          min=0, max=1),
+        "target_cos": Option(float, 0.0, "accuracy target: the mean output cosine to the float model on the "
+                             "calibration data the result must reach (0: off). The refinements that keep every "
+                             "INT8 MatMul (smooth_search, rounding=gptq, bias_correct) are switched on first; only "
+                             "while they fall short do MatMuls go back to float, the most useful first, and the "
+                             "notes say what share of the INT8 MACs each one costs. Not with budget",
+                             min=0, max=1),
         "budget_runtime": Option(str, "ort", "engine the budget step measures on: ort (ORT CPU, optimizations off) "
                                  "or openvino (OpenVINO CPU: its own INT8 kernels)", choices=("ort", "openvino")),
         "qattention": Option(str, "auto", "ORT targets: quantize fused Attention ops as com.microsoft "
@@ -121,7 +128,11 @@ class Qdq(Pass):
         options = self.plan_options(graph, ctx)
         stats_extra: dict[str, object] = {}
         skip: list[str] = []
-        if self.values["budget"] > 0:
+        if self.values["target_cos"] > 0:
+            if self.values["budget"] > 0:
+                raise TqcError("qdq: give target_cos or budget, not both (target_cos is budget with the "
+                               "refinements switched on first)")
+        if self.accuracy_goal() > 0:
             plan = plan_sites(graph, ctx.target, options, table)
             if plan.site_ids:
                 float_graph = graph.copy()  # before any rewrite; shares the weight arrays, never written into
@@ -132,7 +143,7 @@ class Qdq(Pass):
                     return candidate
 
                 feeds = budget_feeds(graph, ctx.calibration_batches() or list(ctx.verification_feeds or []))
-                budget = self.values["budget"]
+                budget = self.accuracy_goal()
                 result = enforce_budget(float_graph, plan.site_ids, quantized, feeds, budget,
                                         self.values["budget_runtime"])
                 self.state.full_cosine = result.full_cosine
@@ -147,7 +158,11 @@ class Qdq(Pass):
                 stats_extra = {"kept_float_by_budget": len(skip),
                                "budget_full_cosine": round(result.full_cosine, 6)}
                 if skip:
-                    ctx.note("qdq: kept in float by the accuracy budget: " + ", ".join(skip))
+                    costs = mac_shares(plan, skip)
+                    ctx.note("qdq: kept in float by the accuracy budget (share of the MatMul MACs each moves back "
+                             "to float; ORT CPU runs INT8 MatMuls about 2x faster than float): " +
+                             ", ".join(f"{site} ({share:.1%})" for site, share in costs.items()))
+                    stats_extra["float_mac_share"] = round(sum(costs.values()), 4)
         plan = plan_sites(graph, ctx.target, options, table, skip=skip)
         stats, notes = self.insert(graph, plan, ctx)
         stats.update(stats_extra)
@@ -165,8 +180,7 @@ class Qdq(Pass):
     def insert(self, graph: gs.Graph, plan: QdqPlan, ctx: PassContext) -> tuple[dict[str, object], list[str]]:
         options = InsertOptions(method=self.values["method"], percentile=self.values["percentile"],
                                 smooth=self.values["smooth"], shared_weights=self.values["shared_weights"],
-                                smooth_search=self.values["smooth_search"], rounding=self.values["rounding"],
-                                bias_correct=self.values["bias_correct"])
+                                **self.refinements())
         return insert(graph, plan, ctx.calibration, options, source=ctx.calibration_source,
                       range_cache=self.state.smoothed_ranges, sample_cache=self.state.samples, progress=ctx.progress)
 
@@ -174,4 +188,21 @@ class Qdq(Pass):
         choice = str(self.values["qattention"]).lower()
         if not target.contrib_ops or choice == "false":
             return False
-        return choice == "true" or (target.qattention_by_default and not self.values["budget"] > 0)
+        return choice == "true" or (target.qattention_by_default and not self.accuracy_goal() > 0)
+
+    def refinements(self) -> dict[str, object]:
+        """smooth_search, rounding, bias_correct as given, all on with ``target_cos`` (they come before any
+        float fallback)."""
+        if self.values["target_cos"] > 0:
+            return {"smooth_search": self.values["smooth"] > 0, "rounding": "gptq", "bias_correct": True}
+        return {key: self.values[key] for key in ("smooth_search", "rounding", "bias_correct")}
+
+    def accuracy_goal(self) -> float:
+        """The output cosine the budget step must reach: ``budget`` or ``target_cos`` (0: none)."""
+        return max(self.values["budget"], self.values["target_cos"])
+
+
+def mac_shares(plan: QdqPlan, site_ids: list[str]) -> dict[str, float]:
+    """Each site's share of the plan's MatMul MACs per token: the INT8 work its float fallback gives up."""
+    flops = {site.id: site.flops_per_token for site in plan.sites}
+    return {site: flops.get(site, 0.0) / plan.total_flops if plan.total_flops else 0.0 for site in site_ids}

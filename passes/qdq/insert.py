@@ -43,7 +43,7 @@ from tqc.passes.fp16 import QDQ_FP16_OPSET, raise_opset
 from tqc.passes.fuse.match import constant_values, producer
 from tqc.passes.qdq.lower import is_ort_attention, lower
 from tqc.passes.qdq.openvino import activation_params
-from tqc.passes.qdq.refine import (ALPHAS, bias_shift, gptq_round, layer_error, per_channel_scale,
+from tqc.passes.qdq.refine import (ALPHA_TOKENS, ALPHAS, bias_shift, gptq_round, layer_error, per_channel_scale,
                                     round_nearest)
 from tqc.passes.qdq.plan import (ATTENTION, LINEAR, PlannedSite, QdqPlan, float_type, is_dq, qattention_node_name,
                                  qattention_tag)
@@ -478,6 +478,7 @@ class Quantizer:
         if x is None or x.shape[1] != weight.shape[0]:
             return
         weight = np.asarray(weight, np.float32)
+        x = x[np.linspace(0, x.shape[0] - 1, min(ALPHA_TOKENS, x.shape[0])).astype(int)]
         reference = x @ weight
         act = np.maximum(np.abs(cmin), np.abs(cmax))
         errors = []

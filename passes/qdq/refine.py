@@ -19,6 +19,7 @@ import numpy as np
 from tqc.compiler.analysis.calibration import fake_quantize
 
 ALPHAS = tuple(round(a, 2) for a in np.arange(0.0, 1.0001, 0.1))  # the auto-alpha grid (as Neural Compressor's)
+ALPHA_TOKENS = 512  # tokens (evenly spaced over the sample) the alpha grid is judged on: 11 products per layer
 GPTQ_BLOCK = 128
 
 
@@ -43,18 +44,19 @@ def layer_error(x: np.ndarray, weight: np.ndarray, reference: np.ndarray, s: np.
 
 def gptq_round(weight: np.ndarray, scale: np.ndarray, x: np.ndarray, damp: float = 0.01) -> np.ndarray:
     """INT8 codes of W [K, N] (scales per column fixed) that lower ||X W - X dq(Q)||^2 below round-to-nearest's."""
-    w = np.asarray(weight, np.float64).copy()
+    w = np.asarray(weight, np.float32).copy()
     k = w.shape[0]
-    h = x.astype(np.float64).T @ x.astype(np.float64)
+    x = np.asarray(x, np.float32)
+    h = (x.T @ x).astype(np.float64)  # float32 products, float64 factorization
     diag = np.diag(h).copy()
     dead = diag <= 0
     h[dead, dead] = 1.0  # an input channel that is always zero: any rounding of its row is exact
     h[np.diag_indices(k)] += damp * float(np.mean(diag[~dead])) if (~dead).any() else damp
     try:
-        upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H^-1 = U^T U
+        upper = inverse_upper_cholesky(h).astype(np.float32)
     except np.linalg.LinAlgError:
         return round_nearest(weight, scale)
-    scale = np.asarray(scale, np.float64)
+    scale = np.asarray(scale, np.float32)
     codes = np.empty(w.shape, np.int8)
     for start in range(0, k, GPTQ_BLOCK):
         stop = min(start + GPTQ_BLOCK, k)
@@ -68,6 +70,28 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, x: np.ndarray, damp: float
             block[i + 1:] -= np.outer(u[i, i + 1:], errors[i])
         w[stop:] -= upper[start:stop, stop:].T @ errors
     return codes
+
+
+def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
+    """U upper triangular with H^-1 = U^T U (GPTQ's factor), without forming H^-1: with P the reversal,
+    P H P = L L^T gives H^-1 = (P L^-1 P)^T (P L^-1 P), and P L^-1 P is upper triangular with a positive
+    diagonal, so it is the factor. One Cholesky and one blocked triangular inverse (matrix products)."""
+    lower = np.linalg.cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+    return np.ascontiguousarray(lower_inverse(lower)[::-1, ::-1])
+
+
+def lower_inverse(lower: np.ndarray) -> np.ndarray:
+    """The inverse of a lower-triangular matrix, by halves: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]."""
+    n = lower.shape[0]
+    if n <= 256:
+        return np.linalg.inv(lower)
+    m = n // 2
+    top, bottom = lower_inverse(lower[:m, :m]), lower_inverse(lower[m:, m:])
+    out = np.zeros_like(lower)
+    out[:m, :m] = top
+    out[m:, m:] = bottom
+    out[m:, :m] = -(bottom @ (lower[m:, :m] @ top))
+    return out
 
 
 def bias_shift(x: np.ndarray, weight: np.ndarray, s: np.ndarray | None, activation: tuple[float, int, int, int],

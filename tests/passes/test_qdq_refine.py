@@ -95,3 +95,24 @@ def test_bias_shift_removes_the_mean_output_error():
 def test_a_misspelt_rounding_is_refused_with_the_closest_choice():
     with pytest.raises(TqcError, match="gptq"):
         Qdq(rounding="gtpq")
+
+
+def test_target_cos_spends_float_fallbacks_only_after_the_refinements(minilm):  # noqa: F811
+    """target_cos is the budget with the refinements on first: every INT8 MatMul quantized, it starts from a
+    higher cosine than the plain budget, so it needs fewer float fallbacks, and says what they cost in MACs."""
+    _, budget_stats, budget_cosine = minilm("qdq{budget=0.9995}")
+    _, stats, cosine = minilm("qdq{target_cos=0.9995}")
+    assert stats["gptq_weights"] >= 18 and stats["bias_corrected"] >= 18
+    assert stats["budget_full_cosine"] > budget_stats["budget_full_cosine"]
+    assert stats.get("kept_float_by_budget", 0) <= budget_stats["kept_float_by_budget"]
+    if stats.get("kept_float_by_budget", 0):
+        assert 0 < stats["float_mac_share"] <= budget_stats["float_mac_share"]
+    print(f"budget: full {budget_stats['budget_full_cosine']}, {budget_stats['kept_float_by_budget']} in float, "
+          f"held-out {budget_cosine:.5f}; target_cos: full {stats['budget_full_cosine']}, "
+          f"{stats.get('kept_float_by_budget', 0)} in float, held-out {cosine:.5f}")
+    assert cosine >= budget_cosine - TOLERANCE
+
+
+def test_target_cos_and_budget_together_are_refused(minilm):  # noqa: F811
+    with pytest.raises(TqcError, match="not both"):
+        minilm("qdq{budget=0.999,target_cos=0.999}")
