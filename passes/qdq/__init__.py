@@ -42,7 +42,7 @@ from tqc.compiler.core.target import Target
 from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContext, PassResult, Tolerance, parse_bool,
                              parse_list)
 from tqc.passes.qdq.budget import budget_feeds, enforce_budget
-from tqc.passes.qdq.insert import InsertOptions, insert
+from tqc.passes.qdq.insert import InsertOptions, insert, linear_input_widths
 from tqc.passes.qdq.plan import PlanOptions, QdqPlan, graph_sequence_bound, plan_sites
 
 
@@ -122,9 +122,18 @@ class Qdq(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         # Histograms only when the range method needs them: 'max' reads the data once.
         method = self.values["method"]
-        table = ctx.calibration_table(graph, histograms=method != "max",
-                                      percentiles=(self.values["percentile"],) if method == "percentile" else ())
         self.state = QdqState()
+        sampler = None
+        if InsertOptions(**self.refinements()).needs_samples and ctx.calibration is None and \
+                ctx.calibration_source is not None:
+            from tqc.compiler.analysis.layer_inputs import Sampler
+
+            sampler = Sampler(linear_input_widths(graph))  # token samples taken in the calibration's own pass
+        table = ctx.calibration_table(graph, histograms=method != "max",
+                                      percentiles=(self.values["percentile"],) if method == "percentile" else (),
+                                      sampler=sampler)
+        if sampler is not None:
+            self.state.samples.update(sampler.samples())
         options = self.plan_options(graph, ctx)
         stats_extra: dict[str, object] = {}
         skip: list[str] = []

@@ -743,6 +743,29 @@ def shared_weight_names(graph: gs.Graph, plan: QdqPlan) -> set[str]:
     return {name for name, count in users.items() if count > 1}
 
 
+def linear_input_widths(graph: gs.Graph, planned: dict[str, PlannedSite] | None = None) -> dict[str, int]:
+    """Input tensor -> input features of the fused attentions and of the ``planned`` linear sites (without a plan:
+    of every MatMul / Gemm whose second input is a constant 2-D weight)."""
+    widths: dict[str, int] = {}
+    for node in graph.nodes:
+        if not node.inputs or not isinstance(node.inputs[0], gs.Variable):
+            continue
+        if is_ort_attention(node):
+            weight, k_axis = constant_values(node.inputs[1]), 0
+        elif planned is not None:
+            site = planned.get(node.name)
+            weight = constant_values(node.inputs[site.weight]) if site is not None else None
+            k_axis = 1 if site is not None and site.weight_axis == 0 else 0
+        elif node.op in ("MatMul", "Gemm") and len(node.inputs) > 1:
+            weight = constant_values(node.inputs[1])
+            k_axis = 1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0
+        else:
+            continue
+        if weight is not None and weight.ndim == 2:
+            widths[node.inputs[0].name] = int(weight.shape[k_axis])
+    return widths
+
+
 def layer_samples(graph: gs.Graph, plan: QdqPlan, options: InsertOptions, source: Iterable | None,
                   cache: dict[str, np.ndarray], progress: Callable[[str], None]) -> dict[str, np.ndarray]:
     """Token samples of the linear layers' inputs on the calibration data (``analysis.layer_inputs``), taken on
@@ -750,15 +773,8 @@ def layer_samples(graph: gs.Graph, plan: QdqPlan, options: InsertOptions, source
     projection is a QAttention or, expanded, a linear site on the same input). Kept in ``cache``."""
     if not options.needs_samples or source is None:
         return {}
-    widths: dict[str, int] = {}
     planned = {site.id: site for site in plan.sites if site.kind == LINEAR and site.weight is not None}
-    for node in graph.nodes:
-        site = planned.get(node.name)
-        weight = constant_values(node.inputs[1]) if is_ort_attention(node) else \
-            constant_values(node.inputs[site.weight]) if site is not None else None
-        if weight is None or weight.ndim != 2 or not isinstance(node.inputs[0], gs.Variable):
-            continue
-        widths[node.inputs[0].name] = weight.shape[1] if site is not None and site.weight_axis == 0 else weight.shape[0]
+    widths = linear_input_widths(graph, planned)
     missing = {name: width for name, width in widths.items() if name not in cache}
     if missing:
         from tqc.compiler.analysis.layer_inputs import sample_inputs
