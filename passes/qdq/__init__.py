@@ -57,6 +57,7 @@ class QdqState:
     sensitivity: dict[str, float] = field(default_factory=dict)  # budget: output error (1 - cosine) each site
                                                                  # removes alone in float, largest first
     samples: dict[str, np.ndarray] = field(default_factory=dict)  # layer-input token samples (the refinements)
+    refined: dict = field(default_factory=dict)                  # the refinements' choices, across the candidates
 
 
 class Qdq(Pass):
@@ -191,7 +192,8 @@ class Qdq(Pass):
                                 smooth=self.values["smooth"], shared_weights=self.values["shared_weights"],
                                 **self.refinements())
         return insert(graph, plan, ctx.calibration, options, source=ctx.calibration_source,
-                      range_cache=self.state.smoothed_ranges, sample_cache=self.state.samples, progress=ctx.progress)
+                      range_cache=self.state.smoothed_ranges, sample_cache=self.state.samples,
+                      refine_cache=self.state.refined, progress=ctx.progress)
 
     def uses_qattention(self, target: Target) -> bool:
         choice = str(self.values["qattention"]).lower()

@@ -33,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import hashlib
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -146,6 +148,7 @@ class Quantizer:
         # Refinements on token samples of the layer inputs (tensor name -> float32 [T, K]; empty: none)
         self.samples: dict[str, np.ndarray] = {}
         self.alphas: dict[str, float] = {}        # node name -> SmoothQuant alpha chosen for it
+        self.codes: dict[bytes, np.ndarray] = {}  # GPTQ codes by (weight, input sample) digest: kept across calls
         self.rounding = "nearest"
         self.bias_correct = False
         self.multi_use: set[str] = set()          # weights several sites share: rounded to nearest
@@ -475,6 +478,9 @@ class Quantizer:
         """SmoothQuant's alpha for one layer (W as [K, N]): the grid point whose smoothing gives the lowest error
         at the layer's output on the token sample (INC's auto-alpha per layer); ``default`` without a sample."""
         x = self.samples.get(x_name)
+        if name in self.alphas:  # chosen by an earlier call (the budget's candidates)
+            self.refined["alpha"] += self.alphas[name] != default
+            return
         if x is None or x.shape[1] != weight.shape[0]:
             return
         weight = np.asarray(weight, np.float32)
@@ -517,7 +523,10 @@ class Quantizer:
         kn = values if axis == 1 else values.T
         if x.shape[1] != kn.shape[0]:
             return q, scale
-        codes = gptq_round(kn, scale, x)
+        digest = hashlib.sha1(np.ascontiguousarray(kn).tobytes() + np.ascontiguousarray(x).tobytes()).digest()
+        codes = self.codes.get(digest)
+        if codes is None:
+            codes = self.codes[digest] = gptq_round(kn, scale, x)
         self.refined["gptq"] += 1
         return (codes if axis == 1 else np.ascontiguousarray(codes.T)), scale
 
@@ -596,16 +605,18 @@ class Quantizer:
 
 def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: InsertOptions,
            source: Iterable | None = None, range_cache: dict[tuple[str, bytes], tuple[TensorRange, bool]] | None = None,
-           sample_cache: dict[str, np.ndarray] | None = None,
+           sample_cache: dict[str, np.ndarray] | None = None, refine_cache: dict | None = None,
            progress: Callable[[str], None] = lambda message: None) -> tuple[dict[str, object], list[str]]:
     """Apply ``plan`` to ``graph`` (the float graph it was planned on, or a copy): (stats, notes).
 
     ``source``: the calibration data (re-iterable), needed to measure smoothed ranges for methods other than
     'max' and for the refinements (``smooth_search``, ``rounding=gptq``, ``bias_correct``); ``range_cache``,
-    ``sample_cache``: measured ranges and layer-input samples kept across calls."""
+    ``sample_cache``: measured ranges and layer-input samples kept across calls; ``refine_cache``: the
+    refinements' choices (alpha per layer, GPTQ codes), so the budget's candidates do not repeat them."""
     notes: list[str] = []
     alpha = options.smooth
     range_cache = {} if range_cache is None else range_cache
+    refine_cache = {} if refine_cache is None else refine_cache
     samples = layer_samples(graph, plan, options, source, {} if sample_cache is None else sample_cache, progress)
     if options.needs_samples and source is None:
         notes.append("qdq: smooth_search, rounding=gptq and bias_correct need the calibration data itself (--calib "
@@ -620,6 +631,8 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
         made.rounding = options.rounding
         made.bias_correct = options.bias_correct
         made.multi_use = multi_use
+        made.alphas = refine_cache.setdefault("alphas", {})
+        made.codes = refine_cache.setdefault("codes", {})
         return made
 
     refined = {"alpha": 0, "gptq": 0, "bias": 0}
