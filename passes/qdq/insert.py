@@ -619,8 +619,13 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
     refine_cache = {} if refine_cache is None else refine_cache
     samples = layer_samples(graph, plan, options, source, {} if sample_cache is None else sample_cache, progress)
     if options.needs_samples and source is None:
-        notes.append("qdq: smooth_search, rounding=gptq and bias_correct need the calibration data itself (--calib "
-                     "DATA), not a table: left off")
+        asked = [name for name, on in (("smooth_search", options.smooth_search), ("rounding=gptq", options.rounding ==
+                 "gptq"), ("bias_correct", options.bias_correct)) if on]
+        notes.append(f"qdq: {', '.join(asked)} need(s) the calibration data itself (--calib DATA), not a table: "
+                     "left off")
+    if options.smooth_search and alpha == 0:
+        notes.append("qdq: smooth_search chooses SmoothQuant's alpha per layer, and smooth=0 turns SmoothQuant off: "
+                     "left off")
     multi_use = shared_weight_names(graph, plan)
 
     def quantizer() -> Quantizer:
