@@ -96,8 +96,8 @@ class Qdq(Pass):
         "qattention": Option(str, "auto", "ORT targets: quantize fused Attention ops as com.microsoft "
                              "QAttention (INT8 QKV projection inside ORT's fused attention kernel) instead of "
                              "expanding them into a quantizable MatMul; 'auto': on ort-cpu (1.1x faster there) "
-                             "unless a budget is set (the budget step can return any QKV projection to float only "
-                             "in the expanded form)",
+                             "unless a budget or target_cos is set (the budget step can return any QKV projection to "
+                             "float only in the expanded form)",
                              choices=("auto", "true", "false")),
         "smooth": Option(float, 0.75, "SmoothQuant strength alpha in [0, 1] (0: off): per-channel factors move "
                          "activation outliers into the weights; the activation range then comes from the "
