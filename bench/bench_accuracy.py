@@ -6,9 +6,11 @@ Calibrates on the first --calib-sentences of ../shared/data/sentences.txt and ju
 --eval-sentences (no overlap): mean and min cosine of the token-pooled sentence embedding (over the tokens
 the attention mask keeps) to FP32, and nearest-neighbour agreement (each sentence keeps, among the evaluation
 set, the nearest neighbour it has in FP32). Rows: the default (``max``, SmoothQuant 0.75), every range
-method, SmoothQuant variants. Every row compiles ``fold,fuse,qdq{...}`` with ``verify=structure`` so a variant
+method, SmoothQuant variants, and the refinements that keep every INT8 MatMul (bias correction, GPTQ rounding,
+SmoothQuant's alpha per layer), each alone and together. Every row compiles ``fold,fuse,qdq{...}`` with ``verify=structure`` so a variant
 that would fail qdq's own numeric check (output cosine < 0.98 on the calibration data) still gets a number;
-the table says which would have failed.
+the table says which would have failed. ``--targets ort-cpu,trt,openvino`` repeats every row per target
+(trt's Q/DQ graph judged on ORT CPU; the OpenVINO IR on OpenVINO CPU).
 
     python bench/bench_accuracy.py --json bench/results/accuracy_cpu.json
 """
@@ -42,6 +44,11 @@ ROWS = {  # row -> the qdq item of the pipeline (the default: max ranges, Smooth
     "max smooth=0": "qdq{smooth=0}",
     "mse smooth=0": "qdq{method=mse,smooth=0}",
     "percentile smooth=0": "qdq{method=percentile,smooth=0}",
+    # The refinements that keep every INT8 MatMul (constants only), each alone, then together
+    "bias correction": "qdq{bias_correct=true}",
+    "gptq rounding": "qdq{rounding=gptq}",
+    "alpha per layer": "qdq{smooth_search=true}",
+    "all three": "qdq{smooth_search=true,rounding=gptq,bias_correct=true}",
 }
 
 
@@ -62,6 +69,8 @@ def main() -> None:
     parser.add_argument("--eval-sentences", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all)")
+    parser.add_argument("--targets", default="ort-cpu", help="comma-separated: ort-cpu, trt (judged on ORT CPU: "
+                        "its Q/DQ graph), openvino (the IR run on OpenVINO CPU, FP32 hint)")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "accuracy_cpu.json"))
     args = parser.parse_args()
     if not SENTENCES.is_file():
@@ -86,25 +95,34 @@ def main() -> None:
     feeds = [encode(tokenizer, held_out[i:i + 100], names) for i in range(0, len(held_out), 100)]
     reference = embed(fp32, feeds, args.threads)
     rows = []
-    for row in args.rows.split(","):
-        qdq = ROWS[row]
-        start = time.perf_counter()
-        result = tqc.compile(fp32, f"fold,fuse,{qdq}", target="ort-cpu", calib=calib,
-                             calib_samples=len(calib), verify="structure")
-        seconds = time.perf_counter() - start
-        path = work / "candidate.onnx"
-        result.save(path)
-        numbers = fidelity(reference, embed(path, feeds, args.threads))
-        rows.append({"row": row, "pipeline": f"fold,fuse,{qdq}", **numbers, "compile_s": round(seconds, 1)})
-        log(f"{row}: {numbers}")
-    print(f"\nMiniLM (real weights), ort-cpu, calibrated on {len(calib)} sentences, judged on {len(held_out)}; "
+    for target in args.targets.split(","):
+        for row in args.rows.split(","):
+            qdq = ROWS[row]
+            start = time.perf_counter()
+            result = tqc.compile(fp32, f"fold,fuse,{qdq}", target=target, calib=calib,
+                                 calib_samples=len(calib), verify="structure")
+            seconds = time.perf_counter() - start
+            path = work / ("candidate.xml" if target == "openvino" else "candidate.onnx")
+            result.save(path)
+            if target == "openvino":
+                from bench_openvino import Engine, embed as embed_engine
+
+                candidate = embed_engine(Engine(path, "openvino", args.threads), feeds)
+            else:
+                candidate = embed(path, feeds, args.threads)
+            numbers = fidelity(reference, candidate)
+            rows.append({"target": target, "row": row, "pipeline": f"fold,fuse,{qdq}", **numbers,
+                         "compile_s": round(seconds, 1)})
+            log(f"{target} {row}: {numbers}")
+    print(f"\nMiniLM (real weights), calibrated on {len(calib)} sentences, judged on {len(held_out)}; "
           f"{cpu_name()}, {args.threads} threads\n")
-    print("| variant | qdq | mean cos | min cos | NN agreement |\n|---|---|---|---|---|")
+    print("| target | variant | qdq | mean cos | min cos | NN agreement | compile s |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['row']} | `{r['pipeline'].split(',', 2)[2]}` | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
-              f"{100 * r['nn_agreement']:.1f}% |")
+        print(f"| {r['target']} | {r['row']} | `{r['pipeline'].split(',', 2)[2]}` | {r['mean_cosine']:.4f} | "
+              f"{r['min_cosine']:.4f} | {100 * r['nn_agreement']:.1f}% | {r['compile_s']} |")
     out = {"cpu": cpu_name(), "threads": args.threads, "model": "all-MiniLM-L6-v2 (tqc export minilm)",
-           "target": "ort-cpu", "calib_sentences": len(calib), "eval_sentences": len(held_out), "rows": rows}
+           "targets": args.targets.split(","), "calib_sentences": len(calib), "eval_sentences": len(held_out),
+           "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 

@@ -219,16 +219,17 @@ class PassContext:
         return self.calibration is not None or self.calibration_source is not None
 
     def calibration_table(self, graph: gs.Graph, histograms: bool = True,
-                          percentiles: tuple[float, ...] = ()) -> CalibrationTable:
+                          percentiles: tuple[float, ...] = (), sampler=None) -> CalibrationTable:
         """The calibration table: the one given, else measured now on ``graph`` (run as it is: no export, no
         copy of its weights) over the calibration data. ``histograms=False`` reads the data once ('max' ranges
-        and per-channel ranges only); ``percentiles`` are measured besides the table's standard ones."""
+        and per-channel ranges only); ``percentiles`` are measured besides the table's standard ones; a
+        ``sampler`` (``analysis.layer_inputs.Sampler``) is filled on the way when the table is measured now."""
         if self.calibration is None:
             if self.calibration_source is None:
                 raise TqcError("calibration data is needed: give --calib DATA or --calib-table TABLE")
             targets = calibration_targets(skeleton_of_graph(graph))
             self.calibration = calibrate(graph, self.calibration_source, targets, progress=self.progress,
-                                         histograms=histograms, percentiles=percentiles)
+                                         histograms=histograms, percentiles=percentiles, sampler=sampler)
         return self.calibration
 
     def calibration_batches(self, count: int = CALIBRATION_BATCHES, rows: int | None = None) -> list[Feed]:

@@ -207,12 +207,15 @@ def calibration_targets(model: onnx.ModelProto) -> list[str]:
 
 def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[str], progress=lambda message: None,
               model_hash: str | None = None, histograms: bool = True,
-              percentiles: Iterable[float] = ()) -> CalibrationTable:
+              percentiles: Iterable[float] = (), sampler=None) -> CalibrationTable:
     """Observe ``tensors`` of ``model`` over ``feeds`` and build the table.
 
     ``percentiles`` are measured besides ``PERCENTILES`` (``qdq{percentile=99}`` with calibration data).
 
     ``model`` may be a gs graph: it then runs without being exported (see ``tqc.compiler.runtime.graph_session``).
+
+    ``sampler`` (``tqc.compiler.analysis.layer_inputs.Sampler``) rides along the first pass: it keeps token
+    samples of the tensors it asks for, at no pass of its own.
 
     With ``histograms`` (every method) the data is read twice; without, once, and only the ``max`` ranges
     (and per-channel ranges) are in the table.
@@ -227,6 +230,8 @@ def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[
     samples = 0
 
     def observe_range(name: str, value: np.ndarray) -> None:
+        if sampler is not None:
+            sampler.observe(name, value)
         if value.size and np.issubdtype(value.dtype, np.floating):
             finite = np.isfinite(value)
             whole = bool(finite.all())
@@ -253,7 +258,10 @@ def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[
             feed_list_sizes.append(next(iter(feed.values())).shape[0])
             yield feed
 
-    stream_intermediates(model, counted(feeds), observe_range, names=tensors)
+    if sampler is not None:
+        progress(sampler.describe())
+    stream_intermediates(model, counted(sampler.track(feeds) if sampler is not None else feeds), observe_range,
+                         names=tensors)
     samples = sum(feed_list_sizes)
     if samples == 0:
         raise TqcError("the calibration data holds no samples")

@@ -33,14 +33,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.analysis.calibration import TensorRange
+from tqc.compiler.core.errors import TqcError
 from tqc.compiler.core.target import Target
 from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContext, PassResult, Tolerance,
                              parse_auto_bool, parse_bool, parse_list)
 from tqc.passes.qdq.budget import budget_feeds, enforce_budget
-from tqc.passes.qdq.insert import InsertOptions, insert
+from tqc.passes.qdq.insert import InsertOptions, insert, linear_input_widths
 from tqc.passes.qdq.openvino import fold_zero_points
 from tqc.passes.qdq.plan import PlanOptions, QdqPlan, graph_sequence_bound, plan_sites
 
@@ -55,6 +57,8 @@ class QdqState:
     full_cosine: float | None = None                             # budget: output cosine with every site quantized
     sensitivity: dict[str, float] = field(default_factory=dict)  # budget: output error (1 - cosine) each site
                                                                  # removes alone in float, largest first
+    samples: dict[str, np.ndarray] = field(default_factory=dict)  # layer-input token samples (the refinements)
+    refined: dict = field(default_factory=dict)                  # the refinements' choices, across the candidates
 
 
 class Qdq(Pass):
@@ -84,13 +88,19 @@ class Qdq(Pass):
                             "AMX CPUs, and float attention is as accurate)", choices=("auto", "true", "false")),
         "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)",
                          min=0, max=1),
+        "target_cos": Option(float, 0.0, "accuracy target: the mean output cosine to the float model on the "
+                             "calibration data the result must reach (0: off). The refinements that keep every "
+                             "INT8 MatMul (smooth_search, rounding=gptq, bias_correct) are switched on first; only "
+                             "while they fall short do MatMuls go back to float, the most useful first, and the "
+                             "notes say what share of the INT8 MACs each one costs. Not with budget",
+                             min=0, max=1),
         "budget_runtime": Option(str, "ort", "engine the budget step measures on: ort (ORT CPU, optimizations off) "
                                  "or openvino (OpenVINO CPU: its own INT8 kernels)", choices=("ort", "openvino")),
         "qattention": Option(str, "auto", "ORT targets: quantize fused Attention ops as com.microsoft "
                              "QAttention (INT8 QKV projection inside ORT's fused attention kernel) instead of "
                              "expanding them into a quantizable MatMul; 'auto': on ort-cpu (1.1x faster there) "
-                             "unless a budget is set (the budget step can return any QKV projection to float only "
-                             "in the expanded form)",
+                             "unless a budget or target_cos is set (the budget step can return any QKV projection to "
+                             "float only in the expanded form)",
                              choices=("auto", "true", "false")),
         "smooth": Option(float, 0.75, "SmoothQuant strength alpha in [0, 1] (0: off): per-channel factors move "
                          "activation outliers into the weights; the activation range then comes from the "
@@ -99,6 +109,16 @@ class Qdq(Pass):
                                  "once for all of them (one vector from the union of their activation ranges) and "
                                  "keeps one INT8 copy; 'copy' gives every consumer its own smoothed INT8 copy",
                                  choices=("share", "copy")),
+        "smooth_search": Option(parse_bool, False, "choose SmoothQuant's alpha per linear layer (with smooth > 0): "
+                                "the point of the grid 0, 0.1 .. 1 whose smoothing gives the lowest error at that "
+                                "layer's output on the calibration data (Intel Neural Compressor's auto-alpha); "
+                                "constants only, the graph is the same"),
+        "rounding": Option(str, "nearest", "INT8 weight codes: nearest, or gptq (GPTQ: each layer's weight rows "
+                           "rounded one by one with the rounding error fed back through the inverse Hessian of the "
+                           "layer's input on the calibration data; same scales, same graph)",
+                           choices=("nearest", "gptq")),
+        "bias_correct": Option(parse_bool, False, "shift each quantized linear layer's bias by its mean output "
+                               "error on the calibration data (NNCF's fast bias correction; layers with a bias)"),
     }
     # Quantization is judged statistically, not elementwise: outputs must keep this cosine to the float graph.
     tolerance = Tolerance(atol=math.inf, rtol=math.inf, min_cosine=0.98)
@@ -106,13 +126,26 @@ class Qdq(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         # Histograms only when the range method needs them: 'max' reads the data once.
         method = self.values["method"]
-        table = ctx.calibration_table(graph, histograms=method != "max",
-                                      percentiles=(self.values["percentile"],) if method == "percentile" else ())
         self.state = QdqState()
+        sampler = None
+        if InsertOptions(**self.refinements()).needs_samples and ctx.calibration is None and \
+                ctx.calibration_source is not None:
+            from tqc.compiler.analysis.layer_inputs import Sampler
+
+            sampler = Sampler(linear_input_widths(graph))  # token samples taken in the calibration's own pass
+        table = ctx.calibration_table(graph, histograms=method != "max",
+                                      percentiles=(self.values["percentile"],) if method == "percentile" else (),
+                                      sampler=sampler)
+        if sampler is not None:
+            self.state.samples.update(sampler.samples())
         options = self.plan_options(graph, ctx)
         stats_extra: dict[str, object] = {}
         skip: list[str] = []
-        if self.values["budget"] > 0:
+        if self.values["target_cos"] > 0:
+            if self.values["budget"] > 0:
+                raise TqcError("qdq: give target_cos or budget, not both (target_cos is budget with the "
+                               "refinements switched on first)")
+        if self.accuracy_goal() > 0:
             plan = plan_sites(graph, ctx.target, options, table)
             if plan.site_ids:
                 float_graph = graph.copy()  # before any rewrite; shares the weight arrays, never written into
@@ -123,7 +156,7 @@ class Qdq(Pass):
                     return candidate
 
                 feeds = budget_feeds(graph, ctx.calibration_batches() or list(ctx.verification_feeds or []))
-                budget = self.values["budget"]
+                budget = self.accuracy_goal()
                 result = enforce_budget(float_graph, plan.site_ids, quantized, feeds, budget,
                                         self.values["budget_runtime"])
                 self.state.full_cosine = result.full_cosine
@@ -138,7 +171,11 @@ class Qdq(Pass):
                 stats_extra = {"kept_float_by_budget": len(skip),
                                "budget_full_cosine": round(result.full_cosine, 6)}
                 if skip:
-                    ctx.note("qdq: kept in float by the accuracy budget: " + ", ".join(skip))
+                    costs = mac_shares(plan, skip)
+                    ctx.note("qdq: kept in float by the accuracy budget (share of the MatMul MACs each moves back "
+                             "to float; ORT CPU runs INT8 MatMuls about 2x faster than float): " +
+                             ", ".join(f"{site} ({share:.1%})" for site, share in costs.items()))
+                    stats_extra["float_mac_share"] = round(sum(costs.values()), 4)
         plan = plan_sites(graph, ctx.target, options, table, skip=skip)
         stats, notes = self.insert(graph, plan, ctx)
         stats.update(stats_extra)
@@ -161,9 +198,11 @@ class Qdq(Pass):
 
     def insert(self, graph: gs.Graph, plan: QdqPlan, ctx: PassContext) -> tuple[dict[str, object], list[str]]:
         options = InsertOptions(method=self.values["method"], percentile=self.values["percentile"],
-                                smooth=self.values["smooth"], shared_weights=self.values["shared_weights"])
+                                smooth=self.values["smooth"], shared_weights=self.values["shared_weights"],
+                                **self.refinements())
         stats, notes = insert(graph, plan, ctx.calibration, options, source=ctx.calibration_source,
-                              range_cache=self.state.smoothed_ranges)
+                              range_cache=self.state.smoothed_ranges, sample_cache=self.state.samples,
+                              refine_cache=self.state.refined, progress=ctx.progress)
         if ctx.target.zero_points_in_bias:
             stats["zero_points_folded"] = fold_zero_points(graph)
         return stats, notes
@@ -172,4 +211,21 @@ class Qdq(Pass):
         choice = str(self.values["qattention"]).lower()
         if not target.contrib_ops or choice == "false":
             return False
-        return choice == "true" or (target.qattention_by_default and not self.values["budget"] > 0)
+        return choice == "true" or (target.qattention_by_default and not self.accuracy_goal() > 0)
+
+    def refinements(self) -> dict[str, object]:
+        """smooth_search, rounding, bias_correct as given, all on with ``target_cos`` (they come before any
+        float fallback)."""
+        if self.values["target_cos"] > 0:
+            return {"smooth_search": self.values["smooth"] > 0, "rounding": "gptq", "bias_correct": True}
+        return {key: self.values[key] for key in ("smooth_search", "rounding", "bias_correct")}
+
+    def accuracy_goal(self) -> float:
+        """The output cosine the budget step must reach: ``budget`` or ``target_cos`` (0: none)."""
+        return max(self.values["budget"], self.values["target_cos"])
+
+
+def mac_shares(plan: QdqPlan, site_ids: list[str]) -> dict[str, float]:
+    """Each site's share of the plan's MatMul MACs per token: the INT8 work its float fallback gives up."""
+    flops = {site.id: site.flops_per_token for site in plan.sites}
+    return {site: flops.get(site, 0.0) / plan.total_flops if plan.total_flops else 0.0 for site in site_ids}

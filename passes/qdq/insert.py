@@ -31,7 +31,9 @@ quantize, not where. The plan stays a function of the graph and the table; the m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
+
+import hashlib
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -43,6 +45,8 @@ from tqc.passes.fp16 import QDQ_FP16_OPSET, raise_opset
 from tqc.passes.fuse.match import constant_values, producer
 from tqc.passes.qdq.lower import is_ort_attention, lower
 from tqc.passes.qdq.openvino import activation_params
+from tqc.passes.qdq.refine import (ALPHA_TOKENS, ALPHAS, bias_shift, gptq_round, layer_error, per_channel_scale,
+                                    round_nearest)
 from tqc.passes.qdq.plan import (ATTENTION, LINEAR, PlannedSite, QdqPlan, float_type, is_dq, qattention_node_name,
                                  qattention_tag)
 from tqc.passes.rewrite import cleanup, produce, replace_output
@@ -84,6 +88,14 @@ class InsertOptions:
     percentile: float = 99.99
     smooth: float = 0.75
     shared_weights: str = "share"
+    smooth_search: bool = False   # SmoothQuant alpha per layer from ``refine.ALPHAS`` (needs smooth > 0)
+    rounding: str = "nearest"     # INT8 weight codes: nearest, or gptq (on the calibration data)
+    bias_correct: bool = False    # shift each linear layer's bias by its mean output error
+
+    @property
+    def needs_samples(self) -> bool:
+        """Whether a refinement needs token samples of the layer inputs (``analysis.layer_inputs``)."""
+        return self.smooth_search or self.rounding == "gptq" or self.bias_correct
 
 
 def _code_range(zero_point) -> tuple[int, int]:
@@ -133,6 +145,15 @@ class Quantizer:
         self.measured: dict[str, TensorRange | None] = {}
         self.plain: dict[str, bool] = {}  # unsmoothed tensor -> the method's range kept (else 'max')
         self.float16 = False  # a float16 tensor was quantized: the graph needs opset 19
+        # Refinements on token samples of the layer inputs (tensor name -> float32 [T, K]; empty: none)
+        self.samples: dict[str, np.ndarray] = {}
+        self.alphas: dict[str, float] = {}        # node name -> SmoothQuant alpha chosen for it
+        self.codes: dict[bytes, np.ndarray] = {}  # GPTQ codes by (weight, input sample) digest: kept across calls
+        self.rounding = "nearest"
+        self.bias_correct = False
+        self.multi_use: set[str] = set()          # weights several sites share: rounded to nearest
+        self.refined = {"alpha": 0, "gptq": 0, "bias": 0}
+        self.activations: dict[tuple[str, str], tuple] = {}  # (tensor, consumer) -> its Q's (scale, zero point)
 
     def unique_name(self, name: str) -> str:
         """``name``, or ``name_2``, ``name_3``...: two distinct tensors must never share a name."""
@@ -184,7 +205,8 @@ class Quantizer:
         s = self.shared_factors.get(self.weight_key(site))
         if s is None:
             cmin, cmax, weight, _ = inputs
-            s = self._factors(np.maximum(np.abs(cmin), np.abs(cmax)), weight, site.weight_axis, alpha)
+            s = self._factors(np.maximum(np.abs(cmin), np.abs(cmax)), weight, site.weight_axis,
+                              self.alphas.get(site.node.name, alpha))
         return s
 
     def smoothed_weight(self, site: Site, s: np.ndarray) -> np.ndarray:
@@ -343,6 +365,7 @@ class Quantizer:
         key = tensor.name
         shared = not self.target.qdq_per_consumer  # one Q/DQ per tensor (openvino: one FakeQuantize)
         if shared and key in self.shared:
+            self.activations[(key, consumer.name)] = self.activations[(key, "")]
             return self.shared[key]
         if self.target.activation_form_by_consumer:
             entry = self.table.tensors[key] if fixed_amax is None else None
@@ -351,6 +374,7 @@ class Quantizer:
             scale, zero_point = self._params(key, fixed_amax)
         self.counter += 1
         tag = f"{key}_tqc{self.counter}" if not shared else key
+        self.activations[(key, consumer.name)] = self.activations[(key, "")] = (scale, zero_point)
         dequantized = self._qdq_pair(tensor, tag, scale, zero_point)
         if shared:
             self.shared[key] = dequantized
@@ -379,7 +403,8 @@ class Quantizer:
         scaled = gs.Variable(f"{tag}_input", dtype=ftype)
         produce(self.graph, "Mul", f"{tag}_Mul", [tensor, gs.Constant(f"{tag}_factor", (1.0 / s).astype(ftype))],
                 [scaled])
-        node.inputs[0] = self._qdq_pair(scaled, tag, *self._range_params(lo, hi))
+        params = self._range_params(lo, hi)
+        node.inputs[0] = self._qdq_pair(scaled, tag, *params)
         cached = self.weight_outputs.get((*key, True)) if key in self.shared_factors else None
         if cached is not None:
             node.inputs[site.weight] = cached
@@ -388,7 +413,7 @@ class Quantizer:
         node.inputs[site.weight] = gs.Constant(self.unique_name(f"{node.inputs[site.weight].name}_smoothed"),
                                                np.asarray(weight, np.float32) *
                                                (factor[:, None] if in_axis == 0 else factor[None, :]))
-        self.quantize_weight(site, float_type_of_array(weight))
+        self.quantize_weight(site, float_type_of_array(weight), self.scaled_sample(tensor.name, s), params)
         if key in self.shared_factors:
             self.weight_outputs[(*key, True)] = node.inputs[site.weight]
         return True
@@ -404,8 +429,7 @@ class Quantizer:
         if alpha > 0:
             cmin = np.asarray(entry.channel_min, np.float64)
             cmax = np.asarray(entry.channel_max, np.float64)
-            act = np.maximum(np.maximum(np.abs(cmin), np.abs(cmax)), 1e-5)
-            s = np.clip(act ** alpha / np.maximum(np.abs(weight).max(axis=1), 1e-5) ** (1.0 - alpha), 1e-4, 1e4)
+            s = self._factors(np.maximum(np.abs(cmin), np.abs(cmax)), weight, 1, self.alphas.get(node.name, alpha))
         return s
 
     def qattention(self, node: gs.Node, alpha: float) -> bool:
@@ -435,7 +459,12 @@ class Quantizer:
         scale_c = gs.Constant(f"{tag}_scale", np.array(scale, np.float32))
         zp_c = gs.Constant(f"{tag}_zero_point", np.array(zero_point, np.uint8))
         produce(self.graph, "QuantizeLinear", f"{tag}_QuantizeLinear", [source, scale_c, zp_c], [quantized])
-        q_weight, w_scale = quantize_weight_array((weight * s[:, None]).astype(np.float32), 1)
+        smoothed = (weight * s[:, None]).astype(np.float32)
+        sample = self.scaled_sample(x.name, s)
+        q_weight, w_scale = self.round_weight(smoothed, 1, sample)
+        corrected = self.corrected_bias(np.asarray(bias, np.float32), sample, smoothed, (scale, zero_point), q_weight,
+                                        w_scale)
+        bias = bias if corrected is None else corrected
         mask = node.inputs[3] if len(node.inputs) > 3 else gs.Variable.empty()
         inputs = [quantized, gs.Constant(f"{tag}_weight_int8", q_weight), gs.Constant(f"{tag}_bias", bias.astype(np.float32)),
                   scale_c, gs.Constant(f"{tag}_weight_scale", w_scale), mask, zp_c,
@@ -444,9 +473,114 @@ class Quantizer:
                        attrs={"num_heads": node.attrs["num_heads"]}, domain="com.microsoft")
         return True
 
-    def quantize_weight(self, site: Site, ftype: type | None = None) -> None:
+    def choose_alpha(self, name: str, x_name: str, cmin: np.ndarray, cmax: np.ndarray, weight: np.ndarray,
+                     default: float) -> None:
+        """SmoothQuant's alpha for one layer (W as [K, N]): the grid point whose smoothing gives the lowest error
+        at the layer's output on the token sample (INC's auto-alpha per layer); ``default`` without a sample."""
+        x = self.samples.get(x_name)
+        if name in self.alphas:  # chosen by an earlier call (the budget's candidates)
+            self.refined["alpha"] += self.alphas[name] != default
+            return
+        if x is None or x.shape[1] != weight.shape[0]:
+            return
+        weight = np.asarray(weight, np.float32)
+        x = x[np.linspace(0, x.shape[0] - 1, min(ALPHA_TOKENS, x.shape[0])).astype(int)]
+        reference = x @ weight
+        act = np.maximum(np.abs(cmin), np.abs(cmax))
+        errors = []
+        for alpha in ALPHAS:
+            s = self._factors(act, weight, 1, alpha)
+            scale, zero_point = self._range_params(float((cmin / s).min()), float((cmax / s).max()))
+            smoothed = weight * s[:, None].astype(np.float32)
+            w_scale = per_channel_scale(smoothed)
+            errors.append(layer_error(x, weight, reference, s, (float(scale), int(zero_point), *_code_range(zero_point)),
+                                      round_nearest(smoothed, w_scale) * w_scale))
+        self.alphas[name] = ALPHAS[int(np.argmin(errors))]
+        self.refined["alpha"] += self.alphas[name] != default
+
+    def search_alphas(self, sites: list[Site], attentions: list[gs.Node], default: float) -> None:
+        """Per-layer alpha for the linear sites (not shared weights) and the QAttention nodes with a sample."""
+        for site in sites:
+            inputs = self._smoothing_inputs(site) if site.kind == LINEAR else None
+            if inputs is None or self.weight_key(site) in self.shared_factors:
+                continue
+            cmin, cmax, weight, in_axis = inputs
+            self.choose_alpha(site.node.name, site.node.inputs[0].name, cmin, cmax,
+                              weight if in_axis == 0 else weight.T, default)
+        for node in attentions:
+            entry = self.table.tensors.get(node.inputs[0].name)
+            weight = constant_values(node.inputs[1])
+            if entry is not None and entry.channel_min is not None and weight is not None:
+                self.choose_alpha(node.name, node.inputs[0].name, np.asarray(entry.channel_min, np.float64),
+                                  np.asarray(entry.channel_max, np.float64), weight, default)
+
+    def round_weight(self, values: np.ndarray, axis: int, x: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """INT8 codes and per-channel scales of a weight: GPTQ on the layer's input sample ``x`` (already
+        divided by the smoothing vector) with ``rounding=gptq``, else round to nearest."""
+        q, scale = quantize_weight_array(values, axis)
+        if self.rounding != "gptq" or x is None or values.ndim != 2:
+            return q, scale
+        kn = values if axis == 1 else values.T
+        if x.shape[1] != kn.shape[0]:
+            return q, scale
+        digest = hashlib.sha1(np.ascontiguousarray(kn).tobytes() + np.ascontiguousarray(x).tobytes()).digest()
+        codes = self.codes.get(digest)
+        if codes is None:
+            codes = self.codes[digest] = gptq_round(kn, scale, x)
+        self.refined["gptq"] += 1
+        return (codes if axis == 1 else np.ascontiguousarray(codes.T)), scale
+
+    def scaled_sample(self, name: str, s: np.ndarray | None) -> np.ndarray | None:
+        """The token sample of tensor ``name`` divided by the smoothing vector ``s`` (the quantized input)."""
+        x = self.samples.get(name)
+        if x is None or s is None:
+            return x
+        return x / s.astype(np.float32) if x.shape[1] == s.size else None
+
+    def corrected_bias(self, bias: np.ndarray, x: np.ndarray | None, weight: np.ndarray,
+                       activation: tuple | None, codes: np.ndarray, scale: np.ndarray) -> np.ndarray | None:
+        """``bias`` less the layer's mean output error on the sample ``x`` (the quantized input, W [K, N] as it
+        is quantized), or None when bias correction is off or cannot apply."""
+        if not self.bias_correct or x is None or activation is None or bias.shape != (weight.shape[1],):
+            return None
+        dequantized = codes.astype(np.float32) * scale.astype(np.float32)
+        shift = bias_shift(x, weight, None, (float(activation[0]), int(activation[1]), *_code_range(activation[1])),
+                           dequantized)
+        self.refined["bias"] += 1
+        return (bias.astype(np.float64) - shift).astype(bias.dtype)
+
+    def correct_linear_bias(self, site: Site, x: np.ndarray | None, activation: tuple | None,
+                            codes: np.ndarray, scale: np.ndarray, values: np.ndarray) -> None:
+        """Bias correction of a linear site: its bias is a Gemm's C, or the constant operand of the one node that
+        takes the MatMul's output (Add, Sum, FastGelu / BiasGelu, SkipLayerNormalization's bias); a copy is shifted."""
+        node = site.node
+        kn = values if site.weight_axis == 1 else values.T
+        codes_kn = codes if site.weight_axis == 1 else codes.T
+        holder, index = (node, 2) if node.op == "Gemm" else (None, None)
+        if holder is None:
+            consumers = node.outputs[0].outputs
+            if len(consumers) == 1:
+                consumer = consumers[0]
+                indices = {"Add": (0, 1), "Sum": tuple(range(len(consumer.inputs))), "FastGelu": (1,),
+                           "BiasGelu": (1,), "SkipLayerNormalization": (4,)}
+                for i in indices.get(consumer.op, ()):
+                    if i < len(consumer.inputs) and consumer.inputs[i] is not node.outputs[0] and \
+                            constant_values(consumer.inputs[i]) is not None:
+                        holder, index = consumer, i
+        if holder is None or index >= len(holder.inputs):
+            return
+        bias = constant_values(holder.inputs[index])
+        if bias is None:
+            return
+        shifted = self.corrected_bias(np.asarray(bias), x, kn, activation, codes_kn, scale)
+        if shifted is not None:
+            holder.inputs[index] = gs.Constant(self.unique_name(f"{holder.inputs[index].name}_corrected"), shifted)
+
+    def quantize_weight(self, site: Site, ftype: type | None = None, x: np.ndarray | None = None,
+                        activation: tuple | None = None) -> None:
         """Per-channel INT8 weight and its DequantizeLinear (scales in ``ftype``, else the weight's own float
-        type); a weight several sites share is quantized once."""
+        type); a weight several sites share is quantized once (rounded to nearest). ``x``: the token sample of
+        the quantized input and ``activation`` its (scale, zero point), for GPTQ and bias correction."""
         weight = site.node.inputs[site.weight]
         ftype = ftype or float_type(weight)
         self.float16 |= ftype is np.float16
@@ -455,7 +589,9 @@ class Quantizer:
             site.node.inputs[site.weight] = self.weight_outputs[key]
             return
         values = np.asarray(constant_values(weight), np.float32)
-        q, scale = quantize_weight_array(values, site.weight_axis)
+        q, scale = self.round_weight(values, site.weight_axis, None if weight.name in self.multi_use else x)
+        if site.kind == LINEAR:
+            self.correct_linear_bias(site, x, activation, q, scale, values)
         name = self.unique_base(weight.name, ("_int8", "_scale", "_zero_point", "_dequantized"))
         q_c = gs.Constant(f"{name}_int8", q)
         s_c = gs.Constant(f"{name}_scale", scale.astype(ftype))
@@ -468,20 +604,47 @@ class Quantizer:
 
 
 def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: InsertOptions,
-           source: Iterable | None = None, range_cache: dict[tuple[str, bytes], tuple[TensorRange, bool]] | None = None) -> tuple[dict[str, object], list[str]]:
+           source: Iterable | None = None, range_cache: dict[tuple[str, bytes], tuple[TensorRange, bool]] | None = None,
+           sample_cache: dict[str, np.ndarray] | None = None, refine_cache: dict | None = None,
+           progress: Callable[[str], None] = lambda message: None) -> tuple[dict[str, object], list[str]]:
     """Apply ``plan`` to ``graph`` (the float graph it was planned on, or a copy): (stats, notes).
 
     ``source``: the calibration data (re-iterable), needed to measure smoothed ranges for methods other than
-    'max'; ``range_cache``: measured ranges kept across calls."""
+    'max' and for the refinements (``smooth_search``, ``rounding=gptq``, ``bias_correct``); ``range_cache``,
+    ``sample_cache``: measured ranges and layer-input samples kept across calls; ``refine_cache``: the
+    refinements' choices (alpha per layer, GPTQ codes), so the budget's candidates do not repeat them."""
     notes: list[str] = []
     alpha = options.smooth
     range_cache = {} if range_cache is None else range_cache
+    refine_cache = {} if refine_cache is None else refine_cache
+    samples = layer_samples(graph, plan, options, source, {} if sample_cache is None else sample_cache, progress)
+    if options.needs_samples and source is None:
+        asked = [name for name, on in (("smooth_search", options.smooth_search), ("rounding=gptq", options.rounding ==
+                 "gptq"), ("bias_correct", options.bias_correct)) if on]
+        notes.append(f"qdq: {', '.join(asked)} need(s) the calibration data itself (--calib DATA), not a table: "
+                     "left off")
+    if options.smooth_search and alpha == 0:
+        notes.append("qdq: smooth_search chooses SmoothQuant's alpha per layer, and smooth=0 turns SmoothQuant off: "
+                     "left off")
+    multi_use = shared_weight_names(graph, plan)
 
     def quantizer() -> Quantizer:
         made = Quantizer(graph, table, plan.target, options.method, options.percentile)
         made.source = source
         made.range_cache = range_cache
+        made.samples = samples
+        made.rounding = options.rounding
+        made.bias_correct = options.bias_correct
+        made.multi_use = multi_use
+        made.alphas = refine_cache.setdefault("alphas", {})
+        made.codes = refine_cache.setdefault("codes", {})
         return made
+
+    refined = {"alpha": 0, "gptq": 0, "bias": 0}
+
+    def tally(q: Quantizer) -> None:
+        for key, value in q.refined.items():
+            refined[key] += value
 
     measured = [0, 0]  # sites taking the method's range, sites measured for it
 
@@ -494,6 +657,8 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
         converting = quantizer()
         wanted = {site.id for site in plan.qattention}
         attentions = [n for n in graph.nodes if is_ort_attention(n) and n.name in wanted]
+        if options.smooth_search and alpha > 0:
+            converting.search_alphas([], attentions, alpha)
         vectors = [(n, converting.qattention_vector(n, alpha)) for n in attentions]
         converting.measure_smoothed([(n.name, n.inputs[0], v, constant_values(n.inputs[1]) * v[:, None])
                                      for n, v in vectors if v is not None and constant_values(n.inputs[2]) is not None])
@@ -501,6 +666,7 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
             if not converting.qattention(node, alpha):
                 raise TqcError(f"qdq: internal error: planned QAttention site '{node.name}' cannot be converted")
         count(converting)
+        tally(converting)
         cleanup(graph)
     lowered = lower(graph, plan.target, keep={site.id for site in plan.qattention}, float_qkv=plan.float_attentions)
 
@@ -517,6 +683,8 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
     smoothed = 0
     if alpha > 0 and options.shared_weights == "share":
         quantize.plan_shared_weights(sites, alpha)
+    if alpha > 0 and options.smooth_search:
+        quantize.search_alphas(sites, [], alpha)
     if alpha > 0:
         vectors = [(site, quantize.smoothing_vector(site, alpha)) for site in sites if site.kind == LINEAR]
         quantize.measure_smoothed([(site.node.name, site.node.inputs[0], v, quantize.smoothed_weight(site, v))
@@ -528,12 +696,15 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
             smoothed += 1
             int8_flops += site.flops_per_token
             continue
+        source_name = site.node.inputs[0].name
         for index, fixed in zip(site.activations, site.planned.fixed_amax):
             site.node.inputs[index] = quantize.fake_quantize(site.node.inputs[index], site.node, fixed)
         if site.weight is not None and not is_dq(site.node.inputs[site.weight]):
-            quantize.quantize_weight(site)
+            quantize.quantize_weight(site, x=quantize.scaled_sample(source_name, None),
+                                     activation=quantize.activations.get((source_name, site.node.name)))
         int8_flops += site.flops_per_token
     count(quantize)
+    tally(quantize)
     if options.method != "max" and source is None:
         notes.append(f"qdq: method={options.method} ranges taken unchecked: without --calib DATA (a table only) the "
                      "layer output error that decides between them and 'max' cannot be measured")
@@ -570,7 +741,64 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
     }
     if measured[1]:
         stats["method_ranges"] = measured[0]
+    if options.smooth_search and alpha > 0:
+        stats["alpha_changed"] = refined["alpha"]
+    if options.rounding == "gptq":
+        stats["gptq_weights"] = refined["gptq"]
+    if options.bias_correct:
+        stats["bias_corrected"] = refined["bias"]
     return stats, notes
+
+
+def shared_weight_names(graph: gs.Graph, plan: QdqPlan) -> set[str]:
+    """Weights that several planned sites read (ALBERT's layers): one INT8 copy, so rounded to nearest."""
+    users: dict[str, int] = {}
+    planned = {site.id: site for site in plan.sites if site.weight is not None}
+    for node in graph.nodes:
+        site = planned.get(node.name)
+        if site is not None and site.weight < len(node.inputs):
+            users[node.inputs[site.weight].name] = users.get(node.inputs[site.weight].name, 0) + 1
+    return {name for name, count in users.items() if count > 1}
+
+
+def linear_input_widths(graph: gs.Graph, planned: dict[str, PlannedSite] | None = None) -> dict[str, int]:
+    """Input tensor -> input features of the fused attentions and of the ``planned`` linear sites (without a plan:
+    of every MatMul / Gemm whose second input is a constant 2-D weight)."""
+    widths: dict[str, int] = {}
+    for node in graph.nodes:
+        if not node.inputs or not isinstance(node.inputs[0], gs.Variable):
+            continue
+        if is_ort_attention(node):
+            weight, k_axis = constant_values(node.inputs[1]), 0
+        elif planned is not None:
+            site = planned.get(node.name)
+            weight = constant_values(node.inputs[site.weight]) if site is not None else None
+            k_axis = 1 if site is not None and site.weight_axis == 0 else 0
+        elif node.op in ("MatMul", "Gemm") and len(node.inputs) > 1:
+            weight = constant_values(node.inputs[1])
+            k_axis = 1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0
+        else:
+            continue
+        if weight is not None and weight.ndim == 2:
+            widths[node.inputs[0].name] = int(weight.shape[k_axis])
+    return widths
+
+
+def layer_samples(graph: gs.Graph, plan: QdqPlan, options: InsertOptions, source: Iterable | None,
+                  cache: dict[str, np.ndarray], progress: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """Token samples of the linear layers' inputs on the calibration data (``analysis.layer_inputs``), taken on
+    the graph before any rewrite: the inputs of the planned linear sites and of every fused attention (its QKV
+    projection is a QAttention or, expanded, a linear site on the same input). Kept in ``cache``."""
+    if not options.needs_samples or source is None:
+        return {}
+    planned = {site.id: site for site in plan.sites if site.kind == LINEAR and site.weight is not None}
+    widths = linear_input_widths(graph, planned)
+    missing = {name: width for name, width in widths.items() if name not in cache}
+    if missing:
+        from tqc.compiler.analysis.layer_inputs import sample_inputs
+
+        cache.update(sample_inputs(graph.copy(), source, missing, progress=progress))
+    return {name: cache[name] for name in widths if name in cache}
 
 
 def equalize_concat_scales(graph: gs.Graph) -> int:
