@@ -24,6 +24,7 @@ from tqc.passes.fuse.engine import Miss, NoMatch
 from tqc.passes.fuse.gelu import fuse_gelu
 from tqc.passes.fuse.layernorm import fuse_layernorm
 from tqc.passes.fuse.masks import MaskCache, mask_input_names
+from tqc.passes.fuse.rotary import CACHE_POSITIONS, fuse_rotary
 from tqc.passes.fuse.skip_layernorm import fuse_skip_layernorm
 from tqc.passes.rewrite import cleanup, drop, redirect
 
@@ -77,6 +78,10 @@ class Fuse(Pass):
                                  "CPU), 'auto' (sum on ort-cpu, contrib on ort-cuda), 'off'",
                                  choices=("auto", "contrib", "sum", "off")),
         "embed_layernorm": Option(parse_bool, True, "fuse BERT-style embeddings + LayerNorm (ORT targets)"),
+        "rotary": Option(parse_bool, True, "rotary position embeddings (rotate-half) into RotaryEmbedding (ORT "
+                         "targets)"),
+        "rotary_positions": Option(int, CACHE_POSITIONS, "positions the RotaryEmbedding caches hold (longer "
+                                   "sequences are an error in ONNX Runtime)", min=16, max=1 << 20),
         "mask": Option(str, "auto", "ORT attention mask: 'raw' ([B,S] 0/1, any padding), 'end' (token counts: "
                        "right padding only, enables ORT's fused CUDA kernels), 'auto' (end on ort-cuda, raw on "
                        "ort-cpu)", choices=("auto", "raw", "end")),
@@ -135,6 +140,14 @@ class Fuse(Pass):
         stats["attention"] = fused
         stats["attention_summary"] = f"{fused}/{softmax_count} attention fused"
         explain_misses(ctx, "attention-shaped subgraph at", misses, separator=" ")
+        stats["rotary"] = 0
+        if self.values["rotary"] and target.contrib_ops:
+            stats["rotary"], rotary_misses = fuse_rotary(graph, self.values["rotary_positions"])
+            explain_misses(ctx, "rotary", rotary_misses)
+            cleanup(graph)
+        elif self.values["rotary"] and "fuse" in ctx.explain:
+            ctx.note("fuse: rotary: RotaryEmbedding is an ONNX Runtime contrib op; --target "
+                     f"{target} keeps the rotations in standard ops")
         if self.values["gelu"]:
             exported_as_op = sum(1 for n in graph.nodes if n.op == "Gelu")  # opset 20 exports emit Gelu already
             gelus, reason, gelu_misses = fuse_gelu(graph, target, opset)
@@ -170,5 +183,5 @@ class Fuse(Pass):
         if target.contrib_ops and any(n.domain == "com.microsoft" for n in graph.nodes):
             ensure_domain(graph, "com.microsoft", 1)
         modified = fused > 0 or stats["gelu"] > 0 or stats["skip_layernorm"] > 0 or stats["embed_layernorm"] > 0 or \
-            stats["layernorm_fused"] > 0
+            stats["layernorm_fused"] > 0 or stats["rotary"] > 0
         return PassResult(modified=modified, stats=stats)
