@@ -19,6 +19,7 @@ from tqc.passes.base import NO_CONTRIB_OPS, Option, Pass, PassContext, PassResul
 from tqc.passes.fold import Fold
 from tqc.passes.fuse.attention import find_attention
 from tqc.passes.fuse.attention_rewrite import rewrite_contrib, rewrite_standard
+from tqc.passes.fuse.core_attention import fuse_core_attention
 from tqc.passes.fuse.embed_layernorm import fuse_embed_layernorm
 from tqc.passes.fuse.engine import Miss, NoMatch
 from tqc.passes.fuse.gelu import fuse_gelu
@@ -116,6 +117,14 @@ class Fuse(Pass):
         elif "fuse" in ctx.explain and self.values["embed_layernorm"]:
             ctx.note("fuse: embed_layernorm: EmbedLayerNormalization is an ONNX Runtime contrib op; --target trt "
                      "keeps the embedding Gathers and LayerNorm")
+        stats["rotary"] = 0
+        if self.values["rotary"] and target.contrib_ops:
+            stats["rotary"], rotary_misses = fuse_rotary(graph, self.values["rotary_positions"])
+            explain_misses(ctx, "rotary", rotary_misses)
+            cleanup(graph)
+        elif self.values["rotary"] and "fuse" in ctx.explain:
+            ctx.note("fuse: rotary: RotaryEmbedding is an ONNX Runtime contrib op; --target "
+                     f"{target} keeps the rotations in standard ops")
         if self.values["attention"]:
             matches, misses = find_attention(graph, mask_input_names(graph))
             if target.contrib_ops and matches and any(m.block.mask is not None for m in matches):
@@ -134,20 +143,17 @@ class Fuse(Pass):
                     ctx.note(f"fuse: attention at '{match.softmax.name}' matched rule '{match.rule.name}' but "
                              f"was not rewritten: {miss.reason}")
             rules = sorted({m.rule.name for m in matches})
-            stats["attention_rules"] = ",".join(rules) if rules else "-"
             cleanup(graph)
+            if target.contrib_ops and misses:  # heads split elsewhere (rotary): the core -> MultiHeadAttention
+                cores, misses = fuse_core_attention(graph, mask_input_names(graph), misses)
+                fused += len(cores)
+                rules = sorted(set(rules) | set(cores))
+                cleanup(graph)
+            stats["attention_rules"] = ",".join(rules) if rules else "-"
         stats["attention_blocks"] = softmax_count
         stats["attention"] = fused
         stats["attention_summary"] = f"{fused}/{softmax_count} attention fused"
         explain_misses(ctx, "attention-shaped subgraph at", misses, separator=" ")
-        stats["rotary"] = 0
-        if self.values["rotary"] and target.contrib_ops:
-            stats["rotary"], rotary_misses = fuse_rotary(graph, self.values["rotary_positions"])
-            explain_misses(ctx, "rotary", rotary_misses)
-            cleanup(graph)
-        elif self.values["rotary"] and "fuse" in ctx.explain:
-            ctx.note("fuse: rotary: RotaryEmbedding is an ONNX Runtime contrib op; --target "
-                     f"{target} keeps the rotations in standard ops")
         if self.values["gelu"]:
             exported_as_op = sum(1 for n in graph.nodes if n.op == "Gelu")  # opset 20 exports emit Gelu already
             gelus, reason, gelu_misses = fuse_gelu(graph, target, opset)

@@ -1,6 +1,7 @@
 """ModernBERT's pieces on tiny exports (both exporters, eager and sdpa): rotary position embeddings ->
-RotaryEmbedding on ORT targets (one pair of caches per distinct pair of tables), GeGLU's GELU, LayerNorms
-without bias in pre-LN residual streams; exact (``-p fuse`` alone, within 1e-4 on padded batches at lengths
+RotaryEmbedding on ORT targets (one pair of caches per distinct pair of tables), the attention cores ->
+MultiHeadAttention with the exporter's masks (one global, one sliding-window band, each shared by its layers),
+GeGLU's GELU, LayerNorms without bias in pre-LN residual streams; exact (``-p fuse`` alone, within 1e-4 on padded batches at lengths
 past the local window) and standard ops on trt. Synthetic rotations the rule must refuse, with the reason."""
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def test_modernbert_rotary_geglu_and_residuals_fuse_exactly(exporter, attn, targ
         assert np.abs(before - after).max() <= 1e-4
     ops = [n.op_type for n in fused.graph.node]
     if target == "trt":
-        assert stats["rotary"] == 0 and all(n.domain in ("", "ai.onnx") for n in fused.graph.node)
+        assert stats["rotary"] == 0 and stats["attention"] == 0
+        assert all(n.domain in ("", "ai.onnx") for n in fused.graph.node)
         assert any(m.startswith("fuse: rotary: RotaryEmbedding is an ONNX Runtime contrib op") for m in ctx.messages)
         return
     assert stats["rotary"] == 2 * LAYERS, ctx.messages          # Q and K of every layer
@@ -50,6 +52,10 @@ def test_modernbert_rotary_geglu_and_residuals_fuse_exactly(exporter, attn, targ
     assert ops.count("Neg") == 0 and ops.count("Cos") == 0       # the rotations and their tables are gone
     caches = sorted(i.name for i in fused.graph.initializer if "rotary_cos_cache" in i.name)
     assert caches == ["tqc_rotary_cos_cache0", "tqc_rotary_cos_cache1"]  # global and local tables, shared
+    assert stats["attention"] == LAYERS and ops.count("Softmax") == 0, ctx.messages
+    assert stats["attention_rules"] == {"eager": "rotary-eager"}.get(attn, f"rotary-sdpa-{exporter}")
+    masks = [n.input[5] for n in fused.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(masks) == LAYERS and masks[0] == masks[2] != masks[1]   # full / sliding / full: two masks
     assert stats["gelu"] == LAYERS and ops.count("Gelu") == LAYERS   # GeGLU: GELU(first half) * second half
     # pre-LN residual streams without bias: every LayerNorm after a residual Add, on the contrib form
     assert stats["skip_layernorm"] == (2 * LAYERS if target == "ort-cuda" else 0)
