@@ -64,8 +64,9 @@ def _heads(step: Step, w: Walk) -> list[Walk]:
     dims = [static_dims(w[role]) for role in "qkv"]
     if any(d is None or len(d) != 4 for d in dims):
         raise NoMatch("Q, K and V are not all 4-D [batch, heads, sequence, head size]")
-    size = dims[0][3]
-    for d, role in zip(dims, "qkv"):  # shape inference may not know H: read it from the split
+    size = next((d[3] for d in dims if d[3] is not None), None)
+    for d, role in zip(dims, "qkv"):
+        d[3] = d[3] if d[3] is not None else size  # shape inference may not know H: read it from the split
         d[1] = d[1] if d[1] is not None else _heads_from_split(w[role], d[3])
     heads = dims[0][1]
     if heads is None or size is None or any(d[1] != heads or d[3] != size for d in dims[1:]):

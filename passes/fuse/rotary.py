@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.engine import Miss, NoMatch, Rule, Step, StepFunction, Walk, search
-from tqc.passes.fuse.match import constant_values, describe, producer
+from tqc.passes.fuse.match import describe, int_vector, producer
 from tqc.passes.rewrite import replace_output
 
 CACHE_POSITIONS = 8192   # ModernBERT's max_position_embeddings
@@ -63,11 +63,11 @@ def _slice_bounds(node: gs.Node | None) -> tuple[gs.Tensor, int, int] | None:
     """(data, start, end) of a Slice over the last axis with step 1, constant bounds; else None."""
     if node is None or node.op != "Slice" or len(node.inputs) < 4:
         return None
-    values = [constant_values(t) for t in node.inputs[1:]]
-    if any(v is None or v.size != 1 for v in values):
+    values = [int_vector(t) for t in node.inputs[1:]]   # constants, or static shape arithmetic
+    if any(v is None or len(v) != 1 or v[0] is None for v in values):
         return None
-    start, end, axis = (int(v.reshape(-1)[0]) for v in values[:3])
-    step = int(values[3].reshape(-1)[0]) if len(values) > 3 else 1
+    start, end, axis = (int(v[0]) for v in values[:3])
+    step = int(values[3][0]) if len(values) > 3 else 1
     return (node.inputs[0], start, end) if axis in (-1, 3) and step == 1 else None
 
 
