@@ -11,6 +11,8 @@ path; ``heads`` checks Q, K and V are [B, H, S, D] with H and D known::
     rotary-sdpa-legacy:  Softmax(Q4·√s @ Transpose(K4, [0,1,3,2])·√s + mask), NaN guard
     rotary-sdpa-dynamo:  the same, K^T as Reshape/Transpose[0,2,1]/Reshape
 
+    check (sdpa rules): the mask is finite, else the NaN guard's zeros for fully masked rows would be lost
+
     after:  MultiHeadAttention(Reshape(Transpose(Q4, [0,2,1,3]), [0, 0, H·D]), K4, V4,
                                attention_bias=mask, num_heads=H, scale=s)           (K, V given as BNSH)
 
@@ -82,6 +84,25 @@ def _heads(step: Step, w: Walk) -> list[Walk]:
     return [w.bind(heads=heads, head_size=size)]
 
 
+def _finite_mask(w: Walk) -> str | None:
+    """A NaN guard zeroes the rows its mask masks entirely; MultiHeadAttention has no guard, so a guarded block
+    fuses only when its mask is provably finite (a Where between finite constants, as dynamo's sdpa writes):
+    with -inf (the legacy exporter's sdpa) a fully masked row, as a sliding window over padding makes, would
+    turn into NaN, and the NaN would spread to every row through the next layer."""
+    mask = w.get("mask")
+    if mask is None:
+        return None
+    node = producer(mask)
+    values = [constant_values(t) for t in node.inputs[1:]] if node is not None and node.op == "Where" else [None]
+    if any(v is None for v in values):
+        return f"the mask '{mask.name}' is not a Where between constants: cannot prove it finite, and the NaN " \
+               "guard this block has would be lost"
+    if not all(np.isfinite(v).all() for v in values):
+        return f"the mask '{mask.name}' fills with -inf: fully masked rows are NaN that the block's NaN guard " \
+               "zeroes, and MultiHeadAttention has no such guard"
+    return None
+
+
 STEPS: dict[str, StepFunction] = dict(attention.STEPS, heads=_heads)
 
 _K_T = Step("k_path", ("Transpose",), perm=(0, 1, 3, 2))
@@ -99,11 +120,12 @@ RULES: tuple[Rule, ...] = (
          _after(False) + (attention.MASK, attention.SCORE_SCALE, attention.SCORES, _K_T, _HEADS)),
     Rule("rotary-sdpa-legacy", "sdpa through the TorchScript exporter on heads split elsewhere: √scale on Q and "
          "on K^T, NaN guard", ("Softmax",),
-         _after(True) + (attention.MASK, attention.SCORES, _Q_SCALE, _K_SCALE, _K_T, _HEADS)),
+         _after(True) + (attention.MASK, attention.SCORES, _Q_SCALE, _K_SCALE, _K_T, _HEADS), _finite_mask),
     Rule("rotary-sdpa-dynamo", "sdpa through the dynamo exporter on heads split elsewhere: K^T as "
          "Reshape/Transpose[0,2,1]/Reshape", ("Softmax",),
          _after(True) + (attention.MASK, attention.SCORES, _Q_SCALE, _K_SCALE, Step("k_path", ("Reshape",)),
-                         Step("k_path", ("Transpose",), perm=(0, 2, 1)), Step("k_path", ("Reshape",)), _HEADS)),
+                         Step("k_path", ("Transpose",), perm=(0, 2, 1)), Step("k_path", ("Reshape",)), _HEADS),
+         _finite_mask),
 )
 
 
