@@ -144,8 +144,8 @@ class Fuse(Pass):
                              f"was not rewritten: {miss.reason}")
             rules = sorted({m.rule.name for m in matches})
             cleanup(graph)
-            if target.contrib_ops and misses:  # heads split elsewhere (rotary): the core -> MultiHeadAttention
-                cores, misses = fuse_core_attention(graph, mask_input_names(graph), misses)
+            if misses:  # heads split elsewhere (rotary): the core -> MultiHeadAttention, or its standard form
+                cores, misses = fuse_core_attention(graph, mask_input_names(graph), misses, target.contrib_ops)
                 fused += len(cores)
                 rules = sorted(set(rules) | set(cores))
                 cleanup(graph)

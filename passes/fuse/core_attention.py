@@ -1,6 +1,7 @@
 """Attention cores whose Q, K and V arrive already split into heads ([batch, heads, sequence, head size]) from
 something the projection rules do not cover -> ONNX Runtime's com.microsoft ``MultiHeadAttention`` (ORT
-targets). ModernBERT is the case: its Q and K are rotated (``rotary.py`` makes that one RotaryEmbedding each)
+targets), or one standard form (``rewrite_core_standard``: the scale on the scores, K^T one Transpose, no NaN
+guard) that TensorRT and OpenVINO fuse themselves. ModernBERT is the case: its Q and K are rotated (``rotary.py`` makes that one RotaryEmbedding each)
 after the packed QKV projection is split, and its layers alternate a global mask and a sliding-window band.
 
 The rules reuse the attention catalogue's steps (``attention.STEPS``) from the Softmax: after it (NaN guard or
@@ -40,10 +41,12 @@ _FLOAT32 = (np.float32, np.dtype(np.float32))
 
 def _heads_from_split(tensor: gs.Tensor, size: int | None, limit: int = 8) -> int | None:
     """H read from the Reshape that split the heads ([..., H, D] with D = ``size``), walking back from
-    ``tensor`` through the ops between (rotation, Transpose, Squeeze, Split/Slice)."""
+    ``tensor`` through the ops between (the rotation, fused or as x·cos + rotate_half(x)·sin read through its
+    first term, Transpose, Squeeze, Split/Slice)."""
     node = producer(tensor)
     for _ in range(limit):
-        if node is None or node.op not in ("RotaryEmbedding", "Transpose", "Squeeze", "Split", "Slice", "Reshape"):
+        if node is None or node.op not in ("RotaryEmbedding", "Add", "Mul", "Transpose", "Squeeze", "Split", "Slice",
+                                           "Reshape"):
             return None
         if node.op == "Reshape":
             target = int_vector(node.inputs[1])
@@ -85,7 +88,7 @@ def _heads(step: Step, w: Walk) -> list[Walk]:
 
 
 def _finite_mask(w: Walk) -> str | None:
-    """A NaN guard zeroes the rows its mask masks entirely; MultiHeadAttention has no guard, so a guarded block
+    """A NaN guard zeroes the rows its mask masks entirely; the fused forms have no guard, so a guarded block
     fuses only when its mask is provably finite (a Where between finite constants, as dynamo's sdpa writes):
     with -inf (the legacy exporter's sdpa) a fully masked row, as a sliding window over padding makes, would
     turn into NaN, and the NaN would spread to every row through the next layer."""
@@ -99,7 +102,7 @@ def _finite_mask(w: Walk) -> str | None:
                "guard this block has would be lost"
     if not all(np.isfinite(v).all() for v in values):
         return f"the mask '{mask.name}' fills with -inf: fully masked rows are NaN that the block's NaN guard " \
-               "zeroes, and MultiHeadAttention has no such guard"
+               "zeroes, and the fused forms have no such guard"
     return None
 
 
@@ -140,11 +143,35 @@ def drop_float_casts(graph: gs.Graph) -> int:
     return count
 
 
-def fuse_core_attention(graph: gs.Graph, mask_inputs: set[str], earlier: list[Miss],
+def rewrite_core_standard(graph: gs.Graph, w: Walk, name: str) -> None:
+    """The standard form of a core (targets without contrib ops; what TensorRT's MHA fusion takes):
+    Reshape(Transpose(Softmax(MatMul(Q4, Transpose(K4)) * s [+ mask]) @ V4)) under the context's name."""
+    def var(tag: str) -> gs.Variable:
+        return gs.Variable(f"{name}_{tag}", dtype=np.float32)
+
+    scale = w.get("score_scale", 1.0) * w.get("q_scale", 1.0) * w.get("k_scale", 1.0)
+    steps = [("Transpose", [w["k"]], "kt", {"perm": [0, 1, 3, 2]}), ("MatMul", [w["q"], "kt"], "scores", {}),
+             ("Mul", ["scores", gs.Constant(f"{name}_scale", np.array(scale, np.float32))], "scaled", {})]
+    last = "scaled"
+    if w.get("mask") is not None:
+        steps.append(("Add", ["scaled", w["mask"]], "masked", {}))
+        last = "masked"
+    steps += [("Softmax", [last], "probs", {"axis": -1}), ("MatMul", ["probs", w["v"]], "context_heads", {}),
+              ("Transpose", ["context_heads"], "context_transposed", {"perm": [0, 2, 1, 3]})]
+    made: dict[str, gs.Tensor] = {}
+    for op, inputs, tag, attrs in steps:
+        made[tag] = var(tag)
+        produce(graph, op, f"{name}_{tag}", [made[t] if isinstance(t, str) else t for t in inputs], [made[tag]],
+                attrs=attrs)
+    hidden = gs.Constant(f"{name}_context_shape", np.array([0, 0, w["heads"] * w["head_size"]], np.int64))
+    replace_output(graph, w["out"], "Reshape", f"{name}_context", [made["context_transposed"], hidden])
+
+
+def fuse_core_attention(graph: gs.Graph, mask_inputs: set[str], earlier: list[Miss], contrib: bool = True,
                         prefix: str = "tqc_mha") -> tuple[list[str], list[Miss]]:
-    """Every Softmax left in the graph against ``RULES``; the matches -> MultiHeadAttention. Returns (the rule
-    of each match, a miss per Softmax left: this catalogue's or the ``earlier`` one's for the same Softmax,
-    whichever got further)."""
+    """Every Softmax left in the graph against ``RULES``; the matches -> MultiHeadAttention (``contrib``), else
+    the standard form (``rewrite_core_standard``). Returns (the rule of each match, a miss per Softmax left:
+    this catalogue's or the ``earlier`` one's for the same Softmax, whichever got further)."""
     if not any(n.op == "Softmax" for n in graph.nodes):
         return [], earlier
     drop_float_casts(graph)
@@ -156,6 +183,9 @@ def fuse_core_attention(graph: gs.Graph, mask_inputs: set[str], earlier: list[Mi
     misses = [m if m.anchor not in before or m.step > before[m.anchor].step else before[m.anchor] for m in misses]
     for index, w in enumerate(walks):
         name, hidden = f"{prefix}{index}", w["heads"] * w["head_size"]
+        if not contrib:
+            rewrite_core_standard(graph, w, f"tqc_core{index}")
+            continue
         transposed, query = (gs.Variable(f"{name}_{t}", dtype=np.float32) for t in ("q_transposed", "query"))
         produce(graph, "Transpose", f"{name}_q_transpose", [w["q"]], [transposed], attrs={"perm": [0, 2, 1, 3]})
         produce(graph, "Reshape", f"{name}_q_reshape",

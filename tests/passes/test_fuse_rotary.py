@@ -34,7 +34,7 @@ def fuse_alone(path, target, pipeline="fuse"):
 
 
 @pytest.mark.parametrize("exporter, attn", VARIANTS)
-@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda", "trt"])
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda", "trt", "openvino"])
 def test_modernbert_rotary_geglu_and_residuals_fuse_exactly(exporter, attn, target, exports):
     model, fused, stats, ctx = fuse_alone(exports.get("modernbert", exporter=exporter, attn=attn, size="tiny"),
                                           target)
@@ -45,23 +45,28 @@ def test_modernbert_rotary_geglu_and_residuals_fuse_exactly(exporter, attn, targ
     for before, after in zip(outputs_on(model, feeds + [padded]), outputs_on(fused, feeds + [padded])):
         assert not np.isnan(after).any() and np.abs(before - after).max() <= 1e-4
     ops = [n.op_type for n in fused.graph.node]
-    if target == "trt":
-        assert stats["rotary"] == 0 and stats["attention"] == 0
-        assert all(n.domain in ("", "ai.onnx") for n in fused.graph.node)
+    if (exporter, attn) == ("legacy", "sdpa"):  # its -inf mask needs the NaN guard the fused forms lack
+        assert stats["attention"] == 0
+        assert sum("closest rule 'rotary-sdpa-legacy': check: the mask" in m and "fills with -inf" in m
+                   for m in ctx.messages) == LAYERS, ctx.messages
+    else:
+        assert stats["attention"] == LAYERS, ctx.messages
+        assert stats["attention_rules"] == {"eager": "rotary-eager"}.get(attn, "rotary-sdpa-dynamo")
+    if target in ("trt", "openvino"):  # the standard form: scale on the scores, one K^T Transpose, no guard
+        assert stats["rotary"] == 0 and all(n.domain in ("", "ai.onnx") for n in fused.graph.node)
         assert any(m.startswith("fuse: rotary: RotaryEmbedding is an ONNX Runtime contrib op") for m in ctx.messages)
+        if (exporter, attn) != ("legacy", "sdpa"):
+            assert ops.count("Softmax") == LAYERS and "IsNaN" not in ops and "Cast" not in ops[ops.index("Softmax"):]
+            masks = [n.input[1] for n in fused.graph.node if n.name.endswith("_masked")]
+            assert len(masks) == LAYERS and masks[0] == masks[2] != masks[1]   # two masks, shared
         return
     assert stats["rotary"] == 2 * LAYERS, ctx.messages          # Q and K of every layer
     assert not any(m.startswith("fuse: rotary:") for m in ctx.messages), ctx.messages
     assert ops.count("Neg") == 0 and ops.count("Cos") == 0       # the rotations and their tables are gone
     caches = sorted(i.name for i in fused.graph.initializer if "rotary_cos_cache" in i.name)
     assert caches == ["tqc_rotary_cos_cache0", "tqc_rotary_cos_cache1"]  # global and local tables, shared
-    if (exporter, attn) == ("legacy", "sdpa"):  # its -inf mask needs the NaN guard MultiHeadAttention lacks
-        assert stats["attention"] == 0
-        assert sum("closest rule 'rotary-sdpa-legacy': check: the mask" in m and "fills with -inf" in m
-                   for m in ctx.messages) == LAYERS, ctx.messages
-    else:
-        assert stats["attention"] == LAYERS and ops.count("Softmax") == 0, ctx.messages
-        assert stats["attention_rules"] == {"eager": "rotary-eager"}.get(attn, "rotary-sdpa-dynamo")
+    if (exporter, attn) != ("legacy", "sdpa"):
+        assert ops.count("Softmax") == 0
         masks = [n.input[5] for n in fused.graph.node if n.op_type == "MultiHeadAttention"]
         assert len(masks) == LAYERS and masks[0] == masks[2] != masks[1]   # full / sliding / full: two masks
     assert stats["gelu"] == LAYERS and ops.count("Gelu") == LAYERS   # GeGLU: GELU(first half) * second half
