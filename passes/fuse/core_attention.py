@@ -138,7 +138,10 @@ def drop_float_casts(graph: gs.Graph) -> int:
     outputs = {id(t) for t in graph.outputs}
     for node in list(graph.nodes):
         if node.op == "Cast" and node.attrs.get("to") == 1 and node.inputs[0].dtype in _FLOAT32:
-            bypass(node, keep_output_name=id(node.outputs[0]) in outputs)
+            keep = id(node.outputs[0]) in outputs
+            if keep and producer(node.inputs[0]) is None:
+                continue  # a graph input cast straight to a graph output: both names must stay
+            bypass(node, keep_output_name=keep)
             count += 1
     return count
 
