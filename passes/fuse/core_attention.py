@@ -6,7 +6,7 @@ after the packed QKV projection is split, and its layers alternate a global mask
 
 The rules reuse the attention catalogue's steps (``attention.STEPS``) from the Softmax: after it (NaN guard or
 not, the context MatMul, the heads merged back), then the mask Add, the scale, the scores MatMul and the K^T
-path; ``heads`` checks Q, K and V are [B, H, S, D] with H and D known::
+path; ``heads`` checks Q and K are rotated and Q, K and V are [B, H, S, D] with H and D known::
 
     rotary-eager:        Softmax(Q4 @ Transpose(K4, [0,1,3,2]) * scale + mask) @ V4 -> [B, S, H·D]
     rotary-sdpa-legacy:  Softmax(Q4·√s @ Transpose(K4, [0,1,3,2])·√s + mask), NaN guard
@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 from tqc.passes.fuse import attention
 from tqc.passes.fuse.engine import Miss, NoMatch, Rule, Step, StepFunction, Walk, search
 from tqc.passes.fuse.match import constant_values, int_vector, producer, static_dims
+from tqc.passes.fuse.rotary import is_rotation
 from tqc.passes.rewrite import bypass, produce, replace_output
 
 _FLOAT32 = (np.float32, np.dtype(np.float32))
@@ -65,7 +66,11 @@ def _heads_from_split(tensor: gs.Tensor, size: int | None, limit: int = 8) -> in
 
 
 def _heads(step: Step, w: Walk) -> list[Walk]:
-    """Q, K, V of rank 4 with H and D known and equal; the context [B, S, H·D]; a mask of rank 4."""
+    """Q and K rotated (``rotary.is_rotation``); Q, K, V of rank 4 with H and D known and equal; the context
+    [B, S, H·D]; a mask of rank 4."""
+    if not (is_rotation(producer(w["q"])) and is_rotation(producer(w["k"]))):
+        raise NoMatch("Q and K are not rotated (these rules are for rotary encoders; other layouts are the "
+                      "projection rules')")
     dims = [static_dims(w[role]) for role in "qkv"]
     if any(d is None or len(d) != 4 for d in dims):
         raise NoMatch("Q, K and V are not all 4-D [batch, heads, sequence, head size]")

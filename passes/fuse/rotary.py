@@ -168,15 +168,22 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+def _rotary_mul(t: gs.Tensor) -> bool:
+    mul = producer(t)
+    return mul is not None and mul.op == "Mul" and any(
+        producer(i) is not None and producer(i).op == "Concat" and
+        any(producer(c) is not None and producer(c).op == "Neg" for c in producer(i).inputs) for i in mul.inputs)
+
+
+def is_rotation(node: gs.Node | None) -> bool:
+    """A RotaryEmbedding, or an Add with a Mul operand that reads a Concat of a Neg (rotary-shaped)."""
+    return node is not None and (node.op == "RotaryEmbedding" or (
+        node.op == "Add" and len(node.inputs) == 2 and any(_rotary_mul(t) for t in node.inputs)))
+
+
 def rotary_candidates(graph: gs.Graph) -> list[gs.Node]:
-    """Adds with a Mul operand that reads a Concat of a Neg: rotary-shaped."""
-    def rotary_mul(t: gs.Tensor) -> bool:
-        mul = producer(t)
-        return mul is not None and mul.op == "Mul" and any(
-            producer(i) is not None and producer(i).op == "Concat" and
-            any(producer(c) is not None and producer(c).op == "Neg" for c in producer(i).inputs)
-            for i in mul.inputs)
-    return [n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2 and any(rotary_mul(t) for t in n.inputs)]
+    """The rotary-shaped Adds of ``graph``."""
+    return [n for n in graph.nodes if n.op == "Add" and is_rotation(n)]
 
 
 def fuse_rotary(graph: gs.Graph, positions: int = CACHE_POSITIONS) -> tuple[int, list[Miss]]:
