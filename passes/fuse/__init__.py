@@ -106,6 +106,9 @@ class Fuse(Pass):
         if mask_format == "auto":
             mask_format = target.attention_mask_format
         masks = MaskCache(graph)
+        # read before any fusion: a mask found by role is the 2-D integer input indexing no embedding Gather,
+        # and the embedding fusion's cleanup would leave the token ids indexing none either
+        mask_names = mask_input_names(graph)
         stats["embed_layernorm"] = 0
         if target.contrib_ops and self.values["embed_layernorm"]:
             wants_end = mask_format == "end" and masks.source() is not None
@@ -122,12 +125,11 @@ class Fuse(Pass):
         if self.values["rotary"] and target.contrib_ops:
             stats["rotary"], rotary_misses = fuse_rotary(graph, self.values["rotary_positions"])
             explain_misses(ctx, "rotary", rotary_misses)
-            cleanup(graph)
         elif self.values["rotary"] and "fuse" in ctx.explain:
             ctx.note("fuse: rotary: RotaryEmbedding is an ONNX Runtime contrib op; --target "
                      f"{target} keeps the rotations in standard ops")
         if self.values["attention"]:
-            matches, misses = find_attention(graph, mask_input_names(graph))
+            matches, misses = find_attention(graph, mask_names)
             if target.contrib_ops and matches and any(m.block.mask is not None for m in matches):
                 stats["mask"] = mask_format
                 if mask_format == "end":
@@ -146,7 +148,7 @@ class Fuse(Pass):
             rules = sorted({m.rule.name for m in matches})
             cleanup(graph)
             if misses:  # heads split elsewhere (rotary): the core -> MultiHeadAttention, or its standard form
-                cores, misses = fuse_core_attention(graph, mask_input_names(graph), misses, target.contrib_ops)
+                cores, misses = fuse_core_attention(graph, mask_names, misses, target.contrib_ops)
                 fused += len(cores)
                 rules = sorted(set(rules) | set(cores))
                 cleanup(graph)
