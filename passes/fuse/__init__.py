@@ -1,7 +1,8 @@
 """``fuse``: attention, GELU and (for ONNX Runtime) residual LayerNorm fusion, per target.
 
 One rule engine (``engine.py``) runs every fusion's catalogue: ``attention.py`` (its rewrites in
-``attention_rewrite.py``, its masks in ``masks.py``), ``gelu.py``, ``layernorm.py``, ``skip_layernorm.py``;
+``attention_rewrite.py``, its masks in ``masks.py``), ``core_attention.py`` (cores on heads split elsewhere:
+ModernBERT), ``rotary.py``, ``gelu.py``, ``layernorm.py``, ``skip_layernorm.py``;
 ``embed_layernorm.py`` proves each embedding Gather's meaning instead. ``--explain fuse`` names, for every anchor
 left unfused (a Softmax, an Erf/Tanh, a LayerNorm-shaped ReduceMean, a residual Add before a LayerNorm), the
 closest rule and the step where it stopped::
@@ -19,11 +20,13 @@ from tqc.passes.base import NO_CONTRIB_OPS, Option, Pass, PassContext, PassResul
 from tqc.passes.fold import Fold
 from tqc.passes.fuse.attention import find_attention
 from tqc.passes.fuse.attention_rewrite import rewrite_contrib, rewrite_standard
+from tqc.passes.fuse.core_attention import fuse_core_attention
 from tqc.passes.fuse.embed_layernorm import fuse_embed_layernorm
 from tqc.passes.fuse.engine import Miss, NoMatch
 from tqc.passes.fuse.gelu import fuse_gelu
 from tqc.passes.fuse.layernorm import fuse_layernorm
 from tqc.passes.fuse.masks import MaskCache, mask_input_names
+from tqc.passes.fuse.rotary import CACHE_POSITIONS, fuse_rotary
 from tqc.passes.fuse.skip_layernorm import fuse_skip_layernorm
 from tqc.passes.rewrite import cleanup, drop, redirect
 
@@ -77,6 +80,10 @@ class Fuse(Pass):
                                  "CPU), 'auto' (sum on ort-cpu, contrib on ort-cuda), 'off'",
                                  choices=("auto", "contrib", "sum", "off")),
         "embed_layernorm": Option(parse_bool, True, "fuse BERT-style embeddings + LayerNorm (ORT targets)"),
+        "rotary": Option(parse_bool, True, "rotary position embeddings (rotate-half) into RotaryEmbedding (ORT "
+                         "targets)"),
+        "rotary_positions": Option(int, CACHE_POSITIONS, "positions the RotaryEmbedding caches hold (longer "
+                                   "sequences are an error in ONNX Runtime)", min=16, max=1 << 20),
         "mask": Option(str, "auto", "ORT attention mask: 'raw' ([B,S] 0/1, any padding), 'end' (token counts: "
                        "right padding only, enables ORT's fused CUDA kernels), 'auto' (end on ort-cuda, raw on "
                        "ort-cpu)", choices=("auto", "raw", "end")),
@@ -99,6 +106,9 @@ class Fuse(Pass):
         if mask_format == "auto":
             mask_format = target.attention_mask_format
         masks = MaskCache(graph)
+        # read before any fusion: a mask found by role is the 2-D integer input indexing no embedding Gather,
+        # and the embedding fusion's cleanup would leave the token ids indexing none either
+        mask_names = mask_input_names(graph)
         stats["embed_layernorm"] = 0
         if target.contrib_ops and self.values["embed_layernorm"]:
             wants_end = mask_format == "end" and masks.source() is not None
@@ -111,8 +121,15 @@ class Fuse(Pass):
         elif "fuse" in ctx.explain and self.values["embed_layernorm"]:
             ctx.note("fuse: embed_layernorm: EmbedLayerNormalization is an ONNX Runtime contrib op; --target trt "
                      "keeps the embedding Gathers and LayerNorm")
+        stats["rotary"] = 0
+        if self.values["rotary"] and target.contrib_ops:
+            stats["rotary"], rotary_misses = fuse_rotary(graph, self.values["rotary_positions"])
+            explain_misses(ctx, "rotary", rotary_misses)
+        elif self.values["rotary"] and "fuse" in ctx.explain:
+            ctx.note("fuse: rotary: RotaryEmbedding is an ONNX Runtime contrib op; --target "
+                     f"{target} keeps the rotations in standard ops")
         if self.values["attention"]:
-            matches, misses = find_attention(graph, mask_input_names(graph))
+            matches, misses = find_attention(graph, mask_names)
             if target.contrib_ops and matches and any(m.block.mask is not None for m in matches):
                 stats["mask"] = mask_format
                 if mask_format == "end":
@@ -129,8 +146,13 @@ class Fuse(Pass):
                     ctx.note(f"fuse: attention at '{match.softmax.name}' matched rule '{match.rule.name}' but "
                              f"was not rewritten: {miss.reason}")
             rules = sorted({m.rule.name for m in matches})
-            stats["attention_rules"] = ",".join(rules) if rules else "-"
             cleanup(graph)
+            if misses:  # heads split elsewhere (rotary): the core -> MultiHeadAttention, or its standard form
+                cores, misses = fuse_core_attention(graph, mask_names, misses, target.contrib_ops)
+                fused += len(cores)
+                rules = sorted(set(rules) | set(cores))
+                cleanup(graph)
+            stats["attention_rules"] = ",".join(rules) if rules else "-"
         stats["attention_blocks"] = softmax_count
         stats["attention"] = fused
         stats["attention_summary"] = f"{fused}/{softmax_count} attention fused"
@@ -170,5 +192,5 @@ class Fuse(Pass):
         if target.contrib_ops and any(n.domain == "com.microsoft" for n in graph.nodes):
             ensure_domain(graph, "com.microsoft", 1)
         modified = fused > 0 or stats["gelu"] > 0 or stats["skip_layernorm"] > 0 or stats["embed_layernorm"] > 0 or \
-            stats["layernorm_fused"] > 0
+            stats["layernorm_fused"] > 0 or stats["rotary"] > 0
         return PassResult(modified=modified, stats=stats)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.layernorm import layernorm_matches
+from tqc.passes.fuse.layernorm import LayerNormMatch, layernorm_matches
 from tqc.passes.fuse.match import through_identity, constant_values, consumers, producer
 from tqc.passes.rewrite import detach, produce
 
@@ -227,6 +227,14 @@ def plan_embedding(leaves: list[gs.Node], inputs: dict[str, gs.Tensor]) -> Embed
     return EmbeddingPlan(word, ids, segment, segment_ids, position, index, rows)
 
 
+def _beta(match: LayerNormMatch) -> gs.Tensor:
+    """The LayerNorm's β, or zeros for one without bias (the op's β is not optional)."""
+    if match.beta is not None:
+        return through_identity(match.beta)
+    zeros = np.zeros(constant_values(match.gamma).shape, np.float32)
+    return gs.Constant(f"{match.last.name}_tqc_zero_beta", zeros)
+
+
 def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, gs.Tensor | None, str | None]:
     """LayerNorm(word[ids] + type[...] + pos[...]) -> EmbedLayerNormalization, each Gather in its proven slot.
 
@@ -239,7 +247,7 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
         leaves, nodes = [], []
         if not _gather_leaves(match.x, leaves, nodes, match.own_consumers_of_x) or len(leaves) < 2:
             continue
-        if constant_values(match.gamma) is None or constant_values(match.beta) is None:
+        if constant_values(match.gamma) is None or (match.beta is not None and constant_values(match.beta) is None):
             reason = f"embedding LayerNorm '{ln.name}' has non-constant scale or bias"
             continue
         plan = plan_embedding(leaves, inputs)
@@ -270,7 +278,7 @@ def fuse_embed_layernorm(graph: gs.Graph, mask: gs.Tensor | None) -> tuple[int, 
         op_inputs = [int32(plan.ids), int32(plan.segment_ids) if plan.segment else empty,
                      through_identity(plan.word.inputs[0]), position_table,
                      through_identity(plan.segment.inputs[0]) if plan.segment else empty,
-                     through_identity(match.gamma), through_identity(match.beta)]
+                     through_identity(match.gamma), _beta(match)]
         mask_index = gs.Variable("tqc_embed_mask_index", dtype=np.int32)  # ORT's schema needs this output
         if mask is not None or position_ids is not None:
             op_inputs.append(int32(mask) if mask is not None else gs.Variable.empty())

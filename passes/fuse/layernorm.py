@@ -5,6 +5,7 @@ torch's legacy exporter below opset 17 writes LayerNorm as nine ops; the rules w
 
     legacy-pow:  Add(Mul(Div(x - ReduceMean(x), Sqrt(ReduceMean(Pow(x - mean, 2)) + eps)), γ), β)
     legacy-mul:  the same, the square written Mul(x - mean, x - mean)
+    legacy-pow-nobias, legacy-mul-nobias:  without β (ModernBERT's nn.LayerNorm(bias=False)), from the Mul (γ)
 
     after:  LayerNormalization(x, γ, β, axis=-1, epsilon=eps)          (opset ≥ 17; below, there is no such op:
                                                                         the residual and embedding fusions match
@@ -32,7 +33,7 @@ class LayerNormMatch:
 
     x: gs.Tensor
     gamma: gs.Tensor
-    beta: gs.Tensor
+    beta: gs.Tensor | None   # None: a LayerNorm without bias (ModernBERT's nn.LayerNorm(bias=False))
     epsilon: float
     last: gs.Node        # the node producing the normalized output
     decomposed: bool
@@ -76,6 +77,13 @@ def _shift(step: Step, w: Walk) -> list[Walk]:
 
 def _scale(step: Step, w: Walk) -> list[Walk]:
     return _with_constant_vector(expect(w.tensor, step), step, w, "gamma", "γ")
+
+
+def _last_scale(step: Step, w: Walk) -> list[Walk]:
+    """A LayerNorm without β ends in its γ Mul: the anchor."""
+    if w.anchor.op not in step.op or len(w.anchor.inputs) != 2:
+        raise NoMatch(f"{describe(w.anchor)} is no two-input Mul")
+    return _with_constant_vector(w.anchor, step, w, "gamma", "γ")
 
 
 def _normalize(step: Step, w: Walk) -> list[Walk]:
@@ -125,14 +133,14 @@ def _square(step: Step, w: Walk) -> list[Walk]:
     return [w.bind(nodes=[square])]
 
 
-STEPS: dict[str, StepFunction] = {"shift": _shift, "scale": _scale, "normalize": _normalize, "center": _center,
+STEPS: dict[str, StepFunction] = {"shift": _shift, "scale": _scale, "last_scale": _last_scale, "normalize": _normalize, "center": _center,
                                  "root": _root, "epsilon": _epsilon, "variance": _variance, "square": _square}
 
 
-def _steps(square: Step) -> tuple[Step, ...]:
-    return (
-        Step("shift", ("Add",), commutative=True),
-        Step("scale", ("Mul",), commutative=True),
+def _steps(square: Step, bias: bool = True) -> tuple[Step, ...]:
+    ends = (Step("shift", ("Add",), commutative=True), Step("scale", ("Mul",), commutative=True)) if bias else \
+        (Step("last_scale", ("Mul",), commutative=True),)
+    return ends + (
         Step("normalize", ("Div",)),
         Step("center", ("Sub",)),
         Step("root", ("Sqrt",)),
@@ -153,18 +161,29 @@ RULES: tuple[Rule, ...] = (
         description="LayerNorm written by hand (or other exporters): (x - mean) squared as Mul(c, c)",
         anchor=("Add",), steps=_steps(Step("square", ("Mul",))),
     ),
+    Rule(
+        name="legacy-pow-nobias",
+        description="legacy-pow without β (nn.LayerNorm(bias=False), ModernBERT): ends in the γ Mul",
+        anchor=("Mul",), steps=_steps(Step("square", ("Pow",), 2.0, tolerance=0.0), bias=False),
+    ),
+    Rule(
+        name="legacy-mul-nobias",
+        description="legacy-mul without β: ends in the γ Mul",
+        anchor=("Mul",), steps=_steps(Step("square", ("Mul",)), bias=False),
+    ),
 )
 
 
-def match_decomposed_layernorm(add_beta: gs.Node) -> LayerNormMatch | Miss:
+def match_decomposed_layernorm(last: gs.Node) -> LayerNormMatch | Miss:
     """Add(Mul(Div(x - mean(x), Sqrt(mean((x - mean(x))^2) + eps)), gamma), beta), as opset < 17 exports
-    write LayerNorm (torch's legacy exporter: ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add);
-    else the closest rule and why it stopped."""
-    found = closest(RULES, Walk(add_beta), STEPS)
+    write LayerNorm (torch's legacy exporter: ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add),
+    ending at ``last`` (the β Add, or the γ Mul of a LayerNorm without β); else the closest rule and why it
+    stopped."""
+    found = closest([r for r in RULES if last.op in r.anchor], Walk(last), STEPS)
     if isinstance(found, Miss):
         return found
     found = found[1]
-    return LayerNormMatch(found.x, found["gamma"], found["beta"], found["epsilon"], add_beta, decomposed=True,
+    return LayerNormMatch(found.x, found["gamma"], found.get("beta"), found["epsilon"], last, decomposed=True,
                           nodes=found.nodes)
 
 
@@ -172,12 +191,19 @@ def layernorm_matches(graph: gs.Graph) -> list[LayerNormMatch]:
     matches = []
     for node in list(graph.nodes):
         if node.op == "LayerNormalization" and node.domain in (None, "", "ai.onnx"):
-            if len(node.inputs) < 3 or node.attrs.get("axis", -1) != -1 or \
+            if len(node.inputs) < 2 or node.attrs.get("axis", -1) != -1 or \
                     len([o for o in node.outputs if o.outputs or o.name]) > 1:
                 continue
-            matches.append(LayerNormMatch(node.inputs[0], node.inputs[1], node.inputs[2],
+            beta = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+            matches.append(LayerNormMatch(node.inputs[0], node.inputs[1], beta,
                                           float(node.attrs.get("epsilon", 1e-5)), node, decomposed=False))
         elif node.op == "Add":
+            match = match_decomposed_layernorm(node)
+            if isinstance(match, LayerNormMatch):
+                matches.append(match)
+    covered = {id(n) for m in matches for n in m.nodes}  # a γ Mul inside a LayerNorm with β is no LayerNorm end
+    for node in list(graph.nodes):
+        if node.op == "Mul" and id(node) not in covered:
             match = match_decomposed_layernorm(node)
             if isinstance(match, LayerNormMatch):
                 matches.append(match)
@@ -191,19 +217,20 @@ def layernorm_candidates(graph: gs.Graph) -> list[gs.Node]:
                 for u in consumers(n.outputs[0]))]
 
 
-def _spine_adds(mean: gs.Node) -> list[gs.Node]:
-    """The Adds a LayerNorm's centered x reaches through Div then Mul (where its β Add should be)."""
+def _spine_ends(mean: gs.Node) -> tuple[list[gs.Node], list[gs.Node]]:
+    """The Muls (γ) a LayerNorm's centered x reaches through Div, and the Adds (β) after them."""
     tensors = [u.outputs[0] for u in consumers(mean.outputs[0]) if u.op == "Sub"]
-    for op in ("Div", "Mul"):
-        tensors = [u.outputs[0] for t in tensors for u in consumers(t) if u.op == op]
-    return [u for t in tensors for u in consumers(t) if u.op == "Add"]
+    tensors = [u.outputs[0] for t in tensors for u in consumers(t) if u.op == "Div"]
+    muls = [u for t in tensors for u in consumers(t) if u.op == "Mul"]
+    return muls, [u for m in muls for u in consumers(m.outputs[0]) if u.op == "Add"]
 
 
 def explain_layernorm(mean: gs.Node, limit: int = 32) -> Miss:
     """Why the LayerNorm-shaped ``mean`` is no decomposed LayerNorm: the Adds after it (those on the
-    Sub-Div-Mul spine first, then any within ``limit`` nodes) are tried as the LayerNorm's end (its β Add); the
-    rule that got furthest from any of them (on a tie, the earlier Add)."""
-    candidates = _spine_adds(mean)
+    Sub-Div-Mul spine first, then any within ``limit`` nodes) are tried as the LayerNorm's end (its β Add), then
+    the γ Muls on the spine (the end of one without β); the rule that got furthest from any of them (on a tie,
+    the earlier candidate)."""
+    muls, candidates = _spine_ends(mean)
     frontier, seen = [mean], {id(mean)}
     while frontier and len(seen) <= limit:
         node = frontier.pop(0)
@@ -214,8 +241,8 @@ def explain_layernorm(mean: gs.Node, limit: int = 32) -> Miss:
                 if user.op == "Add" and all(user is not c for c in candidates):
                     candidates.append(user)
     best: Miss | None = None
-    for add in candidates:
-        found = closest(RULES, Walk(add), STEPS)
+    for end in candidates + muls:
+        found = closest([r for r in RULES if end.op in r.anchor], Walk(end), STEPS)
         if isinstance(found, Miss) and (best is None or found.step > best.step):
             best = found
     if best is None:
@@ -234,8 +261,9 @@ def fuse_layernorm(graph: gs.Graph) -> tuple[int, list[Miss]]:
     if int(graph.opset) < 17:
         return 0, misses
     for match in matches:
+        beta = [through_identity(match.beta)] if match.beta is not None else []
         replace_output(graph, match.last.outputs[0], "LayerNormalization", f"tqc_layernorm{count}",
-                       [match.x, through_identity(match.gamma), through_identity(match.beta)],
+                       [match.x, through_identity(match.gamma)] + beta,
                        attrs={"axis": -1, "epsilon": match.epsilon})
         count += 1
     return count, misses

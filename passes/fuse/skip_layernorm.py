@@ -5,6 +5,16 @@
     after:          SkipLayerNormalization(MatMul, residual, γ, β, b)           (form 'contrib')
                     LayerNormalization(Sum(MatMul, residual, b), γ, β)          (form 'sum')
 
+Pre-LN encoders (ModernBERT) keep the residual stream: the Add is read by the LayerNorm and by the next
+residual Add, and their projections and LayerNorms may have no bias (β absent). Form 'contrib' only, where the
+op's fourth output (``input_skip_bias_sum``) re-produces the Add's sum under its name::
+
+    residual-projection:  LayerNorm(Add(MatMul, residual))                    (no b; the Add read only here)
+    pre-ln[-bias]:        LayerNorm(s), s = Add([Add(]MatMul[, b)], residual) read by later nodes too
+    after:                SkipLayerNormalization(MatMul, residual, γ[, β][, b]) -> (out, -, -, s)
+
+On the 'sum' form these have nothing to gain (Add + LayerNormalization is that form without b).
+
 The contrib op is ORT CUDA's fastest form. On ORT CPU (1.30-1.32) its kernel is 2.5x slower than
 Sum + LayerNormalization for a [1, 128, 384] input (0.145 vs 0.058 ms, 2 threads), 1.3 ms of MiniLM's
 8 ms INT8 run; and ORT's own SkipLayerNormFusion re-fuses Add + LayerNormalization into the slow op, but
@@ -25,7 +35,7 @@ from tqc.passes.rewrite import detach, produce
 
 def _affine_constant(step: Step, w: Walk) -> list[Walk]:
     match: LayerNormMatch = w["layernorm"]
-    if constant_values(match.gamma) is None or constant_values(match.beta) is None:
+    if constant_values(match.gamma) is None or (match.beta is not None and constant_values(match.beta) is None):
         raise NoMatch(f"{describe(match.last)} has a computed γ or β")
     return [w]
 
@@ -39,6 +49,27 @@ def _residual_add(step: Step, w: Walk) -> list[Walk]:
     if any(isinstance(t, gs.Constant) for t in add.inputs):
         raise NoMatch(f"{describe(add)} adds a constant")
     return [w.bind(residual_add=add, nodes=[add])]
+
+
+def _residual_stream(step: Step, w: Walk) -> list[Walk]:
+    """Pre-LN: the residual Add is read by the LayerNorm and by later nodes (the stream goes on)."""
+    match: LayerNormMatch = w["layernorm"]
+    add = expect(match.x, step)
+    if len(consumers(add.outputs[0])) == match.own_consumers_of_x:
+        raise NoMatch(f"{describe(add)} is read only by the LayerNorm (no residual stream to keep)")
+    if any(isinstance(t, gs.Constant) for t in add.inputs):
+        raise NoMatch(f"{describe(add)} adds a constant")
+    return [w.bind(residual_add=add, keep_sum=add.outputs[0], nodes=[add])]
+
+
+def _projection(step: Step, w: Walk) -> list[Walk]:
+    """A projection without bias: one operand of the residual Add is a MatMul read only by it."""
+    add: gs.Node = w["residual_add"]
+    pairs = [(a, b) for a, b in operand_orders(add, step) if producer(a) is not None and producer(a).op == "MatMul"
+             and len(consumers(a)) == 1]
+    if not pairs:
+        raise NoMatch(f"neither operand of {describe(add)} is a MatMul read only by it")
+    return [w.bind(x=pairs[0][0], residual=pairs[0][1], bias=None)]
 
 
 def _bias_projection(step: Step, w: Walk) -> list[Walk]:
@@ -57,7 +88,11 @@ def _bias_projection(step: Step, w: Walk) -> list[Walk]:
 
 
 STEPS: dict[str, StepFunction] = {"affine_constant": _affine_constant, "residual_add": _residual_add,
-                                 "bias_projection": _bias_projection}
+                                 "residual_stream": _residual_stream, "bias_projection": _bias_projection,
+                                 "projection": _projection}
+
+_AFFINE = Step("affine_constant", ("LayerNorm",))
+_ANCHOR = ("LayerNormalization", "Add")
 
 RULES: tuple[Rule, ...] = (
     Rule(
@@ -65,10 +100,22 @@ RULES: tuple[Rule, ...] = (
         description="BERT-style residual: LayerNorm(Add(Add(MatMul, b), residual)), any operand order; "
                     "embedding sums (a position table may broadcast from [1, S, H]) are left alone",
         anchor=("LayerNormalization", "Add"),
-        steps=(Step("affine_constant", ("LayerNorm",)),
-               Step("residual_add", ("Add",), commutative=True),
+        steps=(_AFFINE, Step("residual_add", ("Add",), commutative=True),
                Step("bias_projection", ("Add",), commutative=True)),
     ),
+)
+
+# Form 'contrib' only (module docstring): no projection bias, or a pre-LN residual stream.
+CONTRIB_RULES: tuple[Rule, ...] = (
+    Rule("residual-projection", "LayerNorm(Add(MatMul, residual)): a projection without bias",
+         _ANCHOR, (_AFFINE, Step("residual_add", ("Add",), commutative=True),
+                   Step("projection", ("MatMul",), commutative=True))),
+    Rule("pre-ln-bias", "pre-LN residual stream: LayerNorm(s), s = Add(Add(MatMul, b), residual) read on",
+         _ANCHOR, (_AFFINE, Step("residual_stream", ("Add",), commutative=True),
+                   Step("bias_projection", ("Add",), commutative=True))),
+    Rule("pre-ln", "pre-LN residual stream without bias (ModernBERT): LayerNorm(s), s = Add(MatMul, residual)",
+         _ANCHOR, (_AFFINE, Step("residual_stream", ("Add",), commutative=True),
+                   Step("projection", ("MatMul",), commutative=True))),
 )
 
 
@@ -82,9 +129,10 @@ def fuse_skip_layernorm(graph: gs.Graph, form: str = "contrib") -> tuple[int, li
     count = 0
     misses: list[Miss] = []
     can_sum = int(graph.opset) >= 17
+    rules = RULES if form == "sum" and can_sum else RULES + CONTRIB_RULES
     for match in layernorm_matches(graph):
         ln = match.last
-        found = closest(RULES, Walk(ln, bound=(("layernorm", match),)), STEPS)
+        found = closest(rules, Walk(ln, bound=(("layernorm", match),)), STEPS)
         if isinstance(found, Miss):
             add = producer(match.x)
             if add is not None and add.op == "Add":
@@ -93,10 +141,17 @@ def fuse_skip_layernorm(graph: gs.Graph, form: str = "contrib") -> tuple[int, li
             continue
         found = found[1]
         name = f"tqc_skipln{count}"
-        gamma, beta = through_identity(match.gamma), through_identity(match.beta)
-        bias = gs.Constant(f"{name}_bias", found["bias"])
+        gamma = through_identity(match.gamma)
+        beta = through_identity(match.beta) if match.beta is not None else gs.Variable.empty()
+        bias = gs.Constant(f"{name}_bias", found["bias"]) if found["bias"] is not None else None
         out = detach(ln.outputs[0])
-        if form == "sum" and can_sum:
+        if found.get("keep_sum") is not None or bias is None:
+            outputs = [out] if found.get("keep_sum") is None else \
+                [out, gs.Variable.empty(), gs.Variable.empty(), detach(found["keep_sum"])]
+            inputs = [found.x, found["residual"], gamma] + ([beta] if bias is None else [beta, bias])
+            produce(graph, "SkipLayerNormalization", name, inputs if inputs[-1].name else inputs[:-1], outputs,
+                    attrs={"epsilon": match.epsilon}, domain="com.microsoft")
+        elif form == "sum" and can_sum:
             total = gs.Variable(f"{name}_sum", dtype=out.dtype)
             produce(graph, "Sum", f"{name}_Sum", [found.x, found["residual"], bias], [total])
             produce(graph, "LayerNormalization", name, [total, gamma, beta], [out],

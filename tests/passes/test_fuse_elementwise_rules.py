@@ -171,8 +171,9 @@ def test_gelu_without_bias_on_ort(rule):
 def layernorm_model(rule: str, swapped: str = "", opset: int = 17, exponent: float = 2.0, x: str = "x",
                     builder: Builder | None = None) -> tuple[Builder, str]:
     """LayerNorm over the last axis written out in primitives; ``swapped`` names the commutative node whose
-    operands are swapped: beta, gamma or eps."""
+    operands are swapped: beta, gamma or eps. A ``-nobias`` rule ends at the γ Mul (no β)."""
     g = builder or Builder()
+    rule, bias = rule.removesuffix("-nobias"), not rule.endswith("-nobias")
     mean = g.op("ReduceMean", x, axes=[-1], name="mean")  # opsets 14 and 17: axes as an attribute
     centered = g.op("Sub", x, mean)
     square = g.op("Pow", centered, g.const(exponent), name="square") if rule == "legacy-pow" else \
@@ -180,12 +181,13 @@ def layernorm_model(rule: str, swapped: str = "", opset: int = 17, exponent: flo
     variance = g.op("ReduceMean", square, axes=[-1])
     std = g.op("Sqrt", g.binary("Add", variance, g.const(1e-12), swapped == "eps"))
     normalized = g.op("Div", centered, std)
-    scaled = g.binary("Mul", normalized, g.const(GAMMA), swapped == "gamma")
-    return g, g.binary("Add", scaled, g.const(BETA), swapped == "beta", name="shift")
+    scaled = g.binary("Mul", normalized, g.const(GAMMA), swapped == "gamma", name=None if bias else "scale")
+    return g, g.binary("Add", scaled, g.const(BETA), swapped == "beta", name="shift") if bias else scaled
 
 
 LAYERNORM_VARIANTS = [(rule, swapped) for rule in ("legacy-pow", "legacy-mul") for swapped in ("", "beta", "gamma",
-                                                                                               "eps")]
+                                                                                               "eps")] + \
+    [(rule, swapped) for rule in ("legacy-pow-nobias", "legacy-mul-nobias") for swapped in ("", "gamma", "eps")]
 
 
 def test_every_layernorm_rule_has_variants_here():
@@ -199,6 +201,7 @@ def test_layernorm_rule_fuses_exactly(rule, swapped):
     after, stats, ctx = fuse(before, "trt")
     assert stats["layernorm_fused"] == 1, ctx.messages
     assert ops(after) == ["LayerNormalization"]
+    assert len(after.graph.node[0].input) == (2 if rule.endswith("-nobias") else 3)
     assert_same_numbers(before, after, ["x"])
 
 
@@ -224,6 +227,7 @@ SKIP_VARIANTS = [(bias, residual) for bias in (False, True) for residual in (Fal
 @pytest.mark.parametrize("form, decomposed", [("contrib", False), ("sum", False), ("contrib", True)])
 def test_skip_layernorm_rule_fuses_exactly(bias_swapped, residual_swapped, form, decomposed):
     assert [r.name for r in SKIP_LAYERNORM_RULES] == ["residual-bias"]
+    assert [r.name for r in skip_layernorm.CONTRIB_RULES] == ["residual-projection", "pre-ln-bias", "pre-ln"]
     before = skip_model(bias_swapped, residual_swapped, decomposed)
     after, stats, ctx = fuse(before, "ort-cpu", skip_layernorm=form)
     assert stats["skip_layernorm"] == 1, ctx.messages
@@ -291,7 +295,58 @@ def test_explain_broken_layernorm_below_opset_17_and_broken_tanh_gelu():
     assert gelu.startswith("fuse: gelu: Tanh 'tanh' not fused; closest rule 'tanh-pow': step 2 (cube_sum: "
                            "Pow(0.044715) either order): Add 'sum': Mul 'coefficient' multiplies by 0.05, not "
                            "0.044715; "), gelu
-    assert "fuse: layernorm: ReduceMean 'mean' not fused; closest rule 'legacy-pow': step 1 (shift: Add either " \
-           "order): neither operand of Add 'shift' is a constant 1-D β" in ctx.messages, ctx.messages
+    # the Add(·, x) after γ is no β: what comes before it is a LayerNorm without β ('legacy-mul-nobias')
+    assert not any(m.startswith("fuse: layernorm: ReduceMean") for m in ctx.messages), ctx.messages
+    found = layernorm.layernorm_matches(to_graph(before))
+    assert [(m.last.op, m.beta, len(m.nodes)) for m in found] == [("Mul", None, 8)]
     assert any(m.startswith("fuse: layernorm: opset 14 has no LayerNormalization") for m in ctx.messages)
     assert_same_numbers(before, after, ["x"])
+
+
+def pre_ln_model(biased: bool, with_beta: bool, decomposed: bool) -> onnx.ModelProto:
+    """A pre-LN block (ModernBERT): s = Add([Add(]MatMul(h, W)[, b)], residual); y = s + MatMul(LayerNorm(s), W),
+    the LayerNorm with or without β, as the op (opset 17) or written out (opset 14)."""
+    g = Builder()
+    projection = g.op("MatMul", "h", g.const(W))
+    if biased:
+        projection = g.op("Add", projection, g.const(B))
+    stream = g.op("Add", projection, "residual", name="residual_add")
+    if decomposed:
+        g, normed = layernorm_model("legacy-pow" if with_beta else "legacy-pow-nobias", x=stream, builder=g)
+    else:
+        normed = g.op("LayerNormalization", stream, g.const(GAMMA), *([g.const(BETA)] if with_beta else []),
+                      axis=-1, epsilon=1e-12, name="ln")
+    out = g.op("Add", stream, g.op("MatMul", normed, g.const(W)))
+    return g.model(["h", "residual"], out, 14 if decomposed else 17)
+
+
+@pytest.mark.parametrize("biased, with_beta", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_pre_ln_residual_stream_fuses_with_its_sum_output(biased, with_beta, decomposed):
+    """The residual Add read by the LayerNorm and by the next residual Add: SkipLayerNormalization re-produces
+    the sum as its fourth output (form 'contrib' only: the 'sum' form keeps the block as it is)."""
+    before = pre_ln_model(biased, with_beta, decomposed)
+    after, stats, ctx = fuse(before, "ort-cuda")
+    assert stats["skip_layernorm"] == 1, ctx.messages
+    skip = next(n for n in after.graph.node if n.op_type == "SkipLayerNormalization")
+    assert skip.output[3] == "t3" if biased else skip.output[3] == "t2"  # the Add's sum, under its name
+    assert len(skip.input) == 3 + with_beta + biased + (biased and not with_beta)
+    assert "Add" in ops(after)  # the next residual Add reads the sum
+    assert_same_numbers(before, after, ["h", "residual"])
+    if not decomposed:
+        kept, sum_stats, _ = fuse(before, "ort-cpu")
+        assert sum_stats["skip_layernorm"] == 0 and ops(kept) == ops(before)
+
+
+def test_residual_projection_without_bias_fuses_on_contrib():
+    """LayerNorm(Add(MatMul, residual)) without a bias and without β: SkipLayerNormalization(MatMul, residual,
+    γ) on ort-cuda; ort-cpu's 'sum' form keeps it (Add + LayerNormalization is that form)."""
+    g = Builder()
+    total = g.op("Add", "residual", g.op("MatMul", "h", g.const(W)), name="residual_add")
+    out = g.op("LayerNormalization", total, g.const(GAMMA), axis=-1, epsilon=1e-12, name="ln")
+    before = g.model(["h", "residual"], out, 17)
+    after, stats, ctx = fuse(before, "ort-cuda")
+    assert stats["skip_layernorm"] == 1, ctx.messages
+    assert ops(after) == ["MatMul", "SkipLayerNormalization"]
+    assert list(after.graph.node[1].input)[1:] == ["residual", "c1"]
+    assert_same_numbers(before, after, ["h", "residual"])

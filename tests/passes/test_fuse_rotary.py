@@ -1,0 +1,159 @@
+"""ModernBERT's pieces on tiny exports (both exporters, eager and sdpa): rotary position embeddings ->
+RotaryEmbedding on ORT targets (one pair of caches per distinct pair of tables), the attention cores ->
+MultiHeadAttention with the exporter's masks (one global, one sliding-window band, each shared by its layers),
+GeGLU's GELU, LayerNorms without bias in pre-LN residual streams; exact (``-p fuse`` alone, within 1e-4 on padded batches at lengths
+past the local window) and standard ops on trt. Synthetic rotations the rule must refuse, with the reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tqc.compiler.io.graph import to_graph, to_model
+from tqc.compiler.io.model import load_model
+from tqc.compiler.pipeline.manager import PassManager
+from tqc.compiler.pipeline.spec import parse_pipeline
+from tqc.passes.base import PassContext
+from tqc.passes.fuse import Fuse
+
+from .test_fuse_new_families import outputs_on, seeded_feeds
+
+VARIANTS = [("legacy", "eager"), ("legacy", "sdpa"), ("dynamo", "eager"), ("dynamo", "sdpa")]
+LAYERS = 3  # tiny ModernBERT: full / sliding / full
+
+
+def fuse_alone(path, target, pipeline="fuse"):
+    model = load_model(path)
+    ctx = PassContext(target=target, explain={"fuse"})
+    manager = PassManager(parse_pipeline(pipeline), ctx, verify="numeric")
+    fused = manager.run(model)
+    return model, fused, manager.records[-1].stats, ctx
+
+
+@pytest.mark.parametrize("exporter, attn", VARIANTS)
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda", "trt", "openvino"])
+def test_modernbert_rotary_geglu_and_residuals_fuse_exactly(exporter, attn, target, exports):
+    model, fused, stats, ctx = fuse_alone(exports.get("modernbert", exporter=exporter, attn=attn, size="tiny"),
+                                          target)
+    feeds = seeded_feeds(model)
+    padded = dict(feeds[1])
+    padded["attention_mask"] = np.ones_like(padded["attention_mask"])
+    padded["attention_mask"][1, 12:] = 0  # 28 padding tokens: the sliding window's rows past 16 mask every key
+    for before, after in zip(outputs_on(model, feeds + [padded]), outputs_on(fused, feeds + [padded])):
+        assert not np.isnan(after).any() and np.abs(before - after).max() <= 1e-4
+    ops = [n.op_type for n in fused.graph.node]
+    if (exporter, attn) == ("legacy", "sdpa"):  # its -inf mask needs the NaN guard the fused forms lack
+        assert stats["attention"] == 0
+        assert sum("closest rule 'rotary-sdpa-legacy': check: the mask" in m and "fills with -inf" in m
+                   for m in ctx.messages) == LAYERS, ctx.messages
+    else:
+        assert stats["attention"] == LAYERS, ctx.messages
+        assert stats["attention_rules"] == {"eager": "rotary-eager"}.get(attn, "rotary-sdpa-dynamo")
+    if target in ("trt", "openvino"):  # the standard form: scale on the scores, one K^T Transpose, no guard
+        assert stats["rotary"] == 0 and all(n.domain in ("", "ai.onnx") for n in fused.graph.node)
+        assert any(m.startswith("fuse: rotary: RotaryEmbedding is an ONNX Runtime contrib op") for m in ctx.messages)
+        if (exporter, attn) != ("legacy", "sdpa"):
+            assert ops.count("Softmax") == LAYERS and "IsNaN" not in ops and "Cast" not in ops[ops.index("Softmax"):]
+            masks = [n.input[1] for n in fused.graph.node if n.name.endswith("_masked")]
+            assert len(masks) == LAYERS and masks[0] == masks[2] != masks[1]   # two masks, shared
+        return
+    assert stats["rotary"] == 2 * LAYERS, ctx.messages          # Q and K of every layer
+    assert not any(m.startswith("fuse: rotary:") for m in ctx.messages), ctx.messages
+    assert ops.count("Neg") == 0 and ops.count("Cos") == 0       # the rotations and their tables are gone
+    caches = sorted(i.name for i in fused.graph.initializer if "rotary_cos_cache" in i.name)
+    assert caches == ["tqc_rotary_cos_cache0", "tqc_rotary_cos_cache1"]  # global and local tables, shared
+    if (exporter, attn) != ("legacy", "sdpa"):
+        assert ops.count("Softmax") == 0
+        masks = [n.input[5] for n in fused.graph.node if n.op_type == "MultiHeadAttention"]
+        assert len(masks) == LAYERS and masks[0] == masks[2] != masks[1]   # full / sliding / full: two masks
+    assert stats["gelu"] == LAYERS and ops.count("Gelu") == LAYERS   # GeGLU: GELU(first half) * second half
+    # pre-LN residual streams without bias: every LayerNorm after a residual Add, on the contrib form
+    assert stats["skip_layernorm"] == (2 * LAYERS if target == "ort-cuda" else 0)
+
+
+class Rotation:
+    """x [B, H, S, D] rotated by transformers' apply_rotary_pos_emb, tables from Range(Shape(ids)[1]) (ids:
+    [B, S], as token ids are)."""
+
+    def __init__(self, heads=2, size=8, half=None, theta=10000.0):
+        self.heads, self.size, self.half = heads, size, half if half is not None else size // 2
+        inv = (1.0 / theta ** (np.arange(0, size, 2) / size)).astype(np.float32)
+        self.nodes, self.inits = [], [numpy_helper.from_array(inv, "inv_freq")]
+        for name, value in (("seq", [1]), ("zero", 0), ("one", 1), ("axes01", [0, 1]), ("last", [-1]),
+                            ("start0", [0]), ("half", [self.half]), ("big", [1 << 30]),
+                            ("seq_axis", [1])):
+            self.inits.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
+
+    def node(self, op, inputs, output, **attrs):
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def model(self, table_from="shape"):
+        n = self.node
+        if table_from == "shape":
+            length = n("Gather", [n("Shape", ["ids"], "shape"), "seq"], "length")
+        else:  # depends on the values of ids: the rule must refuse it
+            length = n("ReduceMax", ["ids"], "length", keepdims=0)
+        length = n("Squeeze", [length], "len0") if table_from == "shape" else length
+        positions = n("Cast", [n("Range", ["zero", length, "one"], "range")], "pos",
+                      to=TensorProto.FLOAT)
+        freqs = n("Mul", [n("Unsqueeze", [positions, "seq_axis"], "pos2"), "inv_freq"], "freqs")
+        emb = n("Concat", [freqs, freqs], "emb", axis=-1)
+        cos = n("Unsqueeze", [n("Cos", [emb], "cos2"), "axes01"], "cos")
+        sin = n("Unsqueeze", [n("Sin", [emb], "sin2"), "axes01"], "sin")
+        first = n("Slice", ["x", "start0", "half", "last"], "first")
+        second = n("Slice", ["x", "half", "big", "last"], "second")
+        rotated = n("Concat", [n("Neg", [second], "neg"), first], "rotated", axis=-1)
+        n("Add", [n("Mul", ["x", cos], "x_cos"), n("Mul", [rotated, sin], "r_sin")], "y")
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", self.heads, "s", self.size])
+        ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", self.heads, "s", self.size])
+        graph = helper.make_graph(self.nodes, "rotary", [x, ids], [y], initializer=self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 9
+        onnx.checker.check_model(model)
+        return model
+
+
+def run(model, x, ids=None):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ids = np.full(x.shape[:1] + x.shape[2:3], x.shape[2], np.int64) if ids is None else ids
+    feed = {"x": x, "ids": ids}
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})[0]
+
+
+def fuse_graph(model, **options):
+    graph = to_graph(onnx.shape_inference.infer_shapes(model))
+    ctx = PassContext(target="ort-cpu", explain={"fuse"})
+    stats = Fuse(**options).run(graph, ctx).stats
+    return to_model(graph), stats, ctx
+
+
+def test_a_rotation_with_its_tables_from_the_shape_fuses_exactly():
+    model = Rotation().model()
+    fused, stats, ctx = fuse_graph(model, rotary_positions=64)
+    assert stats["rotary"] == 1, ctx.messages
+    assert [n.op_type for n in fused.graph.node] == ["RotaryEmbedding"]
+    x = np.random.default_rng(0).standard_normal((3, 2, 40, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(fused, x), run(model, x), atol=1e-5, rtol=0)
+    with pytest.raises(Exception, match="cos_cache"):  # past the cache: ORT refuses, it does not answer
+        run(fused, np.zeros((1, 2, 65, 8), np.float32))
+
+
+@pytest.mark.parametrize("broken, reason", [
+    ("quarter", "step 3 (tables: Cos/Sin): the tables are 8 wide, the rotation 4"),
+    ("values", "step 3 (tables: Cos/Sin): the tables 'cos', 'sin' depend on input values, not only on the "
+               "sequence length"),
+])
+def test_explain_names_why_a_rotation_is_not_fused(broken, reason):
+    model = Rotation(half=2).model() if broken == "quarter" else Rotation().model(table_from="values")
+    fused, stats, ctx = fuse_graph(model)
+    assert stats["rotary"] == 0
+    assert f"fuse: rotary: Add 'y' not fused; closest rule 'rotate-half': {reason}" in ctx.messages, ctx.messages
+    x = np.random.default_rng(1).standard_normal((2, 2, 5, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(fused, x), run(model, x), atol=1e-6, rtol=0)
