@@ -377,10 +377,11 @@ def test_openvino_ir_given_for_onnx_is_named(cmd, which, ir, tmp_path, capsys):
     assert_unchanged(before, snapshot(ir.parent))
 
 
-# ---------------------------------------------------------------- serve --provider openvino
+# ---------------------------------------------------------------- serve --provider
 
-def test_serve_offers_no_openvino_provider(tmp_path, capsys):
+def test_serve_offers_exactly_the_runtimes_it_has(tmp_path, capsys):
+    """OpenVINO serving landed (#19): the help offers it, and a runtime serve does not have is refused."""
     helptext = " ".join(run_inprocess(["serve", "--help"], capsys).out.split())
-    assert "[cpu|cuda]" in helptext and "openvino" not in helptext
+    assert "[cpu|cuda|openvino]" in helptext and "hook" not in helptext
     make_mlp(tmp_path / "m.onnx")
-    refused(capsys, ["serve", tmp_path / "m.onnx", "--provider", "openvino"], tmp_path, "'openvino' is not one of")
+    refused(capsys, ["serve", tmp_path / "m.onnx", "--provider", "tensorrt"], tmp_path, "'tensorrt' is not one of")
