@@ -3,7 +3,8 @@ attention (``tqc_attn<i>``) and ModernBERT's rotary cores (``tqc_core<i>``), bot
 has them. Each block's two batched MatMuls (Q K^T, probs V) are planned as attention sites and get Q/DQ on
 both inputs; the bias and rotary subgraphs stay float; INT8 keeps the outputs and every block's context at
 cosine >= 0.99 on seeded held-out token ids; sequences past TensorRT's INT8 MHA limit leave
-them in float, and openvino quantizes them only when asked (``attention=true``)."""
+them in float, and openvino quantizes them only when asked (``attention=true``); ``tqc check`` counts them as
+INT8 MHA."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tqc.compiler.io.model import load_model
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.compiler.runtime.feeds import synthesize_feeds
+from tqc.compiler.tools.trt_check import check_trt
 from tqc.passes.base import PassContext
 from tqc.passes.qdq.plan import PlanOptions, plan_sites
 
@@ -80,6 +82,8 @@ def test_trt_quantizes_every_fused_blocks_attention_matmuls(family, exporter, at
         if node.op_type == "DequantizeLinear":
             users = [n.op_type for n in quantized.graph.node if node.output[0] in n.input]
             assert set(users) <= {"MatMul", "Gemm"}, (node.name, users)
+    report = check_trt(quantized)  # tqc check reads the same blocks: head size 16, within TensorRT's limits
+    assert len(report.attention) == layers and all(b["int8_mha"] and b["head_size"] == 16 for b in report.attention)
     # INT8 against float on held-out seeded token ids: the model's output and every block's context
     contexts = [pv.output[0] for _, pv in pairs]
     feeds = seeded_feeds(fused, seed=11)
