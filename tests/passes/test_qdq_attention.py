@@ -4,9 +4,11 @@ has them. Each block's two batched MatMuls (Q K^T, probs V) are planned as atten
 both inputs; the bias and rotary subgraphs stay float; INT8 keeps the outputs and every block's context at
 cosine >= 0.99 on seeded held-out token ids; sequences past TensorRT's INT8 MHA limit leave
 them in float, and openvino quantizes them only when asked (``attention=true``); ``tqc check`` counts them as
-INT8 MHA."""
+INT8 MHA; the accuracy budget and ``tqc diff --sensitivity`` rank the new sites."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import onnx
@@ -20,6 +22,7 @@ from tqc.compiler.io.model import load_model
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.compiler.runtime.feeds import synthesize_feeds
+from tqc.compiler.tools.diff import sensitivity
 from tqc.compiler.tools.trt_check import check_trt
 from tqc.passes.base import PassContext
 from tqc.passes.qdq.plan import PlanOptions, plan_sites
@@ -126,3 +129,22 @@ def test_trt_limits_keep_the_new_cores_in_float(family, exports):
                 if s.kind == "attention"]
     assert [s.id for s in plan_sites(graph, openvino, PlanOptions(), table).sites
             if s.kind == "attention"] == attention
+
+
+def test_budget_and_diff_sensitivity_rank_the_new_sites(exports):
+    path = exports.get("modernbert", exporter="dynamo", size="tiny")
+    core_sites = {f"tqc_core{i}_{m}" for i in range(LAYERS["modernbert"]) for m in PAIR["tqc_core"]}
+    _, manager, ctx = compile_with(path, "fold,fuse,qdq{budget=1}")
+    state = manager.passes[-1].state
+    assert core_sites <= set(state.sensitivity)  # every site measured alone in float
+    assert core_sites <= set(state.skip)  # budget 1 returns everything to float, the new sites too
+    kept = next(m for m in ctx.messages if m.startswith("qdq: kept in float by the accuracy budget"))
+    shares = dict(re.findall(r"(\S+) \(([\d.]+)%\)", kept))
+    assert all(float(shares[site]) > 0 for site in core_sites)  # each named with its share of the MatMul MACs
+    candidate, _, _ = compile_with(path, "fold,fuse,qdq")
+    feeds = synthesize_feeds(load_model(path), count=2, seed=5)
+    ranking = sensitivity(load_model(path), candidate, feeds)
+    ranked = {r["node"]: r["error_removed"] for r in ranking["nodes"]}
+    assert core_sites <= set(ranked)
+    assert any(ranked[s] > 0 for s in core_sites)  # returning one to float changes the measured error
+    assert any(c["class"] == "tqc_core*_scores" and c["nodes"] == LAYERS["modernbert"] for c in ranking["classes"])
