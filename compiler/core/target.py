@@ -177,6 +177,9 @@ def _direct(name: str, producer, graph_inputs: set[str]) -> bool:
     return False
 
 
+CALIBRATION_LENGTHS = "the calibration lengths"  # sequence_bound's reason when no profile or table bounds it
+
+
 def sequence_bound(profile_max: Iterable[list[int]] = (), lengths: Iterable[int] = (),
                    positions: int | None = None) -> tuple[int | None, str]:
     """The longest sequence the model will see, and where that bound comes from."""
@@ -188,5 +191,5 @@ def sequence_bound(profile_max: Iterable[list[int]] = (), lengths: Iterable[int]
     if positions is not None and positions >= longest:
         return positions, f"the position table ({positions} positions)"
     if longest:
-        return longest, "the calibration lengths"
+        return longest, CALIBRATION_LENGTHS
     return None, ""

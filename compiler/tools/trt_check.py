@@ -183,14 +183,21 @@ def _attention_blocks(model, constants, report: CheckReport, bound: tuple[int | 
             node = producers.get(name)
         return name, node
 
+    last_dims = {info.name: info.type.tensor_type.shape.dim for info in model.graph.value_info}
+
     def head_size(name):
-        _, node = skip_qdq(name)
+        """D of Q or V: from the Reshape [0, 0, H, D] that split the heads, else (Q or V rotated, or split
+        elsewhere: fuse's cores) the last dimension of a [B, H, S, D] tensor as shape inference recorded it."""
+        name, node = skip_qdq(name)
         if node is not None and node.op_type == "Transpose":
             reshape = producers.get(node.input[0])
             if reshape is not None and reshape.op_type == "Reshape" and reshape.input[1] in constants:
                 layout = attention_heads(numpy_helper.to_array(constants[reshape.input[1]]).reshape(-1).tolist())
                 if layout is not None:
                     return layout[1]
+        dims = last_dims.get(name)
+        if dims is not None and len(dims) == 4 and dims[3].HasField("dim_value") and dims[3].dim_value > 0:
+            return int(dims[3].dim_value)
         return None
 
     blocks = []
@@ -198,7 +205,9 @@ def _attention_blocks(model, constants, report: CheckReport, bound: tuple[int | 
         score = softmax.input[0]
         node = producers.get(score)
         while node is not None and node.op_type in ("Add", "Mul", "Div", "Where"):
-            node = producers.get(node.input[0])
+            # the scores: the first operand, or the one computed branch of a masked_fill (DeBERTa's Where)
+            computed = [t for t in node.input[1:] if t in producers] if node.op_type == "Where" else node.input[:1]
+            node = producers.get(computed[0]) if len(computed) == 1 else None
         qk = node if node is not None and node.op_type == "MatMul" else None
         out = consumers.get(softmax.output[0], [])
         pv = None

@@ -33,36 +33,11 @@ import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse import attention
 from tqc.passes.fuse.engine import Miss, NoMatch, Rule, Step, StepFunction, Walk, search
-from tqc.passes.fuse.match import constant_values, int_vector, producer, static_dims
+from tqc.passes.fuse.match import constant_values, heads_from_split, producer, static_dims
 from tqc.passes.fuse.rotary import is_rotation
 from tqc.passes.rewrite import bypass, produce, replace_output
 
 _FLOAT32 = (np.float32, np.dtype(np.float32))
-
-
-def _heads_from_split(tensor: gs.Tensor, size: int | None, limit: int = 8) -> int | None:
-    """H read from the Reshape that split the heads ([..., H, D] with D = ``size``), walking back from
-    ``tensor`` through the ops between (the rotation, fused or as x·cos + rotate_half(x)·sin read through its
-    first term, Transpose, Squeeze, Split/Slice)."""
-    node = producer(tensor)
-    for _ in range(limit):
-        if node is None or node.op not in ("RotaryEmbedding", "Add", "Mul", "Transpose", "Squeeze", "Split", "Slice",
-                                           "Reshape"):
-            return None
-        if node.op == "Reshape":
-            target = int_vector(node.inputs[1])
-            if target is None or len(target) < 4 or target[-1] != size:
-                return None
-            if target[-2] is not None and target[-2] > 0:
-                return int(target[-2])
-            width = (static_dims(node.inputs[0]) or [None])[-1]   # [..., 3, -1, D]: H from the packed width
-            if width is None and producer(node.inputs[0]) is not None and producer(node.inputs[0]).op == "MatMul":
-                weight = constant_values(producer(node.inputs[0]).inputs[1])
-                width = int(weight.shape[-1]) if weight is not None else None
-            packs = target[-3] if len(target) >= 5 and target[-3] is not None and target[-3] > 0 else 1
-            return width // (packs * size) if width is not None and width % (packs * size) == 0 else None
-        node = producer(node.inputs[0])
-    return None
 
 
 def _heads(step: Step, w: Walk) -> list[Walk]:
@@ -77,7 +52,7 @@ def _heads(step: Step, w: Walk) -> list[Walk]:
     size = next((d[3] for d in dims if d[3] is not None), None)
     for d, role in zip(dims, "qkv"):
         d[3] = d[3] if d[3] is not None else size  # shape inference may not know H: read it from the split
-        d[1] = d[1] if d[1] is not None else _heads_from_split(w[role], d[3])
+        d[1] = d[1] if d[1] is not None else heads_from_split(w[role], d[3])
     heads = dims[0][1]
     if heads is None or size is None or any(d[1] != heads or d[3] != size for d in dims[1:]):
         raise NoMatch(f"the heads and head sizes of Q, K and V are not known and equal ({dims})")

@@ -1,5 +1,5 @@
 """The graph queries ``fuse``'s rules (``engine``), ``qdq`` and ``diff`` share: producers, constants, static
-dimensions and scalars computed from them, biased projections.
+dimensions and scalars computed from them, biased projections, the heads of a split (``heads_from_split``).
 
 Operand order is declared, never spelled out: a commutative node (Add, Mul) is matched through
 ``either_order(a, b)``, which yields ``(a, b)`` then ``(b, a)`` (onnxscript's commute); a rule takes the first
@@ -262,6 +262,31 @@ def heads_from_reshape(reshape: gs.Node, hidden: int) -> int | None:
     out_shape = reshape.outputs[0].shape
     if out_shape is not None and len(out_shape) == 4 and isinstance(out_shape[2], int) and out_shape[2] > 0:
         return int(out_shape[2])
+    return None
+
+
+def heads_from_split(tensor: gs.Tensor, size: int | None, limit: int = 8) -> int | None:
+    """H read from the Reshape that split the heads ([..., H, D] with D = ``size``), walking back from
+    ``tensor`` through the ops between (the rotation, fused or as x·cos + rotate_half(x)·sin read through its
+    first term, Transpose, Squeeze, Split/Slice)."""
+    node = producer(tensor)
+    for _ in range(limit):
+        if node is None or node.op not in ("RotaryEmbedding", "Add", "Mul", "Transpose", "Squeeze", "Split", "Slice",
+                                           "Reshape"):
+            return None
+        if node.op == "Reshape":
+            target = int_vector(node.inputs[1])
+            if target is None or len(target) < 4 or target[-1] != size:
+                return None
+            if target[-2] is not None and target[-2] > 0:
+                return int(target[-2])
+            width = (static_dims(node.inputs[0]) or [None])[-1]   # [..., 3, -1, D]: H from the packed width
+            if width is None and producer(node.inputs[0]) is not None and producer(node.inputs[0]).op == "MatMul":
+                weight = constant_values(producer(node.inputs[0]).inputs[1])
+                width = int(weight.shape[-1]) if weight is not None else None
+            packs = target[-3] if len(target) >= 5 and target[-3] is not None and target[-3] > 0 else 1
+            return width // (packs * size) if width is not None and width % (packs * size) == 0 else None
+        node = producer(node.inputs[0])
     return None
 
 

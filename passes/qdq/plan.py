@@ -10,6 +10,7 @@ table and returns a ``QdqPlan``; the graph is not touched (lowering is tried on 
       MatMul '/.../output/dense/MatMul' ────────►    PlannedSite('/.../output/dense/MatMul', linear,
                                                                  activations (0,), weight 1, axis 1, flops)
       MatMul 'tqc_attn0_pv' (trt, head 32) ─────►    PlannedSite('tqc_attn0_pv', attention, activations (0, 1))
+      MatMul 'tqc_core0_scores' (trt) ──────────►    PlannedSite('tqc_core0_scores', attention, ...)  (core_layouts)
       MatMul with a [1, K] input         ────────►    notes: "... is GEMV-shaped ...; left in float"
 
 Site ids are stable: a site answers to its consumer node's name in the float graph; a QAttention site to the
@@ -36,9 +37,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.analysis.calibration import CalibrationTable
-from tqc.compiler.core.target import Target, attention_heads, position_table_rows, sequence_bound
+from tqc.compiler.core.target import (CALIBRATION_LENGTHS, Target, attention_heads, position_table_rows,
+                                     sequence_bound)
 from tqc.passes.base import PassContext
-from tqc.passes.fuse.match import constant_values, producer
+from tqc.passes.fuse.match import constant_values, heads_from_split, producer, static_dims
 from tqc.passes.qdq.lower import is_ort_attention, lower
 
 FLOP_TOKENS = 128  # FLOP shares are reported for a 128-token sequence
@@ -186,6 +188,64 @@ def heads_layout(node: gs.Node) -> tuple[int, int] | None:
     return None
 
 
+_SCORE_OPS = ("Mul", "Div", "Add", "Where")  # the scale, an additive bias or mask, a masked_fill
+
+
+def _scores_matmul(softmax: gs.Node) -> gs.Node | None:
+    """The MatMul Q K^T whose scores reach ``softmax`` through the scale, the bias and the mask: the scores are
+    the first operand of a Mul/Div/Add (as fuse writes the standard forms) and the operand of a Where that is not
+    a constant (the fill)."""
+    tensor = softmax.inputs[0]
+    for _ in range(len(_SCORE_OPS) + 2):
+        node = producer(tensor)
+        if node is None or node.op == "MatMul":
+            return node
+        if node.op not in _SCORE_OPS:
+            return None
+        if node.op == "Where":
+            computed = [t for t in node.inputs[1:] if isinstance(t, gs.Variable) and producer(t) is not None]
+            if len(computed) != 1:
+                return None
+            tensor = computed[0]
+        else:
+            tensor = node.inputs[0]
+    return None
+
+
+def _heads_of(tensor: gs.Tensor) -> tuple[int, int] | None:
+    """(heads, head size) of a [batch, heads, sequence, head size] tensor: from its static dimensions, H else
+    from the Reshape that split the heads (``heads_from_split``: through a rotation, Transpose, Split...)."""
+    dims = static_dims(tensor)
+    if dims is None or len(dims) != 4 or dims[3] is None:
+        return None
+    heads = dims[1] if dims[1] is not None else heads_from_split(tensor, dims[3])
+    return (int(heads), int(dims[3])) if heads else None
+
+
+def core_layouts(graph: gs.Graph) -> dict[str, tuple[int, int]]:
+    """(heads, head size) of the two MatMuls of every standard attention core, by node name::
+
+        MatMul(Q, K^T) [-> Mul/Div scale] [-> Add bias] [-> Add mask | Where fill] -> Softmax -> MatMul(., V)
+
+    Q and V [batch, heads, sequence, head size] with the same H and D, the Softmax read by that MatMul alone.
+    These are the cores ``fuse`` writes where Q, K and V do not come straight from a head split (ModernBERT's
+    rotated Q and K, ``fuse.core_attention``), and every other core of this shape; what they read (a rotation,
+    a bias subgraph) stays float: only the two MatMuls' inputs are sites."""
+    layouts = {}
+    for softmax in graph.nodes:
+        if softmax.op != "Softmax" or softmax.attrs.get("axis", -1) not in (-1, 3):
+            continue
+        users = list(softmax.outputs[0].outputs)
+        qk = _scores_matmul(softmax)
+        if qk is None or len(users) != 1 or users[0].op != "MatMul" or users[0].inputs[0] is not softmax.outputs[0]:
+            continue
+        pv = users[0]
+        q, v = _heads_of(qk.inputs[0]), _heads_of(pv.inputs[1])
+        if q is not None and q == v:
+            layouts[qk.name] = layouts[pv.name] = q
+    return layouts
+
+
 def _fixed_amax(node: gs.Node, index: int) -> float | None:
     """Softmax outputs lie in [0, 1]: their range needs no calibration."""
     made = producer(node.inputs[index])
@@ -200,6 +260,7 @@ def matmul_sites(graph: gs.Graph, op_types: Iterable[str], target: Target, atten
     sites = []
     limits = target.int8_mha
     long_sequence_noted = False
+    cores = core_layouts(graph)
     for node in graph.nodes:
         if node.op not in op_types or len(node.inputs) < 2:
             continue
@@ -222,7 +283,7 @@ def matmul_sites(graph: gs.Graph, op_types: Iterable[str], target: Target, atten
                 continue
             sites.append((PlannedSite(node.name, LINEAR, (0,), 1, axis, 2.0 * k * n, (_fixed_amax(node, 0),)), True))
         elif isinstance(a, gs.Variable) and isinstance(b, gs.Variable):
-            layout = heads_layout(node)
+            layout = heads_layout(node) or cores.get(node.name)
             if layout is None:
                 continue
             heads, head = layout
@@ -243,6 +304,12 @@ def matmul_sites(graph: gs.Graph, op_types: Iterable[str], target: Target, atten
                                  "to quantize them)")
                     long_sequence_noted = True
                 eligible = False
+            elif limits is not None and max_sequence[1] == CALIBRATION_LENGTHS and not long_sequence_noted:
+                notes.append(f"qdq: INT8 attention assumes sequences up to {max_sequence[0]} ({max_sequence[1]}: no "
+                             f"position table bounds them, as with relative or rotary positions); give --shapes with "
+                             f"the longest sequence it will see (at most {limits.max_sequence} for "
+                             f"{target.runtime}'s INT8 MHA), or qdq{{attention=false}}")
+                long_sequence_noted = True
             sites.append((site, eligible))
     return sites
 
