@@ -235,7 +235,9 @@ class Pool(Pass):
                           removed_outputs=() if keep else (tokens.name,),
                           added_outputs=(AddedOutput(name, reference, f"numpy {how}"),),
                           metadata={METADATA_KEY: json.dumps({"output": name, "mode": mode, "normalize": normalize,
-                                                              "source": tokens.name})})
+                                                              "source": tokens.name}),
+                                    # the export's list of outputs follows the graph (it named the token output)
+                                    "tqc.outputs": ",".join(o.name for o in graph.outputs)})
 
     def _already_pooled(self, existing: gs.Tensor, ctx: PassContext) -> PassResult:
         if not (_is_float(existing) and _rank(existing) == 2):

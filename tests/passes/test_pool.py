@@ -230,6 +230,7 @@ def test_source_chosen_when_ambiguous_and_no_token_output_refused():
     recorded = {p.key: p.value for p in compiled.metadata_props}  # what tqc serve reads
     assert json.loads(recorded["tqc.pool"]) == {"output": "sentence_embedding", "mode": "max", "normalize": False,
                                                 "source": "b"}
+    assert recorded["tqc.outputs"] == "a,sentence_embedding"  # the outputs the written graph has
     x = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
     out = run_all(compiled, [{"x": x}])[0]
     np.testing.assert_allclose(out["sentence_embedding"], (-x).max(1), atol=1e-6)  # no mask input: every position
