@@ -103,8 +103,9 @@ def skeleton_of_graph(graph: gs.Graph, like: onnx.ModelProto | None = None) -> o
                                    value_info=value_info)
     imports = list(graph.import_domains or [onnx.helper.make_opsetid("", int(graph.opset))])
     model = onnx.helper.make_model(proto, opset_imports=imports)
-    if like is not None:
-        model.ir_version = max(like.ir_version, min(model.ir_version, 10))
+    # the source's IR version, or at most 10: onnx's newest default (14 with onnx 1.23) is more than an older
+    # ONNX Runtime loads (1.31 stops at 13), and the skeleton is what verification runs
+    model.ir_version = max(like.ir_version if like is not None else 0, min(model.ir_version, 10))
     return model
 
 
