@@ -42,8 +42,7 @@ seconds=${2:-3}
 [ -d /tmp/stubsite/numpy ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/stubsite "$root"/.gpu/stub-wheels/*.whl
 export TQC_SERVE_STUB_PATH=/tmp/stubsite
 mkdir -p /tmp/tqcpath/tqc
-ln -sf "$root/tqc/__init__.py" /tmp/tqcpath/tqc/__init__.py
-ln -sf "$root/tqc/__main__.py" /tmp/tqcpath/tqc/__main__.py
+for f in "$root"/tqc/*.py; do ln -sf "$f" /tmp/tqcpath/tqc/; done
 for sub in passes compiler models; do ln -sfn "$root/$sub" "/tmp/tqcpath/tqc/$sub"; done
 export PYTHONPATH=/tmp/site:/tmp/tqcpath PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L || true
@@ -54,14 +53,14 @@ if [ ! -f "$work/minilm.fp16.onnx" ]; then
   python3 -m tqc -q export "$tok/config.json" --attn eager -o "$work/minilm.onnx"
   python3 -m tqc -q compile "$work/minilm.onnx" -p fold,fuse,fp16 --target ort-cuda -o "$work/minilm.fp16.onnx"
 fi
-if [ ! -f "$work/bert.pooled.fp16.onnx" ]; then
+stage=${STAGE:-all}  # b1 | tput | all: the parts fit one device call each (10 minutes)
+if [ "$stage" != b1 ] && [ ! -f "$work/bert.pooled.fp16.onnx" ]; then
   python3 -m tqc -q export bert --attn eager -o "$work/bert.onnx"
   python3 -m tqc -q compile "$work/bert.onnx" -p fold,fuse,fp16,pool --target ort-cuda -o "$work/bert.pooled.fp16.onnx"
 fi
 if [ ! -f "$work/minilm.pooled.fp16.onnx" ]; then  # pooling + L2 norm in the graph: [batch, 384] comes back
   python3 -m tqc -q compile "$work/minilm.onnx" -p fold,fuse,fp16,pool --target ort-cuda -o "$work/minilm.pooled.fp16.onnx"
 fi
-stage=${STAGE:-all}  # b1 | tput | all: the parts fit one device call each (10 minutes)
 # correctness first (server vs ORT CUDA run directly), with and without CUDA graphs
 graph=--cuda-graph
 if [ "$stage" != tput ]; then
