@@ -37,9 +37,15 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
     return _finish_header(gs.export_onnx(graph, do_type_check=True), like)
 
 
+def _ir_version(written: int, like: onnx.ModelProto | None) -> int:
+    """The source's IR version, or at most 10: onnx's newest default (14 with onnx 1.23) is more than an older
+    ONNX Runtime loads (1.31 stops at 13)."""
+    return max(like.ir_version if like is not None else 0, min(written, 10))
+
+
 def _finish_header(model: onnx.ModelProto, like: onnx.ModelProto | None) -> onnx.ModelProto:
     if like is not None:
-        model.ir_version = max(like.ir_version, min(model.ir_version, 10))
+        model.ir_version = _ir_version(model.ir_version, like)
         del model.metadata_props[:]
         model.metadata_props.extend(like.metadata_props)
         model.model_version = like.model_version
@@ -103,9 +109,7 @@ def skeleton_of_graph(graph: gs.Graph, like: onnx.ModelProto | None = None) -> o
                                    value_info=value_info)
     imports = list(graph.import_domains or [onnx.helper.make_opsetid("", int(graph.opset))])
     model = onnx.helper.make_model(proto, opset_imports=imports)
-    # the source's IR version, or at most 10: onnx's newest default (14 with onnx 1.23) is more than an older
-    # ONNX Runtime loads (1.31 stops at 13), and the skeleton is what verification runs
-    model.ir_version = max(like.ir_version if like is not None else 0, min(model.ir_version, 10))
+    model.ir_version = _ir_version(model.ir_version, like)  # the skeleton is what verification runs
     return model
 
 
