@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import run_load  # noqa: E402
+from loadgen import run_load, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ROOT.parent / "shared" / "data" / "sentences.txt"
@@ -142,15 +142,7 @@ class Load:
         for thread in threads:
             thread.join()
         elapsed = time.perf_counter() - began
-        flat = np.array([x for slot in latencies for x in slot]) * 1000
-        result = {"requests": int(flat.size), "errors": int(sum(errors)), "seconds": round(elapsed, 3),
-                  "throughput": round(flat.size / elapsed, 2) if elapsed else 0.0}
-        if flat.size:
-            result.update({f"p{q}_ms": round(float(np.percentile(flat, q)), 3) for q in (50, 95, 99)})
-            result["mean_ms"] = round(float(flat.mean()), 3)
-        if messages:
-            result["error_messages"] = messages
-        return result
+        return summarize(np.array([x for slot in latencies for x in slot]), sum(errors), elapsed, messages)
 
 
 def triton_stats(url: str, model: str) -> dict:

@@ -101,16 +101,23 @@ def run_load(url: str, model: str, payloads: list[np.ndarray], concurrency: int,
     for child in children:
         child.join(timeout=30)
     elapsed = max(part["end"] for part in parts) - begin
-    flat = np.concatenate([part["latencies"] for part in parts]) * 1000
-    out = {"requests": int(flat.size), "errors": int(sum(part["errors"] for part in parts)),
-           "seconds": round(elapsed, 3), "throughput": round(flat.size / elapsed, 2) if elapsed > 0 else 0.0,
-           "client_procs": len(shares)}
+    out = summarize(np.concatenate([part["latencies"] for part in parts]), sum(part["errors"] for part in parts),
+                    elapsed, [m for part in parts for m in part["messages"]])
+    out["client_procs"] = len(shares)
+    return out
+
+
+def summarize(latencies_s: np.ndarray, errors: int, elapsed: float, messages: list[str]) -> dict:
+    """One load cell: requests, errors, seconds, requests/s, client-side p50/p95/p99 and mean (ms), the first
+    few error messages (``bench_serve.Load`` reports the same way)."""
+    flat = np.asarray(latencies_s, np.float64) * 1000
+    out = {"requests": int(flat.size), "errors": int(errors), "seconds": round(elapsed, 3),
+           "throughput": round(flat.size / elapsed, 2) if elapsed > 0 else 0.0}
     if flat.size:
         out.update({f"p{q}_ms": round(float(np.percentile(flat, q)), 3) for q in (50, 95, 99)})
         out["mean_ms"] = round(float(flat.mean()), 3)
-    messages = [m for part in parts for m in part["messages"]][:3]
     if messages:
-        out["error_messages"] = messages
+        out["error_messages"] = messages[:3]
     return out
 
 
