@@ -172,12 +172,14 @@ def main() -> None:
         paths = export_models(family, workdir)
         sessions: dict[str, Path] = {"ort-plain": paths[recipe.default_attention]}
         for attn in paths:
-            out = workdir / f"{family}-{attn}-ortopt.onnx"
-            results["compile"][f"{family}/ort-opt[{attn}]"] = ort_optimize(paths[attn], out, family, cuda, cuda)
-            sessions[f"ort-opt[{attn}]"] = out
-            out = workdir / f"{family}-{attn}-tqc.onnx"
-            results["compile"][f"{family}/tqc[{attn}]"] = tqc_compile(paths[attn], out, target, cuda)
-            sessions[f"tqc[{attn}]"] = out
+            for tool, make in (("ort-opt", lambda src, out: ort_optimize(src, out, family, cuda, cuda)),
+                               ("tqc", lambda src, out: tqc_compile(src, out, target, cuda))):
+                out = workdir / f"{family}-{attn}-{tool.replace('-', '')}.onnx"
+                try:  # a tool that fails on a family is reported in the results, not fatal to the run
+                    results["compile"][f"{family}/{tool}[{attn}]"] = make(paths[attn], out)
+                    sessions[f"{tool}[{attn}]"] = out
+                except Exception as exc:
+                    results["compile"][f"{family}/{tool}[{attn}]"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         log(f"{family}: compiled " + json.dumps(results["compile"]))
         save()
         for name, path in sessions.items():

@@ -80,7 +80,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ExportSpec:
     source: str
     exporter: str = "legacy"
-    attn: str | None = None  # eager | sdpa; None: the family's default (Recipe.default_attention)
+    attn: str | None = None  # eager | sdpa; None: the family's default for the exporter (Recipe.export_attention)
     opset: int | None = None
     size: str | None = None  # base | tiny, for family names
     seed: int = 0
@@ -108,7 +108,7 @@ class LoadedModel:
 def attention_for(spec: ExportSpec, recipe: Recipe) -> str:
     """``spec.attn``, or the family's default; an implementation transformers lacks for the family: one line."""
     if spec.attn is None:
-        return recipe.default_attention
+        return recipe.export_attention(spec.exporter)
     if spec.attn not in recipe.attentions:
         raise TqcError(f"--attn {spec.attn}: transformers has no {spec.attn} attention for {recipe.model_type} "
                        f"models (only {', '.join(recipe.attentions)}); give --attn {recipe.default_attention} or "

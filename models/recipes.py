@@ -68,6 +68,7 @@ class Recipe:
     attention: str = "bert"                           # the attention form (module docstring)
     attentions: tuple[str, ...] = ("eager", "sdpa")   # transformers' implementations for the family
     token_types_from_config: bool = False             # token_type_ids only when config.type_vocab_size > 0
+    legacy_attention: str | None = None               # what tqc's legacy export uses where sdpa would not fuse
 
     def inputs_for(self, config) -> tuple[str, ...]:
         """The graph inputs of a model of this family with ``config`` (DeBERTa: token types only when the
@@ -80,6 +81,15 @@ class Recipe:
     def default_attention(self) -> str:
         """sdpa (transformers' default) where the family has it, else eager."""
         return "sdpa" if "sdpa" in self.attentions else "eager"
+
+    def export_attention(self, exporter: str) -> str:
+        """The implementation ``tqc export`` picks when ``--attn`` is not given: the family's default, except
+        where that export would not fuse. ModernBERT's sdpa through the legacy (TorchScript) exporter writes a
+        -inf sliding-window mask behind a NaN guard, which ``fuse`` refuses (a fully masked row would turn into
+        NaN in the fused forms); its eager export computes the same answer at every real token and fuses."""
+        if exporter == "legacy" and self.legacy_attention:
+            return self.legacy_attention
+        return self.default_attention
 
     def config(self, size: str = "base"):
         from transformers import AutoConfig
@@ -130,7 +140,7 @@ RECIPES: dict[str, Recipe] = {
                description="CamemBERT-base"),
         Recipe("modernbert", "modernbert", ROBERTA_INPUTS, base={}, tiny=_MODERNBERT_TINY,
                description="ModernBERT-base (rotary, global attention every 3rd layer, 128-token local window, "
-                           "GeGLU)", attention="rotary-local"),
+                           "GeGLU)", attention="rotary-local", legacy_attention="eager"),
         Recipe("deberta-v2", "deberta-v2", ROBERTA_INPUTS, base=_DEBERTA_V3, tiny=_DEBERTA_TINY,
                description="DeBERTa-v3-base layout (DeBERTa-v2 architecture: disentangled relative attention)",
                aliases=("deberta-v3", "debertav2", "debertav3"), attention="disentangled", attentions=("eager",),

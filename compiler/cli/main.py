@@ -96,7 +96,8 @@ def _quiet_graphsurgeon() -> None:
               help="torch's TorchScript-based (legacy) or torch.export-based (dynamo) ONNX exporter.")
 @click.option("--attn", type=click.Choice(["eager", "sdpa"]), default=None,
               help="transformers attention implementation at export (default: sdpa, transformers' default, where "
-                   "the family has it; eager for DeBERTa-v2 and MPNet, which have no sdpa).")
+                   "the family has it; eager for DeBERTa-v2 and MPNet, which have no sdpa, and for ModernBERT "
+                   "through the legacy exporter, whose sdpa export does not fuse).")
 @click.option("--opset", type=OPSET, default=None, help="ONNX opset (default 17 legacy, 18 dynamo; legacy "
               "supports 7-20, dynamo 18-23).")
 @click.option("--size", type=click.Choice(["base", "tiny"]), default=None,

@@ -47,6 +47,7 @@ def test_fuse_is_exact_and_explains_every_unfused_attention(family, exporter, ta
     fused = manager.run(model)
     stats = manager.records[1].stats
     assert stats["attention_blocks"] == LAYERS[family]
+    assert stats["attention"] == LAYERS[family], ctx.messages  # tqc's own exports fuse N/N, both exporters
     feeds = seeded_feeds(model)
     for before, after in zip(outputs_on(model, feeds), outputs_on(fused, feeds)):
         assert np.abs(before - after).max() <= 1e-4
