@@ -43,6 +43,30 @@ def make_inputs(batch: int, seq: int, names: tuple[str, ...], vocab: int, seed: 
     return {n: feed[n] for n in names}
 
 
+def answer(session, names: tuple[str, ...], vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first output on a 2x128 feed whose second row has 100 real tokens (right padding), and the mask."""
+    feed = make_inputs(2, 128, names, vocab, seed=5)
+    feed["attention_mask"][1, 100:] = 0
+    if "input_ids" in feed:
+        feed["input_ids"][1, 100:] = 0
+    wanted = {i.name for i in session.get_inputs()}
+    out = session.run(None, {k: v for k, v in feed.items() if k in wanted})[0]
+    return np.asarray(out, dtype=np.float32), feed["attention_mask"]
+
+
+def compare_answer(got, reference) -> dict:
+    """Cosine (worst real token) and max |diff| over the real tokens only: what a padded position holds differs
+    between attention implementations (eager averages a fully masked row, sdpa zeroes it) and is no answer."""
+    (a, mask), (b, _) = got, reference
+    if a.shape != b.shape:
+        return {"error": f"output shape {list(a.shape)} vs {list(b.shape)}"}
+    real = mask.astype(bool) if a.ndim == 3 else np.ones(a.shape[0], bool)
+    a, b = a[real].reshape(int(real.sum()), -1), b[real].reshape(int(real.sum()), -1)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    return {"cos_min": round(float(cos.min()), 6), "max_abs": float(np.abs(a - b).max()),
+            "finite": bool(np.isfinite(a).all())}
+
+
 def time_fn(fn, runs: int, warmup: int, budget_s: float, sync=None) -> dict:
     from tqc.compiler.tools.benchmark import time_callable
 
@@ -182,11 +206,20 @@ def main() -> None:
                     results["compile"][f"{family}/{tool}[{attn}]"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         log(f"{family}: compiled " + json.dumps(results["compile"]))
         save()
+        reference = None
         for name, path in sessions.items():
             graphs = (False, True) if cuda else (False,)
             for graph in graphs:
                 label = name + ("+graph" if graph else "")
                 runner = None if graph else OrtRunner(path, args.device, args.threads)
+                if runner is not None:  # the answer first: ort-plain (FP32, the export as it is) is the reference
+                    try:
+                        hidden = answer(runner.session, recipe.inputs, vocab)
+                        reference = hidden if reference is None else reference
+                        results.setdefault("answers", {})[f"{family}/{name}"] = compare_answer(hidden, reference)
+                    except Exception as exc:
+                        results.setdefault("answers", {})[f"{family}/{name}"] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+                    log(f"{family} {name} answer vs ort-plain: {results['answers'][f'{family}/{name}']}")
                 for batch, seq in shapes:
                     if time.perf_counter() - t_start > args.deadline:
                         log("deadline reached; stopping")
@@ -274,6 +307,8 @@ def print_table(results: dict) -> None:
             cells.append(f"{other / ours[best]:>17.2f}" if ours and other else f"{'-':>17}")
         print(f"{model:<8} {shape:<7} {best:>17} " + " ".join(cells))
     print("\ncompile: " + json.dumps(results["compile"]))
+    if results.get("answers"):
+        print("answers vs ort-plain (real tokens of a padded 2x128 feed): " + json.dumps(results["answers"]))
 
 
 if __name__ == "__main__":

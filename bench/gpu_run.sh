@@ -5,8 +5,7 @@ set -euo pipefail
 [ -d /tmp/site/onnxruntime ] || (cat /tmp/gpu/part.* | tar x -C /tmp/gpu && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/gpu/wheels/*.whl)
 root=$(pwd)
 mkdir -p /tmp/tqcpath/tqc
-ln -sf "$root/tqc/__init__.py" /tmp/tqcpath/tqc/__init__.py
-ln -sf "$root/tqc/__main__.py" /tmp/tqcpath/tqc/__main__.py
+for f in "$root"/tqc/*.py; do ln -sf "$f" /tmp/tqcpath/tqc/; done
 for sub in passes compiler models; do ln -sfn "$root/$sub" "/tmp/tqcpath/tqc/$sub"; done
 export PYTHONPATH=/tmp/site:/tmp/tqcpath PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L || true
