@@ -62,6 +62,33 @@ def raise_opset(graph: gs.Graph, version: int = QDQ_FP16_OPSET) -> bool:
     return True
 
 
+def saturate_casts(graph: gs.Graph, beyond_fp16: set[str]) -> int:
+    """Clip each FP32 tensor whose values were seen beyond FP16's range where a Cast takes it into FP16.
+
+    Before                                         After
+      Where(mask, scores, -3.4e38) ─► Cast(fp16)     Where(...) ─► Clip(-65504, 65504) ─► Cast(fp16)
+
+    A node the overflow guard keeps in FP32 still hands its output to FP16 consumers, and Cast turns -3.4e38
+    (``torch.finfo(float32).min``, the masked_fill of eager attention) into -inf. A row masked whole is then
+    all -inf and its Softmax NaN on ONNX Runtime's CUDA kernels; the NaN reaches every real token through the
+    next layer's padded keys (0 x NaN). Clipped, the row stays what it is in FP32: uniform. The guard's tensors
+    are named as the graph had them, which the converter gives to its Cast's output."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "Cast" or node.attrs.get("to") != 10 or node.outputs[0].name not in beyond_fp16:
+            continue
+        source = node.inputs[0]
+        clipped = gs.Variable(f"{source.name}_clipped_to_fp16_range", dtype=np.float32, shape=source.shape)
+        bounds = [gs.Constant(f"{source.name}_fp16_{side}", np.array(value, np.float32))
+                  for side, value in (("min", -FP16_MAX), ("max", FP16_MAX))]
+        graph.nodes.append(gs.Node("Clip", f"{node.name}_saturate", inputs=[source, *bounds], outputs=[clipped]))
+        node.inputs[0] = clipped
+        count += 1
+    if count:
+        graph.toposort()
+    return count
+
+
 def replace_graph(graph: gs.Graph, new: gs.Graph) -> None:
     graph.nodes = new.nodes
     graph.inputs = new.inputs
@@ -172,6 +199,7 @@ class Fp16(Pass):
             if raise_opset(graph):
                 ctx.note(f"fp16: opset raised to {QDQ_FP16_OPSET} for float16 Q/DQ scales")
         blocked_nodes: list[str] = []
+        peaks: dict[str, float] = {}
         peak = 0.0
         if self.values["guard"]:
             # the graph itself runs, its weights lent to ORT (no serialized copy: works above protobuf's 2 GB)
@@ -202,12 +230,17 @@ class Fp16(Pass):
         weights = self._convert_weights(graph, converted, copies) if lean else None
         new = to_graph(converted, weights).toposort()  # the converter appends its Casts out of order
         del converted, weights
+        saturated = saturate_casts(new, {name for name, value in peaks.items() if value > FP16_MAX})
         casts_before = sum(1 for n in graph.nodes if n.op == "Cast")
         replace_graph(graph, new)
         ctx.note(f"fp16: {len(blocked_nodes)} node(s) kept in FP32 by the overflow guard"
                  + (f" ({', '.join(blocked_nodes[:5])}{', ...' if len(blocked_nodes) > 5 else ''})"
                     if blocked_nodes else "") + f"; peak |activation| {peak:.4g}")
-        return PassResult(True, {"fp32_nodes_guarded": len(blocked_nodes),
+        if saturated:
+            ctx.note(f"fp16: {saturated} FP32 value(s) beyond FP16's range clipped to +-65504 where they enter FP16 "
+                     "(a mask fill such as -3.4e38 stays finite: a Cast would make it -inf, and a row masked whole "
+                     "NaN)")
+        return PassResult(True, {"fp32_nodes_guarded": len(blocked_nodes), "casts_saturated": saturated,
                                  "casts_added": sum(1 for n in graph.nodes if n.op == "Cast") - casts_before,
                                  "peak_activation": round(peak, 3)},
                           tolerance=self.tolerance_after_qdq if after_qdq else None)

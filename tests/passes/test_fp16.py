@@ -156,3 +156,40 @@ def test_to_float16_matches_ort_converter_in_chunks(monkeypatch):
     values = (rng.standard_normal((37, 101)) * 10.0 ** rng.integers(-9, 7, (37, 101))).astype(np.float32)
     values[0, :4] = [np.inf, -np.inf, 1e-9, -70000.0]
     np.testing.assert_array_equal(fp16.to_float16(values), convert_np_to_float16(values))
+
+
+def test_a_mask_fill_beyond_fp16_stays_finite_where_it_enters_fp16():
+    """Eager attention's masked_fill with torch.finfo(float32).min: the guard keeps the Where in FP32, and the
+    value is clipped to -65504 where it enters FP16 (a Cast would make it -inf; a row masked whole would then be
+    all -inf, NaN after Softmax on ORT's CUDA kernels). The masked-whole row keeps its FP32 answer: uniform."""
+    from onnx import TensorProto, helper
+
+    fill = np.float32(np.finfo(np.float32).min)
+    nodes = [helper.make_node("Where", ["keep", "scores", "fill"], ["masked"], name="mask_fill"),
+             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["probs", "v"], ["y"], name="context")]
+    graph = helper.make_graph(
+        nodes, "masked_softmax",
+        [helper.make_tensor_value_info("keep", TensorProto.BOOL, [4, 8]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [4, 8]),
+         helper.make_tensor_value_info("v", TensorProto.FLOAT, [8, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        initializer=[numpy_helper.from_array(np.array(fill), "fill")])
+    model = infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), strict=False)
+    rng = np.random.default_rng(3)
+    keep = rng.random((4, 8)) > 0.4
+    keep[2] = False  # a row masked whole, as a padded query row of DeBERTa's [query x key] mask
+    feed = {"keep": keep, "scores": rng.standard_normal((4, 8)).astype(np.float32),
+            "v": rng.standard_normal((8, 16)).astype(np.float32)}
+    fp16_graph = to_graph(model)
+    result = parse_pipeline("fp16")[0].run(fp16_graph, PassContext(verification_feeds=[feed]))
+    assert result.stats["fp32_nodes_guarded"] == 1 and result.stats["casts_saturated"] == 1
+    new = to_model(fp16_graph)
+    cast = next(n for n in new.graph.node if n.op_type == "Cast" and n.output[0] == "masked")
+    assert next(n for n in new.graph.node if cast.input[0] in n.output).op_type == "Clip"
+    new.graph.output.append(helper.make_empty_tensor_value_info("masked"))  # the FP16 scores Softmax takes
+    got, masked = ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert masked.dtype == np.float16 and np.isfinite(masked).all() and masked.min() == -fp16.FP16_MAX
+    want = _run(model, [feed])
+    assert np.allclose(want[2], feed["v"].mean(axis=0), atol=1e-5)  # FP32: the masked-whole row is uniform
+    assert np.isfinite(got).all() and np.abs(got - want).max() < 0.02
