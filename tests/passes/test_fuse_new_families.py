@@ -1,5 +1,5 @@
-"""fuse and qdq on ModernBERT, DeBERTa-v2 and MPNet (tiny exports, both exporters; ModernBERT's attention has
-no rule yet, DeBERTa's and MPNet's are fused: ``test_fuse_bias.py``): nothing is fused wrongly (the outputs stay within 1e-4 of the export on ORT CPU, on seeded
+"""fuse and qdq on ModernBERT, DeBERTa-v2 and MPNet (tiny exports by tqc, both exporters; every attention fuses,
+``test_fuse_bias.py`` and ``test_fuse_rotary.py`` have the rules): nothing is fused wrongly (the outputs stay within 1e-4 of the export on ORT CPU, on seeded
 token ids at two shapes, ModernBERT's local window cut at both), every Softmax left unfused gets an
 ``--explain fuse`` line naming the closest rule and why, and INT8 keeps cosine >= 0.99."""
 
