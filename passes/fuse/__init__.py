@@ -148,7 +148,7 @@ class Fuse(Pass):
             rules = sorted({m.rule.name for m in matches})
             cleanup(graph)
             if misses:  # heads split elsewhere (rotary): the core -> MultiHeadAttention, or its standard form
-                cores, misses = fuse_core_attention(graph, mask_names, misses, target.contrib_ops)
+                cores, misses = fuse_core_attention(graph, mask_names, misses, target.contrib_ops, masks=masks)
                 fused += len(cores)
                 rules = sorted(set(rules) | set(cores))
                 cleanup(graph)

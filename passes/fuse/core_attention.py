@@ -33,8 +33,10 @@ import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse import attention
 from tqc.passes.fuse.engine import Miss, NoMatch, Rule, Step, StepFunction, Walk, search
+from tqc.passes.fuse.masks import MaskCache
 from tqc.passes.fuse.match import constant_values, heads_from_split, producer, static_dims
 from tqc.passes.fuse.rotary import is_rotation
+from tqc.passes.fuse.window_mask import canonical_masks
 from tqc.passes.rewrite import bypass, produce, replace_output
 
 _FLOAT32 = (np.float32, np.dtype(np.float32))
@@ -151,10 +153,12 @@ def rewrite_core_standard(graph: gs.Graph, w: Walk, name: str) -> None:
 
 
 def fuse_core_attention(graph: gs.Graph, mask_inputs: set[str], earlier: list[Miss], contrib: bool = True,
-                        prefix: str = "tqc_mha") -> tuple[list[str], list[Miss]]:
+                        prefix: str = "tqc_mha", masks: MaskCache | None = None) -> tuple[list[str], list[Miss]]:
     """Every Softmax left in the graph against ``RULES``; the matches -> MultiHeadAttention (``contrib``), else
     the standard form (``rewrite_core_standard``). Returns (the rule of each match, a miss per Softmax left:
-    this catalogue's or the ``earlier`` one's for the same Softmax, whichever got further)."""
+    this catalogue's or the ``earlier`` one's for the same Softmax, whichever got further). With ``masks``, a
+    mask proven key padding or a window (``window_mask``) is given to MultiHeadAttention in a form built from
+    the attention mask input without Shape ops."""
     if not any(n.op == "Softmax" for n in graph.nodes):
         return [], earlier
     drop_float_casts(graph)
@@ -162,6 +166,8 @@ def fuse_core_attention(graph: gs.Graph, mask_inputs: set[str], earlier: list[Mi
     found, misses = search(softmaxes, RULES, STEPS,
                            start=lambda node: Walk(node, bound=(("mask_inputs", mask_inputs),)))
     walks = [w for _, w in found]
+    canonical = canonical_masks(graph, masks, [w["mask"] for w in walks if w.get("mask") is not None]) \
+        if contrib and masks is not None and walks else {}
     before = {m.anchor: m for m in earlier}
     misses = [m if m.anchor not in before or m.step > before[m.anchor].step else before[m.anchor] for m in misses]
     for index, w in enumerate(walks):
@@ -174,8 +180,9 @@ def fuse_core_attention(graph: gs.Graph, mask_inputs: set[str], earlier: list[Mi
         produce(graph, "Reshape", f"{name}_q_reshape",
                 [transposed, gs.Constant(f"{name}_q_shape", np.array([0, 0, hidden], np.int64))], [query])
         mask = w.get("mask")
-        inputs = [query, w["k"], w["v"]] + ([gs.Variable.empty(), gs.Variable.empty(), mask]
-                                            if mask is not None else [])
+        kind, rebuilt = canonical.get(mask.name, ("bias", mask)) if mask is not None else (None, None)
+        inputs = [query, w["k"], w["v"]] + ([gs.Variable.empty(), rebuilt] if kind == "key_padding" else
+                                            [gs.Variable.empty(), gs.Variable.empty(), rebuilt] if kind else [])
         scale = w.get("score_scale", 1.0) * w.get("q_scale", 1.0) * w.get("k_scale", 1.0)
         attrs = {"num_heads": w["heads"]}
         if not math.isclose(scale, 1.0 / math.sqrt(w["head_size"]), rel_tol=1e-6):
