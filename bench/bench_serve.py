@@ -145,18 +145,139 @@ class Load:
         return summarize(np.array([x for slot in latencies for x in slot]), sum(errors), elapsed, messages)
 
 
-def triton_stats(url: str, model: str) -> dict:
-    """Average server-side time per request (queue, compute input/infer/output), ms, from Triton's statistics."""
+STAT_KEYS = ("queue", "compute_input", "compute_infer", "compute_output", "success")
+
+
+def triton_counters(url: str, model: str) -> dict:
+    """Triton's cumulative statistics of ``model``: ns per step, requests, executions, rows."""
     import tritonclient.http as httpclient
 
     stats = httpclient.InferenceServerClient(url).get_inference_statistics(model)["model_stats"][0]
     inference = stats["inference_stats"]
-    count = max(int(inference["success"]["count"]), 1)
-    out = {"requests": count, "executions": int(stats.get("execution_count", 0))}
-    for key in ("queue", "compute_input", "compute_infer", "compute_output", "success"):
-        out[f"{key}_ms"] = round(int(inference[key]["ns"]) / count / 1e6, 4)
-    out["rows_per_execution"] = round(int(stats.get("inference_count", 0)) / max(out["executions"], 1), 2)
+    out = {f"{key}_ns": int(inference[key]["ns"]) for key in STAT_KEYS}
+    out.update(requests=int(inference["success"]["count"]), executions=int(stats.get("execution_count", 0)),
+               rows=int(stats.get("inference_count", 0)))
     return out
+
+
+def triton_stats(url: str, model: str, since: dict | None = None) -> dict:
+    """Average server-side time per request (queue, compute input/infer/output, success: the whole request in
+    the server), ms, from Triton's statistics: over the whole run, or since the counters ``since``."""
+    now = triton_counters(url, model)
+    delta = {key: value - (since or {}).get(key, 0) for key, value in now.items()}
+    count = max(delta["requests"], 1)
+    out = {"requests": delta["requests"], "executions": delta["executions"]}
+    for key in STAT_KEYS:
+        out[f"{key}_ms"] = round(delta[f"{key}_ns"] / count / 1e6, 4)
+    out["rows_per_execution"] = round(delta["rows"] / max(delta["executions"], 1), 2)
+    return out
+
+
+STUB_STEPS = ("tokenize", "runtime", "pool", "calls", "decode", "respond", "execute")
+
+
+def stub_totals(folder: Path, since: dict | None = None) -> dict:
+    """The text model's own timings as the stubs write them (``tqc serve --timings``): per padded shape, seconds
+    summed over its calls of tokenizer, runtime, pooling, the count of calls, then TEXT decode, response building
+    and the whole execute; all instances added up, less the totals ``since``."""
+    shapes: dict = {}
+    for file in folder.glob("*.timings.json"):  # one per instance
+        for shape, values in json.loads(file.read_text()).items():
+            entry = shapes.setdefault(shape, [0.0] * len(STUB_STEPS))
+            for index, value in enumerate(values):
+                entry[index] += value - ((since or {}).get(shape, [0.0] * len(values))[index])
+    return shapes
+
+
+def stub_timings(folder: Path, since: dict | None = None) -> dict:
+    """``stub_totals`` as ms per call of each step: "all" (every shape together), then by padded shape, the most
+    called first."""
+    shapes = stub_totals(folder, since)
+    if shapes:
+        shapes = {"all": [sum(v[i] for v in shapes.values()) for i in range(len(STUB_STEPS))], **shapes}
+    return {shape: {**{f"{step}_ms": round(v[i] / v[3] * 1000, 4) for i, step in enumerate(STUB_STEPS) if i != 3},
+                    "calls": int(round(v[3]))}
+            for shape, v in sorted(shapes.items(), key=lambda kv: -kv[1][3]) if v[3] > 0}
+
+
+def flushed_totals(server, client, tensor) -> dict:
+    """The stub's totals with everything so far written: it writes at most once a second, on a request, so one
+    more request after a second's pause (counted in the totals like the others)."""
+    time.sleep(1.1)
+    client.infer("m_text", [tensor])
+    return stub_totals(Path(server.opts.timings_dir))
+
+
+def batch1_breakdown(server, protocol: str, client, inputs: list) -> dict:
+    """Where one request's time goes at batch 1, over ``protocol``: each input sent once, one at a time. Client
+    side: the wall time and this process's CPU time per request (tritonclient's request building and response
+    parsing, gRPC's or HTTP's own threads). Server side: Triton's statistics over exactly these requests
+    (success: from the request's arrival in Triton's core to its response; compute_infer: the python
+    backend's hand-off and the stub's execute) and the stub's own split of its execute. What is left of the
+    wall time after the server's success time is the front end, the transport and the client."""
+    before = triton_counters(server.http_url, "m_text")
+    walls = []
+    cpu = time.process_time()
+    for tensor in inputs:
+        start = time.perf_counter()
+        client.infer("m_text", [tensor])
+        walls.append(time.perf_counter() - start)
+    cpu = (time.process_time() - cpu) / len(inputs)
+    server_side = triton_stats(server.http_url, "m_text", since=before)
+    wall = float(np.mean(walls)) * 1000
+    return {"protocol": protocol, "requests": len(inputs), "wall_p50_ms": round(float(np.median(walls)) * 1000, 4),
+            "wall_mean_ms": round(wall, 4), "client_cpu_ms": round(cpu * 1000, 4), **server_side,
+            "outside_server_ms": round(wall - server_side["success_ms"], 4)}
+
+
+def transport_floor(client, protocol: str, inputs: list, count: int = 200) -> dict:
+    """What the protocol costs without the model: the p50 of a health call (is_server_live: the client library,
+    the transport and Triton's front end, no model), and for gRPC the p50 of the model call made with a request
+    built once (grpcio's stub alone: tritonclient's request building and result wrapping left out)."""
+    out = {}
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        client.is_server_live()
+        times.append(time.perf_counter() - start)
+    out["live_p50_ms"] = round(float(np.median(times)) * 1000, 4)
+    if protocol == "grpc":
+        from tritonclient.grpc._utils import _get_inference_request
+
+        request = _get_inference_request(model_name="m_text", inputs=[inputs[0]], model_version="", request_id="",
+                                         outputs=None, sequence_id=0, sequence_start=False, sequence_end=False,
+                                         priority=0, timeout=None, parameters=None)
+        wrapped, raw = [], []
+        for _ in range(count // 2):
+            start = time.perf_counter()
+            client.infer("m_text", [inputs[0]])
+            wrapped.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            client._client_stub.ModelInfer(request=request)
+            raw.append(time.perf_counter() - start)
+        out["tritonclient_own_ms"] = round(float(np.median(wrapped) - np.median(raw)) * 1000, 4)
+    return out
+
+
+def print_breakdown(label: str, rows: list[dict], stub: dict) -> None:
+    print(f"\nwhere the time goes, {label}, batch 1 (ms per request, means; Triton's statistics over the same "
+          "requests; outside = wall mean - success: front end, transport, client; live p50: a health call's round "
+          "trip; tritonclient: its own share of a gRPC call):")
+    print(f"  {'proto':<5} {'wall p50':>8} {'mean':>7} {'client CPU':>10} {'outside':>8} {'success':>8} {'queue':>7} "
+          f"{'c_input':>8} {'c_infer':>8} {'c_output':>8} {'live p50':>8} {'tritonclient':>12}")
+    for row in rows:
+        print(f"  {row['protocol']:<5} {row['wall_p50_ms']:>8.3f} {row['wall_mean_ms']:>7.3f} "
+              f"{row['client_cpu_ms']:>10.3f} {row['outside_server_ms']:>8.3f} {row['success_ms']:>8.3f} "
+              f"{row['queue_ms']:>7.3f} {row['compute_input_ms']:>8.3f} {row['compute_infer_ms']:>8.3f} "
+              f"{row['compute_output_ms']:>8.3f} {row['live_p50_ms']:>8.3f} {row.get('tritonclient_own_ms', float('nan')):>12.3f}")
+    for row in rows:  # the stub's own split of the same requests (a few more: the flushes)
+        steps = row.get("stub", {})
+        if steps:
+            print(f"  stub execute, {row['protocol']} requests ({steps['calls']} calls): " + ", ".join(
+                f"{step} {steps[f'{step}_ms']:.3f}" for step in STUB_STEPS if step != "calls"))
+    for shape, steps in list(stub.items())[:4]:
+        print(f"  stub execute {shape}, whole run ({steps['calls']} calls): " + ", ".join(
+            f"{step} {steps[f'{step}_ms']:.3f}" for step in STUB_STEPS if step != "calls" and f"{step}_ms" in steps))
 
 
 def build_cpu_models(workdir: Path, pool: bool = False, openvino: bool = False) -> list[tuple[str, str, str]]:
@@ -247,10 +368,16 @@ def overhead_main(args, models) -> None:
     protocols = [p for p in args.protocols.split(",") if p]
     texts = held_out_sentences()[:args.requests]
     servers, baselines, cells = {}, {}, {}
+    breakdowns: dict[str, list[dict]] = {}
+    stubs: dict[str, dict] = {}
     try:
         for path, label, provider in models:
+            timings = Path(args.workdir) / "timings-overhead" / label
+            timings.mkdir(parents=True, exist_ok=True)
+            for old in timings.glob("*.timings.json"):
+                old.unlink()
             opts = ServeOptions(model=path, name="m", endpoints=("text",), provider=provider, threads=args.threads,
-                                tokenizer=args.tokenizer, queue_delay_us=0, max_batch=64)
+                                tokenizer=args.tokenizer, queue_delay_us=0, max_batch=64, timings_dir=str(timings))
             print(f"starting {label} ({provider})", file=sys.stderr, flush=True)
             servers[label] = TritonServer(opts, startup_timeout=600).start()
             baselines[label] = InProcess(servers[label])
@@ -296,6 +423,16 @@ def overhead_main(args, models) -> None:
                 print(f"round {round_index} {label}: " + ", ".join(
                     f"{kind} {cells[(label, kind)][-1]:.3f} ms" for kind in ["in-process", *protocols]),
                     file=sys.stderr, flush=True)
+        for label, server in servers.items():  # after the rounds: each protocol alone, with the server's split
+            for protocol in protocols:
+                client, inputs = clients[(label, protocol)]
+                totals = flushed_totals(server, client, inputs[0])
+                row = batch1_breakdown(server, protocol, client, inputs)
+                flushed_totals(server, client, inputs[0])
+                row["stub"] = stub_timings(Path(server.opts.timings_dir), since=totals).get("all", {})
+                row.update(transport_floor(client, protocol, inputs))
+                breakdowns.setdefault(label, []).append(row)
+            stubs[label] = stub_timings(Path(server.opts.timings_dir))
     finally:
         for server in servers.values():
             server.stop()
@@ -316,8 +453,11 @@ def overhead_main(args, models) -> None:
             line += (f"{row[f'{protocol}_ms']:>8.3f} {row[f'{protocol}_overhead_ms']:>8.3f} "
                      f"{row[f'{protocol}_paired_overhead_ms']:>8.3f} ")
         row["in_process_rounds_ms"] = [round(x, 4) for x in base]
+        row["breakdown"], row["stub_timings"] = breakdowns.get(label, []), stubs.get(label, {})
         rows.append(row)
         print(line)
+    for label in servers:
+        print_breakdown(label, breakdowns.get(label, []), stubs.get(label, {}))
     if args.json:
         payload = {"machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()}, "args": vars(args),
                    "models": models, "overhead": rows}
@@ -406,10 +546,12 @@ def main() -> None:
                     for concurrency in concurrencies:
                         for (label, batching), server in servers.items():
                             url = server.grpc_url if protocol == "grpc" else server.http_url
+                            counters = triton_counters(server.http_url, "m_text")
                             if protocol == "grpc" and args.client_procs > 1 and concurrency >= 16:
                                 result = run_load(url, "m_text", payloads, concurrency, args.seconds, args.client_procs)
                             else:
                                 result = Load(url, protocol, "m_text", payloads, concurrency).run(args.seconds)
+                            result["server"] = triton_stats(server.http_url, "m_text", since=counters)
                             rows.setdefault((label, batching, protocol, concurrency, tokens), []).append(result)
                             print(f"round {round_index} {label:<6} batching={batching:<3} {protocol:<4} "
                                   f"c={concurrency:<3} tokens={tokens or 'real'}: {result.get('p50_ms', '-')} ms p50, "
@@ -431,6 +573,22 @@ def main() -> None:
             print(f"{row['model']:<8} {row['batching']:<5} {row['protocol']:<5} {row['concurrency']:>4} "
                   f"{row['tokens']!s:>6} {row['throughput']:>9.1f} {row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} "
                   f"{row['p99_ms']:>8.2f} {row['errors']:>6}  {ratio:.2f}x")
+        print("\nbatch 1 (concurrency 1), where a request's time goes: client p50 and Triton's statistics over the "
+              "cell's requests (ms, means, median over rounds): success = the request inside Triton, compute_infer = "
+              "the python backend's hand-off + the stub's execute; outside = client mean - success")
+        for row in table:
+            if row["concurrency"] != 1:
+                continue
+            server_side = {key: float(np.median([r["server"][key] for r in row["rounds"]]))
+                           for key in ("success_ms", "queue_ms", "compute_input_ms", "compute_infer_ms",
+                                       "compute_output_ms")}
+            mean = float(np.median([r["mean_ms"] for r in row["rounds"] if "mean_ms" in r] or [np.nan]))
+            row["server_batch1"] = dict(server_side, outside_ms=round(mean - server_side["success_ms"], 4))
+            print(f"  {row['model']:<8} {row['batching']:<3} {row['protocol']:<4} tokens={row['tokens']!s:<4} "
+                  f"p50 {row['p50_ms']:.3f}  mean {mean:.3f}  outside {mean - server_side['success_ms']:.3f}  "
+                  f"success {server_side['success_ms']:.3f}  queue {server_side['queue_ms']:.3f}  compute_input "
+                  f"{server_side['compute_input_ms']:.3f}  compute_infer {server_side['compute_infer_ms']:.3f}  "
+                  f"compute_output {server_side['compute_output_ms']:.3f}")
         where = {f"{label}/{batching}": triton_stats(server.http_url, "m_text")
                  for (label, batching), server in servers.items()}
         print("\nwhere the time goes (server side, per request, ms; Triton's statistics over the whole run):")
@@ -472,19 +630,17 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.stop()
-    model_timings = {}
-    for (label, batching) in servers:
-        for file in (timings_dir / f"{label}-{batching}").glob("*.timings.json"):
-            shapes = json.loads(file.read_text())
-            model_timings[f"{label}/{batching}"] = {
-                shape: {"tokenize_ms": round(v[0] / v[3] * 1000, 4), "ort_ms": round(v[1] / v[3] * 1000, 4),
-                        "pool_ms": round(v[2] / v[3] * 1000, 4), "calls": v[3]}
-                for shape, v in sorted(shapes.items(), key=lambda kv: -kv[1][3])}
+    model_timings = {f"{label}/{batching}": stub_timings(timings_dir / f"{label}-{batching}")
+                     for (label, batching) in servers}
+    model_timings = {key: shapes for key, shapes in model_timings.items() if shapes}
     if model_timings:
-        print("\ninside the model's execute, per call by padded shape ROWSxSEQ (ms): tokenizer / ORT / pooling (calls)")
+        print("\ninside the model's execute, per call by padded shape ROWSxSEQ (ms): TEXT decode / tokenizer / "
+              "runtime / pooling / response (calls)")
         for key, shapes in model_timings.items():
-            print(f"  {key:<14} " + "; ".join(f"{shape}: {v['tokenize_ms']:.3f} / {v['ort_ms']:.3f} / "
-                                             f"{v['pool_ms']:.3f} ({v['calls']})" for shape, v in list(shapes.items())[:6]))
+            print(f"  {key:<14} " + "; ".join(
+                f"{shape}: {v.get('decode_ms', 0):.3f} / {v['tokenize_ms']:.3f} / {v['runtime_ms']:.3f} / "
+                f"{v['pool_ms']:.3f} / {v.get('respond_ms', 0):.3f} ({v['calls']})"
+                for shape, v in list(shapes.items())[:6]))
     payload = {"machine": {"cpus": os.cpu_count(), "provider": args.provider, "cuda_graph": args.cuda_graph,
                            "threads": args.threads},
                "args": vars(args), "models": models, "table": table, "triton_stats": where,

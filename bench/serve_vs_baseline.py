@@ -13,6 +13,12 @@ Texts: the baseline's own two (11 and 128 tokens after its truncation at 128) an
         --tokenizer TOKENIZER_DIR --baseline-dir BASELINE_DIR [--rounds 3] [--json out.json] [-- tqc serve options]
 
 Needs the GPU machine's serving setup (../shared/gpu/README.md: the carried wheels in /tmp/site).
+
+For tqc it also prints where a batch-1 request's time goes, per protocol and text: Triton's statistics over
+each cell's requests (queue, compute_input, compute_infer, compute_output; success: the whole request inside
+Triton), the stub's own split of its execute (``tqc serve --timings``: TEXT decode, tokenizer, runtime, pooling,
+response building), what is outside the server (client mean minus success), and each server's transport floor
+(a health call's round trip per protocol).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serve import STUB_STEPS, stub_timings, stub_totals, triton_counters, triton_stats  # noqa: E402
+
+TQC_TIMINGS = Path("/tmp/svb_tqc_timings")
 S11 = "a short sentence about fast transformer inference."
 S128 = " ".join(["the compiler fuses attention and quantizes matrix products for deployment"] * 12)
 
@@ -98,9 +108,10 @@ def start_baseline(model: Path, tokenizer: Path, folder: Path, ports: tuple[int,
 def start_tqc(model: Path, tokenizer: Path, ports: tuple[int, int, int], device: str, extra: list[str]) -> subprocess.Popen:
     log = Path("/tmp/svb_tqc_server.log")
     runtime = ["--provider", "cuda", "--cuda-graph"] if device == "cuda" else ["--provider", "cpu"]
+    shutil.rmtree(TQC_TIMINGS, ignore_errors=True)
     cmd = [sys.executable, "-m", "tqc", "serve", str(model), *runtime, "--endpoints", "text",
            "--tokenizer", str(tokenizer), "--max-length", "128", "--name", "m", "--port", str(ports[0]),
-           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra]
+           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--timings", str(TQC_TIMINGS), *extra]
     print("tqc:", " ".join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_ready(f"http://localhost:{ports[0]}/v2/models/m_text/ready", 300, proc, log)
@@ -138,6 +149,21 @@ def measure(url: str, model: str, input_name: str, text: str, requests: int, war
         client.infer(model, [tensor])
         times.append(time.perf_counter() - start)
     return [t * 1e3 for t in times[warmup:]]
+
+
+def live_p50(url: str, protocol: str, count: int = 300) -> float:
+    """A health call's round trip (client library, transport, front end; no model), ms."""
+    if protocol == "grpc":
+        from tritonclient.grpc import InferenceServerClient
+    else:
+        from tritonclient.http import InferenceServerClient
+    client = InferenceServerClient(url)
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        client.is_server_live()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def answer(url: str, model: str, input_name: str, output: str, text: str) -> np.ndarray:
@@ -203,14 +229,29 @@ def main() -> None:
             print(f"answers, {label}: max |diff| {agreement[label]['max_abs_diff']:.2e}, cosine "
                   f"{agreement[label]['cosine']:.6f}", file=sys.stderr, flush=True)
         rows: dict[tuple[str, str, str], list[dict]] = {}
+        where: dict[tuple[str, str], list[dict]] = {}  # tqc, per protocol and text: the server's split per round
+        floors: dict[tuple[str, str], list[float]] = {}
+        totals = stub_totals(TQC_TIMINGS)
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for protocol in protocols:
+                for name in order:
+                    floors.setdefault((name, protocol), []).append(live_p50(servers[name][1][protocol], protocol))
                 for label, text in texts.items():
                     for name in order:
                         _, urls, model, input_name = servers[name]
+                        counters = triton_counters("localhost:18200", "m_text") if name == "tqc" else None
                         t = measure(urls[protocol], model, input_name, text, args.requests, args.warmup, protocol)
-                        cell = {"p50_ms": statistics.median(t), "p99_ms": float(np.percentile(t, 99))}
+                        cell = {"p50_ms": statistics.median(t), "p99_ms": float(np.percentile(t, 99)),
+                                "mean_ms": float(np.mean(t))}
+                        if name == "tqc":  # Triton's split of these requests, then the stub's own (flushed)
+                            split = triton_stats("localhost:18200", "m_text", since=counters)
+                            time.sleep(1.1)  # the stub writes its timings at most once a second, on a request
+                            measure(urls[protocol], model, input_name, text, 1, 0, protocol)
+                            now = stub_totals(TQC_TIMINGS)
+                            split["stub"] = stub_timings(TQC_TIMINGS, since=totals).get("all", {})
+                            totals = now
+                            where.setdefault((protocol, label), []).append(split)
                         rows.setdefault((name, protocol, label), []).append(cell)
                         print(f"round {r} {name:<8} {protocol:<4} {label:<10}: p50 {cell['p50_ms']:.3f} ms, "
                               f"p99 {cell['p99_ms']:.3f} ms", file=sys.stderr, flush=True)
@@ -232,9 +273,31 @@ def main() -> None:
                 ratio = med[name]["p50_ms"] / med["baseline"]["p50_ms"]
                 print(f"{name:<9} {protocol:<5} {label:<11} {med[name]['p50_ms']:>8.3f} {med[name]['p99_ms']:>8.3f}  "
                       f"{ratio:.2f}x")
+    print("\ntransport floor, a health call's round trip p50 (ms, median of rounds): " + ", ".join(
+        f"{name} {protocol} {statistics.median(v):.3f}" for (name, protocol), v in floors.items()))
+    print("\ntqc at batch 1, where a request's time goes (ms per request, medians of rounds; Triton's statistics over "
+          "the cell's requests, warm-up included: success = the request inside Triton, compute_infer = the python "
+          "backend's hand-off + the stub's execute; outside = client mean - success: front end, transport, client; "
+          "stub: its own split of execute)")
+    steps = [step for step in STUB_STEPS if step != "calls"]
+    print(f"{'proto':<5} {'text':<11} {'mean':>6} {'outside':>7} {'success':>7} {'queue':>6} {'c_input':>7} "
+          f"{'c_infer':>7} {'c_output':>8} | " + " ".join(f"{step:>8}" for step in steps))
+    breakdown = []
+    for (protocol, label), splits in where.items():
+        mean = statistics.median(c["mean_ms"] for c in rows[("tqc", protocol, label)])
+        med = {key: statistics.median(s[key] for s in splits) for key in
+               ("success_ms", "queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms")}
+        stub = {step: statistics.median(s["stub"].get(f"{step}_ms", float("nan")) for s in splits) for step in steps}
+        breakdown.append({"protocol": protocol, "text": label, "mean_ms": mean, **med, "stub_ms": stub,
+                          "outside_ms": mean - med["success_ms"], "rounds": splits})
+        print(f"{protocol:<5} {label:<11} {mean:>6.3f} {mean - med['success_ms']:>7.3f} {med['success_ms']:>7.3f} "
+              f"{med['queue_ms']:>6.3f} {med['compute_input_ms']:>7.3f} {med['compute_infer_ms']:>7.3f} "
+              f"{med['compute_output_ms']:>8.3f} | " + " ".join(f"{stub[step]:>8.3f}" for step in steps))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"texts": texts, "agreement": agreement, "tqc_options": args.tqc_options, "table": table}, indent=1))
+        args.json.write_text(json.dumps({"texts": texts, "agreement": agreement, "tqc_options": args.tqc_options,
+                                         "table": table, "tqc_breakdown": breakdown,
+                                         "live_p50_ms": {f"{n} {p}": v for (n, p), v in floors.items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -507,10 +507,14 @@ def passes_cmd() -> None:
                    "group, padded to the longest row). Default: 0.5 on CPU and OpenVINO, 1 on CUDA.")
 @click.option("--startup-timeout", type=click.FloatRange(1, 3600), default=180.0, show_default=True,
               help="Seconds to wait for the models to load.")
+@click.option("--timings", "timings_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Text: the model's own timings per padded shape (TEXT decode, tokenizer, runtime, pooling, "
+                   "response; seconds summed, calls) written to DIR/NAME_text[.PID].timings.json once a second.")
 def serve_cmd(model: str, host: str, http_port: int, grpc_port: int, metrics_port: int, name: str | None,
               endpoints: str, provider: str | None, cuda_graph: bool, tokenizer: str | None, max_length: int | None,
               long_text: str, max_batch: int, preferred_batch: str, queue_delay_us: int, instances: int,
-              threads: int | None, max_padding: float | None, startup_timeout: float) -> None:
+              threads: int | None, max_padding: float | None, startup_timeout: float,
+              timings_dir: str | None) -> None:
     """Serve MODEL (.onnx, or OpenVINO IR .xml) behind a Triton Inference Server until SIGTERM or Ctrl-C: raw tensors in, and
     text in (tokenized in the server) -> embeddings. A signal stops a serving server cleanly with exit 0; one
     that arrives while it is still starting exits 130 (SIGINT) or 143 (SIGTERM)."""
@@ -520,7 +524,7 @@ def serve_cmd(model: str, host: str, http_port: int, grpc_port: int, metrics_por
               provider=provider, cuda_graph=cuda_graph, tokenizer=tokenizer, max_length=max_length,
               long_text=long_text, max_batch=max_batch, preferred_batch=preferred_batch,
               queue_delay_us=queue_delay_us, instances=instances, threads=threads, max_padding=max_padding,
-              startup_timeout=startup_timeout, progress=_ui().progress)
+              startup_timeout=startup_timeout, progress=_ui().progress, timings_dir=timings_dir)
 
 
 @cli.command("check-triton")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 from typing import Callable
 
 import click
@@ -41,13 +42,19 @@ def run_serve(model: str, host: str, ports: tuple[int, int, int], name: str | No
               provider: str | None, cuda_graph: bool, tokenizer: str | None, max_length: int | None,
               long_text: str, max_batch: int, preferred_batch: str, queue_delay_us: int, instances: int,
               threads: int | None, startup_timeout: float, progress: Callable[[str], None],
-              max_padding: float | None = None) -> None:
+              max_padding: float | None = None, timings_dir: str | None = None) -> None:
     provider = provider or ("openvino" if is_ir(model) else "cpu")
+    if timings_dir is not None:  # the stubs write into it; they cannot create it
+        try:
+            Path(timings_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TqcError(f"--timings: cannot make the folder '{timings_dir}': {exc.strerror}") from None
     opts = ServeOptions(model=model, name=name, provider=provider,
                         endpoints=("raw", "text") if endpoints == "both" else (endpoints,), tokenizer=tokenizer,
                         max_length=max_length, long_text=long_text, max_batch=max_batch,
                         preferred_batch=parse_sizes(preferred_batch), queue_delay_us=queue_delay_us,
-                        instances=instances, threads=threads, cuda_graph=cuda_graph, max_padding=max_padding)
+                        instances=instances, threads=threads, cuda_graph=cuda_graph, max_padding=max_padding,
+                        timings_dir=timings_dir)
     if cuda_graph and provider != "cuda":
         raise TqcError("--cuda-graph needs --provider cuda")
     server = TritonServer(opts, Ports(*ports), host=host, startup_timeout=startup_timeout)

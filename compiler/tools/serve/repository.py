@@ -63,6 +63,18 @@ class ServeOptions:
     extra: dict = field(default_factory=dict)
 
 
+def tokenizer_env(instances: int, cores: int | None = None) -> dict[str, str]:
+    """The tokenizer's threads per stub, as environment variables for the server (its stubs inherit them).
+    ``encode_batch`` runs on rayon's global pool, which takes every core by default, so N instances would start
+    N pools of all cores: the cores are divided among the instances (as the runtime's threads are), and where
+    that leaves one thread, no pool at all (TOKENIZERS_PARALLELISM=false: a batch is tokenized in the calling
+    thread, without the hand-off to the pool's threads)."""
+    threads = max(1, (cores or os.cpu_count() or 1) // max(1, instances))
+    if threads == 1:
+        return {"TOKENIZERS_PARALLELISM": "false"}
+    return {"RAYON_NUM_THREADS": str(threads)}
+
+
 def tokenizer_folder(name: str | None, model_path: Path) -> Path | None:
     """``recorded_tokenizer`` with the metadata of the ONNX model at ``model_path``."""
     return recorded_tokenizer(name, model_facts(model_path).metadata if name is None else {})

@@ -5,7 +5,8 @@
       tritonserver --model-repository tmp/repo --backend-directory tmp/backends --http/grpc/metrics ports
                    (own process group: the python-backend stubs it forks stay in it)
       -> polls /v2/health/ready; the server exiting (a model failed to load) or the startup timeout ends the
-         wait with one line taken from the server's log, and nothing is left running
+         wait with one line taken from the server's log, and nothing is left running; the environment holds
+         the tokenizer's threads per stub (repository.tokenizer_env) unless one's own is set
     .stop()   SIGTERM to the server (it unloads the models, the stubs exit), SIGKILL to the group after the
               grace period, then the temporary folder is removed
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqc.compiler.core.errors import TqcError
-from tqc.compiler.tools.serve.repository import ServeOptions, write_repository
+from tqc.compiler.tools.serve.repository import ServeOptions, tokenizer_env, write_repository
 from tqc.compiler.tools.serve.triton_dist import find_triton, make_backend_dir, site_folders
 
 
@@ -146,10 +147,12 @@ class TritonServer:
             written = write_repository(self.opts, self.tmp / "repo", site_folders())
             self.models, self.text = written["models"], written["text"]
             make_backend_dir(self.dist, self.tmp / "backends")
+            env = self.dist.env()
+            for key, value in tokenizer_env(self.opts.instances).items():  # one's own setting is kept
+                env.setdefault(key, value)
             with open(self.log_path, "wb") as log:
                 self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, env=self.dist.env(),
-                                                start_new_session=True)
+                                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             self.pgid = self.process.pid
             self._wait_ready()
         except BaseException:

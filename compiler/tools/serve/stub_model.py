@@ -9,7 +9,7 @@ read from ``serve.json`` (beside this file) and put first on ``sys.path`` before
     request (one or several, gathered by Triton's dynamic batcher)
       raw:  input_ids/attention_mask/token_type_ids INT64 [n, seq]  -> checked -> grouped by shape -> ORT -> split
       text: TEXT UINT8 [n, bytes] (UTF-8, rows right-padded with 0) -> checked -> tokenized (all rows together;
-            the tokenizer truncates and pads to the longest row, or rows go to a bucket on CUDA graphs) -> length
+            the tokenizer truncates, the rows are padded to the longest, or to a bucket on CUDA graphs) -> length
             groups (max_padding) -> runtime (a pooled model: only its pooled output) -> pooled on the host unless
             the graph pools -> split
 
@@ -31,6 +31,7 @@ for _folder in reversed(CONF.get("sitedirs", [])):  # first listed ends up first
     sys.path[:] = ([] if _folder in _added else [_folder]) + _added + [p for p in _before if p != _folder]
 
 import time  # noqa: E402
+from itertools import chain  # noqa: E402
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
@@ -219,20 +220,47 @@ class TritonPythonModel:
 
             self.tokenizer = Tokenizer.from_file(os.path.join(_HERE, CONF["tokenizer"]))
             self.tokenizer.enable_truncation(self.max_length)
+            self.tokenizer.no_padding()  # rows are padded by _tokenize, in one scatter per input
             self.pad_id = int(CONF.get("pad_id", 0))
-            if self.runner.bucketed:  # padded to buckets below
-                self.tokenizer.no_padding()
-            else:  # the tokenizer pads a batch to its longest row (in Rust, with the mask)
-                self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=CONF.get("pad_token", "[PAD]"))
+            # several texts: encode_batch_fast (no character offsets, which nothing here reads: 15-20% less
+            # tokenizer time) where the tokenizers version has it, on rayon's pool, sized by the server's
+            # environment (repository.tokenizer_env)
+            self.encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+            self.single_encode, self.encode_one = self._pick_single_encode()
             self.wanted = [spec["name"] for spec in self.inputs]
-        # with "timings": seconds spent per padded shape "BATCHxSEQ": [tokenizer, ORT call, pooling, calls]
+            self._token_inputs = [(name, attribute, fill) for name, attribute, fill in (
+                ("input_ids", "ids", self.pad_id), ("token_type_ids", "type_ids", 0)) if name in self.wanted]
+        # with "timings": seconds per padded shape "BATCHxSEQ": [tokenizer, runtime call, pooling, calls, TEXT
+        # decode, response building, whole execute]; the last three are per execute call, split over its groups
         self.timings = {} if CONF.get("timings") else None
+        self._call_shapes = []
         self._warm_up()
         print(f"tqc-stub: {CONF['kind']} model ready: python {sys.version.split()[0]}, numpy {np.__version__} ({os.path.dirname(np.__file__)}), "
-              f"{self.runner.describe}, max_length {self.max_length}", flush=True)
+              f"{self.runner.describe}, max_length {self.max_length}"
+              + (f", one text by {self.single_encode}" if self.kind == "text" else ""), flush=True)
         if self.timings is not None:
             self.timings.clear()
             self._timings_saved = 0.0
+
+    def _pick_single_encode(self):
+        """One text: encode(), or encode_batch_fast([text]), which computes no offsets but goes through rayon's
+        pool (none with TOKENIZERS_PARALLELISM=false), whose hand-off costs what the host makes it cost (~0.3 ms
+        for encode_batch on a 16-core host in session 5; nothing measurable on 2 cores). Both give the same
+        encoding; the faster on this host is kept, timed here on a text of 128 tokens or more (medians of 15)."""
+        candidates = {"encode": lambda text: [self.tokenizer.encode(text)]}
+        if self.encode_batch is not self.tokenizer.encode_batch:
+            candidates["encode_batch_fast"] = lambda text: self.encode_batch([text])
+        if len(candidates) == 1:
+            return next(iter(candidates.items()))
+        text = " ".join(["the compiler fuses attention and quantizes matrix products for deployment"] * 12)
+        times = {name: [] for name in candidates}
+        for _ in range(15):
+            for name, encode in candidates.items():
+                start = time.perf_counter()
+                encode(text)
+                times[name].append(time.perf_counter() - start)
+        best = min(times, key=lambda name: sorted(times[name])[len(times[name]) // 2])
+        return best, candidates[best]
 
     def _warm_up(self):
         if self.kind == "text":
@@ -319,36 +347,68 @@ class TritonPythonModel:
 
     def _embed(self, texts):
         start = time.perf_counter()
-        # one text: encode() (encode_batch's thread pool costs ~0.3 ms for a single 128-token text)
-        encodings = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(texts)
+        encodings = self.encode_one(texts[0]) if len(texts) == 1 else self.encode_batch(texts)
+        feed, mask, lengths = self._tokenize(encodings)
         rows = len(encodings)
-        if self.runner.bucketed:
-            feed, mask = self._bucketed_feed(encodings)
-        else:  # padded by the tokenizer: one conversion per input the model takes
-            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-            values = {"attention_mask": mask}
-            for name in self.wanted:
-                if name == "input_ids":
-                    values[name] = np.array([e.ids for e in encodings], dtype=np.int64)
-                elif name == "token_type_ids":
-                    values[name] = np.array([e.type_ids for e in encodings], dtype=np.int64)
-            feed = {name: values[name] for name in self.wanted}
-        truncated = [bool(e.overflowing) for e in encodings]
-        counts = mask[:rows].sum(axis=1, keepdims=True)
+        truncated = None
+        if CONF.get("long_text") == "error":  # only a row at the limit can have been cut
+            truncated = [bool(lengths[row] == self.max_length and encodings[row].overflowing) for row in range(rows)]
         tokenized = time.perf_counter() - start
-        groups = self._length_groups(counts[:, 0]) if rows > 1 and not self.runner.bucketed else None
+        groups = self._length_groups(lengths) if rows > 1 and not self.runner.bucketed else None
         if groups is None:
             output = self._run_pooled(feed, mask, rows, tokenized)
         else:  # rows sorted by length, run in groups padded to their own longest row; answers put back in order
             output = None
             for index in groups:
-                longest = int(counts[index[-1], 0])
+                longest = int(lengths[index[-1]])
                 part = self._run_pooled({name: value[index, :longest] for name, value in feed.items()},
                                         mask[index, :longest], len(index), tokenized / len(groups))
                 if output is None:
                     output = np.empty((rows,) + part.shape[1:], dtype=np.float32)
                 output[index] = part
-        return np.ascontiguousarray(output, dtype=np.float32), counts, truncated
+        return np.ascontiguousarray(output, dtype=np.float32), lengths.reshape(rows, 1), truncated
+
+    def _tokenize(self, encodings):
+        """The model's token inputs for the encodings (truncated, not padded): (feed, attention mask, lengths).
+
+        Rows are right-padded to the longest (with CUDA graphs: to the bucket, sequence a power of two >= 16 up
+        to the token limit, batch a power of two up to max_batch, padding rows copying the first row) without a
+        loop per row: the ids of all rows are chained into one array and written where the mask is 1. The same
+        tensors as the tokenizer's own padding (pad id, type id 0, mask 0)."""
+        rows = len(encodings)
+        lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=rows)
+        seq = int(lengths.max())
+        batch = rows
+        if self.runner.bucketed:
+            seq = min(max(16, _pow2_at_least(seq, self.max_length)), self.max_length)
+            batch = _pow2_at_least(rows, self.max_batch)
+        inputs = self._token_inputs
+        if rows == 1 and seq == lengths[0]:  # one text, unpadded: its lists as they are (the cheapest at batch 1)
+            mask = np.ones((1, seq), dtype=np.int64)
+            values = {"attention_mask": mask}
+            for name, attribute, _ in inputs:
+                values[name] = np.array([getattr(encodings[0], attribute)], dtype=np.int64)
+            return {name: values[name] for name in self.wanted}, mask, lengths
+        mask = np.zeros((batch, seq), dtype=np.int64)
+        values = {"attention_mask": mask}
+        if rows == 1:  # one text in a bucket
+            length = int(lengths[0])
+            mask[0, :length] = 1
+            for name, attribute, fill in inputs:
+                values[name] = np.full((1, seq), fill, dtype=np.int64)
+                values[name][0, :length] = getattr(encodings[0], attribute)
+        else:
+            real = np.arange(seq) < lengths[:, None]
+            mask[:rows] = real
+            total = int(lengths.sum())
+            for name, attribute, fill in inputs:
+                value = values[name] = np.full((batch, seq), fill, dtype=np.int64)
+                value[:rows][real] = np.fromiter(chain.from_iterable(getattr(e, attribute) for e in encodings),
+                                                 dtype=np.int64, count=total)
+            if batch > rows:
+                for value in values.values():
+                    value[rows:] = value[0]
+        return {name: values[name] for name in self.wanted}, mask, lengths
 
     def _length_groups(self, lengths):
         """Row indices in groups whose padding stays within ``max_padding`` of their positions (lengths sorted
@@ -375,31 +435,15 @@ class TritonPythonModel:
         ran = time.perf_counter()
         output = self._pool(output, mask[:rows])
         if self.timings is not None:
-            entry = self.timings.setdefault("x".join(str(d) for d in mask.shape), [0.0, 0.0, 0.0, 0])
+            pooled = time.perf_counter()
+            key = "x".join(str(d) for d in mask.shape)
+            entry = self.timings.setdefault(key, [0.0, 0.0, 0.0, 0, 0.0, 0.0, 0.0])
             entry[0] += tokenize_seconds
             entry[1] += ran - started
-            entry[2] += time.perf_counter() - ran
+            entry[2] += pooled - ran
             entry[3] += 1
+            self._call_shapes.append(key)
         return output
-
-    def _bucketed_feed(self, encodings):
-        """CUDA graphs: a few fixed shapes, captured once each; padding rows copy the first row."""
-        longest = max(len(e.ids) for e in encodings)
-        rows = len(encodings)
-        seq = min(max(16, _pow2_at_least(longest, self.max_length)), self.max_length)
-        batch = _pow2_at_least(rows, self.max_batch)
-        ids = np.full((batch, seq), self.pad_id, dtype=np.int64)
-        mask = np.zeros((batch, seq), dtype=np.int64)
-        types = np.zeros((batch, seq), dtype=np.int64)
-        for row, encoding in enumerate(encodings):
-            n = len(encoding.ids)
-            ids[row, :n] = encoding.ids
-            mask[row, :n] = 1
-            types[row, :n] = encoding.type_ids
-        if batch > rows:
-            ids[rows:], mask[rows:], types[rows:] = ids[0], mask[0], types[0]
-        values = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        return {name: values[name] for name in self.wanted}, mask
 
     @staticmethod
     def _pool(output, mask):
@@ -420,6 +464,8 @@ class TritonPythonModel:
         return output
 
     def _execute_text(self, requests):
+        began = time.perf_counter()
+        self._call_shapes = []  # the padded shapes this call ran, for its timings
         responses = [None] * len(requests)
         owners, texts = [], []
         for index, request in enumerate(requests):
@@ -432,15 +478,25 @@ class TritonPythonModel:
             texts.extend(mine)
         if not texts:
             return responses
+        decoded = time.perf_counter()
         embeddings, counts, truncated = self._embed(texts)
+        embedded = time.perf_counter()
         for index, start, rows in owners:
-            if CONF.get("long_text") == "error" and any(truncated[start:start + rows]):
+            if truncated is not None and any(truncated[start:start + rows]):
                 responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=_error(
                     f"TEXT is longer than the model's limit of {self.max_length} tokens"))
                 continue
             responses[index] = pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor(CONF["text_output"], embeddings[start:start + rows]),
                 pb_utils.Tensor("token_count", counts[start:start + rows])])
+        if self.timings is not None and self._call_shapes:
+            ended, share = time.perf_counter(), 1.0 / len(self._call_shapes)
+            for key in self._call_shapes:
+                entry = self.timings[key]
+                entry[4] += (decoded - began) * share
+                entry[5] += (ended - embedded) * share
+                entry[6] += (ended - began) * share
+            self._call_shapes.clear()
         return responses
 
     def execute(self, requests):

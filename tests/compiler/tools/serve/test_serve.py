@@ -28,7 +28,7 @@ pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("tokenizers")
 
 from tqc.compiler.core.errors import TqcError  # noqa: E402
-from tqc.compiler.tools.serve.repository import ServeOptions  # noqa: E402
+from tqc.compiler.tools.serve.repository import ServeOptions, tokenizer_env  # noqa: E402
 from tqc.compiler.tools.serve.server import TritonServer  # noqa: E402
 from tqc.compiler.tools.serve.triton_dist import find_triton  # noqa: E402
 
@@ -316,6 +316,11 @@ def test_two_instances_and_length_groups_answer_exactly(minilm, reference, tmp_p
         assert len(stubs) == 2, stubs
         conf = json.loads((srv.tmp / "repo" / "two_text" / "1" / "serve.json").read_text())
         assert conf["threads"] == max(1, (os.cpu_count() or 1) // 2)  # the instances share the cores
+        for pid in stubs:  # and so do their tokenizers' thread pools (one's own setting kept)
+            environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                           if b"=" in item)
+            for key, value in tokenizer_env(2).items():
+                assert environ.get(key.encode()) == os.environ.get(key, value).encode(), (key, environ.get(key.encode()))
         got_mixed = client.infer("two_text", [text_input(httpclient, mixed)])
 
         def send(i):
@@ -347,14 +352,20 @@ def _serve_dirs() -> set[str]:
 
 
 def test_cli_serves_until_sigterm_then_leaves_nothing(minilm, tmp_path):
-    serve_cli_until_sigterm(minilm)
+    timings = tmp_path / "made" / "timings"  # --timings makes the folder
+    serve_cli_until_sigterm(minilm, "--timings", str(timings))
+    import json
+
+    (shape, entry), *_ = json.loads((timings / "minilm_text.timings.json").read_text()).items()
+    tokenize, run, pool, calls, decode, respond, execute = entry  # seconds summed over the calls of that shape
+    assert shape.startswith("1x") and calls >= 1 and 0 < tokenize + run + pool + decode + respond <= execute
 
 
-def serve_cli_until_sigterm(model: Path) -> None:
+def serve_cli_until_sigterm(model: Path, *options: str) -> None:
     """``tqc serve MODEL`` (text endpoint, long texts refused) answers, stops on SIGTERM with 0, leaves nothing."""
     before = _serve_dirs()
     proc = _tqc("serve", str(model), "--port", "0", "--grpc-port", "0", "--metrics-port", "0",
-                "--endpoints", "text", "--long-text", "error", "--queue-delay-us", "0", "--name", "minilm")
+                "--endpoints", "text", "--long-text", "error", "--queue-delay-us", "0", "--name", "minilm", *options)
     try:
         _check_cli_server(proc, before)
     finally:

@@ -1,0 +1,159 @@
+"""The text model's host side (``stub_model.py``) run through ``stub_harness`` with ONNX Runtime CPU inside: the
+token tensors it feeds the model are the tokenizer's own padding (the path before session 7: the ids, mask and
+type ids of ``transformers`` with ``padding=True``), on the CPU path and on the CUDA-graph buckets; embeddings
+and token counts equal the model run on each text alone; several requests, errors among them, answer apart.
+No tritonserver here (``test_serve.py`` runs the same stub inside one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.compiler.tools.test_triton_text import sentences
+
+pytest.importorskip("tokenizers")
+
+from tqc.compiler.tools.serve.repository import ServeOptions, tokenizer_env, write_repository  # noqa: E402
+from tqc.compiler.tools.serve.stub_harness import Request, answer, load_stub, text_request  # noqa: E402
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def minilm(exports) -> Path:
+    return exports.get("minilm")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from transformers import AutoTokenizer
+
+    from tqc.compiler.io.packaged import packaged_minilm_path
+
+    return AutoTokenizer.from_pretrained(str(packaged_minilm_path()), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def session(minilm):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(minilm), providers=["CPUExecutionProvider"])
+
+
+def stub(minilm: Path, folder: Path, bucketed: bool = False, **conf_changes):
+    """The stub of a written repository's text model, initialized, its runner's feeds recorded in ``.fed``."""
+    write_repository(ServeOptions(model=str(minilm), name="m", endpoints=("text",), threads=1), folder / "repo", [])
+    version = folder / "repo" / "m_text" / "1"
+    conf = dict(json.loads((version / "serve.json").read_text()), **conf_changes)
+    model = load_stub(version, conf).TritonPythonModel()
+    model.initialize({})
+    model.runner.bucketed = bucketed  # ORT CPU runs the CUDA path's bucket shapes as well
+    model.fed = []
+    run = model.runner.run
+    model.runner.run = lambda feed: (model.fed.append({k: v.copy() for k, v in feed.items()}), run(feed))[1]
+    return model
+
+
+def alone(session, hf_tokenizer, texts: list[str], max_length: int = 256) -> np.ndarray:
+    """Each text on its own, unpadded: mean over its tokens, L2-normalised (sentence-transformers)."""
+    rows = []
+    for text in texts:
+        enc = hf_tokenizer([text], truncation=True, max_length=max_length, return_tensors="np")
+        hidden = session.run(None, {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask",
+                                                                           "token_type_ids")})[0][0]
+        rows.append(hidden.mean(axis=0) / np.linalg.norm(hidden.mean(axis=0)))
+    return np.stack(rows)
+
+
+def padded(hf_tokenizer, texts: list[str], **kwargs) -> dict[str, np.ndarray]:
+    enc = hf_tokenizer(texts, truncation=True, max_length=256, return_tensors="np", **kwargs)
+    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def test_token_tensors_are_the_tokenizers_padding_and_answers_are_exact(minilm, session, hf_tokenizer, tmp_path):
+    """One group (max_padding 1): the feed equals transformers' padded batch exactly, long text truncated."""
+    texts = sentences(6, skip=10) + ["Été à Zürich: naïve café ☕", " ".join(sentences(40))]
+    model = stub(minilm, tmp_path, max_padding=1.0)
+    got = answer(model.execute([text_request(texts)])[0])
+    expected = padded(hf_tokenizer, texts, padding=True)
+    assert len(model.fed) == 1
+    for name, value in expected.items():
+        np.testing.assert_array_equal(model.fed[0][name], value, err_msg=name)
+    np.testing.assert_array_equal(got["token_count"][:, 0], expected["attention_mask"].sum(axis=1))
+    assert got["token_count"][-1, 0] == 256
+    np.testing.assert_allclose(got["embeddings"], alone(session, hf_tokenizer, texts), atol=TOL, rtol=0)
+    assert model.single_encode in ("encode", "encode_batch_fast")  # the faster on this host, raced at load
+    for single in (lambda text: [model.tokenizer.encode(text)], lambda text: model.encode_batch([text])):
+        model.encode_one = single  # batch 1, either way: its own ids, no padding, truncated alike
+        for text in (texts[0], texts[-1]):
+            one = answer(model.execute([text_request([text])])[0])
+            np.testing.assert_array_equal(model.fed[-1]["input_ids"], padded(hf_tokenizer, [text])["input_ids"])
+            np.testing.assert_allclose(one["embeddings"], got["embeddings"][texts.index(text)][None], atol=TOL, rtol=0)
+
+
+def test_cuda_graph_buckets_pad_to_powers_of_two_and_copy_the_first_row(minilm, session, hf_tokenizer, tmp_path):
+    texts = sentences(5, skip=40)
+    model = stub(minilm, tmp_path, bucketed=True)
+    got = answer(model.execute([text_request(texts)])[0])
+    feed = model.fed[0]
+    longest = max(len(hf_tokenizer(t)["input_ids"]) for t in texts)
+    seq = max(16, 1 << (longest - 1).bit_length())
+    assert feed["input_ids"].shape == (8, seq)
+    expected = padded(hf_tokenizer, texts, padding="max_length")  # 256, cut to the bucket below
+    for name, value in expected.items():
+        np.testing.assert_array_equal(feed[name][:5], value[:, :seq], err_msg=name)
+        np.testing.assert_array_equal(feed[name][5:], np.repeat(value[:1, :seq], 3, axis=0), err_msg=name)
+    np.testing.assert_allclose(got["embeddings"], alone(session, hf_tokenizer, texts), atol=TOL, rtol=0)
+    answer(model.execute([text_request(["short"])])[0])
+    assert model.fed[-1]["input_ids"].shape == (1, 16)
+
+
+def test_several_requests_with_errors_among_them(minilm, session, hf_tokenizer, tmp_path):
+    """Length groups (max_padding 0.5), one request of three texts, bad requests in between: each answered apart."""
+    short = [" ".join(t.split()[:3]) for t in sentences(2, skip=150)]
+    long_ = [" ".join(sentences(3, skip=160 + 3 * i)) for i in range(2)]
+    model = stub(minilm, tmp_path)
+    requests = [text_request([long_[0], short[0], long_[1]]), text_request(["   "]),
+                Request({"TEXT": np.array([[0xFF, 0xFE, 0x41]], dtype=np.uint8)}), text_request([short[1]]),
+                Request({})]
+    got = [answer(r) for r in model.execute(requests)]
+    assert "empty" in got[1] and "UTF-8" in got[2] and "missing" in got[4], got
+    assert len(model.fed) == 2  # the short and the long texts ran apart
+    np.testing.assert_allclose(got[0]["embeddings"], alone(session, hf_tokenizer, [long_[0], short[0], long_[1]]),
+                               atol=TOL, rtol=0)
+    np.testing.assert_allclose(got[3]["embeddings"], alone(session, hf_tokenizer, [short[1]]), atol=TOL, rtol=0)
+    assert list(got[3]["token_count"][:, 0]) == [len(hf_tokenizer(short[1])["input_ids"])]
+
+
+def test_long_text_error_refuses_a_cut_text_but_not_one_exactly_at_the_limit(minilm, hf_tokenizer, tmp_path):
+    prefixes = [(" ".join(words[:n]), " ".join(words[:n + 3])) for words in
+                (" ".join(sentences(3, skip=skip)).split() for skip in range(20, 40)) for n in range(1, 20)]
+    exact, longer = next(pair for pair in prefixes if len(hf_tokenizer(pair[0])["input_ids"]) == 16)
+    model = stub(minilm, tmp_path, long_text="error", max_length=16)
+    ok, cut, both = (answer(r) for r in model.execute([text_request([exact]), text_request([longer]),
+                                                        text_request([exact, longer])]))
+    assert ok["token_count"][0, 0] == 16
+    assert "longer than the model's limit of 16 tokens" in cut and "longer than" in both
+
+
+def test_timings_split_execute_into_its_steps(minilm, tmp_path):
+    model = stub(minilm, tmp_path, timings=str(tmp_path / "m_text.timings.json"))
+    for _ in range(3):
+        model.execute([text_request(sentences(1, skip=5))])
+    model.finalize()
+    shapes = json.loads((tmp_path / "m_text.timings.json").read_text())
+    (shape, entry), = shapes.items()
+    tokenize, run, pool, calls, decode, respond, execute = entry
+    assert shape.startswith("1x") and calls == 3
+    assert min(tokenize, run, decode, respond) > 0 and tokenize + run + pool + decode + respond <= execute
+
+
+def test_tokenizer_threads_are_the_cores_divided_among_the_instances():
+    assert tokenizer_env(1, cores=16) == {"RAYON_NUM_THREADS": "16"}
+    assert tokenizer_env(4, cores=16) == {"RAYON_NUM_THREADS": "4"}
+    assert tokenizer_env(3, cores=16) == {"RAYON_NUM_THREADS": "5"}
+    assert tokenizer_env(2, cores=2) == {"TOKENIZERS_PARALLELISM": "false"}
+    assert tokenizer_env(64, cores=16) == {"TOKENIZERS_PARALLELISM": "false"}
