@@ -7,7 +7,8 @@ Before                                   After
   Shape(x) ─► Gather(0)  (twice)         Shape(x) ─► Gather(0)  (once: equal nodes merged)
   nodes feeding nothing                  (removed)
   Shape(q)[-2] == Shape(k)[-2] ─► If     (the If's branch inlined, when inference names both dimensions
-                                          with one symbol: DeBERTa before transformers 5.25, see decide_dims)
+                                          with one symbol: DeBERTa before transformers 5.25; fold_dims.py)
+  Reshape(x, [Shape(y)[0], Shape(y)[1], 3, 12, 64])    Reshape(x, [0, 0, 3, 12, 64])   (x and y share them)
 
 Graph inputs and outputs keep their names; an Identity that produces a graph output is kept only when its
 input is itself a graph input or output.
@@ -19,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.base import Condition, Pass, PassContext, PassResult, Tolerance
+from tqc.passes.fold_dims import simplify_by_symbols
 from tqc.passes.rewrite import bypass, cleanup, drop, redirect
 
 SMALL_CONSTANT_ELEMENTS = 64
@@ -37,14 +39,15 @@ class Fold(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         nodes_before = len(graph.nodes)
         identities = remove_identities(graph)
-        merged = decided = 0
+        merged = decided = copied = 0
         for _ in range(4):  # folding exposes duplicates and vice versa; a few rounds reach a fixed point
             count = len(graph.nodes)
             _quiet_fold(graph)
             cleanup(graph, toposort=False)
-            newly = decide_dims(graph)  # on folded constants (an export's Constant nodes are folded by then)
-            if newly:  # the If folds into its branch, whose Identity goes too
-                decided += newly
+            newly, copies = simplify_by_symbols(graph)  # on folded constants (an export's Constant nodes are
+            if newly or copies:                          # folded by then); a decided If folds into its branch,
+                decided += newly                         # whose Identity goes too
+                copied += copies
                 _quiet_fold(graph)
                 identities += remove_identities(graph)
             merged += merge_duplicates(graph)
@@ -56,7 +59,8 @@ class Fold(Pass):
         return PassResult(
             modified=nodes_after != nodes_before or identities > 0,
             stats={"nodes_before": nodes_before, "nodes_after": nodes_after,
-                   "identity_removed": identities, "duplicates_merged": merged, "dims_decided": decided},
+                   "identity_removed": identities, "duplicates_merged": merged, "dims_decided": decided,
+                   "reshape_dims_copied": copied},
         )
 
 
@@ -70,95 +74,6 @@ def _quiet_fold(graph: gs.Graph) -> None:
         graph.fold_constants(fold_shapes=True, recurse_subgraphs=True, error_ok=True)
     finally:
         gs_logger.severity = severity
-
-
-def decide_dims(graph: gs.Graph) -> int:
-    """Equal of two dimensions that shape inference names with the same symbol becomes the constant True.
-
-    Before                                              After
-      Shape(q) ─► Slice[-2:-1] ─► Squeeze ─┐
-      Shape(k) ─► Slice[-2:-1] ─► Squeeze ─┴─► Equal       Constant(True) ─► Not ─► Cast ─► If
-                                  ─► Not ─► Cast ─► If      (then folded: the If's else branch inlined)
-
-    DeBERTa-v2/v3 up to transformers 5.17 exports ``if key_layer.size(-2) != query_layer.size(-2)`` (a scripted
-    helper) as such an If; undecided, the relative-position subgraph behind it has no known shape and the
-    attention does not fuse. A symbol is a graph input's dimension (``sequence``) or an ``unk__N`` that ONNX's
-    inference made for one unknown dimension and copied wherever that same dimension flows: one symbol on both
-    sides is one runtime size. Different symbols decide nothing; two different static sizes give False."""
-    from tqc.compiler.io.graph import skeleton_of_graph
-    from tqc.compiler.io.structure import infer_shapes
-
-    equals = [n for n in graph.nodes if n.op == "Equal" and len(n.inputs) == 2]
-    if not equals:
-        return 0
-    inferred = infer_shapes(skeleton_of_graph(graph), strict=False)
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in
-                       v.type.tensor_type.shape.dim]
-              for v in list(inferred.graph.value_info) + list(inferred.graph.input)
-              if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
-    outputs = {id(t) for t in graph.outputs}
-    decided = 0
-    for node in equals:
-        read = [_dimension_read(t, shapes) for t in node.inputs]
-        if any(r is None for r in read) or id(node.outputs[0]) in outputs:
-            continue
-        (a, shape_a), (b, shape_b) = read
-        if isinstance(a, int) and isinstance(b, int):
-            value = a == b
-        elif a == b:
-            value = True
-        else:
-            continue
-        answer = gs.Constant(f"{node.outputs[0].name}_decided",
-                             np.full(np.broadcast_shapes(shape_a, shape_b), value, dtype=bool))
-        redirect(node.outputs[0], answer)
-        decided += 1
-    return decided
-
-
-def _dimension_read(tensor: gs.Tensor, shapes: dict) -> tuple[int | str, tuple[int, ...]] | None:
-    """(the dimension, the read's own shape) for ``[Squeeze](Slice|Gather(Shape(x), i))``, the dimension an int
-    or a symbol from the graph's inputs; else None."""
-    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    squeezed = node is not None and node.op == "Squeeze"
-    if squeezed:
-        tensor = node.inputs[0]
-        node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    if node is None or node.op not in ("Slice", "Gather") or not isinstance(node.inputs[1], gs.Constant):
-        return None
-    shape_node = node.inputs[0].inputs[0] if len(node.inputs[0].inputs) == 1 else None
-    if shape_node is None or shape_node.op != "Shape" or shape_node.attrs.get("start") or shape_node.attrs.get("end"):
-        return None
-    dims = shapes.get(shape_node.inputs[0].name)
-    if not dims:
-        return None
-    index = np.asarray(node.inputs[1].values).reshape(-1)
-    if index.size != 1:
-        return None
-    start = int(index[0])
-    if node.op == "Slice":
-        ends = node.inputs[2] if len(node.inputs) > 2 else None
-        steps = node.inputs[4] if len(node.inputs) > 4 else None
-        if not isinstance(ends, gs.Constant) or (steps is not None and not (isinstance(steps, gs.Constant) and
-                                                                            np.all(np.asarray(steps.values) == 1))):
-            return None
-        end = int(np.asarray(ends.values).reshape(-1)[0])
-        end = end + len(dims) if end < 0 else min(end, len(dims))
-        normal = start % len(dims) if -len(dims) <= start < len(dims) else None
-        if normal is None or end - normal != 1:
-            return None
-        shape = () if squeezed else (1,)
-    else:
-        if not -len(dims) <= start < len(dims):
-            return None
-        normal = start % len(dims)
-        shape = () if squeezed or np.asarray(node.inputs[1].values).ndim == 0 else (1,)
-    dim = dims[normal]
-    if isinstance(dim, int) and dim > 0:
-        return dim, shape
-    if isinstance(dim, str) and dim:
-        return dim, shape
-    return None
 
 
 def remove_identities(graph: gs.Graph) -> int:

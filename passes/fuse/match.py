@@ -73,6 +73,10 @@ def static_dims(tensor: gs.Tensor, depth: int = 0) -> list[int | None] | None:
             target = int_vector(node.inputs[1], depth + 1)
             if target is not None:
                 derived = [int(d) if d is not None and d > 0 else None for d in target]
+                if 0 in target and not node.attrs.get("allowzero"):  # 0: the input's dimension at that place
+                    inner = static_dims(node.inputs[0], depth + 1) or []
+                    derived = [inner[i] if d == 0 and i < len(inner) else v
+                               for i, (d, v) in enumerate(zip(target, derived))]
                 if target.count(-1) == 1:
                     derived[target.index(-1)] = _inferred_dim(node, target, depth + 1)
     if known is None:
@@ -101,9 +105,14 @@ def _inferred_dim(reshape: gs.Node, target: list[int | None], depth: int) -> int
     -1) with B, S read from x): the product of the input's other dimensions over the constants."""
     source, concat = reshape.inputs[0], producer(reshape.inputs[1])
     dims = static_dims(source, depth + 1)
-    if dims is None or concat is None or concat.op != "Concat" or len(concat.inputs) != len(target):
+    if dims is None:
         return None
-    copied = [_copied_dim(part, source) for part in concat.inputs]
+    if concat is None and constant_values(reshape.inputs[1]) is not None:  # 0 copies the input's dimension there
+        copied = [i if d == 0 else None for i, d in enumerate(target)]
+    elif concat is None or concat.op != "Concat" or len(concat.inputs) != len(target):
+        return None
+    else:
+        copied = [_copied_dim(part, source) for part in concat.inputs]
     copied = [c + len(dims) if c is not None and c < 0 else c for c in copied]
     constants = [d for d, c in zip(target, copied) if c is None and d != -1]
     rest = [d for i, d in enumerate(dims) if i not in copied]
@@ -246,6 +255,8 @@ def heads_from_reshape(reshape: gs.Node, hidden: int) -> int | None:
     values = constant_values(shape)
     if values is not None and values.size == 4 and values[2] > 0:
         return int(values[2])
+    if values is not None and values.size == 4 and values[3] > 0 and hidden % int(values[3]) == 0:
+        return hidden // int(values[3])  # [0, 0, -1, D]: fold made the batch and sequence reads copies
     node = producer(shape)
     if node is not None and node.op == "Concat" and len(node.inputs) >= 3:
         flat: list[int | None] = []

@@ -1,0 +1,167 @@
+"""Facts about dimensions that ONNX's shape inference names with symbols, used by ``fold``.
+
+A symbol is a graph input's dimension (``batch``, ``sequence``) or an ``unk__N`` that inference made for one
+unknown dimension and copied wherever that same dimension flows: one symbol in two places is one runtime size.
+Different symbols prove nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from tqc.passes.rewrite import redirect
+
+
+def symbol_shapes(graph: gs.Graph) -> dict[str, list]:
+    """Every tensor's dimensions as inference knows them: ints, symbols, or '' for an unnamed unknown."""
+    from tqc.compiler.io.graph import skeleton_of_graph
+    from tqc.compiler.io.structure import infer_shapes
+
+    inferred = infer_shapes(skeleton_of_graph(graph), strict=False)
+    return {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in list(inferred.graph.value_info) + list(inferred.graph.input)
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+
+def simplify_by_symbols(graph: gs.Graph) -> tuple[int, int]:
+    """(Equals decided, Reshape targets whose read dimensions became 0); nothing to do: no inference run."""
+    equals = any(n.op == "Equal" and len(n.inputs) == 2 for n in graph.nodes)
+    reshapes = [n for n in graph.nodes if n.op == "Reshape" and _concat_of_reads(n) is not None]
+    if not equals and not reshapes:
+        return 0, 0
+    shapes = symbol_shapes(graph)
+    return decide_dims(graph, shapes) if equals else 0, copy_dims_in_reshapes(reshapes, shapes)
+
+
+def _concat_of_reads(reshape: gs.Node) -> gs.Node | None:
+    """The Concat that makes ``reshape``'s target, if some part of it reads a Shape (allowzero unset)."""
+    if reshape.attrs.get("allowzero") or len(reshape.inputs) < 2 or len(reshape.inputs[1].inputs) != 1:
+        return None
+    concat = reshape.inputs[1].inputs[0]
+    if concat.op != "Concat" or all(isinstance(p, gs.Constant) for p in concat.inputs):
+        return None
+    return concat
+
+
+def copy_dims_in_reshapes(reshapes: list[gs.Node], shapes: dict[str, list]) -> int:
+    """Reshape targets whose parts read, at position p, a dimension that the reshaped tensor has at p too: 0
+    there (Reshape's "copy this dimension"), so no Shape arithmetic is left for ONNX Runtime to run on the CPU.
+
+    Before                                                  After
+      Shape(h) ─► Gather(0) ─► Unsqueeze ─┐
+      Shape(h) ─► Gather(1) ─► Unsqueeze ─┼─► Concat ─► Reshape(x @ W)     Reshape(x @ W, [0, 0, 3, 12, 64])
+                               3, 12, 64 ─┘         (x @ W: [batch, sequence, 2304], h: [batch, sequence, 768])
+    """
+    copied = 0
+    for reshape in reshapes:
+        concat = _concat_of_reads(reshape)
+        data = shapes.get(reshape.inputs[0].name)
+        if concat is None or not data:
+            continue
+        target: list[int] | None = []
+        for part in concat.inputs:
+            if isinstance(part, gs.Constant):  # sizes as they are (a 0 there copies already)
+                target += [int(v) for v in np.asarray(part.values).reshape(-1)]
+                continue
+            read = _dimension_read(_unsqueezed(part), shapes)
+            position = len(target)
+            if read is None or position >= len(data) or data[position] != read[0] or data[position] in ("", 0):
+                target = None
+                break
+            target.append(0)
+        if target is None:
+            continue
+        reshape.inputs[1] = gs.Constant(f"{reshape.name or reshape.outputs[0].name}_target", np.array(target, np.int64))
+        copied += 1
+    return copied
+
+
+def _unsqueezed(tensor: gs.Tensor) -> gs.Tensor:
+    """``x`` for Unsqueeze(x, [0]) of a scalar; else ``tensor`` (a one-element read already)."""
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if node is not None and node.op == "Unsqueeze":
+        axes = node.inputs[1] if len(node.inputs) > 1 else None
+        values = np.asarray(axes.values).reshape(-1).tolist() if isinstance(axes, gs.Constant) else node.attrs.get("axes")
+        if list(values or []) == [0]:
+            return node.inputs[0]
+    return tensor
+
+
+def decide_dims(graph: gs.Graph, shapes: dict[str, list]) -> int:
+    """Equal of two dimensions that shape inference names with the same symbol becomes the constant True.
+
+    Before                                              After
+      Shape(q) ─► Slice[-2:-1] ─► Squeeze ─┐
+      Shape(k) ─► Slice[-2:-1] ─► Squeeze ─┴─► Equal       Constant(True) ─► Not ─► Cast ─► If
+                                  ─► Not ─► Cast ─► If      (then folded: the If's else branch inlined)
+
+    DeBERTa-v2/v3 up to transformers 5.17 exports ``if key_layer.size(-2) != query_layer.size(-2)`` (a scripted
+    helper) as such an If; undecided, the relative-position subgraph behind it has no known shape and the
+    attention does not fuse. A symbol is a graph input's dimension (``sequence``) or an ``unk__N`` that ONNX's
+    inference made for one unknown dimension and copied wherever that same dimension flows: one symbol on both
+    sides is one runtime size. Different symbols decide nothing; two different static sizes give False."""
+    equals = [n for n in graph.nodes if n.op == "Equal" and len(n.inputs) == 2]
+    outputs = {id(t) for t in graph.outputs}
+    decided = 0
+    for node in equals:
+        read = [_dimension_read(t, shapes) for t in node.inputs]
+        if any(r is None for r in read) or id(node.outputs[0]) in outputs:
+            continue
+        (a, shape_a), (b, shape_b) = read
+        if isinstance(a, int) and isinstance(b, int):
+            value = a == b
+        elif a == b:
+            value = True
+        else:
+            continue
+        answer = gs.Constant(f"{node.outputs[0].name}_decided",
+                             np.full(np.broadcast_shapes(shape_a, shape_b), value, dtype=bool))
+        redirect(node.outputs[0], answer)
+        decided += 1
+    return decided
+
+
+def _dimension_read(tensor: gs.Tensor, shapes: dict) -> tuple[int | str, tuple[int, ...]] | None:
+    """(the dimension, the read's own shape) for ``[Squeeze](Slice|Gather(Shape(x), i))``, the dimension an int
+    or a symbol from the graph's inputs; else None."""
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    squeezed = node is not None and node.op == "Squeeze"
+    if squeezed:
+        tensor = node.inputs[0]
+        node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if node is None or node.op not in ("Slice", "Gather") or not isinstance(node.inputs[1], gs.Constant):
+        return None
+    shape_node = node.inputs[0].inputs[0] if len(node.inputs[0].inputs) == 1 else None
+    if shape_node is None or shape_node.op != "Shape" or shape_node.attrs.get("start") or shape_node.attrs.get("end"):
+        return None
+    dims = shapes.get(shape_node.inputs[0].name)
+    if not dims:
+        return None
+    index = np.asarray(node.inputs[1].values).reshape(-1)
+    if index.size != 1:
+        return None
+    start = int(index[0])
+    if node.op == "Slice":
+        ends = node.inputs[2] if len(node.inputs) > 2 else None
+        steps = node.inputs[4] if len(node.inputs) > 4 else None
+        if not isinstance(ends, gs.Constant) or (steps is not None and not (isinstance(steps, gs.Constant) and
+                                                                            np.all(np.asarray(steps.values) == 1))):
+            return None
+        end = int(np.asarray(ends.values).reshape(-1)[0])
+        end = end + len(dims) if end < 0 else min(end, len(dims))
+        normal = start % len(dims) if -len(dims) <= start < len(dims) else None
+        if normal is None or end - normal != 1:
+            return None
+        shape = () if squeezed else (1,)
+    else:
+        if not -len(dims) <= start < len(dims):
+            return None
+        normal = start % len(dims)
+        shape = () if squeezed or np.asarray(node.inputs[1].values).ndim == 0 else (1,)
+    dim = dims[normal]
+    if isinstance(dim, int) and dim > 0:
+        return dim, shape
+    if isinstance(dim, str) and dim:
+        return dim, shape
+    return None
