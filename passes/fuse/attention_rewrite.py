@@ -87,7 +87,7 @@ def _projections(graph: gs.Graph, block: AttentionBlock, prefix: str, fold_scale
     return projected
 
 
-def kept_projections(graph: gs.Graph, block: AttentionBlock) -> str:
+def _kept_projections(graph: gs.Graph, block: AttentionBlock) -> str:
     """The roles (of ``qkv``) whose projection the rest of the graph still reads once the block is rewritten
     (``block.context`` detached): DeBERTa's c2p and p2c bias reads Q and K. Call after the detach."""
     roots = list(graph.outputs) + [t for t in (block.bias, block.mask_fill[0] if block.mask_fill else None)
@@ -100,14 +100,14 @@ def rewrite_standard(graph: gs.Graph, block: AttentionBlock, index: int, masks: 
                      prefix: str | None = None) -> None:
     """The standard form (above), re-producing ``block.context`` under its name.
 
-    A projection the rest of the graph still reads (``kept_projections``) is computed once: its readers take
+    A projection the rest of the graph still reads (``_kept_projections``) is computed once: its readers take
     the packed projection's output instead (the old MatMul dies), and Q then carries no scale, which moves to
     a Mul on the scores (TensorRT's MHA pattern: MatMul, Mul, Add, Softmax, MatMul)."""
     hidden = block.q.weight.shape[1]
     prefix = prefix or f"tqc_attn{index}"
     mask4d = masks.additive_4d() if block.mask is not None and block.mask_fill is None else None
     detach(block.context)  # re-produced under its name by the last Reshape
-    kept = kept_projections(graph, block)
+    kept = _kept_projections(graph, block)
     q_t, k_t, v_t = _projections(graph, block, prefix, fold_scale="q" not in kept)
     for role, lin, projected in zip("qkv", (block.q, block.k, block.v), (q_t, k_t, v_t)):
         if role in kept:
