@@ -4,7 +4,9 @@ interleaved (one run of each per round), so a before/after or a tqc/plain compar
 
 Each node's kernel time is the median over the runs (ORT's ``enable_profiling`` events), which a neighbour's
 burst on a shared machine moves much less than a run's wall time; an op type's time is the sum of its nodes'
-medians. Profiling slows a run: compare models with each other, not with a latency benchmark.
+medians. Profiling slows a run: compare models with each other, not with a latency benchmark. Nodes every
+model has (by name: the projections and FFN tqc keeps) are summed apart from each model's own nodes, where
+the models differ; the common sum says how much the machine moved the rest. The JSON keeps the own nodes.
 
     python bench/bench_ort_profile.py plain=bench_work/deberta-v3-eager.onnx \\
         tqc=bench_work/deberta-v3-eager-tqc.onnx --threads 1 --runs 30 --json bench/results/x.json
@@ -69,6 +71,21 @@ def profile(models: dict[str, str], batch: int, seq: int, threads: int, runs: in
     return results
 
 
+def split_common(results: dict) -> dict:
+    """Each model's time in the nodes every model has (``common_ms``) and in its own (``own_ms``,
+    ``own_per_op``); ``per_node`` keeps the own nodes of 0.05 ms or more."""
+    common = set.intersection(*(set(r["per_node"]) for r in results.values()))
+    for r in results.values():
+        own = {name: entry for name, entry in r["per_node"].items() if name not in common}
+        r["common_nodes"], r["common_ms"] = len(common), sum(r["per_node"][name][1] for name in common)
+        r["own_ms"] = sum(ms for _, ms in own.values())
+        r["own_per_op"] = dict(collections.Counter({op: 0.0 for op, _ in own.values()}))
+        for op, ms in own.values():
+            r["own_per_op"][op] += ms
+        r["per_node"] = {name: entry for name, entry in own.items() if entry[1] >= 0.05}
+    return results
+
+
 def print_table(results: dict) -> None:
     labels = list(results)
     ops = sorted({op for r in results.values() for op in r["per_op"]},
@@ -79,6 +96,11 @@ def print_table(results: dict) -> None:
         if max(ms for ms, _ in cells) >= 0.05:
             print(f"{op:26}" + "".join(f"{ms:>17.2f} ({n:>4})" for ms, n in cells))
     print(f"{'kernels, total':26}" + "".join(f"{results[label]['kernel_ms']:>24.2f}" for label in labels))
+    print(f"{'  in common nodes':26}" + "".join(f"{results[label]['common_ms']:>24.2f}" for label in labels))
+    print(f"{'  in own nodes':26}" + "".join(f"{results[label]['own_ms']:>24.2f}" for label in labels))
+    for label in labels:
+        ops = sorted(results[label]["own_per_op"].items(), key=lambda item: -item[1])
+        print(f"own nodes of {label}: " + ", ".join(f"{op} {ms:.2f}" for op, ms in ops if ms >= 0.2))
 
 
 def main() -> None:
@@ -93,7 +115,7 @@ def main() -> None:
     models = dict(item.split("=", 1) for item in args.models)
     batch, seq = (int(x) for x in args.shape.split("x"))
     start = time.perf_counter()
-    results = profile(models, batch, seq, args.threads, args.runs, args.warmup)
+    results = split_common(profile(models, batch, seq, args.threads, args.runs, args.warmup))
     print_table(results)
     if args.json:
         import onnxruntime
