@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fuse import make_inputs  # noqa: E402
 
 
-def profile(models: dict[str, str], batch: int, seq: int, threads: int, runs: int, warmup: int) -> dict:
+def profile(models: dict[str, str], batch: int, seq: int, threads: int, runs: int, warmup: int,
+            vocab: int = 30000) -> dict:
     """{label: {"per_op": {op: [ms per run, nodes]}, "per_node": {name: [op, ms]}, "kernel_ms": total}}."""
     import onnxruntime as ort
 
@@ -42,7 +43,7 @@ def profile(models: dict[str, str], batch: int, seq: int, threads: int, runs: in
         options.profile_file_prefix = os.path.join(folder, label.replace("/", "_"))
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         names = tuple(i.name for i in session.get_inputs())
-        sessions[label] = (session, make_inputs(batch, seq, names, 30000))
+        sessions[label] = (session, make_inputs(batch, seq, names, vocab))
     for session, feed in sessions.values():
         for _ in range(warmup):
             session.run(None, feed)
@@ -111,11 +112,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--vocab", type=int, default=30000, help="token ids drawn below this")
     args = parser.parse_args()
     models = dict(item.split("=", 1) for item in args.models)
     batch, seq = (int(x) for x in args.shape.split("x"))
     start = time.perf_counter()
-    results = split_common(profile(models, batch, seq, args.threads, args.runs, args.warmup))
+    results = split_common(profile(models, batch, seq, args.threads, args.runs, args.warmup, args.vocab))
     print_table(results)
     if args.json:
         import onnxruntime
