@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from tqc.compiler.io.model import load_model
-from tqc.compiler.runtime.activations import outputs_per_feed
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.pipeline.spec import parse_pipeline
+from tqc.compiler.runtime.activations import outputs_per_feed
 from tqc.passes.base import PassContext
 
 from .test_fuse_new_families import LAYERS, outputs_on, seeded_feeds
