@@ -14,6 +14,9 @@ Variants (GPU: FP16; CPU: FP32, torch.compile reduce-overhead needs CUDA graphs 
   ort-opt[sdpa|eager]    onnxruntime.transformers optimizer (+fp16) on each export the family has
   tqc[sdpa|eager]        tqc fold,fuse(+fp16) on the sdpa / eager export
 ORT on CUDA runs with IO binding, and again with CUDA graphs (suffix +graph).
+--interleave (CPU) times the ORT variants of a model round-robin, one run of each per round, so a shared
+machine's load falls on all of them alike; --extra FAMILY:LABEL=PATH adds a model compiled elsewhere (tqc at
+another commit: a before/after in one run).
 Models have random weights built from the recipes' configs (latency does not depend on the values).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,6 +76,28 @@ def time_fn(fn, runs: int, warmup: int, budget_s: float, sync=None) -> dict:
 
     timing = time_callable(fn, 1, runs, warmup, budget_s, sync)
     return {"median_ms": timing.median_ms, "p95_ms": timing.p95_ms, "runs": timing.runs}
+
+
+def time_interleaved(fns: dict, runs: int, warmup: int, budget_s: float) -> dict[str, dict]:
+    """Each of ``fns`` timed round-robin: one run of each per round, the order rotating a step each round;
+    ``budget_s`` per variant."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names, samples = list(fns), {name: [] for name in fns}
+    start, rounds = time.perf_counter(), 0
+    while (rounds < runs and time.perf_counter() - start < budget_s * len(names)) or rounds < 3:
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - t0) * 1000.0)
+        rounds += 1
+    stats = {}
+    for name, values in samples.items():
+        ordered = sorted(values)
+        stats[name] = {"median_ms": statistics.median(ordered), "p95_ms": ordered[round(0.95 * (len(ordered) - 1))],
+                       "runs": len(ordered), "interleaved": True}
+    return stats
 
 
 # ---------------------------------------------------------------- model preparation
@@ -190,6 +216,9 @@ def main() -> None:
     parser.add_argument("--no-torch-compile", action="store_true")
     parser.add_argument("--ort-opt-timeout", type=float, default=240.0, help="seconds ORT's optimizer may take")
     parser.add_argument("--deadline", type=float, default=540.0, help="stop starting new work after this many s")
+    parser.add_argument("--interleave", action="store_true", help="CPU: time a model's ORT variants round-robin")
+    parser.add_argument("--extra", action="append", default=[], metavar="FAMILY:LABEL=PATH",
+                        help="one more ORT variant of FAMILY: a model compiled elsewhere (repeatable)")
     args = parser.parse_args()
     t_start = time.perf_counter()
     workdir = Path(args.workdir)
@@ -222,8 +251,25 @@ def main() -> None:
                     sessions[f"{tool}[{attn}]"] = out
                 except Exception as exc:
                     results["compile"][f"{family}/{tool}[{attn}]"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        for extra in args.extra:
+            extra_family, _, rest = extra.partition(":")
+            label, _, extra_path = rest.partition("=")
+            if extra_family == family:
+                sessions[label] = Path(extra_path)
         log(f"{family}: compiled " + json.dumps(results["compile"]))
         save()
+        if args.interleave and not cuda:
+            runners = {name: OrtRunner(path, args.device, args.threads) for name, path in sessions.items()}
+            for batch, seq in shapes:
+                feed = make_inputs(batch, seq, recipe.inputs, vocab)
+                timed = time_interleaved({name: r.prepare(feed) for name, r in runners.items()}, args.runs,
+                                         args.warmup, args.budget)
+                for label, stats in timed.items():
+                    results["rows"].append({"model": family, "shape": f"{batch}x{seq}", "variant": label, **stats})
+                    log(f"{family} {batch}x{seq} {label}: {stats}")
+                save()
+            del runners
+            sessions = {}
         reference = None
         for name, path in sessions.items():
             graphs = (False, True) if cuda else (False,)

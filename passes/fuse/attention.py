@@ -60,7 +60,7 @@ def _block(w: Walk) -> AttentionBlock | str:
     heads = heads_from_reshape(reshape, hidden) if reshape is not None else None
     if heads is None or hidden % heads:
         return f"cannot read the number of heads from '{reshape.name if reshape is not None else '?'}'"
-    bias, flat = w.get("bias"), w.get("bias_shape") is not None
+    bias, flat = w.get("bias"), w.get("bias_flat", False)
     dims = static_dims(bias) if bias is not None else None
     rank = 3 if flat else 4
     if bias is not None and (dims is None or len(dims) != rank or (not flat and dims[1] not in (None, heads))):
@@ -72,7 +72,7 @@ def _block(w: Walk) -> AttentionBlock | str:
         return f"the masked_fill condition '{fill[0].name}' is not [batch, 1, S, S] (dimensions {fill_dims})"
     scale = w.get("score_scale", 1.0) * w.get("q_scale", 1.0) * w.get("k_scale", 1.0)
     return AttentionBlock(q=q, k=k, v=v, num_heads=heads, head_size=hidden // heads, scale=scale,
-                          mask=w.get("mask"), context=w["out"], bias=bias, bias_shape=w.get("bias_shape"),
+                          mask=w.get("mask"), context=w["out"], bias=bias, bias_flat=flat,
                           mask_fill=w.get("mask_fill"))
 
 
@@ -175,11 +175,11 @@ def _merge_heads(step: Step, w: Walk) -> list[Walk]:
 
 
 def _scores_4d(step: Step, w: Walk) -> list[Walk]:
-    """Backwards: the [B*H, S, S] scores reshaped to [B, H, S, S]; the bias is reshaped by the same shape."""
+    """Backwards: the [B*H, S, S] scores reshaped to [B, H, S, S] (the bias is flat too: ``bias_flat``)."""
     node = producer(w.tensor)
     if node is None or node.op not in step.op:
         raise NoMatch(f"expected the Reshape of the scores to [B, H, S, S], found {describe(node)}")
-    return [w.bind(tensor=node.inputs[0], bias_shape=node.inputs[1], nodes=[node])]
+    return [w.bind(tensor=node.inputs[0], bias_flat=True, nodes=[node])]
 
 
 def _bias(step: Step, w: Walk) -> list[Walk]:

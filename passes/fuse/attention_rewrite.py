@@ -24,8 +24,8 @@ import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.engine import NoMatch
 from tqc.passes.fuse.masks import MASK_FILL, MaskCache
-from tqc.passes.fuse.match import Linear, constant_values
-from tqc.passes.rewrite import detach, detach_outputs, produce, replace_output
+from tqc.passes.fuse.match import Linear, constant_values, feeding_nodes
+from tqc.passes.rewrite import detach, detach_outputs, produce, redirect, replace_output
 
 
 @dataclass
@@ -41,7 +41,7 @@ class AttentionBlock:
     mask: gs.Tensor | None       # the additive mask the block had (None: no mask)
     context: gs.Tensor           # [batch, sequence, hidden]
     bias: gs.Tensor | None = None  # an additive [B or 1, H, S, S] bias computed elsewhere (stays as it is)
-    bias_shape: gs.Tensor | None = None  # a [B*H, S, S] bias is reshaped by it to [B, H, S, S]
+    bias_flat: bool = False      # the bias is [B*H, S, S] (heads flattened for a bmm): reshaped to [B, H, S, S]
     mask_fill: tuple[gs.Tensor, float, bool] | None = None  # masked_fill (condition, fill, fill where true):
     #                                                          kept as it is on standard targets
 
@@ -56,14 +56,14 @@ def _packed(block: AttentionBlock, fold_scale: bool) -> tuple[np.ndarray, np.nda
     return weight.astype(np.float32), bias.astype(np.float32)
 
 
-def _projections(graph: gs.Graph, block: AttentionBlock, prefix: str) -> list[gs.Tensor]:
-    """Q (scaled), K and V, [batch, sequence, hidden]: one packed MatMul and a Split when they share their
-    input, else a MatMul (+ bias Add) each."""
+def _projections(graph: gs.Graph, block: AttentionBlock, prefix: str, fold_scale: bool = True) -> list[gs.Tensor]:
+    """Q (scaled when ``fold_scale``), K and V, [batch, sequence, hidden]: one packed MatMul and a Split when
+    they share their input, else a MatMul (+ bias Add) each."""
     def var(name: str) -> gs.Variable:
         return gs.Variable(f"{prefix}_{name}", dtype=np.float32)
 
     if block.q.x is block.k.x is block.v.x:
-        weight, bias = _packed(block, fold_scale=True)
+        weight, bias = _packed(block, fold_scale)
         hidden = block.q.weight.shape[1]
         qkv_mm, qkv, outputs = var("qkv_matmul"), var("qkv"), [var(f"{n}_proj") for n in "qkv"]
         produce(graph, "MatMul", f"{prefix}_qkv_matmul", [block.q.x, gs.Constant(f"{prefix}_qkv_weight", weight)],
@@ -74,7 +74,7 @@ def _projections(graph: gs.Graph, block: AttentionBlock, prefix: str) -> list[gs
                 attrs={"axis": -1})
         return outputs
     projected = []
-    for tag, lin, s in (("q", block.q, block.scale), ("k", block.k, 1.0), ("v", block.v, 1.0)):
+    for tag, lin, s in (("q", block.q, block.scale if fold_scale else 1.0), ("k", block.k, 1.0), ("v", block.v, 1.0)):
         mm = var(f"{tag}_matmul")
         produce(graph, "MatMul", f"{prefix}_{tag}_matmul",
                 [lin.x, gs.Constant(f"{prefix}_{tag}_weight", lin.weight * np.float32(s))], [mm])
@@ -87,14 +87,31 @@ def _projections(graph: gs.Graph, block: AttentionBlock, prefix: str) -> list[gs
     return projected
 
 
+def _kept_projections(graph: gs.Graph, block: AttentionBlock) -> str:
+    """The roles (of ``qkv``) whose projection the rest of the graph still reads once the block is rewritten
+    (``block.context`` detached): DeBERTa's c2p and p2c bias reads Q and K. Call after the detach."""
+    roots = list(graph.outputs) + [t for t in (block.bias, block.mask_fill[0] if block.mask_fill else None)
+                                   if t is not None]
+    alive = feeding_nodes(roots)
+    return "".join(role for role, lin in zip("qkv", (block.q, block.k, block.v)) if id(lin.matmul) in alive)
+
+
 def rewrite_standard(graph: gs.Graph, block: AttentionBlock, index: int, masks: MaskCache,
                      prefix: str | None = None) -> None:
-    """The standard form (above), re-producing ``block.context`` under its name."""
+    """The standard form (above), re-producing ``block.context`` under its name.
+
+    A projection the rest of the graph still reads (``_kept_projections``) is computed once: its readers take
+    the packed projection's output instead (the old MatMul dies), and Q then carries no scale, which moves to
+    a Mul on the scores (TensorRT's MHA pattern: MatMul, Mul, Add, Softmax, MatMul)."""
     hidden = block.q.weight.shape[1]
     prefix = prefix or f"tqc_attn{index}"
     mask4d = masks.additive_4d() if block.mask is not None and block.mask_fill is None else None
     detach(block.context)  # re-produced under its name by the last Reshape
-    q_t, k_t, v_t = _projections(graph, block, prefix)
+    kept = _kept_projections(graph, block)
+    q_t, k_t, v_t = _projections(graph, block, prefix, fold_scale="q" not in kept)
+    for role, lin, projected in zip("qkv", (block.q, block.k, block.v), (q_t, k_t, v_t)):
+        if role in kept:
+            redirect(lin.output, projected)
     heads_shape = gs.Constant(f"{prefix}_heads_shape", np.array([0, 0, block.num_heads, block.head_size], np.int64))
 
     def var(name: str) -> gs.Variable:
@@ -111,6 +128,11 @@ def rewrite_standard(graph: gs.Graph, block: AttentionBlock, index: int, masks: 
     v = split_heads(v_t, [0, 2, 1, 3], "v")
     scores = var("scores")
     produce(graph, "MatMul", f"{prefix}_qk", [q, k], [scores])
+    if "q" in kept:
+        scaled = var("scaled_scores")
+        scale = gs.Constant(f"{prefix}_scale", np.array(block.scale, np.float32))
+        produce(graph, "Mul", f"{prefix}_scale", [scores, scale], [scaled])
+        scores = scaled
     if block.bias is not None:
         biased = var("biased_scores")
         produce(graph, "Add", f"{prefix}_bias_add", [scores, _bias_4d(graph, block, prefix)], [biased])
@@ -157,11 +179,22 @@ def rewrite_contrib(graph: gs.Graph, block: AttentionBlock, index: int, masks: M
 
 
 def _bias_4d(graph: gs.Graph, block: AttentionBlock, prefix: str) -> gs.Tensor:
-    """The block's bias as [B, H, S, S]: as it is, or a [B*H, S, S] bias reshaped as the scores were."""
-    if block.bias_shape is None:
+    """The block's bias as [B, H, S, S]: as it is, or a [B*H, S, S] bias reshaped to [-1, H, S, S] by its own
+    dimensions. (The export reshapes the biased scores by their shape, Shape(Q K^T + bias): reusing that
+    target would keep the old Q K^T product computed only for its shape.)"""
+    if not block.bias_flat:
         return block.bias
-    out = gs.Variable(f"{prefix}_bias_4d", dtype=np.float32)
-    produce(graph, "Reshape", f"{prefix}_bias_4d", [block.bias, block.bias_shape], [out])
+
+    def var(name: str, dtype=np.int64) -> gs.Variable:
+        return gs.Variable(f"{prefix}_{name}", dtype=dtype)
+
+    whole, sizes, target, out = var("bias_shape"), var("bias_sizes"), var("bias_4d_shape"), var("bias_4d", np.float32)
+    produce(graph, "Shape", f"{prefix}_bias_shape", [block.bias], [whole])  # Shape's start= needs opset 15
+    produce(graph, "Slice", f"{prefix}_bias_sizes", [whole] + [gs.Constant(f"{prefix}_bias_sizes_{n}", np.array(
+        [v], np.int64)) for n, v in (("starts", 1), ("ends", 3))], [sizes])
+    heads = gs.Constant(f"{prefix}_bias_heads", np.array([-1, block.num_heads], np.int64))
+    produce(graph, "Concat", f"{prefix}_bias_4d_shape", [heads, sizes], [target], attrs={"axis": 0})
+    produce(graph, "Reshape", f"{prefix}_bias_4d", [block.bias, target], [out])
     return out
 
 

@@ -11,7 +11,7 @@ order that fits, or tries the next when a later step fails::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -247,6 +247,22 @@ def ancestors_reach(tensor: gs.Tensor, targets: set[str], limit: int = 2000,
         if node is not None and node.op not in stop_ops:
             stack.extend(node.inputs)
     return False
+
+
+def feeding_nodes(roots: Iterable[gs.Tensor]) -> set[int]:
+    """The ids of every node whose output ``roots`` depend on (through producers, to graph inputs and
+    constants): what stays alive when the graph reads ``roots``."""
+    stack, seen, nodes = list(roots), set(), set()
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        node = producer(tensor)
+        if node is not None and id(node) not in nodes:
+            nodes.add(id(node))
+            stack.extend(node.inputs)
+    return nodes
 
 
 def heads_from_reshape(reshape: gs.Node, hidden: int) -> int | None:

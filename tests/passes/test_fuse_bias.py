@@ -2,7 +2,10 @@
 ``eager-bias``, Softmax(Q K^T * scale + bias + mask) V) and DeBERTa-v3's c2p + p2c scores (rule
 ``disentangled``: heads flattened for bmm, the mask as masked_fill). ``-p fuse`` alone, both exporters, every
 target: N/N attention fused, the bias subgraph kept as it is and feeding the fused op, outputs within 1e-4 of
-the export on ORT CPU (two shapes, right padding on one row; padded positions compared too)."""
+the export on ORT CPU (two shapes, right padding on one row; padded positions compared too), and each product
+computed once: the MatMul work after ``fuse`` is the work before it, less the Q K^T and P V products where a
+contrib op takes them (DeBERTa's bias reads Q and K: they are projected once, not for the bias and again for
+the fused core)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ import pytest
 from tqc.compiler.io.model import load_model
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.pipeline.spec import parse_pipeline
+from tqc.compiler.runtime.activations import outputs_per_feed
 from tqc.passes.base import PassContext
 
-from .test_fuse_new_families import outputs_on, seeded_feeds
+from .test_fuse_new_families import LAYERS, outputs_on, seeded_feeds
 
 
 # family: (its rule, a node of its bias subgraph: MPNet's bucket Gather, computed once for all layers; DeBERTa's
@@ -54,6 +58,43 @@ def test_attention_with_a_bias_fuses_exactly(family, exporter, target, exports):
         assert all(n.domain in ("", "ai.onnx") for n in fused.graph.node)
         adds = [n for n in fused.graph.node if n.name.endswith("_bias_add")]
         assert len(adds) == 2 and all(_reaches(produced, n.input[1], sources) for n in adds)
+
+
+def matmul_work(model, feed) -> tuple[int, int]:
+    """(MatMul nodes, their multiply-accumulates) in a run of ``model`` on ``feed``: every operand's shape
+    read from the run itself (constant operands from the graph)."""
+    constants = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    values = next(outputs_per_feed(model, [feed], [t for n in matmuls for t in n.input if t not in constants]))
+    macs = 0
+    for node in matmuls:
+        a, b = (constants[t] if t in constants else values[t].shape for t in node.input)
+        macs += int(np.prod(np.broadcast_shapes(a[:-2], b[:-2]))) * a[-2] * a[-1] * b[-1]
+    return len(matmuls), macs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda", "trt", "openvino"])
+def test_fused_attention_computes_each_product_once(family, exporter, target, exports):
+    """Against ``fold`` (what fuse canonicalizes with: DeBERTa's constant position projections folded):
+    standard targets keep every product (Q, K, V packed into one MatMul: two nodes fewer a layer, the same
+    MACs); ORT's MultiHeadAttention takes Q K^T and P V, B·S·S·hidden MACs each a layer, and nothing else
+    changes (the legacy DeBERTa export reshapes the biased scores by Shape(Q K^T + bias): a rewrite reading
+    that shape would keep the old Q K^T computed)."""
+    model = load_model(exports.get(family, exporter=exporter, size="tiny"))
+    folded = PassManager(parse_pipeline("fold"), PassContext(target=target)).run(model)
+    fused = PassManager(parse_pipeline("fuse"), PassContext(target=target), verify="numeric").run(model)
+    feed = seeded_feeds(model)[0]
+    before, after = matmul_work(folded, feed), matmul_work(fused, feed)
+    out_before, out_after = outputs_on(folded, [feed])[0], outputs_on(fused, [feed])[0]
+    assert np.abs(out_before - out_after).max() <= 1e-4
+    batch, seq, hidden = out_before.shape
+    layers = LAYERS[family]
+    if target.startswith("ort"):
+        assert after == (before[0] - 2 * layers, before[1] - 2 * layers * batch * seq * seq * hidden)
+    else:
+        assert after == (before[0] - 2 * layers, before[1])
 
 
 def _reaches(produced: dict, tensor: str, nodes: list) -> bool:
