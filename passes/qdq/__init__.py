@@ -117,6 +117,10 @@ class Qdq(Pass):
                            "rounded one by one with the rounding error fed back through the inverse Hessian of the "
                            "layer's input on the calibration data; same scales, same graph)",
                            choices=("nearest", "gptq")),
+        "shift": Option(parse_bool, False, "center every smoothed linear-layer input channel before quantizing "
+                        "(Outlier Suppression+'s channel-wise shift z = (max + min) / 2): x / s becomes (x - z) / s, "
+                        "an Add after SmoothQuant's Mul, and z W moves into the layer's bias, exact in float; a "
+                        "symmetric range (trt) then covers the values there are. Layers with a bias, smooth > 0"),
         "bias_correct": Option(parse_bool, False, "shift each quantized linear layer's bias by its mean output "
                                "error on the calibration data (NNCF's fast bias correction; layers with a bias)"),
     }
@@ -217,8 +221,9 @@ class Qdq(Pass):
         """smooth_search, rounding, bias_correct as given, all on with ``target_cos`` (they come before any
         float fallback)."""
         if self.values["target_cos"] > 0:
-            return {"smooth_search": self.values["smooth"] > 0, "rounding": "gptq", "bias_correct": True}
-        return {key: self.values[key] for key in ("smooth_search", "rounding", "bias_correct")}
+            return {"smooth_search": self.values["smooth"] > 0, "rounding": "gptq", "bias_correct": True,
+                    "shift": self.values["shift"]}
+        return {key: self.values[key] for key in ("smooth_search", "rounding", "bias_correct", "shift")}
 
     def accuracy_goal(self) -> float:
         """The output cosine the budget step must reach: ``budget`` or ``target_cos`` (0: none)."""
