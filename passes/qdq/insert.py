@@ -196,6 +196,14 @@ class Quantizer:
             cmin, cmax = cmin - z, cmax - z
         return cmin, cmax, weight, in_axis
 
+    def input_shift(self, site: Site) -> np.ndarray | None:
+        """The shift z of a linear site's input (``shift_vector``), or None."""
+        entry = self.table.tensors.get(site.node.inputs[0].name)
+        weight = constant_values(site.node.inputs[site.weight]) if site.weight is not None else None
+        if entry is None or entry.channel_min is None or weight is None or weight.ndim != 2:
+            return None
+        return self.shift_vector(site.node, entry.channel_min, entry.channel_max, weight.shape[site.weight_axis])
+
     def shift_vector(self, node: gs.Node, cmin: np.ndarray, cmax: np.ndarray, outputs: int) -> np.ndarray | None:
         """Outlier Suppression+'s channel-wise shift z = (max + min) / 2 of a linear layer's input, with ``shift``
         on: x - z is centred on zero in every channel, so a symmetric range (trt's INT8 activations) spends its
@@ -233,8 +241,10 @@ class Quantizer:
         weight = np.asarray(weight, np.float32)
         return weight * s[:, None].astype(np.float32) if in_axis == 0 else (weight * s[None, :].astype(np.float32)).T
 
-    def measure_smoothed(self, requests: list[tuple[str, gs.Tensor, np.ndarray, np.ndarray]]) -> None:
-        """Calibrate x / s for every (site name, x, s, smoothed weight [K, N]) on the graph, so that ``method``
+    def measure_smoothed(self, requests: list[tuple[str, gs.Tensor, np.ndarray, np.ndarray, np.ndarray | None]]
+                         ) -> None:
+        """Calibrate x / s (with ``shift``: (x - z) / s) for every (site name, x, s, smoothed weight [K, N], z or
+        None) on the graph, so that ``method``
         (percentile, entropy, mse) applies to the smoothed activations as it does to plain ones, then keep the
         method's range only where it lowers the error at the layer's output, ||(Q/DQ(x/s) - x/s) @ W'||^2 over
         the calibration data, below the 'max' range's. A clipping method is right for a tensor whose extremes
@@ -243,7 +253,7 @@ class Quantizer:
         max(x / s) is max over channels of the table's channel max / s."""
         if self.method == "max" or not requests:
             return
-        missing = [r for r in requests if (r[0], r[2].tobytes()) not in self.range_cache]
+        missing = [r for r in requests if (r[0], _vector_key(r[2], r[4])) not in self.range_cache]
         if missing:
             if self.source is None:
                 raise TqcError(f"qdq: method={self.method} with SmoothQuant measures the smoothed activations on the "
@@ -254,33 +264,40 @@ class Quantizer:
             probe = self.graph.copy()  # shares the weight arrays
             tensors = probe.tensors()
             names = []
-            for index, (_, tensor, s, _) in enumerate(missing):
+            for index, (_, tensor, s, _, z) in enumerate(missing):
                 out = gs.Variable(f"tqc_smoothed_probe{index}", dtype=float_type(tensor))
                 probe.nodes.append(gs.Node("Mul", f"tqc_smoothed_probe{index}_Mul", inputs=[
                     tensors[tensor.name], gs.Constant(f"tqc_smoothed_probe{index}_factor",
                                                       (1.0 / s).astype(float_type(tensor)))],
                     outputs=[out]))
+                if z is not None:
+                    scaled, out = out, gs.Variable(f"tqc_shifted_probe{index}", dtype=float_type(tensor))
+                    probe.nodes.append(gs.Node("Add", f"tqc_shifted_probe{index}_Add", inputs=[
+                        scaled, gs.Constant(f"tqc_shifted_probe{index}_shift", (-z / s).astype(float_type(tensor)))],
+                        outputs=[out]))
                 names.append(out.name)
             probe.toposort()
             table = calibrate(probe, self.source, names, model_hash="probe", percentiles=(self.percentile,))
             candidates = {}
-            for (_, tensor, s, weight), name in zip(missing, names):
-                max_range = self._range_params(*self._max_smoothed_range(tensor, s))
+            for (_, tensor, s, weight, z), name in zip(missing, names):
+                max_range = self._range_params(*self._max_smoothed_range(tensor, s, z))
                 method_range = self._range_params(*self._method_range(table.tensors[name]))
                 candidates[name] = (np.asarray(weight, np.float32),
                                     [(float(scale), int(zp), *_code_range(zp)) for scale, zp in (max_range, method_range)])
             errors = range_output_errors(probe, self.source, candidates)
-            for (key, _, s, _), name in zip(missing, names):
-                self.range_cache[(key, s.tobytes())] = (table.tensors[name], errors[name][1] < errors[name][0])
-        for key, _, s, _ in requests:
-            entry, kept = self.range_cache[(key, s.tobytes())]
+            for (key, _, s, _, z), name in zip(missing, names):
+                self.range_cache[(key, _vector_key(s, z))] = (table.tensors[name], errors[name][1] < errors[name][0])
+        for key, _, s, _, z in requests:
+            entry, kept = self.range_cache[(key, _vector_key(s, z))]
             self.measured[key] = entry if kept else None
 
-    def _max_smoothed_range(self, tensor: gs.Tensor, s: np.ndarray) -> tuple[float, float]:
-        """The 'max' range of x / s: from the table's per-channel ranges of x."""
+    def _max_smoothed_range(self, tensor: gs.Tensor, s: np.ndarray, z: np.ndarray | None = None
+                            ) -> tuple[float, float]:
+        """The 'max' range of (x - z) / s: from the table's per-channel ranges of x."""
         entry = self.table.tensors[tensor.name]
-        return (float((np.asarray(entry.channel_min, np.float64) / s).min()),
-                float((np.asarray(entry.channel_max, np.float64) / s).max()))
+        z = 0.0 if z is None else z
+        return (float(((np.asarray(entry.channel_min, np.float64) - z) / s).min()),
+                float(((np.asarray(entry.channel_max, np.float64) - z) / s).max()))
 
     def _method_range(self, entry: TensorRange, method: str | None = None) -> tuple[float, float]:
         """The range ``method`` (default: the pass's) gives a tensor, symmetric where the target wants it."""
@@ -421,8 +438,7 @@ class Quantizer:
         scaled = gs.Variable(f"{tag}_input", dtype=ftype)
         produce(self.graph, "Mul", f"{tag}_Mul", [tensor, gs.Constant(f"{tag}_factor", (1.0 / s).astype(ftype))],
                 [scaled])
-        entry = self.table.tensors[tensor.name]
-        z = self.shift_vector(node, entry.channel_min, entry.channel_max, weight.shape[site.weight_axis])
+        z = self.input_shift(site)
         if z is not None:
             scaled = self.apply_shift(scaled, tag, z, s, node, self.smoothed_weight(site, np.ones_like(s)))
         params = self._range_params(lo, hi)
@@ -541,8 +557,7 @@ class Quantizer:
             if inputs is None or self.weight_key(site) in self.shared_factors:
                 continue
             cmin, cmax, weight, in_axis = inputs
-            entry = self.table.tensors[site.node.inputs[0].name]
-            z = self.shift_vector(site.node, entry.channel_min, entry.channel_max, weight.shape[site.weight_axis])
+            z = self.input_shift(site)
             self.choose_alpha(site.node.name, site.node.inputs[0].name, cmin, cmax,
                               weight if in_axis == 0 else weight.T, default, z)
         for node in attentions:
@@ -720,7 +735,8 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
         if options.smooth_search and alpha > 0:
             converting.search_alphas([], attentions, alpha)
         vectors = [(n, converting.qattention_vector(n, alpha)) for n in attentions]
-        converting.measure_smoothed([(n.name, n.inputs[0], v, constant_values(n.inputs[1]) * v[:, None])
+        converting.measure_smoothed([(n.name, n.inputs[0], v, constant_values(n.inputs[1]) * v[:, None],
+                                      converting.attention_ranges(n)[2] if alpha > 0 else None)
                                      for n, v in vectors if v is not None and constant_values(n.inputs[2]) is not None])
         for node in attentions:
             if not converting.qattention(node, alpha):
@@ -747,7 +763,8 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
         quantize.search_alphas(sites, [], alpha)
     if alpha > 0:
         vectors = [(site, quantize.smoothing_vector(site, alpha)) for site in sites if site.kind == LINEAR]
-        quantize.measure_smoothed([(site.node.name, site.node.inputs[0], v, quantize.smoothed_weight(site, v))
+        quantize.measure_smoothed([(site.node.name, site.node.inputs[0], v, quantize.smoothed_weight(site, v),
+                                    quantize.input_shift(site))
                                    for site, v in vectors if v is not None])
     quantize.check_plain_ranges([site for site in sites if not (alpha > 0 and site.kind == LINEAR and
                                                                quantize._smoothing_inputs(site) is not None)])
@@ -810,6 +827,11 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
     if options.shift:
         stats["shifted"] = refined["shift"]
     return stats, notes
+
+
+def _vector_key(s: np.ndarray, z: np.ndarray | None) -> bytes:
+    """The range cache's key of a smoothing vector and a shift."""
+    return s.tobytes() if z is None else s.tobytes() + b"shift" + np.asarray(z, np.float64).tobytes()
 
 
 def bias_holder(node: gs.Node) -> tuple[gs.Node, int] | None:
