@@ -546,7 +546,7 @@ class Quantizer:
             smoothed = weight * s[:, None].astype(np.float32)
             w_scale = per_channel_scale(smoothed)
             errors.append(layer_error(x, weight, reference, s, (float(scale), int(zero_point), *_code_range(zero_point)),
-                                      round_nearest(smoothed, w_scale) * w_scale))
+                                      round_nearest(smoothed, w_scale) * w_scale, centred=self.bias_correct))
         self.alphas[name] = ALPHAS[int(np.argmin(errors))]
         self.refined["alpha"] += self.alphas[name] != default
 

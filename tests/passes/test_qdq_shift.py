@@ -64,7 +64,7 @@ def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("target", ["trt", "ort-cpu"])
 def test_shift_folds_z_into_the_bias_through_the_int8_weight(target):
     model = linear_model()
-    q, stats = quantized(model, target, "qdq{shift=true}", feeds(4, 0))
+    q, stats = quantized(model, target, "qdq{shift=true,bias_correct=false}", feeds(4, 0))
     assert stats["shifted"] == 1 and stats["smoothed"] == 1
     values = constants(q)
     nodes = {n.name: n for n in q.graph.node}
@@ -84,12 +84,28 @@ def test_shift_folds_z_into_the_bias_through_the_int8_weight(target):
     np.testing.assert_allclose(bias, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_is_shift_and_bias_correction_with_data_and_neither_with_a_table_alone():
+    model = linear_model()
+    calib = feeds(4, 0)
+    table = calibrate(model, calib, calibration_targets(model))
+    for source, expected in ((calib, {"shifted": 1, "bias_corrected": 1}), (None, {})):
+        ctx = PassContext(target="trt", calibration=table)
+        ctx.calibration_source = source
+        manager = PassManager(parse_pipeline("qdq"), ctx)
+        manager.run(model)
+        stats = manager.records[-1].stats
+        assert {k: stats[k] for k in ("shifted", "bias_corrected") if k in stats} == expected, stats
+        assert not [m for m in ctx.messages if "bias_correct" in m or "shift" in m], ctx.messages  # no note
+
+
 @pytest.mark.parametrize("target", ["trt", "ort-cpu"])
 def test_shift_lowers_the_layer_output_error_on_held_out_data(target):
     model = linear_model()
     calib, held_out = feeds(4, 0), feeds(4, 7)
     errors = {}
-    for spec in ("qdq", "qdq{shift=true}", "qdq{bias_correct=true}", "qdq{shift=true,bias_correct=true}"):
+    plain, alone, corrected, both = ("qdq{shift=false,bias_correct=false}", "qdq{shift=true,bias_correct=false}",
+                                     "qdq{shift=false,bias_correct=true}", "qdq")  # the default: both (auto)
+    for spec in (plain, alone, corrected, both):
         q, _ = quantized(model, target, spec, calib)
         diffs = [run(q, f) - run(model, f) for f in held_out]
         errors[spec] = float(np.sqrt(np.mean([np.mean(d ** 2) for d in diffs])))
@@ -97,8 +113,8 @@ def test_shift_lowers_the_layer_output_error_on_held_out_data(target):
     # With bias correction (which takes out the mean error the centred activation's rounding leaves) the shift
     # removes about 40% of the error here (trt 0.0159 -> 0.0095, ort-cpu 0.0165 -> 0.0095); alone it is within
     # about 10% of the default either way (0.0171 -> 0.0190 here), which is why the default has both.
-    assert errors["qdq{shift=true,bias_correct=true}"] < 0.7 * errors["qdq{bias_correct=true}"], errors
-    assert errors["qdq{shift=true,bias_correct=true}"] < 0.7 * errors["qdq"], errors
+    assert errors[both] < 0.7 * errors[corrected], errors
+    assert errors[both] < 0.7 * errors[plain], errors
 
 
 def test_shift_without_smoothing_is_a_note_not_a_change():
@@ -106,8 +122,20 @@ def test_shift_without_smoothing_is_a_note_not_a_change():
     calib = feeds(4, 0)
     ctx = PassContext(target="trt", calibration=calibrate(model, calib, calibration_targets(model)))
     ctx.calibration_source = calib
-    manager = PassManager(parse_pipeline("qdq{shift=true,smooth=0}"), ctx)
+    manager = PassManager(parse_pipeline("qdq{shift=true,bias_correct=false,smooth=0}"), ctx)
     q = manager.run(model)
     assert manager.records[-1].stats["shifted"] == 0
     assert not [n for n in q.graph.node if n.op_type == "Add" and n.name != "layer_bias"]
+    assert q.graph.initializer and not [t for t in q.graph.initializer if t.name.endswith("_shifted")]
     assert any("smooth=0 turns SmoothQuant off" in m for m in ctx.messages), ctx.messages
+
+
+@pytest.mark.parametrize("options, message", [({"shift": "ture"}, "takes a boolean or 'auto', got 'ture'"),
+                                              ({"bias_correct": "atuo"}, "takes a boolean or 'auto'"),
+                                              ({"shfit": "true"}, "did you mean 'shift'")])
+def test_a_mistyped_shift_or_bias_correct_is_refused_in_one_line(options, message):
+    from tqc.compiler.core.errors import TqcError
+    from tqc.passes import Qdq
+
+    with pytest.raises(TqcError, match=message):
+        Qdq(**options)
