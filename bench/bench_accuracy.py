@@ -2,17 +2,18 @@
 """INT8 fidelity of tqc's range methods on the real all-MiniLM-L6-v2 (ORT CPU): a first version of issue 21's
 accuracy benchmark.
 
-Calibrates on the first --calib-sentences of ../shared/data/sentences.txt and judges on the last
---eval-sentences (no overlap), or, with ``--eval-groups G``, the last G x --eval-sentences in G disjoint groups
-(NN agreement is measured within each group, so the task stays that of --eval-sentences sentences; the table
-gives the mean over groups and their spread, min-max): mean and min cosine of the token-pooled sentence embedding (over the tokens
-the attention mask keeps) to FP32, and nearest-neighbour agreement (each sentence keeps, among the evaluation
-set, the nearest neighbour it has in FP32). Rows: the default (``max``, SmoothQuant 0.75), every range
-method, SmoothQuant variants, and the refinements that keep every INT8 MatMul (bias correction, GPTQ rounding,
-SmoothQuant's alpha per layer), each alone and together. Every row compiles ``fold,fuse,qdq{...}`` with ``verify=structure`` so a variant
-that would fail qdq's own numeric check (output cosine < 0.98 on the calibration data) still gets a number;
-the table says which would have failed. ``--targets ort-cpu,trt,openvino`` repeats every row per target
-(trt's Q/DQ graph judged on ORT CPU; the OpenVINO IR on OpenVINO CPU).
+Calibrates on the first --calib-sentences of ../shared/data/sentences.txt and judges on the last --eval-sentences
+(no overlap), or, with ``--eval-groups G``, the last G x --eval-sentences in G disjoint groups (NN agreement is
+measured within each group, so the task stays that of --eval-sentences sentences; the table gives the mean over
+groups and their spread, min-max): mean and min cosine of the token-pooled sentence embedding (over the tokens the
+attention mask keeps) to FP32, and nearest-neighbour agreement (each sentence keeps, among the evaluation set, the
+nearest neighbour it has in FP32). Rows: the default (``max``, SmoothQuant 0.75, shift and bias correction), the
+placement before those two, every range method, SmoothQuant variants, and the refinements (bias correction, the
+shift, GPTQ rounding, SmoothQuant's alpha per layer), each alone and on the default. Every row compiles
+``fold,fuse,qdq{...}`` with ``verify=structure`` so a variant that would fail qdq's own numeric check (output
+cosine < 0.98 on the calibration data) still gets a number; the table says which would have failed. ``--targets
+ort-cpu,trt,openvino`` repeats every row per target (trt's Q/DQ graph judged on ORT CPU; the OpenVINO IR on
+OpenVINO CPU).
 
     python bench/bench_accuracy.py --json bench/results/accuracy_cpu.json
     python bench/bench_accuracy.py --eval-groups 4 --targets trt --row "shifted=qdq{shift=true}"
@@ -37,8 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The project's 3,000 real sentences live beside the checkout (../shared); a worktree sits one level deeper.
 SENTENCES = next((p / "shared" / "data" / "sentences.txt" for p in REPO.parents
                   if (p / "shared" / "data" / "sentences.txt").is_file()), REPO.parent / "shared" / "data" / "sentences.txt")
-ROWS = {  # row -> the qdq item of the pipeline (the default: max ranges, SmoothQuant 0.75)
-    "max (default)": "qdq",
+ROWS = {  # row -> the qdq item of the pipeline (the default: max ranges, SmoothQuant 0.75, shift, bias correction)
+    "default": "qdq",
+    "before shift and bias correction": "qdq{shift=false,bias_correct=false}",
     "percentile 99.99": "qdq{method=percentile}",
     "percentile 99.999": "qdq{method=percentile,percentile=99.999}",
     "entropy": "qdq{method=entropy}",
@@ -47,11 +49,15 @@ ROWS = {  # row -> the qdq item of the pipeline (the default: max ranges, Smooth
     "max smooth=0": "qdq{smooth=0}",
     "mse smooth=0": "qdq{method=mse,smooth=0}",
     "percentile smooth=0": "qdq{method=percentile,smooth=0}",
-    # The refinements that keep every INT8 MatMul (constants only), each alone, then together
-    "bias correction": "qdq{bias_correct=true}",
-    "gptq rounding": "qdq{rounding=gptq}",
-    "alpha per layer": "qdq{smooth_search=true}",
-    "all three": "qdq{smooth_search=true,rounding=gptq,bias_correct=true}",
+    # The refinements that keep every INT8 MatMul (constants only; the shift adds an Add per layer), each alone
+    # against the plain placement, then on top of the default
+    "bias correction alone": "qdq{shift=false,bias_correct=true}",
+    "shift alone": "qdq{shift=true,bias_correct=false}",
+    "gptq rounding alone": "qdq{shift=false,bias_correct=false,rounding=gptq}",
+    "alpha per layer alone": "qdq{shift=false,bias_correct=false,smooth_search=true}",
+    "default + gptq": "qdq{rounding=gptq}",
+    "default + alpha per layer": "qdq{smooth_search=true}",
+    "all": "qdq{smooth_search=true,rounding=gptq}",
 }
 
 
