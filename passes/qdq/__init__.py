@@ -18,11 +18,12 @@ FP16 graphs (``fp16,qdq``): scales take the float type of the tensor they quanti
 lowers the layer's output error ||(Q/DQ(x) - x) W||^2 on the calibration data below max's (else max). INT8 attention needs the
 sequences the model will see within TensorRT's limit (``tqc.compiler.core.target``).
 
-With the calibration data itself (not a table alone), every smoothed linear input is also centred per channel
-before it is quantized (``shift``: (x - z) / s, z W into the bias) and every linear layer's bias corrected by its
-mean output error on the data (``bias_correct``): both on by default (``auto``), constants and one Add per layer,
-every INT8 MatMul kept (MiniLM, 2,400 held-out sentences: NN agreement 91.0 -> 93.7% on ort-cpu, 87.7 -> 91.6% on
-trt, 90.5 -> 92.8% on openvino; ``bench/bench_accuracy.py``).
+With the calibration data itself (not a table alone), every linear layer's bias is corrected by its mean output
+error on the data (``bias_correct``) and, on trt and openvino, every smoothed linear input is centred per channel
+before it is quantized (``shift``: (x - z) / s, z W into the bias; on ORT its Add costs speed): on by default
+(``auto``), constants and one Add per layer, every INT8 MatMul kept (MiniLM, 2,400 held-out sentences: NN
+agreement 91.0 -> 92.0% on ort-cpu (93.7% with shift=true), 87.7 -> 91.6% on trt, 90.5 -> 92.8% on openvino;
+``bench/bench_accuracy.py``).
 
 ``budget=0.995`` adds the accuracy protection: the output cosine of the quantized graph to the float graph (as
 it was before this pass) is measured on the calibration data; while it is below the budget, the site whose
@@ -126,8 +127,9 @@ class Qdq(Pass):
         "shift": Option(parse_auto_bool, "auto", "centre every smoothed linear-layer input channel before "
                         "quantizing (Outlier Suppression+'s channel-wise shift z = (max + min) / 2): x / s becomes "
                         "(x - z) / s, an Add after SmoothQuant's Mul, and z W moves into the layer's bias, exact in "
-                        "float (layers with a bias, smooth > 0). 'auto': on where bias correction is, the pair it "
-                        "is measured with (it leaves a mean error that bias correction takes out)",
+                        "float (layers with a bias, smooth > 0). 'auto': on where bias correction is (it leaves a mean "
+                        "error that bias correction takes out) on trt and openvino; off on ORT targets, where the "
+                        "Add cost up to 9% of the INT8 speed",
                         choices=("auto", "true", "false")),
         "bias_correct": Option(parse_auto_bool, "auto", "shift each quantized linear layer's bias by its mean output "
                                "error on the calibration data (NNCF's fast bias correction; layers with a bias). "
@@ -230,7 +232,7 @@ class Qdq(Pass):
     def refinements(self, ctx: PassContext) -> dict[str, object]:
         """smooth_search, rounding, bias_correct and shift as given; ``target_cos`` adds GPTQ and bias correction
         (they come before any float fallback); 'auto': bias correction where the calibration data is at hand (not
-        a table alone), the shift where bias correction is on."""
+        a table alone), the shift where bias correction is on and the target runs its Add for free."""
         chosen = {key: self.values[key] for key in ("smooth_search", "rounding")}
         bias_correct = self.values["bias_correct"]
         chosen["bias_correct"] = bias_correct == "true" or (bias_correct == "auto" and
@@ -238,7 +240,8 @@ class Qdq(Pass):
         if self.values["target_cos"] > 0:  # smooth_search only as given: on top of the shift it lowered MiniLM's
             chosen.update(rounding="gptq", bias_correct=True)  # min cosine (0.993 -> 0.985) and its cosine here
         shift = self.values["shift"]
-        chosen["shift"] = shift == "true" or (shift == "auto" and chosen["bias_correct"])
+        chosen["shift"] = shift == "true" or (shift == "auto" and chosen["bias_correct"] and
+                                              ctx.target.shift_by_default)
         return chosen
 
     def accuracy_goal(self) -> float:
