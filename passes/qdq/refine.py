@@ -34,11 +34,13 @@ def round_nearest(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def layer_error(x: np.ndarray, weight: np.ndarray, reference: np.ndarray, s: np.ndarray | None,
-                activation: tuple[float, int, int, int], quantized: np.ndarray) -> float:
+                activation: tuple[float, int, int, int], quantized: np.ndarray, centred: bool = False) -> float:
     """Squared error at the output: fq(X / s) @ ``quantized`` (the dequantized INT8 weight) against ``reference``
-    (X @ W in float)."""
+    (X @ W in float); ``centred``: less its mean over the tokens, the part bias correction takes out."""
     scaled = x if s is None else x / s.astype(np.float32)
     diff = fake_quantize(scaled, *activation) @ quantized - reference
+    if centred:
+        diff -= diff.mean(axis=0)
     return float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
 
 

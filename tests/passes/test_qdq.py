@@ -302,8 +302,10 @@ def _effective_weights(model):
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in consts:
             continue
         weight = consts[dq.input[0]].astype(np.float64) * consts[dq.input[1]].astype(np.float64)[None, :]
-        q = producers.get(producers[node.input[0]].input[0])  # activation DQ <- Q <- (Mul(1/s) | x)
+        q = producers.get(producers[node.input[0]].input[0])  # activation DQ <- Q <- ([Add(-z/s)] Mul(1/s) | x)
         mul = producers.get(q.input[0]) if q is not None else None
+        if mul is not None and mul.op_type == "Add" and mul.input[1] in consts:  # the shift: its z is in the bias
+            mul = producers.get(mul.input[0])
         if mul is not None and mul.op_type == "Mul" and mul.input[1] in consts:
             weight = weight * consts[mul.input[1]].astype(np.float64)[:, None]
         found[node.name] = weight

@@ -40,8 +40,10 @@ def changed(base: dict[str, np.ndarray], other: dict[str, np.ndarray], suffix: s
 @pytest.mark.parametrize("option, kind", [("bias_correct=true", "bias"), ("rounding=gptq", "int8"),
                                           ("smooth_search=true", "factor")])
 def test_each_refinement_changes_constants_only_and_keeps_fidelity(minilm, option, kind):  # noqa: F811
-    base_model, _, base_cosine = minilm("qdq")
-    model, stats, cosine = minilm(f"qdq{{{option}}}")
+    # Each alone, against the plain placement: bias correction and the shift (which adds nodes) are on by default.
+    base_model, _, base_cosine = minilm("qdq{bias_correct=false,shift=false}")
+    model, stats, cosine = minilm(f"qdq{{shift=false,{option}}}" if kind == "bias" else
+                                  f"qdq{{bias_correct=false,shift=false,{option}}}")
     assert ops(model) == ops(base_model)  # the same graph: every INT8 MatMul kept, nothing added
     base, refined = initializers(base_model), initializers(model)
     if kind == "bias":
@@ -100,7 +102,7 @@ def test_a_misspelt_rounding_is_refused_with_the_closest_choice():
 def test_target_cos_spends_float_fallbacks_only_after_the_refinements(minilm):  # noqa: F811
     """target_cos is the budget with the refinements on first: every INT8 MatMul quantized, it starts from a
     higher cosine than the plain budget, so it needs fewer float fallbacks, and says what they cost in MACs."""
-    _, budget_stats, budget_cosine = minilm("qdq{budget=0.9995}")
+    _, budget_stats, budget_cosine = minilm("qdq{budget=0.9995,bias_correct=false,shift=false}")
     _, stats, cosine = minilm("qdq{target_cos=0.9995}")
     assert stats["gptq_weights"] >= 18 and stats["bias_corrected"] >= 18
     assert stats["budget_full_cosine"] > budget_stats["budget_full_cosine"]

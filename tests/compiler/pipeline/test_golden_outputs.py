@@ -81,18 +81,25 @@ def _smoothed_codes(model: onnx.ModelProto) -> list[str]:
                   and len(t.dims) == 2)
 
 
+def _moved_biases(model: onnx.ModelProto) -> list[str]:
+    """The biases the shift and bias correction moved (on by default with calibration data)."""
+    return sorted(golden.biases(model) & {t.name for t in model.graph.initializer if t.name.endswith("_corrected")})
+
+
 def test_a_cross_cpu_sized_difference_passes(compiled):
     """What another instruction set does to calibration (golden.TOLERANCE's comment): every activation scale
-    1e-5 off, one INT8 code of a smoothed weight one step."""
+    1e-5 off, one INT8 code of a smoothed weight one step, every moved bias 1e-3 of its largest |value| off."""
     _, _, model = compiled
     recorded = _fingerprint(model)
-    scales, codes = _activation_scales(model), _smoothed_codes(model)
-    assert len(scales) >= 8 and len(codes) == 8
+    scales, codes, biases = _activation_scales(model), _smoothed_codes(model), _moved_biases(model)
+    assert len(scales) >= 8 and len(codes) == 8 and len(biases) == 8
 
     def change(m):
         for name in scales:
             _set(m, name, lambda a: (a * np.float32(1 + 1e-5)).astype(a.dtype))  # measured: up to 7.5e-6
         _set(m, codes[0], lambda a: _toward_zero(a, np.arange(a.size) == 7, 1))
+        for name in biases:  # estimated: up to 1.4e-3
+            _set(m, name, lambda a: (a + np.float32(1e-3) * np.abs(a).max()).astype(a.dtype))
 
     assert golden.compare(recorded, _mutated(model, change)) == []
     assert golden.compare(recorded, _fingerprint(model)) == []
@@ -100,7 +107,7 @@ def test_a_cross_cpu_sized_difference_passes(compiled):
 
 @pytest.mark.parametrize("what", ["scale 1% off", "scale 1e-4 off", "zero point 2 steps", "codes 2 steps",
                                   "codes moved on 5%", "unsmoothed initializer 1 ulp", "attribute", "node order",
-                                  "op type", "node name"])
+                                  "op type", "node name", "moved bias 1% of its largest value"])
 def test_a_real_change_fails(compiled, what):
     _, _, model = compiled
     recorded = _fingerprint(model)
@@ -136,17 +143,23 @@ def test_a_real_change_fails(compiled, what):
             next(n for n in nodes if n.op_type == "Erf").op_type = "Tanh"
         elif what == "node name":
             nodes[len(nodes) // 2].name += "_renamed"
+        elif what == "moved bias 1% of its largest value":
+            _set(m, _moved_biases(m)[2], lambda a: np.where(np.arange(a.size) == 0, a + np.float32(0.01) *
+                                                             np.abs(a).max(), a).astype(a.dtype))
 
     problems = golden.compare(recorded, _mutated(model, change))
     assert problems, what
 
 
-def test_another_range_method_fails(compiled):
-    """qdq{method=percentile} instead of the default max: other activation scales, caught."""
+@pytest.mark.parametrize("qdq, caught", [
+    ("qdq{method=percentile}", "relative bound"),  # instead of the default max: other activation scales
+    ("qdq{bias_correct=false}", "other calibration-derived tensors"),  # biases as exported, and no shift
+])
+def test_another_qdq_option_fails(compiled, qdq, caught):
     source, folder, model = compiled
-    other = folder / "percentile.onnx"
-    golden.tqc("compile", str(source), "-p", "fold,fuse,qdq{method=percentile}", "--target", "trt", "-o", str(other),
+    other = folder / "other.onnx"
+    golden.tqc("compile", str(source), "-p", f"fold,fuse,{qdq}", "--target", "trt", "-o", str(other),
                "--verify", "none", "--calib", str(golden.token_data(folder)), "--calib-samples", "16",
                "--batch-size", "8")
     problems = golden.compare(_fingerprint(model), golden.fingerprint(other))
-    assert any("relative bound" in p for p in problems), problems
+    assert any(caught in p for p in problems), problems
