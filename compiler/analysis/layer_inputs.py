@@ -18,7 +18,7 @@ from tqc.compiler.runtime.activations import stream_intermediates
 from tqc.compiler.runtime.compare import padding_masks
 
 MAX_TOKENS = 4096
-MAX_BYTES = 512 << 20
+MAX_BYTES = 256 << 20  # MiniLM keeps 4,096 tokens; bert-base ~1,000 (what bias correction and GPTQ see)
 
 
 def token_limit(widths: dict[str, int], max_tokens: int = MAX_TOKENS, max_bytes: int = MAX_BYTES) -> int:
