@@ -354,3 +354,22 @@ def linear(tensor: gs.Tensor, what: str) -> Linear | str:
     if weight is None or weight.ndim != 2:
         return f"{what}: projection '{node.name}' has no constant 2-D weight"
     return Linear(node.inputs[0], weight.astype(np.float32), bias, tensor, node, add)
+
+
+def values_read(tensor: gs.Tensor, inputs: set[str], limit: int = 2000) -> set[str] | None:
+    """The graph inputs (of ``inputs``) whose values reach ``tensor`` by a path that does not go through a Shape;
+    None when the walk passes ``limit`` nodes (not known)."""
+    stack, seen, read = [tensor], set(), set()
+    while stack:
+        t = stack.pop()
+        if t.name in inputs:
+            read.add(t.name)
+            continue
+        node = producer(t)
+        if node is None or id(node) in seen or node.op == "Shape":
+            continue
+        seen.add(id(node))
+        if len(seen) > limit:
+            return None
+        stack.extend(node.inputs)
+    return read

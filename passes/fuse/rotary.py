@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.engine import Miss, NoMatch, Rule, Step, StepFunction, Walk, search
-from tqc.passes.fuse.match import describe, int_vector, producer
+from tqc.passes.fuse.match import describe, int_vector, producer, values_read
 from tqc.passes.rewrite import replace_output
 
 CACHE_POSITIONS = 8192   # ModernBERT's max_position_embeddings
@@ -92,21 +92,6 @@ def _rotate_half(step: Step, w: Walk) -> list[Walk]:
     return [w.bind(half=half, nodes=nodes)]
 
 
-def _shape_only(tensor: gs.Tensor, inputs: set[str], limit: int = 500) -> bool:
-    """Whether every path from a graph input to ``tensor`` goes through a Shape (values never read)."""
-    stack, seen = [tensor], set()
-    while stack and len(seen) < limit:
-        t = stack.pop()
-        if t.name in inputs:
-            return False
-        node = producer(t)
-        if node is None or id(node) in seen or node.op == "Shape":
-            continue
-        seen.add(id(node))
-        stack.extend(node.inputs)
-    return not stack
-
-
 def _tables(step: Step, w: Walk) -> list[Walk]:
     """cos and sin: shape-only, position-indexed, repeating their halves (module docstring); the caches."""
     graph, cache = w["graph"], w["caches"]
@@ -130,7 +115,7 @@ def _evaluate(graph: gs.Graph, cos: gs.Tensor, sin: gs.Tensor, positions: int) -
     from tqc.compiler.runtime.graph_session import GraphSession
 
     inputs = {t.name for t in graph.inputs}
-    if not (_shape_only(cos, inputs) and _shape_only(sin, inputs)):
+    if values_read(cos, inputs, limit=500) != set() or values_read(sin, inputs, limit=500) != set():
         return f"the tables '{cos.name}', '{sin.name}' depend on input values, not only on the sequence length"
     sub = graph.copy()
     tensors = sub.tensors()

@@ -24,31 +24,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.masks import MaskCache
-from tqc.passes.fuse.match import producer
+from tqc.passes.fuse.match import values_read
 from tqc.passes.rewrite import produce
 
 PROBE_LENGTH = 600  # a window wider than this on each side is read as global
-
-
-def _reads_only(tensor: gs.Tensor, mask_name: str, inputs: set[str], limit: int = 2000) -> bool:
-    """Whether ``tensor`` reads the values of ``mask_name`` and of no other graph input (others only through
-    Shape)."""
-    stack, seen, reads_mask = [tensor], set(), False
-    while stack:
-        t = stack.pop()
-        if t.name == mask_name:
-            reads_mask = True
-            continue
-        if t.name in inputs:
-            return False
-        node = producer(t)
-        if node is None or id(node) in seen or node.op == "Shape":
-            continue
-        seen.add(id(node))
-        if len(seen) > limit:
-            return False
-        stack.extend(node.inputs)
-    return reads_mask
 
 
 def _probes(rng: np.random.Generator) -> list[np.ndarray]:
@@ -86,7 +65,7 @@ def _run(graph: gs.Graph, outputs: list[gs.Tensor], probes: list[np.ndarray], ma
 
 def read_window(graph: gs.Graph, mask: gs.Tensor, source: gs.Tensor) -> tuple[int | None, float] | str:
     """(h, fill) of an exported additive mask (h None: global, key padding only), or why it is not one."""
-    if not _reads_only(mask, source.name, {t.name for t in graph.inputs}):
+    if values_read(mask, {t.name for t in graph.inputs}) != {source.name}:
         return f"the mask '{mask.name}' reads other inputs than '{source.name}'"
     probes = _probes(np.random.default_rng(0))
     values = _run(graph, [mask], probes, source.name)
