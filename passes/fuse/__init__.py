@@ -148,7 +148,13 @@ class Fuse(Pass):
             rules = sorted({m.rule.name for m in matches})
             cleanup(graph)
             if misses:  # heads split elsewhere (rotary): the core -> MultiHeadAttention, or its standard form
-                cores, misses = fuse_core_attention(graph, mask_names, misses, target.contrib_ops, masks=masks)
+                cores, misses = fuse_core_attention(graph, mask_names, misses, target.contrib_ops, masks=masks,
+                                                    mask_format=mask_format)
+                if cores and target.contrib_ops and "mask" not in stats and "tqc_mask_end_positions" in \
+                        graph.tensors():
+                    stats["mask"] = mask_format
+                    ctx.note("fuse: attention masks given as token counts (right padding); use fuse{mask=raw} "
+                             "for left-padded inputs")
                 fused += len(cores)
                 rules = sorted(set(rules) | set(cores))
                 cleanup(graph)

@@ -153,7 +153,8 @@ def rewrite_core_standard(graph: gs.Graph, w: Walk, name: str) -> None:
 
 
 def fuse_core_attention(graph: gs.Graph, mask_inputs: set[str], earlier: list[Miss], contrib: bool = True,
-                        prefix: str = "tqc_mha", masks: MaskCache | None = None) -> tuple[list[str], list[Miss]]:
+                        prefix: str = "tqc_mha", masks: MaskCache | None = None,
+                        mask_format: str = "raw") -> tuple[list[str], list[Miss]]:
     """Every Softmax left in the graph against ``RULES``; the matches -> MultiHeadAttention (``contrib``), else
     the standard form (``rewrite_core_standard``). Returns (the rule of each match, a miss per Softmax left:
     this catalogue's or the ``earlier`` one's for the same Softmax, whichever got further). With ``masks``, a
@@ -166,8 +167,8 @@ def fuse_core_attention(graph: gs.Graph, mask_inputs: set[str], earlier: list[Mi
     found, misses = search(softmaxes, RULES, STEPS,
                            start=lambda node: Walk(node, bound=(("mask_inputs", mask_inputs),)))
     walks = [w for _, w in found]
-    canonical = canonical_masks(graph, masks, [w["mask"] for w in walks if w.get("mask") is not None]) \
-        if contrib and masks is not None and walks else {}
+    canonical = canonical_masks(graph, masks, [w["mask"] for w in walks if w.get("mask") is not None],
+                                mask_format) if contrib and masks is not None and walks else {}
     before = {m.anchor: m for m in earlier}
     misses = [m if m.anchor not in before or m.step > before[m.anchor].step else before[m.anchor] for m in misses]
     for index, w in enumerate(walks):

@@ -129,9 +129,11 @@ def build_window_bias(graph: gs.Graph, masks: MaskCache, window: int, fill: floa
     return made["bias"]
 
 
-def canonical_masks(graph: gs.Graph, masks: MaskCache, exported: list[gs.Tensor]) -> dict[str, tuple]:
-    """For each exported mask tensor (by name) that is proven a key padding or window mask: ("key_padding",
-    int32 mask) or ("bias", the window form). Masks not proven are left out (their cores keep them)."""
+def canonical_masks(graph: gs.Graph, masks: MaskCache, exported: list[gs.Tensor],
+                    mask_format: str = "raw") -> dict[str, tuple]:
+    """For each exported mask tensor (by name) that is proven a key padding or window mask: ("key_padding", the
+    int32 mask, or its token counts with ``mask_format`` 'end' as fuse{mask=end} gives every attention) or
+    ("bias", the window form). Masks not proven are left out (their cores keep them)."""
     source = masks.source()
     if source is None:
         return {}
@@ -142,7 +144,7 @@ def canonical_masks(graph: gs.Graph, masks: MaskCache, exported: list[gs.Tensor]
             continue
         window, fill = read
         if window is None:
-            found[mask.name] = ("key_padding", masks.int32_index())
+            found[mask.name] = ("key_padding", masks.end_positions() if mask_format == "end" else masks.int32_index())
             continue
         bias = build_window_bias(graph, masks, window, fill)
         probes = _probes(np.random.default_rng(1))

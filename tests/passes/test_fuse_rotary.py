@@ -71,9 +71,11 @@ def test_modernbert_rotary_geglu_and_residuals_fuse_exactly(exporter, attn, targ
         # attention_mask without a Shape (window_mask.py): no mask arithmetic that ORT would put on the CPU
         given = [tuple(n.input[4:6]) + ("",) * (6 - len(n.input)) for n in fused.graph.node
                  if n.op_type == "MultiHeadAttention"]
-        assert given == [("tqc_mask_index", ""), ("", "tqc_window4_bias"), ("tqc_mask_index", "")]
+        # (ort-cuda: token counts, fuse{mask=auto} there, as the classic families get: ORT's fused CUDA kernels)
+        keys = "tqc_mask_end_positions" if target == "ort-cuda" else "tqc_mask_index"
+        assert given == [(keys, ""), ("", "tqc_window4_bias"), (keys, "")]
         producers = {o: n for n in fused.graph.node for o in n.output}
-        stack, seen = ["tqc_mask_index", "tqc_window4_bias"], set()
+        stack, seen = [keys, "tqc_window4_bias"], set()
         while stack:
             node = producers.get(stack.pop())
             if node is not None and node.name not in seen:
