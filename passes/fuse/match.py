@@ -11,7 +11,7 @@ order that fits, or tries the next when a later step fails::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -373,3 +373,25 @@ def values_read(tensor: gs.Tensor, inputs: set[str], limit: int = 2000) -> set[s
             return None
         stack.extend(node.inputs)
     return read
+
+
+def token_subgraph(graph: gs.Graph, outputs: list[gs.Tensor]) -> Callable[..., list[np.ndarray]] | None:
+    """Runs the part of ``graph`` that computes ``outputs`` (a copy, pruned), or None when a graph input it reads
+    is not [batch, sequence]: ``run((B, S), {name: array})`` feeds the arrays given and ones of shape (B, S) to
+    the other inputs, and returns the outputs in order."""
+    from tqc.compiler.runtime.graph_session import GraphSession
+
+    sub = graph.copy()
+    tensors = sub.tensors()
+    sub.outputs = [tensors[t.name] for t in outputs]
+    sub.cleanup(remove_unused_graph_inputs=True)
+    if any(t.shape is None or len(t.shape) != 2 for t in sub.inputs):
+        return None
+    session, names = GraphSession(sub), [t.name for t in outputs]
+
+    def run(shape: tuple[int, int], given: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        given = given or {}
+        return session.run(names, {t.name: np.asarray(given[t.name] if t.name in given else np.ones(shape),
+                                                      np.dtype(t.dtype)) for t in sub.inputs})
+    return run
+

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.engine import Miss, NoMatch, Rule, Step, StepFunction, Walk, search
-from tqc.passes.fuse.match import describe, int_vector, producer, values_read
+from tqc.passes.fuse.match import describe, int_vector, producer, token_subgraph, values_read
 from tqc.passes.rewrite import replace_output
 
 CACHE_POSITIONS = 8192   # ModernBERT's max_position_embeddings
@@ -112,24 +112,13 @@ def _tables(step: Step, w: Walk) -> list[Walk]:
 
 
 def _evaluate(graph: gs.Graph, cos: gs.Tensor, sin: gs.Tensor, positions: int) -> tuple[np.ndarray, ...] | str:
-    from tqc.compiler.runtime.graph_session import GraphSession
-
     inputs = {t.name for t in graph.inputs}
     if values_read(cos, inputs, limit=500) != set() or values_read(sin, inputs, limit=500) != set():
         return f"the tables '{cos.name}', '{sin.name}' depend on input values, not only on the sequence length"
-    sub = graph.copy()
-    tensors = sub.tensors()
-    sub.outputs = [tensors[cos.name], tensors[sin.name]]
-    sub.cleanup(remove_unused_graph_inputs=True)
-    if any(t.shape is None or len(t.shape) != 2 for t in sub.inputs):
+    run = token_subgraph(graph, [cos, sin])
+    if run is None:
         return "the tables are computed from inputs that are not [batch, sequence]: cannot evaluate them"
-    session = GraphSession(sub)
-
-    def run(batch: int, length: int) -> list[np.ndarray]:
-        feed = {t.name: np.ones((batch, length), np.dtype(t.dtype)) for t in sub.inputs}
-        return session.run([cos.name, sin.name], feed)
-
-    full, short = run(1, positions), run(2, 7)
+    full, short = run((1, positions)), run((2, 7))
     tables = []
     for long_table, short_table in zip(full, short):
         if short_table.shape[:3] != (1, 1, 7) or long_table.shape[:3] != (1, 1, positions):

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.masks import MaskCache
-from tqc.passes.fuse.match import values_read
+from tqc.passes.fuse.match import token_subgraph, values_read
 from tqc.passes.rewrite import produce
 
 PROBE_LENGTH = 600  # a window wider than this on each side is read as global
@@ -45,48 +45,25 @@ def _probes(rng: np.random.Generator) -> list[np.ndarray]:
     return probes
 
 
-def _run(graph: gs.Graph, outputs: list[gs.Tensor], probes: list[np.ndarray], mask_name: str) -> list[list]:
-    from tqc.compiler.runtime.graph_session import GraphSession
-
-    sub = graph.copy()
-    tensors = sub.tensors()
-    sub.outputs = [tensors[t.name] for t in outputs]
-    sub.cleanup(remove_unused_graph_inputs=True)
-    if any(t.shape is None or len(t.shape) != 2 for t in sub.inputs):
-        return []
-    session = GraphSession(sub)
-    results = []
-    for probe in probes:
-        feed = {t.name: (probe if t.name == mask_name else np.ones(probe.shape, np.int64)).astype(np.dtype(t.dtype))
-                for t in sub.inputs}
-        results.append(session.run([t.name for t in outputs], feed))
-    return results
-
-
-def read_window(graph: gs.Graph, mask: gs.Tensor, source: gs.Tensor) -> tuple[int | None, float] | str:
-    """(h, fill) of an exported additive mask (h None: global, key padding only), or why it is not one."""
-    if values_read(mask, {t.name for t in graph.inputs}) != {source.name}:
-        return f"the mask '{mask.name}' reads other inputs than '{source.name}'"
-    probes = _probes(np.random.default_rng(0))
-    values = _run(graph, [mask], probes, source.name)
-    if not values:
-        return f"the mask '{mask.name}' is computed from inputs that are not [batch, sequence]"
-    fills = {float(v) for (out,) in values for v in np.unique(out) if v != 0}
+def _window_of(values: list[np.ndarray], probes: list[np.ndarray]) -> tuple[int | None, float] | None:
+    """(h, fill) of an exported additive mask from its values on ``probes`` (h None: global, key padding only),
+    or None when it is not one: other values than 0 and one fill of at most -10000, not [B, 1, S, S], or not
+    exactly key padding and a window at every probe."""
+    fills = {float(v) for out in values for v in np.unique(out) if v != 0}
     if len(fills) > 1 or any(f > -1e4 for f in fills):
-        return f"the mask '{mask.name}' holds other values than 0 and one fill of at most -10000"
+        return None
     fill = fills.pop() if fills else -1e4
-    widest = np.array(values[-4][0])  # the unpadded probe of the longest length
+    widest = np.array(values[-4])  # the unpadded probe of the longest length
     if widest.ndim != 4 or widest.shape[1] != 1:
-        return f"the mask '{mask.name}' is not [batch, 1, S, S] ({list(widest.shape)})"
+        return None
     allowed = np.broadcast_to(widest[0, 0] == 0, (PROBE_LENGTH, PROBE_LENGTH))
     distance = np.abs(np.arange(PROBE_LENGTH)[:, None] - np.arange(PROBE_LENGTH)[None, :])
     half = int(distance[allowed].max()) if allowed.any() else -1
     window = None if half >= PROBE_LENGTH - 1 else half
-    for probe, (out,) in zip(probes, values):
-        if not np.array_equal(np.broadcast_to(out == 0, (2, 1, probe.shape[1], probe.shape[1])),
-                              expected(probe, window)):
-            return f"the mask '{mask.name}' is not key padding{'' if window is None else f' and a window of {window}'}" \
-                   f" at length {probe.shape[1]}"
+    for probe, out in zip(probes, values):
+        length = probe.shape[1]
+        if not np.array_equal(np.broadcast_to(out == 0, (2, 1, length, length)), expected(probe, window)):
+            return None
     return window, fill
 
 
@@ -133,23 +110,37 @@ def canonical_masks(graph: gs.Graph, masks: MaskCache, exported: list[gs.Tensor]
                     mask_format: str = "raw") -> dict[str, tuple]:
     """For each exported mask tensor (by name) that is proven a key padding or window mask: ("key_padding", the
     int32 mask, or its token counts with ``mask_format`` 'end' as fuse{mask=end} gives every attention) or
-    ("bias", the window form). Masks not proven are left out (their cores keep them)."""
+    ("bias", the window form). Masks not proven are left out (their cores keep them). Every candidate mask runs
+    in one session, every rebuilt window in another."""
     source = masks.source()
     if source is None:
         return {}
+    inputs = {t.name for t in graph.inputs}
+    candidates = [m for m in {t.name: t for t in exported}.values() if values_read(m, inputs) == {source.name}]
+    run = token_subgraph(graph, candidates) if candidates else None
+    if run is None:
+        return {}
+    probes = _probes(np.random.default_rng(0))
+    values = [run(probe.shape, {source.name: probe}) for probe in probes]
     found: dict[str, tuple] = {}
-    for mask in {t.name: t for t in exported}.values():
-        read = read_window(graph, mask, source)
-        if isinstance(read, str):
+    windows: dict[str, tuple[int, float, gs.Tensor]] = {}
+    for index, mask in enumerate(candidates):
+        read = _window_of([outs[index] for outs in values], probes)
+        if read is None:
             continue
         window, fill = read
         if window is None:
             found[mask.name] = ("key_padding", masks.end_positions() if mask_format == "end" else masks.int32_index())
-            continue
-        bias = build_window_bias(graph, masks, window, fill)
+        else:
+            windows[mask.name] = (window, fill, build_window_bias(graph, masks, window, fill))
+    if windows:  # the rebuilt forms, checked on other probes
+        biases = list(windows.values())
+        check = token_subgraph(graph, [bias for _, _, bias in biases])
         probes = _probes(np.random.default_rng(1))
-        got = _run(graph, [bias], probes, source.name)
-        if got and all(np.array_equal(out == 0, expected(p, window)) and
-                       np.all((out == 0) | (out == np.float32(fill))) for p, (out,) in zip(probes, got)):
-            found[mask.name] = ("bias", bias)
+        got = [check(probe.shape, {source.name: probe}) for probe in probes] if check is not None else []
+        for index, (name, (window, fill, bias)) in enumerate(windows.items()):
+            rebuilt = [outs[index] for outs in got]
+            if rebuilt and all(np.array_equal(out == 0, expected(probe, window)) and
+                               np.all((out == 0) | (out == np.float32(fill))) for probe, out in zip(probes, rebuilt)):
+                found[name] = ("bias", bias)
     return found
