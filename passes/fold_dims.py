@@ -25,13 +25,16 @@ def symbol_shapes(graph: gs.Graph) -> dict[str, list]:
 
 
 def simplify_by_symbols(graph: gs.Graph) -> tuple[int, int]:
-    """(Equals decided, Reshape targets whose read dimensions became 0); nothing to do: no inference run."""
-    equals = any(n.op == "Equal" and len(n.inputs) == 2 for n in graph.nodes)
-    reshapes = [n for n in graph.nodes if n.op == "Reshape" and _concat_of_reads(n) is not None]
+    """(Equals decided, Reshape targets whose read dimensions became 0). Inference runs only when some Equal
+    compares two dimension reads, or some Reshape target reads a Shape."""
+    equals = [n for n in graph.nodes if n.op == "Equal" and len(n.inputs) == 2 and
+              all(_shape_read(t) is not None for t in n.inputs)]
+    reshapes = [(n, concat) for n in graph.nodes
+                if n.op == "Reshape" and (concat := _concat_of_reads(n)) is not None]
     if not equals and not reshapes:
         return 0, 0
     shapes = symbol_shapes(graph)
-    return decide_dims(graph, shapes) if equals else 0, copy_dims_in_reshapes(reshapes, shapes)
+    return decide_dims(equals, graph, shapes), copy_dims_in_reshapes(reshapes, shapes)
 
 
 def _concat_of_reads(reshape: gs.Node) -> gs.Node | None:
@@ -44,7 +47,7 @@ def _concat_of_reads(reshape: gs.Node) -> gs.Node | None:
     return concat
 
 
-def copy_dims_in_reshapes(reshapes: list[gs.Node], shapes: dict[str, list]) -> int:
+def copy_dims_in_reshapes(reshapes: list[tuple[gs.Node, gs.Node]], shapes: dict[str, list]) -> int:
     """Reshape targets whose parts read, at position p, a dimension that the reshaped tensor has at p too: 0
     there (Reshape's "copy this dimension"), so no Shape arithmetic is left for ONNX Runtime to run on the CPU.
 
@@ -54,10 +57,9 @@ def copy_dims_in_reshapes(reshapes: list[gs.Node], shapes: dict[str, list]) -> i
                                3, 12, 64 ─┘         (x @ W: [batch, sequence, 2304], h: [batch, sequence, 768])
     """
     copied = 0
-    for reshape in reshapes:
-        concat = _concat_of_reads(reshape)
+    for reshape, concat in reshapes:
         data = shapes.get(reshape.inputs[0].name)
-        if concat is None or not data:
+        if not data:
             continue
         target: list[int] | None = []
         for part in concat.inputs:
@@ -72,7 +74,8 @@ def copy_dims_in_reshapes(reshapes: list[gs.Node], shapes: dict[str, list]) -> i
             target.append(0)
         if target is None:
             continue
-        reshape.inputs[1] = gs.Constant(f"{reshape.name or reshape.outputs[0].name}_target", np.array(target, np.int64))
+        name = f"{reshape.name or reshape.outputs[0].name}_target"
+        reshape.inputs[1] = gs.Constant(name, np.array(target, np.int64))
         copied += 1
     return copied
 
@@ -88,7 +91,7 @@ def _unsqueezed(tensor: gs.Tensor) -> gs.Tensor:
     return tensor
 
 
-def decide_dims(graph: gs.Graph, shapes: dict[str, list]) -> int:
+def decide_dims(equals: list[gs.Node], graph: gs.Graph, shapes: dict[str, list]) -> int:
     """Equal of two dimensions that shape inference names with the same symbol becomes the constant True.
 
     Before                                              After
@@ -98,10 +101,8 @@ def decide_dims(graph: gs.Graph, shapes: dict[str, list]) -> int:
 
     DeBERTa-v2/v3 up to transformers 5.17 exports ``if key_layer.size(-2) != query_layer.size(-2)`` (a scripted
     helper) as such an If; undecided, the relative-position subgraph behind it has no known shape and the
-    attention does not fuse. A symbol is a graph input's dimension (``sequence``) or an ``unk__N`` that ONNX's
-    inference made for one unknown dimension and copied wherever that same dimension flows: one symbol on both
-    sides is one runtime size. Different symbols decide nothing; two different static sizes give False."""
-    equals = [n for n in graph.nodes if n.op == "Equal" and len(n.inputs) == 2]
+    attention does not fuse. One symbol on both sides (module docstring) is one runtime size; different symbols
+    decide nothing; two different static sizes give False."""
     outputs = {id(t) for t in graph.outputs}
     decided = 0
     for node in equals:
@@ -122,9 +123,9 @@ def decide_dims(graph: gs.Graph, shapes: dict[str, list]) -> int:
     return decided
 
 
-def _dimension_read(tensor: gs.Tensor, shapes: dict) -> tuple[int | str, tuple[int, ...]] | None:
-    """(the dimension, the read's own shape) for ``[Squeeze](Slice|Gather(Shape(x), i))``, the dimension an int
-    or a symbol from the graph's inputs; else None."""
+def _shape_read(tensor: gs.Tensor) -> tuple[gs.Node, gs.Tensor, bool] | None:
+    """(the Slice or Gather, the tensor whose Shape it reads, whether a Squeeze follows) for
+    ``[Squeeze](Slice|Gather(Shape(x), constant))``; else None. Structure only: what it reads needs the shapes."""
     node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
     squeezed = node is not None and node.op == "Squeeze"
     if squeezed:
@@ -135,13 +136,21 @@ def _dimension_read(tensor: gs.Tensor, shapes: dict) -> tuple[int | str, tuple[i
     shape_node = node.inputs[0].inputs[0] if len(node.inputs[0].inputs) == 1 else None
     if shape_node is None or shape_node.op != "Shape" or shape_node.attrs.get("start") or shape_node.attrs.get("end"):
         return None
-    dims = shapes.get(shape_node.inputs[0].name)
+    return node, shape_node.inputs[0], squeezed
+
+
+def _dimension_read(tensor: gs.Tensor, shapes: dict) -> tuple[int | str, tuple[int, ...]] | None:
+    """(the dimension, the read's own shape) for ``[Squeeze](Slice|Gather(Shape(x), i))`` reading one dimension,
+    the dimension an int or a symbol; else None."""
+    structure = _shape_read(tensor)
+    dims = shapes.get(structure[1].name) if structure is not None else None
     if not dims:
         return None
+    node, _, squeezed = structure
     index = np.asarray(node.inputs[1].values).reshape(-1)
-    if index.size != 1:
+    if index.size != 1 or not -len(dims) <= int(index[0]) < len(dims):
         return None
-    start = int(index[0])
+    normal = int(index[0]) % len(dims)
     if node.op == "Slice":
         ends = node.inputs[2] if len(node.inputs) > 2 else None
         steps = node.inputs[4] if len(node.inputs) > 4 else None
@@ -149,19 +158,12 @@ def _dimension_read(tensor: gs.Tensor, shapes: dict) -> tuple[int | str, tuple[i
                                                                             np.all(np.asarray(steps.values) == 1))):
             return None
         end = int(np.asarray(ends.values).reshape(-1)[0])
-        end = end + len(dims) if end < 0 else min(end, len(dims))
-        normal = start % len(dims) if -len(dims) <= start < len(dims) else None
-        if normal is None or end - normal != 1:
+        if (end + len(dims) if end < 0 else min(end, len(dims))) - normal != 1:
             return None
         shape = () if squeezed else (1,)
     else:
-        if not -len(dims) <= start < len(dims):
-            return None
-        normal = start % len(dims)
         shape = () if squeezed or np.asarray(node.inputs[1].values).ndim == 0 else (1,)
     dim = dims[normal]
-    if isinstance(dim, int) and dim > 0:
-        return dim, shape
-    if isinstance(dim, str) and dim:
+    if (isinstance(dim, int) and dim > 0) or (isinstance(dim, str) and dim):
         return dim, shape
     return None
