@@ -63,6 +63,10 @@ def canonicalize(graph: gs.Graph) -> int:
     return before - len(graph.nodes)
 
 
+TOKEN_COUNTS_NOTE = ("fuse: attention masks given as token counts (right padding); use fuse{mask=raw} for "
+                     "left-padded inputs")
+
+
 class Fuse(Pass):
     """Fuse attention blocks, GELU and residual LayerNorms into the ops the target runs fastest."""
 
@@ -133,8 +137,7 @@ class Fuse(Pass):
             if target.contrib_ops and matches and any(m.block.mask is not None for m in matches):
                 stats["mask"] = mask_format
                 if mask_format == "end":
-                    ctx.note("fuse: attention masks given as token counts (right padding); use fuse{mask=raw} "
-                             "for left-padded inputs")
+                    ctx.note(TOKEN_COUNTS_NOTE)
             for index, match in enumerate(matches):
                 try:
                     if not target.contrib_ops:
@@ -150,11 +153,10 @@ class Fuse(Pass):
             if misses:  # heads split elsewhere (rotary): the core -> MultiHeadAttention, or its standard form
                 cores, misses = fuse_core_attention(graph, mask_names, misses, target.contrib_ops, masks=masks,
                                                     mask_format=mask_format)
-                if cores and target.contrib_ops and "mask" not in stats and "tqc_mask_end_positions" in \
-                        graph.tensors():
+                if cores and target.contrib_ops and "mask" not in stats and mask_format == "end" and \
+                        "end" in masks.built:  # the cores' key padding masks are token counts too
                     stats["mask"] = mask_format
-                    ctx.note("fuse: attention masks given as token counts (right padding); use fuse{mask=raw} "
-                             "for left-padded inputs")
+                    ctx.note(TOKEN_COUNTS_NOTE)
                 fused += len(cores)
                 rules = sorted(set(rules) | set(cores))
                 cleanup(graph)
