@@ -24,6 +24,7 @@ from tqc.passes.fuse.core_attention import fuse_core_attention
 from tqc.passes.fuse.embed_layernorm import fuse_embed_layernorm
 from tqc.passes.fuse.engine import Miss, NoMatch
 from tqc.passes.fuse.gelu import fuse_gelu
+from tqc.passes.fuse.head_layout import flatten_heads
 from tqc.passes.fuse.layernorm import fuse_layernorm
 from tqc.passes.fuse.masks import MaskCache, mask_input_names
 from tqc.passes.fuse.rotary import CACHE_POSITIONS, fuse_rotary
@@ -158,6 +159,8 @@ class Fuse(Pass):
                     stats["mask"] = mask_format
                     ctx.note(TOKEN_COUNTS_NOTE)
                 fused += len(cores)
+                if cores and target.contrib_ops:
+                    stats["heads_flattened"] = flatten_heads(graph)
                 rules = sorted(set(rules) | set(cores))
                 cleanup(graph)
             stats["attention_rules"] = ",".join(rules) if rules else "-"

@@ -67,6 +67,12 @@ def test_modernbert_rotary_geglu_and_residuals_fuse_exactly(exporter, attn, targ
     assert caches == ["tqc_rotary_cos_cache0", "tqc_rotary_cos_cache1"]  # global and local tables, shared
     if (exporter, attn) != ("legacy", "sdpa"):
         assert ops.count("Softmax") == 0
+        # head_layout: MultiHeadAttention and RotaryEmbedding take [B, S, N·D]; no head Transpose is left, and
+        # Q, K, V are one Split of the packed projection per layer
+        assert stats["heads_flattened"] == LAYERS and "Transpose" not in ops, ops
+        assert ops.count("Split") >= LAYERS and all(
+            len(n.input) == 4 and any(a.name == "num_heads" for a in n.attribute)
+            for n in fused.graph.node if n.op_type == "RotaryEmbedding")
         # full / sliding / full: the key padding mask, and the window bias (half-width 4), both rebuilt from
         # attention_mask without a Shape (window_mask.py): no mask arithmetic that ORT would put on the CPU
         given = [tuple(n.input[4:6]) + ("",) * (6 - len(n.input)) for n in fused.graph.node
@@ -171,3 +177,33 @@ def test_explain_names_why_a_rotation_is_not_fused(broken, reason):
     assert f"fuse: rotary: Add 'y' not fused; closest rule 'rotate-half': {reason}" in ctx.messages, ctx.messages
     x = np.random.default_rng(1).standard_normal((2, 2, 5, 8)).astype(np.float32)
     np.testing.assert_allclose(run(fused, x), run(model, x), atol=1e-6, rtol=0)
+
+
+def test_heads_not_from_a_packed_projection_become_reshape_views_exactly():
+    """head_layout's other form: separate [B, S, N, D] heads -> Reshape views (no Transpose), same answer."""
+    from tqc.passes.fuse.head_layout import flatten_heads
+    from tqc.passes.rewrite import cleanup
+
+    heads, size = 2, 4
+    nodes = [helper.make_node("Transpose", [x], [f"{x}_t"], perm=[0, 2, 1, 3]) for x in ("q", "k", "v")]
+    nodes += [helper.make_node("Transpose", ["q_t"], ["q_back"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["q_back", "hidden"], ["query"]),
+              helper.make_node("MultiHeadAttention", ["query", "k_t", "v_t"], ["y"], domain="com.microsoft",
+                               num_heads=heads)]
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["b", "s", heads, size]) for x in "qkv"]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", heads * size])
+    graph = helper.make_graph(nodes, "heads", inputs, [y], initializer=[
+        numpy_helper.from_array(np.array([0, 0, heads * size], np.int64), "hidden")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    g = to_graph(model)
+    assert flatten_heads(g) == 1
+    flat = to_model(cleanup(g))
+    ops = [n.op_type for n in flat.graph.node]
+    assert "Transpose" not in ops and ops.count("Reshape") == 3, ops
+    rng = np.random.default_rng(0)
+    feeds = {x: rng.standard_normal((2, 5, heads, size)).astype(np.float32) for x in "qkv"}
+    before, after = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                     .run(None, feeds)[0] for m in (model, flat))
+    assert np.abs(before - after).max() <= 1e-6
