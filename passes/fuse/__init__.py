@@ -29,6 +29,7 @@ from tqc.passes.fuse.layernorm import fuse_layernorm
 from tqc.passes.fuse.masks import MaskCache, mask_input_names
 from tqc.passes.fuse.rotary import CACHE_POSITIONS, fuse_rotary
 from tqc.passes.fuse.skip_layernorm import fuse_skip_layernorm
+from tqc.passes.fuse.slices import split_sibling_slices
 from tqc.passes.rewrite import cleanup, drop, redirect
 
 
@@ -177,6 +178,7 @@ class Fuse(Pass):
                 ctx.note(f"fuse: gelu: {reason}")
         else:
             stats["gelu"] = 0
+        stats["slices_split"] = split_sibling_slices(graph)  # GeGLU's halves: one Split
         cleanup(graph)
         stats["layernorm_fused"] = 0
         if self.values["layernorm"]:

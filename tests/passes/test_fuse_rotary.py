@@ -207,3 +207,34 @@ def test_heads_not_from_a_packed_projection_become_reshape_views_exactly():
     before, after = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
                      .run(None, feeds)[0] for m in (model, flat))
     assert np.abs(before - after).max() <= 1e-6
+
+
+@pytest.mark.parametrize("ends, splits", [((4, 10), 1), ((4, 2**63 - 1), 1), ((4, 9), 0), ((3, 10), 0)])
+def test_sibling_slices_that_tile_an_axis_become_one_split_exactly(ends, splits):
+    """slices.py: GeGLU's two halves of a MatMul output -> one Split, only when they tile the axis."""
+    from tqc.passes.fuse.slices import split_sibling_slices
+    from tqc.passes.rewrite import cleanup
+
+    first_end, second_end = ends
+    second_start = 4
+    inits = [numpy_helper.from_array(np.random.default_rng(1).standard_normal((6, 10)).astype(np.float32), "w")]
+    for name, value in (("s0", 0), ("e0", first_end), ("s1", second_start), ("e1", second_end), ("ax", -1)):
+        inits.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Slice", ["h", "s0", "e0", "ax"], ["a"]),
+             helper.make_node("Slice", ["h", "s1", "e1", "ax"], ["b"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 6])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "ab"]
+    model = helper.make_model(helper.make_graph(nodes, "geglu", [x], outs, initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    g = to_graph(model)
+    assert split_sibling_slices(g) == splits
+    after_model = to_model(cleanup(g))
+    ops = [n.op_type for n in after_model.graph.node]
+    assert ops.count("Split") == splits and ops.count("Slice") == 2 * (1 - splits)
+    feeds = {"x": np.random.default_rng(2).standard_normal((2, 3, 6)).astype(np.float32)}
+    before, after = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                     .run(None, feeds) for m in (model, after_model))
+    for b, a in zip(before, after):
+        assert b.shape == a.shape and np.array_equal(b, a)
