@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where does tqc's bert-base 1x128 FP16 time go on ORT CUDA, and how does it compare to torch.compile?
+"""Where does tqc's FP16 time go on ORT CUDA against torch.compile (bert-base 1x128 by default; --model, --shapes)?
 
 One run on the GPU machine:
   * latency, CUDA graph + IO binding, of tqc graph variants on the sdpa export, interleaved over several
@@ -10,6 +10,7 @@ One run on the GPU machine:
     host overhead.
 
     bash bench/gpu_run.sh bench/gpu_kernel_profile.py --json $OUT/kernel_profile.json
+    bash bench/gpu_run.sh bench/gpu_kernel_profile.py --model modernbert --shapes 1x128,32x128 --json ...
 """
 
 from __future__ import annotations
@@ -81,58 +82,64 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--model", default="bert", help="a tqc export recipe (bert, modernbert, deberta-v3, ...)")
+    parser.add_argument("--attn", default=None, help="which export: sdpa for bert, eager for the others")
+    parser.add_argument("--shapes", default="1x128", help="BATCHxSEQ,...")
     args = parser.parse_args()
     import torch
+
+    from tqc.models.recipes import find_recipe
 
     sync = torch.cuda.synchronize
     work = Path("/tmp/kernel_profile")
     work.mkdir(exist_ok=True)
-    paths = export_models("bert", work)
-    feed = make_inputs(1, 128, ("input_ids", "attention_mask", "token_type_ids"), 30522)
-    variants = {
-        "tqc": ("fold,fuse,fp16", None),
-        "tqc fp16-out": ("fold,fuse,fp16", "fp16-out"),
-        "tqc sum-ln": ("fold,fuse{skip_layernorm=sum},fp16", None),
-    }
+    recipe = find_recipe(args.model)
+    vocab = recipe.config("base").vocab_size
+    attn = args.attn or ("sdpa" if args.model == "bert" else "eager")
+    paths = export_models(args.model, work)
+    variants = {"tqc": ("fold,fuse,fp16", None)}
+    if args.model == "bert":
+        variants.update({"tqc fp16-out": ("fold,fuse,fp16", "fp16-out"),
+                         "tqc sum-ln": ("fold,fuse{skip_layernorm=sum},fp16", None)})
     models = {}
     for name, (pipeline, edit) in variants.items():
-        out = work / f"{name.replace(' ', '_')}.onnx"
-        compile_model(CompileOptions(model=str(paths["sdpa"]), pipeline=pipeline, output=str(out), target="ort-cuda"))
+        out = work / f"{args.model}-{name.replace(' ', '_')}.onnx"
+        compile_model(CompileOptions(model=str(paths[attn]), pipeline=pipeline, output=str(out), target="ort-cuda"))
         if edit == "fp16-out":
             fp16_outputs(out, out)
         models[name] = out
-    results: dict = {"shape": "1x128", "rounds": {}, "profiles": {}, "gpu": torch.cuda.get_device_name(0)}
-    runners = {name: OrtRunner(path, "cuda", None, cuda_graph=True).prepare(feed) for name, path in models.items()}
-    prepare, _ = torch_runners("bert", "cuda", True)
-    torch_fn = prepare(feed)
-    torch_fn()
-    sync()
-    everything = {**runners, "torch.compile": torch_fn}
-    for r in range(args.rounds):
-        for name, fn in everything.items():
-            median = time_callable(fn, 1, args.runs, 10, 4.0, sync).median_ms
-            results["rounds"].setdefault(name, []).append(round(median, 4))
-        log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in results["rounds"].items()))
-    results["median_ms"] = {k: round(statistics.median(v), 4) for k, v in results["rounds"].items()}
-    anchor = results["median_ms"]["torch.compile"]
-    results["speedup_vs_torch_compile"] = {k: round(anchor / v, 3) for k, v in results["median_ms"].items()}
-    per_round = [results["rounds"]["torch.compile"][i] / results["rounds"]["tqc"][i] for i in range(args.rounds)]
-    results["tqc_per_round_speedup"] = [round(x, 3) for x in per_round]
-    log(f"medians {results['median_ms']}; speed-up {results['speedup_vs_torch_compile']}")
-    for name, path in models.items():
-        fn = OrtRunner(path, "cuda", None, cuda_graph=False).prepare(feed)
-        results["profiles"][name] = kernel_profile(fn, sync, 50)
-        log(f"profile {name}: {results['profiles'][name]['kernels_per_run']} kernels, "
-            f"{results['profiles'][name]['gpu_us_per_run']} us GPU per run")
-    results["profiles"]["torch.compile"] = kernel_profile(torch_fn, sync, 50)
-    log(f"profile torch.compile: {results['profiles']['torch.compile']['kernels_per_run']} kernels, "
-        f"{results['profiles']['torch.compile']['gpu_us_per_run']} us GPU per run")
-    for name, profile in results["profiles"].items():
-        print(f"\n{name}: {profile['kernels_per_run']} kernels, {profile['gpu_us_per_run']} us GPU per run")
-        for row in profile["top"][:15]:
-            print(f"  {row['us_per_run']:8.1f} us  x{row['per_run']:<5} {row['kernel'][:100]}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    prepare, _ = torch_runners(args.model, "cuda", True)
+    results: dict = {"model": args.model, "export": attn, "gpu": torch.cuda.get_device_name(0), "shapes": {}}
+    for shape in args.shapes.split(","):
+        batch, seq = (int(x) for x in shape.split("x"))
+        feed = make_inputs(batch, seq, recipe.inputs, vocab)
+        runners = {name: OrtRunner(path, "cuda", None, cuda_graph=True).prepare(feed) for name, path in models.items()}
+        torch_fn = prepare(feed)
+        torch_fn()
+        sync()
+        everything = {**runners, "torch.compile": torch_fn}
+        cell: dict = {"rounds": {}, "profiles": {}}
+        for r in range(args.rounds):
+            for name, fn in everything.items():
+                median = time_callable(fn, 1, args.runs, 10, 4.0, sync).median_ms
+                cell["rounds"].setdefault(name, []).append(round(median, 4))
+            log(f"{shape} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in cell["rounds"].items()))
+        cell["median_ms"] = {k: round(statistics.median(v), 4) for k, v in cell["rounds"].items()}
+        anchor = cell["median_ms"]["torch.compile"]
+        cell["speedup_vs_torch_compile"] = {k: round(anchor / v, 3) for k, v in cell["median_ms"].items()}
+        log(f"{shape} medians {cell['median_ms']}; speed-up {cell['speedup_vs_torch_compile']}")
+        for name, path in models.items():
+            fn = OrtRunner(path, "cuda", None, cuda_graph=False).prepare(feed)
+            cell["profiles"][name] = kernel_profile(fn, sync, 50)
+        cell["profiles"]["torch.compile"] = kernel_profile(torch_fn, sync, 50)
+        for name, profile in cell["profiles"].items():
+            print(f"\n{args.model} {shape} {name}: {profile['kernels_per_run']} kernels, "
+                  f"{profile['gpu_us_per_run']} us GPU per run")
+            for row in profile["top"][:15]:
+                print(f"  {row['us_per_run']:8.1f} us  x{row['per_run']:<5} {row['kernel'][:100]}")
+        results["shapes"][shape] = cell
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
