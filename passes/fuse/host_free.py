@@ -67,7 +67,8 @@ SAME_SHAPE_OUTPUTS = {"MultiHeadAttention": (0,), "SkipLayerNormalization": (0, 
 
 
 def symbols_past_contrib_ops(graph: gs.Graph) -> dict[str, list]:
-    """``fold_dims.symbol_shapes``, with the contrib ops of ``SAME_SHAPE_OUTPUTS`` read as Identities."""
+    """``fold_dims.symbol_shapes``, with the contrib ops of ``SAME_SHAPE_OUTPUTS`` read as Identities; element
+    types inference finds are set on the graph's tensors that have none."""
     from onnx import helper
 
     from tqc.compiler.io.graph import skeleton_of_graph
@@ -84,6 +85,11 @@ def symbols_past_contrib_ops(graph: gs.Graph) -> dict[str, list]:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     inferred = infer_shapes(model, strict=False)
+    tensors = graph.tensors()
+    for value in inferred.graph.value_info:  # element types the graph does not carry yet (the zeros' casts)
+        tensor = tensors.get(value.name)
+        if tensor is not None and tensor.dtype is None and value.type.tensor_type.elem_type:
+            tensor.dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
     return {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
             for v in list(inferred.graph.value_info) + list(inferred.graph.input)
             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
@@ -147,8 +153,8 @@ def _ranges(graph: gs.Graph, shapes: dict, build: _Builder) -> int:
         found = next(((t, dims.index(read[0])) for t in graph.inputs if (dims := shapes.get(t.name)) and
                       read[0] in dims), None)
         out = node.outputs[0]
-        dtype = out.dtype or np.int64
-        if found is None or dtype not in (np.int64, np.int32, np.dtype(np.int64), np.dtype(np.int32)):
+        dtype = out.dtype
+        if found is None or dtype is None or np.dtype(dtype) not in (np.dtype(np.int64), np.dtype(np.int32)):
             continue
         source, axis = found
         zeros = build.zeros_along(source, axis, len(shapes[source.name]), 1, dtype)

@@ -67,3 +67,44 @@ def test_modernbert_is_left_as_it_was():
     fused = manager.run(model)
     assert manager.records[1].stats.get("host_shapes_rewritten", 0) == 0
     assert _placed(fused) == []
+
+
+def test_an_expand_is_rewritten_only_where_the_symbols_prove_its_shape():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tqc.compiler.io.graph import to_graph, to_model
+    from tqc.passes.fuse.host_free import remove_host_shapes
+
+    def read(tensor, index, tag):  # Unsqueeze(Gather(Shape(tensor), index))
+        return [helper.make_node("Shape", [tensor], [f"{tag}_s"], name=f"{tag}_shape"),
+                helper.make_node("Gather", [f"{tag}_s", f"i{index}"], [f"{tag}_d"], name=f"{tag}_read", axis=0),
+                helper.make_node("Unsqueeze", [f"{tag}_d", "axes0"], [f"{tag}_u"], name=f"{tag}_lift")]
+
+    nodes = [helper.make_node("Gather", ["ids", "i0"], ["row"], name="row", axis=0),
+             helper.make_node("Unsqueeze", ["row", "axes0"], ["x"], name="x"),        # [1, sequence]
+             *read("ids", 0, "b"), *read("ids", 1, "s"), *read("extra", 0, "k"),
+             helper.make_node("Concat", ["b_u", "s_u"], ["proven"], name="proven", axis=0),
+             helper.make_node("Concat", ["b_u", "k_u"], ["unproven"], name="unproven", axis=0),
+             helper.make_node("Expand", ["x", "proven"], ["y"], name="expand_proven"),
+             helper.make_node("Expand", ["x", "unproven"], ["z"], name="expand_unproven"),
+             helper.make_node("Neg", ["y"], ["y_out"], name="y_out"),   # graph outputs keep their producers
+             helper.make_node("Neg", ["z"], ["z_out"], name="z_out")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"]),
+                     helper.make_tensor_value_info("extra", TensorProto.INT64, ["k"])],
+        [helper.make_tensor_value_info(f"{n}_out", TensorProto.INT64, [None, None]) for n in "yz"],
+        [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("i0", 0), ("i1", 1), ("axes0", [0]))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    gs_graph = to_graph(model)
+    stats = remove_host_shapes(gs_graph)
+    rewritten = to_model(gs_graph, like=model)
+    assert stats["expands"] == 1
+    assert {n.name for n in rewritten.graph.node} >= {"expand_unproven"} and \
+        "expand_proven" not in {n.name for n in rewritten.graph.node}
+    assert sorted(_placed(rewritten)) == sorted(["Gather 'b_read'", "Unsqueeze 'b_lift'", "Gather 'k_read'",
+                                                 "Unsqueeze 'k_lift'", "Concat 'unproven'"])  # the unproven's own
+    feed = {"ids": np.arange(12, dtype=np.int64).reshape(3, 4), "extra": np.zeros(4, np.int64)}
+    for a, b in zip(*(ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+                      for m in (model, rewritten))):
+        assert a.shape == b.shape == (3, 4) and np.array_equal(a, b)

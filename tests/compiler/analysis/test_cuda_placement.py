@@ -20,9 +20,9 @@ from tqc.passes.base import PassContext
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "transformers_5_17"
 
 
-def _model(nodes, inits, elem=TensorProto.FLOAT) -> onnx.ModelProto:
+def _model(nodes, inits, elem=TensorProto.FLOAT, out_shape=None) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", elem, ["batch", "sequence", 8])
-    y = helper.make_tensor_value_info("y", elem, None)
+    y = helper.make_tensor_value_info("y", elem, out_shape)
     graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(np.array(v, np.int64), k)
                                                      for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -81,3 +81,35 @@ def test_modernbert_as_compiled_for_ort_cuda_places_nothing_on_the_cpu():
     placed = _placed(_compiled("modernbert"))
     assert placed == []
     assert "can capture CUDA graphs" in host_placement_note([])
+
+
+def test_compile_for_ort_cuda_notes_the_blocking_nodes_and_explain_lists_them(tmp_path, capsys):
+    import pytest
+
+    from tqc.compiler.cli.main import main
+
+    model = _model([
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "one"], ["seq"], name="sequence_read", axis=0),
+        helper.make_node("Unsqueeze", ["seq", "axes"], ["seq1"], name="lift"),
+        helper.make_node("Concat", ["seq1", "rest"], ["target"], name="target", axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["r"], name="reshape"),  # [S, B*8]: no 0 copies S there
+        helper.make_node("Relu", ["r"], ["y"], name="relu"),
+    ], {"one": 1, "axes": [0], "rest": [-1]}, out_shape=[None, None])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    notes = {}
+    for target, explain in (("ort-cuda", ()), ("ort-cuda", ("--explain", "fold")), ("ort-cpu", ())):
+        with pytest.raises(SystemExit) as info:
+            main(["compile", str(path), "-p", "fold", "--target", target, "-o", str(tmp_path / f"{target}.onnx"),
+                  *explain])
+        assert info.value.code == 0
+        notes[(target, bool(explain))] = [line for line in "\n".join(capsys.readouterr()).splitlines() if
+                                          "cuda graphs" in line]
+    first, = notes[("ort-cuda", False)]
+    assert "place 3 shape-computing node(s) on the CPU" in first and "Gather 'sequence_read'" in first
+    listed = notes[("ort-cuda", True)]
+    assert [line.split("cuda graphs: ")[1] for line in listed[2:]] == [
+        "Gather 'sequence_read' reads host tensor 's'", "Unsqueeze 'lift' reads host tensor 'seq'",
+        "Concat 'target' reads host tensor 'seq1'"]
+    assert notes[("ort-cpu", False)] == []
