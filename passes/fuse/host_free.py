@@ -67,7 +67,8 @@ SAME_SHAPE_OUTPUTS = {"MultiHeadAttention": (0,), "SkipLayerNormalization": (0, 
 
 
 def symbols_past_contrib_ops(graph: gs.Graph) -> dict[str, list]:
-    """``fold_dims.symbol_shapes``, with the contrib ops of ``SAME_SHAPE_OUTPUTS`` read as Identities; element
+    """``fold_dims.symbol_shapes``, with the contrib ops of ``SAME_SHAPE_OUTPUTS`` read as Identities (and
+    EmbedLayerNormalization's output as its word embedding Gather); element
     types inference finds are set on the graph's tensors that have none."""
     from onnx import helper
 
@@ -77,7 +78,9 @@ def symbols_past_contrib_ops(graph: gs.Graph) -> dict[str, list]:
     model = skeleton_of_graph(graph)
     nodes = []
     for node in model.graph.node:
-        if node.domain == "com.microsoft" and node.op_type in SAME_SHAPE_OUTPUTS:
+        if node.domain == "com.microsoft" and node.op_type == "EmbedLayerNormalization":  # [B, S, hidden]
+            nodes.append(helper.make_node("Gather", [node.input[2], node.input[0]], [node.output[0]]))
+        elif node.domain == "com.microsoft" and node.op_type in SAME_SHAPE_OUTPUTS:
             nodes += [helper.make_node("Identity", [node.input[0]], [node.output[i]])
                       for i in SAME_SHAPE_OUTPUTS[node.op_type] if i < len(node.output) and node.output[i]]
         else:
