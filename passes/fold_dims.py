@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.rewrite import redirect
+from tqc.passes.rewrite import produce, redirect
 
 
 def symbol_shapes(graph: gs.Graph) -> dict[str, list]:
@@ -28,7 +28,7 @@ def simplify_by_symbols(graph: gs.Graph) -> tuple[int, int]:
     """(Equals decided, Reshape targets whose read dimensions became 0). Inference runs only when some Equal
     compares two dimension reads, or some Reshape target reads a Shape."""
     equals = [n for n in graph.nodes if n.op == "Equal" and len(n.inputs) == 2 and
-              all(_shape_read(t) is not None for t in n.inputs)]
+              all(shape_read(t) is not None for t in n.inputs)]
     reshapes = [(n, concat) for n in graph.nodes
                 if n.op == "Reshape" and (concat := _concat_of_reads(n)) is not None]
     if not equals and not reshapes:
@@ -61,26 +61,79 @@ def copy_dims_in_reshapes(reshapes: list[tuple[gs.Node, gs.Node]], shapes: dict[
         data = shapes.get(reshape.inputs[0].name)
         if not data:
             continue
-        target: list[int] | None = []
-        for part in concat.inputs:
-            if isinstance(part, gs.Constant):  # sizes as they are (a 0 there copies already)
-                target += [int(v) for v in np.asarray(part.values).reshape(-1)]
-                continue
-            read = _dimension_read(_unsqueezed(part), shapes)
-            position = len(target)
-            if read is None or position >= len(data) or data[position] != read[0] or data[position] in ("", 0):
-                target = None
-                break
-            target.append(0)
-        if target is None:
+        parts = _target_parts(concat, shapes)
+        if parts is None:
             continue
-        name = f"{reshape.name or reshape.outputs[0].name}_target"
-        reshape.inputs[1] = gs.Constant(name, np.array(target, np.int64))
-        copied += 1
+        if all(kind == "const" or (p < len(data) and data[p] == value) for p, (kind, value) in enumerate(parts)):
+            target = [value if kind == "const" else 0 for kind, value in parts]
+            name = f"{reshape.name or reshape.outputs[0].name}_target"
+            reshape.inputs[1] = gs.Constant(name, np.array(target, np.int64))
+            copied += 1
     return copied
 
 
-def _unsqueezed(tensor: gs.Tensor) -> gs.Tensor:
+def merge_leading_dims(graph: gs.Graph, shapes: dict[str, list] | None = None) -> int:
+    """Reshape targets [-1, the data's last k dimensions] whose reads sit at other positions than the data's
+    (DeBERTa's heads merged into the batch: [B, H, S, 64] to [-1, S, 64]): Flatten at the suffix and a constant
+    target (``_merge_leading``), when the suffix holds at most one dimension that is not a constant. Not part
+    of ``fold`` (the attention rules match the exported Reshape); ``fuse`` runs it for targets that capture
+    CUDA graphs. ``shapes``: symbols (default: inference's). Returns how many it rewrote."""
+    reshapes = [(n, concat) for n in graph.nodes if n.op == "Reshape" and (concat := _concat_of_reads(n)) is not None]
+    if not reshapes:
+        return 0
+    shapes = shapes if shapes is not None else symbol_shapes(graph)
+    merged = 0
+    for reshape, concat in reshapes:
+        data = shapes.get(reshape.inputs[0].name)
+        parts = _target_parts(concat, shapes) if data else None
+        if parts is not None and _merge_leading(graph, reshape, parts, data):
+            merged += 1
+    return merged
+
+
+def _target_parts(concat: gs.Node, shapes: dict) -> list[tuple[str, int | str]] | None:
+    """A Reshape target's entries: ("const", size) or ("read", the dimension's symbol or int); None when
+    some part is neither."""
+    parts: list[tuple[str, int | str]] = []
+    for part in concat.inputs:
+        if isinstance(part, gs.Constant):  # sizes as they are (a 0 there copies already)
+            parts += [("const", int(v)) for v in np.asarray(part.values).reshape(-1)]
+            continue
+        read = dimension_read(unsqueezed(part), shapes)
+        if read is None or read[0] in ("", 0):
+            return None
+        parts.append(("read", read[0]))
+    return parts
+
+
+def _merge_leading(graph: gs.Graph, reshape: gs.Node, parts: list, data: list) -> bool:
+    """Reshape(x, [-1, d_{n-k}, ..., d_{n-1}]) with x [d_0, ..., d_{n-1}], k < n - 1: Flatten(x, n - k) then
+    Reshape(., [0, the suffix's constants, -1 for its one symbol]). Exact: the same elements in the same order."""
+    k = len(parts) - 1
+    if k < 1 or parts[0] != ("const", -1) or len(data) - k < 2:
+        return False
+    suffix = data[len(data) - k:]
+    symbols = 0
+    target = [0]
+    for (kind, value), dim in zip(parts[1:], suffix):
+        if dim in ("", 0) or (kind == "const" and value != dim) or (kind == "read" and value != dim):
+            return False
+        if isinstance(dim, int) and dim > 0:
+            target.append(dim)
+        else:
+            symbols += 1
+            target.append(-1)
+    if symbols > 1:
+        return False
+    prefix = reshape.name or reshape.outputs[0].name
+    flat = gs.Variable(f"{prefix}_flat", dtype=reshape.inputs[0].dtype)
+    produce(graph, "Flatten", f"{prefix}_flatten", [reshape.inputs[0]], [flat], attrs={"axis": len(data) - k})
+    reshape.inputs[0] = flat
+    reshape.inputs[1] = gs.Constant(f"{prefix}_target", np.array(target, np.int64))
+    return True
+
+
+def unsqueezed(tensor: gs.Tensor) -> gs.Tensor:
     """``x`` for Unsqueeze(x, [0]) of a scalar; else ``tensor`` (a one-element read already)."""
     node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
     if node is not None and node.op == "Unsqueeze":
@@ -106,7 +159,7 @@ def decide_dims(equals: list[gs.Node], graph: gs.Graph, shapes: dict[str, list])
     outputs = {id(t) for t in graph.outputs}
     decided = 0
     for node in equals:
-        read = [_dimension_read(t, shapes) for t in node.inputs]
+        read = [dimension_read(t, shapes) for t in node.inputs]
         if any(r is None for r in read) or id(node.outputs[0]) in outputs:
             continue
         (a, shape_a), (b, shape_b) = read
@@ -123,7 +176,7 @@ def decide_dims(equals: list[gs.Node], graph: gs.Graph, shapes: dict[str, list])
     return decided
 
 
-def _shape_read(tensor: gs.Tensor) -> tuple[gs.Node, gs.Tensor, bool] | None:
+def shape_read(tensor: gs.Tensor) -> tuple[gs.Node, gs.Tensor, bool] | None:
     """(the Slice or Gather, the tensor whose Shape it reads, whether a Squeeze follows) for
     ``[Squeeze](Slice|Gather(Shape(x), constant))``; else None. Structure only: what it reads needs the shapes."""
     node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
@@ -139,10 +192,10 @@ def _shape_read(tensor: gs.Tensor) -> tuple[gs.Node, gs.Tensor, bool] | None:
     return node, shape_node.inputs[0], squeezed
 
 
-def _dimension_read(tensor: gs.Tensor, shapes: dict) -> tuple[int | str, tuple[int, ...]] | None:
+def dimension_read(tensor: gs.Tensor, shapes: dict) -> tuple[int | str, tuple[int, ...]] | None:
     """(the dimension, the read's own shape) for ``[Squeeze](Slice|Gather(Shape(x), i))`` reading one dimension,
     the dimension an int or a symbol; else None."""
-    structure = _shape_read(tensor)
+    structure = shape_read(tensor)
     dims = shapes.get(structure[1].name) if structure is not None else None
     if not dims:
         return None

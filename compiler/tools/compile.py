@@ -119,6 +119,8 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
     else:
         result = manager.run_lean(lean)  # written straight from the graph's arrays: no export, no copy
         source_hash = hashing()
+        if ctx.target.cuda_graphs:
+            note_cuda_graphs(result.skeleton, ctx)
         write_output(result, out, source_hash, progress=progress)
         nodes_out = len(result.skeleton.graph.node)
     report = manager.report(
@@ -132,6 +134,22 @@ def _compile(opts: CompileOptions, progress, guard) -> dict:
 
 
 # ---------------------------------------------------------------- the steps, shared with the Python API (tqc.api)
+
+def note_cuda_graphs(skeleton: onnx.ModelProto, ctx: PassContext) -> None:
+    """Note whether ONNX Runtime CUDA can capture CUDA graphs on the compiled model: the nodes it would place on
+    the CPU for shape reasons block it (``tqc.compiler.analysis.cuda_placement``); any ``--explain`` lists
+    them all."""
+    from tqc.compiler.analysis.cuda_placement import host_placed_nodes, host_placement_details, host_placement_note
+    from tqc.compiler.io.structure import float_tensor_types, infer_shapes
+
+    inferred = onnx.ModelProto()
+    inferred.CopyFrom(skeleton)  # the written model keeps its own value_info
+    placed = host_placed_nodes(skeleton, float_tensor_types(infer_shapes(inferred, strict=False)))
+    ctx.note(host_placement_note(placed))
+    if ctx.explain and placed:
+        for line in host_placement_details(placed):
+            ctx.note(line)
+
 
 def check_choices(target: str, verify: str, runtime: str) -> None:
     """The target, verification level and verification engine are known ones (one line each otherwise)."""

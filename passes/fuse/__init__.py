@@ -3,7 +3,8 @@
 One rule engine (``engine.py``) runs every fusion's catalogue: ``attention.py`` (its rewrites in
 ``attention_rewrite.py``, its masks in ``masks.py``), ``core_attention.py`` (cores on heads split elsewhere:
 ModernBERT), ``rotary.py``, ``gelu.py``, ``layernorm.py``, ``skip_layernorm.py``;
-``embed_layernorm.py`` proves each embedding Gather's meaning instead. ``--explain fuse`` names, for every anchor
+``embed_layernorm.py`` proves each embedding Gather's meaning instead. On targets that capture CUDA graphs,
+``host_free.py`` then rewrites the shape arithmetic ONNX Runtime CUDA would run on the CPU (DeBERTa's). ``--explain fuse`` names, for every anchor
 left unfused (a Softmax, an Erf/Tanh, a LayerNorm-shaped ReduceMean, a residual Add before a LayerNorm), the
 closest rule and the step where it stopped::
 
@@ -25,6 +26,7 @@ from tqc.passes.fuse.embed_layernorm import fuse_embed_layernorm
 from tqc.passes.fuse.engine import Miss, NoMatch
 from tqc.passes.fuse.gelu import fuse_gelu
 from tqc.passes.fuse.head_layout import flatten_heads
+from tqc.passes.fuse.host_free import remove_host_shapes
 from tqc.passes.fuse.layernorm import fuse_layernorm
 from tqc.passes.fuse.masks import MaskCache, mask_input_names
 from tqc.passes.fuse.rotary import CACHE_POSITIONS, fuse_rotary
@@ -201,6 +203,12 @@ class Fuse(Pass):
             explain_misses(ctx, "skip_layernorm", skip_misses)
             stats["skip_layernorm_form"] = skip_form
             cleanup(graph)
+        if target.cuda_graphs and fused:  # no shape arithmetic left for ONNX Runtime to run on the CPU
+            ensure_domain(graph, "com.microsoft", 1)  # shape inference reads the fused ops' domain
+            removed = remove_host_shapes(graph)
+            stats["host_shapes_rewritten"] = sum(removed.values())
+            if any(removed.values()):
+                canonicalize(graph)  # the static reads' arithmetic folds
         stats["layernorm"] = sum(1 for n in graph.nodes if n.op == "LayerNormalization")
         if target.contrib_ops and any(n.domain == "com.microsoft" for n in graph.nodes):
             ensure_domain(graph, "com.microsoft", 1)

@@ -179,22 +179,19 @@ def rewrite_contrib(graph: gs.Graph, block: AttentionBlock, index: int, masks: M
 
 
 def _bias_4d(graph: gs.Graph, block: AttentionBlock, prefix: str) -> gs.Tensor:
-    """The block's bias as [B, H, S, S]: as it is, or a [B*H, S, S] bias reshaped to [-1, H, S, S] by its own
-    dimensions. (The export reshapes the biased scores by their shape, Shape(Q K^T + bias): reusing that
-    target would keep the old Q K^T product computed only for its shape.)"""
+    """The block's bias as [B, H, S, S]: as it is, or a [B*H, S, S] bias unsqueezed to [B*H, 1, S, S] and
+    reshaped to [-1, H, 0, 0] (0 copies S and S), with no Shape read: ONNX Runtime CUDA would run a computed
+    target's arithmetic on the CPU, and one CPU node keeps a session from capturing a CUDA graph. (The export
+    reshapes the biased scores by their shape, Shape(Q K^T + bias): reusing that target would keep the old
+    Q K^T product computed only for its shape.)"""
     if not block.bias_flat:
         return block.bias
-
-    def var(name: str, dtype=np.int64) -> gs.Variable:
-        return gs.Variable(f"{prefix}_{name}", dtype=dtype)
-
-    whole, sizes, target, out = var("bias_shape"), var("bias_sizes"), var("bias_4d_shape"), var("bias_4d", np.float32)
-    produce(graph, "Shape", f"{prefix}_bias_shape", [block.bias], [whole])  # Shape's start= needs opset 15
-    produce(graph, "Slice", f"{prefix}_bias_sizes", [whole] + [gs.Constant(f"{prefix}_bias_sizes_{n}", np.array(
-        [v], np.int64)) for n, v in (("starts", 1), ("ends", 3))], [sizes])
-    heads = gs.Constant(f"{prefix}_bias_heads", np.array([-1, block.num_heads], np.int64))
-    produce(graph, "Concat", f"{prefix}_bias_4d_shape", [heads, sizes], [target], attrs={"axis": 0})
-    produce(graph, "Reshape", f"{prefix}_bias_4d", [block.bias, target], [out])
+    lifted = gs.Variable(f"{prefix}_bias_lifted", dtype=np.float32)
+    out = gs.Variable(f"{prefix}_bias_4d", dtype=np.float32)
+    produce(graph, "Unsqueeze", f"{prefix}_bias_lifted",
+            [block.bias, gs.Constant(f"{prefix}_bias_head_axis", np.array([1], np.int64))], [lifted])
+    target = gs.Constant(f"{prefix}_bias_4d_shape", np.array([-1, block.num_heads, 0, 0], np.int64))
+    produce(graph, "Reshape", f"{prefix}_bias_4d", [lifted, target], [out])
     return out
 
 
