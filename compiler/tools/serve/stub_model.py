@@ -51,6 +51,12 @@ def _error(message):
         return pb_utils.TritonError(message)
 
 
+def _head(text, cut):
+    """The text up to its first space at or after ``cut`` characters; the text itself when it has none there."""
+    end = text.find(" ", cut) if len(text) > cut else -1
+    return text if end < 0 else text[:end]
+
+
 def _pow2_at_least(n, cap):
     size = 1
     while size < n:
@@ -227,6 +233,7 @@ class TritonPythonModel:
             # environment (repository.tokenizer_env)
             self.encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
             self.single_encode, self.encode_one = self._pick_single_encode()
+            self.cut_chars = int(CONF.get("cut_chars") or 0)  # 0: every text tokenized whole
             self.wanted = [spec["name"] for spec in self.inputs]
             self._token_inputs = [(name, attribute, fill) for name, attribute, fill in (
                 ("input_ids", "ids", self.pad_id), ("token_type_ids", "type_ids", 0)) if name in self.wanted]
@@ -242,11 +249,13 @@ class TritonPythonModel:
             self.timings.clear()
             self._timings_saved = 0.0
 
-    def _pick_single_encode(self):
+    def _pick_single_encode(self, idle=0.002):
         """One text: encode(), or encode_batch_fast([text]), which computes no offsets but goes through rayon's
         pool (none with TOKENIZERS_PARALLELISM=false), whose hand-off costs what the host makes it cost (~0.3 ms
         for encode_batch on a 16-core host in session 5; nothing measurable on 2 cores). Both give the same
-        encoding; the faster on this host is kept, timed here on a text of 128 tokens or more (medians of 15)."""
+        encoding; the faster on this host is kept, timed here on a text of 128 tokens or more (medians of 15),
+        each call after ``idle`` seconds without work, as a call at batch 1 comes: back to back, the pool's
+        threads would still be awake from the call before, which they are not between requests."""
         candidates = {"encode": lambda text: [self.tokenizer.encode(text)]}
         if self.encode_batch is not self.tokenizer.encode_batch:
             candidates["encode_batch_fast"] = lambda text: self.encode_batch([text])
@@ -256,6 +265,7 @@ class TritonPythonModel:
         times = {name: [] for name in candidates}
         for _ in range(15):
             for name, encode in candidates.items():
+                time.sleep(idle)
                 start = time.perf_counter()
                 encode(text)
                 times[name].append(time.perf_counter() - start)
@@ -347,7 +357,7 @@ class TritonPythonModel:
 
     def _embed(self, texts):
         start = time.perf_counter()
-        encodings = self.encode_one(texts[0]) if len(texts) == 1 else self.encode_batch(texts)
+        encodings = self._encode(texts)
         feed, mask, lengths = self._tokenize(encodings)
         rows = len(encodings)
         truncated = None
@@ -367,6 +377,30 @@ class TritonPythonModel:
                     output = np.empty((rows,) + part.shape[1:], dtype=np.float32)
                 output[index] = part
         return np.ascontiguousarray(output, dtype=np.float32), lengths.reshape(rows, 1), truncated
+
+    def _encode(self, texts):
+        """The texts' encodings, truncated at the token limit, not padded.
+
+        The tokenizer truncates only after it has tokenized the whole text. With ``cut_chars`` (the repository
+        sets it for tokenizers whose tokens before a space do not depend on what follows: ``cut_at_space``), a
+        longer text is tokenized up to its first space at or after that many characters; if that head still
+        overflows the limit, its encoding is the whole text's (the same tokens up to the limit); if not, the
+        whole text is tokenized after all."""
+        cut = self.cut_chars
+        heads = texts
+        if cut and any(len(text) > cut for text in texts):
+            heads = [_head(text, cut) for text in texts]
+        encodings = self.encode_one(heads[0]) if len(heads) == 1 else self.encode_batch(heads)
+        if heads is not texts:
+            short = [row for row, (head, text) in enumerate(zip(heads, texts))
+                     if head is not text and not encodings[row].overflowing]
+            if short:  # heads that did not reach the limit: their whole texts
+                encodings = list(encodings)
+                again = self.encode_one(texts[short[0]]) if len(short) == 1 else self.encode_batch(
+                    [texts[row] for row in short])
+                for row, encoding in zip(short, again):
+                    encodings[row] = encoding
+        return encodings
 
     def _tokenize(self, encodings):
         """The model's token inputs for the encodings (truncated, not padded): (feed, attention mask, lengths).

@@ -69,7 +69,7 @@ def alone(session, hf_tokenizer, texts: list[str], max_length: int = 256) -> np.
 
 
 def padded(hf_tokenizer, texts: list[str], **kwargs) -> dict[str, np.ndarray]:
-    enc = hf_tokenizer(texts, truncation=True, max_length=256, return_tensors="np", **kwargs)
+    enc = hf_tokenizer(texts, truncation=True, return_tensors="np", **{"max_length": 256, **kwargs})
     return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
@@ -157,3 +157,63 @@ def test_tokenizer_threads_are_the_cores_divided_among_the_instances():
     assert tokenizer_env(3, cores=16) == {"RAYON_NUM_THREADS": "5"}
     assert tokenizer_env(2, cores=2) == {"TOKENIZERS_PARALLELISM": "false"}
     assert tokenizer_env(64, cores=16) == {"TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_long_texts_tokenized_by_their_heads_give_the_whole_texts_tokens(minilm, hf_tokenizer, tmp_path):
+    """cut_chars: a text longer than that is tokenized up to a space first; the ids fed are transformers' for the
+    whole text truncated at the limit, one text or a batch, whether the head reached the limit or not."""
+    base = " ".join(sentences(30, skip=60))
+    texts = [base,  # real English: the head reaches the limit
+             "Été à Zürich, naïve café ☕ " * 20,  # accents, an emoji
+             "東京は日本の首都です。" * 20,  # CJK: a token per character, no space to cut at
+             "a\tb\nc  d\u00a0e \u0301f " * 40,  # tabs, newlines, double spaces, NBSP, a mark after a space
+             ("x" * 150 + " ") * 6 + base,  # words over WordPiece's 100 characters ([UNK]): the head falls short
+             "[MASK] a " * 30 + base,  # special tokens in the text
+             "antidisestablishmentarianism " * 30,  # long words: few tokens per character
+             "hello " + "qz" * 46 + "ꙮ and the words after it " * 4,  # the cut word: [UNK] whole, 92 pieces cut
+             sentences(1, skip=3)[0]]  # short: never cut
+    model = stub(minilm, tmp_path, max_padding=1.0, max_length=16, cut_chars=96)
+    seen = set()  # every text handed to the tokenizer, one text or a batch
+    for name in ("encode_one", "encode_batch"):
+        original = getattr(model, name)
+        setattr(model, name, lambda arg, original=original: (
+            seen.update([arg] if isinstance(arg, str) else arg), original(arg))[1])
+    expected = padded(hf_tokenizer, texts, padding=True, max_length=16)
+    got = answer(model.execute([text_request(texts)])[0])
+    np.testing.assert_array_equal(model.fed[-1]["input_ids"], expected["input_ids"])
+    np.testing.assert_array_equal(got["token_count"][:, 0], expected["attention_mask"].sum(axis=1))
+    whole = {2, 4, 7, 8}  # CJK (no space after 96 characters), the heads that fell short, the short text
+    assert {row for row, text in enumerate(texts) if text in seen} == whole
+    assert len(seen) == len(texts) + 2  # seven heads, the CJK and short texts, then two texts whole
+    for row, text in enumerate(texts):
+        seen.clear()
+        answer(model.execute([text_request([text])])[0])
+        np.testing.assert_array_equal(model.fed[-1]["input_ids"], padded(hf_tokenizer, [text], max_length=16)["input_ids"])
+        assert (text in seen) == (row in whole)
+        assert seen == {text} if row in (2, 8) else min(map(len, seen)) < len(text)  # a head tokenized first
+    model = stub(minilm, tmp_path / "error", long_text="error", max_length=16, cut_chars=96)
+    refused, ok = (answer(r) for r in model.execute([text_request([texts[0]]), text_request([texts[-1][:40]])]))
+    assert "longer than the model's limit of 16 tokens" in refused and ok["token_count"][0, 0] < 16
+
+
+def test_only_tokenizers_whose_words_end_at_a_space_are_cut(minilm, hf_tokenizer, tmp_path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from tqc.compiler.tools.serve.repository import cut_at_space
+
+    write_repository(ServeOptions(model=str(minilm), name="m", endpoints=("text",), max_length=128), tmp_path, [])
+    assert json.loads((tmp_path / "m_text" / "1" / "serve.json").read_text())["cut_chars"] == 6 * 128
+
+    minilm = json.loads(hf_tokenizer.backend_tokenizer.to_str())
+    assert cut_at_space(minilm)
+    words = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    words.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase()])
+    words.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
+    assert cut_at_space(json.loads(words.to_str()))
+    words.add_tokens(["new york"])  # an added token holding a space may span the cut
+    assert not cut_at_space(json.loads(words.to_str()))
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel()
+    assert not cut_at_space(json.loads(byte_level.to_str()))
+    assert not cut_at_space(dict(minilm, normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "_"}))
+    assert not cut_at_space(dict(minilm, pre_tokenizer={"type": "Metaspace", "replacement": "▁"}))
