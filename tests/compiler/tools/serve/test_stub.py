@@ -86,7 +86,8 @@ def test_token_tensors_are_the_tokenizers_padding_and_answers_are_exact(minilm, 
     assert got["token_count"][-1, 0] == 256
     np.testing.assert_allclose(got["embeddings"], alone(session, hf_tokenizer, texts), atol=TOL, rtol=0)
     assert model.single_encode in ("encode", "encode_batch_fast")  # the faster on this host, raced at load
-    for single in (lambda text: [model.tokenizer.encode(text)], lambda text: model.encode_batch([text])):
+    for single in (lambda tokenizer, text: [tokenizer.encode(text)],
+                   lambda tokenizer, text: model.encode_batch(tokenizer, [text])):
         model.encode_one = single  # batch 1, either way: its own ids, no padding, truncated alike
         for text in (texts[0], texts[-1]):
             one = answer(model.execute([text_request([text])])[0])
@@ -174,10 +175,8 @@ def test_long_texts_tokenized_by_their_heads_give_the_whole_texts_tokens(minilm,
              sentences(1, skip=3)[0]]  # short: never cut
     model = stub(minilm, tmp_path, max_padding=1.0, max_length=16, cut_chars=96)
     seen = set()  # every text handed to the tokenizer, one text or a batch
-    for name in ("encode_one", "encode_batch"):
-        original = getattr(model, name)
-        setattr(model, name, lambda arg, original=original: (
-            seen.update([arg] if isinstance(arg, str) else arg), original(arg))[1])
+    run = model._run_tokenizer
+    model._run_tokenizer = lambda batch: (seen.update(batch), run(batch))[1]
     expected = padded(hf_tokenizer, texts, padding=True, max_length=16)
     got = answer(model.execute([text_request(texts)])[0])
     np.testing.assert_array_equal(model.fed[-1]["input_ids"], expected["input_ids"])
@@ -217,3 +216,28 @@ def test_only_tokenizers_whose_words_end_at_a_space_are_cut(minilm, hf_tokenizer
     assert not cut_at_space(json.loads(byte_level.to_str()))
     assert not cut_at_space(dict(minilm, normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "_"}))
     assert not cut_at_space(dict(minilm, pre_tokenizer={"type": "Metaspace", "replacement": "▁"}))
+
+
+def test_printable_ascii_texts_go_to_the_plain_tokenizer_with_the_same_tokens(minilm, hf_tokenizer, tmp_path):
+    """BertNormalizer on printable ASCII only lowercases: those texts run without it, every other text with it."""
+    ascii_texts = [t for t in sentences(400) if t.isascii() and t.isprintable()][:300] + [
+        "Hello [MASK] world [mask] [CLS]x[SEP] ~^|{}\\ `quoted' 1,234.5e-6 CamelCaseWord  double  spaces",
+        "[UNK][PAD] ALL CAPS TEXT!!! ??? ... ---", "x" * 150 + " tail"]
+    others = ["Été à Zürich", "tab\there", "line\nbreak", "control\x07char", "東京 Tokyo", "soft\u00adhyphen"]
+    model = stub(minilm, tmp_path, max_padding=1.0)
+    assert model.ascii_tokenizer is not None and str(model.ascii_tokenizer.normalizer) == "Lowercase()"
+    for text in ascii_texts + others:
+        assert model.ascii_tokenizer.encode(text).ids == model.tokenizer.encode(text).ids or text in others
+    used = []
+    for name in ("tokenizer", "ascii_tokenizer"):
+        tokenizer = getattr(model, name)
+        setattr(model, name, type("Recorded", (), {
+            "encode": lambda self, text, tokenizer=tokenizer, name=name: (used.append(name), tokenizer.encode(text))[1],
+            "encode_batch_fast": lambda self, texts, tokenizer=tokenizer, name=name: (
+                used.append(name), tokenizer.encode_batch_fast(texts))[1]})())
+    for batch, expect in ((ascii_texts[:20], "ascii_tokenizer"), (ascii_texts[-3:] + others[:1], "tokenizer"),
+                          ([ascii_texts[-3]], "ascii_tokenizer"), ([others[3]], "tokenizer")):
+        used.clear()
+        got = answer(model.execute([text_request(batch)])[0])
+        np.testing.assert_array_equal(model.fed[-1]["input_ids"], padded(hf_tokenizer, batch, padding=True)["input_ids"])
+        assert used == [expect] and got["token_count"].shape == (len(batch), 1)
