@@ -11,14 +11,20 @@ Texts: the baseline's own two (11 and 128 tokens after its truncation at 128) an
 
     python bench/serve_vs_baseline.py --tqc-model minilm.pooled.fp16.onnx --baseline-model minilm.fp16.onnx \
         --tokenizer TOKENIZER_DIR --baseline-dir BASELINE_DIR [--rounds 3] [--json out.json] [-- tqc serve options]
+    python bench/serve_vs_baseline.py --tqc-model bert.pooled.fp16.onnx --tokenizer DIR --texts 16,128 ...
+        (tqc alone: no baseline server; answers checked against the model run in this process)
 
-Needs the GPU machine's serving setup (../shared/gpu/README.md: the carried wheels in /tmp/site).
+Needs the GPU machine's serving setup (../shared/gpu/README.md: the carried wheels in /tmp/site); ``--device cpu``
+tries it on a CPU (the baseline's ``model.py`` copied with ORT CPU).
 
-For tqc it also prints where a batch-1 request's time goes, per protocol and text: Triton's statistics over
-each cell's requests (queue, compute_input, compute_infer, compute_output; success: the whole request inside
-Triton), the stub's own split of its execute (``tqc serve --timings``: TEXT decode, tokenizer, runtime, pooling,
-response building), what is outside the server (client mean minus success), and each server's transport floor
-(a health call's round trip per protocol).
+Before any timing, tqc's embedding of each text is compared with the baseline's (or the in-process model's):
+an answer that cannot be read, or a cosine below 0.999, stops the run (exit 1, no timings).
+
+For both servers it also prints where a batch-1 request's time goes, per protocol and text: Triton's statistics
+over each cell's requests (queue, compute_input, compute_infer, compute_output; success: the whole request inside
+Triton), for tqc the stub's own split of its execute (``tqc serve --timings``: TEXT decode, tokenizer, runtime,
+pooling, response building), what is outside the server (client mean minus success), and each server's transport
+floor (a health call's round trip per protocol).
 """
 
 from __future__ import annotations
@@ -212,17 +218,35 @@ def answer(url: str, model: str, input_name: str, output: str, text: str) -> np.
     return value
 
 
-def compare_answers(texts: dict[str, str]) -> dict:
-    """The two servers' embeddings of each text, compared (cosine, max |diff|); SystemExit when a server's answer
-    cannot be read or the two differ (cosine below COSINE_MIN): the timings of servers that answer differently, or
-    that answer nothing, compare nothing."""
+def in_process(model: Path, tokenizer: Path, device: str):
+    """The reference when no baseline runs: the served (pooled) model in ONNX Runtime in this process, on the
+    tokenizer's own truncated encoding of the text (128 tokens), its first output."""
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(model), providers=providers)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    names = {i.name for i in session.get_inputs()}
+
+    def run(text: str) -> np.ndarray:
+        enc = tok([text], truncation=True, max_length=128, return_tensors="np")
+        out = session.run([session.get_outputs()[0].name], {k: v.astype(np.int64) for k, v in enc.items() if k in names})
+        return np.asarray(out[0], dtype=np.float32)
+    return run
+
+
+def compare_answers(texts: dict[str, str], reference, reference_name: str = "the baseline") -> dict:
+    """tqc's embedding of each text against ``reference(text)`` (the baseline server's, or ``in_process``), compared
+    (cosine, max |diff|); SystemExit when an answer cannot be read or the two differ (cosine below COSINE_MIN):
+    the timings of servers that answer differently, or that answer nothing, compare nothing."""
     agreement, failures = {}, []
     for label, text in texts.items():
         try:
-            a = answer("localhost:18101", "minilm", "text", "embedding", text)
+            a = reference(text)
             b = answer("localhost:18201", "m_text", "TEXT", "embeddings", text)
             if a.shape != b.shape:
-                raise ValueError(f"the baseline answers {list(a.shape)}, tqc {list(b.shape)}")
+                raise ValueError(f"{reference_name} answers {list(a.shape)}, tqc {list(b.shape)}")
         except ValueError as exc:
             failures.append(f"{label}: {exc}")
             continue
@@ -233,8 +257,8 @@ def compare_answers(texts: dict[str, str]) -> dict:
         if not cosine >= COSINE_MIN:
             failures.append(f"{label}: cosine {cosine:.6f} < {COSINE_MIN}")
     if failures:
-        raise SystemExit("serve_vs_baseline: the answers were not compared or differ, so no timing is reported: "
-                         + "; ".join(failures))
+        raise SystemExit(f"serve_vs_baseline: tqc's answers and {reference_name}'s were not compared or differ, so "
+                         "no timing is reported: " + "; ".join(failures))
     return agreement
 
 
@@ -250,9 +274,11 @@ def stop(proc: subprocess.Popen) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tqc-model", required=True, type=Path)
-    parser.add_argument("--baseline-model", required=True, type=Path)
+    parser.add_argument("--baseline-model", type=Path, default=None, help="omit (with --baseline-dir): tqc alone, its "
+                        "answers checked against the model run in this process")
     parser.add_argument("--tokenizer", required=True, type=Path)
-    parser.add_argument("--baseline-dir", required=True, type=Path)
+    parser.add_argument("--baseline-dir", type=Path, default=None)
+    parser.add_argument("--texts", default="11,16,128", help="token counts of the texts sent, of 11, 16, 128")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--warmup", type=int, default=200)
@@ -264,19 +290,31 @@ def main() -> None:
     parser.add_argument("tqc_options", nargs="*", help="extra `tqc serve` options (after --)")
     args = parser.parse_args()
     protocols = [p for p in args.protocols.split(",") if p]
-    texts = {"11 tokens": S11, "16 tokens": text_of_tokens(args.tokenizer, 16), "128 tokens": S128}
+    every = {"11": ("11 tokens", S11), "16": ("16 tokens", None), "128": ("128 tokens", S128)}
+    wanted = [t for t in args.texts.split(",") if t]
+    if not wanted or any(t not in every for t in wanted):
+        parser.error(f"--texts takes token counts among {', '.join(every)}, not '{args.texts}'")
+    texts = {every[t][0]: every[t][1] or text_of_tokens(args.tokenizer, 16) for t in wanted}
+    if (args.baseline_model is None) != (args.baseline_dir is None):
+        parser.error("--baseline-model and --baseline-dir go together (neither: tqc alone)")
     servers = {}
-    baseline_dir = args.baseline_dir.resolve()
-    if args.device == "cpu":
-        baseline_dir = cpu_baseline(baseline_dir, Path("/tmp/svb_baseline_cpu"))
     try:
-        servers["baseline"] = (start_baseline(args.baseline_model.resolve(), args.tokenizer.resolve(),
-                                              baseline_dir, (18100, 18101, 18102)),
-                               {"grpc": "localhost:18101", "http": "localhost:18100"}, "minilm", "text")
+        if args.baseline_model is not None:
+            baseline_dir = args.baseline_dir.resolve()
+            if args.device == "cpu":
+                baseline_dir = cpu_baseline(baseline_dir, Path("/tmp/svb_baseline_cpu"))
+            servers["baseline"] = (start_baseline(args.baseline_model.resolve(), args.tokenizer.resolve(),
+                                                  baseline_dir, (18100, 18101, 18102)),
+                                   {"grpc": "localhost:18101", "http": "localhost:18100"}, "minilm", "text")
         servers["tqc"] = (start_tqc(args.tqc_model.resolve(), args.tokenizer.resolve(), (18200, 18201, 18202),
                                     args.device, args.tqc_options),
                            {"grpc": "localhost:18201", "http": "localhost:18200"}, "m_text", "TEXT")
-        agreement = compare_answers(texts)  # the two servers answer the same texts alike (same export)
+        if "baseline" in servers:  # the two servers answer the same texts alike (same export)
+            agreement = compare_answers(texts, lambda text: answer("localhost:18101", "minilm", "text", "embedding",
+                                                                   text))
+        else:
+            agreement = compare_answers(texts, in_process(args.tqc_model, args.tokenizer, args.device),
+                                        "the model run in this process")
         rows: dict[tuple[str, str, str], list[dict]] = {}
         where: dict[tuple[str, str, str], list[dict]] = {}  # per server, protocol and text: Triton's split per round
         floors: dict[tuple[str, str], list[float]] = {}
@@ -319,9 +357,9 @@ def main() -> None:
             for name in servers:
                 table.append({"server": name, "protocol": protocol, "text": label, **med[name],
                               "rounds": rows[(name, protocol, label)]})
-                ratio = med[name]["p50_ms"] / med["baseline"]["p50_ms"]
+                ratio = f"{med[name]['p50_ms'] / med['baseline']['p50_ms']:.2f}x" if "baseline" in med else "-"
                 print(f"{name:<9} {protocol:<5} {label:<11} {med[name]['p50_ms']:>8.3f} {med[name]['p99_ms']:>8.3f}  "
-                      f"{ratio:.2f}x")
+                      f"{ratio}")
     print("\ntransport floor, a health call's round trip p50 (ms, median of rounds): " + ", ".join(
         f"{name} {protocol} {statistics.median(v):.3f}" for (name, protocol), v in floors.items()))
     print("\nat batch 1, where a request's time goes (ms per request, medians of rounds; Triton's statistics over "

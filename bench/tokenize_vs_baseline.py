@@ -78,7 +78,7 @@ def main() -> None:
 
     folder = args.tokenizer or packaged_tokenizer("minilm")
     work = Path(tempfile.mkdtemp(prefix="tok-vs-baseline-"))
-    stubs = {"tqc": load(work / "tqc", None, True), "tqc-off": load(work / "off", None, True, cut_chars=0)}
+    stubs = {"tqc": load(work / "tqc", None, True, folder), "tqc-off": load(work / "off", None, True, folder, cut_chars=0)}
     stubs["tqc-off"].ascii_tokenizer = None
     hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     texts = {"11 tokens": S11, "16 tokens": text_of_tokens(Path(folder), 16), "128 tokens": S128}
