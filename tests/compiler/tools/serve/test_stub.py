@@ -241,3 +241,20 @@ def test_printable_ascii_texts_go_to_the_plain_tokenizer_with_the_same_tokens(mi
         got = answer(model.execute([text_request(batch)])[0])
         np.testing.assert_array_equal(model.fed[-1]["input_ids"], padded(hf_tokenizer, batch, padding=True)["input_ids"])
         assert used == [expect] and got["token_count"].shape == (len(batch), 1)
+
+
+def test_one_text_and_a_batch_pad_with_the_tokenizers_pad_id(minilm, hf_tokenizer, tmp_path):
+    """The batch-1 path (one block for every input) and the batch path pad alike, with the pad id the repository
+    recorded (7 here, so a zero left over would show)."""
+    texts = sentences(3, skip=70)
+    model = stub(minilm, tmp_path, bucketed=True, pad_id=7)
+    for batch in ([texts[0]], texts):
+        answer(model.execute([text_request(batch)])[0])
+        fed, expected = model.fed[-1], padded(hf_tokenizer, batch, padding=True)
+        length = expected["input_ids"].shape[1]
+        real = expected["attention_mask"].astype(bool)
+        for name, value in expected.items():
+            np.testing.assert_array_equal(fed[name][:len(batch), :length][real], value[real], err_msg=name)
+            np.testing.assert_array_equal(fed[name][:len(batch), :length][~real], 7 if name == "input_ids" else 0)
+        assert (fed["input_ids"][:len(batch), length:] == 7).all() and fed["input_ids"].shape[1] in (16, 32, 64)
+        assert not fed["attention_mask"][:len(batch), length:].any() and not fed["token_type_ids"][:, length:].any()
