@@ -10,13 +10,14 @@ pool stay warm):
                pick of load time, a long text's head first (``cut_chars``), printable ASCII without the
                BertNormalizer (``ascii_tokenizer``)), tensors (``_tokenize``: the CUDA-graph bucket), as
                ``tqc serve --provider cuda --cuda-graph --max-length 128`` runs them
-    tqc-off    the same stub with those two off (``cut_chars`` 0, no ``ascii_tokenizer``: the path before them)
+    tqc-off    the same stub with those two off (``cut_chars`` 0, no ``ascii_tokenizer``)
+    tqc-base   the stub of ``--base`` (default: main before session 8's changes), its own steps
     baseline   its ``execute``: bytes decode, ``AutoTokenizer(texts, padding=True, truncation=True,
                max_length=128, return_tensors="np")``, ``astype(np.int64)`` per input
 
 Both give the runtime the same token tensors (checked first; the bucket's padding aside).
 
-    python bench/tokenize_vs_baseline.py [--rounds 5] [--calls 200] [--idle-ms 1] [--json out.json]
+    python bench/tokenize_vs_baseline.py [--rounds 5] [--calls 200] [--idle-ms 1] [--base COMMIT] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,10 +35,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stub import load  # noqa: E402
+from bench_stub import load, old_source  # noqa: E402
 from serve_vs_baseline import S11, S128, text_of_tokens  # noqa: E402
 
 STEPS = ("decode", "encode", "tensors")
+BASE = "e1ee411"  # main before session 8's tokenizer changes
 
 
 def stub_steps(model, request) -> tuple[dict, dict]:
@@ -44,7 +47,8 @@ def stub_steps(model, request) -> tuple[dict, dict]:
     start = time.perf_counter()
     texts = model._texts(request)
     decoded = time.perf_counter()
-    encodings = model._encode(texts)
+    encodings = model._encode(texts) if hasattr(model, "_encode") else (  # an older stub: its own calls
+        model.encode_one(texts[0]) if len(texts) == 1 else model.encode_batch(texts))
     encoded = time.perf_counter()
     feed, _, lengths = model._tokenize(encodings)
     done = time.perf_counter()
@@ -69,6 +73,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="calls per path, text and round")
     parser.add_argument("--idle-ms", type=float, default=1.0, help="idle time before each call (0: back to back)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer folder (default: the packaged MiniLM's)")
+    parser.add_argument("--base", default=BASE, help="the commit whose stub is tqc-base ('': none)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -80,6 +85,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tok-vs-baseline-"))
     stubs = {"tqc": load(work / "tqc", None, True, folder), "tqc-off": load(work / "off", None, True, folder, cut_chars=0)}
     stubs["tqc-off"].ascii_tokenizer = None
+    if args.base:
+        try:
+            stubs["tqc-base"] = load(work / "base", old_source(args.base), True, folder)
+        except (OSError, subprocess.CalledProcessError) as exc:  # no git history here (a copied checkout)
+            print(f"note: no tqc-base: cannot read the stub of {args.base}: {exc}", file=sys.stderr)
     hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     texts = {"11 tokens": S11, "16 tokens": text_of_tokens(Path(folder), 16), "128 tokens": S128}
     requests = {label: text_request([text]) for label, text in texts.items()}
