@@ -52,24 +52,27 @@ class NullRunner:
         return {self.output: np.zeros((next(iter(shapes))[0], 384), dtype=np.float32)}
 
 
-def stub_conf(folder: Path, bucketed: bool) -> dict:
+def stub_conf(folder: Path, bucketed: bool, tokenizer: Path | None = None) -> dict:
+    """The text model's serve.json as ``tqc serve`` writes it, for the packaged MiniLM's tokenizer (or ``tokenizer``)."""
     from tqc.compiler.io.packaged import packaged_tokenizer
-    from tqc.compiler.tools.serve.repository import save_tokenizer
+    from tqc.compiler.tools.serve.repository import CHARS_PER_TOKEN, save_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = save_tokenizer(packaged_tokenizer("minilm"), folder / "tokenizer.json")
+    tok = save_tokenizer(tokenizer or packaged_tokenizer("minilm"), folder / "tokenizer.json")
+    limit = 256 if not bucketed else 128
     return {"kind": "text", "provider": "cpu", "onnx": "-", "sitedirs": [], "cuda_graph": bucketed,
             "inputs": [{"name": n} for n in ("input_ids", "attention_mask", "token_type_ids")],
-            "max_length": 256 if not bucketed else 128, "max_batch": 64, "max_padding": 1.0 if bucketed else 0.5,
+            "cut_chars": CHARS_PER_TOKEN * limit if tok["cut_at_space"] else 0,
+            "max_length": limit, "max_batch": 64, "max_padding": 1.0 if bucketed else 0.5,
             "tokenizer": "tokenizer.json", "pad_id": tok["pad_id"], "pad_token": tok["pad_token"],
             "output": "sentence_embedding", "run_outputs": ["sentence_embedding"], "pooling": "graph",
             "normalize": True, "text_output": "embeddings", "max_text_bytes": 65536, "long_text": "truncate"}
 
 
-def load(folder: Path, source: str | None, bucketed: bool):
+def load(folder: Path, source: str | None, bucketed: bool, tokenizer: Path | None = None, **changes):
     from tqc.compiler.tools.serve.stub_harness import load_stub
 
-    conf = stub_conf(folder, bucketed)
+    conf = dict(stub_conf(folder, bucketed, tokenizer), **changes)
     if source is None:  # this checkout's stub records its own steps (tqc serve --timings)
         conf["timings"] = str(folder / "m_text.timings.json")
     module = load_stub(folder, conf, source)

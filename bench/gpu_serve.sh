@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # tqc serve on the GPU machine (one H100, see ../shared/gpu/README.md): MiniLM-L6-H384 and bert-base,
 # `fold,fuse,fp16 --target ort-cuda`, served by tritonserver (python backend, ORT CUDA with IO binding and CUDA
-# graphs), text in; end-to-end latency at batch 1 with texts of exactly 16 and 128 tokens, throughput at
-# concurrency 64 (dynamic batching on), and where the time goes (Triton's statistics, tokenizer, ORT call).
+# graphs), text in; end-to-end latency at batch 1 (STAGE=b1: MiniLM against the hand-written baseline at 11, 16
+# and 128 tokens, bert-base alone at 16 and 128, the tokenizer step on the host's CPU), throughput at concurrency
+# 256 (STAGE=tput, dynamic batching on), and where the time goes (Triton's statistics, tokenizer, ORT call).
 #
 #   here:   bash bench/gpu_serve.sh pack     wheels (Python 3.12) in 56 MiB parts under .gpu/ (git-ignored),
 #                                            plus the MiniLM tokenizer and config (.gpu/minilm/)
@@ -54,7 +55,7 @@ if [ ! -f "$work/minilm.fp16.onnx" ]; then
   python3 -m tqc -q compile "$work/minilm.onnx" -p fold,fuse,fp16 --target ort-cuda -o "$work/minilm.fp16.onnx"
 fi
 stage=${STAGE:-all}  # b1 | tput | all: the parts fit one device call each (10 minutes)
-if [ "$stage" != b1 ] && [ ! -f "$work/bert.pooled.fp16.onnx" ]; then
+if [ ! -f "$work/bert.pooled.fp16.onnx" ]; then  # bert-base, random weights (both stages)
   python3 -m tqc -q export bert --attn eager -o "$work/bert.onnx"
   python3 -m tqc -q compile "$work/bert.onnx" -p fold,fuse,fp16,pool --target ort-cuda -o "$work/bert.pooled.fp16.onnx"
 fi
@@ -65,11 +66,20 @@ fi
 graph=--cuda-graph
 if [ "$stage" != tput ]; then
 python3 "$root/bench/gpu_serve_check.py" "$work/minilm.fp16.onnx" "$tok" 2>&1 | tee "$root/bench/results/serve_gpu_check.log" || graph=
-# batch 1 against the hand-written baseline: both servers up at once, one client, alternating rounds
+# the batch-1 tokenizer step on this host's CPU, tqc's stub against the baseline's call (no server running)
+python3 "$root/bench/tokenize_vs_baseline.py" --tokenizer "$tok" --rounds 5 --calls 200 \
+  --json "$root/bench/results/tokenize_vs_baseline_gpu.json" 2>&1 | tee "$root/bench/results/tokenize_vs_baseline_gpu.log"
+# batch 1 against the hand-written baseline: both servers up at once, one client, alternating rounds; the
+# answers are compared first (a failed comparison stops it, no timings)
 python3 "$root/bench/serve_vs_baseline.py" --tqc-model "$work/minilm.pooled.fp16.onnx" \
   --baseline-model "$work/minilm.fp16.onnx" --tokenizer "$tok" --baseline-dir "$root/.gpu/baseline_pyback" \
   --rounds 3 --json "$root/bench/results/serve_vs_baseline_gpu.json" -- --queue-delay-us 0 \
   2>&1 | tee "$root/bench/results/serve_vs_baseline_gpu.log"
+# bert-base at batch 1, tqc alone (the baseline's config is MiniLM's, 384 wide), its answers checked against
+# ORT CUDA in the client's process; 16 and 128 tokens
+python3 "$root/bench/serve_vs_baseline.py" --tqc-model "$work/bert.pooled.fp16.onnx" --tokenizer "$tok" \
+  --texts 16,128 --rounds 3 --json "$root/bench/results/serve_b1_bert_gpu.json" -- --queue-delay-us 0 \
+  2>&1 | tee "$root/bench/results/serve_b1_bert_gpu.log"
 fi
 if [ "$stage" != b1 ]; then
 # throughput at concurrency 256 (dynamic batching, several instances, load from 8 client processes, gRPC);
@@ -81,4 +91,4 @@ python3 "$root/bench/bench_serve.py" --provider cuda $graph --tokenizer "$tok" \
   --seconds "$seconds" --rounds 3 --workdir "$work/bench" \
   --json "$root/bench/results/serve_gpu.json" 2>&1 | tee "$root/bench/results/serve_gpu.log"
 fi
-[ -n "${OUT:-}" ] && cp "$root"/bench/results/serve_*gpu* "$OUT"/ || true
+[ -n "${OUT:-}" ] && cp "$root"/bench/results/serve_*gpu* "$root"/bench/results/tokenize_*gpu* "$OUT"/ || true

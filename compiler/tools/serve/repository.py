@@ -142,10 +142,43 @@ def save_tokenizer(folder: Path, target: Path) -> dict:
     backend = tokenizer.backend_tokenizer
     backend.no_padding()
     backend.no_truncation()
-    target.write_text(backend.to_str(), encoding="utf-8")
+    text = backend.to_str()
+    target.write_text(text, encoding="utf-8")
     limit = getattr(tokenizer, "model_max_length", None)
     return {"pad_id": int(tokenizer.pad_token_id or 0), "pad_token": str(tokenizer.pad_token or "[PAD]"),
-            "model_max_length": int(limit) if limit and limit < 100_000 else None}
+            "model_max_length": int(limit) if limit and limit < 100_000 else None,
+            "cut_at_space": cut_at_space(json.loads(text))}
+
+
+# What a tokenizer may be made of for its tokens before a space to be the same whatever follows the space:
+# normalizers that map each character on its own (a space is a starter, so no composition crosses it),
+# pre-tokenizers that split at every space, a model that encodes each word apart
+CHAR_NORMALIZERS = ("BertNormalizer", "Lowercase", "StripAccents", "NFD", "NFKD", "NFC", "NFKC")
+SPACE_PRE_TOKENIZERS = ("BertPreTokenizer", "Whitespace", "WhitespaceSplit")
+CHARS_PER_TOKEN = 6  # the head tokenized first: 6 characters per token of the limit (real English: ~4.7)
+
+
+def cut_at_space(tokenizer: dict) -> bool:
+    """Whether a text may be tokenized only up to a space once the tokens before it overflow the token limit.
+
+    The tokenizer truncates only after it has tokenized the whole text, so the stub tokenizes a long text's head
+    first (``cut_chars``). That gives the whole text's tokens up to the limit when the tokens before a space never
+    depend on what follows it: per-character normalizers, a pre-tokenizer that splits at every space, WordPiece,
+    and no added token holding a space. Anything else (byte-level BPE, SentencePiece's Metaspace, ...) is
+    tokenized whole, as before."""
+    def kinds(part: dict | None) -> list[str]:
+        if part is None:
+            return []
+        inner = part.get("normalizers") or part.get("pretokenizers")
+        return [kind for item in inner for kind in kinds(item)] if inner is not None else [part.get("type")]
+
+    normalizers = kinds(tokenizer.get("normalizer"))
+    pre_tokenizers = kinds(tokenizer.get("pre_tokenizer"))
+    return (all(kind in CHAR_NORMALIZERS for kind in normalizers)
+            and bool(pre_tokenizers) and all(kind in SPACE_PRE_TOKENIZERS for kind in pre_tokenizers)
+            and (tokenizer.get("model") or {}).get("type") == "WordPiece"
+            and not any(any(ch.isspace() for ch in token.get("content", ""))
+                        for token in tokenizer.get("added_tokens") or []))
 
 
 def text_pooling(opts: ServeOptions, facts: ModelFacts, encoder: dict) -> dict:
@@ -259,7 +292,7 @@ def write_repository(opts: ServeOptions, repo: Path, sitedirs: list[str]) -> dic
             limit = min(limit, facts.max_positions or limit)
             text = text_pooling(opts, facts, encoder)
             conf.update(tokenizer="tokenizer.json", pad_id=tok["pad_id"], pad_token=tok["pad_token"],
-                        max_length=int(limit),
+                        max_length=int(limit), cut_chars=CHARS_PER_TOKEN * int(limit) if tok["cut_at_space"] else 0,
                         long_text=opts.long_text, max_text_bytes=opts.max_text_bytes, output=text["output"],
                         run_outputs=[text["output"]], pooling=text["pooling"], normalize=text["normalize"],
                         text_output=text["text_output"])

@@ -51,6 +51,12 @@ def _error(message):
         return pb_utils.TritonError(message)
 
 
+def _head(text, cut):
+    """The text up to its first space at or after ``cut`` characters; the text itself when it has none there."""
+    end = text.find(" ", cut) if len(text) > cut else -1
+    return text if end < 0 else text[:end]
+
+
 def _pow2_at_least(n, cap):
     size = 1
     while size < n:
@@ -216,17 +222,18 @@ class TritonPythonModel:
         self.max_length = int(CONF["max_length"])
         self.max_batch = int(CONF.get("max_batch", 64))
         if self.kind == "text":
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(os.path.join(_HERE, CONF["tokenizer"]))
-            self.tokenizer.enable_truncation(self.max_length)
-            self.tokenizer.no_padding()  # rows are padded by _tokenize, in one scatter per input
+            self.tokenizer = self._load_tokenizer()
+            self.ascii_tokenizer = self._ascii_tokenizer()
             self.pad_id = int(CONF.get("pad_id", 0))
             # several texts: encode_batch_fast (no character offsets, which nothing here reads: 15-20% less
             # tokenizer time) where the tokenizers version has it, on rayon's pool, sized by the server's
             # environment (repository.tokenizer_env)
-            self.encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+            if hasattr(self.tokenizer, "encode_batch_fast"):
+                self.encode_batch = lambda tokenizer, texts: tokenizer.encode_batch_fast(texts)
+            else:
+                self.encode_batch = lambda tokenizer, texts: tokenizer.encode_batch(texts)
             self.single_encode, self.encode_one = self._pick_single_encode()
+            self.cut_chars = int(CONF.get("cut_chars") or 0)  # 0: every text tokenized whole
             self.wanted = [spec["name"] for spec in self.inputs]
             self._token_inputs = [(name, attribute, fill) for name, attribute, fill in (
                 ("input_ids", "ids", self.pad_id), ("token_type_ids", "type_ids", 0)) if name in self.wanted]
@@ -242,25 +249,52 @@ class TritonPythonModel:
             self.timings.clear()
             self._timings_saved = 0.0
 
-    def _pick_single_encode(self):
+    def _pick_single_encode(self, idle=0.002):
         """One text: encode(), or encode_batch_fast([text]), which computes no offsets but goes through rayon's
         pool (none with TOKENIZERS_PARALLELISM=false), whose hand-off costs what the host makes it cost (~0.3 ms
         for encode_batch on a 16-core host in session 5; nothing measurable on 2 cores). Both give the same
-        encoding; the faster on this host is kept, timed here on a text of 128 tokens or more (medians of 15)."""
-        candidates = {"encode": lambda text: [self.tokenizer.encode(text)]}
-        if self.encode_batch is not self.tokenizer.encode_batch:
-            candidates["encode_batch_fast"] = lambda text: self.encode_batch([text])
+        encoding; the faster on this host is kept, timed here on a text of 128 tokens or more (medians of 15),
+        each call after ``idle`` seconds without work, as a call at batch 1 comes: back to back, the pool's
+        threads would still be awake from the call before, which they are not between requests."""
+        candidates = {"encode": lambda tokenizer, text: [tokenizer.encode(text)]}
+        if hasattr(self.tokenizer, "encode_batch_fast"):
+            candidates["encode_batch_fast"] = lambda tokenizer, text: self.encode_batch(tokenizer, [text])
         if len(candidates) == 1:
             return next(iter(candidates.items()))
         text = " ".join(["the compiler fuses attention and quantizes matrix products for deployment"] * 12)
+        tokenizer = self.ascii_tokenizer or self.tokenizer  # the one this text goes to
         times = {name: [] for name in candidates}
         for _ in range(15):
             for name, encode in candidates.items():
+                time.sleep(idle)
                 start = time.perf_counter()
-                encode(text)
+                encode(tokenizer, text)
                 times[name].append(time.perf_counter() - start)
         best = min(times, key=lambda name: sorted(times[name])[len(times[name]) // 2])
         return best, candidates[best]
+
+    def _load_tokenizer(self):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(os.path.join(_HERE, CONF["tokenizer"]))
+        tokenizer.enable_truncation(self.max_length)
+        tokenizer.no_padding()  # rows are padded by _tokenize, in one scatter per input
+        return tokenizer
+
+    def _ascii_tokenizer(self):
+        """For texts of printable ASCII only (``str.isascii() and str.isprintable()``): the same tokenizer with its
+        BertNormalizer replaced by what that normalizer does to such text, lowercasing (or nothing when it does
+        not lowercase): it removes control characters, spaces out CJK characters and strips accents, and printable
+        ASCII has none. Same tokens (special tokens in the text included), ~0.7x the tokenizer's time for a
+        128-token text on the 2-core Xeon. None for any other normalizer."""
+        from tokenizers import normalizers
+
+        normalizer = json.loads(self.tokenizer.to_str()).get("normalizer") or {}
+        if normalizer.get("type") != "BertNormalizer":
+            return None
+        tokenizer = self._load_tokenizer()
+        tokenizer.normalizer = normalizers.Lowercase() if normalizer.get("lowercase", True) else None
+        return tokenizer
 
     def _warm_up(self):
         if self.kind == "text":
@@ -347,7 +381,7 @@ class TritonPythonModel:
 
     def _embed(self, texts):
         start = time.perf_counter()
-        encodings = self.encode_one(texts[0]) if len(texts) == 1 else self.encode_batch(texts)
+        encodings = self._encode(texts)
         feed, mask, lengths = self._tokenize(encodings)
         rows = len(encodings)
         truncated = None
@@ -368,6 +402,35 @@ class TritonPythonModel:
                 output[index] = part
         return np.ascontiguousarray(output, dtype=np.float32), lengths.reshape(rows, 1), truncated
 
+    def _encode(self, texts):
+        """The texts' encodings, truncated at the token limit, not padded.
+
+        The tokenizer truncates only after it has tokenized the whole text. With ``cut_chars`` (the repository
+        sets it for tokenizers whose tokens before a space do not depend on what follows: ``cut_at_space``), a
+        longer text is tokenized up to its first space at or after that many characters; if that head still
+        overflows the limit, its encoding is the whole text's (the same tokens up to the limit); if not, the
+        whole text is tokenized after all."""
+        cut = self.cut_chars
+        heads = texts
+        if cut and any(len(text) > cut for text in texts):
+            heads = [_head(text, cut) for text in texts]
+        encodings = self._run_tokenizer(heads)
+        if heads is not texts:
+            short = [row for row, (head, text) in enumerate(zip(heads, texts))
+                     if head is not text and not encodings[row].overflowing]
+            if short:  # heads that did not reach the limit: their whole texts
+                encodings = list(encodings)
+                for row, encoding in zip(short, self._run_tokenizer([texts[row] for row in short])):
+                    encodings[row] = encoding
+        return encodings
+
+    def _run_tokenizer(self, texts):
+        """One text by the way picked at load, several by encode_batch; printable ASCII by ``ascii_tokenizer``."""
+        tokenizer = self.tokenizer
+        if self.ascii_tokenizer is not None and all(text.isascii() and text.isprintable() for text in texts):
+            tokenizer = self.ascii_tokenizer
+        return self.encode_one(tokenizer, texts[0]) if len(texts) == 1 else self.encode_batch(tokenizer, texts)
+
     def _tokenize(self, encodings):
         """The model's token inputs for the encodings (truncated, not padded): (feed, attention mask, lengths).
 
@@ -376,6 +439,8 @@ class TritonPythonModel:
         loop per row: the ids of all rows are chained into one array and written where the mask is 1. The same
         tensors as the tokenizer's own padding (pad id, type id 0, mask 0)."""
         rows = len(encodings)
+        if rows == 1:
+            return self._tokenize_one(encodings[0])
         lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=rows)
         seq = int(lengths.max())
         batch = rows
@@ -383,32 +448,38 @@ class TritonPythonModel:
             seq = min(max(16, _pow2_at_least(seq, self.max_length)), self.max_length)
             batch = _pow2_at_least(rows, self.max_batch)
         inputs = self._token_inputs
-        if rows == 1 and seq == lengths[0]:  # one text, unpadded: its lists as they are (the cheapest at batch 1)
-            mask = np.ones((1, seq), dtype=np.int64)
-            values = {"attention_mask": mask}
-            for name, attribute, _ in inputs:
-                values[name] = np.array([getattr(encodings[0], attribute)], dtype=np.int64)
-            return {name: values[name] for name in self.wanted}, mask, lengths
         mask = np.zeros((batch, seq), dtype=np.int64)
         values = {"attention_mask": mask}
-        if rows == 1:  # one text in a bucket
-            length = int(lengths[0])
-            mask[0, :length] = 1
-            for name, attribute, fill in inputs:
-                values[name] = np.full((1, seq), fill, dtype=np.int64)
-                values[name][0, :length] = getattr(encodings[0], attribute)
-        else:
-            real = np.arange(seq) < lengths[:, None]
-            mask[:rows] = real
-            total = int(lengths.sum())
-            for name, attribute, fill in inputs:
-                value = values[name] = np.full((batch, seq), fill, dtype=np.int64)
-                value[:rows][real] = np.fromiter(chain.from_iterable(getattr(e, attribute) for e in encodings),
-                                                 dtype=np.int64, count=total)
-            if batch > rows:
-                for value in values.values():
-                    value[rows:] = value[0]
+        real = np.arange(seq) < lengths[:, None]
+        mask[:rows] = real
+        total = int(lengths.sum())
+        for name, attribute, fill in inputs:
+            value = values[name] = np.full((batch, seq), fill, dtype=np.int64)
+            value[:rows][real] = np.fromiter(chain.from_iterable(getattr(e, attribute) for e in encodings),
+                                             dtype=np.int64, count=total)
+        if batch > rows:
+            for value in values.values():
+                value[rows:] = value[0]
         return {name: values[name] for name in self.wanted}, mask, lengths
+
+    def _tokenize_one(self, encoding):
+        """``_tokenize`` of one text (batch 1): one zeroed block holds every input, [inputs, 1, seq] (seq: the
+        text's length, or its bucket with CUDA graphs), and the encoding's lists are written into it; half the
+        time of the batch path's allocations for one row."""
+        length = len(encoding)
+        seq = length
+        if self.runner.bucketed:
+            seq = min(max(16, _pow2_at_least(length, self.max_length)), self.max_length)
+        inputs = self._token_inputs
+        block = np.zeros((1 + len(inputs), 1, seq), dtype=np.int64)
+        block[0, 0, :length] = 1
+        values = {"attention_mask": block[0]}
+        for index, (name, attribute, fill) in enumerate(inputs, start=1):
+            block[index, 0, :length] = getattr(encoding, attribute)
+            if fill and seq > length:
+                block[index, 0, length:] = fill
+            values[name] = block[index]
+        return {name: values[name] for name in self.wanted}, block[0], np.array([length], dtype=np.int64)
 
     def _length_groups(self, lengths):
         """Row indices in groups whose padding stays within ``max_padding`` of their positions (lengths sorted

@@ -69,7 +69,7 @@ def alone(session, hf_tokenizer, texts: list[str], max_length: int = 256) -> np.
 
 
 def padded(hf_tokenizer, texts: list[str], **kwargs) -> dict[str, np.ndarray]:
-    enc = hf_tokenizer(texts, truncation=True, max_length=256, return_tensors="np", **kwargs)
+    enc = hf_tokenizer(texts, truncation=True, return_tensors="np", **{"max_length": 256, **kwargs})
     return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
@@ -86,7 +86,8 @@ def test_token_tensors_are_the_tokenizers_padding_and_answers_are_exact(minilm, 
     assert got["token_count"][-1, 0] == 256
     np.testing.assert_allclose(got["embeddings"], alone(session, hf_tokenizer, texts), atol=TOL, rtol=0)
     assert model.single_encode in ("encode", "encode_batch_fast")  # the faster on this host, raced at load
-    for single in (lambda text: [model.tokenizer.encode(text)], lambda text: model.encode_batch([text])):
+    for single in (lambda tokenizer, text: [tokenizer.encode(text)],
+                   lambda tokenizer, text: model.encode_batch(tokenizer, [text])):
         model.encode_one = single  # batch 1, either way: its own ids, no padding, truncated alike
         for text in (texts[0], texts[-1]):
             one = answer(model.execute([text_request([text])])[0])
@@ -157,3 +158,103 @@ def test_tokenizer_threads_are_the_cores_divided_among_the_instances():
     assert tokenizer_env(3, cores=16) == {"RAYON_NUM_THREADS": "5"}
     assert tokenizer_env(2, cores=2) == {"TOKENIZERS_PARALLELISM": "false"}
     assert tokenizer_env(64, cores=16) == {"TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_long_texts_tokenized_by_their_heads_give_the_whole_texts_tokens(minilm, hf_tokenizer, tmp_path):
+    """cut_chars: a text longer than that is tokenized up to a space first; the ids fed are transformers' for the
+    whole text truncated at the limit, one text or a batch, whether the head reached the limit or not."""
+    base = " ".join(sentences(30, skip=60))
+    texts = [base,  # real English: the head reaches the limit
+             "Été à Zürich, naïve café ☕ " * 20,  # accents, an emoji
+             "東京は日本の首都です。" * 20,  # CJK: a token per character, no space to cut at
+             "a\tb\nc  d\u00a0e \u0301f " * 40,  # tabs, newlines, double spaces, NBSP, a mark after a space
+             ("x" * 150 + " ") * 6 + base,  # words over WordPiece's 100 characters ([UNK]): the head falls short
+             "[MASK] a " * 30 + base,  # special tokens in the text
+             "antidisestablishmentarianism " * 30,  # long words: few tokens per character
+             "hello " + "qz" * 46 + "ꙮ and the words after it " * 4,  # the cut word: [UNK] whole, 92 pieces cut
+             sentences(1, skip=3)[0]]  # short: never cut
+    model = stub(minilm, tmp_path, max_padding=1.0, max_length=16, cut_chars=96)
+    seen = set()  # every text handed to the tokenizer, one text or a batch
+    run = model._run_tokenizer
+    model._run_tokenizer = lambda batch: (seen.update(batch), run(batch))[1]
+    expected = padded(hf_tokenizer, texts, padding=True, max_length=16)
+    got = answer(model.execute([text_request(texts)])[0])
+    np.testing.assert_array_equal(model.fed[-1]["input_ids"], expected["input_ids"])
+    np.testing.assert_array_equal(got["token_count"][:, 0], expected["attention_mask"].sum(axis=1))
+    whole = {2, 4, 7, 8}  # CJK (no space after 96 characters), the heads that fell short, the short text
+    assert {row for row, text in enumerate(texts) if text in seen} == whole
+    assert len(seen) == len(texts) + 2  # seven heads, the CJK and short texts, then two texts whole
+    for row, text in enumerate(texts):
+        seen.clear()
+        answer(model.execute([text_request([text])])[0])
+        np.testing.assert_array_equal(model.fed[-1]["input_ids"], padded(hf_tokenizer, [text], max_length=16)["input_ids"])
+        assert (text in seen) == (row in whole)
+        assert seen == {text} if row in (2, 8) else min(map(len, seen)) < len(text)  # a head tokenized first
+    model = stub(minilm, tmp_path / "error", long_text="error", max_length=16, cut_chars=96)
+    refused, ok = (answer(r) for r in model.execute([text_request([texts[0]]), text_request([texts[-1][:40]])]))
+    assert "longer than the model's limit of 16 tokens" in refused and ok["token_count"][0, 0] < 16
+
+
+def test_only_tokenizers_whose_words_end_at_a_space_are_cut(minilm, hf_tokenizer, tmp_path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from tqc.compiler.tools.serve.repository import cut_at_space
+
+    write_repository(ServeOptions(model=str(minilm), name="m", endpoints=("text",), max_length=128), tmp_path, [])
+    assert json.loads((tmp_path / "m_text" / "1" / "serve.json").read_text())["cut_chars"] == 6 * 128
+
+    minilm = json.loads(hf_tokenizer.backend_tokenizer.to_str())
+    assert cut_at_space(minilm)
+    words = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    words.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase()])
+    words.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
+    assert cut_at_space(json.loads(words.to_str()))
+    words.add_tokens(["new york"])  # an added token holding a space may span the cut
+    assert not cut_at_space(json.loads(words.to_str()))
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel()
+    assert not cut_at_space(json.loads(byte_level.to_str()))
+    assert not cut_at_space(dict(minilm, normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "_"}))
+    assert not cut_at_space(dict(minilm, pre_tokenizer={"type": "Metaspace", "replacement": "▁"}))
+
+
+def test_printable_ascii_texts_go_to_the_plain_tokenizer_with_the_same_tokens(minilm, hf_tokenizer, tmp_path):
+    """BertNormalizer on printable ASCII only lowercases: those texts run without it, every other text with it."""
+    ascii_texts = [t for t in sentences(400) if t.isascii() and t.isprintable()][:300] + [
+        "Hello [MASK] world [mask] [CLS]x[SEP] ~^|{}\\ `quoted' 1,234.5e-6 CamelCaseWord  double  spaces",
+        "[UNK][PAD] ALL CAPS TEXT!!! ??? ... ---", "x" * 150 + " tail"]
+    others = ["Été à Zürich", "tab\there", "line\nbreak", "control\x07char", "東京 Tokyo", "soft\u00adhyphen"]
+    model = stub(minilm, tmp_path, max_padding=1.0)
+    assert model.ascii_tokenizer is not None and str(model.ascii_tokenizer.normalizer) == "Lowercase()"
+    for text in ascii_texts + others:
+        assert model.ascii_tokenizer.encode(text).ids == model.tokenizer.encode(text).ids or text in others
+    used = []
+    for name in ("tokenizer", "ascii_tokenizer"):
+        tokenizer = getattr(model, name)
+        setattr(model, name, type("Recorded", (), {
+            "encode": lambda self, text, tokenizer=tokenizer, name=name: (used.append(name), tokenizer.encode(text))[1],
+            "encode_batch_fast": lambda self, texts, tokenizer=tokenizer, name=name: (
+                used.append(name), tokenizer.encode_batch_fast(texts))[1]})())
+    for batch, expect in ((ascii_texts[:20], "ascii_tokenizer"), (ascii_texts[-3:] + others[:1], "tokenizer"),
+                          ([ascii_texts[-3]], "ascii_tokenizer"), ([others[3]], "tokenizer")):
+        used.clear()
+        got = answer(model.execute([text_request(batch)])[0])
+        np.testing.assert_array_equal(model.fed[-1]["input_ids"], padded(hf_tokenizer, batch, padding=True)["input_ids"])
+        assert used == [expect] and got["token_count"].shape == (len(batch), 1)
+
+
+def test_one_text_and_a_batch_pad_with_the_tokenizers_pad_id(minilm, hf_tokenizer, tmp_path):
+    """The batch-1 path (one block for every input) and the batch path pad alike, with the pad id the repository
+    recorded (7 here, so a zero left over would show)."""
+    texts = sentences(3, skip=70)
+    model = stub(minilm, tmp_path, bucketed=True, pad_id=7)
+    for batch in ([texts[0]], texts):
+        answer(model.execute([text_request(batch)])[0])
+        fed, expected = model.fed[-1], padded(hf_tokenizer, batch, padding=True)
+        length = expected["input_ids"].shape[1]
+        real = expected["attention_mask"].astype(bool)
+        for name, value in expected.items():
+            np.testing.assert_array_equal(fed[name][:len(batch), :length][real], value[real], err_msg=name)
+            np.testing.assert_array_equal(fed[name][:len(batch), :length][~real], 7 if name == "input_ids" else 0)
+        assert (fed["input_ids"][:len(batch), length:] == 7).all() and fed["input_ids"].shape[1] in (16, 32, 64)
+        assert not fed["attention_mask"][:len(batch), length:].any() and not fed["token_type_ids"][:, length:].any()
