@@ -29,6 +29,7 @@ from tqc.passes.fuse.host_free import remove_host_shapes
 from tqc.passes.fuse.layernorm import fuse_layernorm
 from tqc.passes.fuse.masks import MaskCache, mask_input_names
 from tqc.passes.fuse.rotary import CACHE_POSITIONS, fuse_rotary
+from tqc.passes.fuse.rotary_flat import flatten_rotary_heads
 from tqc.passes.fuse.skip_layernorm import fuse_skip_layernorm
 from tqc.passes.rewrite import cleanup, drop, redirect
 
@@ -88,6 +89,8 @@ class Fuse(Pass):
         "embed_layernorm": Option(parse_bool, True, "fuse BERT-style embeddings + LayerNorm (ORT targets)"),
         "rotary": Option(parse_bool, True, "rotary position embeddings (rotate-half) into RotaryEmbedding (ORT "
                          "targets)"),
+        "rotary_flat": Option(parse_bool, True, "rotary attention on [B, S, hidden] (RotaryEmbedding with num_heads, "
+                              "3-D MultiHeadAttention): no head split and merge around it (ORT targets)"),
         "rotary_positions": Option(int, CACHE_POSITIONS, "positions the RotaryEmbedding caches hold (longer "
                                    "sequences are an error in ONNX Runtime)", min=16, max=1 << 20),
         "mask": Option(str, "auto", "ORT attention mask: 'raw' ([B,S] 0/1, any padding), 'end' (token counts: "
@@ -161,6 +164,9 @@ class Fuse(Pass):
                     ctx.note(TOKEN_COUNTS_NOTE)
                 fused += len(cores)
                 rules = sorted(set(rules) | set(cores))
+                cleanup(graph)
+            if target.contrib_ops and stats["rotary"] and self.values["rotary_flat"]:  # rotated heads as [B, S, hidden]: no head split/merge
+                stats["rotary_flat"] = flatten_rotary_heads(graph)
                 cleanup(graph)
             stats["attention_rules"] = ",".join(rules) if rules else "-"
         stats["attention_blocks"] = softmax_count
