@@ -25,7 +25,7 @@ from tqc.passes.fuse.core_attention import fuse_core_attention
 from tqc.passes.fuse.embed_layernorm import fuse_embed_layernorm
 from tqc.passes.fuse.engine import Miss, NoMatch
 from tqc.passes.fuse.gelu import fuse_gelu
-from tqc.passes.fuse.host_free import remove_host_shapes
+from tqc.passes.fuse.host_free import host_placed, remove_host_shapes
 from tqc.passes.fuse.layernorm import fuse_layernorm
 from tqc.passes.fuse.masks import MaskCache, mask_input_names
 from tqc.passes.fuse.rotary import CACHE_POSITIONS, fuse_rotary
@@ -206,10 +206,11 @@ class Fuse(Pass):
             cleanup(graph)
         if target.cuda_graphs and fused:  # no shape arithmetic left for ONNX Runtime to run on the CPU
             ensure_domain(graph, "com.microsoft", 1)  # shape inference reads the fused ops' domain
-            removed = remove_host_shapes(graph)
-            stats["host_shapes_rewritten"] = sum(removed.values())
-            if any(removed.values()):
-                canonicalize(graph)  # the static reads' arithmetic folds
+            if host_placed(graph):  # a graph with none is left exactly as it is
+                removed = remove_host_shapes(graph)
+                stats["host_shapes_rewritten"] = sum(removed.values())
+                if any(removed.values()):
+                    canonicalize(graph)  # the static reads' arithmetic folds
         stats["layernorm"] = sum(1 for n in graph.nodes if n.op == "LayerNormalization")
         if target.contrib_ops and any(n.domain == "com.microsoft" for n in graph.nodes):
             ensure_domain(graph, "com.microsoft", 1)
