@@ -43,7 +43,7 @@ from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.compiler.tools import diff as diffing
 from tqc.compiler.tools.compile import (CompileOptions, check_choices, check_output_format, check_plan_shapes,
                                         declare_inputs, declare_output, dump_file_names, format_report,
-                                        pass_context, write_output)
+                                        note_cuda_graphs, pass_context, write_output)
 from tqc.passes.base import Pass
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -198,6 +198,8 @@ class PassManager:
                                runtime=self.runtime)
             nodes_in = len(skeleton.graph.node)
             result = manager.run_lean(lean)
+            if ctx.target.cuda_graphs:
+                note_cuda_graphs(result.skeleton, ctx)  # as tqc compile: can the output capture CUDA graphs
             source_hash = hashing() if source is not None else None
             report = manager.report(
                 input={"path": str(source) if source is not None else IN_MEMORY, "hash": source_hash,

@@ -26,7 +26,7 @@ from tqc.passes.fuse.embed_layernorm import fuse_embed_layernorm
 from tqc.passes.fuse.engine import Miss, NoMatch
 from tqc.passes.fuse.gelu import fuse_gelu
 from tqc.passes.fuse.head_layout import flatten_heads
-from tqc.passes.fuse.host_free import remove_host_shapes
+from tqc.passes.fuse.host_free import host_placed, remove_host_shapes
 from tqc.passes.fuse.layernorm import fuse_layernorm
 from tqc.passes.fuse.masks import MaskCache, mask_input_names
 from tqc.passes.fuse.rotary import CACHE_POSITIONS, fuse_rotary
@@ -90,6 +90,9 @@ class Fuse(Pass):
         "embed_layernorm": Option(parse_bool, True, "fuse BERT-style embeddings + LayerNorm (ORT targets)"),
         "rotary": Option(parse_bool, True, "rotary position embeddings (rotate-half) into RotaryEmbedding (ORT "
                          "targets)"),
+        "flat_heads": Option(parse_bool, True, "attention on heads split elsewhere (ModernBERT) runs on [B, S, hidden] "
+                             "(RotaryEmbedding with num_heads, 3-D MultiHeadAttention): no head split and merge around "
+                             "it (ORT targets)"),
         "rotary_positions": Option(int, CACHE_POSITIONS, "positions the RotaryEmbedding caches hold (longer "
                                    "sequences are an error in ONNX Runtime)", min=16, max=1 << 20),
         "mask": Option(str, "auto", "ORT attention mask: 'raw' ([B,S] 0/1, any padding), 'end' (token counts: "
@@ -162,7 +165,7 @@ class Fuse(Pass):
                     stats["mask"] = mask_format
                     ctx.note(TOKEN_COUNTS_NOTE)
                 fused += len(cores)
-                if cores and target.contrib_ops:
+                if cores and target.contrib_ops and self.values["flat_heads"]:
                     stats["heads_flattened"] = flatten_heads(graph)
                 rules = sorted(set(rules) | set(cores))
                 cleanup(graph)
@@ -205,10 +208,11 @@ class Fuse(Pass):
             cleanup(graph)
         if target.cuda_graphs and fused:  # no shape arithmetic left for ONNX Runtime to run on the CPU
             ensure_domain(graph, "com.microsoft", 1)  # shape inference reads the fused ops' domain
-            removed = remove_host_shapes(graph)
-            stats["host_shapes_rewritten"] = sum(removed.values())
-            if any(removed.values()):
-                canonicalize(graph)  # the static reads' arithmetic folds
+            if host_placed(graph):  # a graph with none is left exactly as it is
+                removed = remove_host_shapes(graph)
+                stats["host_shapes_rewritten"] = sum(removed.values())
+                if any(removed.values()):
+                    canonicalize(graph)  # the static reads' arithmetic folds
         stats["layernorm"] = sum(1 for n in graph.nodes if n.op == "LayerNormalization")
         if target.contrib_ops and any(n.domain == "com.microsoft" for n in graph.nodes):
             ensure_domain(graph, "com.microsoft", 1)

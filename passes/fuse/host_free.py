@@ -68,14 +68,15 @@ SAME_SHAPE_OUTPUTS = {"MultiHeadAttention": (0,), "SkipLayerNormalization": (0, 
 
 def symbols_past_contrib_ops(graph: gs.Graph) -> dict[str, list]:
     """``fold_dims.symbol_shapes``, with the contrib ops of ``SAME_SHAPE_OUTPUTS`` read as Identities (and
-    EmbedLayerNormalization's output as its word embedding Gather); element
-    types inference finds are set on the graph's tensors that have none."""
+    EmbedLayerNormalization's output as its word embedding Gather); each entry also under ``(name, "type")``:
+    its element type as numpy's, where inference knows it."""
     from onnx import helper
 
     from tqc.compiler.io.graph import skeleton_of_graph
     from tqc.compiler.io.structure import infer_shapes
 
     model = skeleton_of_graph(graph)
+    del model.graph.value_info[:]  # shapes an earlier inference left would outvote the new symbols
     nodes = []
     for node in model.graph.node:
         if node.domain == "com.microsoft" and node.op_type == "EmbedLayerNormalization":  # [B, S, hidden]
@@ -88,14 +89,18 @@ def symbols_past_contrib_ops(graph: gs.Graph) -> dict[str, list]:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     inferred = infer_shapes(model, strict=False)
-    tensors = graph.tensors()
-    for value in inferred.graph.value_info:  # element types the graph does not carry yet (the zeros' casts)
-        tensor = tensors.get(value.name)
-        if tensor is not None and tensor.dtype is None and value.type.tensor_type.elem_type:
-            tensor.dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-    return {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
-            for v in list(inferred.graph.value_info) + list(inferred.graph.input)
-            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    values = list(inferred.graph.value_info) + list(inferred.graph.input)
+    shapes: dict = {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param
+                             for d in v.type.tensor_type.shape.dim]
+                    for v in values if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    shapes.update({(v.name, "type"): helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+                   for v in values if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type})
+    return shapes
+
+
+def _dtype(tensor: gs.Tensor, shapes: dict):
+    """The tensor's element type: its own, or inference's."""
+    return tensor.dtype if tensor.dtype is not None else shapes.get((tensor.name, "type"))
 
 
 def _read_axis(tensor: gs.Tensor, shapes: dict) -> tuple[gs.Tensor, int, int] | None:
@@ -121,27 +126,32 @@ def _scalar(tensor: gs.Tensor) -> int | None:
     return None
 
 
+def host_placed(graph: gs.Graph) -> list:
+    """The nodes ONNX Runtime CUDA would place on the CPU (``compiler/analysis/cuda_placement.py``)."""
+    from tqc.compiler.analysis.cuda_placement import host_placed_nodes
+    from tqc.compiler.io.graph import skeleton_of_graph
+    from tqc.compiler.io.structure import float_tensor_types, infer_shapes
+
+    model = skeleton_of_graph(graph)
+    return host_placed_nodes(model, float_tensor_types(infer_shapes(model, strict=False)))
+
+
 def remove_host_shapes(graph: gs.Graph) -> dict[str, int]:
     """Every rewrite of the module docstring, in the order that keeps inference's symbols: positions first
     (their extent becomes the input's symbol), then the no-op Slices, Expands and Tiles, then the merged
     Reshapes and the static reads. Returns how many of each."""
     build = _Builder(graph, "tqc_hostfree")
-    boundary = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
-    for tensor in graph.tensors().values():  # shapes an earlier inference left would outvote the new symbols
-        if isinstance(tensor, gs.Variable) and id(tensor) not in boundary:
-            tensor.shape = None
-    stats = {"ranges": _ranges(graph, symbols_past_contrib_ops(graph), build)}
-    cleanup(graph, toposort=True)
-    stats["slices"] = _noop_slices(graph, symbols_past_contrib_ops(graph))
-    cleanup(graph, toposort=True)
-    shapes = symbols_past_contrib_ops(graph)
-    stats["expands"] = _expands(graph, shapes, build)
-    stats["tiles"] = _tiles(graph, shapes, build)
-    cleanup(graph, toposort=True)
-    stats["reshapes"] = merge_leading_dims(graph, symbols_past_contrib_ops(graph))
-    cleanup(graph, toposort=True)
-    stats["static_reads"] = _static_reads(graph, symbols_past_contrib_ops(graph))
-    cleanup(graph, toposort=True)
+    steps = (("ranges", lambda shapes: _ranges(graph, shapes, build)),
+             ("slices", lambda shapes: _noop_slices(graph, shapes)),
+             ("expands", lambda shapes: _expands(graph, shapes, build)),
+             ("tiles", lambda shapes: _tiles(graph, shapes, build)),
+             ("reshapes", lambda shapes: merge_leading_dims(graph, shapes)),
+             ("static_reads", lambda shapes: _static_reads(graph, shapes)))
+    stats: dict[str, int] = {}
+    for name, step in steps:
+        stats[name] = step(symbols_past_contrib_ops(graph))
+        if stats[name]:  # a graph nothing fits is left exactly as it was (node order too)
+            cleanup(graph, toposort=True)
     return stats
 
 
@@ -156,7 +166,7 @@ def _ranges(graph: gs.Graph, shapes: dict, build: _Builder) -> int:
         found = next(((t, dims.index(read[0])) for t in graph.inputs if (dims := shapes.get(t.name)) and
                       read[0] in dims), None)
         out = node.outputs[0]
-        dtype = out.dtype
+        dtype = _dtype(out, shapes)
         if found is None or dtype is None or np.dtype(dtype) not in (np.dtype(np.int64), np.dtype(np.int32)):
             continue
         source, axis = found
@@ -239,12 +249,13 @@ def _expands(graph: gs.Graph, shapes: dict, build: _Builder) -> int:
                 continue
             grow = None
             break
-        if grow is None or len(grow) > 1 or (grow and grow[0][0] != 0) or x.dtype is None:
+        dtype = _dtype(x, shapes)
+        if grow is None or len(grow) > 1 or (grow and grow[0][0] != 0) or dtype is None:
             continue
         if grow:
             source, axis, rank = grow[0][1]
-            zeros = build.zeros_along(source, axis, rank, len(data), x.dtype)
-            redirect(out, build.op("Add", [x, zeros], x.dtype))
+            zeros = build.zeros_along(source, axis, rank, len(data), dtype)
+            redirect(out, build.op("Add", [x, zeros], dtype))
         else:
             redirect(out, x)
         rewritten += 1
@@ -261,7 +272,7 @@ def _tiles(graph: gs.Graph, shapes: dict, build: _Builder) -> int:
         data = list(p.shape) if isinstance(p, gs.Constant) else shapes.get(p.name)
         parts = _expand_parts(node.inputs[1])
         if not data or parts is None or len(parts) != len(data) or any(v != 1 for v in parts[1:]) or \
-                isinstance(parts[0], int) or p.dtype is None or \
+                isinstance(parts[0], int) or _dtype(p, shapes) is None or \
                 not all(isinstance(d, int) and d > 0 for d in data[1:]):
             continue
         div = _through_casts(unsqueezed(parts[0]))
@@ -272,14 +283,15 @@ def _tiles(graph: gs.Graph, shapes: dict, build: _Builder) -> int:
         if read is None:
             continue
         source, axis, rank = read
-        column = build.zeros_along(source, axis, rank, 1, p.dtype)            # [n] zeros
-        grouped = build.op("Reshape", [column, build.const("groups", [-1, c])], p.dtype)  # [n / c, c]
+        dtype = _dtype(p, shapes)
+        column = build.zeros_along(source, axis, rank, 1, dtype)            # [n] zeros
+        grouped = build.op("Reshape", [column, build.const("groups", [-1, c])], dtype)  # [n / c, c]
         first = build.op("Slice", [grouped, build.const("starts", [0]), build.const("ends", [1]),
-                                   build.const("axes", [1])], p.dtype)       # [n / c, 1]
-        zeros = build.op("Reshape", [first, build.const("shape", [-1] + [1] * len(data))], p.dtype)
-        lifted = build.op("Unsqueeze", [p, build.const("axes", [0])], p.dtype)
-        tiled = build.op("Add", [lifted, zeros], p.dtype)
-        redirect(out, build.op("Reshape", [tiled, build.const("shape", [-1] + list(data[1:]))], p.dtype))
+                                   build.const("axes", [1])], dtype)       # [n / c, 1]
+        zeros = build.op("Reshape", [first, build.const("shape", [-1] + [1] * len(data))], dtype)
+        lifted = build.op("Unsqueeze", [p, build.const("axes", [0])], dtype)
+        tiled = build.op("Add", [lifted, zeros], dtype)
+        redirect(out, build.op("Reshape", [tiled, build.const("shape", [-1] + list(data[1:]))], dtype))
         rewritten += 1
     return rewritten
 

@@ -238,3 +238,37 @@ def test_sibling_slices_that_tile_an_axis_become_one_split_exactly(ends, splits)
                      .run(None, feeds) for m in (model, after_model))
     for b, a in zip(before, after):
         assert b.shape == a.shape and np.array_equal(b, a)
+
+
+@pytest.mark.parametrize("source", ["transformers-5.17", "legacy-eager"])
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda"])
+def test_rotary_attention_runs_on_hidden_wide_tensors_with_no_head_split_left(source, target, exports):
+    """``flat_heads`` (head_layout.py): RotaryEmbedding(num_heads) and MultiHeadAttention on [B, S, hidden], the
+    same answer at lengths past the local window, padded rows included (right padding only on ort-cuda: token
+    counts)."""
+    from pathlib import Path
+
+    from ..models.test_heads import token_feed
+
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "transformers_5_17" / "modernbert-tiny.onnx" \
+        if source == "transformers-5.17" else \
+        exports.get("modernbert", exporter=source.split("-")[0], attn=source.split("-")[1], size="tiny")
+    model, fused, stats, _ = fuse_alone(path, target, "fold,fuse")
+    assert stats["attention"] == LAYERS and stats["rotary"] == 2 * LAYERS
+    assert stats["heads_flattened"] == LAYERS
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("Transpose") == ops.count("Squeeze") == ops.count("Reshape") == 0, ops
+    rotaries = [n for n in fused.graph.node if n.op_type == "RotaryEmbedding"]
+    assert all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "num_heads")) > 0
+               for n in rotaries)
+    names = [i.name for i in model.graph.input]
+    feeds = []
+    for index, (batch, seq) in enumerate(((1, 1), (2, 9), (3, 100))):
+        feed = token_feed(names, batch, seq, seed=3 + index)
+        if batch > 1:
+            feed["attention_mask"][1, seq // 2:] = 0
+        if batch > 2 and target == "ort-cpu":
+            feed["attention_mask"][2, :seq // 4] = 0
+        feeds.append(feed)
+    for before, after in zip(outputs_on(model, feeds), outputs_on(fused, feeds)):
+        assert np.abs(before - after).max() <= 1e-4

@@ -88,16 +88,8 @@ def test_compile_for_ort_cuda_notes_the_blocking_nodes_and_explain_lists_them(tm
 
     from tqc.compiler.cli.main import main
 
-    model = _model([
-        helper.make_node("Shape", ["x"], ["s"], name="shape"),
-        helper.make_node("Gather", ["s", "one"], ["seq"], name="sequence_read", axis=0),
-        helper.make_node("Unsqueeze", ["seq", "axes"], ["seq1"], name="lift"),
-        helper.make_node("Concat", ["seq1", "rest"], ["target"], name="target", axis=0),
-        helper.make_node("Reshape", ["x", "target"], ["r"], name="reshape"),  # [S, B*8]: no 0 copies S there
-        helper.make_node("Relu", ["r"], ["y"], name="relu"),
-    ], {"one": 1, "axes": [0], "rest": [-1]}, out_shape=[None, None])
     path = tmp_path / "m.onnx"
-    onnx.save(model, path)
+    onnx.save(_compiled_input(), path)
     notes = {}
     for target, explain in (("ort-cuda", ()), ("ort-cuda", ("--explain", "fold")), ("ort-cpu", ())):
         with pytest.raises(SystemExit) as info:
@@ -113,3 +105,24 @@ def test_compile_for_ort_cuda_notes_the_blocking_nodes_and_explain_lists_them(tm
         "Gather 'sequence_read' reads host tensor 's'", "Unsqueeze 'lift' reads host tensor 'seq'",
         "Concat 'target' reads host tensor 'seq1'"]
     assert notes[("ort-cpu", False)] == []
+
+
+def test_the_python_api_gives_the_same_cuda_graphs_note():
+    import tqc
+
+    result = tqc.compile(_compiled_input(), "fold", target="ort-cuda", verify="structure")
+    notes = [m for m in result.report["messages"] if m.startswith("cuda graphs:")]
+    assert len(notes) == 1 and "place 3 shape-computing node(s)" in notes[0]
+    assert not [m for m in tqc.compile(_compiled_input(), "fold", target="trt", verify="structure").report["messages"]
+                if m.startswith("cuda graphs:")]
+
+
+def _compiled_input() -> onnx.ModelProto:
+    return _model([
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "one"], ["seq"], name="sequence_read", axis=0),
+        helper.make_node("Unsqueeze", ["seq", "axes"], ["seq1"], name="lift"),
+        helper.make_node("Concat", ["seq1", "rest"], ["target"], name="target", axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["r"], name="reshape"),  # [S, B*8]: no 0 copies S there
+        helper.make_node("Relu", ["r"], ["y"], name="relu"),
+    ], {"one": 1, "axes": [0], "rest": [-1]}, out_shape=[None, None])
