@@ -59,6 +59,9 @@ class Target:
                                        # runs faster on AMX CPUs, as fast elsewhere; passes/qdq/openvino.py)
     zero_points_in_bias: bool          # qdq: a linear layer's UINT8 input zero point moves into its bias (zero
                                        # point 0 at run time: OpenVINO's fast INT8 path; passes/qdq/openvino.py)
+    shared_qkv_scale: bool             # qdq: with INT8 attention, q, k and v of a packed projection share one
+                                       # Q/DQ before the Split, their ranges equalized (OpenVINO fuses it into
+                                       # the projection: no reorders; passes/qdq/shared_qkv.py)
     int8_mha: Int8MhaLimits | None     # ...only within these limits (None: no limit)
     residual_add_qdq: bool             # qdq{residual=true}: both inputs of residual Adds get Q/DQ
     qattention_by_default: bool        # qdq{qattention=auto}: fused Attentions become QAttention (without budget)
@@ -82,23 +85,23 @@ class Target:
 TRT = Target("trt", runtime="TensorRT", contrib_ops=False, attention_mask_format="raw", skip_layernorm_form="contrib",
              symmetric_int8_activations=True, activation_form_by_consumer=False, qdq_per_consumer=False,
              int8_attention_matmuls=True, int8_attention_by_default=True, zero_points_in_bias=False,
-             int8_mha=TRT_INT8_MHA, residual_add_qdq=True, qattention_by_default=False,
+             shared_qkv_scale=False, int8_mha=TRT_INT8_MHA, residual_add_qdq=True, qattention_by_default=False,
              shift_by_default=True)
 ORT_CPU = Target("ort-cpu", runtime="ONNX Runtime CPU", contrib_ops=True, attention_mask_format="raw",
                  skip_layernorm_form="sum", symmetric_int8_activations=False, activation_form_by_consumer=False,
                  qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
-                 zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=True,
-                 shift_by_default=False)
+                 zero_points_in_bias=False, shared_qkv_scale=False, int8_mha=None, residual_add_qdq=False,
+                 qattention_by_default=True, shift_by_default=False)
 ORT_CUDA = Target("ort-cuda", runtime="ONNX Runtime CUDA", contrib_ops=True, attention_mask_format="end",
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=False,
                   qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
-                  zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=False,
-                  shift_by_default=False)
+                  zero_points_in_bias=False, shared_qkv_scale=False, int8_mha=None, residual_add_qdq=False,
+                  qattention_by_default=False, shift_by_default=False)
 OPENVINO = Target("openvino", runtime="OpenVINO", contrib_ops=False, attention_mask_format="raw",
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=True,
                   qdq_per_consumer=False, int8_attention_matmuls=True, int8_attention_by_default=False,
-                  zero_points_in_bias=True, int8_mha=None, residual_add_qdq=False, qattention_by_default=False,
-                  shift_by_default=True)
+                  zero_points_in_bias=True, shared_qkv_scale=True, int8_mha=None, residual_add_qdq=False,
+                  qattention_by_default=False, shift_by_default=True)
 BY_NAME = {t.name: t for t in (TRT, ORT_CPU, ORT_CUDA, OPENVINO)}
 TARGETS = tuple(BY_NAME)  # the names, in the CLI's order
 DEFAULT_TARGET = "trt"  # tqc compile's --target default (compiler/cli/main.py), and tqc.compile's
