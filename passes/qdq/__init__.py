@@ -92,8 +92,8 @@ class Qdq(Pass):
         "op_types": Option(parse_list, ["MatMul", "Gemm"], "op types to quantize"),
         "residual": Option(parse_bool, False, "trt: also quantize both inputs of residual Adds"),
         "attention": Option(parse_auto_bool, "auto", "quantize the attention batched MatMuls (INT8 MHA): 'auto' "
-                            "on trt, not on openvino (OpenVINO's INT8 attention runs slower than its bf16 one on "
-                            "AMX CPUs, and float attention is as accurate)", choices=("auto", "true", "false")),
+                            "on trt, not on openvino (OpenVINO's INT8 attention runs no faster than its bf16 one on "
+                            "AMX CPUs, and float attention is more accurate)", choices=("auto", "true", "false")),
         "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)",
                          min=0, max=1),
         "target_cos": Option(float, 0.0, "accuracy target: the mean output cosine to the float model on the "
