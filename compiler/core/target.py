@@ -83,25 +83,29 @@ class Target:
 # The table: one row per target. openvino fuses as trt does (standard ONNX: OpenVINO's CPU plugin fuses
 # LayerNorm, the Erf GELU and Q/DQ itself) and quantizes by its own forms (passes/qdq/openvino.py).
 TRT = Target("trt", runtime="TensorRT", contrib_ops=False, attention_mask_format="raw", skip_layernorm_form="contrib",
+             shared_qkv_scale=False,
              symmetric_int8_activations=True, activation_form_by_consumer=False, qdq_per_consumer=False,
              int8_attention_matmuls=True, int8_attention_by_default=True, zero_points_in_bias=False,
-             shared_qkv_scale=False, int8_mha=TRT_INT8_MHA, residual_add_qdq=True, qattention_by_default=False,
+             int8_mha=TRT_INT8_MHA, residual_add_qdq=True, qattention_by_default=False,
              shift_by_default=True)
 ORT_CPU = Target("ort-cpu", runtime="ONNX Runtime CPU", contrib_ops=True, attention_mask_format="raw",
+                 shared_qkv_scale=False,
                  skip_layernorm_form="sum", symmetric_int8_activations=False, activation_form_by_consumer=False,
                  qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
-                 zero_points_in_bias=False, shared_qkv_scale=False, int8_mha=None, residual_add_qdq=False,
-                 qattention_by_default=True, shift_by_default=False)
+                 zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=True,
+                 shift_by_default=False)
 ORT_CUDA = Target("ort-cuda", runtime="ONNX Runtime CUDA", contrib_ops=True, attention_mask_format="end",
+                  shared_qkv_scale=False,
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=False,
                   qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
-                  zero_points_in_bias=False, shared_qkv_scale=False, int8_mha=None, residual_add_qdq=False,
-                  qattention_by_default=False, shift_by_default=False)
+                  zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=False,
+                  shift_by_default=False)
 OPENVINO = Target("openvino", runtime="OpenVINO", contrib_ops=False, attention_mask_format="raw",
+                  shared_qkv_scale=True,
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=True,
                   qdq_per_consumer=False, int8_attention_matmuls=True, int8_attention_by_default=False,
-                  zero_points_in_bias=True, shared_qkv_scale=True, int8_mha=None, residual_add_qdq=False,
-                  qattention_by_default=False, shift_by_default=True)
+                  zero_points_in_bias=True, int8_mha=None, residual_add_qdq=False, qattention_by_default=False,
+                  shift_by_default=True)
 BY_NAME = {t.name: t for t in (TRT, ORT_CPU, ORT_CUDA, OPENVINO)}
 TARGETS = tuple(BY_NAME)  # the names, in the CLI's order
 DEFAULT_TARGET = "trt"  # tqc compile's --target default (compiler/cli/main.py), and tqc.compile's
