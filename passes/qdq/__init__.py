@@ -51,8 +51,8 @@ from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContex
 from tqc.passes.qdq.budget import budget_feeds, enforce_budget
 from tqc.passes.qdq.insert import InsertOptions, insert, linear_input_widths
 from tqc.passes.qdq.openvino import fold_zero_points
-from tqc.passes.qdq.shared_qkv import share_qkv_scales
 from tqc.passes.qdq.plan import PlanOptions, QdqPlan, graph_sequence_bound, plan_sites
+from tqc.passes.qdq.shared_qkv import share_qkv_scales
 
 
 @dataclass

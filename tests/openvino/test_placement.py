@@ -277,6 +277,34 @@ def test_qkv_share_one_scale_fused_into_the_projection(tiny_openvino, exports, t
     assert np.abs(out_shared - out_apart).max() < 0.5 * np.abs(out_apart - out_float).max()
 
 
+def test_qkv_share_scales_through_a_float_projection(exports, tmp_path, monkeypatch):
+    """A QKV projection kept in float (``exclude``): its q and k weight columns and biases take s_v / s_q and
+    s_v / s_k (the scales q, k and v get when quantized apart), v's stay, and q is scaled back by s_q s_k / s_v^2."""
+    import dataclasses
+
+    import tqc.compiler.core.target as target
+
+    spec = "qdq{attention=true,exclude=tqc_attn*_qkv_matmul}"
+    (tmp_path / "shared").mkdir()
+    _, shared, stage = compile_tiny(exports, tmp_path / "shared", spec)
+    assert stage["stats"]["qkv_scales_shared"] == 2 and stage["verify"]["numeric"]["passed"]
+    monkeypatch.setitem(target.BY_NAME, "openvino", dataclasses.replace(target.OPENVINO, shared_qkv_scale=False))
+    (tmp_path / "apart").mkdir()
+    _, apart, _ = compile_tiny(exports, tmp_path / "apart", spec)
+    for layer in range(2):
+        prefix = f"tqc_attn{layer}_"
+        s_q, s_k, s_v = (float(init(apart, f"{prefix}{w}_scale")) for w in ("q", "kt", "v"))
+        matmul = next(n for n in shared.graph.node if n.name == f"{prefix}qkv_matmul")
+        before = next(n for n in apart.graph.node if n.name == f"{prefix}qkv_matmul")
+        w_shared, w_apart = init(shared, matmul.input[1]), init(apart, before.input[1])
+        hidden = w_apart.shape[1] // 3
+        for part, factor in enumerate((s_v / s_q, s_v / s_k, 1.0)):
+            columns = slice(part * hidden, (part + 1) * hidden)
+            np.testing.assert_allclose(w_shared[:, columns], w_apart[:, columns] * factor, rtol=1e-5, atol=1e-7)
+        rescale = float(init(shared, f"{prefix}qk_qkv_shared_rescale"))
+        assert np.isclose(rescale, s_q * s_k / s_v ** 2, rtol=1e-5)
+
+
 def test_fusion_is_standard_onnx(tiny_openvino):
     _, q, _ = tiny_openvino
     assert not [n for n in q.graph.node if n.domain == "com.microsoft"]  # OpenVINO cannot read contrib ops
