@@ -7,11 +7,15 @@ Variants (all on OpenVINO CPU, latency hint, --threads inference threads):
   fp32            the exported FP32 model (.onnx) with OpenVINO's defaults: bf16 on CPUs with AMX/AVX512-BF16
   fp32-fused      tqc ``fold,fuse`` written as IR (float; OpenVINO's fused attention), same defaults
   tqc-int8        tqc ``fold,fuse,qdq --target openvino`` as it is now (float attention, zero points in the bias)
-  tqc-int8-attn   the same with ``qdq{attention=true}`` (attention's MatMuls in INT8, as before)
+  tqc-int8-attn   the same with ``qdq{attention=true}`` (attention's MatMuls in INT8; q, k, v share one Q/DQ
+                  before the QKV Split, fused into the projection: passes/qdq/shared_qkv.py)
+  tqc-int8-attn-sep  ``qdq{attention=true}`` with a Q/DQ each on q, k and v (before shared_qkv: 48 reorders)
   tqc-int8-old    the placement before this analysis: INT8 attention, UINT8 zero points left in the
                   DequantizeLinear (run through OpenVINO's zero-point compensation)
   nncf-int8       ``nncf.quantize(..., ModelType.TRANSFORMER)`` on the same calibration sentences
   ...-f32         a variant compiled with INFERENCE_PRECISION_HINT=f32 (the rest in f32 instead of bf16)
+  ...-nopin       a variant compiled with ENABLE_CPU_PINNING=False (threads not pinned to cores; OpenVINO pins
+                  them by default under the latency hint)
 
 For each variant and shape: per-node time from ``ov::enable_profiling`` (``PERF_COUNT``), the median over
 --profile-runs of each node's real time, summed per (layer type, kernel) and as shares (MatMul work: FullyConnected,
@@ -50,15 +54,20 @@ from bench_openvino import SENTENCES, encode, fidelity, log, tokenizer  # noqa: 
 
 MATMUL_WORK = ("FullyConnected", "FullyConnectedQuantizedLegacy", "MatMul", "Subgraph", "ScaledDotProductAttention")
 
-# the placement before this analysis (INT8 attention, zero points left in the DequantizeLinear), rebuilt by
-# switching the openvino target's two new facts off in the compiling process
-OLD_PLACEMENT = ("import dataclasses; import tqc.compiler.core.target as T; "
-                 "T.BY_NAME['openvino'] = dataclasses.replace(T.OPENVINO, int8_attention_by_default=True, "
-                 "zero_points_in_bias=False); from tqc.compiler.cli.main import main; main()")
+# earlier placements, rebuilt by switching the openvino target's newer facts off in the compiling process: before
+# the first analysis (INT8 attention, zero points left in the DequantizeLinear), and q, k, v quantized apart
+FACTS = {"old": "int8_attention_by_default=True, zero_points_in_bias=False, shared_qkv_scale=False",
+         "sep": "shared_qkv_scale=False"}
 
 
-def tqc_compile(fp32: Path, out: Path, pipeline: str, calib: Path, samples: int, old: bool = False) -> float:
-    cmd = [sys.executable] + (["-c", OLD_PLACEMENT] if old else ["-m", "tqc"])
+def with_facts(facts: str) -> str:
+    return ("import dataclasses; import tqc.compiler.core.target as T; "
+            f"T.BY_NAME['openvino'] = dataclasses.replace(T.OPENVINO, {facts}); "
+            "from tqc.compiler.cli.main import main; main()")
+
+
+def tqc_compile(fp32: Path, out: Path, pipeline: str, calib: Path, samples: int, facts: str | None = None) -> float:
+    cmd = [sys.executable] + (["-c", with_facts(FACTS[facts])] if facts else ["-m", "tqc"])
     cmd += ["-q", "compile", str(fp32), "-p", pipeline, "--target", "openvino", "-o", str(out), "--verify", "none"]
     if "qdq" in pipeline:
         cmd += ["--calib", str(calib), "--calib-samples", str(samples)]
@@ -83,10 +92,13 @@ ov.save_model(model, {str(out)!r})
     return round(time.perf_counter() - start, 1)
 
 
-def compile_variant(core, path: Path, threads: int, precision: str | None, profiling: bool = False):
+def compile_variant(core, path: Path, threads: int, precision: str | None, profiling: bool = False,
+                    pinning: bool = True):
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
     if precision:
         config["INFERENCE_PRECISION_HINT"] = precision
+    if not pinning:
+        config["ENABLE_CPU_PINNING"] = False
     if profiling:
         config["PERF_COUNT"] = True
     return core.compile_model(core.read_model(str(path)), "CPU", config)
@@ -269,22 +281,25 @@ def main() -> None:
     if not fp32.exists():
         subprocess.run([sys.executable, "-m", "tqc", "-q", "export", "minilm", "-o", str(fp32)], check=True)
     wanted = args.variants.split(",")
-    paths: dict[str, tuple[Path, str | None]] = {}
+    paths: dict[str, tuple[Path, str | None, bool]] = {}
     compile_s: dict[str, float] = {}
-    builds = {"fp32-fused": ("fold,fuse", False), "tqc-int8": ("fold,fuse,qdq", False),
-              "tqc-int8-attn": ("fold,fuse,qdq{attention=true}", False), "tqc-int8-old": ("fold,fuse,qdq", True)}
+    builds = {"fp32-fused": ("fold,fuse", None), "tqc-int8": ("fold,fuse,qdq", None),
+              "tqc-int8-attn": ("fold,fuse,qdq{attention=true}", None),
+              "tqc-int8-attn-sep": ("fold,fuse,qdq{attention=true}", "sep"), "tqc-int8-old": ("fold,fuse,qdq", "old")}
     for name in wanted:
-        base = name[:-4] if name.endswith("-f32") else name
-        hint = "f32" if name.endswith("-f32") else args.precision
+        pinning = not name.endswith("-nopin")
+        base = name.removesuffix("-nopin")
+        hint = "f32" if base.endswith("-f32") else args.precision
+        base = base.removesuffix("-f32")
         if base == "fp32":
-            paths[name] = (fp32, hint)
+            paths[name] = (fp32, hint, pinning)
             continue
         out = work / f"{base}.xml"
         if base not in compile_s and not (args.reuse and out.exists()):
             log(f"compile {base}")
             compile_s[base] = nncf_compile(fp32, out, calib_txt, len(calib)) if base == "nncf-int8" else \
-                tqc_compile(fp32, out, *builds[base][:1], calib_txt, len(calib), old=builds[base][1])
-        paths[name] = (out, hint)
+                tqc_compile(fp32, out, builds[base][0], calib_txt, len(calib), facts=builds[base][1])
+        paths[name] = (out, hint, pinning)
 
     from tqc.compiler.io.openvino_ir import (inference_precision, int8_matmuls, matmul_placement, placement_summary,
                                              runtime_precisions)
@@ -302,17 +317,17 @@ def main() -> None:
     eval_feeds = [encode(tok, held_out[i:i + 32], reference_engine.names) for i in range(0, len(held_out), 32)]
     reference = embed(reference_engine, eval_feeds)
     del reference_engine
-    for name, (path, hint) in paths.items():
+    for name, (path, hint, pinning) in paths.items():
         log(f"{name}: runtime model, profile, fidelity")
-        compiled = compile_variant(core, path, args.threads, hint)
+        compiled = compile_variant(core, path, args.threads, hint, pinning=pinning)
         model = core.read_model(str(path))
         placement = matmul_placement(compiled, model)
         integer, total = int8_matmuls(placement)
         names = [p.get_any_name() for p in compiled.inputs]
-        row = {"path": str(path), "precision_hint": inference_precision(compiled),
+        row = {"path": str(path), "precision_hint": inference_precision(compiled), "cpu_pinning": pinning,
                "int8_matmuls": f"{integer}/{total}", "matmul_runtime_nodes": placement_summary(placement),
                "runtime_precisions": runtime_precisions(compiled), "profile": {}}
-        profiled = compile_variant(core, path, args.threads, hint, profiling=True)
+        profiled = compile_variant(core, path, args.threads, hint, profiling=True, pinning=pinning)
         for batch, seq in shapes:
             row["profile"][f"{batch}x{seq}"] = profile(profiled, token_feed(batch, seq, names), args.profile_runs)
         del profiled
@@ -345,13 +360,13 @@ def print_tables(results: dict, base: str) -> None:
           f"{m['load_average_at_end'][0]:.1f}")
     variants = results["variants"]
     shapes = list(next(iter(variants.values()))["latency"])
-    print(f"\n{'variant':<16} {'hint':<5} {'int8 MatMuls':<13} " + " ".join(f"{s + ' ms (x)':>18}" for s in shapes) +
+    print(f"\n{'variant':<20} {'hint':<5} {'int8 MatMuls':<13} " + " ".join(f"{s + ' ms (x)':>18}" for s in shapes) +
           f" {'mean cos':>9} {'min cos':>8} {'NN':>6}  CPU-time x")
     for name, row in variants.items():
         cells = " ".join(f"{row['latency'][s]['median_ms']:>10.2f} ({row['latency'][s][f'x_vs_{base}']:.2f}x)"
                          for s in shapes)
         f = row["fidelity"]
-        print(f"{name:<16} {row['precision_hint']:<5} {row['int8_matmuls']:<13} {cells} {f['mean_cosine']:>9.5f} "
+        print(f"{name:<20} {row['precision_hint']:<5} {row['int8_matmuls']:<13} {cells} {f['mean_cosine']:>9.5f} "
               f"{f['min_cosine']:>8.4f} {f['nn_agreement']:>6.3f}  " +
               " ".join(f"{row['latency'][s][f'cpu_x_vs_{base}']:.2f}x" for s in shapes))
     for shape in shapes:
@@ -360,7 +375,7 @@ def print_tables(results: dict, base: str) -> None:
             p = row["profile"][shape]
             top = ", ".join(f"{k} x{v['nodes']} {v['ms']:.2f} ({100 * v['share']:.0f}%)"
                             for k, v in list(p["kernels"].items())[:6])
-            print(f"  {name:<16} total {p['total_ms']:7.2f}  MatMul work {100 * p['matmul_work_share']:3.0f}%  "
+            print(f"  {name:<20} total {p['total_ms']:7.2f}  MatMul work {100 * p['matmul_work_share']:3.0f}%  "
                   f"reorders {p['reorders']:3d}  {top}")
 
 

@@ -59,6 +59,9 @@ class Target:
                                        # runs faster on AMX CPUs, as fast elsewhere; passes/qdq/openvino.py)
     zero_points_in_bias: bool          # qdq: a linear layer's UINT8 input zero point moves into its bias (zero
                                        # point 0 at run time: OpenVINO's fast INT8 path; passes/qdq/openvino.py)
+    shared_qkv_scale: bool             # qdq: with INT8 attention, q, k and v of a packed projection share one
+                                       # Q/DQ before the Split, their ranges equalized (OpenVINO fuses it into
+                                       # the projection: no reorders; passes/qdq/shared_qkv.py)
     int8_mha: Int8MhaLimits | None     # ...only within these limits (None: no limit)
     residual_add_qdq: bool             # qdq{residual=true}: both inputs of residual Adds get Q/DQ
     qattention_by_default: bool        # qdq{qattention=auto}: fused Attentions become QAttention (without budget)
@@ -82,21 +85,25 @@ class Target:
 # The table: one row per target. openvino fuses as trt does (standard ONNX: OpenVINO's CPU plugin fuses
 # LayerNorm, the Erf GELU and Q/DQ itself) and quantizes by its own forms (passes/qdq/openvino.py).
 TRT = Target("trt", runtime="TensorRT", contrib_ops=False, attention_mask_format="raw", skip_layernorm_form="contrib",
+             shared_qkv_scale=False,
              symmetric_int8_activations=True, activation_form_by_consumer=False, qdq_per_consumer=False,
              int8_attention_matmuls=True, int8_attention_by_default=True, zero_points_in_bias=False,
              int8_mha=TRT_INT8_MHA, residual_add_qdq=True, qattention_by_default=False,
              shift_by_default=True, cuda_graphs=False)
 ORT_CPU = Target("ort-cpu", runtime="ONNX Runtime CPU", contrib_ops=True, attention_mask_format="raw",
+                 shared_qkv_scale=False,
                  skip_layernorm_form="sum", symmetric_int8_activations=False, activation_form_by_consumer=False,
                  qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
                  zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=True,
                  shift_by_default=False, cuda_graphs=False)
 ORT_CUDA = Target("ort-cuda", runtime="ONNX Runtime CUDA", contrib_ops=True, attention_mask_format="end",
+                  shared_qkv_scale=False,
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=False,
                   qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
                   zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=False,
                   shift_by_default=False, cuda_graphs=True)
 OPENVINO = Target("openvino", runtime="OpenVINO", contrib_ops=False, attention_mask_format="raw",
+                  shared_qkv_scale=True,
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=True,
                   qdq_per_consumer=False, int8_attention_matmuls=True, int8_attention_by_default=False,
                   zero_points_in_bias=True, int8_mha=None, residual_add_qdq=False, qattention_by_default=False,

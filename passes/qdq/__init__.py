@@ -52,6 +52,7 @@ from tqc.passes.qdq.budget import budget_feeds, enforce_budget
 from tqc.passes.qdq.insert import InsertOptions, insert, linear_input_widths
 from tqc.passes.qdq.openvino import fold_zero_points
 from tqc.passes.qdq.plan import PlanOptions, QdqPlan, graph_sequence_bound, plan_sites
+from tqc.passes.qdq.shared_qkv import share_qkv_scales
 
 
 @dataclass
@@ -91,8 +92,8 @@ class Qdq(Pass):
         "op_types": Option(parse_list, ["MatMul", "Gemm"], "op types to quantize"),
         "residual": Option(parse_bool, False, "trt: also quantize both inputs of residual Adds"),
         "attention": Option(parse_auto_bool, "auto", "quantize the attention batched MatMuls (INT8 MHA): 'auto' "
-                            "on trt, not on openvino (OpenVINO's INT8 attention runs slower than its bf16 one on "
-                            "AMX CPUs, and float attention is as accurate)", choices=("auto", "true", "false")),
+                            "on trt, not on openvino (OpenVINO's INT8 attention runs no faster than its bf16 one on "
+                            "AMX CPUs, and float attention is more accurate)", choices=("auto", "true", "false")),
         "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)",
                          min=0, max=1),
         "target_cos": Option(float, 0.0, "accuracy target: the mean output cosine to the float model on the "
@@ -221,6 +222,8 @@ class Qdq(Pass):
                               refine_cache=self.state.refined, progress=ctx.progress)
         if ctx.target.zero_points_in_bias:
             stats["zero_points_folded"] = fold_zero_points(graph)
+        if ctx.target.shared_qkv_scale and self.int8_attention(ctx.target):
+            stats["qkv_scales_shared"] = share_qkv_scales(graph)
         return stats, notes
 
     def uses_qattention(self, target: Target) -> bool:

@@ -13,7 +13,9 @@ evidence is the compiled model's runtime graph, ``compiled_model.get_runtime_mod
                 q ─► Q(i8, s, 0) ─► DQ ─► MatMul ◄─ DQ ◄─ Q(i8) ◄─ k^T        MatMul runs i8
                 probs ─► Q(u8, 1/255, 0) ─► DQ ─► MatMul ◄─ DQ ◄─ Q(i8) ◄─ v   MatMul runs u8 x i8
                 (Softmax outputs lie in [0, 1]: all 256 codes instead of trt's 128; on CPUs with AMX the
-                 plugin folds both MatMuls, the mask, the Softmax and the probs' pair into one i8 Subgraph)
+                 plugin folds both MatMuls, the mask, the Softmax and the probs' pair into one i8 Subgraph;
+                 q, k and v then share one Q/DQ before the QKV Split, their ranges equalized, which the plugin
+                 fuses into the projection: ``tqc.passes.qdq.shared_qkv``)
   float         LayerNorm (MVN), Softmax, the mask Add, residual Adds, GELU (fused into the FC before it),
                 attention (``ov.convert_model`` fuses it into ScaledDotProductAttention; bf16 on AMX CPUs)
 
@@ -26,10 +28,11 @@ performance counters (``bench/bench_openvino_profile.py``; numbers in ``docs/ope
                            Q (codes stay asymmetric, all 256 of them) and gives the DQ zero point 0: the MatMul
                            sees x + zp*s, and its bias takes -zp*s*sum_k W[k, :] at compile time. Same
                            arithmetic, the fast kernel.
-  attention in float       OpenVINO's INT8 attention Subgraph runs slower than its bf16 one on AMX (on the
-                           AVX2 EPYC the two could not be told apart), and float attention is as accurate (MiniLM,
-                           600 held-out sentences: mean cosine 0.9979 vs 0.9976): ``qdq{attention=auto}`` keeps
-                           attention's batched MatMuls in float on this target (``attention=true``: INT8).
+  attention in float       OpenVINO's INT8 attention Subgraph runs no faster than its bf16 one on AMX (with
+                           q, k, v quantized apart it ran slower: 48 reorders; with one shared scale as fast), and
+                           float attention is more accurate (MiniLM, 600 held-out sentences: mean cosine 0.9987 vs
+                           0.9984, min 0.9957 vs 0.9935): ``qdq{attention=auto}`` keeps attention's batched
+                           MatMuls in float on this target (``attention=true``: INT8).
 
 Fusion for this target is the standard-ONNX form that ``trt`` uses (packed QKV, scale folded into Q, one
 mask for all layers): OpenVINO's CPU plugin fuses LayerNormalization into MVN, the Erf GELU and the bias

@@ -9,6 +9,7 @@ with AMX.
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -177,6 +178,8 @@ def test_attention_matmuls_int8_probs_uint8_on_a_real_export(tiny_openvino):
     for mm in (n for n in nodes(q, "MatMul") if "tqc_attn" in n.name and n.name.endswith(("_qk", "_pv"))):
         for name in mm.input:
             dq = producers[name]
+            while dq.op_type in ("Transpose", "Reshape", "Split", "Mul"):  # q, k, v: one pair before the QKV
+                dq = producers[dq.input[0]]  # Split (and q's rescale Mul; passes/qdq/shared_qkv.py)
             assert dq.op_type == "DequantizeLinear"
             zp, scale = init(q, dq.input[2]), init(q, dq.input[1])
             source = producers[producers[dq.input[0]].input[0]]
@@ -207,6 +210,99 @@ def test_attention_matmuls_int8_probs_uint8_on_a_real_export(tiny_openvino):
             assert inputs.count("i8") == 3  # q, k and v enter as INT8 (the mask in float)
     precisions = runtime_precisions(compiled)
     assert set(precisions.get("MVN", {})) == {"f32"}  # LayerNormalization fused into MVN, in float
+
+
+def runtime_output_precisions(compiled, layer: str) -> set[str]:
+    """Output precisions (rt_info ``outputPrecisions``) of the runtime nodes that took in ``layer`` (or a layer
+    OpenVINO derived from it, ``<layer>/...``)."""
+    found = set()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        names = info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else []
+        if any(name == layer or name.startswith(layer + "/") for name in names):
+            found.add(info["outputPrecisions"].astype(str))
+    return found
+
+
+def test_qkv_share_one_scale_fused_into_the_projection(tiny_openvino, exports, tmp_path, monkeypatch):
+    """On any x86-64 CPU: with INT8 attention, q, k and v share one symmetric INT8 Q/DQ before the QKV Split
+    (passes/qdq/shared_qkv.py); OpenVINO fuses it into the projection, which writes i8. The fidelity to the FP32
+    model is that of three separate scales (the same INT8 codes, up to float rounding at a code's edge)."""
+    import dataclasses
+
+    import tqc.compiler.core.target as target
+    from tqc.compiler.io.model import load_model
+
+    path, q, stage = tiny_openvino
+    assert stage["stats"]["qkv_scales_shared"] == 2
+    producers = {o: n for n in q.graph.node for o in n.output}
+    for layer in range(2):
+        split = next(n for n in q.graph.node if n.name == f"tqc_attn{layer}_qkv_split")
+        dq = producers[split.input[0]]
+        assert dq.op_type == "DequantizeLinear" and init(q, dq.input[2]).dtype == np.int8
+        assert init(q, dq.input[2]) == 0 and init(q, dq.input[1]) > 0
+        assert [n for n in q.graph.node if n.name == f"tqc_attn{layer}_qk_qkv_shared_rescale"]
+    compiled = compile_ov(path)
+    for layer in range(2):
+        assert runtime_output_precisions(compiled, f"tqc_attn{layer}_qkv_matmul") == {"i8"}
+    monkeypatch.setitem(target.BY_NAME, "openvino", dataclasses.replace(target.OPENVINO, shared_qkv_scale=False))
+    apart_path, apart, apart_stage = compile_tiny(exports, tmp_path, "qdq{attention=true}")
+    assert "qkv_scales_shared" not in apart_stage["stats"]
+    assert len(nodes(apart, "QuantizeLinear")) == len(nodes(q, "QuantizeLinear")) + 4  # 3 pairs for 1, 2 layers
+    feed = synthesize_feeds(load_model(exports.get("bert", size="tiny")), count=1)[0]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def run(model, names):
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(names, {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})
+
+    for layer in range(2):
+        prefix = f"tqc_attn{layer}_"
+        q_codes, kt_codes, v_codes = run(apart, [f"{prefix}{w}_quantized" for w in ("q", "kt", "v")])
+        packed, = run(q, [f"{prefix}qkv_split_qkv_quantized"])
+        batch, heads, tokens, size = q_codes.shape
+        parts = packed.reshape(batch, tokens, 3, heads, size)
+        assert packed.dtype == np.int8 and np.abs(packed).max() > 64  # the shared scale spans all three ranges
+        for codes, part, perm in ((q_codes, parts[:, :, 0], (0, 2, 1, 3)), (kt_codes, parts[:, :, 1], (0, 2, 3, 1)),
+                                  (v_codes, parts[:, :, 2], (0, 2, 1, 3))):
+            same = part.transpose(perm) == codes  # the INT8 codes of the three separate scales...
+            assert same.mean() > 0.999 and np.abs(part.transpose(perm).astype(int) - codes).max() <= 1  # ...but
+            # where float rounding puts a value on the other side of a code's edge
+    out_apart, = run(apart, ["last_hidden_state"])
+    out_shared, = run(q, ["last_hidden_state"])
+    out_float, = run(onnx.load(str(exports.get("bert", size="tiny"))), ["last_hidden_state"])
+    assert np.abs(out_shared - out_apart).max() < 0.5 * np.abs(out_apart - out_float).max()
+
+
+def test_qkv_share_scales_through_a_float_projection(exports, tmp_path, monkeypatch):
+    """A QKV projection kept in float (``exclude``): its q and k weight columns and biases take s_v / s_q and
+    s_v / s_k (the scales q, k and v get when quantized apart), v's stay, and q is scaled back by s_q s_k / s_v^2."""
+    import dataclasses
+
+    import tqc.compiler.core.target as target
+
+    spec = "qdq{attention=true,exclude=tqc_attn*_qkv_matmul}"
+    (tmp_path / "shared").mkdir()
+    _, shared, stage = compile_tiny(exports, tmp_path / "shared", spec)
+    assert stage["stats"]["qkv_scales_shared"] == 2 and stage["verify"]["numeric"]["passed"]
+    monkeypatch.setitem(target.BY_NAME, "openvino", dataclasses.replace(target.OPENVINO, shared_qkv_scale=False))
+    (tmp_path / "apart").mkdir()
+    _, apart, _ = compile_tiny(exports, tmp_path / "apart", spec)
+    for layer in range(2):
+        prefix = f"tqc_attn{layer}_"
+        s_q, s_k, s_v = (float(init(apart, f"{prefix}{w}_scale")) for w in ("q", "kt", "v"))
+        matmul = next(n for n in shared.graph.node if n.name == f"{prefix}qkv_matmul")
+        before = next(n for n in apart.graph.node if n.name == f"{prefix}qkv_matmul")
+        w_shared, w_apart = init(shared, matmul.input[1]), init(apart, before.input[1])
+        hidden = w_apart.shape[1] // 3
+        for part, factor in enumerate((s_v / s_q, s_v / s_k, 1.0)):
+            columns = slice(part * hidden, (part + 1) * hidden)
+            np.testing.assert_allclose(w_shared[:, columns], w_apart[:, columns] * factor, rtol=1e-5, atol=1e-7)
+        rescale = float(init(shared, f"{prefix}qk_qkv_shared_rescale"))
+        assert np.isclose(rescale, s_q * s_k / s_v ** 2, rtol=1e-5)
 
 
 def test_fusion_is_standard_onnx(tiny_openvino):
