@@ -102,7 +102,7 @@ def time_interleaved(fns: dict, runs: int, warmup: int, budget_s: float) -> dict
 
 # ---------------------------------------------------------------- model preparation
 
-def export_models(family: str, workdir: Path) -> dict[str, Path]:
+def export_models(family: str, workdir: Path, attentions: tuple[str, ...] | None = None) -> dict[str, Path]:
     from tqc.models.export import ExportSpec, export
     from tqc.models.recipes import find_recipe
 
@@ -112,7 +112,7 @@ def export_models(family: str, workdir: Path) -> dict[str, Path]:
     cfg_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(cfg_dir)
     paths = {}
-    for attn in recipe.attentions:  # DeBERTa-v2 and MPNet have eager only
+    for attn in attentions or recipe.attentions:  # DeBERTa-v2 and MPNet have eager only
         path = workdir / f"{family}-{attn}.onnx"
         if not path.exists():
             log(f"export {family} ({attn})")

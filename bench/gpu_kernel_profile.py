@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_fuse import export_models, make_inputs, torch_runners  # noqa: E402
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--model", default="bert", help="a tqc export recipe (bert, modernbert, deberta-v3, ...)")
     parser.add_argument("--attn", default=None, help="which export: sdpa for bert, eager for the others")
     parser.add_argument("--shapes", default="1x128", help="BATCHxSEQ,...")
+    parser.add_argument("--no-profile", action="store_true", help="latency rounds and the answer check only")
     args = parser.parse_args()
     import torch
 
@@ -96,7 +99,7 @@ def main() -> None:
     recipe = find_recipe(args.model)
     vocab = recipe.config("base").vocab_size
     attn = args.attn or ("sdpa" if args.model == "bert" else "eager")
-    paths = export_models(args.model, work)
+    paths = export_models(args.model, work, (attn,))
     variants = {"tqc": ("fold,fuse,fp16", None)}
     if args.model == "bert":
         variants.update({"tqc fp16-out": ("fold,fuse,fp16", "fp16-out"),
@@ -113,12 +116,34 @@ def main() -> None:
     for shape in args.shapes.split(","):
         batch, seq = (int(x) for x in shape.split("x"))
         feed = make_inputs(batch, seq, recipe.inputs, vocab)
-        runners = {name: OrtRunner(path, "cuda", None, cuda_graph=True).prepare(feed) for name, path in models.items()}
+        cell: dict = {"rounds": {}, "profiles": {}, "errors": {}, "answers": {}}
+        runners = {}
+        for name, path in models.items():
+            try:
+                runners[name] = OrtRunner(path, "cuda", None, cuda_graph=True).prepare(feed)
+                runners[name]()  # capture happens on the first run
+            except Exception as error:  # e.g. a graph ORT cannot capture: say so, time without graphs
+                cell["errors"][name] = str(error)[:300]
+                log(f"{shape} {name} +graph: {cell['errors'][name]}")
+                runners[name + " (no graph)"] = OrtRunner(path, "cuda", None, cuda_graph=False).prepare(feed)
         torch_fn = prepare(feed)
         torch_fn()
         sync()
+        import onnxruntime as ort
+
+        def ort_answer(path: Path) -> np.ndarray:
+            session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
+            names = {i.name for i in session.get_inputs()}
+            return np.asarray(session.run(None, {k: v for k, v in feed.items() if k in names})[0], np.float32)
+
+        plain = ort_answer(paths[attn])  # the export itself, FP32 on ORT CUDA
+        reference = plain.reshape(-1, plain.shape[-1])
+        for name, path in models.items():  # worst token's cosine to the export's answer (all tokens real)
+            mine = ort_answer(path).reshape(-1, reference.shape[-1])
+            cos = (mine * reference).sum(1) / (np.linalg.norm(mine, axis=1) * np.linalg.norm(reference, axis=1))
+            cell["answers"][name] = {"cos_min": round(float(cos.min()), 6), "finite": bool(np.isfinite(mine).all())}
+        log(f"{shape} answers vs the export on ORT CUDA: {cell['answers']}")
         everything = {**runners, "torch.compile": torch_fn}
-        cell: dict = {"rounds": {}, "profiles": {}}
         for r in range(args.rounds):
             for name, fn in everything.items():
                 median = time_callable(fn, 1, args.runs, 10, 4.0, sync).median_ms
@@ -128,10 +153,11 @@ def main() -> None:
         anchor = cell["median_ms"]["torch.compile"]
         cell["speedup_vs_torch_compile"] = {k: round(anchor / v, 3) for k, v in cell["median_ms"].items()}
         log(f"{shape} medians {cell['median_ms']}; speed-up {cell['speedup_vs_torch_compile']}")
-        for name, path in models.items():
+        for name, path in ([] if args.no_profile else models.items()):
             fn = OrtRunner(path, "cuda", None, cuda_graph=False).prepare(feed)
             cell["profiles"][name] = kernel_profile(fn, sync, 50)
-        cell["profiles"]["torch.compile"] = kernel_profile(torch_fn, sync, 50)
+        if not args.no_profile:
+            cell["profiles"]["torch.compile"] = kernel_profile(torch_fn, sync, 50)
         for name, profile in cell["profiles"].items():
             print(f"\n{args.model} {shape} {name}: {profile['kernels_per_run']} kernels, "
                   f"{profile['gpu_us_per_run']} us GPU per run")
