@@ -120,6 +120,12 @@ class Qdq(Pass):
                                 "the point of the grid 0, 0.1 .. 1 whose smoothing gives the lowest error at that "
                                 "layer's output on the calibration data (Intel Neural Compressor's auto-alpha); "
                                 "constants only, the graph is the same"),
+        "smooth_cap": Option(float, 1.0, "SmoothQuant range cap, a quantile in [0.5, 1] (1: off): a channel whose "
+                             "smoothed range x / s passes this quantile of its layer's smoothed ranges takes a larger "
+                             "s (the rest of its range moves into its weight row), kept per linear layer only where it "
+                             "lowers the layer's output error on the calibration data (needs --calib DATA: with a "
+                             "table alone no layer is capped); constants only, the graph is the same",
+                             min=0.5, max=1),
         "rounding": Option(str, "nearest", "INT8 weight codes: nearest, or gptq (GPTQ: each layer's weight rows "
                            "rounded one by one with the rounding error fed back through the inverse Hessian of the "
                            "layer's input on the calibration data; same scales, same graph)",
@@ -144,8 +150,8 @@ class Qdq(Pass):
         method = self.values["method"]
         self.state = QdqState()
         sampler = None
-        if InsertOptions(**self.refinements(ctx)).needs_samples and ctx.calibration is None and \
-                ctx.calibration_source is not None:
+        if InsertOptions(smooth=self.values["smooth"], **self.refinements(ctx)).needs_samples and \
+                ctx.calibration is None and ctx.calibration_source is not None:
             from tqc.compiler.analysis.layer_inputs import Sampler
 
             sampler = Sampler(linear_input_widths(graph))  # token samples taken in the calibration's own pass
@@ -233,7 +239,7 @@ class Qdq(Pass):
         """smooth_search, rounding, bias_correct and shift as given; ``target_cos`` adds GPTQ and bias correction
         (they come before any float fallback); 'auto': bias correction where the calibration data is at hand (not
         a table alone), the shift where bias correction is on and the target runs its Add for free."""
-        chosen = {key: self.values[key] for key in ("smooth_search", "rounding")}
+        chosen = {key: self.values[key] for key in ("smooth_search", "rounding", "smooth_cap")}
         bias_correct = self.values["bias_correct"]
         chosen["bias_correct"] = bias_correct == "true" or (bias_correct == "auto" and
                                                             ctx.calibration_source is not None)
