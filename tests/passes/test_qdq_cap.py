@@ -80,9 +80,9 @@ def test_the_cap_is_kept_only_where_it_lowers_the_layer_output_error(target, out
         assert error(capped) < error(plain)
 
 
-def test_the_cap_on_minilm_changes_smoothing_factors_only_and_keeps_fidelity(minilm):  # noqa: F811
-    base_model, base_stats, base_cosine = minilm("qdq")
-    model, stats, cosine = minilm("qdq{smooth_cap=0.99}")
+def test_the_default_cap_on_minilm_changes_smoothing_factors_only_and_keeps_fidelity(minilm):  # noqa: F811
+    base_model, base_stats, base_cosine = minilm("qdq{smooth_cap=1}")
+    model, stats, cosine = minilm("qdq")  # smooth_cap=0.99 by default
     assert [n.op_type for n in model.graph.node] == [n.op_type for n in base_model.graph.node]
     assert "smooth_capped" not in base_stats and stats["smooth_capped"] >= 1, stats
     changed = [i for i, (a, b) in enumerate(zip(factors(base_model), factors(model))) if not np.array_equal(a, b)]
