@@ -58,6 +58,11 @@ ROWS = {  # row -> the qdq item of the pipeline (the default: max ranges, Smooth
     "default + gptq": "qdq{rounding=gptq}",
     "default + alpha per layer": "qdq{smooth_search=true}",
     "all": "qdq{smooth_search=true,rounding=gptq}",
+    # SmoothQuant's range cap (smoothed channel ranges capped at their 99th percentile, per layer where it lowers
+    # the layer's output error), alone on the default and with the other constant-only refinements
+    "cap 0.99": "qdq{smooth_cap=0.99}",
+    "cap 0.99 + gptq": "qdq{smooth_cap=0.99,rounding=gptq}",
+    "cap 0.99 + alpha per layer": "qdq{smooth_cap=0.99,smooth_search=true}",
 }
 
 

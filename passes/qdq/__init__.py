@@ -23,7 +23,9 @@ error on the data (``bias_correct``) and, on trt and openvino, every smoothed li
 before it is quantized (``shift``: (x - z) / s, z W into the bias; on ORT its Add costs speed): on by default
 (``auto``), constants and one Add per layer, every INT8 MatMul kept (MiniLM, 2,400 held-out sentences: NN
 agreement 91.0 -> 92.0% on ort-cpu (93.7% with shift=true), 87.7 -> 91.6% on trt, 90.5 -> 92.8% on openvino;
-``bench/bench_accuracy.py``).
+``bench/bench_accuracy.py``). ``smooth_cap`` (0.99 by default, with the data) then caps the smoothed channel
+ranges at their 99th percentile per layer where that lowers the layer's output error (constants only): 92.8 /
+92.1 / 94.4% (``bench/results/accuracy_cap_cpu.*``).
 
 ``budget=0.995`` adds the accuracy protection: the output cosine of the quantized graph to the float graph (as
 it was before this pass) is measured on the calibration data; while it is below the budget, the site whose
@@ -121,6 +123,12 @@ class Qdq(Pass):
                                 "the point of the grid 0, 0.1 .. 1 whose smoothing gives the lowest error at that "
                                 "layer's output on the calibration data (Intel Neural Compressor's auto-alpha); "
                                 "constants only, the graph is the same"),
+        "smooth_cap": Option(float, 0.99, "SmoothQuant range cap, a quantile in [0.5, 1] (1: off): a channel whose "
+                             "smoothed range x / s passes this quantile of its layer's smoothed ranges takes a larger "
+                             "s (the rest of its range moves into its weight row), kept per linear layer only where it "
+                             "lowers the layer's output error on the calibration data (needs --calib DATA: with a "
+                             "table alone no layer is capped); constants only, the graph is the same",
+                             min=0.5, max=1),
         "rounding": Option(str, "nearest", "INT8 weight codes: nearest, or gptq (GPTQ: each layer's weight rows "
                            "rounded one by one with the rounding error fed back through the inverse Hessian of the "
                            "layer's input on the calibration data; same scales, same graph)",
@@ -145,8 +153,8 @@ class Qdq(Pass):
         method = self.values["method"]
         self.state = QdqState()
         sampler = None
-        if InsertOptions(**self.refinements(ctx)).needs_samples and ctx.calibration is None and \
-                ctx.calibration_source is not None:
+        if InsertOptions(smooth=self.values["smooth"], **self.refinements(ctx)).needs_samples and \
+                ctx.calibration is None and ctx.calibration_source is not None:
             from tqc.compiler.analysis.layer_inputs import Sampler
 
             sampler = Sampler(linear_input_widths(graph))  # token samples taken in the calibration's own pass
@@ -236,7 +244,7 @@ class Qdq(Pass):
         """smooth_search, rounding, bias_correct and shift as given; ``target_cos`` adds GPTQ and bias correction
         (they come before any float fallback); 'auto': bias correction where the calibration data is at hand (not
         a table alone), the shift where bias correction is on and the target runs its Add for free."""
-        chosen = {key: self.values[key] for key in ("smooth_search", "rounding")}
+        chosen = {key: self.values[key] for key in ("smooth_search", "rounding", "smooth_cap")}
         bias_correct = self.values["bias_correct"]
         chosen["bias_correct"] = bias_correct == "true" or (bias_correct == "auto" and
                                                             ctx.calibration_source is not None)

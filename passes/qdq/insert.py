@@ -45,8 +45,8 @@ from tqc.passes.fp16 import QDQ_FP16_OPSET, raise_opset
 from tqc.passes.fuse.match import constant_values, producer
 from tqc.passes.qdq.lower import is_ort_attention, lower
 from tqc.passes.qdq.openvino import activation_params
-from tqc.passes.qdq.refine import (ALPHA_TOKENS, ALPHAS, bias_shift, gptq_round, layer_error, per_channel_scale,
-                                    round_nearest)
+from tqc.passes.qdq.refine import (ALPHA_TOKENS, ALPHAS, bias_shift, gptq_round, layer_error,
+                                    per_channel_scale, round_nearest)
 from tqc.passes.qdq.plan import (ATTENTION, LINEAR, PlannedSite, QdqPlan, float_type, is_dq, qattention_node_name,
                                  qattention_tag)
 from tqc.passes.rewrite import cleanup, produce, replace_output
@@ -92,11 +92,13 @@ class InsertOptions:
     rounding: str = "nearest"     # INT8 weight codes: nearest, or gptq (on the calibration data)
     bias_correct: bool = False    # shift each linear layer's bias by its mean output error
     shift: bool = False           # center each smoothed input channel before quantizing (Outlier Suppression+)
+    smooth_cap: float = 1.0       # cap smoothed channel ranges at this quantile of them, per layer where it helps
 
     @property
     def needs_samples(self) -> bool:
         """Whether a refinement needs token samples of the layer inputs (``analysis.layer_inputs``)."""
-        return self.smooth_search or self.rounding == "gptq" or self.bias_correct
+        return self.smooth_search or self.rounding == "gptq" or self.bias_correct or \
+            (self.smooth_cap < 1 and self.smooth > 0)
 
 
 def _code_range(zero_point) -> tuple[int, int]:
@@ -149,12 +151,15 @@ class Quantizer:
         # Refinements on token samples of the layer inputs (tensor name -> float32 [T, K]; empty: none)
         self.samples: dict[str, np.ndarray] = {}
         self.alphas: dict[str, float] = {}        # node name -> SmoothQuant alpha chosen for it
+        self.caps: dict[str, float] = {}          # node name -> the range cap chosen for it (1: none)
+        self.smooth_cap = 1.0                     # the cap tried on every layer with a sample (``smooth_cap``)
+        self.smooth_search = False                # alpha chosen per layer from ``ALPHAS``
         self.codes: dict[bytes, np.ndarray] = {}  # GPTQ codes by (weight, input sample) digest: kept across calls
         self.rounding = "nearest"
         self.bias_correct = False
         self.multi_use: set[str] = set()          # weights several sites share: rounded to nearest
         self.shift = False                        # channel-wise shift of smoothed inputs (``shift_vector``)
-        self.refined = {"alpha": 0, "gptq": 0, "bias": 0, "shift": 0}
+        self.refined = {"alpha": 0, "gptq": 0, "bias": 0, "shift": 0, "cap": 0}
         self.activations: dict[tuple[str, str], tuple] = {}  # (tensor, consumer) -> its Q's (scale, zero point)
 
     def unique_name(self, name: str) -> str:
@@ -218,10 +223,17 @@ class Quantizer:
         return (np.asarray(cmin, np.float64) + np.asarray(cmax, np.float64)) / 2.0
 
     @staticmethod
-    def _factors(act: np.ndarray, weight: np.ndarray, axis: int, alpha: float) -> np.ndarray:
+    def _factors(act: np.ndarray, weight: np.ndarray, axis: int, alpha: float, cap: float = 1.0) -> np.ndarray:
+        """SmoothQuant's s = act^alpha / max|W row|^(1 - alpha); with ``cap`` < 1, every channel whose smoothed
+        range act / s passes the ``cap`` quantile of the layer's smoothed ranges takes the s that brings it down
+        to that quantile (``smooth_cap``: MiniLM's FFN output layers keep one GELU channel at 3x the next)."""
         act = np.maximum(act, 1e-5)
         wmax = np.maximum(np.abs(weight).max(axis=axis).astype(np.float64), 1e-5)
-        return np.clip(act ** alpha / wmax ** (1.0 - alpha), 1e-4, 1e4)
+        s = np.clip(act ** alpha / wmax ** (1.0 - alpha), 1e-4, 1e4)
+        if cap < 1:
+            ranges = act / s
+            s = np.clip(s * np.maximum(1.0, ranges / max(float(np.quantile(ranges, cap)), 1e-12)), 1e-4, 1e4)
+        return s
 
     def smoothing_vector(self, site: Site, alpha: float) -> np.ndarray | None:
         """The SmoothQuant vector s of a linear site (shared by every site of its weight), or None."""
@@ -232,7 +244,7 @@ class Quantizer:
         if s is None:
             cmin, cmax, weight, _ = inputs
             s = self._factors(np.maximum(np.abs(cmin), np.abs(cmax)), weight, site.weight_axis,
-                              self.alphas.get(site.node.name, alpha))
+                              self.alphas.get(site.node.name, alpha), self.caps.get(site.node.name, 1.0))
         return s
 
     def smoothed_weight(self, site: Site, s: np.ndarray) -> np.ndarray:
@@ -468,7 +480,7 @@ class Quantizer:
         if alpha > 0:
             cmin, cmax, _ = self.attention_ranges(node)
             s = self._factors(np.maximum(np.abs(cmin), np.abs(cmax)), weight, 1,
-                              self.alphas.get(node.name, alpha))
+                              self.alphas.get(node.name, alpha), self.caps.get(node.name, 1.0))
         return s
 
     def attention_ranges(self, node: gs.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -523,16 +535,21 @@ class Quantizer:
                        attrs={"num_heads": node.attrs["num_heads"]}, domain="com.microsoft")
         return True
 
-    def choose_alpha(self, name: str, x_name: str, cmin: np.ndarray, cmax: np.ndarray, weight: np.ndarray,
-                     default: float, z: np.ndarray | None = None) -> None:
-        """SmoothQuant's alpha for one layer (W as [K, N]): the grid point whose smoothing gives the lowest error
-        at the layer's output on the token sample (INC's auto-alpha per layer); ``default`` without a sample."""
+    def choose_smoothing(self, name: str, x_name: str, cmin: np.ndarray, cmax: np.ndarray, weight: np.ndarray,
+                         default: float, z: np.ndarray | None = None) -> None:
+        """SmoothQuant's alpha and range cap for one layer (W as [K, N]): the point of the grid (``ALPHAS`` with
+        ``smooth_search``, else ``default`` alone) x (no cap, ``smooth_cap``) whose smoothing gives the lowest
+        error at the layer's output on the token sample (INC's auto-alpha per layer); ``default`` and no cap
+        without a sample. The grid is judged on ``ALPHA_TOKENS`` tokens of the sample, spread evenly."""
         x = self.samples.get(x_name)
         if name in self.alphas:  # chosen by an earlier call (the budget's candidates)
             self.refined["alpha"] += self.alphas[name] != default
+            self.refined["cap"] += self.caps.get(name, 1.0) < 1
             return
         if x is None or x.shape[1] != weight.shape[0]:
             return
+        grid = [(alpha, cap) for alpha in (ALPHAS if self.smooth_search else (default,))
+                for cap in ((1.0, self.smooth_cap) if self.smooth_cap < 1 else (1.0,))]
         weight = np.asarray(weight, np.float32)
         x = x[np.linspace(0, x.shape[0] - 1, min(ALPHA_TOKENS, x.shape[0])).astype(int)]
         if z is not None:  # the shifted input (cmin, cmax are its ranges); z W is in the bias, exactly
@@ -540,32 +557,34 @@ class Quantizer:
         reference = x @ weight
         act = np.maximum(np.abs(cmin), np.abs(cmax))
         errors = []
-        for alpha in ALPHAS:
-            s = self._factors(act, weight, 1, alpha)
+        for alpha, cap in grid:
+            s = self._factors(act, weight, 1, alpha, cap)
             scale, zero_point = self._range_params(float((cmin / s).min()), float((cmax / s).max()))
             smoothed = weight * s[:, None].astype(np.float32)
             w_scale = per_channel_scale(smoothed)
             errors.append(layer_error(x, weight, reference, s, (float(scale), int(zero_point), *_code_range(zero_point)),
                                       round_nearest(smoothed, w_scale) * w_scale, centred=self.bias_correct))
-        self.alphas[name] = ALPHAS[int(np.argmin(errors))]
+        self.alphas[name], self.caps[name] = grid[int(np.argmin(errors))]
         self.refined["alpha"] += self.alphas[name] != default
+        self.refined["cap"] += self.caps[name] < 1
 
-    def search_alphas(self, sites: list[Site], attentions: list[gs.Node], default: float) -> None:
-        """Per-layer alpha for the linear sites (not shared weights) and the QAttention nodes with a sample."""
+    def search_smoothing(self, sites: list[Site], attentions: list[gs.Node], default: float) -> None:
+        """Per-layer alpha and cap (``choose_smoothing``) for the linear sites (not shared weights: they keep one
+        vector from the union of their consumers' ranges, uncapped) and the QAttention nodes with a sample."""
         for site in sites:
             inputs = self._smoothing_inputs(site) if site.kind == LINEAR else None
             if inputs is None or self.weight_key(site) in self.shared_factors:
                 continue
             cmin, cmax, weight, in_axis = inputs
             z = self.input_shift(site)
-            self.choose_alpha(site.node.name, site.node.inputs[0].name, cmin, cmax,
-                              weight if in_axis == 0 else weight.T, default, z)
+            self.choose_smoothing(site.node.name, site.node.inputs[0].name, cmin, cmax,
+                                  weight if in_axis == 0 else weight.T, default, z)
         for node in attentions:
             entry = self.table.tensors.get(node.inputs[0].name)
             weight = constant_values(node.inputs[1])
             if entry is not None and entry.channel_min is not None and weight is not None:
                 cmin, cmax, z = self.attention_ranges(node)
-                self.choose_alpha(node.name, node.inputs[0].name, cmin, cmax, weight, default, z)
+                self.choose_smoothing(node.name, node.inputs[0].name, cmin, cmax, weight, default, z)
 
     def round_weight(self, values: np.ndarray, axis: int, x: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """INT8 codes and per-channel scales of a weight: GPTQ on the layer's input sample ``x`` (already
@@ -690,9 +709,9 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
     range_cache = {} if range_cache is None else range_cache
     refine_cache = {} if refine_cache is None else refine_cache
     samples = layer_samples(graph, plan, options, source, {} if sample_cache is None else sample_cache, progress)
-    if options.needs_samples and source is None:
-        asked = [name for name, on in (("smooth_search", options.smooth_search), ("rounding=gptq", options.rounding ==
-                 "gptq"), ("bias_correct", options.bias_correct)) if on]
+    asked = [name for name, on in (("smooth_search", options.smooth_search), ("rounding=gptq", options.rounding ==
+             "gptq"), ("bias_correct", options.bias_correct)) if on]
+    if asked and source is None:  # smooth_cap (on by default) is left off without the data as well, silently
         notes.append(f"qdq: {', '.join(asked)} need(s) the calibration data itself (--calib DATA), not a table: "
                      "left off")
     if options.shift and alpha == 0:
@@ -712,10 +731,14 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
         made.shift = options.shift
         made.multi_use = multi_use
         made.alphas = refine_cache.setdefault("alphas", {})
+        made.caps = refine_cache.setdefault("caps", {})
+        made.smooth_cap = options.smooth_cap
+        made.smooth_search = options.smooth_search
         made.codes = refine_cache.setdefault("codes", {})
         return made
 
-    refined = {"alpha": 0, "gptq": 0, "bias": 0, "shift": 0}
+    refined = {"alpha": 0, "gptq": 0, "bias": 0, "shift": 0, "cap": 0}
+    search = options.smooth_search or options.smooth_cap < 1  # alpha and cap per layer (``choose_smoothing``)
 
     def tally(q: Quantizer) -> None:
         for key, value in q.refined.items():
@@ -732,8 +755,8 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
         converting = quantizer()
         wanted = {site.id for site in plan.qattention}
         attentions = [n for n in graph.nodes if is_ort_attention(n) and n.name in wanted]
-        if options.smooth_search and alpha > 0:
-            converting.search_alphas([], attentions, alpha)
+        if search and alpha > 0:
+            converting.search_smoothing([], attentions, alpha)
         vectors = [(n, converting.qattention_vector(n, alpha)) for n in attentions]
         converting.measure_smoothed([(n.name, n.inputs[0], v, constant_values(n.inputs[1]) * v[:, None],
                                       converting.attention_ranges(n)[2] if alpha > 0 else None)
@@ -759,8 +782,8 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
     smoothed = 0
     if alpha > 0 and options.shared_weights == "share":
         quantize.plan_shared_weights(sites, alpha)
-    if alpha > 0 and options.smooth_search:
-        quantize.search_alphas(sites, [], alpha)
+    if alpha > 0 and search:
+        quantize.search_smoothing(sites, [], alpha)
     if alpha > 0:
         vectors = [(site, quantize.smoothing_vector(site, alpha)) for site in sites if site.kind == LINEAR]
         quantize.measure_smoothed([(site.node.name, site.node.inputs[0], v, quantize.smoothed_weight(site, v),
@@ -820,6 +843,8 @@ def insert(graph: gs.Graph, plan: QdqPlan, table: CalibrationTable, options: Ins
         stats["method_ranges"] = measured[0]
     if options.smooth_search and alpha > 0:
         stats["alpha_changed"] = refined["alpha"]
+    if options.smooth_cap < 1 and alpha > 0:
+        stats["smooth_capped"] = refined["cap"]
     if options.rounding == "gptq":
         stats["gptq_weights"] = refined["gptq"]
     if options.bias_correct:

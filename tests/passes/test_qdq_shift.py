@@ -20,15 +20,17 @@ K, N = 16, 8
 OFFSETS = np.array([0, 6, -4, 0, 3, 0, 0, -8, 0, 2, 0, 0, 5, 0, -1, 0], np.float32)  # channels off zero
 
 
-def linear_model() -> onnx.ModelProto:
-    """x [b, 3, K] -> MatMul(W) -> Add(b) -> y."""
-    rng = np.random.default_rng(1)
-    inits = [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32) / 4, "w"),
-             numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), "bias")]
+def linear_model(weight: np.ndarray | None = None, seed: int = 1) -> onnx.ModelProto:
+    """x [b, 3, K] -> MatMul(W) -> Add(b) -> y; W [K, N] as given, else random [16, 8]."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((K, N)).astype(np.float32) / 4 if weight is None else weight
+    k, n = weight.shape
+    inits = [numpy_helper.from_array(weight, "w"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "bias")]
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="layer"),
              helper.make_node("Add", ["h", "bias"], ["y"], name="layer_bias")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, N])], initializer=inits)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, n])], initializer=inits)
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
