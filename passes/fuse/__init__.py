@@ -30,6 +30,7 @@ from tqc.passes.fuse.host_free import host_placed, remove_host_shapes
 from tqc.passes.fuse.layernorm import fuse_layernorm
 from tqc.passes.fuse.masks import MaskCache, mask_input_names
 from tqc.passes.fuse.rotary import CACHE_POSITIONS, fuse_rotary
+from tqc.passes.fuse.shared_positions import share_position_projections
 from tqc.passes.fuse.skip_layernorm import fuse_skip_layernorm
 from tqc.passes.fuse.slices import split_sibling_slices
 from tqc.passes.rewrite import cleanup, drop, redirect
@@ -93,6 +94,8 @@ class Fuse(Pass):
         "flat_heads": Option(parse_bool, True, "attention on heads split elsewhere (ModernBERT) runs on [B, S, hidden] "
                              "(RotaryEmbedding with num_heads, 3-D MultiHeadAttention): no head split and merge around "
                              "it (ORT targets)"),
+        "shared_positions": Option(parse_bool, True, "DeBERTa's position projections as one constant that MatMul "
+                                   "broadcasts, not repeated per batch row (ORT targets)"),
         "rotary_positions": Option(int, CACHE_POSITIONS, "positions the RotaryEmbedding caches hold (longer "
                                    "sequences are an error in ONNX Runtime)", min=16, max=1 << 20),
         "mask": Option(str, "auto", "ORT attention mask: 'raw' ([B,S] 0/1, any padding), 'end' (token counts: "
@@ -205,6 +208,9 @@ class Fuse(Pass):
             stats["skip_layernorm"], skip_misses = fuse_skip_layernorm(graph, skip_form)
             explain_misses(ctx, "skip_layernorm", skip_misses)
             stats["skip_layernorm_form"] = skip_form
+            cleanup(graph)
+        if target.contrib_ops and fused and self.values["shared_positions"]:  # DeBERTa: P broadcast, not repeated
+            stats["positions_shared"] = share_position_projections(graph, measure_tiles=not target.cuda_graphs)
             cleanup(graph)
         if target.cuda_graphs and fused:  # no shape arithmetic left for ONNX Runtime to run on the CPU
             ensure_domain(graph, "com.microsoft", 1)  # shape inference reads the fused ops' domain
