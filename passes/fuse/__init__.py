@@ -3,8 +3,11 @@
 One rule engine (``engine.py``) runs every fusion's catalogue: ``attention.py`` (its rewrites in
 ``attention_rewrite.py``, its masks in ``masks.py``), ``core_attention.py`` (cores on heads split elsewhere:
 ModernBERT), ``rotary.py``, ``gelu.py``, ``layernorm.py``, ``skip_layernorm.py``;
-``embed_layernorm.py`` proves each embedding Gather's meaning instead. On targets that capture CUDA graphs,
-``host_free.py`` then rewrites the shape arithmetic ONNX Runtime CUDA would run on the CPU (DeBERTa's). ``--explain fuse`` names, for every anchor
+``embed_layernorm.py`` proves each embedding Gather's meaning instead. Layout rewrites after the fusions:
+``head_layout.py`` (MultiHeadAttention and RotaryEmbedding on [B, S, hidden]), ``slices.py`` (sibling Slices
+-> one Split), ``shared_positions.py`` (DeBERTa's position projections broadcast, not repeated). On targets
+that capture CUDA graphs, ``host_free.py`` then rewrites the shape arithmetic ONNX Runtime CUDA would run on
+the CPU (DeBERTa's). ``--explain fuse`` names, for every anchor
 left unfused (a Softmax, an Erf/Tanh, a LayerNorm-shaped ReduceMean, a residual Add before a LayerNorm), the
 closest rule and the step where it stopped::
 
