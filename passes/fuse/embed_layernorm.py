@@ -106,8 +106,16 @@ def _scalar_int(tensor: gs.Tensor) -> int | None:
     return int(values.reshape(-1)[0])
 
 
+def _leads_with_ids_dims(tensor: gs.Tensor, ids: gs.Tensor) -> bool:
+    """``tensor`` is ``ids``, or a Gather of rows by ``ids`` (the word embeddings [B, S, H]: ids' dimensions first)."""
+    node = producer(tensor)
+    return tensor is ids or (node is not None and node.op == "Gather" and node.attrs.get("axis", 0) == 0 and
+                             node.inputs[1] is ids)
+
+
 def _is_sequence_length(tensor: gs.Tensor, ids: gs.Tensor) -> bool:
-    """``tensor`` holds dimension 1 of ``ids`` (Shape(ids)[1] through Unsqueeze/Squeeze/Cast/Concat of one)."""
+    """``tensor`` holds dimension 1 of ``ids`` (Shape(ids)[1], or Shape of the word embeddings gathered by ids,
+    through Unsqueeze/Squeeze/Cast/Concat of one)."""
     static = ids.shape[1] if ids.shape is not None and len(ids.shape) == 2 else None
     for _ in range(8):
         value = _scalar_int(tensor)
@@ -122,10 +130,11 @@ def _is_sequence_length(tensor: gs.Tensor, ids: gs.Tensor) -> bool:
             tensor = node.inputs[1] if _scalar_int(node.inputs[0]) == 0 else node.inputs[0]
         elif node.op == "Shape":
             start, end = node.attrs.get("start", 0), node.attrs.get("end")
-            return node.inputs[0] is ids and start == 1 and end == 2
+            return _leads_with_ids_dims(node.inputs[0], ids) and start == 1 and end == 2
         elif node.op == "Gather" and producer(node.inputs[0]) is not None and producer(node.inputs[0]).op == "Shape":
             shape = producer(node.inputs[0])
-            return shape.inputs[0] is ids and not shape.attrs.get("start", 0) and _scalar_int(node.inputs[1]) == 1
+            return _leads_with_ids_dims(shape.inputs[0], ids) and not shape.attrs.get("start", 0) and \
+                _scalar_int(node.inputs[1]) == 1
         else:
             return False
     return False
