@@ -170,6 +170,19 @@ def int_vector(tensor: gs.Tensor, depth: int = 0) -> list[int | None] | None:
     return None
 
 
+def slice_bounds(node: gs.Node | None) -> tuple[gs.Tensor, int, int, int] | None:
+    """(data, axis, start, end) of a one-axis, step-1 Slice whose bounds are known without running the graph
+    (constants, or static shape arithmetic: ``int_vector``); else None."""
+    if node is None or node.op != "Slice" or len(node.inputs) < 4:
+        return None
+    values = [int_vector(t) for t in node.inputs[1:]]
+    if any(v is None or len(v) != 1 or v[0] is None for v in values):
+        return None
+    start, end, axis = (int(v[0]) for v in values[:3])
+    step = int(values[3][0]) if len(values) > 3 else 1
+    return (node.inputs[0], axis, start, end) if step == 1 else None
+
+
 def _np_type(onnx_type: int):
     from onnx import helper
 

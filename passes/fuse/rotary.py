@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.engine import Miss, NoMatch, Rule, Step, StepFunction, Walk, search
-from tqc.passes.fuse.match import describe, int_vector, producer, token_subgraph, values_read
+from tqc.passes.fuse.match import describe, producer, slice_bounds, token_subgraph, values_read
 from tqc.passes.rewrite import replace_output
 
 CACHE_POSITIONS = 8192   # ModernBERT's max_position_embeddings
@@ -59,16 +59,10 @@ def _terms(step: Step, w: Walk) -> list[Walk]:
     return fits
 
 
-def _slice_bounds(node: gs.Node | None) -> tuple[gs.Tensor, int, int] | None:
-    """(data, start, end) of a Slice over the last axis with step 1, constant bounds; else None."""
-    if node is None or node.op != "Slice" or len(node.inputs) < 4:
-        return None
-    values = [int_vector(t) for t in node.inputs[1:]]   # constants, or static shape arithmetic
-    if any(v is None or len(v) != 1 or v[0] is None for v in values):
-        return None
-    start, end, axis = (int(v[0]) for v in values[:3])
-    step = int(values[3][0]) if len(values) > 3 else 1
-    return (node.inputs[0], start, end) if axis in (-1, 3) and step == 1 else None
+def _last_axis_slice(node: gs.Node | None) -> tuple[gs.Tensor, int, int] | None:
+    """(data, start, end) of a step-1 Slice over the last axis of 4-D heads; else None."""
+    bounds = slice_bounds(node)
+    return (bounds[0], bounds[2], bounds[3]) if bounds is not None and bounds[1] in (-1, 3) else None
 
 
 def _rotate_half(step: Step, w: Walk) -> list[Walk]:
@@ -77,8 +71,8 @@ def _rotate_half(step: Step, w: Walk) -> list[Walk]:
     if concat.attrs.get("axis") not in (-1, 3) or len(concat.inputs) != 2:
         raise NoMatch(f"{describe(concat)} is not a two-part Concat on the last axis")
     neg = producer(concat.inputs[0])
-    second = _slice_bounds(producer(neg.inputs[0])) if neg is not None and neg.op == "Neg" else None
-    first = _slice_bounds(producer(concat.inputs[1]))
+    second = _last_axis_slice(producer(neg.inputs[0])) if neg is not None and neg.op == "Neg" else None
+    first = _last_axis_slice(producer(concat.inputs[1]))
     if second is None or first is None:
         raise NoMatch(f"{describe(concat)} is not Concat(Neg(Slice(x, h:)), Slice(x, :h)) on the last axis")
     source = _uncast(w.x)

@@ -5,7 +5,8 @@
     before:  a = Slice(x, [0], [1152], [-1])     b = Slice(x, [1152], [2304], [-1])     x: [..., 2304]
     after:   a, b = Split(x, [1152, 1152], axis=-1)
 
-Only when the Slices read constant starts and ends on one constant axis with step 1, their ranges are
+Only when the Slices' starts, ends and axis are known without running the graph (``match.slice_bounds``), on
+one axis with step 1, their ranges are
 adjacent from 0, and the last one ends at the axis' length, known statically (from shape inference, or from
 the MatMul weight that made ``x``) or given as a large sentinel (INT64_MAX-style "to the end").
 """
@@ -17,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.match import constant_values, producer, static_dims
+from tqc.passes.fuse.match import producer, slice_bounds, static_dims
 from tqc.passes.rewrite import detach, produce
 
 _TO_THE_END = 2**31 - 1
@@ -32,26 +33,14 @@ def _axis_length(x: gs.Tensor, axis: int) -> int | None:
     return dims[axis] if dims is not None and -len(dims) <= axis < len(dims) else None
 
 
-def _range(node: gs.Node) -> tuple[int, int, int] | None:
-    """(axis, start, end) of a one-axis, step-1 Slice with constant bounds."""
-    if node.op != "Slice" or len(node.inputs) < 4:
-        return None
-    values = [constant_values(t) for t in node.inputs[1:4]]
-    steps = constant_values(node.inputs[4]) if len(node.inputs) > 4 else np.ones(1, np.int64)
-    if any(v is None or v.size != 1 for v in values) or steps is None or steps.size != 1 or int(steps[0]) != 1:
-        return None
-    start, end, axis = (int(v.reshape(-1)[0]) for v in values)
-    return (axis, start, end) if start >= 0 and end > start else None
-
-
 def split_sibling_slices(graph: gs.Graph) -> int:
     """Every tensor read by Slices that tile one axis (above) -> one Split. Returns the Splits made; the
     Slices are left dead for ``cleanup``."""
     groups: dict[tuple[str, int], list[tuple[int, int, gs.Node]]] = defaultdict(list)
     for node in graph.nodes:
-        bounds = _range(node)
-        if bounds is not None:
-            groups[(node.inputs[0].name, bounds[0])].append((bounds[1], bounds[2], node))
+        bounds = slice_bounds(node)
+        if bounds is not None and 0 <= bounds[2] < bounds[3]:
+            groups[(bounds[0].name, bounds[1])].append((bounds[2], bounds[3], node))
     made = 0
     for (_, axis), parts in groups.items():
         if len(parts) < 2:
