@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 DETACHED_SUFFIX = "_tqc_detached"
@@ -54,6 +55,27 @@ def produce(graph: gs.Graph, op: str, name: str, inputs: Sequence[gs.Tensor], ou
         node.domain = domain
     graph.nodes.append(node)
     return node
+
+
+class NodeBuilder:
+    """Fresh tensors and nodes under one prefix (``{prefix}_{tag}{n}``), for rewrites that build a few nodes."""
+
+    def __init__(self, graph: gs.Graph, prefix: str):
+        self.graph, self.prefix, self.count = graph, prefix, 0
+
+    def variable(self, tag: str, dtype) -> gs.Variable:
+        self.count += 1
+        return gs.Variable(f"{self.prefix}_{tag}{self.count}", dtype=dtype)
+
+    def const(self, tag: str, value, dtype=np.int64) -> gs.Constant:
+        self.count += 1
+        return gs.Constant(f"{self.prefix}_{tag}{self.count}", np.array(value, dtype))
+
+    def op(self, op: str, inputs: Sequence[gs.Tensor], dtype, attrs: dict[str, Any] | None = None,
+           domain: str | None = None) -> gs.Variable:
+        out = self.variable(op.lower(), dtype)
+        produce(self.graph, op, out.name, inputs, [out], attrs=attrs, domain=domain)
+        return out
 
 
 def replace_output(graph: gs.Graph, tensor: gs.Tensor, op: str, name: str, inputs: Sequence[gs.Tensor],

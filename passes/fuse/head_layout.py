@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.match import constant_values, int_vector, producer
-from tqc.passes.rewrite import produce
+from tqc.passes.rewrite import NodeBuilder, produce
 
 
 def _is_head_transpose(node: gs.Node | None) -> bool:
@@ -35,11 +35,7 @@ class _Flattener:
     """Builds the [B, S, N·D] form of head tensors; one Split per packed projection, shared by its three heads."""
 
     def __init__(self, graph: gs.Graph):
-        self.graph, self.splits, self.count = graph, {}, 0
-
-    def _fresh(self, what: str, dtype) -> gs.Variable:
-        self.count += 1
-        return gs.Variable(f"tqc_heads{self.count}_{what}", dtype=dtype)
+        self.build, self.splits = NodeBuilder(graph, "tqc_heads"), {}
 
     def heads_bnsh(self, t: gs.Tensor, heads: int, head_size: int) -> gs.Tensor | None:
         """``t`` [B, N, S, D] (a head Transpose, or a 4-D RotaryEmbedding of one) as [B, S, N·D]; None if
@@ -52,10 +48,8 @@ class _Flattener:
             inner = self.heads_bnsh(node.inputs[0], heads, head_size)
             if inner is None:
                 return None
-            out = self._fresh("rotary", t.dtype)
-            produce(self.graph, "RotaryEmbedding", f"{node.name}_3d", [inner] + list(node.inputs[1:]), [out],
-                    attrs={**node.attrs, "num_heads": heads}, domain="com.microsoft")
-            return out
+            return self.build.op("RotaryEmbedding", [inner] + list(node.inputs[1:]), t.dtype,
+                                 attrs={**node.attrs, "num_heads": heads}, domain="com.microsoft")
         return None
 
     def heads_bsnh(self, t: gs.Tensor, heads: int, head_size: int) -> gs.Tensor:
@@ -63,10 +57,7 @@ class _Flattener:
         packed = self._packed_part(t, heads, head_size)
         if packed is not None:
             return packed
-        out = self._fresh("flat", t.dtype)
-        produce(self.graph, "Reshape", f"{out.name}_reshape",
-                [t, gs.Constant(f"{out.name}_shape", np.array([0, 0, heads * head_size], np.int64))], [out])
-        return out
+        return self.build.op("Reshape", [t, self.build.const("shape", [0, 0, heads * head_size])], t.dtype)
 
     def _packed_part(self, t: gs.Tensor, heads: int, head_size: int) -> gs.Tensor | None:
         """t = Squeeze(Split(Reshape(X, [0, 0, 3, N|-1, D]), axis=2|-3)[i], 2|-3) -> the i-th third of X's
@@ -89,16 +80,12 @@ class _Flattener:
             return None
         x = reshape.inputs[0]
         if x.name not in self.splits:
-            hidden = heads * head_size
             source = x
             if x.shape is None or len(x.shape) != 3:  # [B, S, ...] of unknown rank: flatten what follows S first
-                source = self._fresh("packed", x.dtype)
-                produce(self.graph, "Reshape", f"{source.name}_reshape",
-                        [x, gs.Constant(f"{source.name}_shape", np.array([0, 0, -1], np.int64))], [source])
-            parts = [self._fresh(f"part{i}", x.dtype) for i in range(3)]
-            produce(self.graph, "Split", f"{parts[0].name}_split",
-                    [source, gs.Constant(f"{parts[0].name}_sizes", np.array([hidden] * 3, np.int64))], parts,
-                    attrs={"axis": -1})
+                source = self.build.op("Reshape", [x, self.build.const("shape", [0, 0, -1])], x.dtype)
+            parts = [self.build.variable("part", x.dtype) for _ in range(3)]
+            produce(self.build.graph, "Split", f"{parts[0].name}_split",
+                    [source, self.build.const("sizes", [heads * head_size] * 3)], parts, attrs={"axis": -1})
             self.splits[x.name] = parts
         return self.splits[x.name][split.outputs.index(squeeze.inputs[0])]
 

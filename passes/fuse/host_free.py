@@ -21,26 +21,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fold_dims import dimension_read, merge_leading_dims, shape_read, unsqueezed
-from tqc.passes.rewrite import cleanup, produce, redirect
+from tqc.passes.rewrite import NodeBuilder, cleanup, redirect
 
 INT64_MAX = np.iinfo(np.int64).max
 
 
-class _Builder:
-    """Fresh tensors and nodes under one prefix."""
-
-    def __init__(self, graph: gs.Graph, prefix: str):
-        self.graph, self.prefix, self.count = graph, prefix, 0
-
-    def const(self, tag: str, value, dtype=np.int64) -> gs.Constant:
-        self.count += 1
-        return gs.Constant(f"{self.prefix}_{tag}{self.count}", np.array(value, dtype))
-
-    def op(self, op: str, inputs: list, dtype, attrs: dict | None = None) -> gs.Variable:
-        self.count += 1
-        out = gs.Variable(f"{self.prefix}_{op.lower()}{self.count}", dtype=dtype)
-        produce(self.graph, op, f"{self.prefix}_{op.lower()}{self.count}", inputs, [out], attrs=attrs)
-        return out
+class _Builder(NodeBuilder):
+    """``NodeBuilder`` with the zeros host_free broadcasts against."""
 
     def zeros_along(self, source: gs.Tensor, axis: int, rank: int, out_rank: int, dtype) -> gs.Variable:
         """Zeros [n, 1, ..., 1] (``out_rank`` dims) where n is ``source``'s dimension ``axis``: Gathers at 0 on
@@ -128,12 +115,10 @@ def _scalar(tensor: gs.Tensor) -> int | None:
 
 def host_placed(graph: gs.Graph) -> list:
     """The nodes ONNX Runtime CUDA would place on the CPU (``compiler/analysis/cuda_placement.py``)."""
-    from tqc.compiler.analysis.cuda_placement import host_placed_nodes
+    from tqc.compiler.analysis.cuda_placement import host_placed_by_inference
     from tqc.compiler.io.graph import skeleton_of_graph
-    from tqc.compiler.io.structure import float_tensor_types, infer_shapes
 
-    model = skeleton_of_graph(graph)
-    return host_placed_nodes(model, float_tensor_types(infer_shapes(model, strict=False)))
+    return host_placed_by_inference(skeleton_of_graph(graph))
 
 
 def remove_host_shapes(graph: gs.Graph) -> dict[str, int]:
@@ -197,7 +182,7 @@ def _noop_slices(graph: gs.Graph, shapes: dict) -> int:
     return removed
 
 
-def _expand_parts(shape: gs.Tensor) -> list[gs.Tensor | int] | None:
+def shape_parts(shape: gs.Tensor) -> list[gs.Tensor | int] | None:
     """The parts of an Expand's shape: Concat(parts), or torch's expand(-1 kept) form
     Where(Equal(Reshape(Concat(parts), [-1]), -1), 1, .). A part is a constant int or a tensor."""
     node = shape.inputs[0] if len(shape.inputs) == 1 else None
@@ -231,7 +216,7 @@ def _expands(graph: gs.Graph, shapes: dict, build: _Builder) -> int:
     for node in [n for n in graph.nodes if n.op == "Expand"]:
         x, out = node.inputs[0], node.outputs[0]
         data = shapes.get(x.name)
-        parts = _expand_parts(node.inputs[1])
+        parts = shape_parts(node.inputs[1])
         if not data or parts is None or len(parts) != len(data):
             continue
         grow = []
@@ -270,7 +255,7 @@ def _tiles(graph: gs.Graph, shapes: dict, build: _Builder) -> int:
     for node in [n for n in graph.nodes if n.op == "Tile"]:
         p, out = node.inputs[0], node.outputs[0]
         data = list(p.shape) if isinstance(p, gs.Constant) else shapes.get(p.name)
-        parts = _expand_parts(node.inputs[1])
+        parts = shape_parts(node.inputs[1])
         if not data or parts is None or len(parts) != len(data) or any(v != 1 for v in parts[1:]) or \
                 isinstance(parts[0], int) or _dtype(p, shapes) is None or \
                 not all(isinstance(d, int) and d > 0 for d in data[1:]):

@@ -19,28 +19,22 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from tqc.passes.fuse.host_free import shape_parts
 from tqc.passes.fuse.match import constant_values, producer
-from tqc.passes.rewrite import produce, redirect, replace_output
+from tqc.passes.rewrite import NodeBuilder, redirect, replace_output
 
 
-def _repeated_constant(t: gs.Tensor) -> np.ndarray | None:
-    """P when ``t`` = Tile(P [H, a, b] constant, [n, 1, 1])."""
+def _repeat_count(t: gs.Tensor) -> tuple[np.ndarray, gs.Tensor | int] | None:
+    """(P, n) when ``t`` = Tile(P [H, a, b] constant, [n, 1, 1]): n a constant or the export's tensor."""
     tile = producer(t)
     if tile is None or tile.op != "Tile" or not isinstance(tile.inputs[0], gs.Constant):
         return None
     value = tile.inputs[0].values
     if value.ndim != 3 or value.shape[0] < 2:
         return None
-    repeats = tile.inputs[1]
-    node = producer(repeats)
-    # [n, 1, 1]: a constant, or a Concat whose last two parts are the constants 1 (the export's form)
-    known = constant_values(repeats)
-    if known is not None:
-        return value if known.size == 3 and list(known.reshape(-1)[1:]) == [1, 1] else None
-    if node is None or node.op != "Concat" or len(node.inputs) != 3:
-        return None
-    tail = [constant_values(p) for p in node.inputs[1:]]
-    return value if all(v is not None and v.size == 1 and int(v.reshape(-1)[0]) == 1 for v in tail) else None
+    known = constant_values(tile.inputs[1])
+    parts = [int(v) for v in known.reshape(-1)] if known is not None else shape_parts(tile.inputs[1])
+    return (value, parts[0]) if parts is not None and len(parts) == 3 and parts[1:] == [1, 1] else None
 
 
 def share_position_projections(graph: gs.Graph, measure_tiles: bool = True) -> int:
@@ -52,52 +46,40 @@ def share_position_projections(graph: gs.Graph, measure_tiles: bool = True) -> i
         transpose = producer(node.inputs[1])
         if transpose is None or transpose.op != "Transpose" or list(transpose.attrs.get("perm", ())) != [0, 2, 1]:
             continue
-        value = _repeated_constant(transpose.inputs[0])
-        if value is None:
+        found = _repeat_count(transpose.inputs[0])
+        if found is None:
             continue
+        value, repeats = found
         heads, width = value.shape[0], value.shape[1]
         name = f"tqc_shared_positions{count}"
-        const = {tag: gs.Constant(f"{name}_{tag}", np.asarray(v, np.int64)) for tag, v in
-                 (("axes", [0]), ("heads_shape", [-1, heads, 0, 0]), ("out_shape", [0, -1, width]))}
-        weight = gs.Constant(f"{name}_weight", np.ascontiguousarray(value.transpose(0, 2, 1)))
-        dtype = node.outputs[0].dtype
-        x = node.inputs[0]
-        steps = [gs.Variable(f"{name}_{tag}", dtype=dtype) for tag in ("unsqueezed", "heads", "scores", "flat")]
-        produce(graph, "Unsqueeze", steps[0].name, [x, const["axes"]], [steps[0]])
-        produce(graph, "Reshape", steps[1].name, [steps[0], const["heads_shape"]], [steps[1]])
-        produce(graph, "MatMul", steps[2].name, [steps[1], weight], [steps[2]])
-        produce(graph, "Flatten", steps[3].name, [steps[2]], [steps[3]], attrs={"axis": 2})
-        replace_output(graph, node.outputs[0], "Reshape", name, [steps[3], const["out_shape"]])
+        build, dtype, x = NodeBuilder(graph, name), node.outputs[0].dtype, node.inputs[0]
+        unsqueezed = build.op("Unsqueeze", [x, build.const("axes", [0])], dtype)
+        heads4 = build.op("Reshape", [unsqueezed, build.const("heads_shape", [-1, heads, 0, 0])], dtype)
+        weight = build.const("weight", np.ascontiguousarray(value.transpose(0, 2, 1)), value.dtype)
+        scores = build.op("Flatten", [build.op("MatMul", [heads4, weight], dtype)], dtype, {"axis": 2})
+        replace_output(graph, node.outputs[0], "Reshape", name, [scores, build.const("out_shape", [0, -1, width])])
         if measure_tiles:
-            _shape_without_tile(graph, producer(transpose.inputs[0]), name)
+            _shape_without_tile(producer(transpose.inputs[0]), repeats, build)
         count += 1
     return count
 
 
-def _shape_without_tile(graph: gs.Graph, tile: gs.Node, name: str) -> None:
+def _shape_without_tile(tile: gs.Node, repeats: gs.Tensor | int, build: NodeBuilder) -> None:
     """Shape(Tile(P, [n, 1, 1])) read elsewhere (the export sizes the gather index by it) -> Concat(H·n, a, b),
     so the repeat is not computed only to be measured; a read of a or b then folds to a constant."""
     readers = [c for c in tile.outputs[0].outputs if c.op == "Shape"]
     if not readers:
         return
     heads, a, b = (int(d) for d in tile.inputs[0].shape)
-    repeats = tile.inputs[1]
-    known = constant_values(repeats)
-    if known is not None:
-        full = gs.Constant(f"{name}_tile_shape", np.array([heads * int(known.reshape(-1)[0]), a, b], np.int64))
+    if isinstance(repeats, int):
+        full = build.const("tile_shape", [heads * repeats, a, b])
     else:
-        count = producer(repeats).inputs[0]  # a Concat of [n], [1], [1] (_repeated_constant)
-        first = gs.Variable(f"{name}_tile_rows", dtype=np.int64)
-        produce(graph, "Mul", first.name, [gs.Constant(f"{name}_tile_heads", np.array([heads], np.int64)), count],
-                [first])
-        full = gs.Variable(f"{name}_tile_shape", dtype=np.int64)
-        produce(graph, "Concat", full.name, [first, gs.Constant(f"{name}_tile_rest", np.array([a, b], np.int64))],
-                [full], attrs={"axis": 0})
+        rows = build.op("Mul", [build.const("tile_heads", [heads]), repeats], np.int64)
+        full = build.op("Concat", [rows, build.const("tile_rest", [a, b])], np.int64, {"axis": 0})
     for reader in readers:
         start, end = reader.attrs.get("start"), reader.attrs.get("end")
         if start is None and end is None:
             redirect(reader.outputs[0], full)
             continue
-        bounds = [gs.Constant(f"{name}_tile_{tag}", np.array([v], np.int64))
-                  for tag, v in (("start", start or 0), ("end", end if end is not None else 2**62))]
-        replace_output(graph, reader.outputs[0], "Slice", f"{name}_tile_shape_read", [full] + bounds)
+        bounds = [build.const("start", [start or 0]), build.const("end", [end if end is not None else 2**62])]
+        replace_output(build.graph, reader.outputs[0], "Slice", f"{reader.name}_from_factors", [full] + bounds)
