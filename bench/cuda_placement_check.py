@@ -18,8 +18,7 @@ import sys
 
 import onnx
 
-from tqc.compiler.analysis.cuda_placement import host_placed_nodes
-from tqc.compiler.io.structure import float_tensor_types, infer_shapes
+from tqc.compiler.analysis.cuda_placement import host_placed_by_inference
 
 HEADER = re.compile(r"Node\(s\) placed on \[CPUExecutionProvider\]\. Number of nodes: (\d+)")
 NODE = re.compile(r"VerifyEachNodeIsAssignedToAnEp\]\s{3}(\w+) \((.*)\)\s*$")
@@ -65,9 +64,7 @@ def main() -> None:
     text = run_session(args.model) if args.run else open(args.log).read()
     logged = logged_cpu_nodes(text)
     model = onnx.load(args.model, load_external_data=False)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    mine = {n.name: n.op for n in host_placed_nodes(model, float_tensor_types(infer_shapes(copy, strict=False)))}
+    mine = {n.name: n.op for n in host_placed_by_inference(model)}
     print(f"ORT: {len(logged)} on the CPU {dict(collections.Counter(logged.values()).most_common())}")
     print(f"tqc: {len(mine)} on the CPU {dict(collections.Counter(mine.values()).most_common())}")
     only_ort = sorted(set(logged) - set(mine))

@@ -92,6 +92,16 @@ def host_placed_nodes(model: onnx.ModelProto, types: dict[str, int] | None = Non
     return placed
 
 
+def host_placed_by_inference(model: onnx.ModelProto) -> list[HostNode]:
+    """``host_placed_nodes`` with the element types shape inference finds (on a copy: ``model`` keeps its own
+    value_info)."""
+    from tqc.compiler.io.structure import float_tensor_types, infer_shapes
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return host_placed_nodes(model, float_tensor_types(infer_shapes(copy, strict=False)))
+
+
 def _same_type_cast(node: onnx.NodeProto, types: dict[str, int]) -> bool:
     to = next((a.i for a in node.attribute if a.name == "to"), None)
     return node.op_type == "Cast" and bool(node.input) and to is not None and types.get(node.input[0]) == to

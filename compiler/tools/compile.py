@@ -139,12 +139,10 @@ def note_cuda_graphs(skeleton: onnx.ModelProto, ctx: PassContext) -> None:
     """Note whether ONNX Runtime CUDA can capture CUDA graphs on the compiled model: the nodes it would place on
     the CPU for shape reasons block it (``tqc.compiler.analysis.cuda_placement``); any ``--explain`` lists
     them all."""
-    from tqc.compiler.analysis.cuda_placement import host_placed_nodes, host_placement_details, host_placement_note
-    from tqc.compiler.io.structure import float_tensor_types, infer_shapes
+    from tqc.compiler.analysis.cuda_placement import (host_placed_by_inference, host_placement_details,
+                                                      host_placement_note)
 
-    inferred = onnx.ModelProto()
-    inferred.CopyFrom(skeleton)  # the written model keeps its own value_info
-    placed = host_placed_nodes(skeleton, float_tensor_types(infer_shapes(inferred, strict=False)))
+    placed = host_placed_by_inference(skeleton)  # the written model keeps its own value_info
     ctx.note(host_placement_note(placed))
     if ctx.explain and placed:
         for line in host_placement_details(placed):

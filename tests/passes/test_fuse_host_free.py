@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tqc.compiler.analysis.cuda_placement import host_placed_nodes
+from tqc.compiler.analysis.cuda_placement import host_placed_by_inference
 from tqc.compiler.io.model import load_model
-from tqc.compiler.io.structure import float_tensor_types, infer_shapes
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.passes.base import PassContext
@@ -24,9 +23,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "transformers_5_17
 
 
 def _placed(model) -> list[str]:
-    copy = type(model)()
-    copy.CopyFrom(model)
-    return [str(n) for n in host_placed_nodes(model, float_tensor_types(infer_shapes(copy, strict=False)))]
+    return [str(n) for n in host_placed_by_inference(model)]
 
 
 def _feeds(model, left_padding: bool) -> list[dict]:

@@ -10,9 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tqc.compiler.analysis.cuda_placement import host_placed_nodes, host_placement_note
+from tqc.compiler.analysis.cuda_placement import host_placed_by_inference, host_placement_note
 from tqc.compiler.io.model import load_model
-from tqc.compiler.io.structure import float_tensor_types, infer_shapes
 from tqc.compiler.pipeline.manager import PassManager
 from tqc.compiler.pipeline.spec import parse_pipeline
 from tqc.passes.base import PassContext
@@ -29,7 +28,7 @@ def _model(nodes, inits, elem=TensorProto.FLOAT, out_shape=None) -> onnx.ModelPr
 
 
 def _placed(model: onnx.ModelProto) -> list[str]:
-    return [n.name for n in host_placed_nodes(model, float_tensor_types(infer_shapes(model, strict=False)))]
+    return [n.name for n in host_placed_by_inference(model)]
 
 
 def test_a_computed_reshape_target_runs_on_the_cpu_and_the_reshape_reads_it_from_host_memory():
