@@ -2,7 +2,7 @@
 
 * the README's command table is the one ``python -m tqc.compiler.cli.docs`` generates from the click CLI;
 * every ``tqc ...`` line of their code blocks parses against the CLI (commands, options, choices, ranges);
-* every repository path they name exists, and none points outside the repository (``../shared``);
+* every repository path they name exists, and none points outside the repository (such as a shared folder beside the clone);
 * the README's test command is the one ``.ci/run`` runs, and its one Python block is the API example.
 
 Only click and the CLI module are imported: no model, runtime or pass is loaded.
