@@ -84,9 +84,9 @@ class Recipe:
 
     def export_attention(self, exporter: str) -> str:
         """The implementation ``tqc export`` picks when ``--attn`` is not given: the family's default, except
-        where that export would not fuse. ModernBERT's sdpa through the legacy (TorchScript) exporter writes a
-        -inf sliding-window mask behind a NaN guard, which ``fuse`` refuses (a fully masked row would turn into
-        NaN in the fused forms); its eager export computes the same answer at every real token and fuses."""
+        where another is the better export. ModernBERT's sdpa through the legacy (TorchScript) exporter writes
+        -inf masks behind a NaN guard, which ``fuse`` keeps exact with one more Mul per layer (``nan_guard.py``);
+        its eager export computes the same answer at every real token and fuses without it."""
         if exporter == "legacy" and self.legacy_attention:
             return self.legacy_attention
         return self.default_attention

@@ -12,7 +12,8 @@ path; ``heads`` checks Q and K are rotated and Q, K and V are [B, H, S, D] with 
     rotary-sdpa-legacy:  Softmax(Q4·√s @ Transpose(K4, [0,1,3,2])·√s + mask), NaN guard
     rotary-sdpa-dynamo:  the same, K^T as Reshape/Transpose[0,2,1]/Reshape
 
-    check (sdpa rules): the mask is finite, else the NaN guard's zeros for fully masked rows would be lost
+    check (sdpa rules): the mask is finite, or 0 / -inf, which ``nan_guard`` keeps exact (a finite copy, and the
+    context times whether its row has any key), else the NaN guard's zeros for fully masked rows would be lost
 
     after:  MultiHeadAttention(Reshape(Transpose(Q4, [0,2,1,3]), [0, 0, H·D]), K4, V4,
                                attention_bias=mask, num_heads=H, scale=s)           (K, V given as BNSH)
@@ -34,6 +35,7 @@ import onnx_graphsurgeon as gs
 from tqc.passes.fuse import attention
 from tqc.passes.fuse.engine import Miss, NoMatch, Rule, Step, StepFunction, Walk, search
 from tqc.passes.fuse.masks import MaskCache
+from tqc.passes.fuse.nan_guard import build_factors, guard, mask_check
 from tqc.passes.fuse.match import constant_values, heads_from_split, producer, static_dims
 from tqc.passes.fuse.rotary import is_rotation
 from tqc.passes.fuse.window_mask import canonical_masks
@@ -69,23 +71,11 @@ def _heads(step: Step, w: Walk) -> list[Walk]:
     return [w.bind(heads=heads, head_size=size)]
 
 
-def _finite_mask(w: Walk) -> str | None:
+def _mask_check(w: Walk) -> str | None:
     """A NaN guard zeroes the rows its mask masks entirely; the fused forms have no guard, so a guarded block
-    fuses only when its mask is provably finite (a Where between finite constants, as dynamo's sdpa writes):
-    with -inf (the legacy exporter's sdpa) a fully masked row, as a sliding window over padding makes, would
-    turn into NaN, and the NaN would spread to every row through the next layer."""
-    mask = w.get("mask")
-    if mask is None:
-        return None
-    node = producer(mask)
-    values = [constant_values(t) for t in node.inputs[1:]] if node is not None and node.op == "Where" else [None]
-    if any(v is None for v in values):
-        return f"the mask '{mask.name}' is not a Where between constants: cannot prove it finite, and the NaN " \
-               "guard this block has would be lost"
-    if not all(np.isfinite(v).all() for v in values):
-        return f"the mask '{mask.name}' fills with -inf: fully masked rows are NaN that the block's NaN guard " \
-               "zeroes, and the fused forms have no such guard"
-    return None
+    fuses only on a mask ``nan_guard`` can keep exact: finite (dynamo's sdpa), or 0 / -inf (the legacy
+    exporter's sdpa under transformers 5.2x), which ``nan_guard.guard`` turns finite with a row factor."""
+    return mask_check(w.get("mask"))
 
 
 STEPS: dict[str, StepFunction] = dict(attention.STEPS, heads=_heads)
@@ -105,12 +95,12 @@ RULES: tuple[Rule, ...] = (
          _after(False) + (attention.MASK, attention.SCORE_SCALE, attention.SCORES, _K_T, _HEADS)),
     Rule("rotary-sdpa-legacy", "sdpa through the TorchScript exporter on heads split elsewhere: √scale on Q and "
          "on K^T, NaN guard", ("Softmax",),
-         _after(True) + (attention.MASK, attention.SCORES, _Q_SCALE, _K_SCALE, _K_T, _HEADS), _finite_mask),
+         _after(True) + (attention.MASK, attention.SCORES, _Q_SCALE, _K_SCALE, _K_T, _HEADS), _mask_check),
     Rule("rotary-sdpa-dynamo", "sdpa through the dynamo exporter on heads split elsewhere: K^T as "
          "Reshape/Transpose[0,2,1]/Reshape", ("Softmax",),
          _after(True) + (attention.MASK, attention.SCORES, _Q_SCALE, _K_SCALE, Step("k_path", ("Reshape",)),
                          Step("k_path", ("Transpose",), perm=(0, 2, 1)), Step("k_path", ("Reshape",)), _HEADS),
-         _finite_mask),
+         _mask_check),
 )
 
 
@@ -166,9 +156,10 @@ def fuse_core_attention(graph: gs.Graph, mask_inputs: set[str], earlier: list[Mi
     softmaxes = [n for n in graph.nodes if n.op == "Softmax"]
     found, misses = search(softmaxes, RULES, STEPS,
                            start=lambda node: Walk(node, bound=(("mask_inputs", mask_inputs),)))
-    walks = [w for _, w in found]
+    walks, factors = guard(graph, [w for _, w in found])
     canonical = canonical_masks(graph, masks, [w["mask"] for w in walks if w.get("mask") is not None],
                                 mask_format) if contrib and masks is not None and walks else {}
+    build_factors(graph, factors, canonical, masks.source() if masks is not None else None)
     before = {m.anchor: m for m in earlier}
     misses = [m if m.anchor not in before or m.step > before[m.anchor].step else before[m.anchor] for m in misses]
     for index, w in enumerate(walks):

@@ -79,7 +79,7 @@ def test_family_name_exports_match_torch(family, exporter, exports):
     assert [o.name for o in model.graph.output] == ["last_hidden_state"]
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["tqc.family"] == family and meta["tqc.exporter"] == exporter
-    # eager for DeBERTa-v2 and MPNet, and for ModernBERT through the legacy exporter (its sdpa would not fuse)
+    # eager for DeBERTa-v2 and MPNet, and for ModernBERT through the legacy exporter (its sdpa fuses with one more Mul per layer)
     assert meta["tqc.attn"] == RECIPES[family].export_attention(exporter)
     assert meta["tqc.attn"] == ("eager" if family != "modernbert" or exporter == "legacy" else "sdpa")
     assert_matches_torch(path, torch_model_of(family, exporter), ["last_hidden_state"])

@@ -29,10 +29,11 @@ from tqc.passes.qdq.plan import PlanOptions, plan_sites
 
 from .test_fuse_new_families import LAYERS, outputs_on, seeded_feeds
 
-# (family, exporter, attention implementation at export): ModernBERT's legacy sdpa export keeps its -inf mask
-# and NaN guard, which fuse leaves unfused (test_fuse_rotary.py); its eager export is the legacy exporter's case.
+# (family, exporter, attention implementation at export): ModernBERT's legacy sdpa export (-inf masks behind a
+# NaN guard, fused with nan_guard.py's row factor) and its eager export, the legacy exporter's default.
 CASES = [("mpnet", "legacy", None), ("mpnet", "dynamo", None), ("deberta-v2", "legacy", None),
-         ("deberta-v2", "dynamo", None), ("modernbert", "dynamo", None), ("modernbert", "legacy", "eager")]
+         ("deberta-v2", "dynamo", None), ("modernbert", "dynamo", None), ("modernbert", "legacy", "eager"),
+         ("modernbert", "legacy", "sdpa")]
 PREFIX = {"mpnet": "tqc_attn", "deberta-v2": "tqc_attn", "modernbert": "tqc_core"}
 PAIR = {"tqc_attn": ("qk", "pv"), "tqc_core": ("scores", "context_heads")}
 
