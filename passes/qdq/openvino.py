@@ -34,6 +34,13 @@ performance counters (``bench/bench_openvino_profile.py``; numbers in ``docs/ope
                            0.9984, min 0.9957 vs 0.9935): ``qdq{attention=auto}`` keeps attention's batched
                            MatMuls in float on this target (``attention=true``: INT8).
 
+SmoothQuant's Mul (and the shift's Add) before an activation's FakeQuantize is folded where that is exact
+(``fold_smoothing``): into a second LayerNorm (gamma f, beta f + c) for the QKV and FFN1 inputs, and into V's
+projection columns for the attention-output input, whose Q/DQ then sits before the head merge (OpenVINO runs it
+inside the attention Subgraph on AMX CPUs, and the head transpose moves u8). On the CPU that is 12 fewer f32
+Eltwise passes (the residual's LayerNorm affine fuses into the residual Add) and 6 fewer bf16 ones. FFN2's Mul
+stays: OpenVINO already fuses it, the shift and the FakeQuantize into the FFN1 FullyConnected (which writes u8).
+
 Fusion for this target is the standard-ONNX form that ``trt`` uses (packed QKV, scale folded into Q, one
 mask for all layers): OpenVINO's CPU plugin fuses LayerNormalization into MVN, the Erf GELU and the bias
 into the FullyConnected before it, and Q/DQ into its neighbours itself; com.microsoft contrib ops (the
@@ -46,8 +53,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.match import constant_values
-from tqc.passes.rewrite import cleanup, detach, produce
+from tqc.passes.fuse.match import bias_split, constant_values
+from tqc.passes.qdq.shared_qkv import scale_columns
+from tqc.passes.rewrite import cleanup, detach, produce, redirect
 
 
 def float_dtype(scale: np.ndarray) -> type:
@@ -187,4 +195,167 @@ def fold_zero_points(graph: gs.Graph) -> int:
         folded += 1
     if folded:
         cleanup(graph)  # the new Adds in topological order
+    return folded
+
+
+def _only_reader(tensor: gs.Tensor) -> gs.Node | None:
+    """The one node that reads ``tensor`` (None when it has several readers or is a graph output)."""
+    readers = list(tensor.outputs)
+    return readers[0] if len(readers) == 1 else None
+
+
+def _channel_constant(node: gs.Node, data: gs.Tensor) -> np.ndarray | None:
+    """The other operand of a binary ``node`` as a 1-D per-channel constant (leading 1-dims dropped), else None."""
+    if len(node.inputs) != 2 or sum(t is data for t in node.inputs) != 1:
+        return None
+    values = constant_values(node.inputs[1] if node.inputs[0] is data else node.inputs[0])
+    if values is None or values.ndim < 1 or any(d != 1 for d in values.shape[:-1]):
+        return None
+    return values.reshape(-1)
+
+
+def smoothing_chain(q: gs.Node) -> tuple[gs.Tensor, np.ndarray, np.ndarray] | None:
+    """What SmoothQuant (and the shift) put before an activation's QuantizeLinear: x ─► Mul(f) [─► Add(c)] ─► Q,
+    each node the only reader of the tensor before it, f and c per-channel constants: (x, f, c) with c zeros when
+    there is no Add; else None."""
+    tensor = q.inputs[0]
+    node = tensor.inputs[0] if tensor.inputs else None
+    offset = None
+    if node is not None and node.op == "Add" and _only_reader(node.outputs[0]) is q:
+        data = next((t for t in node.inputs if constant_values(t) is None), None)
+        offset = _channel_constant(node, data) if data is not None else None
+        if offset is None:
+            return None
+        node, reader = (data.inputs[0] if data.inputs else None), node
+    else:
+        reader = q
+    if node is None or node.op != "Mul" or _only_reader(node.outputs[0]) is not reader:
+        return None
+    x = next((t for t in node.inputs if constant_values(t) is None), None)
+    factor = _channel_constant(node, x) if x is not None else None
+    if factor is None or (offset is not None and offset.size not in (1, factor.size)):
+        return None
+    return x, factor, np.zeros_like(factor) if offset is None else np.broadcast_to(offset, factor.shape)
+
+
+def _layernorm_fold(graph: gs.Graph, q: gs.Node, x: gs.Tensor, factor: np.ndarray, offset: np.ndarray) -> bool:
+    """LayerNorm(x) * f + c ─► Q  =>  LayerNorm(x; gamma * f, beta * f + c) ─► Q: a second LayerNorm over the same
+    input (exact: the residual keeps the first). OpenVINO computes the normalization once and runs both affine
+    tails, the residual's fused into the residual Add."""
+    norm = x.inputs[0] if x.inputs else None
+    if norm is None or norm.op != "LayerNormalization" or norm.attrs.get("axis", -1) != -1 or len(norm.inputs) < 2:
+        return False
+    gamma = constant_values(norm.inputs[1])
+    beta = constant_values(norm.inputs[2]) if len(norm.inputs) > 2 else np.zeros_like(gamma)
+    if gamma is None or beta is None or gamma.shape != (factor.size,) or beta.shape != gamma.shape:
+        return False
+    name = f"{q.name}_smoothed_layernorm"
+    f, c = factor.astype(np.float64), offset.astype(np.float64)
+    inputs = [norm.inputs[0], gs.Constant(f"{name}_scale", (gamma.astype(np.float64) * f).astype(gamma.dtype)),
+              gs.Constant(f"{name}_bias", (beta.astype(np.float64) * f + c).astype(beta.dtype))]
+    produce(graph, "LayerNormalization", name, inputs, [detach(q.inputs[0])], attrs=dict(norm.attrs))
+    return True
+
+
+def _head_merge(x: gs.Tensor) -> tuple[gs.Node, gs.Node, gs.Node] | None:
+    """x = Reshape(Transpose(MatMul(Softmax(...), v), perm (0, 2, 1, 3)), [.., .., C]), each the only reader of
+    the one before: (the probs·V MatMul, the Transpose, the Reshape), else None."""
+    reshape = x.inputs[0] if x.inputs else None
+    transpose = reshape.inputs[0].inputs[0] if reshape is not None and reshape.op == "Reshape" and \
+        reshape.inputs[0].inputs else None
+    if transpose is None or transpose.op != "Transpose" or list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3] \
+            or _only_reader(transpose.outputs[0]) is not reshape:
+        return None
+    pv = transpose.inputs[0].inputs[0] if transpose.inputs[0].inputs else None
+    if pv is None or not is_attention_matmul(pv) or _only_reader(pv.outputs[0]) is not transpose:
+        return None
+    probs = pv.inputs[0].inputs[0] if pv.inputs[0].inputs else None
+    if probs is None or probs.op != "Softmax" or probs.attrs.get("axis", -1) not in (-1, 3):
+        return None  # probabilities that sum to 1 along each row: (P V) f + c = P (V f + c)
+    return pv, transpose, reshape
+
+
+def _value_columns(v_heads: gs.Tensor, channels: int):
+    """V of an attention: v_heads = Transpose(Reshape(v, [.., .., H, D]), perm (0, 2, 1, 3)) with H * D =
+    ``channels``, v a slice of a packed projection's Split (or the projection itself), Add(MatMul(x, W), bias):
+    (MatMul, bias Add, bias values, first column of v), each tensor read only on this path; else None."""
+    transpose = v_heads.inputs[0] if v_heads.inputs else None
+    if transpose is None or transpose.op != "Transpose" or list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3] \
+            or _only_reader(v_heads) is None:
+        return None
+    reshape = transpose.inputs[0].inputs[0] if transpose.inputs[0].inputs else None
+    shape = constant_values(reshape.inputs[1]) if reshape is not None and reshape.op == "Reshape" else None
+    if shape is None or shape.size != 4 or int(shape[2]) * int(shape[3]) != channels \
+            or _only_reader(transpose.inputs[0]) is not transpose or _only_reader(reshape.inputs[0]) is not reshape:
+        return None
+    v, first = reshape.inputs[0], 0
+    split = v.inputs[0] if v.inputs else None
+    if split is not None and split.op == "Split":
+        sizes = constant_values(split.inputs[1]) if len(split.inputs) > 1 else None
+        if sizes is None or sizes.size != len(split.outputs) or split.attrs.get("axis", 0) not in (-1, 2):
+            return None
+        index = split.outputs.index(v)
+        first, v = int(sizes[:index].sum()), split.inputs[0]
+        if int(sizes[index]) != channels or _only_reader(v) is not split:
+            return None
+    found = bias_split(v)
+    if found is None:
+        return None
+    matmul_out, bias, add = found
+    matmul = matmul_out.inputs[0]
+    if _only_reader(matmul_out) is not add or first + channels > bias.size or _only_reader(matmul.inputs[1]) is not matmul:
+        return None  # a weight other layers share (ALBERT) keeps its columns
+    return matmul, add, bias, first
+
+
+def _attention_fold(graph: gs.Graph, q: gs.Node, x: gs.Tensor, factor: np.ndarray, offset: np.ndarray) -> bool:
+    """Attention context ─► Mul(f) ─► Add(c) ─► Q/DQ  =>  V's projection columns times f, its bias times f plus c
+    (softmax rows sum to 1, so P (V f + c) = (P V) f + c; INT8 weight codes stay, their scales take f), and the
+    per-tensor Q/DQ moves before the head merge (Transpose, Reshape), which it commutes with: OpenVINO fuses it
+    into the attention Subgraph, and the head transpose moves u8 instead of bf16."""
+    merge = _head_merge(x)
+    dq = _only_reader(q.outputs[0])
+    if merge is None or dq is None or dq.op != "DequantizeLinear" or len(x.outputs) != 1:
+        return False  # the context read by anything but the smoothing Mul would read the quantized one
+    pv, transpose, reshape = merge
+    found = _value_columns(pv.inputs[1], factor.size)
+    if found is None:
+        return False
+    matmul, add, bias, first = found
+    factors, offsets = np.ones(bias.size), np.zeros(bias.size)
+    factors[first:first + factor.size], offsets[first:first + factor.size] = factor, offset
+    if not scale_columns(matmul, add, bias, factors, offsets, tag="smoothing_folded"):
+        return False
+    quantized, dequantized = q.outputs[0], dq.outputs[0]
+    for tensor in (quantized, dequantized):
+        tensor.shape = None  # [B, H, S, D] now: shape inference writes it
+    merged = reshape.outputs[0]
+    redirect(dequantized, merged)
+    q.inputs[0] = pv.outputs[0]
+    transpose.inputs[0] = dequantized
+    return True
+
+
+def fold_smoothing(graph: gs.Graph) -> dict[str, int]:
+    """Fold each SmoothQuant Mul (and shift Add) before an activation's QuantizeLinear into what produces the
+    activation, where that is exact in float (``smoothing_chain``):
+
+      LayerNorm ─► Mul(f) ─► Add(c) ─► Q      a second LayerNorm with gamma f, beta f + c (the first keeps the
+                                              residual): QKV and FFN1 inputs
+      attention context ─► Mul ─► Add ─► Q    V's projection columns (softmax rows sum to 1), and the Q/DQ moves
+                                              before the head merge: attention-output inputs
+
+    A Mul after anything else (FFN2's, after GELU) stays: OpenVINO fuses it, the shift and the FakeQuantize into
+    the FullyConnected before it. Returns {'layernorm': n, 'attention': n}."""
+    folded = {"layernorm": 0, "attention": 0}
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+        chain = smoothing_chain(q)
+        if chain is None:
+            continue
+        if _layernorm_fold(graph, q, *chain):
+            folded["layernorm"] += 1
+        elif _attention_fold(graph, q, *chain):
+            folded["attention"] += 1
+    if any(folded.values()):
+        cleanup(graph)
     return folded
