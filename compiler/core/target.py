@@ -62,10 +62,9 @@ class Target:
     shared_qkv_scale: bool             # qdq: with INT8 attention, q, k and v of a packed projection share one
                                        # Q/DQ before the Split, their ranges equalized (OpenVINO fuses it into
                                        # the projection: no reorders; passes/qdq/shared_qkv.py)
-    smoothing_folded: bool             # qdq: SmoothQuant's Mul and shift Add fold into the LayerNorm (a second
-                                       # one) or V's projection columns before them, and the attention context's
-                                       # Q/DQ moves before its head merge (OpenVINO fuses it into the attention
-                                       # Subgraph; passes/qdq/openvino.py)
+    smoothing_folded: bool             # qdq: SmoothQuant's Mul and shift Add after a LayerNorm fold into a
+                                       # second LayerNorm (OpenVINO then fuses the first one's affine into the
+                                       # residual Add; passes/qdq/openvino.py)
     int8_mha: Int8MhaLimits | None     # ...only within these limits (None: no limit)
     residual_add_qdq: bool             # qdq{residual=true}: both inputs of residual Adds get Q/DQ
     qattention_by_default: bool        # qdq{qattention=auto}: fused Attentions become QAttention (without budget)

@@ -231,8 +231,7 @@ class Qdq(Pass):
         if ctx.target.zero_points_in_bias:
             stats["zero_points_folded"] = fold_zero_points(graph)
         if ctx.target.smoothing_folded:
-            folded = fold_smoothing(graph)
-            stats["smoothing_folded"] = folded["layernorm"] + folded["attention"]
+            stats["smoothing_folded"] = fold_smoothing(graph)
         if ctx.target.shared_qkv_scale and self.int8_attention(ctx.target):
             stats["qkv_scales_shared"] = share_qkv_scales(graph)
         return stats, notes

@@ -34,12 +34,11 @@ performance counters (``bench/bench_openvino_profile.py``; numbers in ``docs/ope
                            0.9984, min 0.9957 vs 0.9935): ``qdq{attention=auto}`` keeps attention's batched
                            MatMuls in float on this target (``attention=true``: INT8).
 
-SmoothQuant's Mul (and the shift's Add) before an activation's FakeQuantize is folded where that is exact
-(``fold_smoothing``): into a second LayerNorm (gamma f, beta f + c) for the QKV and FFN1 inputs, and into V's
-projection columns for the attention-output input, whose Q/DQ then sits before the head merge (OpenVINO runs it
-inside the attention Subgraph on AMX CPUs, and the head transpose moves u8). On the CPU that is 12 fewer f32
-Eltwise passes (the residual's LayerNorm affine fuses into the residual Add) and 6 fewer bf16 ones. FFN2's Mul
-stays: OpenVINO already fuses it, the shift and the FakeQuantize into the FFN1 FullyConnected (which writes u8).
+SmoothQuant's Mul (and the shift's Add) after a LayerNorm (the QKV and FFN1 inputs) is folded into a second
+LayerNorm with gamma f and beta f + c (``fold_smoothing``; exact in float, the same INT8 codes). The plugin
+computes the normalization once; the first LayerNorm's affine, now read by the residual Add alone, fuses into
+it: 12 fewer f32 Eltwise passes in MiniLM. FFN2's Mul stays (OpenVINO fuses it, the shift and the FakeQuantize
+into the FFN1 FullyConnected, which writes u8), and so does the attention output's (see ``fold_smoothing``).
 
 Fusion for this target is the standard-ONNX form that ``trt`` uses (packed QKV, scale folded into Q, one
 mask for all layers): OpenVINO's CPU plugin fuses LayerNormalization into MVN, the Erf GELU and the bias
@@ -53,9 +52,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.match import bias_split, constant_values
-from tqc.passes.qdq.shared_qkv import scale_columns
-from tqc.passes.rewrite import cleanup, detach, produce, redirect
+from tqc.passes.fuse.match import constant_values
+from tqc.passes.rewrite import cleanup, detach, produce
 
 
 def float_dtype(scale: np.ndarray) -> type:
@@ -257,105 +255,21 @@ def _layernorm_fold(graph: gs.Graph, q: gs.Node, x: gs.Tensor, factor: np.ndarra
     return True
 
 
-def _head_merge(x: gs.Tensor) -> tuple[gs.Node, gs.Node, gs.Node] | None:
-    """x = Reshape(Transpose(MatMul(Softmax(...), v), perm (0, 2, 1, 3)), [.., .., C]), each the only reader of
-    the one before: (the probs·V MatMul, the Transpose, the Reshape), else None."""
-    reshape = x.inputs[0] if x.inputs else None
-    transpose = reshape.inputs[0].inputs[0] if reshape is not None and reshape.op == "Reshape" and \
-        reshape.inputs[0].inputs else None
-    if transpose is None or transpose.op != "Transpose" or list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3] \
-            or _only_reader(transpose.outputs[0]) is not reshape:
-        return None
-    pv = transpose.inputs[0].inputs[0] if transpose.inputs[0].inputs else None
-    if pv is None or not is_attention_matmul(pv) or _only_reader(pv.outputs[0]) is not transpose:
-        return None
-    probs = pv.inputs[0].inputs[0] if pv.inputs[0].inputs else None
-    if probs is None or probs.op != "Softmax" or probs.attrs.get("axis", -1) not in (-1, 3):
-        return None  # probabilities that sum to 1 along each row: (P V) f + c = P (V f + c)
-    return pv, transpose, reshape
+def fold_smoothing(graph: gs.Graph) -> int:
+    """Fold each SmoothQuant Mul (and shift Add) between a LayerNorm and an activation's QuantizeLinear
+    (``smoothing_chain``) into a second LayerNorm over the same input, gamma f and beta f + c (exact in float; the
+    first keeps the residual): the QKV and FFN1 inputs. Returns how many folded.
 
-
-def _value_columns(v_heads: gs.Tensor, channels: int):
-    """V of an attention: v_heads = Transpose(Reshape(v, [.., .., H, D]), perm (0, 2, 1, 3)) with H * D =
-    ``channels``, v a slice of a packed projection's Split (or the projection itself), Add(MatMul(x, W), bias):
-    (MatMul, bias Add, bias values, first column of v), each tensor read only on this path; else None."""
-    transpose = v_heads.inputs[0] if v_heads.inputs else None
-    if transpose is None or transpose.op != "Transpose" or list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3] \
-            or _only_reader(v_heads) is None:
-        return None
-    reshape = transpose.inputs[0].inputs[0] if transpose.inputs[0].inputs else None
-    shape = constant_values(reshape.inputs[1]) if reshape is not None and reshape.op == "Reshape" else None
-    if shape is None or shape.size != 4 or int(shape[2]) * int(shape[3]) != channels \
-            or _only_reader(transpose.inputs[0]) is not transpose or _only_reader(reshape.inputs[0]) is not reshape:
-        return None
-    v, first = reshape.inputs[0], 0
-    split = v.inputs[0] if v.inputs else None
-    if split is not None and split.op == "Split":
-        sizes = constant_values(split.inputs[1]) if len(split.inputs) > 1 else None
-        if sizes is None or sizes.size != len(split.outputs) or split.attrs.get("axis", 0) not in (-1, 2):
-            return None
-        index = split.outputs.index(v)
-        first, v = int(sizes[:index].sum()), split.inputs[0]
-        if int(sizes[index]) != channels or _only_reader(v) is not split:
-            return None
-    found = bias_split(v)
-    if found is None:
-        return None
-    matmul_out, bias, add = found
-    matmul = matmul_out.inputs[0]
-    if _only_reader(matmul_out) is not add or first + channels > bias.size or _only_reader(matmul.inputs[1]) is not matmul:
-        return None  # a weight other layers share (ALBERT) keeps its columns
-    return matmul, add, bias, first
-
-
-def _attention_fold(graph: gs.Graph, q: gs.Node, x: gs.Tensor, factor: np.ndarray, offset: np.ndarray) -> bool:
-    """Attention context ─► Mul(f) ─► Add(c) ─► Q/DQ  =>  V's projection columns times f, its bias times f plus c
-    (softmax rows sum to 1, so P (V f + c) = (P V) f + c; INT8 weight codes stay, their scales take f), and the
-    per-tensor Q/DQ moves before the head merge (Transpose, Reshape), which it commutes with: OpenVINO fuses it
-    into the attention Subgraph, and the head transpose moves u8 instead of bf16."""
-    merge = _head_merge(x)
-    dq = _only_reader(q.outputs[0])
-    if merge is None or dq is None or dq.op != "DequantizeLinear" or len(x.outputs) != 1:
-        return False  # the context read by anything but the smoothing Mul would read the quantized one
-    pv, transpose, reshape = merge
-    found = _value_columns(pv.inputs[1], factor.size)
-    if found is None:
-        return False
-    matmul, add, bias, first = found
-    factors, offsets = np.ones(bias.size), np.zeros(bias.size)
-    factors[first:first + factor.size], offsets[first:first + factor.size] = factor, offset
-    if not scale_columns(matmul, add, bias, factors, offsets, tag="smoothing_folded"):
-        return False
-    quantized, dequantized = q.outputs[0], dq.outputs[0]
-    for tensor in (quantized, dequantized):
-        tensor.shape = None  # [B, H, S, D] now: shape inference writes it
-    merged = reshape.outputs[0]
-    redirect(dequantized, merged)
-    q.inputs[0] = pv.outputs[0]
-    transpose.inputs[0] = dequantized
-    return True
-
-
-def fold_smoothing(graph: gs.Graph) -> dict[str, int]:
-    """Fold each SmoothQuant Mul (and shift Add) before an activation's QuantizeLinear into what produces the
-    activation, where that is exact in float (``smoothing_chain``):
-
-      LayerNorm ─► Mul(f) ─► Add(c) ─► Q      a second LayerNorm with gamma f, beta f + c (the first keeps the
-                                              residual): QKV and FFN1 inputs
-      attention context ─► Mul ─► Add ─► Q    V's projection columns (softmax rows sum to 1), and the Q/DQ moves
-                                              before the head merge: attention-output inputs
-
-    A Mul after anything else (FFN2's, after GELU) stays: OpenVINO fuses it, the shift and the FakeQuantize into
-    the FullyConnected before it. Returns {'layernorm': n, 'attention': n}."""
-    folded = {"layernorm": 0, "attention": 0}
+    Not folded, from OpenVINO's counters on an AMX Xeon (docs/openvino.md): FFN2's Mul (after GELU), which the
+    plugin already fuses with the shift and the FakeQuantize into the FFN1 FullyConnected; and the attention
+    output's, which would fold exactly into V's projection columns (softmax rows sum to 1) with the Q/DQ moved
+    before the head merge: the plugin then runs the FakeQuantize inside the attention Subgraph, but its u8 head
+    Transpose is slower than the bf16 one, and the two cancel out."""
+    folded = 0
     for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
         chain = smoothing_chain(q)
-        if chain is None:
-            continue
-        if _layernorm_fold(graph, q, *chain):
-            folded["layernorm"] += 1
-        elif _attention_fold(graph, q, *chain):
-            folded["attention"] += 1
-    if any(folded.values()):
+        if chain is not None and _layernorm_fold(graph, q, *chain):
+            folded += 1
+    if folded:
         cleanup(graph)
     return folded

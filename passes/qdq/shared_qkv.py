@@ -58,17 +58,15 @@ def _head_chain(part: gs.Tensor) -> tuple[gs.Node, gs.Node, float] | None:
     return _symmetric_pair(transpose.outputs[0]) if transpose is not None else None
 
 
-def scale_columns(matmul: gs.Node, add: gs.Node, bias: np.ndarray, factors: np.ndarray,
-                  offsets: np.ndarray | None = None, tag: str = "qkv_shared") -> bool:
+def _scale_columns(matmul: gs.Node, add: gs.Node, bias: np.ndarray, factors: np.ndarray) -> bool:
     """Multiply output column n of ``matmul``'s constant weight (float, or DequantizeLinear of a 2-D INT8 constant
-    with per-column scales on axis 1: the INT8 codes stay) and of the bias by ``factors[n]``, then add
-    ``offsets[n]`` to the bias (new constants named ``..._<tag>``). False (nothing changed) for another form."""
+    with per-column scales on axis 1) and of the bias by ``factors[n]``. False (nothing changed) for another form."""
     weight = matmul.inputs[1]
     values = constant_values(weight)
     if values is not None:
         if values.ndim != 2 or values.shape[1] != factors.size:
             return False
-        new_weight = gs.Constant(f"{weight.name}_{tag}", (values.astype(np.float64) * factors).astype(values.dtype))
+        new_weight = gs.Constant(f"{weight.name}_qkv_shared", (values.astype(np.float64) * factors).astype(values.dtype))
         dq = None
     else:
         dq = producer(weight)
@@ -78,11 +76,11 @@ def scale_columns(matmul: gs.Node, add: gs.Node, bias: np.ndarray, factors: np.n
         if scale is None or scale.ndim != 1 or scale.size != factors.size or dq.attrs.get("axis", 1) not in (1, -1) \
                 or constant_values(dq.inputs[0]).ndim != 2:
             return False
-        new_scale = gs.Constant(f"{dq.inputs[1].name}_{tag}", (scale.astype(np.float64) * factors).astype(scale.dtype))
+        new_scale = gs.Constant(f"{dq.inputs[1].name}_qkv_shared", (scale.astype(np.float64) * factors).astype(scale.dtype))
     index = next(i for i, t in enumerate(add.inputs) if constant_values(t) is not None and t is not matmul.outputs[0])
     old_bias = add.inputs[index]
-    moved = bias.astype(np.float64) * factors + (0.0 if offsets is None else offsets.astype(np.float64))
-    add.inputs[index] = gs.Constant(f"{old_bias.name}_{tag}", moved.astype(constant_values(old_bias).dtype))
+    add.inputs[index] = gs.Constant(f"{old_bias.name}_qkv_shared",
+                                    (bias.astype(np.float64) * factors).astype(constant_values(old_bias).dtype))
     if dq is None:
         matmul.inputs[1] = new_weight
     else:
@@ -115,7 +113,7 @@ def share_qkv_scales(graph: gs.Graph) -> int:
         s_q, s_k, s_v = (scale for _, _, scale in chains)
         a_q, a_k = s_v / s_q, s_v / s_k
         factors = np.concatenate([np.full(int(sizes[0]), a_q), np.full(int(sizes[1]), a_k), np.ones(int(sizes[2]))])
-        if bias.size != factors.size or not scale_columns(producer(matmul_out), add, bias, factors):
+        if bias.size != factors.size or not _scale_columns(producer(matmul_out), add, bias, factors):
             continue
         dtype = constant_values(chains[2][0].inputs[1]).dtype
         for q, dq, _ in chains:
