@@ -19,13 +19,13 @@ Variants (all on OpenVINO CPU, latency hint, --threads inference threads):
   ...-nopin       a variant compiled with ENABLE_CPU_PINNING=False (threads not pinned to cores; OpenVINO pins
                   them by default under the latency hint)
 
-For each variant and shape: per-node time from ``ov::enable_profiling`` (``PERF_COUNT``), the median over
---profile-runs of each node's real time, summed per (layer type, kernel) and as shares (MatMul work: FullyConnected,
+For each variant and shape: per-node time from ``ov::enable_profiling`` (``PERF_COUNT``), the mean over
+--profile-runs interleaved rounds (every variant and shape once a round) of each node's real time, summed per
+(layer type, kernel) and as shares (MatMul work: FullyConnected,
 MatMul, the attention Subgraph; the rest: LayerNorm (MVN), Eltwise, Softmax, FakeQuantize, Reorder, Convert,
 Transpose, Split...); the runtime model's precisions (``runtime_precisions``) and where each MatMul runs
 (``matmul_placement``); latency from interleaved rounds (each round runs every variant and shape; median of the
-round medians, speed-up over ``fp32`` measured in the same rounds; the profiles are not interleaved: under other
-load compare shares within a variant); fidelity of mean-pooled embeddings on held-out
+round medians, speed-up over ``fp32`` measured in the same rounds); fidelity of mean-pooled embeddings on held-out
 sentences against ORT FP32 (mean/min cosine, nearest-neighbour agreement).
 
     python bench/bench_openvino_profile.py --json bench/results/openvino_profile_amx.json
@@ -114,32 +114,35 @@ def token_feed(batch: int, seq: int, names) -> dict[str, np.ndarray]:
     return {k: v for k, v in feed.items() if k in names}
 
 
-def profile(compiled, feed: dict, runs: int) -> dict:
-    """Per (layer type, kernel): count of nodes, median ms a run; and the share of MatMul work."""
-    request = compiled.create_infer_request()
-    for _ in range(3):
-        request.infer(feed)
-    per_node: dict[str, list[float]] = defaultdict(list)
-    kind: dict[str, tuple[str, str]] = {}
-    for _ in range(runs):
-        request.infer(feed)
-        for info in request.profiling_info:
-            if info.status != info.Status.EXECUTED:
-                continue
-            per_node[info.node_name].append(info.real_time.total_seconds() * 1e3)
-            kind[info.node_name] = (info.node_type, info.exec_type)
+def profile_counters(request) -> dict:
+    """Per (layer type, kernel): count of nodes, ms a run (OpenVINO's counters: the mean over every run of the
+    compiled model so far); the share of MatMul work, the reorders."""
     groups: dict[str, dict] = {}
-    for name, times in per_node.items():
-        node_type, exec_type = kind[name]
-        group = groups.setdefault(f"{node_type} {exec_type}", {"nodes": 0, "ms": 0.0})
+    for info in request.profiling_info:
+        if info.status != info.Status.EXECUTED:
+            continue
+        group = groups.setdefault(f"{info.node_type} {info.exec_type}", {"nodes": 0, "ms": 0.0})
         group["nodes"] += 1
-        group["ms"] += statistics.median(times)
+        group["ms"] += info.real_time.total_seconds() * 1e3
     total = sum(g["ms"] for g in groups.values())
     matmul = sum(g["ms"] for k, g in groups.items() if k.split()[0] in MATMUL_WORK)
     ordered = dict(sorted(((k, {"nodes": g["nodes"], "ms": round(g["ms"], 3), "share": round(g["ms"] / total, 4)})
                            for k, g in groups.items()), key=lambda kv: -kv[1]["ms"]))
     return {"total_ms": round(total, 3), "matmul_work_share": round(matmul / total, 4),
             "reorders": sum(g["nodes"] for k, g in groups.items() if k.startswith("Reorder")), "kernels": ordered}
+
+
+def interleaved_profiles(profiled: dict, runs: int) -> dict:
+    """``profiled[(variant, shape)] = (request, feed)``, each request of its own compiled model (OpenVINO keeps one
+    set of counters per compiled model): ``runs`` rounds, each running every variant and shape once after 3
+    warm-up runs, so that other load on the machine falls on every variant alike; then each one's counters."""
+    for request, feed in profiled.values():
+        for _ in range(3):
+            request.infer(feed)
+    for _ in range(runs):
+        for request, feed in profiled.values():
+            request.infer(feed)
+    return {key: profile_counters(request) for key, (request, _) in profiled.items()}
 
 
 def timing_rounds(requests: dict, feeds: dict, rounds: int, cell_s: float, base: str) -> dict:
@@ -253,7 +256,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="1x128,8x128")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--cell-s", type=float, default=0.5, help="seconds per variant and shape in a round")
-    parser.add_argument("--profile-runs", type=int, default=20)
+    parser.add_argument("--profile-runs", type=int, default=60)
     parser.add_argument("--variants", default="fp32,fp32-fused,tqc-int8,tqc-int8-f32,tqc-int8-attn,tqc-int8-old,"
                                               "nncf-int8")
     parser.add_argument("--precision", default=None, help="INFERENCE_PRECISION_HINT for every variant "
@@ -313,7 +316,7 @@ def main() -> None:
     results: dict = {"machine": machine(), "threads": args.threads, "openvino": ov.get_version(),
                      "calib_sentences": len(calib), "eval_sentences": len(held_out), "compile_s": compile_s,
                      "variants": {}}
-    requests, feeds = {}, {}
+    requests, feeds, profiled = {}, {}, {}
     tok = tokenizer()
     import onnxruntime as ort
 
@@ -332,10 +335,10 @@ def main() -> None:
         row = {"path": str(path), "precision_hint": inference_precision(compiled), "cpu_pinning": pinning,
                "int8_matmuls": f"{integer}/{total}", "matmul_runtime_nodes": placement_summary(placement),
                "runtime_precisions": runtime_precisions(compiled), "profile": {}}
-        profiled = compile_variant(core, path, args.threads, hint, profiling=True, pinning=pinning)
-        for batch, seq in shapes:
-            row["profile"][f"{batch}x{seq}"] = profile(profiled, token_feed(batch, seq, names), args.profile_runs)
-        del profiled
+        for batch, seq in shapes:  # a compiled model per shape: its counters are its own
+            profiled[(name, f"{batch}x{seq}")] = (compile_variant(core, path, args.threads, hint, profiling=True,
+                                                                  pinning=pinning).create_infer_request(),
+                                                  token_feed(batch, seq, names))
         request = compiled.create_infer_request()
         port = compiled.outputs[0]
 
@@ -346,6 +349,10 @@ def main() -> None:
         feeds[name] = {f"{b}x{s}": token_feed(b, s, names) for b, s in shapes}
         results["variants"][name] = row
         log(f"  {row['int8_matmuls']} {row['matmul_runtime_nodes']} {row['fidelity']}")
+    log(f"profiles: {args.profile_runs} interleaved rounds")
+    for (name, shape), counters in interleaved_profiles(profiled, args.profile_runs).items():
+        results["variants"][name]["profile"][shape] = counters
+    profiled.clear()
     log(f"latency: {args.rounds} interleaved rounds, {args.threads} threads")
     latency = timing_rounds(requests, feeds, args.rounds, args.cell_s, wanted[0])
     for name in results["variants"]:
@@ -375,7 +382,8 @@ def print_tables(results: dict, base: str) -> None:
               f"{f['min_cosine']:>8.4f} {f['nn_agreement']:>6.3f}  " +
               " ".join(f"{row['latency'][s][f'cpu_x_vs_{base}']:.2f}x" for s in shapes))
     for shape in shapes:
-        print(f"\nper-node time at {shape} (median of profiled runs, ms; share of the summed node time)")
+        print(f"\nper-node time at {shape} (OpenVINO's counters, mean of the interleaved profiled runs, ms; share of "
+              "the summed node time)")
         for name, row in variants.items():
             p = row["profile"][shape]
             top = ", ".join(f"{k} x{v['nodes']} {v['ms']:.2f} ({100 * v['share']:.0f}%)"

@@ -212,6 +212,16 @@ def test_attention_matmuls_int8_probs_uint8_on_a_real_export(tiny_openvino):
     assert set(precisions.get("MVN", {})) == {"f32"}  # LayerNormalization fused into MVN, in float
 
 
+def run_tensors(model: onnx.ModelProto, feed: dict, names: list[str]) -> list[np.ndarray]:
+    """The tensors ``names`` of ``model`` on ORT CPU (optimizations off), for the inputs of ``feed`` it takes."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(names, {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})
+
+
 def runtime_output_precisions(compiled, layer: str) -> set[str]:
     """Output precisions (rt_info ``outputPrecisions``) of the runtime nodes that took in ``layer`` (or a layer
     OpenVINO derived from it, ``<layer>/...``)."""
@@ -250,14 +260,9 @@ def test_qkv_share_one_scale_fused_into_the_projection(tiny_openvino, exports, t
     assert "qkv_scales_shared" not in apart_stage["stats"]
     assert len(nodes(apart, "QuantizeLinear")) == len(nodes(q, "QuantizeLinear")) + 4  # 3 pairs for 1, 2 layers
     feed = synthesize_feeds(load_model(exports.get("bert", size="tiny")), count=1)[0]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
     def run(model, names):
-        model = onnx.ModelProto.FromString(model.SerializeToString())
-        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run(names, {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})
+        return run_tensors(model, feed, names)
 
     for layer in range(2):
         prefix = f"tqc_attn{layer}_"
@@ -357,14 +362,9 @@ def test_smoothing_folds_into_a_second_layernorm_with_the_same_codes(tiny_openvi
     codes = [n.output[0] for n in nodes(kept, "QuantizeLinear")]
     assert len(codes) == 8 and {n.output[0] for n in nodes(q, "QuantizeLinear")} == set(codes)
     feed = synthesize_feeds(load_model(exports.get("bert", size="tiny")), count=1)[0]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
     def run(model, names):
-        model = onnx.ModelProto.FromString(model.SerializeToString())
-        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run(names, {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})
+        return run_tensors(model, feed, names)
 
     for name, before, after in zip(codes, run(kept, codes), run(q, codes)):
         differ = np.abs(before.astype(int) - after.astype(int))
