@@ -7,8 +7,11 @@ Variants (all on OpenVINO CPU, latency hint, --threads inference threads):
   fp32            the exported FP32 model (.onnx) with OpenVINO's defaults: bf16 on CPUs with AMX/AVX512-BF16
   fp32-fused      tqc ``fold,fuse`` written as IR (float; OpenVINO's fused attention), same defaults
   tqc-int8        tqc ``fold,fuse,qdq --target openvino`` as it is now (float attention, zero points in the bias,
-                  SmoothQuant's Muls folded into a second LayerNorm and V's projection: qdq/openvino.fold_smoothing)
+                  SmoothQuant's Muls after a LayerNorm folded into a second LayerNorm: qdq/openvino.fold_smoothing,
+                  and each packed QKV projection unpacked into three MatMuls: qdq/openvino.unpack_qkv)
   tqc-int8-nofold the same with SmoothQuant's Muls (and shift Adds) left before every quantized linear input
+  tqc-int8-packed the same with the QKV projections left packed (a Split after each)
+  tqc-int8-round1 both: the default placement of the first round of this analysis
   tqc-int8-attn   the same with ``qdq{attention=true}`` (attention's MatMuls in INT8; q, k, v share one Q/DQ
                   before the QKV Split, fused into the projection: passes/qdq/shared_qkv.py)
   tqc-int8-attn-sep  ``qdq{attention=true}`` with a Q/DQ each on q, k and v (before shared_qkv: 48 reorders)
@@ -57,11 +60,12 @@ from bench_openvino import SENTENCES, encode, fidelity, log, tokenizer  # noqa: 
 MATMUL_WORK = ("FullyConnected", "FullyConnectedQuantizedLegacy", "MatMul", "Subgraph", "ScaledDotProductAttention")
 
 # earlier placements, rebuilt by switching the openvino target's newer facts off in the compiling process: before
-# the first analysis (INT8 attention, zero points left in the DequantizeLinear), q, k, v quantized apart, and
-# SmoothQuant's Muls not folded
+# the first analysis (INT8 attention, zero points left in the DequantizeLinear), q, k, v quantized apart,
+# SmoothQuant's Muls not folded, the QKV projections packed
 FACTS = {"old": "int8_attention_by_default=True, zero_points_in_bias=False, shared_qkv_scale=False, "
-                "smoothing_folded=False",
-         "sep": "shared_qkv_scale=False", "nofold": "smoothing_folded=False"}
+                "smoothing_folded=False, qkv_unpacked=False",
+         "sep": "shared_qkv_scale=False, qkv_unpacked=False", "nofold": "smoothing_folded=False", "packed": "qkv_unpacked=False",
+         "round1": "smoothing_folded=False, qkv_unpacked=False"}
 
 
 def with_facts(facts: str) -> str:
@@ -293,7 +297,8 @@ def main() -> None:
     builds = {"fp32-fused": ("fold,fuse", None), "tqc-int8": ("fold,fuse,qdq", None),
               "tqc-int8-attn": ("fold,fuse,qdq{attention=true}", None),
               "tqc-int8-attn-sep": ("fold,fuse,qdq{attention=true}", "sep"), "tqc-int8-old": ("fold,fuse,qdq", "old"),
-              "tqc-int8-nofold": ("fold,fuse,qdq", "nofold")}
+              "tqc-int8-nofold": ("fold,fuse,qdq", "nofold"), "tqc-int8-packed": ("fold,fuse,qdq", "packed"),
+              "tqc-int8-round1": ("fold,fuse,qdq", "round1")}
     for name in wanted:
         pinning = not name.endswith("-nopin")
         base = name.removesuffix("-nopin")

@@ -154,10 +154,10 @@ def test_default_keeps_attention_float_and_runs_linear_layers_with_zero_point_0(
     model = core.read_model(str(path))
     compiled = compile_ov(model, core=core)
     placement = matmul_placement(compiled, model)
-    assert int8_matmuls(placement) == (8, 12)
+    assert int8_matmuls(placement) == (12, 16)  # the QKV projections as three MatMuls each (unpack_qkv)
     attention_names = ("(Q.K^T)", "(probs.V)", "_qk", "_pv")  # a fused float attention op, or its MatMuls
     linear = {n: p for n, p in placement.items() if not n.endswith(attention_names)}
-    assert len(linear) == 8 and {p[0] for p in linear.values()} == {"FullyConnected"}
+    assert len(linear) == 12 and {p[0] for p in linear.values()} == {"FullyConnected"}
     assert {p[1] for p in linear.values()} <= {"u8", "i8"}
     attention = {p for n, p in placement.items() if n not in linear}
     assert attention and {precision for _, precision in attention} <= {"f32", "bf16"}  # float attention
@@ -293,7 +293,8 @@ def test_qkv_share_scales_through_a_float_projection(exports, tmp_path, monkeypa
     (tmp_path / "shared").mkdir()
     _, shared, stage = compile_tiny(exports, tmp_path / "shared", spec)
     assert stage["stats"]["qkv_scales_shared"] == 2 and stage["verify"]["numeric"]["passed"]
-    monkeypatch.setitem(target.BY_NAME, "openvino", dataclasses.replace(target.OPENVINO, shared_qkv_scale=False))
+    monkeypatch.setitem(target.BY_NAME, "openvino", dataclasses.replace(target.OPENVINO, shared_qkv_scale=False,
+                                                                        qkv_unpacked=False))  # packed, as before
     (tmp_path / "apart").mkdir()
     _, apart, _ = compile_tiny(exports, tmp_path / "apart", spec)
     for layer in range(2):
@@ -382,3 +383,25 @@ def test_int8_attention_folds_the_layernorm_smoothing_too(tiny_openvino):
     _, q, stage = tiny_openvino
     assert stage["stats"]["smoothing_folded"] == 4
     assert len([n for n in nodes(q, "Mul") if "_tqc_smooth" in n.name]) == 4
+
+
+def test_qkv_projection_unpacked_same_numbers_no_split(tiny_openvino_default, exports, tmp_path, monkeypatch):
+    """Default placement, float attention: each packed QKV projection becomes three MatMuls and bias Adds on the
+    one quantized input (passes/qdq/openvino.unpack_qkv), so OpenVINO runs no Split (a reference kernel there);
+    the answer is the packed graph's (each output column is the same dot product)."""
+    import dataclasses
+
+    import tqc.compiler.core.target as target
+    from tqc.compiler.io.model import load_model
+
+    path, q, stage = tiny_openvino_default
+    assert stage["stats"]["qkv_unpacked"] == 2 and not nodes(q, "Split")
+    monkeypatch.setitem(target.BY_NAME, "openvino", dataclasses.replace(target.OPENVINO, qkv_unpacked=False))
+    packed_path, packed, packed_stage = compile_tiny(exports, tmp_path, "qdq")
+    assert "qkv_unpacked" not in packed_stage["stats"] and len(nodes(packed, "Split")) == 2
+    assert len(nodes(q, "MatMul")) == len(nodes(packed, "MatMul")) + 4
+    assert len(nodes(q, "QuantizeLinear")) == len(nodes(packed, "QuantizeLinear"))  # one Q/DQ feeds all three
+    feed = synthesize_feeds(load_model(exports.get("bert", size="tiny")), count=1)[0]
+    (out_packed,), (out_unpacked,) = (run_tensors(m, feed, ["last_hidden_state"]) for m in (packed, q))
+    assert np.abs(out_unpacked - out_packed).max() <= 1e-5 * np.abs(out_packed).max()
+    assert "Split" in runtime_precisions(compile_ov(packed_path)) and "Split" not in runtime_precisions(compile_ov(path))
