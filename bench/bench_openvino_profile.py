@@ -6,7 +6,12 @@ Variants (all on OpenVINO CPU, latency hint, --threads inference threads):
 
   fp32            the exported FP32 model (.onnx) with OpenVINO's defaults: bf16 on CPUs with AMX/AVX512-BF16
   fp32-fused      tqc ``fold,fuse`` written as IR (float; OpenVINO's fused attention), same defaults
-  tqc-int8        tqc ``fold,fuse,qdq --target openvino`` as it is now (float attention, zero points in the bias)
+  tqc-int8        tqc ``fold,fuse,qdq --target openvino`` as it is now (float attention, zero points in the bias,
+                  SmoothQuant's Muls after a LayerNorm folded into a second LayerNorm: qdq/openvino.fold_smoothing,
+                  and each packed QKV projection unpacked into three MatMuls: qdq/openvino.unpack_qkv)
+  tqc-int8-nofold the same with SmoothQuant's Muls (and shift Adds) left before every quantized linear input
+  tqc-int8-packed the same with the QKV projections left packed (a Split after each)
+  tqc-int8-round1 both: the default placement of the first round of this analysis
   tqc-int8-attn   the same with ``qdq{attention=true}`` (attention's MatMuls in INT8; q, k, v share one Q/DQ
                   before the QKV Split, fused into the projection: passes/qdq/shared_qkv.py)
   tqc-int8-attn-sep  ``qdq{attention=true}`` with a Q/DQ each on q, k and v (before shared_qkv: 48 reorders)
@@ -17,13 +22,14 @@ Variants (all on OpenVINO CPU, latency hint, --threads inference threads):
   ...-nopin       a variant compiled with ENABLE_CPU_PINNING=False (threads not pinned to cores; OpenVINO pins
                   them by default under the latency hint)
 
-For each variant and shape: per-node time from ``ov::enable_profiling`` (``PERF_COUNT``), the median over
---profile-runs of each node's real time, summed per (layer type, kernel) and as shares (MatMul work: FullyConnected,
+For each variant and shape: per-node time from ``ov::enable_profiling`` (``PERF_COUNT``), the mean over
+--profile-runs interleaved rounds (every variant and shape once a round) of each node's real time, summed per
+(layer type, kernel) and as shares (MatMul work: FullyConnected,
 MatMul, the attention Subgraph; the rest: LayerNorm (MVN), Eltwise, Softmax, FakeQuantize, Reorder, Convert,
 Transpose, Split...); the runtime model's precisions (``runtime_precisions``) and where each MatMul runs
 (``matmul_placement``); latency from interleaved rounds (each round runs every variant and shape; median of the
-round medians, speed-up over ``fp32`` measured in the same rounds; the profiles are not interleaved: under other
-load compare shares within a variant); fidelity of mean-pooled embeddings on held-out
+round medians, speed-up over ``fp32`` measured in the same rounds; also the process CPU time an inference and
+the fastest run of all rounds, the measures least moved by other load on a shared machine); fidelity of mean-pooled embeddings on held-out
 sentences against ORT FP32 (mean/min cosine, nearest-neighbour agreement).
 
     python bench/bench_openvino_profile.py --json bench/results/openvino_profile_amx.json
@@ -55,9 +61,12 @@ from bench_openvino import SENTENCES, encode, fidelity, log, tokenizer  # noqa: 
 MATMUL_WORK = ("FullyConnected", "FullyConnectedQuantizedLegacy", "MatMul", "Subgraph", "ScaledDotProductAttention")
 
 # earlier placements, rebuilt by switching the openvino target's newer facts off in the compiling process: before
-# the first analysis (INT8 attention, zero points left in the DequantizeLinear), and q, k, v quantized apart
-FACTS = {"old": "int8_attention_by_default=True, zero_points_in_bias=False, shared_qkv_scale=False",
-         "sep": "shared_qkv_scale=False"}
+# the first analysis (INT8 attention, zero points left in the DequantizeLinear), q, k, v quantized apart,
+# SmoothQuant's Muls not folded, the QKV projections packed
+FACTS = {"old": "int8_attention_by_default=True, zero_points_in_bias=False, shared_qkv_scale=False, "
+                "smoothing_folded=False, qkv_unpacked=False",
+         "sep": "shared_qkv_scale=False, qkv_unpacked=False", "nofold": "smoothing_folded=False", "packed": "qkv_unpacked=False",
+         "round1": "smoothing_folded=False, qkv_unpacked=False"}
 
 
 def with_facts(facts: str) -> str:
@@ -110,26 +119,16 @@ def token_feed(batch: int, seq: int, names) -> dict[str, np.ndarray]:
     return {k: v for k, v in feed.items() if k in names}
 
 
-def profile(compiled, feed: dict, runs: int) -> dict:
-    """Per (layer type, kernel): count of nodes, median ms a run; and the share of MatMul work."""
-    request = compiled.create_infer_request()
-    for _ in range(3):
-        request.infer(feed)
-    per_node: dict[str, list[float]] = defaultdict(list)
-    kind: dict[str, tuple[str, str]] = {}
-    for _ in range(runs):
-        request.infer(feed)
-        for info in request.profiling_info:
-            if info.status != info.Status.EXECUTED:
-                continue
-            per_node[info.node_name].append(info.real_time.total_seconds() * 1e3)
-            kind[info.node_name] = (info.node_type, info.exec_type)
+def profile_counters(request) -> dict:
+    """Per (layer type, kernel): count of nodes, ms a run (OpenVINO's counters: the mean over every run of the
+    compiled model so far); the share of MatMul work, the reorders."""
     groups: dict[str, dict] = {}
-    for name, times in per_node.items():
-        node_type, exec_type = kind[name]
-        group = groups.setdefault(f"{node_type} {exec_type}", {"nodes": 0, "ms": 0.0})
+    for info in request.profiling_info:
+        if info.status != info.Status.EXECUTED:
+            continue
+        group = groups.setdefault(f"{info.node_type} {info.exec_type}", {"nodes": 0, "ms": 0.0})
         group["nodes"] += 1
-        group["ms"] += statistics.median(times)
+        group["ms"] += info.real_time.total_seconds() * 1e3
     total = sum(g["ms"] for g in groups.values())
     matmul = sum(g["ms"] for k, g in groups.items() if k.split()[0] in MATMUL_WORK)
     ordered = dict(sorted(((k, {"nodes": g["nodes"], "ms": round(g["ms"], 3), "share": round(g["ms"] / total, 4)})
@@ -138,8 +137,22 @@ def profile(compiled, feed: dict, runs: int) -> dict:
             "reorders": sum(g["nodes"] for k, g in groups.items() if k.startswith("Reorder")), "kernels": ordered}
 
 
+def interleaved_profiles(profiled: dict, runs: int) -> dict:
+    """``profiled[(variant, shape)] = (request, feed)``, each request of its own compiled model (OpenVINO keeps one
+    set of counters per compiled model): ``runs`` rounds, each running every variant and shape once after 3
+    warm-up runs, so that other load on the machine falls on every variant alike; then each one's counters."""
+    for request, feed in profiled.values():
+        for _ in range(3):
+            request.infer(feed)
+    for _ in range(runs):
+        for request, feed in profiled.values():
+            request.infer(feed)
+    return {key: profile_counters(request) for key, (request, _) in profiled.items()}
+
+
 def timing_rounds(requests: dict, feeds: dict, rounds: int, cell_s: float, base: str) -> dict:
     medians: dict = defaultdict(list)
+    fastest: dict = defaultdict(list)  # the fastest run of each cell: the least touched by other load
     cpu: dict = defaultdict(list)  # process CPU time an inference (both threads; less sensitive to other load)
     for name, (request, _) in requests.items():
         for shape, feed in feeds[name].items():
@@ -154,17 +167,20 @@ def timing_rounds(requests: dict, feeds: dict, rounds: int, cell_s: float, base:
                     request.infer(feeds[name][shape])
                     samples.append((time.perf_counter() - t0) * 1e3)
                 medians[(name, shape)].append(statistics.median(samples))
+                fastest[(name, shape)].append(min(samples))
                 cpu[(name, shape)].append((time.process_time() - cpu_start) * 1e3 / len(samples))
         log(f"  round {r + 1}/{rounds} (load {os.getloadavg()[0]:.1f})")
     out: dict = {}
     for (name, shape), values in medians.items():
         out.setdefault(name, {})[shape] = {"median_ms": round(statistics.median(values), 3),
                                            "cpu_ms": round(statistics.median(cpu[(name, shape)]), 3),
+                                           "min_ms": round(min(fastest[(name, shape)]), 3),
                                            "round_medians_ms": [round(v, 3) for v in values]}
     for name in out:
         for shape in out[name]:
             out[name][shape][f"x_vs_{base}"] = round(out[base][shape]["median_ms"] / out[name][shape]["median_ms"], 3)
             out[name][shape][f"cpu_x_vs_{base}"] = round(out[base][shape]["cpu_ms"] / out[name][shape]["cpu_ms"], 3)
+            out[name][shape][f"min_x_vs_{base}"] = round(out[base][shape]["min_ms"] / out[name][shape]["min_ms"], 3)
     return out
 
 
@@ -249,7 +265,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="1x128,8x128")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--cell-s", type=float, default=0.5, help="seconds per variant and shape in a round")
-    parser.add_argument("--profile-runs", type=int, default=20)
+    parser.add_argument("--profile-runs", type=int, default=60)
     parser.add_argument("--variants", default="fp32,fp32-fused,tqc-int8,tqc-int8-f32,tqc-int8-attn,tqc-int8-old,"
                                               "nncf-int8")
     parser.add_argument("--precision", default=None, help="INFERENCE_PRECISION_HINT for every variant "
@@ -285,7 +301,9 @@ def main() -> None:
     compile_s: dict[str, float] = {}
     builds = {"fp32-fused": ("fold,fuse", None), "tqc-int8": ("fold,fuse,qdq", None),
               "tqc-int8-attn": ("fold,fuse,qdq{attention=true}", None),
-              "tqc-int8-attn-sep": ("fold,fuse,qdq{attention=true}", "sep"), "tqc-int8-old": ("fold,fuse,qdq", "old")}
+              "tqc-int8-attn-sep": ("fold,fuse,qdq{attention=true}", "sep"), "tqc-int8-old": ("fold,fuse,qdq", "old"),
+              "tqc-int8-nofold": ("fold,fuse,qdq", "nofold"), "tqc-int8-packed": ("fold,fuse,qdq", "packed"),
+              "tqc-int8-round1": ("fold,fuse,qdq", "round1")}
     for name in wanted:
         pinning = not name.endswith("-nopin")
         base = name.removesuffix("-nopin")
@@ -308,7 +326,7 @@ def main() -> None:
     results: dict = {"machine": machine(), "threads": args.threads, "openvino": ov.get_version(),
                      "calib_sentences": len(calib), "eval_sentences": len(held_out), "compile_s": compile_s,
                      "variants": {}}
-    requests, feeds = {}, {}
+    requests, feeds, profiled = {}, {}, {}
     tok = tokenizer()
     import onnxruntime as ort
 
@@ -327,10 +345,10 @@ def main() -> None:
         row = {"path": str(path), "precision_hint": inference_precision(compiled), "cpu_pinning": pinning,
                "int8_matmuls": f"{integer}/{total}", "matmul_runtime_nodes": placement_summary(placement),
                "runtime_precisions": runtime_precisions(compiled), "profile": {}}
-        profiled = compile_variant(core, path, args.threads, hint, profiling=True, pinning=pinning)
-        for batch, seq in shapes:
-            row["profile"][f"{batch}x{seq}"] = profile(profiled, token_feed(batch, seq, names), args.profile_runs)
-        del profiled
+        for batch, seq in shapes:  # a compiled model per shape: its counters are its own
+            profiled[(name, f"{batch}x{seq}")] = (compile_variant(core, path, args.threads, hint, profiling=True,
+                                                                  pinning=pinning).create_infer_request(),
+                                                  token_feed(batch, seq, names))
         request = compiled.create_infer_request()
         port = compiled.outputs[0]
 
@@ -341,6 +359,10 @@ def main() -> None:
         feeds[name] = {f"{b}x{s}": token_feed(b, s, names) for b, s in shapes}
         results["variants"][name] = row
         log(f"  {row['int8_matmuls']} {row['matmul_runtime_nodes']} {row['fidelity']}")
+    log(f"profiles: {args.profile_runs} interleaved rounds")
+    for (name, shape), counters in interleaved_profiles(profiled, args.profile_runs).items():
+        results["variants"][name]["profile"][shape] = counters
+    profiled.clear()
     log(f"latency: {args.rounds} interleaved rounds, {args.threads} threads")
     latency = timing_rounds(requests, feeds, args.rounds, args.cell_s, wanted[0])
     for name in results["variants"]:
@@ -361,16 +383,18 @@ def print_tables(results: dict, base: str) -> None:
     variants = results["variants"]
     shapes = list(next(iter(variants.values()))["latency"])
     print(f"\n{'variant':<20} {'hint':<5} {'int8 MatMuls':<13} " + " ".join(f"{s + ' ms (x)':>18}" for s in shapes) +
-          f" {'mean cos':>9} {'min cos':>8} {'NN':>6}  CPU-time x")
+          f" {'mean cos':>9} {'min cos':>8} {'NN':>6}  CPU-time x   fastest-run x")
     for name, row in variants.items():
         cells = " ".join(f"{row['latency'][s]['median_ms']:>10.2f} ({row['latency'][s][f'x_vs_{base}']:.2f}x)"
                          for s in shapes)
         f = row["fidelity"]
         print(f"{name:<20} {row['precision_hint']:<5} {row['int8_matmuls']:<13} {cells} {f['mean_cosine']:>9.5f} "
               f"{f['min_cosine']:>8.4f} {f['nn_agreement']:>6.3f}  " +
-              " ".join(f"{row['latency'][s][f'cpu_x_vs_{base}']:.2f}x" for s in shapes))
+              " ".join(f"{row['latency'][s][f'cpu_x_vs_{base}']:.2f}x" for s in shapes) + "  " +
+              " ".join(f"{row['latency'][s][f'min_x_vs_{base}']:.2f}x" for s in shapes))
     for shape in shapes:
-        print(f"\nper-node time at {shape} (median of profiled runs, ms; share of the summed node time)")
+        print(f"\nper-node time at {shape} (OpenVINO's counters, mean of the interleaved profiled runs, ms; share of "
+              "the summed node time)")
         for name, row in variants.items():
             p = row["profile"][shape]
             top = ", ".join(f"{k} x{v['nodes']} {v['ms']:.2f} ({100 * v['share']:.0f}%)"

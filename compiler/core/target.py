@@ -62,6 +62,11 @@ class Target:
     shared_qkv_scale: bool             # qdq: with INT8 attention, q, k and v of a packed projection share one
                                        # Q/DQ before the Split, their ranges equalized (OpenVINO fuses it into
                                        # the projection: no reorders; passes/qdq/shared_qkv.py)
+    smoothing_folded: bool             # qdq: SmoothQuant's Mul and shift Add after a LayerNorm fold into a
+                                       # second LayerNorm (OpenVINO then fuses the first one's affine into the
+                                       # residual Add; passes/qdq/openvino.py)
+    qkv_unpacked: bool                 # qdq: a packed QKV projection split into q, k, v (not through a shared
+                                       # Q/DQ) becomes three MatMuls: OpenVINO's Split runs a reference kernel
     int8_mha: Int8MhaLimits | None     # ...only within these limits (None: no limit)
     residual_add_qdq: bool             # qdq{residual=true}: both inputs of residual Adds get Q/DQ
     qattention_by_default: bool        # qdq{qattention=auto}: fused Attentions become QAttention (without budget)
@@ -85,25 +90,25 @@ class Target:
 # The table: one row per target. openvino fuses as trt does (standard ONNX: OpenVINO's CPU plugin fuses
 # LayerNorm, the Erf GELU and Q/DQ itself) and quantizes by its own forms (passes/qdq/openvino.py).
 TRT = Target("trt", runtime="TensorRT", contrib_ops=False, attention_mask_format="raw", skip_layernorm_form="contrib",
-             shared_qkv_scale=False,
+             shared_qkv_scale=False, smoothing_folded=False, qkv_unpacked=False,
              symmetric_int8_activations=True, activation_form_by_consumer=False, qdq_per_consumer=False,
              int8_attention_matmuls=True, int8_attention_by_default=True, zero_points_in_bias=False,
              int8_mha=TRT_INT8_MHA, residual_add_qdq=True, qattention_by_default=False,
              shift_by_default=True, cuda_graphs=False)
 ORT_CPU = Target("ort-cpu", runtime="ONNX Runtime CPU", contrib_ops=True, attention_mask_format="raw",
-                 shared_qkv_scale=False,
+                 shared_qkv_scale=False, smoothing_folded=False, qkv_unpacked=False,
                  skip_layernorm_form="sum", symmetric_int8_activations=False, activation_form_by_consumer=False,
                  qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
                  zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=True,
                  shift_by_default=False, cuda_graphs=False)
 ORT_CUDA = Target("ort-cuda", runtime="ONNX Runtime CUDA", contrib_ops=True, attention_mask_format="end",
-                  shared_qkv_scale=False,
+                  shared_qkv_scale=False, smoothing_folded=False, qkv_unpacked=False,
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=False,
                   qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
                   zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=False,
                   shift_by_default=False, cuda_graphs=True)
 OPENVINO = Target("openvino", runtime="OpenVINO", contrib_ops=False, attention_mask_format="raw",
-                  shared_qkv_scale=True,
+                  shared_qkv_scale=True, smoothing_folded=True, qkv_unpacked=True,
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=True,
                   qdq_per_consumer=False, int8_attention_matmuls=True, int8_attention_by_default=False,
                   zero_points_in_bias=True, int8_mha=None, residual_add_qdq=False, qattention_by_default=False,

@@ -52,7 +52,7 @@ from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContex
                              parse_auto_bool, parse_bool, parse_list)
 from tqc.passes.qdq.budget import budget_feeds, enforce_budget
 from tqc.passes.qdq.insert import InsertOptions, insert, linear_input_widths
-from tqc.passes.qdq.openvino import fold_zero_points
+from tqc.passes.qdq.openvino import fold_smoothing, fold_zero_points, unpack_qkv
 from tqc.passes.qdq.plan import PlanOptions, QdqPlan, graph_sequence_bound, plan_sites
 from tqc.passes.qdq.shared_qkv import share_qkv_scales
 
@@ -230,8 +230,12 @@ class Qdq(Pass):
                               refine_cache=self.state.refined, progress=ctx.progress)
         if ctx.target.zero_points_in_bias:
             stats["zero_points_folded"] = fold_zero_points(graph)
+        if ctx.target.smoothing_folded:
+            stats["smoothing_folded"] = fold_smoothing(graph)
         if ctx.target.shared_qkv_scale and self.int8_attention(ctx.target):
             stats["qkv_scales_shared"] = share_qkv_scales(graph)
+        if ctx.target.qkv_unpacked:
+            stats["qkv_unpacked"] = unpack_qkv(graph)
         return stats, notes
 
     def uses_qattention(self, target: Target) -> bool:

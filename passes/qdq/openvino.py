@@ -34,6 +34,12 @@ performance counters (``bench/bench_openvino_profile.py``; numbers in ``docs/ope
                            0.9984, min 0.9957 vs 0.9935): ``qdq{attention=auto}`` keeps attention's batched
                            MatMuls in float on this target (``attention=true``: INT8).
 
+SmoothQuant's Mul (and the shift's Add) after a LayerNorm (the QKV and FFN1 inputs) is folded into a second
+LayerNorm with gamma f and beta f + c (``fold_smoothing``; exact in float, the same INT8 codes). The plugin
+computes the normalization once; the first LayerNorm's affine, now read by the residual Add alone, fuses into
+it: 12 fewer f32 Eltwise passes in MiniLM. FFN2's Mul stays (OpenVINO fuses it, the shift and the FakeQuantize
+into the FFN1 FullyConnected, which writes u8), and so does the attention output's (see ``fold_smoothing``).
+
 Fusion for this target is the standard-ONNX form that ``trt`` uses (packed QKV, scale folded into Q, one
 mask for all layers): OpenVINO's CPU plugin fuses LayerNormalization into MVN, the Erf GELU and the bias
 into the FullyConnected before it, and Q/DQ into its neighbours itself; com.microsoft contrib ops (the
@@ -46,7 +52,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.match import constant_values
+from tqc.passes.fuse.match import bias_split, constant_values
 from tqc.passes.rewrite import cleanup, detach, produce
 
 
@@ -188,3 +194,144 @@ def fold_zero_points(graph: gs.Graph) -> int:
     if folded:
         cleanup(graph)  # the new Adds in topological order
     return folded
+
+
+def _only_reader(tensor: gs.Tensor) -> gs.Node | None:
+    """The one node that reads ``tensor`` (None when it has several readers or is a graph output)."""
+    readers = list(tensor.outputs)
+    return readers[0] if len(readers) == 1 else None
+
+
+def _channel_constant(node: gs.Node, data: gs.Tensor) -> np.ndarray | None:
+    """The other operand of a binary ``node`` as a 1-D per-channel constant (leading 1-dims dropped), else None."""
+    if len(node.inputs) != 2 or sum(t is data for t in node.inputs) != 1:
+        return None
+    values = constant_values(node.inputs[1] if node.inputs[0] is data else node.inputs[0])
+    if values is None or values.ndim < 1 or any(d != 1 for d in values.shape[:-1]):
+        return None
+    return values.reshape(-1)
+
+
+def smoothing_chain(q: gs.Node) -> tuple[gs.Tensor, np.ndarray, np.ndarray] | None:
+    """What SmoothQuant (and the shift) put before an activation's QuantizeLinear: x ─► Mul(f) [─► Add(c)] ─► Q,
+    each node the only reader of the tensor before it, f and c per-channel constants: (x, f, c) with c zeros when
+    there is no Add; else None."""
+    tensor = q.inputs[0]
+    node = tensor.inputs[0] if tensor.inputs else None
+    offset = None
+    if node is not None and node.op == "Add" and _only_reader(node.outputs[0]) is q:
+        data = next((t for t in node.inputs if constant_values(t) is None), None)
+        offset = _channel_constant(node, data) if data is not None else None
+        if offset is None:
+            return None
+        node, reader = (data.inputs[0] if data.inputs else None), node
+    else:
+        reader = q
+    if node is None or node.op != "Mul" or _only_reader(node.outputs[0]) is not reader:
+        return None
+    x = next((t for t in node.inputs if constant_values(t) is None), None)
+    factor = _channel_constant(node, x) if x is not None else None
+    if factor is None or (offset is not None and offset.size not in (1, factor.size)):
+        return None
+    return x, factor, np.zeros_like(factor) if offset is None else np.broadcast_to(offset, factor.shape)
+
+
+def _layernorm_fold(graph: gs.Graph, q: gs.Node, x: gs.Tensor, factor: np.ndarray, offset: np.ndarray) -> bool:
+    """LayerNorm(x) * f + c ─► Q  =>  LayerNorm(x; gamma * f, beta * f + c) ─► Q: a second LayerNorm over the same
+    input (exact: the residual keeps the first). OpenVINO computes the normalization once and runs both affine
+    tails, the residual's fused into the residual Add."""
+    norm = x.inputs[0] if x.inputs else None
+    if norm is None or norm.op != "LayerNormalization" or norm.attrs.get("axis", -1) != -1 or len(norm.inputs) < 2:
+        return False
+    gamma = constant_values(norm.inputs[1])
+    beta = constant_values(norm.inputs[2]) if len(norm.inputs) > 2 else np.zeros_like(gamma)
+    if gamma is None or beta is None or gamma.shape != (factor.size,) or beta.shape != gamma.shape:
+        return False
+    name = f"{q.name}_smoothed_layernorm"
+    f, c = factor.astype(np.float64), offset.astype(np.float64)
+    inputs = [norm.inputs[0], gs.Constant(f"{name}_scale", (gamma.astype(np.float64) * f).astype(gamma.dtype)),
+              gs.Constant(f"{name}_bias", (beta.astype(np.float64) * f + c).astype(beta.dtype))]
+    produce(graph, "LayerNormalization", name, inputs, [detach(q.inputs[0])], attrs=dict(norm.attrs))
+    return True
+
+
+def fold_smoothing(graph: gs.Graph) -> int:
+    """Fold each SmoothQuant Mul (and shift Add) between a LayerNorm and an activation's QuantizeLinear
+    (``smoothing_chain``) into a second LayerNorm over the same input, gamma f and beta f + c (exact in float; the
+    first keeps the residual): the QKV and FFN1 inputs. Returns how many folded.
+
+    Not folded, from OpenVINO's counters on an AMX Xeon (docs/openvino.md): FFN2's Mul (after GELU), which the
+    plugin already fuses with the shift and the FakeQuantize into the FFN1 FullyConnected; and the attention
+    output's, which would fold exactly into V's projection columns (softmax rows sum to 1) with the Q/DQ moved
+    before the head merge: the plugin then runs the FakeQuantize inside the attention Subgraph, but its u8 head
+    Transpose is slower than the bf16 one, and the two cancel out."""
+    folded = 0
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+        chain = smoothing_chain(q)
+        if chain is not None and _layernorm_fold(graph, q, *chain):
+            folded += 1
+    if folded:
+        cleanup(graph)
+    return folded
+
+
+def _weight_columns(weight: gs.Tensor, graph: gs.Graph, name: str, columns: slice) -> gs.Tensor | None:
+    """Columns ``columns`` of a MatMul's constant weight [K, N]: a float constant, or a new DequantizeLinear of
+    the INT8 constant's columns (per-column scales and zero points sliced alike, or a per-tensor pair kept)."""
+    values = constant_values(weight)
+    if values is not None:
+        return gs.Constant(f"{name}_weight", np.ascontiguousarray(values[:, columns])) if values.ndim == 2 else None
+    dq = weight.inputs[0] if weight.inputs else None
+    codes = constant_values(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
+    if codes is None or codes.ndim != 2 or dq.attrs.get("axis", 1) not in (1, -1):
+        return None
+    parts = [gs.Constant(f"{name}_weight_int8", np.ascontiguousarray(codes[:, columns]))]
+    for index, suffix in ((1, "scale"), (2, "zero_point")):
+        if index >= len(dq.inputs):
+            continue
+        values = constant_values(dq.inputs[index])
+        if values is None or values.ndim > 1 or (values.ndim == 1 and values.size != codes.shape[1]):
+            return None
+        parts.append(gs.Constant(f"{name}_weight_{suffix}", np.ascontiguousarray(values[columns]))
+                     if values.ndim == 1 else dq.inputs[index])
+    out = gs.Variable(f"{name}_weight_dequantized", dtype=weight.dtype)
+    produce(graph, "DequantizeLinear", f"{name}_weight_DequantizeLinear", parts, [out], attrs=dict(dq.attrs))
+    return out
+
+
+def unpack_qkv(graph: gs.Graph) -> int:
+    """A packed projection whose outputs are split apart, x ─► MatMul(W) ─► Add(b) ─► Split(last axis) ─► q, k, v,
+    becomes one MatMul and bias Add per part on the same (quantized) x, W and b cut by columns: the same
+    arithmetic, no Split. OpenVINO's CPU plugin runs that Split with a reference kernel (``VariadicSplit
+    ref_bf16``, 3-4% of MiniLM's INT8 node time at 8x128) and each part's FullyConnected as fast per column as
+    the packed one. A Split after a shared Q/DQ (``attention=true``, ``shared_qkv``) is not this form and stays
+    packed. Returns how many projections were unpacked."""
+    unpacked, nodes = 0, len(graph.nodes)
+    for split in [n for n in graph.nodes if n.op == "Split"]:
+        sizes = constant_values(split.inputs[1]) if len(split.inputs) > 1 else None
+        found = bias_split(split.inputs[0])
+        if sizes is None or sizes.size != len(split.outputs) or split.attrs.get("axis", 0) not in (-1, 2) \
+                or found is None or _only_reader(split.inputs[0]) is not split:
+            continue
+        matmul_out, _, add = found
+        matmul = matmul_out.inputs[0]
+        bias = next(t for t in add.inputs if t is not matmul_out)
+        values = constant_values(bias)
+        if _only_reader(matmul_out) is not add or values.shape != (int(sizes.sum()),):
+            continue
+        bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        parts = [slice(start, end) for start, end in zip(bounds[:-1], bounds[1:])]
+        weights = [_weight_columns(matmul.inputs[1], graph, f"{split.name}_part{i}", part)
+                   for i, part in enumerate(parts)]
+        if any(w is None for w in weights):
+            continue  # the DequantizeLinear nodes made before the miss are dead code: cleanup removes them
+        for i, (output, part, weight) in enumerate(zip(list(split.outputs), parts, weights)):
+            product = gs.Variable(f"{split.name}_part{i}_matmul", dtype=matmul_out.dtype)
+            produce(graph, "MatMul", f"{split.name}_part{i}_matmul", [matmul.inputs[0], weight], [product])
+            produce(graph, "Add", f"{split.name}_part{i}_bias",
+                    [product, gs.Constant(f"{split.name}_part{i}_bias", np.ascontiguousarray(values[part]))],
+                    [detach(output)])
+        unpacked += 1
+    if len(graph.nodes) != nodes:
+        cleanup(graph)
+    return unpacked

@@ -53,11 +53,12 @@ def test_ir_written_atomically_with_metadata_reloaded_and_run(tiny_ir):
     source, folder, xml = tiny_ir
     assert sorted(p.name for p in folder.iterdir()) == ["calib.npz", "tiny.bin", "tiny.xml", "tiny.xml.json"]
     meta = json.loads((folder / "tiny.xml.json").read_text())
-    assert meta["int8_matmuls"] == "8/12" and meta["source_model_hash"].startswith("sha256:")
-    # the 8 linear layers run as u8 FullyConnected on any x86-64 CPU; the 4 attention MatMuls in float, in
-    # OpenVINO's fused attention (a Subgraph on AMX CPUs) at the engine's float precision
+    assert meta["int8_matmuls"] == "12/16" and meta["source_model_hash"].startswith("sha256:")
+    # the 8 linear layers (the packed QKV projection as three: qdq/openvino.unpack_qkv) run as u8 FullyConnected
+    # on any x86-64 CPU; the 4 attention MatMuls in float, in OpenVINO's fused attention (a Subgraph on AMX CPUs)
+    # at the engine's float precision
     nodes = meta["matmul_runtime_nodes"]
-    assert nodes.pop("FullyConnected u8", 0) + nodes.pop("FullyConnected i8", 0) == 8 and sum(nodes.values()) == 4
+    assert nodes.pop("FullyConnected u8", 0) + nodes.pop("FullyConnected i8", 0) == 12 and sum(nodes.values()) == 4
     assert {node.split()[-1] for node in nodes} <= {"f32", "bf16"}
     assert [p["name"] for p in meta["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
     # reloaded by OpenVINO from disk and run: close to the FP32 export on ONNX Runtime
@@ -80,10 +81,10 @@ def test_bench_and_diff_run_on_openvino(tiny_ir, tmp_path, capsys):
     # CPUs with AMX / AVX512-BF16, f32 elsewhere), the INT8 IR's integer MatMuls and the rest at that precision
     default = ov.Core().compile_model(str(source), "CPU").get_property("INFERENCE_PRECISION_HINT").get_type_name()
     assert default in ("f32", "bf16", "f16")
-    assert [r["precision"] for r in rows] == [default, f"int8 8/12 + {default}"]
+    assert [r["precision"] for r in rows] == [default, f"int8 12/16 + {default}"]
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["model", "shape", "precision"]
-    assert table[1].split()[2] == default and table[2].split()[2:5] == ["int8", "8/12", "+"]
+    assert table[1].split()[2] == default and table[2].split()[2:5] == ["int8", "12/16", "+"]
     # an IR without --provider openvino is refused, not run on something else
     assert run_cli(["-q", "bench", str(xml), "--shapes", "1x8"]) == 2
     # diff: the FP32 export itself on OpenVINO against the ORT reference is near exact
@@ -115,11 +116,11 @@ def test_minilm_openvino_int8_ir_on_held_out_sentences(exports, tmp_path):
     compile_cli([str(path), "-p", "fold,fuse,qdq", "--target", "openvino", "--calib", str(CALIB_SENTENCES),
                  "--calib-samples", "32", "-o", str(xml)])
     meta = json.loads((tmp_path / "q.xml.json").read_text())
-    # 24 linear layers in integer FullyConnected nodes (u8; i8 where a UINT8 input's zero point is 128); the 12
-    # attention MatMuls in float (OpenVINO's fused attention)
+    # 24 linear layers (36 MatMuls: each QKV projection unpacked into three) in integer FullyConnected nodes (u8; i8
+    # where a UINT8 input's zero point is 128); the 12 attention MatMuls in float (OpenVINO's fused attention)
     nodes = meta["matmul_runtime_nodes"]
-    assert meta["int8_matmuls"] == "24/36"
-    assert nodes.get("FullyConnected u8", 0) + nodes.get("FullyConnected i8", 0) == 24
+    assert meta["int8_matmuls"] == "36/48"
+    assert nodes.get("FullyConnected u8", 0) + nodes.get("FullyConnected i8", 0) == 36
     feeds = list(FeedSource(DataSpec(str(HELDOUT_SENTENCES), samples=256, batch_size=32),
                             load_model(path)))
     session = ort.InferenceSession(str(path))

@@ -154,10 +154,10 @@ def test_default_keeps_attention_float_and_runs_linear_layers_with_zero_point_0(
     model = core.read_model(str(path))
     compiled = compile_ov(model, core=core)
     placement = matmul_placement(compiled, model)
-    assert int8_matmuls(placement) == (8, 12)
+    assert int8_matmuls(placement) == (12, 16)  # the QKV projections as three MatMuls each (unpack_qkv)
     attention_names = ("(Q.K^T)", "(probs.V)", "_qk", "_pv")  # a fused float attention op, or its MatMuls
     linear = {n: p for n, p in placement.items() if not n.endswith(attention_names)}
-    assert len(linear) == 8 and {p[0] for p in linear.values()} == {"FullyConnected"}
+    assert len(linear) == 12 and {p[0] for p in linear.values()} == {"FullyConnected"}
     assert {p[1] for p in linear.values()} <= {"u8", "i8"}
     attention = {p for n, p in placement.items() if n not in linear}
     assert attention and {precision for _, precision in attention} <= {"f32", "bf16"}  # float attention
@@ -212,6 +212,16 @@ def test_attention_matmuls_int8_probs_uint8_on_a_real_export(tiny_openvino):
     assert set(precisions.get("MVN", {})) == {"f32"}  # LayerNormalization fused into MVN, in float
 
 
+def run_tensors(model: onnx.ModelProto, feed: dict, names: list[str]) -> list[np.ndarray]:
+    """The tensors ``names`` of ``model`` on ORT CPU (optimizations off), for the inputs of ``feed`` it takes."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(names, {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})
+
+
 def runtime_output_precisions(compiled, layer: str) -> set[str]:
     """Output precisions (rt_info ``outputPrecisions``) of the runtime nodes that took in ``layer`` (or a layer
     OpenVINO derived from it, ``<layer>/...``)."""
@@ -250,14 +260,9 @@ def test_qkv_share_one_scale_fused_into_the_projection(tiny_openvino, exports, t
     assert "qkv_scales_shared" not in apart_stage["stats"]
     assert len(nodes(apart, "QuantizeLinear")) == len(nodes(q, "QuantizeLinear")) + 4  # 3 pairs for 1, 2 layers
     feed = synthesize_feeds(load_model(exports.get("bert", size="tiny")), count=1)[0]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
     def run(model, names):
-        model = onnx.ModelProto.FromString(model.SerializeToString())
-        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run(names, {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})
+        return run_tensors(model, feed, names)
 
     for layer in range(2):
         prefix = f"tqc_attn{layer}_"
@@ -288,7 +293,8 @@ def test_qkv_share_scales_through_a_float_projection(exports, tmp_path, monkeypa
     (tmp_path / "shared").mkdir()
     _, shared, stage = compile_tiny(exports, tmp_path / "shared", spec)
     assert stage["stats"]["qkv_scales_shared"] == 2 and stage["verify"]["numeric"]["passed"]
-    monkeypatch.setitem(target.BY_NAME, "openvino", dataclasses.replace(target.OPENVINO, shared_qkv_scale=False))
+    monkeypatch.setitem(target.BY_NAME, "openvino", dataclasses.replace(target.OPENVINO, shared_qkv_scale=False,
+                                                                        qkv_unpacked=False))  # packed, as before
     (tmp_path / "apart").mkdir()
     _, apart, _ = compile_tiny(exports, tmp_path / "apart", spec)
     for layer in range(2):
@@ -308,7 +314,9 @@ def test_qkv_share_scales_through_a_float_projection(exports, tmp_path, monkeypa
 def test_fusion_is_standard_onnx(tiny_openvino):
     _, q, _ = tiny_openvino
     assert not [n for n in q.graph.node if n.domain == "com.microsoft"]  # OpenVINO cannot read contrib ops
-    assert len(nodes(q, "LayerNormalization")) == 5
+    # 5 fused LayerNorms, and 4 more: the smoothing of the QKV and FFN1 inputs of 2 layers (their gamma, beta
+    # times SmoothQuant's factors; passes/qdq/openvino.fold_smoothing)
+    assert len(nodes(q, "LayerNormalization")) == 5 + 4
 
 
 def test_budget_measures_on_openvino():
@@ -329,3 +337,71 @@ def test_budget_measures_on_openvino():
     assert state.full_cosine < budget and 0 < len(kept) < 3  # some, not all, back to float
     reference = run_graph(to_graph(model), feeds, "openvino")
     assert mean_output_cosine(reference, run_graph(to_graph(q), feeds, "openvino"), feeds) >= budget
+
+
+def test_smoothing_folds_into_a_second_layernorm_with_the_same_codes(tiny_openvino_default, exports, tmp_path,
+                                                                    monkeypatch):
+    """Default placement: SmoothQuant's Mul and shift Add before the QKV and FFN1 inputs become a second
+    LayerNorm (gamma f, beta f + c; passes/qdq/openvino.fold_smoothing); the attention-output and FFN2 Muls stay.
+    Every linear layer gets the INT8 codes it got with the Muls (up to float rounding at a code's edge). (What it
+    saves at run time depends on the model: in MiniLM OpenVINO then fuses the first LayerNorm's affine into the
+    residual Add, 12 fewer f32 Eltwise nodes; bert-tiny runs the same nodes either way.)"""
+    import dataclasses
+
+    import tqc.compiler.core.target as target
+    from tqc.compiler.io.model import load_model
+
+    _, q, stage = tiny_openvino_default
+    assert stage["stats"]["smoothing_folded"] == 4 and stage["verify"]["numeric"]["passed"]
+    muls = [n.name for n in nodes(q, "Mul") if "_tqc_smooth" in n.name]
+    assert len(muls) == 4 and all("output/dense" in name for name in muls)  # attention output's and FFN2's
+    monkeypatch.setitem(target.BY_NAME, "openvino", dataclasses.replace(target.OPENVINO, smoothing_folded=False))
+    _, kept, kept_stage = compile_tiny(exports, tmp_path, "qdq")
+    assert "smoothing_folded" not in kept_stage["stats"]
+    assert len([n for n in nodes(kept, "Mul") if "_tqc_smooth" in n.name]) == 8
+    assert len(nodes(kept, "LayerNormalization")) + 4 == len(nodes(q, "LayerNormalization"))
+    codes = [n.output[0] for n in nodes(kept, "QuantizeLinear")]
+    assert len(codes) == 8 and {n.output[0] for n in nodes(q, "QuantizeLinear")} == set(codes)
+    feed = synthesize_feeds(load_model(exports.get("bert", size="tiny")), count=1)[0]
+
+    def run(model, names):
+        return run_tensors(model, feed, names)
+
+    for name, before, after in zip(codes, run(kept, codes), run(q, codes)):
+        differ = np.abs(before.astype(int) - after.astype(int))
+        assert before.shape == after.shape and np.abs(before.astype(int) - before.mean()).max() > 8, name
+        assert (differ > 0).mean() < 1e-3 and differ.max() <= 1, name
+    out_kept, = run(kept, ["last_hidden_state"])
+    out_folded, = run(q, ["last_hidden_state"])
+    out_float, = run(onnx.load(str(exports.get("bert", size="tiny"))), ["last_hidden_state"])
+    assert np.abs(out_folded - out_kept).max() < 0.5 * np.abs(out_kept - out_float).max()
+
+
+def test_int8_attention_folds_the_layernorm_smoothing_too(tiny_openvino):
+    """With ``attention=true`` (the q, k, v Q/DQ shared after the QKV projection) the LayerNorm-fed smoothing
+    folds as in the default."""
+    _, q, stage = tiny_openvino
+    assert stage["stats"]["smoothing_folded"] == 4
+    assert len([n for n in nodes(q, "Mul") if "_tqc_smooth" in n.name]) == 4
+
+
+def test_qkv_projection_unpacked_same_numbers_no_split(tiny_openvino_default, exports, tmp_path, monkeypatch):
+    """Default placement, float attention: each packed QKV projection becomes three MatMuls and bias Adds on the
+    one quantized input (passes/qdq/openvino.unpack_qkv), so OpenVINO runs no Split (a reference kernel there);
+    the answer is the packed graph's (each output column is the same dot product)."""
+    import dataclasses
+
+    import tqc.compiler.core.target as target
+    from tqc.compiler.io.model import load_model
+
+    path, q, stage = tiny_openvino_default
+    assert stage["stats"]["qkv_unpacked"] == 2 and not nodes(q, "Split")
+    monkeypatch.setitem(target.BY_NAME, "openvino", dataclasses.replace(target.OPENVINO, qkv_unpacked=False))
+    packed_path, packed, packed_stage = compile_tiny(exports, tmp_path, "qdq")
+    assert "qkv_unpacked" not in packed_stage["stats"] and len(nodes(packed, "Split")) == 2
+    assert len(nodes(q, "MatMul")) == len(nodes(packed, "MatMul")) + 4
+    assert len(nodes(q, "QuantizeLinear")) == len(nodes(packed, "QuantizeLinear"))  # one Q/DQ feeds all three
+    feed = synthesize_feeds(load_model(exports.get("bert", size="tiny")), count=1)[0]
+    (out_packed,), (out_unpacked,) = (run_tensors(m, feed, ["last_hidden_state"]) for m in (packed, q))
+    assert np.abs(out_unpacked - out_packed).max() <= 1e-5 * np.abs(out_packed).max()
+    assert "Split" in runtime_precisions(compile_ov(packed_path)) and "Split" not in runtime_precisions(compile_ov(path))
