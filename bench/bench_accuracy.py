@@ -63,6 +63,10 @@ ROWS = {  # row -> the qdq item of the pipeline (the default: max ranges, Smooth
     "cap 0.99": "qdq{smooth_cap=0.99}",
     "cap 0.99 + gptq": "qdq{smooth_cap=0.99,rounding=gptq}",
     "cap 0.99 + alpha per layer": "qdq{smooth_cap=0.99,smooth_search=true}",
+    # The outlier channel split (the [CLS] channels that own a layer's range run in a float MatMul beside the
+    # INT8 one): on by default on ort-cpu and trt, on request on openvino
+    "split": "qdq{split=true}",
+    "before the split": "qdq{split=false}",
 }
 
 
