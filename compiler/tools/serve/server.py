@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -142,8 +143,15 @@ class TritonServer:
 
     def start(self) -> "TritonServer":
         self.dist = find_triton()
-        self.tmp = Path(tempfile.mkdtemp(prefix="tqc-serve-"))
+        # the name is known before the folder exists, so a signal at any point leaves nothing that stop() misses
+        # (mkdtemp's folder, made before its name was stored, could be left behind by a signal in between)
+        self.tmp = Path(tempfile.gettempdir()) / f"tqc-serve-{os.getpid()}-{secrets.token_hex(6)}"
         try:
+            try:
+                self.tmp.mkdir(mode=0o700)
+            except FileExistsError:  # not ours (a 48-bit name clash): leave it alone
+                self.tmp = None
+                raise TqcError("could not make the server's temporary folder: its random name exists") from None
             written = write_repository(self.opts, self.tmp / "repo", site_folders())
             self.models, self.text = written["models"], written["text"]
             make_backend_dir(self.dist, self.tmp / "backends")
