@@ -57,6 +57,15 @@ def produce(graph: gs.Graph, op: str, name: str, inputs: Sequence[gs.Tensor], ou
     return node
 
 
+def produce_reduce(graph: gs.Graph, op: str, name: str, x: gs.Tensor, axis: int, out: gs.Tensor,
+                   axes_name: str) -> gs.Node:
+    """``op`` (ReduceMax, ReduceMean, ...) of ``x`` over one axis, kept, into ``out``: the axes an input (the
+    constant ``axes_name``) from opset 18 (ReduceSum: 13), an attribute before."""
+    if int(graph.opset) >= (13 if op == "ReduceSum" else 18):
+        return produce(graph, op, name, [x, gs.Constant(axes_name, np.array([axis], np.int64))], [out],
+                       attrs={"keepdims": 1})
+    return produce(graph, op, name, [x], [out], attrs={"keepdims": 1, "axes": [axis]})
+
 class NodeBuilder:
     """Fresh tensors and nodes under one prefix (``{prefix}_{tag}{n}``), for rewrites that build a few nodes."""
 

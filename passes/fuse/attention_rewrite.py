@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from tqc.passes.fuse.engine import NoMatch
 from tqc.passes.fuse.masks import MASK_FILL, MaskCache
 from tqc.passes.fuse.match import Linear, constant_values, feeding_nodes
-from tqc.passes.rewrite import detach, detach_outputs, produce, redirect, replace_output
+from tqc.passes.rewrite import detach, detach_outputs, produce, produce_reduce, redirect, replace_output
 
 
 @dataclass
@@ -247,18 +247,12 @@ def _masked_fill_as_bias(graph: gs.Graph, block: AttentionBlock, bias: gs.Tensor
     produce(graph, "Where", f"{prefix}_mask_additive", [condition, *branches], [additive])
     produce(graph, "Add", f"{prefix}_bias", [bias, additive], [total])
     produce(graph, "Cast", f"{prefix}_mask_float", [condition], [as_float], attrs={"to": 1})
-    def reduce(op: str, name: str, x: gs.Tensor, axis: int, out: gs.Variable) -> None:
-        """Reduce over one axis, keeping it: axes an input from opset 18, an attribute before."""
-        if int(graph.opset) >= 18:
-            produce(graph, op, name, [x, const(f"{name}_axes", [axis], np.int64)], [out], attrs={"keepdims": 1})
-        else:
-            produce(graph, op, name, [x], [out], attrs={"keepdims": 1, "axes": [axis]})
-
     # masked where true: a row is masked whole where its minimum is 1
-    reduce("ReduceMin" if block.mask_fill[2] else "ReduceMax", f"{prefix}_row_masked", as_float, -1, row_masked)
+    produce_reduce(graph, "ReduceMin" if block.mask_fill[2] else "ReduceMax", f"{prefix}_row_masked", as_float, -1,
+                   row_masked, f"{prefix}_{prefix}_row_masked_axes")
     produce(graph, "Squeeze", f"{prefix}_row_masked_whole", [row_masked, const("head_axis", [1], np.int64)],
             [whole])  # [B, S, 1]: 1.0 where the row is masked whole (masked where true), else 0.0
-    reduce("ReduceMean", f"{prefix}_mean_v", block.v.output, 1, mean_v)
+    produce_reduce(graph, "ReduceMean", f"{prefix}_mean_v", block.v.output, 1, mean_v, f"{prefix}_{prefix}_mean_v_axes")
     masked_whole = gs.Variable(f"{prefix}_row_masked_bool", dtype=np.bool_)
     produce(graph, "Cast", f"{prefix}_row_masked_bool", [whole], [masked_whole], attrs={"to": 9})
     if not block.mask_fill[2]:  # masked where false: a row is masked whole where its maximum is 0

@@ -36,7 +36,7 @@ from tqc.passes.fuse import attention
 from tqc.passes.fuse.engine import Miss, NoMatch, Rule, Step, StepFunction, Walk, search
 from tqc.passes.fuse.masks import MaskCache
 from tqc.passes.fuse.nan_guard import build_factors, guard, mask_check
-from tqc.passes.fuse.match import constant_values, heads_from_split, producer, static_dims
+from tqc.passes.fuse.match import heads_from_split, producer, static_dims
 from tqc.passes.fuse.rotary import is_rotation
 from tqc.passes.fuse.window_mask import canonical_masks
 from tqc.passes.rewrite import bypass, produce, replace_output

@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 from tqc.passes.fuse.engine import Walk
 from tqc.passes.fuse.masks import MASK_FILL
 from tqc.passes.fuse.match import constant_values, producer
-from tqc.passes.rewrite import NodeBuilder, produce, replace_output
+from tqc.passes.rewrite import NodeBuilder, produce, produce_reduce, replace_output
 
 
 def _branches(mask: gs.Tensor) -> tuple[gs.Node, list[np.ndarray]] | None:
@@ -116,7 +116,7 @@ def build_factors(graph: gs.Graph, factors: dict[str, tuple[gs.Variable, gs.Node
 
 
 def _reduce_max(b: NodeBuilder, graph: gs.Graph, x: gs.Tensor, axis: int) -> gs.Variable:
-    """ReduceMax over one axis, kept: axes an input from opset 18, an attribute before."""
-    if int(graph.opset) >= 18:
-        return b.op("ReduceMax", [x, b.const("axes", [axis])], np.float32, attrs={"keepdims": 1})
-    return b.op("ReduceMax", [x], np.float32, attrs={"keepdims": 1, "axes": [axis]})
+    """ReduceMax of ``x`` over ``axis``, kept (``rewrite.produce_reduce``), into a fresh tensor."""
+    out = b.variable("reducemax", np.float32)
+    produce_reduce(graph, "ReduceMax", out.name, x, axis, out, f"{out.name}_axes")
+    return out

@@ -197,7 +197,7 @@ def fold_zero_points(graph: gs.Graph) -> int:
 
 
 def _only_reader(tensor: gs.Tensor) -> gs.Node | None:
-    """The one node that reads ``tensor`` (None when it has several readers or is a graph output)."""
+    """The one node that reads ``tensor`` (None when several nodes read it)."""
     readers = list(tensor.outputs)
     return readers[0] if len(readers) == 1 else None
 
