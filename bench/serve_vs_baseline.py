@@ -78,6 +78,8 @@ PTH_FILES: list[Path] = []
 # environment, which only the baseline's server has: any other Python on the machine is left as it was
 BASELINE_PTH = ("import os, sys; sys.path[0:0] = [p for p in os.environ.get('SVB_BASELINE_FIRST', '').split(os.pathsep) "
                 "if p]; sys.path.extend(p for p in os.environ.get('SVB_BASELINE_LAST', '').split(os.pathsep) if p)\n")
+STUB_NUMPY_FIRST = ("import os as _o, sys as _s; _s.path[0:0] = [p for p in _o.environ.get('SVB_BASELINE_FIRST', '')"
+                    ".split(_o.pathsep) if p]\n")
 COSINE_MIN = 0.999  # the two servers' embeddings of one text (same export, FP16 graph, pooled in or after it)
 
 
@@ -106,7 +108,9 @@ def start_baseline(model: Path, tokenizer: Path, folder: Path, ports: tuple[int,
     (repo / "minilm" / "1").mkdir(parents=True)
     (backend / "python").mkdir(parents=True)
     shutil.copy(folder / "config.pbtxt", repo / "minilm")
-    shutil.copy(folder / "model.py", repo / "minilm" / "1")
+    # the model.py as written, after one line that puts numpy < 2 first on the stub's sys.path, as tqc's own
+    # stub_model.py does (the .pth below alone left the baseline on the image's numpy 2.5.2 on 2026-12-07)
+    (repo / "minilm" / "1" / "model.py").write_text(STUB_NUMPY_FIRST + (folder / "model.py").read_text())
     for item in (server / "backends" / "python").iterdir():  # cp backends/python/* (files; run.sh's glob)
         if item.is_file():
             shutil.copy(item, backend / "python")
