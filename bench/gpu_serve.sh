@@ -67,8 +67,7 @@ graph=--cuda-graph
 if [ "$stage" != tput ]; then
 python3 "$root/bench/gpu_serve_check.py" "$work/minilm.fp16.onnx" "$tok" 2>&1 | tee "$root/bench/results/serve_gpu_check.log" || graph=
 # the batch-1 tokenizer step on this host's CPU, tqc's stub against the baseline's call (no server running)
-# (it loads the stub in this process: numpy < 2 first, as in the stub)
-PYTHONPATH="$TQC_SERVE_STUB_PATH:$PYTHONPATH" python3 "$root/bench/tokenize_vs_baseline.py" --tokenizer "$tok" --rounds 5 --calls 200 \
+python3 "$root/bench/tokenize_vs_baseline.py" --tokenizer "$tok" --rounds 5 --calls 200 \
   --json "$root/bench/results/tokenize_vs_baseline_gpu.json" 2>&1 | tee "$root/bench/results/tokenize_vs_baseline_gpu.log"
 # batch 1 against the hand-written baseline: both servers up at once, one client, alternating rounds; the
 # answers are compared first (a failed comparison stops it, no timings)

@@ -78,8 +78,10 @@ PTH_FILES: list[Path] = []
 # environment, which only the baseline's server has: any other Python on the machine is left as it was
 BASELINE_PTH = ("import os, sys; sys.path[0:0] = [p for p in os.environ.get('SVB_BASELINE_FIRST', '').split(os.pathsep) "
                 "if p]; sys.path.extend(p for p in os.environ.get('SVB_BASELINE_LAST', '').split(os.pathsep) if p)\n")
+# numpy < 2 first on the stub's sys.path, and scikit-learn and SciPy hidden from transformers (the GPU image's
+# need numpy 2, and transformers imports sklearn when it finds it; the baseline uses neither)
 STUB_NUMPY_FIRST = ("import os as _o, sys as _s; _s.path[0:0] = [p for p in _o.environ.get('SVB_BASELINE_FIRST', '')"
-                    ".split(_o.pathsep) if p]\n")
+                    ".split(_o.pathsep) if p]; _s.modules.update(sklearn=None, scipy=None)\n")
 COSINE_MIN = 0.999  # the two servers' embeddings of one text (same export, FP16 graph, pooled in or after it)
 
 
@@ -109,7 +111,8 @@ def start_baseline(model: Path, tokenizer: Path, folder: Path, ports: tuple[int,
     (backend / "python").mkdir(parents=True)
     shutil.copy(folder / "config.pbtxt", repo / "minilm")
     # the model.py as written, after one line that puts numpy < 2 first on the stub's sys.path, as tqc's own
-    # stub_model.py does (the .pth below alone left the baseline on the image's numpy 2.5.2 on 2026-12-07)
+    # stub_model.py does (the .pth below alone left the baseline on the image's numpy 2.5.2 on 2026-12-07), and
+    # hides sklearn and scipy from transformers (under numpy < 2 the image's SciPy fails AutoTokenizer's import)
     (repo / "minilm" / "1" / "model.py").write_text(STUB_NUMPY_FIRST + (folder / "model.py").read_text())
     for item in (server / "backends" / "python").iterdir():  # cp backends/python/* (files; run.sh's glob)
         if item.is_file():
