@@ -55,7 +55,8 @@ if [ ! -f "$work/minilm.fp16.onnx" ]; then
   python3 -m tqc -q compile "$work/minilm.onnx" -p fold,fuse,fp16 --target ort-cuda -o "$work/minilm.fp16.onnx"
 fi
 stage=${STAGE:-all}  # b1 | tput | all: the parts fit one device call each (10 minutes)
-if [ ! -f "$work/bert.pooled.fp16.onnx" ]; then  # bert-base, random weights (both stages)
+bert=${BERT:-1}  # BERT=0: MiniLM alone (b1 stage: no bert-base export or batch-1 cell)
+if [ "$bert" = 1 ] && [ ! -f "$work/bert.pooled.fp16.onnx" ]; then  # bert-base, random weights (both stages)
   python3 -m tqc -q export bert --attn eager -o "$work/bert.onnx"
   python3 -m tqc -q compile "$work/bert.onnx" -p fold,fuse,fp16,pool --target ort-cuda -o "$work/bert.pooled.fp16.onnx"
 fi
@@ -75,11 +76,13 @@ python3 "$root/bench/serve_vs_baseline.py" --tqc-model "$work/minilm.pooled.fp16
   --baseline-model "$work/minilm.fp16.onnx" --tokenizer "$tok" --baseline-dir "$root/.gpu/baseline_pyback" \
   --rounds 3 --json "$root/bench/results/serve_vs_baseline_gpu.json" -- --queue-delay-us 0 \
   2>&1 | tee "$root/bench/results/serve_vs_baseline_gpu.log"
+if [ "$bert" = 1 ]; then
 # bert-base at batch 1, tqc alone (the baseline's config is MiniLM's, 384 wide), its answers checked against
 # ORT CUDA in the client's process; 16 and 128 tokens
 python3 "$root/bench/serve_vs_baseline.py" --tqc-model "$work/bert.pooled.fp16.onnx" --tokenizer "$tok" \
   --texts 16,128 --rounds 3 --json "$root/bench/results/serve_b1_bert_gpu.json" -- --queue-delay-us 0 \
   2>&1 | tee "$root/bench/results/serve_b1_bert_gpu.log"
+fi
 fi
 if [ "$stage" != b1 ]; then
 # throughput at concurrency 256 (dynamic batching, several instances, load from 8 client processes, gRPC);
