@@ -18,8 +18,10 @@ float part joins the Sum that already adds the bias and the residual (no op of i
 weight is 3-D ([1, k, N]): qdq's planner takes 2-D weights only, so it stays float. A weight several MatMuls
 share (ALBERT) is not split.
 
-``choose_splits`` reads the calibration table (per-channel ranges: a table alone is enough), ``split_table``
-gives qdq the ranges without those channels, ``zero_split_rows`` zeroes the rows in the graph ``insert`` will
+``choose_splits`` reads the calibration table (per-channel ranges over the real tokens, where the table has them:
+padding positions carry no meaning, and in MiniLM a padded row hid layer 2's FFN input channels; a table alone is
+enough), ``split_table`` gives qdq the ranges without those channels (the rest over every position, as the other
+range readers take them), ``zero_split_rows`` zeroes the rows in the graph ``insert`` will
 quantize and ``add_float_parts`` writes the float MatMuls after it (bias correction and the shift have then
 seen the INT8 path alone, which is what they correct).
 """
@@ -61,6 +63,16 @@ def outlier_channels(amax: np.ndarray, ratio: float, limit: int = MAX_CHANNELS) 
     return ()
 
 
+def real_channel_range(entry) -> tuple[list[float] | None, list[float] | None]:
+    """A table entry's per-channel (min, max) over the real tokens (padding left out), or over every position
+    in tables without them (before the real-token ranges, or calibrated without an attention mask)."""
+    if entry is None:
+        return None, None
+    if entry.real_channel_min is not None:
+        return entry.real_channel_min, entry.real_channel_max
+    return entry.channel_min, entry.channel_max
+
+
 def choose_splits(graph: gs.Graph, table: CalibrationTable, ratio: float, residual: bool = False
                   ) -> dict[str, Split]:
     """node name -> ``Split`` for every MatMul with a constant [K, N] weight of its own whose input's per-channel
@@ -76,10 +88,11 @@ def choose_splits(graph: gs.Graph, table: CalibrationTable, ratio: float, residu
         if node.op != "MatMul" or len(node.inputs) < 2 or not isinstance(node.inputs[0], gs.Variable):
             continue
         weight, entry = constant_values(node.inputs[1]), table.tensors.get(node.inputs[0].name)
-        if weight is None or weight.ndim != 2 or users.get(node.inputs[1].name, 0) > 1 or entry is None or \
-                entry.channel_min is None or len(entry.channel_min) != weight.shape[0]:
+        low, high = real_channel_range(entry)
+        if weight is None or weight.ndim != 2 or users.get(node.inputs[1].name, 0) > 1 or low is None or \
+                len(low) != weight.shape[0]:
             continue
-        amax = np.maximum(np.abs(np.asarray(entry.channel_min)), np.abs(np.asarray(entry.channel_max)))
+        amax = np.maximum(np.abs(np.asarray(low)), np.abs(np.asarray(high)))
         channels = outlier_channels(amax, ratio)
         if channels and not any(t in graph.outputs for t in node.outputs):
             splits[node.name] = Split(node.name, node.inputs[0].name, channels,
@@ -103,9 +116,14 @@ def split_table(table: CalibrationTable, splits: dict[str, Split]) -> Calibratio
         low, high = np.array(entry.channel_min, np.float64), np.array(entry.channel_max, np.float64)
         low[channels] = high[channels] = 0.0
         lo, hi = float(low.min()), float(high.max())
+        real = {}
+        if entry.real_channel_min is not None:
+            real_low, real_high = np.array(entry.real_channel_min), np.array(entry.real_channel_max)
+            real_low[channels] = real_high[channels] = 0.0
+            real = {"real_channel_min": [float(v) for v in real_low], "real_channel_max": [float(v) for v in real_high]}
         tensors[split.tensor] = replace(entry, min=lo, max=hi, amax={**entry.amax, "max": max(abs(lo), abs(hi))},
                                 lo={**entry.lo, "max": lo}, hi={**entry.hi, "max": hi},
-                                channel_min=[float(v) for v in low], channel_max=[float(v) for v in high])
+                                channel_min=[float(v) for v in low], channel_max=[float(v) for v in high], **real)
     return replace(table, tensors=tensors)
 
 
