@@ -75,7 +75,7 @@ class Target:
                                        # its Q. ORT CPU ran 1-9% slower with it (bench/bench_qdq_speed.py)
     split_by_default: bool             # qdq{split=auto}: outlier input channels run in float beside the INT8
                                        # MatMul: TensorRT fuses the Mul/Add (not measured, as the shift); ORT CPU
-                                       # 4-9% and OpenVINO 5-12% slower on MiniLM (passes/qdq/split.py)
+                                       # 6-10% slower on MiniLM (passes/qdq/split.py); OpenVINO 3-4% (recomputed)
     split_recomputed: bool             # qdq{split}'s float part recomputed from the producing layer where there
                                        # is one (passes/qdq/split_producer.py): on OpenVINO this keeps the FFN
                                        # input layer's fused INT8 chain, and split=auto splits those layers only
