@@ -22,9 +22,9 @@ share (ALBERT) is not split.
 padding positions carry no meaning, and in MiniLM a padded row hid layer 2's FFN input channels; a table alone is
 enough), ``split_table`` gives qdq the ranges without those channels (the rest over every position, as the other
 range readers take them), ``split_producer.find_producer`` says where the float part can recompute the channels
-from the layer before instead of gathering them (OpenVINO), ``zero_split_rows`` zeroes the rows in the graph ``insert`` will
-quantize and ``add_float_parts`` writes the float MatMuls after it (bias correction and the shift have then
-seen the INT8 path alone, which is what they correct).
+from the layer before instead of gathering them (OpenVINO), ``zero_split_rows`` zeroes the rows in the graph
+``insert`` will quantize and ``add_float_parts`` writes the float MatMuls after it (bias correction and the shift
+have then seen the INT8 path alone, which is what they correct).
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ Recomputing them keeps that chain::
     └──► MatMul(W1's split columns, float) ─► (the same elementwise nodes, their per-channel constants sliced) ─┘
                                                                          └─► Mul / MatMul(W2's split rows)
 
-exact in float: the same ops on the same columns. (One channel computed twice, so that OpenVINO
-runs a [K, 2] FullyConnected in its brgemm kernel instead of [K, 1] in a generic gemm, was slower end to end on
-MiniLM: 1.10 / 1.07 / 1.03 the time without the split at 1x16 / 1x128 / 8x128, against 1.03 / 1.03 / 1.01.) ``find_producer`` reads the graph before quantization (the
-float weight columns, the float input ``x``, the elementwise nodes); ``recompute`` writes the float nodes after it.
+exact in float: the same ops on the same columns. (One channel computed twice, so that OpenVINO runs a [K, 2]
+FullyConnected in its brgemm kernel instead of [K, 1] in a generic gemm, was slower end to end on MiniLM: 1.10 /
+1.07 / 1.03 the time without the split at 1x16 / 1x128 / 8x128, against 1.03 / 1.03 / 1.01.) ``find_producer``
+reads the graph before quantization (the float weight columns, the float input ``x``, the elementwise nodes);
+``recompute`` writes the float nodes after it.
 Where the channels do not come from such a chain (a LayerNorm output: the FFN input layers) there is no producer
 and the split gathers.
 """

@@ -27,7 +27,8 @@ def ffn_model() -> onnx.ModelProto:
     w1 = (rng.standard_normal((K, H)) / 4).astype(np.float32)
     w1[0] = 0.0
     w1[0, 7] = 3.0
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.standard_normal(H).astype(np.float32) / 4, "b1"),
+    inits = [numpy_helper.from_array(w1, "w1"),
+             numpy_helper.from_array(rng.standard_normal(H).astype(np.float32) / 4, "b1"),
              numpy_helper.from_array((rng.standard_normal((H, N)) / 4).astype(np.float32), "w2"),
              numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), "b2"),
              numpy_helper.from_array(np.array(np.sqrt(2.0), np.float32), "sqrt2"),
