@@ -13,6 +13,12 @@ table derives, per tensor, the clipping range of every method:
 
 The table (JSON) is keyed by tensor name and carries the hash of the model it was computed on, so that
 ``qdq`` can refuse a table made for another graph, and so the same table can be reused across compiles.
+
+Per-channel ranges come twice: ``channel_min`` / ``channel_max`` over every position (SmoothQuant's scales, the
+shift and the range cap read them), and ``real_channel_min`` / ``real_channel_max`` over the real tokens only, where
+the feeds carry an attention mask (the outlier split reads them: padding positions carry no meaning, and their
+values hide the channels that own a layer's range over real text). The table's ``coverage`` says which positions
+each covers; tables made before have no real-token ranges (the split then reads the others).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from tqc.compiler.analysis.layer_inputs import feed_mask, token_rows
 from tqc.compiler.runtime.activations import stream_intermediates
 from tqc.compiler.core.errors import TqcError
 from tqc.compiler.io.model import structure_hash, write_text_atomic
@@ -36,6 +43,8 @@ BINS = 4096  # signed: 2048 bins for |x|, as TensorRT's entropy calibrator uses
 PERCENTILES = (99.9, 99.99, 99.999)
 METHODS = ("max", "percentile", "entropy", "mse")
 FORMAT = "tqc-calibration/1"
+COVERAGE = {"min/max, amax, lo, hi, channel_min/max": "every position",
+            "real_channel_min/max": "the tokens the attention mask keeps"}
 
 
 @dataclass
@@ -47,6 +56,8 @@ class TensorRange:
     hi: dict[str, float] = field(default_factory=dict)
     channel_min: list[float] | None = None                   # per channel of the last axis (for smoothing)
     channel_max: list[float] | None = None
+    real_channel_min: list[float] | None = None              # the same over real (unpadded) tokens only
+    real_channel_max: list[float] | None = None
 
     def symmetric(self, method: str, percentile: float | None = None) -> float:
         key = _key(method, percentile)
@@ -74,9 +85,12 @@ class CalibrationTable:
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "model_hash": self.model_hash, "samples": self.samples,
-                           "seconds": round(self.seconds, 3),
+                           "seconds": round(self.seconds, 3), "coverage": COVERAGE,
                            "tensors": {name: {"min": r.min, "max": r.max, "amax": r.amax, "lo": r.lo, "hi": r.hi,
-                                              "channel_min": r.channel_min, "channel_max": r.channel_max}
+                                              "channel_min": r.channel_min, "channel_max": r.channel_max,
+                                              **({"real_channel_min": r.real_channel_min,
+                                                  "real_channel_max": r.real_channel_max}
+                                                 if r.real_channel_min is not None else {})}
                                        for name, r in sorted(self.tensors.items())}}, sort_keys=True)
 
     def save(self, path: str | Path) -> None:
@@ -97,7 +111,7 @@ class CalibrationTable:
 
         validate_table_data(data, p)  # keys present, values finite and ordered: one line on the first problem
         tensors = {name: TensorRange(v["min"], v["max"], v["amax"], v["lo"], v["hi"], v.get("channel_min"),
-                                     v.get("channel_max"))
+                                     v.get("channel_max"), v.get("real_channel_min"), v.get("real_channel_max"))
                    for name, v in data["tensors"].items()}
         return cls(data["model_hash"], data["samples"], tensors, data.get("seconds", 0.0))
 
@@ -217,6 +231,9 @@ def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[
     ``sampler`` (``tqc.compiler.analysis.layer_inputs.Sampler``) rides along the first pass: it keeps token
     samples of the tensors it asks for, at no pass of its own.
 
+    Per-channel ranges are taken twice where every feed has an attention mask: over every position, and over
+    the real tokens only (``token_rows``: ``real_channel_min`` / ``real_channel_max``).
+
     With ``histograms`` (every method) the data is read twice; without, once, and only the ``max`` ranges
     (and per-channel ranges) are in the table.
     """
@@ -227,7 +244,11 @@ def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[
     highs: dict[str, float] = {}
     channel_lows: dict[str, np.ndarray] = {}
     channel_highs: dict[str, np.ndarray] = {}
+    real_lows: dict[str, np.ndarray] = {}  # the same over the real tokens
+    real_highs: dict[str, np.ndarray] = {}
     samples = 0
+    mask: dict[str, np.ndarray | None] = {"now": None}  # the current feed's attention mask
+    unmasked = []  # feeds without one
 
     def observe_range(name: str, value: np.ndarray) -> None:
         if sampler is not None:
@@ -243,12 +264,10 @@ def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[
             highs[name] = max(highs.get(name, -math.inf), float(value.max()))
             if whole and value.ndim >= 2:
                 flat = value.reshape(-1, value.shape[-1])
-                cmin, cmax = flat.min(axis=0), flat.max(axis=0)
-                if name in channel_lows and channel_lows[name].shape == cmin.shape:
-                    np.minimum(channel_lows[name], cmin, out=channel_lows[name])
-                    np.maximum(channel_highs[name], cmax, out=channel_highs[name])
-                elif name not in channel_lows:
-                    channel_lows[name], channel_highs[name] = cmin.astype(np.float64), cmax.astype(np.float64)
+                merge_channels(channel_lows, channel_highs, name, flat.min(axis=0), flat.max(axis=0))
+                rows = token_rows(value, mask["now"])
+                if rows is not None and rows.size:
+                    merge_channels(real_lows, real_highs, name, rows.min(axis=0), rows.max(axis=0))
 
     progress(f"calibration pass 1/{2 if histograms else 1}: ranges of {len(tensors)} tensors")
     feed_list_sizes = []
@@ -256,6 +275,9 @@ def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[
     def counted(source):
         for feed in source:
             feed_list_sizes.append(next(iter(feed.values())).shape[0])
+            mask["now"] = feed_mask(feed)
+            if mask["now"] is None:
+                unmasked.append(len(feed_list_sizes))
             yield feed
 
     if sampler is not None:
@@ -266,11 +288,15 @@ def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[
     if samples == 0:
         raise TqcError("the calibration data holds no samples")
     bounds = {n: max(abs(lows[n]), abs(highs[n]), 1e-12) for n in lows}
+    masked = not unmasked
 
     def _set_channels(r: TensorRange, name: str) -> None:
         if name in channel_lows:  # 6 significant digits keep the JSON table small
             r.channel_min = [float(f"{v:.6g}") for v in channel_lows[name]]
             r.channel_max = [float(f"{v:.6g}") for v in channel_highs[name]]
+            if masked and name in real_lows and real_lows[name].shape == channel_lows[name].shape:
+                r.real_channel_min = [float(f"{v:.6g}") for v in real_lows[name]]
+                r.real_channel_max = [float(f"{v:.6g}") for v in real_highs[name]]
     if not histograms:
         table = {}
         for name, bound in bounds.items():
@@ -319,6 +345,16 @@ def calibrate(model: onnx.ModelProto | gs.Graph, feeds: Iterable, tensors: list[
             r.hi[method] = min(highs[name], amax)
         table[name] = r
     return CalibrationTable(model_hash or _structure_hash(model), samples, table, time.perf_counter() - start)
+
+
+def merge_channels(lows: dict[str, np.ndarray], highs: dict[str, np.ndarray], name: str, cmin: np.ndarray,
+                   cmax: np.ndarray) -> None:
+    """Widen ``name``'s running per-channel range by one batch's (a batch of another width is left out)."""
+    if name in lows and lows[name].shape == cmin.shape:
+        np.minimum(lows[name], cmin, out=lows[name])
+        np.maximum(highs[name], cmax, out=highs[name])
+    elif name not in lows:
+        lows[name], highs[name] = cmin.astype(np.float64), cmax.astype(np.float64)
 
 
 def _structure_hash(model: onnx.ModelProto | gs.Graph) -> str:

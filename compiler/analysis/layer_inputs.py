@@ -27,6 +27,23 @@ def token_limit(widths: dict[str, int], max_tokens: int = MAX_TOKENS, max_bytes:
     return max(1, min(max_tokens, max_bytes // per_token))
 
 
+def token_rows(value: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """``value``'s rows of the real tokens, [T, K], where ``mask`` (the feed's [batch, seq] attention mask, bool)
+    lines up with its leading axes ([batch, seq, K], or [batch * seq, K]); None where it does not (no mask, or a
+    tensor of another layout)."""
+    if mask is not None and value.shape[:-1] == mask.shape:
+        return value[mask]
+    if mask is not None and value.ndim == 2 and value.shape[0] == mask.size:
+        return value[mask.reshape(-1)]
+    return None
+
+
+def feed_mask(feed) -> np.ndarray | None:
+    """The feed's attention mask as bool [batch, seq], or None where the model takes none."""
+    masks = padding_masks([feed])
+    return masks[0].astype(bool) if masks else None
+
+
 class Sampler:
     """Collects the samples: ``track`` wraps the feeds (it follows each feed's mask), ``observe`` takes the
     tensors a stream over those feeds yields, ``samples`` returns name -> float32 [T, K]."""
@@ -44,8 +61,7 @@ class Sampler:
 
     def track(self, feeds: Iterable) -> Iterable:
         for feed in feeds:
-            masks = padding_masks([feed])
-            self.mask = masks[0].astype(bool) if masks else None
+            self.mask = feed_mask(feed)
             yield feed
 
     def observe(self, name: str, value: np.ndarray) -> None:
@@ -53,12 +69,8 @@ class Sampler:
         if width is None or self.counts[name] >= self.limit or value.ndim < 2 or value.shape[-1] != width:
             return
         value = np.asarray(value, np.float32)
-        if self.mask is not None and value.shape[:-1] == self.mask.shape:
-            rows = value[self.mask]
-        elif self.mask is not None and value.ndim == 2 and value.shape[0] == self.mask.size:
-            rows = value[self.mask.reshape(-1)]
-        else:
-            rows = value.reshape(-1, width)
+        rows = token_rows(value, self.mask)
+        rows = value.reshape(-1, width) if rows is None else rows
         rows = rows[: self.limit - self.counts[name]]
         self.chunks[name].append(np.array(rows, np.float32))
         self.counts[name] += rows.shape[0]

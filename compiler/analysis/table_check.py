@@ -64,15 +64,21 @@ def validate_table_data(data: dict, path: str | Path) -> None:
                     raise TqcError(f"{at}: 'amax' of '{method}' is negative ({value})")
         if set(entry["lo"]) != set(entry["hi"]):
             raise TqcError(f"{at}: 'lo' and 'hi' name different methods")
-        channels = [entry.get("channel_min"), entry.get("channel_max")]
-        if any(c is not None for c in channels):
-            if not all(isinstance(c, list) for c in channels):
-                raise TqcError(f"{at}: 'channel_min' and 'channel_max' must both be lists (or both null)")
-            if len(channels[0]) != len(channels[1]) or not channels[0]:
-                raise TqcError(f"{at}: 'channel_min' and 'channel_max' must be non-empty lists of equal length")
-            for key, values in zip(("channel_min", "channel_max"), channels):
-                if not all(_number(v) for v in values):
-                    raise TqcError(f"{at}: '{key}' holds a value that is not a finite number")
+        for pair in (("channel_min", "channel_max"), ("real_channel_min", "real_channel_max")):
+            _check_channels(at, pair, [entry.get(key) for key in pair])
+
+
+def _check_channels(at: str, keys: tuple[str, str], channels: list) -> None:
+    """A pair of per-channel range lists: both absent (null), or non-empty lists of finite numbers of one length."""
+    if all(c is None for c in channels):
+        return
+    if not all(isinstance(c, list) for c in channels):
+        raise TqcError(f"{at}: '{keys[0]}' and '{keys[1]}' must both be lists (or both null)")
+    if len(channels[0]) != len(channels[1]) or not channels[0]:
+        raise TqcError(f"{at}: '{keys[0]}' and '{keys[1]}' must be non-empty lists of equal length")
+    for key, values in zip(keys, channels):
+        if not all(_number(v) for v in values):
+            raise TqcError(f"{at}: '{key}' holds a value that is not a finite number")
 
 
 def check_table_matches(table, table_path: str | Path, model_path: str | Path, file_hash, skeleton,

@@ -18,10 +18,13 @@ float part joins the Sum that already adds the bias and the residual (no op of i
 weight is 3-D ([1, k, N]): qdq's planner takes 2-D weights only, so it stays float. A weight several MatMuls
 share (ALBERT) is not split.
 
-``choose_splits`` reads the calibration table (per-channel ranges: a table alone is enough), ``split_table``
-gives qdq the ranges without those channels, ``zero_split_rows`` zeroes the rows in the graph ``insert`` will
-quantize and ``add_float_parts`` writes the float MatMuls after it (bias correction and the shift have then
-seen the INT8 path alone, which is what they correct).
+``choose_splits`` reads the calibration table (per-channel ranges over the real tokens, where the table has them:
+padding positions carry no meaning, and in MiniLM a padded row hid layer 2's FFN input channels; a table alone is
+enough), ``split_table`` gives qdq the ranges without those channels (the rest over every position, as the other
+range readers take them), ``split_producer.find_producer`` says where the float part can recompute the channels
+from the layer before instead of gathering them (OpenVINO), ``zero_split_rows`` zeroes the rows in the graph
+``insert`` will quantize and ``add_float_parts`` writes the float MatMuls after it (bias correction and the shift
+have then seen the INT8 path alone, which is what they correct).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tqc.compiler.analysis.calibration import CalibrationTable
 from tqc.compiler.core.errors import TqcError
 from tqc.passes.fuse.match import constant_values
 from tqc.passes.qdq.plan import float_type
+from tqc.passes.qdq.split_producer import Producer, find_producer, recompute
 from tqc.passes.rewrite import NodeBuilder, redirect
 
 MAX_CHANNELS = 4
@@ -49,6 +53,7 @@ class Split:
     tensor: str
     channels: tuple[int, ...]
     rows: np.ndarray  # [k, N], float
+    producer: Producer | None = None  # where the float part recomputes the channels (split_producer.py)
 
 
 def outlier_channels(amax: np.ndarray, ratio: float, limit: int = MAX_CHANNELS) -> tuple[int, ...]:
@@ -61,12 +66,24 @@ def outlier_channels(amax: np.ndarray, ratio: float, limit: int = MAX_CHANNELS) 
     return ()
 
 
-def choose_splits(graph: gs.Graph, table: CalibrationTable, ratio: float, residual: bool = False
-                  ) -> dict[str, Split]:
+def real_channel_range(entry) -> tuple[list[float] | None, list[float] | None]:
+    """A table entry's per-channel (min, max) over the real tokens (padding left out), or over every position
+    in tables without them (before the real-token ranges, or calibrated without an attention mask)."""
+    if entry is None:
+        return None, None
+    if entry.real_channel_min is not None:
+        return entry.real_channel_min, entry.real_channel_max
+    return entry.channel_min, entry.channel_max
+
+
+def choose_splits(graph: gs.Graph, table: CalibrationTable, ratio: float, residual: bool = False,
+                  recomputed: str = "") -> dict[str, Split]:
     """node name -> ``Split`` for every MatMul with a constant [K, N] weight of its own whose input's per-channel
     ranges in ``table`` have outlier channels (``outlier_channels``), where every reader of that input that qdq
     may quantize (MatMul, Gemm, a fused Attention; with trt's ``residual``, an Add) splits the same channels: the
-    input's range in the table then leaves them out for all of them."""
+    input's range in the table then leaves them out for all of them. ``recomputed``: "" gathers every float part;
+    "where" recomputes it from the producing layer where there is one (``split_producer``); "only" also splits
+    those layers alone."""
     users: dict[str, int] = {}
     for node in graph.nodes:
         for t in node.inputs:
@@ -76,10 +93,11 @@ def choose_splits(graph: gs.Graph, table: CalibrationTable, ratio: float, residu
         if node.op != "MatMul" or len(node.inputs) < 2 or not isinstance(node.inputs[0], gs.Variable):
             continue
         weight, entry = constant_values(node.inputs[1]), table.tensors.get(node.inputs[0].name)
-        if weight is None or weight.ndim != 2 or users.get(node.inputs[1].name, 0) > 1 or entry is None or \
-                entry.channel_min is None or len(entry.channel_min) != weight.shape[0]:
+        low, high = real_channel_range(entry)
+        if weight is None or weight.ndim != 2 or users.get(node.inputs[1].name, 0) > 1 or low is None or \
+                len(low) != weight.shape[0]:
             continue
-        amax = np.maximum(np.abs(np.asarray(entry.channel_min)), np.abs(np.asarray(entry.channel_max)))
+        amax = np.maximum(np.abs(np.asarray(low)), np.abs(np.asarray(high)))
         channels = outlier_channels(amax, ratio)
         if channels and not any(t in graph.outputs for t in node.outputs):
             splits[node.name] = Split(node.name, node.inputs[0].name, channels,
@@ -91,7 +109,12 @@ def choose_splits(graph: gs.Graph, table: CalibrationTable, ratio: float, residu
             if node.op in quantizing and isinstance(t, gs.Variable):
                 split = splits.get(node.name)
                 readers.setdefault(t.name, set()).add(split.channels if split is not None else None)
-    return {name: s for name, s in splits.items() if readers.get(s.tensor) == {s.channels}}
+    chosen = {name: s for name, s in splits.items() if readers.get(s.tensor) == {s.channels}}
+    if recomputed:
+        chosen = {name: replace(s, producer=find_producer(graph, s.tensor, s.channels)) for name, s in chosen.items()}
+        if recomputed == "only":
+            chosen = {name: s for name, s in chosen.items() if s.producer is not None}
+    return chosen
 
 
 def split_table(table: CalibrationTable, splits: dict[str, Split]) -> CalibrationTable:
@@ -103,9 +126,14 @@ def split_table(table: CalibrationTable, splits: dict[str, Split]) -> Calibratio
         low, high = np.array(entry.channel_min, np.float64), np.array(entry.channel_max, np.float64)
         low[channels] = high[channels] = 0.0
         lo, hi = float(low.min()), float(high.max())
+        real = {}
+        if entry.real_channel_min is not None:
+            real_low, real_high = np.array(entry.real_channel_min), np.array(entry.real_channel_max)
+            real_low[channels] = real_high[channels] = 0.0
+            real = {"real_channel_min": [float(v) for v in real_low], "real_channel_max": [float(v) for v in real_high]}
         tensors[split.tensor] = replace(entry, min=lo, max=hi, amax={**entry.amax, "max": max(abs(lo), abs(hi))},
                                 lo={**entry.lo, "max": lo}, hi={**entry.hi, "max": hi},
-                                channel_min=[float(v) for v in low], channel_max=[float(v) for v in high])
+                                channel_min=[float(v) for v in low], channel_max=[float(v) for v in high], **real)
     return replace(table, tensors=tensors)
 
 
@@ -147,7 +175,10 @@ def add_float_parts(graph: gs.Graph, splits: dict[str, Split], nodes: list[str])
         x, y = tensors[split.tensor], node.outputs[0]
         ftype = float_type(x)
         build = NodeBuilder(graph, f"{name}_tqc_split")
-        gathered = build.op("Gather", [x, build.const("channels", list(split.channels))], ftype, attrs={"axis": -1})
+        gathered = recompute(graph, split.producer, build, ftype) if split.producer is not None else None
+        if gathered is None:
+            gathered = build.op("Gather", [x, build.const("channels", list(split.channels))], ftype,
+                                attrs={"axis": -1})
         rows = build.const("rows", split.rows[0] if len(split.channels) == 1 else split.rows, ftype)
         # One channel: an outer product by broadcast ([.., 1] * [N]), which ORT CPU runs faster than a K=1 MatMul
         part = build.op("Mul" if len(split.channels) == 1 else "MatMul", [gathered, rows], ftype)

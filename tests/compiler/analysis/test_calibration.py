@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from tqc.compiler.analysis.calib_data import DataSpec, FeedSource
@@ -250,3 +251,64 @@ def test_any_percentile_in_range_is_measured_with_calibration_data(tmp_path, cap
               str(tmp_path / "q.onnx"), "--calib", npz(tmp_path, x=mlp_data(32)), "--verify", "numeric"])
     assert info.value.code == 0, capsys.readouterr().err
     assert "method=percentile:95," in capsys.readouterr().out
+
+
+def masked_linear_model() -> onnx.ModelProto:
+    """x [b, 4, 6] -> MatMul(W) -> y, and the attention mask [b, 4] as a second input (zeroing y's padding)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]),
+             helper.make_node("Mul", ["h", "m3"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 6]),
+                                           helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                                         ["b", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, 3])],
+                              initializer=[numpy_helper.from_array(weight, "w"),
+                                           numpy_helper.from_array(np.array([-1], np.int64), "axis")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_real_token_channel_ranges_leave_the_padding_out_and_survive_the_table(tmp_path):
+    rng = np.random.default_rng(1)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], np.int64)
+    feeds = []
+    for _ in range(3):
+        x = rng.standard_normal((3, 4, 6)).astype(np.float32)
+        x[mask == 0, 2] = 50.0  # padding positions: a large value in channel 2, as a padded row may hold
+        feeds.append({"x": x, "attention_mask": mask})
+    table = calibrate(masked_linear_model(), feeds, ["x"], histograms=False)
+    entry = table.tensors["x"]
+    every = np.concatenate([f["x"].reshape(-1, 6) for f in feeds])
+    real = np.concatenate([f["x"][mask == 1] for f in feeds])
+    np.testing.assert_allclose(entry.channel_max, every.max(axis=0), rtol=1e-5)  # every position, as before
+    np.testing.assert_allclose(entry.real_channel_max, real.max(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(entry.real_channel_min, real.min(axis=0), rtol=1e-5)
+    assert entry.channel_max[2] == 50.0 and entry.real_channel_max[2] < 5.0
+    table.save(tmp_path / "t.json")
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert "attention mask" in data["coverage"]["real_channel_min/max"]
+    loaded = CalibrationTable.load(tmp_path / "t.json").tensors["x"]
+    assert loaded.real_channel_max == entry.real_channel_max and loaded.channel_max == entry.channel_max
+    # A table written before the real-token ranges (no such keys) still loads, without them
+    for value in data["tensors"].values():
+        del value["real_channel_min"], value["real_channel_max"]
+    del data["coverage"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = CalibrationTable.load(tmp_path / "old.json").tensors["x"]
+    assert old.real_channel_min is None and old.channel_max == entry.channel_max
+    # Without a mask there are no real-token ranges to give
+    unmasked = calibrate(make_mlp(), [{"x": mlp_data()}], ["x"], histograms=False).tensors["x"]
+    assert unmasked.real_channel_min is None and unmasked.channel_min is not None
+
+
+def test_a_real_token_range_list_of_the_wrong_length_is_refused_in_one_line(tmp_path):
+    feeds = [{"x": np.ones((1, 4, 6), np.float32), "attention_mask": np.array([[1, 1, 0, 0]], np.int64)}]
+    calibrate(masked_linear_model(), feeds, ["x"], histograms=False).save(tmp_path / "t.json")
+    data = json.loads((tmp_path / "t.json").read_text())
+    data["tensors"]["x"]["real_channel_max"] = [1.0]
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(TqcError, match="'real_channel_min' and 'real_channel_max' must be non-empty lists of equal"):
+        CalibrationTable.load(tmp_path / "bad.json")
