@@ -22,10 +22,10 @@ from .test_fuse_new_families import LAYERS, outputs_on, seeded_feeds
 
 
 # family: (its rule, a node of its bias subgraph: MPNet's bucket Gather, computed once for all layers; DeBERTa's
-# c2p and p2c GatherElements, two per layer: on ort-cuda p2c's is a GatherND, ``transposed_gather``)
+# c2p and p2c GatherElements, two per layer)
 FAMILIES = {"mpnet": ("eager-bias", lambda n: n.op_type == "Gather" and
                       "model.encoder.relative_attention_bias.weight" in n.input, 1),
-            "deberta-v2": ("disentangled", lambda n: n.op_type in ("GatherElements", "GatherND"), 4)}
+            "deberta-v2": ("disentangled", lambda n: n.op_type == "GatherElements", 4)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
