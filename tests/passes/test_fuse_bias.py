@@ -61,14 +61,18 @@ def test_attention_with_a_bias_fuses_exactly(family, exporter, target, exports):
 
 
 def matmul_work(model, feed) -> tuple[int, int]:
-    """(MatMul nodes, their multiply-accumulates) in a run of ``model`` on ``feed``: every operand's shape
-    read from the run itself (constant operands from the graph)."""
+    """(MatMul and FusedMatMul nodes, their multiply-accumulates) in a run of ``model`` on ``feed``: every
+    operand's shape read from the run itself (constant operands from the graph), FusedMatMul's transposes
+    applied."""
     constants = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "FusedMatMul")]
     values = next(outputs_per_feed(model, [feed], [t for n in matmuls for t in n.input if t not in constants]))
     macs = 0
     for node in matmuls:
-        a, b = (constants[t] if t in constants else values[t].shape for t in node.input)
+        a, b = (tuple(constants[t] if t in constants else values[t].shape) for t in node.input)
+        flags = {attr.name: attr.i for attr in node.attribute}
+        a = a[:-2] + a[-2:][::-1] if flags.get("transA") else a
+        b = b[:-2] + b[-2:][::-1] if flags.get("transB") else b
         macs += int(np.prod(np.broadcast_shapes(a[:-2], b[:-2]))) * a[-2] * a[-1] * b[-1]
     return len(matmuls), macs
 

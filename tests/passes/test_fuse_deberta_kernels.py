@@ -2,7 +2,8 @@
 MatMul, Add and Split that MultiHeadAttention and the c2p / p2c scores both read (``attention_rewrite``); the
 relative-position index broadcast to [B*H, S, S] once for every layer (``host_free``'s zeros made once per size,
 ``fold_dims.dimension_factors``); the scores' scale folded into the position projections
-(``scale_into_weights``). Outputs within 1e-4 of the export on padded batches (right and left padding, padded
+(``scale_into_weights``); the p2c scores computed in [key, position] order, gathered with no Transpose after
+(``transposed_scores``). Outputs within 1e-4 of the export on padded batches (right and left padding, padded
 rows compared too) on both transformers' exports; fuse,fp16 stays finite and close."""
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ def test_deberta_for_ort_cuda_packs_shares_and_folds_with_the_same_answer(source
     for mha in (n for n in nodes if n.op_type == "MultiHeadAttention"):
         split = produced[mha.input[0]]
         assert split.op_type == "Split" and list(split.output) == list(mha.input[:3])
-    # a layer: the packed projection, c2p, p2c, attention output, intermediate, output
-    assert sum(n.op_type == "MatMul" for n in nodes) == 6 * 2
+    # a layer: the packed projection, c2p, p2c (FusedMatMul, B transposed), attention output, intermediate, output
+    assert sum(n.op_type == "MatMul" for n in nodes) == 5 * 2
+    assert sum(n.op_type == "FusedMatMul" and n.domain == "com.microsoft" for n in nodes) == 2
     gathers = [n for n in nodes if n.op_type == "GatherElements"]
     assert len(gathers) == 4 and len({n.input[1] for n in gathers}) == 2  # one c2p and one p2c index for both layers
+    assert stats["p2c_transposes_removed"] == 2
+    assert not any(n.op_type == "Transpose" and produced.get(n.input[0]) in gathers for n in nodes)
     assert not any(n.op_type == "Div" and produced.get(n.input[0]) is not None and
                    produced[n.input[0]].op_type in ("GatherElements", "Transpose") for n in nodes)
     feeds = _feeds(model, left_padding=True)
