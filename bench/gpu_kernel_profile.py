@@ -11,6 +11,7 @@ One run on the GPU machine:
 
     bash bench/gpu_run.sh bench/gpu_kernel_profile.py --json $OUT/kernel_profile.json
     bash bench/gpu_run.sh bench/gpu_kernel_profile.py --model modernbert --shapes 1x128,32x128 --json ...
+    python bench/gpu_kernel_profile.py --model deberta-v3 --shapes 1x128 --dry-run     (CPU: compile + answers)
 """
 
 from __future__ import annotations
@@ -79,6 +80,27 @@ def kernel_profile(fn, sync, iterations: int) -> dict:
                     for name, v in top]}
 
 
+def dry_run(models: dict[str, Path], export: Path, recipe, vocab: int, shapes: str) -> None:
+    """The GPU run's answer check on ORT CPU: each variant's worst token cosine to the export's answer."""
+    import onnxruntime as ort
+
+    sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                for name, path in {"export": export, **models}.items()}
+    for shape in shapes.split(","):
+        batch, seq = (int(x) for x in shape.split("x"))
+        feed = make_inputs(batch, seq, recipe.inputs, vocab)
+        answers = {}
+        for name, session in sessions.items():
+            names = {i.name for i in session.get_inputs()}
+            out = np.asarray(session.run(None, {k: v for k, v in feed.items() if k in names})[0], np.float32)
+            answers[name] = out.reshape(-1, out.shape[-1])
+        reference = answers.pop("export")
+        for name, mine in answers.items():
+            cos = (mine * reference).sum(1) / (np.linalg.norm(mine, axis=1) * np.linalg.norm(reference, axis=1))
+            log(f"dry run {shape} {name}: cos_min {cos.min():.6f}, finite {bool(np.isfinite(mine).all())}, "
+                f"max |diff| {np.abs(mine - reference).max():.3g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
@@ -88,6 +110,8 @@ def main() -> None:
     parser.add_argument("--attn", default=None, help="which export: sdpa for bert, eager for the others")
     parser.add_argument("--shapes", default="1x128", help="BATCHxSEQ,...")
     parser.add_argument("--no-profile", action="store_true", help="latency rounds and the answer check only")
+    parser.add_argument("--dry-run", action="store_true", help="no GPU: export, compile the variants and check "
+                        "their answers against the export on ORT CPU (what the GPU run does first), then stop")
     args = parser.parse_args()
     import torch
 
@@ -111,6 +135,8 @@ def main() -> None:
         if edit == "fp16-out":
             fp16_outputs(out, out)
         models[name] = out
+    if args.dry_run:
+        return dry_run(models, paths[attn], recipe, vocab, args.shapes)
     prepare, _ = torch_runners(args.model, "cuda", True)
     results: dict = {"model": args.model, "export": attn, "gpu": torch.cuda.get_device_name(0), "shapes": {}}
     import onnxruntime as ort

@@ -220,3 +220,101 @@ def dimension_read(tensor: gs.Tensor, shapes: dict) -> tuple[int | str, tuple[in
     if (isinstance(dim, int) and dim > 0) or (isinstance(dim, str) and dim):
         return dim, shape
     return None
+
+
+Factors = tuple[int, tuple[str, ...]]  # a dimension as a product: the static factor, the symbols (sorted)
+
+
+def _product(parts: list[Factors]) -> Factors:
+    static, symbols = 1, []
+    for value, names in parts:
+        static *= value
+        symbols += names
+    return static, tuple(sorted(symbols))
+
+
+def _quotient(total: Factors, divisor: Factors) -> Factors | None:
+    """total / divisor where the divisor's symbols are among the total's and its static factor divides; else None."""
+    left = list(total[1])
+    for name in divisor[1]:
+        if name not in left:
+            return None
+        left.remove(name)
+    if divisor[0] == 0 or total[0] % divisor[0]:
+        return None
+    return total[0] // divisor[0], tuple(left)
+
+
+def dimension_factors(tensor: gs.Tensor, axis: int, shapes: dict, depth: int = 6) -> Factors | None:
+    """``tensor``'s dimension ``axis`` as a product of static sizes and symbols: inference's own name for it, or,
+    for a dimension inference left unnamed (an ``unk__N`` of a Reshape by -1), the product worked back through
+    the Reshape (its -1, 0 and read entries), Flatten and Transpose that made it. DeBERTa's heads merged into
+    the batch, Reshape(Transpose(q [batch, sequence, 12, 64]), [-1, Shape(.)[1], Shape(.)[-1]]), is
+    (12, ('batch',)) in every layer, where inference gives each layer its own unk__N. Equal factors are one
+    runtime size; None where it cannot tell."""
+    dims = shapes.get(tensor.name) or (list(tensor.shape) if isinstance(tensor, gs.Constant) else None)
+    if not dims or not -len(dims) <= axis < len(dims):
+        return None
+    axis %= len(dims)
+    dim = dims[axis]
+    if isinstance(dim, int) and dim > 0:
+        return dim, ()
+    if isinstance(dim, str) and dim and not dim.startswith("unk__"):
+        return 1, (dim,)
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    found = _factors_through(node, axis, shapes, depth - 1) if node is not None and depth > 0 else None
+    return found if found is not None or not (isinstance(dim, str) and dim) else (1, (dim,))
+
+
+def _factors_through(node: gs.Node, axis: int, shapes: dict, depth: int) -> Factors | None:
+    """``dimension_factors`` of the output of ``node`` (Transpose, Flatten, Reshape) from its input's."""
+    x = node.inputs[0] if node.inputs else None
+    rank = len(shapes.get(x.name) or ()) if x is not None else 0
+    if node.op == "Transpose" and rank:
+        perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
+        return dimension_factors(x, perm[axis], shapes, depth)
+    if node.op == "Flatten" and rank:
+        split = int(node.attrs.get("axis", 1)) % (rank + 1)
+        parts = [dimension_factors(x, i, shapes, depth) for i in (range(split) if axis == 0 else range(split, rank))]
+        return None if None in parts else _product(parts)
+    if node.op != "Reshape" or not rank or node.attrs.get("allowzero", 0):
+        return None
+    entries = _reshape_entries(node.inputs[1])
+    if entries is None or axis >= len(entries):
+        return None
+
+    def entry(i: int) -> Factors | None:
+        value = entries[i]
+        if isinstance(value, int):
+            return dimension_factors(x, i, shapes, depth) if value == 0 else ((value, ()) if value > 0 else None)
+        structure = shape_read(value)
+        if structure is None or dimension_read(value, shapes) is None:
+            return None
+        read_node, source = structure[0], structure[1]
+        source_rank = len(shapes.get(source.name) or ())
+        return dimension_factors(source, int(np.asarray(read_node.inputs[1].values).reshape(-1)[0]) % source_rank,
+                                 shapes, depth)
+
+    if entries[axis] != -1:
+        return entry(axis)
+    total = [dimension_factors(x, i, shapes, depth) for i in range(rank)]
+    others = [entry(i) for i in range(len(entries)) if i != axis]
+    if None in total or None in others:
+        return None
+    return _quotient(_product(total), _product(others))
+
+
+def _reshape_entries(target: gs.Tensor) -> list[int | gs.Tensor] | None:
+    """A Reshape target's entries: ints of a constant, or of a Concat of constants and one-element reads."""
+    if isinstance(target, gs.Constant):
+        return [int(v) for v in np.asarray(target.values).reshape(-1)]
+    node = target.inputs[0] if len(target.inputs) == 1 else None
+    if node is None or node.op != "Concat":
+        return None
+    entries: list[int | gs.Tensor] = []
+    for part in node.inputs:
+        if isinstance(part, gs.Constant):
+            entries += [int(v) for v in np.asarray(part.values).reshape(-1)]
+        else:
+            entries.append(unsqueezed(part))
+    return entries

@@ -5,11 +5,12 @@ One rule engine (``engine.py``) runs every fusion's catalogue: ``attention.py`` 
 ModernBERT), ``rotary.py``, ``gelu.py``, ``layernorm.py``, ``skip_layernorm.py``;
 ``embed_layernorm.py`` proves each embedding Gather's meaning instead. Layout rewrites after the fusions:
 ``head_layout.py`` (MultiHeadAttention and RotaryEmbedding on [B, S, hidden]), ``slices.py`` (sibling Slices
--> one Split), ``shared_positions.py`` (DeBERTa's position projections broadcast, not repeated). On targets
-that capture CUDA graphs, ``host_free.py`` then rewrites the shape arithmetic ONNX Runtime CUDA would run on
-the CPU (DeBERTa's). ``--explain fuse`` names, for every anchor
-left unfused (a Softmax, an Erf/Tanh, a LayerNorm-shaped ReduceMean, a residual Add before a LayerNorm), the
-closest rule and the step where it stopped::
+-> one Split), ``shared_positions.py`` (DeBERTa's position projections broadcast, not repeated;
+``scale_into_weights.py`` then folds the scores' scale into them). On targets that capture CUDA graphs,
+``host_free.py`` then rewrites the shape arithmetic ONNX Runtime CUDA would run on the CPU (DeBERTa's), and
+``transposed_scores.py`` computes DeBERTa's p2c scores so that no Transpose follows their gather. ``--explain
+fuse`` names, for every anchor left unfused (a Softmax, an Erf/Tanh, a LayerNorm-shaped ReduceMean, a residual
+Add before a LayerNorm), the closest rule and the step where it stopped::
 
     fuse: gelu: Erf 'e' not fused; closest rule 'erf': step 2 (plus_one: Add(1) either order): Add 'a' adds 2, not 1
 """
@@ -33,9 +34,11 @@ from tqc.passes.fuse.host_free import host_placed, remove_host_shapes
 from tqc.passes.fuse.layernorm import fuse_layernorm
 from tqc.passes.fuse.masks import MaskCache, mask_input_names
 from tqc.passes.fuse.rotary import CACHE_POSITIONS, fuse_rotary
+from tqc.passes.fuse.scale_into_weights import scale_into_weights
 from tqc.passes.fuse.shared_positions import share_position_projections
 from tqc.passes.fuse.skip_layernorm import fuse_skip_layernorm
 from tqc.passes.fuse.slices import split_sibling_slices
+from tqc.passes.fuse.transposed_scores import transpose_scores
 from tqc.passes.rewrite import cleanup, drop, redirect
 
 
@@ -222,6 +225,11 @@ class Fuse(Pass):
                 stats["host_shapes_rewritten"] = sum(removed.values())
                 if any(removed.values()):
                     canonicalize(graph)  # the static reads' arithmetic folds
+        if stats.get("positions_shared"):  # the scores' scale (constant once the reads fold) into P
+            stats["position_scales_folded"] = scale_into_weights(graph)
+            if target.cuda_graphs:  # p2c gathered straight into [query, key] order: no Transpose a layer
+                stats["p2c_transposes_removed"] = transpose_scores(graph)
+            cleanup(graph)
         stats["layernorm"] = sum(1 for n in graph.nodes if n.op == "LayerNormalization")
         if target.contrib_ops and any(n.domain == "com.microsoft" for n in graph.nodes):
             ensure_domain(graph, "com.microsoft", 1)

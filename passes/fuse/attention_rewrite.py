@@ -202,22 +202,36 @@ def _fill_branches(block: AttentionBlock, other: gs.Tensor, prefix: str) -> list
     return [condition, fill, other] if fill_when_true else [condition, other, fill]
 
 
-def _rewrite_biased(graph: gs.Graph, block: AttentionBlock, index: int, masks: MaskCache, mask_format: str) -> None:
-    """MultiHeadAttention(Q, K, V, key_padding_mask, attention_bias): the projections stay as they are (a
-    bias such as DeBERTa's may read them too)::
+def _packed_for_bias(graph: gs.Graph, block: AttentionBlock, prefix: str) -> list[gs.Tensor]:
+    """Q, K and V for MultiHeadAttention: projected from one input, one packed MatMul, one Add and a Split
+    (``_projections``: three kernels where there were six), and every other reader of a projection (DeBERTa's
+    c2p and p2c read Q and K) reads the Split's output, so each product is computed once; projected from
+    different inputs, the projections as they are."""
+    if not (block.q.x is block.k.x is block.v.x):
+        return [block.q.output, block.k.output, block.v.output]
+    projected = _projections(graph, block, prefix, fold_scale=False)
+    for lin, tensor in zip((block.q, block.k, block.v), projected):
+        redirect(lin.output, tensor)
+    return projected
 
-        MultiHeadAttention(x@Wq+bq, x@Wk+bk, x@Wv+bv, mask_index, bias, num_heads, scale) ─► context
+
+def _rewrite_biased(graph: gs.Graph, block: AttentionBlock, index: int, masks: MaskCache, mask_format: str) -> None:
+    """MultiHeadAttention(Q, K, V, key_padding_mask, attention_bias), Q, K and V packed (``_packed_for_bias``)
+    where one input feeds them (a bias such as DeBERTa's may read them too)::
+
+        x@[Wq|Wk|Wv]+[bq|bk|bv] ─► Split ─► MultiHeadAttention(Q, K, V, mask_index, bias, num_heads, scale) ─► context
 
     A masked_fill mask (DeBERTa's: query and key padding, a padded query row all masked) stays the graph's own
     (``_masked_fill_as_bias``): exact at every position, padded query rows included, where a key padding mask
     would change those rows."""
     prefix, empty = f"tqc_mha{index}", gs.Variable.empty()
     mask, bias, context = empty, _bias_4d(graph, block, prefix), block.context
+    q, k, v = _packed_for_bias(graph, block, prefix)
     if block.mask_fill is not None:
-        bias, context = _masked_fill_as_bias(graph, block, bias, prefix)
+        bias, context = _masked_fill_as_bias(graph, block, bias, v, prefix)
     elif block.mask is not None:
         mask = masks.end_positions() if mask_format == "end" else masks.int32_index()
-    inputs = [block.q.output, block.k.output, block.v.output, empty, mask, bias]
+    inputs = [q, k, v, empty, mask, bias]
     attrs = _contrib_attrs(block)
     if context is block.context:
         replace_output(graph, block.context, "MultiHeadAttention", prefix, inputs, attrs=attrs, domain="com.microsoft")
@@ -225,12 +239,12 @@ def _rewrite_biased(graph: gs.Graph, block: AttentionBlock, index: int, masks: M
         produce(graph, "MultiHeadAttention", prefix, inputs, [context], attrs=attrs, domain="com.microsoft")
 
 
-def _masked_fill_as_bias(graph: gs.Graph, block: AttentionBlock, bias: gs.Tensor,
+def _masked_fill_as_bias(graph: gs.Graph, block: AttentionBlock, bias: gs.Tensor, v: gs.Tensor,
                          prefix: str) -> tuple[gs.Tensor, gs.Variable]:
     """A masked_fill (``condition`` [B, 1, S, S]) for MultiHeadAttention: ``bias + Where(condition, -10000, 0)``
     (exp(-10000) is 0, as exp(fill) was, and -10000 is a float16 too); a query row masked whole, uniform
-    attention in the graph, is the mean of V, put back by a Where on the op's output. Returns (the op's bias,
-    the tensor the op writes)."""
+    attention in the graph, is the mean of V (``v``: the op's V), put back by a Where on the op's output.
+    Returns (the op's bias, the tensor the op writes)."""
     def var(name: str) -> gs.Variable:
         return gs.Variable(f"{prefix}_{name}", dtype=np.float32)
 
@@ -252,7 +266,7 @@ def _masked_fill_as_bias(graph: gs.Graph, block: AttentionBlock, bias: gs.Tensor
                    row_masked, f"{prefix}_{prefix}_row_masked_axes")
     produce(graph, "Squeeze", f"{prefix}_row_masked_whole", [row_masked, const("head_axis", [1], np.int64)],
             [whole])  # [B, S, 1]: 1.0 where the row is masked whole (masked where true), else 0.0
-    produce_reduce(graph, "ReduceMean", f"{prefix}_mean_v", block.v.output, 1, mean_v, f"{prefix}_{prefix}_mean_v_axes")
+    produce_reduce(graph, "ReduceMean", f"{prefix}_mean_v", v, 1, mean_v, f"{prefix}_{prefix}_mean_v_axes")
     masked_whole = gs.Variable(f"{prefix}_row_masked_bool", dtype=np.bool_)
     produce(graph, "Cast", f"{prefix}_row_masked_bool", [whole], [masked_whole], attrs={"to": 9})
     if not block.mask_fill[2]:  # masked where false: a row is masked whole where its maximum is 0

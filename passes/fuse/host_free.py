@@ -20,18 +20,37 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fold_dims import dimension_read, merge_leading_dims, shape_read, unsqueezed
+from tqc.passes.fold_dims import dimension_factors, dimension_read, merge_leading_dims, shape_read, unsqueezed
 from tqc.passes.rewrite import NodeBuilder, cleanup, redirect
 
 INT64_MAX = np.iinfo(np.int64).max
 
 
 class _Builder(NodeBuilder):
-    """``NodeBuilder`` with the zeros host_free broadcasts against."""
+    """``NodeBuilder`` with the zeros host_free broadcasts against, made once per size: zeros whose n has the
+    same ``dimension_factors`` are one tensor (DeBERTa's index broadcast to [B*H, S, S] is then the same Add in
+    every layer, which ``fold`` merges, instead of zeros measured on each layer's own query)."""
 
-    def zeros_along(self, source: gs.Tensor, axis: int, rank: int, out_rank: int, dtype) -> gs.Variable:
+    def __init__(self, graph: gs.Graph, prefix: str):
+        super().__init__(graph, prefix)
+        self.made: dict = {}
+
+    def zeros_along(self, source: gs.Tensor, axis: int, rank: int, out_rank: int, dtype,
+                    shapes: dict | None = None) -> gs.Variable:
         """Zeros [n, 1, ..., 1] (``out_rank`` dims) where n is ``source``'s dimension ``axis``: Gathers at 0 on
-        the other axes (shape inference keeps n's symbol through them)."""
+        the other axes (shape inference keeps n's symbol through them). With ``shapes``, zeros of the same size
+        made before in the same step (``dimension_factors``) are reused: the step takes its nodes in topological
+        order, so the zeros' source comes before the reader (no cycle)."""
+        factors = dimension_factors(source, axis, shapes) if shapes is not None else None
+        key = (factors, out_rank, np.dtype(dtype).str)
+        if factors is not None and key in self.made:
+            return self.made[key]
+        zeros = self._zeros(source, axis, rank, out_rank, dtype)
+        if factors is not None:
+            self.made[key] = zeros
+        return zeros
+
+    def _zeros(self, source: gs.Tensor, axis: int, rank: int, out_rank: int, dtype) -> gs.Variable:
         line = source
         for other in sorted((a for a in range(rank) if a != axis), reverse=True):
             line = self.op("Gather", [line, self.const("first", 0)], source.dtype, {"axis": other})
@@ -134,6 +153,7 @@ def remove_host_shapes(graph: gs.Graph) -> dict[str, int]:
              ("static_reads", lambda shapes: _static_reads(graph, shapes)))
     stats: dict[str, int] = {}
     for name, step in steps:
+        build.made = {}  # reused only within a step: its nodes are taken in topological order
         stats[name] = step(symbols_past_contrib_ops(graph))
         if stats[name]:  # a graph nothing fits is left exactly as it was (node order too)
             cleanup(graph, toposort=True)
@@ -239,7 +259,7 @@ def _expands(graph: gs.Graph, shapes: dict, build: _Builder) -> int:
             continue
         if grow:
             source, axis, rank = grow[0][1]
-            zeros = build.zeros_along(source, axis, rank, len(data), dtype)
+            zeros = build.zeros_along(source, axis, rank, len(data), dtype, shapes)
             redirect(out, build.op("Add", [x, zeros], dtype))
         else:
             redirect(out, x)

@@ -55,3 +55,41 @@ def test_a_read_of_another_dimension_is_left_alone():
     assert any(n.op == "Shape" for n in graph.nodes)
     h = np.random.default_rng(2).standard_normal((4, 4, 8)).astype(np.float32)  # runs only where B == S
     assert np.array_equal(run(model, h), run(to_model(graph), h))
+
+
+def merged_heads(second_read: int):
+    """q [B, S, 12] -> Transpose(Reshape(q, [0, 0, 3, 4]), [0, 2, 1, 3]) [B, 3, S, 4] -> Reshape(., [-1,
+    Shape(r)[second_read], Shape(r)[-1]]) (DeBERTa's heads merged into the batch when ``second_read`` is 1)."""
+    inits = [numpy_helper.from_array(np.asarray(v, np.int64), n)
+             for n, v in (("heads", [0, 0, 3, 4]), ("i", second_read), ("ax", [0]), ("minus", [-1]),
+                          ("last", [-1]), ("end", [2**62]))]
+    nodes = [helper.make_node("Reshape", ["q", "heads"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1, 3]),
+             helper.make_node("Shape", ["r"], ["rs"]), helper.make_node("Gather", ["rs", "i"], ["d1"], axis=0),
+             helper.make_node("Unsqueeze", ["d1", "ax"], ["u1"]),
+             helper.make_node("Slice", ["rs", "last", "end"], ["d3"]),
+             helper.make_node("Concat", ["minus", "u1", "d3"], ["target"], axis=0),
+             helper.make_node("Reshape", ["t", "target"], ["y"]), helper.make_node("Relu", ["y"], ["z"])]
+    graph = helper.make_graph(nodes, "merge", [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["batch", "sequence", 12])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_dimension_factors_work_back_through_a_reshape_by_minus_one():
+    """Inference names y's first dimension unk__N; its factors are batch * 3, which is what a run gives; with
+    the other dimension read, the -1 is batch * sequence."""
+    from tqc.passes.fold_dims import dimension_factors, symbol_shapes
+
+    graph = to_graph(merged_heads(second_read=1))
+    shapes = symbol_shapes(graph)
+    y = next(t for t in graph.tensors().values() if t.name == "y")
+    assert str(shapes["y"][0]).startswith("unk__")
+    assert dimension_factors(y, 0, shapes) == (3, ("batch",))
+    assert dimension_factors(y, 1, shapes) == (1, ("sequence",))
+    q = np.zeros((5, 7, 12), np.float32)
+    out = ort.InferenceSession(merged_heads(1).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"q": q})[0]
+    assert out.shape == (5 * 3, 7, 4)
+    other = to_graph(merged_heads(second_read=2))  # [-1, 3, 4]
+    shapes = symbol_shapes(other)
+    y = next(t for t in other.tensors().values() if t.name == "y")
+    assert dimension_factors(y, 0, shapes) == (1, ("batch", "sequence"))

@@ -61,14 +61,18 @@ def test_attention_with_a_bias_fuses_exactly(family, exporter, target, exports):
 
 
 def matmul_work(model, feed) -> tuple[int, int]:
-    """(MatMul nodes, their multiply-accumulates) in a run of ``model`` on ``feed``: every operand's shape
-    read from the run itself (constant operands from the graph)."""
+    """(MatMul and FusedMatMul nodes, their multiply-accumulates) in a run of ``model`` on ``feed``: every
+    operand's shape read from the run itself (constant operands from the graph), FusedMatMul's transposes
+    applied."""
     constants = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "FusedMatMul")]
     values = next(outputs_per_feed(model, [feed], [t for n in matmuls for t in n.input if t not in constants]))
     macs = 0
     for node in matmuls:
-        a, b = (constants[t] if t in constants else values[t].shape for t in node.input)
+        a, b = (tuple(constants[t] if t in constants else values[t].shape) for t in node.input)
+        flags = {attr.name: attr.i for attr in node.attribute}
+        a = a[:-2] + a[-2:][::-1] if flags.get("transA") else a
+        b = b[:-2] + b[-2:][::-1] if flags.get("transB") else b
         macs += int(np.prod(np.broadcast_shapes(a[:-2], b[:-2]))) * a[-2] * a[-1] * b[-1]
     return len(matmuls), macs
 
@@ -79,9 +83,9 @@ def matmul_work(model, feed) -> tuple[int, int]:
 def test_fused_attention_computes_each_product_once(family, exporter, target, exports):
     """Against ``fold`` (what fuse canonicalizes with: DeBERTa's constant position projections folded):
     standard targets keep every product (Q, K, V packed into one MatMul: two nodes fewer a layer, the same
-    MACs); ORT's MultiHeadAttention takes Q K^T and P V, B·S·S·hidden MACs each a layer, and nothing else
-    changes (the legacy DeBERTa export reshapes the biased scores by Shape(Q K^T + bias): a rewrite reading
-    that shape would keep the old Q K^T computed)."""
+    MACs); on ORT, Q, K and V are packed too and MultiHeadAttention takes Q K^T and P V, B·S·S·hidden MACs each
+    a layer, and nothing else changes (the legacy DeBERTa export reshapes the biased scores by
+    Shape(Q K^T + bias): a rewrite reading that shape would keep the old Q K^T computed)."""
     model = load_model(exports.get(family, exporter=exporter, size="tiny"))
     folded = PassManager(parse_pipeline("fold"), PassContext(target=target)).run(model)
     fused = PassManager(parse_pipeline("fuse"), PassContext(target=target), verify="numeric").run(model)
@@ -92,7 +96,7 @@ def test_fused_attention_computes_each_product_once(family, exporter, target, ex
     batch, seq, hidden = out_before.shape
     layers = LAYERS[family]
     if target.startswith("ort"):
-        assert after == (before[0] - 2 * layers, before[1] - 2 * layers * batch * seq * seq * hidden)
+        assert after == (before[0] - 4 * layers, before[1] - 2 * layers * batch * seq * seq * hidden)
     else:
         assert after == (before[0] - 2 * layers, before[1])
 
