@@ -75,10 +75,12 @@ class Target:
                                        # its Q. ORT CPU ran 1-9% slower with it (bench/bench_qdq_speed.py)
     split_by_default: bool             # qdq{split=auto}: outlier input channels run in float beside the INT8
                                        # MatMul: TensorRT fuses the Mul/Add (not measured, as the shift); ORT CPU
-                                       # 6-10% slower on MiniLM (passes/qdq/split.py); OpenVINO 3-4% (recomputed)
+                                       # 6-10% slower on MiniLM gathered (passes/qdq/split.py); recomputed, FFN output
+                                       # layers only: ORT CPU 2-5%, OpenVINO 3-4%
     split_recomputed: bool             # qdq{split}'s float part recomputed from the producing layer where there
                                        # is one (passes/qdq/split_producer.py): on OpenVINO this keeps the FFN
                                        # input layer's fused INT8 chain, and split=auto splits those layers only
+                                       # (ORT CPU too: its cost was in splitting the FFN input layers)
     cuda_graphs: bool                  # the runtime can capture CUDA graphs, unless it places a node on the CPU:
                                        # compile notes which (compiler/analysis/cuda_placement.py)
 
@@ -106,7 +108,7 @@ ORT_CPU = Target("ort-cpu", runtime="ONNX Runtime CPU", contrib_ops=True, attent
                  skip_layernorm_form="sum", symmetric_int8_activations=False, activation_form_by_consumer=False,
                  qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
                  zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=True,
-                 shift_by_default=False, split_by_default=False, split_recomputed=False, cuda_graphs=False)
+                 shift_by_default=False, split_by_default=True, split_recomputed=True, cuda_graphs=False)
 ORT_CUDA = Target("ort-cuda", runtime="ONNX Runtime CUDA", contrib_ops=True, attention_mask_format="end",
                   shared_qkv_scale=False, smoothing_folded=False, qkv_unpacked=False,
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=False,

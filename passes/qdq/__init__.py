@@ -25,10 +25,10 @@ before it is quantized (``shift``: (x - z) / s, z W into the bias; on ORT its Ad
 agreement 91.0 -> 92.0% on ort-cpu (93.7% with shift=true), 87.7 -> 91.6% on trt, 90.5 -> 92.8% on openvino;
 ``bench/bench_accuracy.py``). ``smooth_cap`` (0.99 by default, with the data) then caps the smoothed channel
 ranges at their 99th percentile per layer where that lowers the layer's output error (constants only): 92.8 /
-92.1 / 94.4% (``bench/results/accuracy_cap_cpu.*``). ``split`` (on for trt by default, on openvino for the FFN
-output layers, recomputed from the layer before: ``split_producer.py``; ``split=true`` on ort-cpu) moves the few
+92.1 / 94.4% (``bench/results/accuracy_cap_cpu.*``). ``split`` (on for trt by default, on openvino and ort-cpu for the
+FFN output layers, recomputed from the layer before: ``split_producer.py``) moves the few
 input channels that own a layer's range ([CLS]'s massive activations) into a float part beside the INT8 MatMul
-(``split.py``): 94.7% (ort-cpu, split=true) / 93.9% (trt) / 96.2% (openvino's default)
+(``split.py``): 93.7% (ort-cpu; 94.8% with split=true) / 93.9% (trt) / 96.2% (openvino)
 (``bench/results/accuracy_real_tokens_cpu.*``, ``accuracy_split_recomputed_cpu.*``).
 
 ``budget=0.995`` adds the accuracy protection: the output cosine of the quantized graph to the float graph (as
@@ -153,11 +153,11 @@ class Qdq(Pass):
                         "(at most 4) each have a calibrated range at least twice every other channel's (the massive "
                         "activations encoders put at [CLS]), they leave the INT8 MatMul (their weight rows zeroed, "
                         "the range of the rest) for a float MatMul beside it, added to its output; exact in float, "
-                        "every other INT8 MAC stays. On openvino the float part recomputes channels an FFN input "
-                        "layer produces from its float columns (its fused INT8 chain stays). 'auto': on for trt "
-                        "(TensorRT fuses the Mul and Add; not measured) and for openvino on those recomputed layers "
-                        "only (the FFN output layers: 1-4% slower on MiniLM); off for ort-cpu (6-10% slower) and "
-                        "ort-cuda (not measured)", choices=("auto", "true", "false")),
+                        "every other INT8 MAC stays. On openvino and ort-cpu the float part recomputes channels an "
+                        "FFN input layer produces from its float columns (OpenVINO's fused INT8 chain stays). "
+                        "'auto': on for trt (TensorRT fuses the Mul and Add; not measured), and for openvino and "
+                        "ort-cpu on those recomputed layers only (the FFN output layers: 1-5% slower on MiniLM; "
+                        "split=true adds the FFN input layers, 6-10% on ort-cpu); off for ort-cuda (not measured)", choices=("auto", "true", "false")),
         "bias_correct": Option(parse_auto_bool, "auto", "shift each quantized linear layer's bias by its mean output "
                                "error on the calibration data (NNCF's fast bias correction; layers with a bias). "
                                "'auto': on where the calibration data itself is given (--calib DATA), off with a "
