@@ -95,11 +95,11 @@ def _target_parts(concat: gs.Node, shapes: dict) -> list[tuple[str, int | str]] 
     """A Reshape target's entries: ("const", size) or ("read", the dimension's symbol or int); None when
     some part is neither."""
     parts: list[tuple[str, int | str]] = []
-    for part in concat.inputs:
-        if isinstance(part, gs.Constant):  # sizes as they are (a 0 there copies already)
-            parts += [("const", int(v)) for v in np.asarray(part.values).reshape(-1)]
+    for entry in _concat_entries(concat):
+        if isinstance(entry, int):  # sizes as they are (a 0 there copies already)
+            parts.append(("const", entry))
             continue
-        read = dimension_read(unsqueezed(part), shapes)
+        read = dimension_read(entry, shapes)
         if read is None or read[0] in ("", 0):
             return None
         parts.append(("read", read[0]))
@@ -309,10 +309,14 @@ def _reshape_entries(target: gs.Tensor) -> list[int | gs.Tensor] | None:
     if isinstance(target, gs.Constant):
         return [int(v) for v in np.asarray(target.values).reshape(-1)]
     node = target.inputs[0] if len(target.inputs) == 1 else None
-    if node is None or node.op != "Concat":
-        return None
+    return _concat_entries(node) if node is not None and node.op == "Concat" else None
+
+
+def _concat_entries(concat: gs.Node) -> list[int | gs.Tensor]:
+    """A Concat's entries in order: each value of its constant parts (ints), and each other part as the tensor it
+    unsqueezes (a one-element read, ``unsqueezed``)."""
     entries: list[int | gs.Tensor] = []
-    for part in node.inputs:
+    for part in concat.inputs:
         if isinstance(part, gs.Constant):
             entries += [int(v) for v in np.asarray(part.values).reshape(-1)]
         else:

@@ -66,6 +66,7 @@ def produce_reduce(graph: gs.Graph, op: str, name: str, x: gs.Tensor, axis: int,
                        attrs={"keepdims": 1})
     return produce(graph, op, name, [x], [out], attrs={"keepdims": 1, "axes": [axis]})
 
+
 class NodeBuilder:
     """Fresh tensors and nodes under one prefix (``{prefix}_{tag}{n}``), for rewrites that build a few nodes."""
 
