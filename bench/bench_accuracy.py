@@ -64,7 +64,7 @@ ROWS = {  # row -> the qdq item of the pipeline (the default: max ranges, Smooth
     "cap 0.99 + gptq": "qdq{smooth_cap=0.99,rounding=gptq}",
     "cap 0.99 + alpha per layer": "qdq{smooth_cap=0.99,smooth_search=true}",
     # The outlier channel split (the [CLS] channels that own a layer's range run in a float MatMul beside the
-    # INT8 one): on by default on trt and, for the FFN output layers (recomputed), openvino; on request on ort-cpu
+    # INT8 one): on by default on trt and, for the FFN output layers (recomputed), openvino and ort-cpu
     "split": "qdq{split=true}",
     "before the split": "qdq{split=false}",
 }

@@ -80,6 +80,19 @@ def kernel_profile(fn, sync, iterations: int) -> dict:
                     for name, v in top]}
 
 
+def session_answer(session, feed: dict) -> np.ndarray:
+    """The session's first output on the feed's inputs it takes, float32 [tokens, hidden]."""
+    names = {i.name for i in session.get_inputs()}
+    out = np.asarray(session.run(None, {k: v for k, v in feed.items() if k in names})[0], np.float32)
+    return out.reshape(-1, out.shape[-1])
+
+
+def worst_cosine(mine: np.ndarray, reference: np.ndarray) -> float:
+    """The lowest cosine over tokens between two [tokens, hidden] answers (all tokens real)."""
+    cos = (mine * reference).sum(1) / (np.linalg.norm(mine, axis=1) * np.linalg.norm(reference, axis=1))
+    return float(cos.min())
+
+
 def dry_run(models: dict[str, Path], export: Path, recipe, vocab: int, shapes: str) -> None:
     """The GPU run's answer check on ORT CPU: each variant's worst token cosine to the export's answer."""
     import onnxruntime as ort
@@ -89,16 +102,11 @@ def dry_run(models: dict[str, Path], export: Path, recipe, vocab: int, shapes: s
     for shape in shapes.split(","):
         batch, seq = (int(x) for x in shape.split("x"))
         feed = make_inputs(batch, seq, recipe.inputs, vocab)
-        answers = {}
-        for name, session in sessions.items():
-            names = {i.name for i in session.get_inputs()}
-            out = np.asarray(session.run(None, {k: v for k, v in feed.items() if k in names})[0], np.float32)
-            answers[name] = out.reshape(-1, out.shape[-1])
+        answers = {name: session_answer(session, feed) for name, session in sessions.items()}
         reference = answers.pop("export")
         for name, mine in answers.items():
-            cos = (mine * reference).sum(1) / (np.linalg.norm(mine, axis=1) * np.linalg.norm(reference, axis=1))
-            log(f"dry run {shape} {name}: cos_min {cos.min():.6f}, finite {bool(np.isfinite(mine).all())}, "
-                f"max |diff| {np.abs(mine - reference).max():.3g}")
+            log(f"dry run {shape} {name}: cos_min {worst_cosine(mine, reference):.6f}, "
+                f"finite {bool(np.isfinite(mine).all())}, max |diff| {np.abs(mine - reference).max():.3g}")
 
 
 def main() -> None:
@@ -161,16 +169,13 @@ def main() -> None:
         def ort_answer(path: Path) -> np.ndarray:
             if path not in sessions:  # one plain CUDA session per model, over every shape
                 sessions[path] = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
-            names = {i.name for i in sessions[path].get_inputs()}
-            return np.asarray(sessions[path].run(None, {k: v for k, v in feed.items() if k in names})[0],
-                              np.float32)
+            return session_answer(sessions[path], feed)
 
-        plain = ort_answer(paths[attn])  # the export itself, FP32 on ORT CUDA
-        reference = plain.reshape(-1, plain.shape[-1])
+        reference = ort_answer(paths[attn])  # the export itself, FP32 on ORT CUDA
         for name, path in models.items():  # worst token's cosine to the export's answer (all tokens real)
-            mine = ort_answer(path).reshape(-1, reference.shape[-1])
-            cos = (mine * reference).sum(1) / (np.linalg.norm(mine, axis=1) * np.linalg.norm(reference, axis=1))
-            cell["answers"][name] = {"cos_min": round(float(cos.min()), 6), "finite": bool(np.isfinite(mine).all())}
+            mine = ort_answer(path)
+            cell["answers"][name] = {"cos_min": round(worst_cosine(mine, reference), 6),
+                                     "finite": bool(np.isfinite(mine).all())}
         log(f"{shape} answers vs the export on ORT CUDA: {cell['answers']}")
         everything = {**runners, "torch.compile": torch_fn}
         for r in range(args.rounds):
