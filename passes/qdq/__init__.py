@@ -157,7 +157,8 @@ class Qdq(Pass):
                         "FFN input layer produces from its float columns (OpenVINO's fused INT8 chain stays). "
                         "'auto': on for trt (TensorRT fuses the Mul and Add; not measured), and for openvino and "
                         "ort-cpu on those recomputed layers only (the FFN output layers: 1-5% slower on MiniLM; "
-                        "split=true adds the FFN input layers, 6-10% on ort-cpu); off for ort-cuda (not measured)", choices=("auto", "true", "false")),
+                        "split=true adds the FFN input layers, 6-10% on ort-cpu); off for ort-cuda (not measured)",
+                        choices=("auto", "true", "false")),
         "bias_correct": Option(parse_auto_bool, "auto", "shift each quantized linear layer's bias by its mean output "
                                "error on the calibration data (NNCF's fast bias correction; layers with a bias). "
                                "'auto': on where the calibration data itself is given (--calib DATA), off with a "
