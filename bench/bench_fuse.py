@@ -251,6 +251,16 @@ def main() -> None:
                     sessions[f"{tool}[{attn}]"] = out
                 except Exception as exc:
                     results["compile"][f"{family}/{tool}[{attn}]"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    if tool == "ort-opt" and cuda:  # the anchor without its use_gpu pre-pass (an ORT CUDA session
+                        # that did not finish on DeBERTa-v3): its Python fusions alone, labelled as such
+                        out = workdir / f"{family}-{attn}-ortopt-nogpu.onnx"
+                        label = f"ort-opt(use_gpu=False)[{attn}]"
+                        try:
+                            results["compile"][f"{family}/{label}"] = ort_optimize_within(
+                                args.ort_opt_timeout, paths[attn], out, family, True, False)
+                            sessions[label] = out
+                        except Exception as retry:
+                            results["compile"][f"{family}/{label}"] = {"error": f"{type(retry).__name__}: {str(retry)[:300]}"}
         for extra in args.extra:
             extra_family, _, rest = extra.partition(":")
             label, _, extra_path = rest.partition("=")
