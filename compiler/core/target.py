@@ -72,7 +72,12 @@ class Target:
     qattention_by_default: bool        # qdq{qattention=auto}: fused Attentions become QAttention (without budget)
     shift_by_default: bool             # qdq{shift=auto}: the channel-wise shift's Add before each smoothed input's
                                        # Q is free: OpenVINO within 1% (MiniLM); TensorRT fuses pointwise ops into
-                                       # its Q. ORT CPU ran 1-9% slower with it (bench/bench_qdq_speed.py)
+                                       # its Q; ORT CPU with shift_folded (its Adds alone cost 1-9%)
+    shift_folded: bool                 # qdq: the shift's Add after a LayerNorm folds into its beta (the residual
+                                       # Sum and the split's float part take it back), and the attention output's
+                                       # smoothing Mul and shift Add into QAttention's value columns: no node where
+                                       # there were two (passes/qdq/shift_fold.py). ORT CPU: MiniLM with the shift
+                                       # 0.94-1.03x the time of the unshifted placement (bench/bench_qdq_speed.py)
     split_by_default: bool             # qdq{split=auto}: outlier input channels run in float beside the INT8
                                        # MatMul: TensorRT fuses the Mul/Add (not measured, as the shift); ORT CPU
                                        # 6-10% slower on MiniLM gathered (passes/qdq/split.py); recomputed, FFN output
@@ -102,25 +107,29 @@ TRT = Target("trt", runtime="TensorRT", contrib_ops=False, attention_mask_format
              symmetric_int8_activations=True, activation_form_by_consumer=False, qdq_per_consumer=False,
              int8_attention_matmuls=True, int8_attention_by_default=True, zero_points_in_bias=False,
              int8_mha=TRT_INT8_MHA, residual_add_qdq=True, qattention_by_default=False,
-             shift_by_default=True, split_by_default=True, split_recomputed=False, cuda_graphs=False)
+             shift_by_default=True, shift_folded=False, split_by_default=True, split_recomputed=False,
+             cuda_graphs=False)
 ORT_CPU = Target("ort-cpu", runtime="ONNX Runtime CPU", contrib_ops=True, attention_mask_format="raw",
                  shared_qkv_scale=False, smoothing_folded=False, qkv_unpacked=False,
                  skip_layernorm_form="sum", symmetric_int8_activations=False, activation_form_by_consumer=False,
                  qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
                  zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=True,
-                 shift_by_default=False, split_by_default=True, split_recomputed=True, cuda_graphs=False)
+                 shift_by_default=True, shift_folded=True, split_by_default=True, split_recomputed=True,
+                 cuda_graphs=False)
 ORT_CUDA = Target("ort-cuda", runtime="ONNX Runtime CUDA", contrib_ops=True, attention_mask_format="end",
                   shared_qkv_scale=False, smoothing_folded=False, qkv_unpacked=False,
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=False,
                   qdq_per_consumer=True, int8_attention_matmuls=False, int8_attention_by_default=False,
                   zero_points_in_bias=False, int8_mha=None, residual_add_qdq=False, qattention_by_default=False,
-                  shift_by_default=False, split_by_default=False, split_recomputed=False, cuda_graphs=True)
+                  shift_by_default=False, shift_folded=False, split_by_default=False, split_recomputed=False,
+                  cuda_graphs=True)
 OPENVINO = Target("openvino", runtime="OpenVINO", contrib_ops=False, attention_mask_format="raw",
                   shared_qkv_scale=True, smoothing_folded=True, qkv_unpacked=True,
                   skip_layernorm_form="contrib", symmetric_int8_activations=False, activation_form_by_consumer=True,
                   qdq_per_consumer=False, int8_attention_matmuls=True, int8_attention_by_default=False,
                   zero_points_in_bias=True, int8_mha=None, residual_add_qdq=False, qattention_by_default=False,
-                  shift_by_default=True, split_by_default=True, split_recomputed=True, cuda_graphs=False)
+                  shift_by_default=True, shift_folded=False, split_by_default=True, split_recomputed=True,
+                  cuda_graphs=False)
 BY_NAME = {t.name: t for t in (TRT, ORT_CPU, ORT_CUDA, OPENVINO)}
 TARGETS = tuple(BY_NAME)  # the names, in the CLI's order
 DEFAULT_TARGET = "trt"  # tqc compile's --target default (compiler/cli/main.py), and tqc.compile's

@@ -19,8 +19,9 @@ lowers the layer's output error ||(Q/DQ(x) - x) W||^2 on the calibration data be
 sequences the model will see within TensorRT's limit (``tqc.compiler.core.target``).
 
 With the calibration data itself (not a table alone), every linear layer's bias is corrected by its mean output
-error on the data (``bias_correct``) and, on trt and openvino, every smoothed linear input is centred per channel
-before it is quantized (``shift``: (x - z) / s, z W into the bias; on ORT its Add costs speed): on by default
+error on the data (``bias_correct``) and, on trt, openvino and ort-cpu, every smoothed linear input is centred per
+channel before it is quantized (``shift``: (x - z) / s, z W into the bias; on ort-cpu its Adds after a LayerNorm and
+after QAttention fold away, ``shift_fold.py``, where alone they cost 1-9% of the speed): on by default
 (``auto``), constants and one Add per layer, every INT8 MatMul kept (MiniLM, 2,400 held-out sentences: NN
 agreement 91.0 -> 92.0% on ort-cpu (93.7% with shift=true), 87.7 -> 91.6% on trt, 90.5 -> 92.8% on openvino;
 ``bench/bench_accuracy.py``). ``smooth_cap`` (0.99 by default, with the data) then caps the smoothed channel
@@ -29,7 +30,8 @@ ranges at their 99th percentile per layer where that lowers the layer's output e
 FFN output layers, recomputed from the layer before: ``split_producer.py``) moves the few
 input channels that own a layer's range ([CLS]'s massive activations) into a float part beside the INT8 MatMul
 (``split.py``): 93.7% (ort-cpu; 94.8% with split=true) / 93.9% (trt) / 96.2% (openvino)
-(``bench/results/accuracy_real_tokens_cpu.*``, ``accuracy_split_recomputed_cpu.*``).
+(``bench/results/accuracy_real_tokens_cpu.*``, ``accuracy_split_recomputed_cpu.*``); ort-cpu with the shift (folded):
+95.7% (``bench/results/accuracy_shift_folded_ort_cpu.*``).
 
 ``budget=0.995`` adds the accuracy protection: the output cosine of the quantized graph to the float graph (as
 it was before this pass) is measured on the calibration data; while it is below the budget, the site whose
@@ -59,6 +61,7 @@ from tqc.passes.qdq.insert import InsertOptions, insert, linear_input_widths
 from tqc.passes.qdq.openvino import fold_smoothing, fold_zero_points, unpack_qkv
 from tqc.passes.qdq.plan import PlanOptions, QdqPlan, graph_sequence_bound, plan_sites
 from tqc.passes.qdq.shared_qkv import share_qkv_scales
+from tqc.passes.qdq.shift_fold import fold_into_attention, fold_shift
 from tqc.passes.qdq.split import (RATIO, Split, add_float_parts, choose_splits, split_table, zero_split_columns,
                                   zero_split_rows)
 from tqc.passes.rewrite import cleanup
@@ -146,8 +149,9 @@ class Qdq(Pass):
                         "quantizing (Outlier Suppression+'s channel-wise shift z = (max + min) / 2): x / s becomes "
                         "(x - z) / s, an Add after SmoothQuant's Mul, and z W moves into the layer's bias, exact in "
                         "float (layers with a bias, smooth > 0). 'auto': on where bias correction is (it leaves a mean "
-                        "error that bias correction takes out) on trt and openvino; off on ORT targets, where the "
-                        "Add cost up to 9% of the INT8 speed",
+                        "error that bias correction takes out) on trt, openvino and ort-cpu (there the Adds after a "
+                        "LayerNorm fold into its beta, the attention output's into QAttention: no more nodes than "
+                        "unshifted); off on ort-cuda (not measured)",
                         choices=("auto", "true", "false")),
         "split": Option(parse_auto_bool, "auto", "outlier channel split: where a linear layer's top input channels "
                         "(at most 4) each have a calibrated range at least twice every other channel's (the massive "
@@ -276,6 +280,10 @@ class Qdq(Pass):
             notes.append(f"qdq: {stats['split_channels']} outlier input channels of {len(split)} linear layers run in "
                          "float beside their INT8 MatMul (split): " + ", ".join(
                              f"{name} {list(self.state.splits[name].channels)}" for name in split))
+        if ctx.target.shift_folded:  # after the split: its float part reads the LayerNorms too
+            stats["attention_smoothing_folded"] = fold_into_attention(graph)
+            if options.shift:
+                stats["shift_folded"] = fold_shift(graph)
         if ctx.target.qkv_unpacked:
             stats["qkv_unpacked"] = unpack_qkv(graph)
         return stats, notes

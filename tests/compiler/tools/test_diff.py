@@ -90,7 +90,9 @@ def test_cli_diff_json_plot_and_polygraphy_agree(exports, tmp_path, capsys):
     fused, quant = tmp_path / "fused.onnx", tmp_path / "int8.onnx"
     feeds = synthesize_feeds(load_model(path), count=2)
     save_model(compiled(load_model(path), "fold,fuse", "trt", feeds), fused)
-    save_model(compiled(load_model(path), "fold,fuse,qdq", "ort-cpu", feeds), quant)
+    # shift=false: with ort-cpu's default shift the INT8 graph, calibrated on these very 2 batches, comes within
+    # 0.0011 of the reference on them, inside polygraphy's 1e-3 (abs or rel) below
+    save_model(compiled(load_model(path), "fold,fuse,qdq{shift=false}", "ort-cpu", feeds), quant)
     with pytest.raises(SystemExit) as info:
         main(["-q", "diff", str(path), str(fused), str(quant), "--layerwise", "--threshold", "0.001",
               "--json", str(tmp_path / "d.json"),
