@@ -53,6 +53,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.match import bias_split, constant_values
+from tqc.passes.qdq.smoothing_chain import only_reader, smoothing_chain
 from tqc.passes.rewrite import cleanup, detach, produce
 
 
@@ -196,46 +197,6 @@ def fold_zero_points(graph: gs.Graph) -> int:
     return folded
 
 
-def _only_reader(tensor: gs.Tensor) -> gs.Node | None:
-    """The one node that reads ``tensor`` (None when several nodes read it)."""
-    readers = list(tensor.outputs)
-    return readers[0] if len(readers) == 1 else None
-
-
-def _channel_constant(node: gs.Node, data: gs.Tensor) -> np.ndarray | None:
-    """The other operand of a binary ``node`` as a 1-D per-channel constant (leading 1-dims dropped), else None."""
-    if len(node.inputs) != 2 or sum(t is data for t in node.inputs) != 1:
-        return None
-    values = constant_values(node.inputs[1] if node.inputs[0] is data else node.inputs[0])
-    if values is None or values.ndim < 1 or any(d != 1 for d in values.shape[:-1]):
-        return None
-    return values.reshape(-1)
-
-
-def smoothing_chain(q: gs.Node) -> tuple[gs.Tensor, np.ndarray, np.ndarray] | None:
-    """What SmoothQuant (and the shift) put before an activation's QuantizeLinear: x ─► Mul(f) [─► Add(c)] ─► Q,
-    each node the only reader of the tensor before it, f and c per-channel constants: (x, f, c) with c zeros when
-    there is no Add; else None."""
-    tensor = q.inputs[0]
-    node = tensor.inputs[0] if tensor.inputs else None
-    offset = None
-    if node is not None and node.op == "Add" and _only_reader(node.outputs[0]) is q:
-        data = next((t for t in node.inputs if constant_values(t) is None), None)
-        offset = _channel_constant(node, data) if data is not None else None
-        if offset is None:
-            return None
-        node, reader = (data.inputs[0] if data.inputs else None), node
-    else:
-        reader = q
-    if node is None or node.op != "Mul" or _only_reader(node.outputs[0]) is not reader:
-        return None
-    x = next((t for t in node.inputs if constant_values(t) is None), None)
-    factor = _channel_constant(node, x) if x is not None else None
-    if factor is None or (offset is not None and offset.size not in (1, factor.size)):
-        return None
-    return x, factor, np.zeros_like(factor) if offset is None else np.broadcast_to(offset, factor.shape)
-
-
 def _layernorm_fold(graph: gs.Graph, q: gs.Node, x: gs.Tensor, factor: np.ndarray, offset: np.ndarray) -> bool:
     """LayerNorm(x) * f + c ─► Q  =>  LayerNorm(x; gamma * f, beta * f + c) ─► Q: a second LayerNorm over the same
     input (exact: the residual keeps the first). OpenVINO computes the normalization once and runs both affine
@@ -311,13 +272,13 @@ def unpack_qkv(graph: gs.Graph) -> int:
         sizes = constant_values(split.inputs[1]) if len(split.inputs) > 1 else None
         found = bias_split(split.inputs[0])
         if sizes is None or sizes.size != len(split.outputs) or split.attrs.get("axis", 0) not in (-1, 2) \
-                or found is None or _only_reader(split.inputs[0]) is not split:
+                or found is None or only_reader(split.inputs[0]) is not split:
             continue
         matmul_out, _, add = found
         matmul = matmul_out.inputs[0]
         bias = next(t for t in add.inputs if t is not matmul_out)
         values = constant_values(bias)
-        if _only_reader(matmul_out) is not add or values.shape != (int(sizes.sum()),):
+        if only_reader(matmul_out) is not add or values.shape != (int(sizes.sum()),):
             continue
         bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         parts = [slice(start, end) for start, end in zip(bounds[:-1], bounds[1:])]

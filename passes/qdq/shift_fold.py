@@ -27,7 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.match import constant_values
-from tqc.passes.qdq.openvino import smoothing_chain
+from tqc.passes.qdq.smoothing_chain import smoothing_chain
 from tqc.passes.rewrite import cleanup
 
 BETA_INPUT = {"LayerNormalization": 2, "EmbedLayerNormalization": 6}  # op -> the index of its beta input
