@@ -40,6 +40,15 @@ def detach(tensor: gs.Tensor) -> gs.Tensor:
     return tensor
 
 
+def rebase(tensor: gs.Tensor, suffix: str) -> gs.Tensor:
+    """Rename ``tensor`` to ``<name>_tqc_<suffix>``: a rewrite that keeps the model's answer but changes what
+    this intermediate holds (a shifted or rescaled basis, a partial sum) gives it a name the float graph does not
+    have, so ``tqc diff --layerwise``, which pairs tensors by name, does not report the change of basis as an
+    error. Graph inputs and outputs keep their names (the caller never rebases them)."""
+    tensor.name = f"{tensor.name}_tqc_{suffix}"
+    return tensor
+
+
 def detach_outputs(node: gs.Node) -> list[gs.Tensor]:
     """Detach every output of ``node``; returns them (in order) for the node that replaces it."""
     outputs = list(node.outputs)

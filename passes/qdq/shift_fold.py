@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.match import constant_values
 from tqc.passes.qdq.smoothing_chain import smoothing_chain
-from tqc.passes.rewrite import cleanup
+from tqc.passes.rewrite import cleanup, rebase
 
 BETA_INPUT = {"LayerNormalization": 2, "EmbedLayerNormalization": 6}  # op -> the index of its beta input
 BIAS_READERS = ("Add", "Sum", "BiasGelu", "FastGelu")  # ops that add a per-channel constant to their input
@@ -102,6 +102,7 @@ def _fold(graph: gs.Graph, q: gs.Node) -> bool:
     norm.inputs[BETA_INPUT[norm.op]] = gs.Constant(f"{name}_shifted_beta",
                                                    (beta.astype(np.float64) + d).astype(beta.dtype))
     q.inputs[0] = mul.outputs[0]
+    rebase(x, "shifted")  # it holds x + z now
     return True
 
 
@@ -145,6 +146,7 @@ def _fold_into_attention(graph: gs.Graph, q: gs.Node) -> bool:
                                                             new_scale.astype(scale.dtype))
     attention.inputs[QATTENTION_BIAS] = gs.Constant(f"{name}_shifted_value_bias", new_bias.astype(bias.dtype))
     q.inputs[0] = x
+    rebase(x, "smoothed")  # it holds x f + c now
     return True
 
 

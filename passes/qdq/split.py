@@ -39,7 +39,7 @@ from tqc.compiler.core.errors import TqcError
 from tqc.passes.fuse.match import constant_values
 from tqc.passes.qdq.plan import float_type
 from tqc.passes.qdq.split_producer import Producer, find_producer, recompute
-from tqc.passes.rewrite import NodeBuilder, redirect
+from tqc.passes.rewrite import NodeBuilder, produce, rebase
 
 MAX_CHANNELS = 4
 RATIO = 2.0  # a top channel's range over every remaining one's: MiniLM's [CLS] channels stand 2.5-4x above
@@ -185,10 +185,14 @@ def add_float_parts(graph: gs.Graph, splits: dict[str, Split], nodes: list[str])
         readers = list(y.outputs)
         if len(readers) == 1 and readers[0].op == "Sum" and y not in graph.outputs:
             readers[0].inputs = [*readers[0].inputs, part]
+            rebase(y, "split_partial")  # the float part is missing from it; the Sum's output is whole
             continue
         if len(readers) == 1 and readers[0].op == "Add" and y not in graph.outputs and any(
                 t is not y and constant_values(t) is not None for t in readers[0].inputs) and \
                 readers[0].outputs[0] not in graph.outputs:
             y = readers[0].outputs[0]  # after the bias Add: the runtime keeps fusing it into the MatMul
-        total = build.op("Add", [y, part], ftype)
-        redirect(y, total, skip=total.inputs[0])
+        # y keeps its name, readers and place among the graph outputs, now written by the Add of the two parts
+        partial = gs.Variable(f"{y.name}_tqc_split_partial", dtype=y.dtype, shape=y.shape)
+        for writer in list(y.inputs):
+            writer.outputs = [partial if t is y else t for t in writer.outputs]
+        produce(graph, "Add", f"{name}_tqc_split_sum", [partial, part], [y])

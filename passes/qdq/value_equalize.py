@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 from tqc.compiler.runtime.activations import stream_intermediates
 from tqc.passes.fuse.match import constant_values, either_order, producer
 from tqc.passes.qdq.plan import core_layouts
+from tqc.passes.rewrite import rebase
 
 HEADS_PERM = [0, 2, 1, 3]
 FLOOR = 1e-4  # a channel's half-range below this share of the widest one counts as this (a dead channel)
@@ -185,6 +186,22 @@ def equalize(chain: ValueChain, lo: np.ndarray, hi: np.ndarray) -> None:
     out_bias += (z @ out_weight).reshape(out_bias.shape)
     _set(chain.out_bias, o_index, out_bias, ob_const)
     _set(chain.out_weight, 1, out_weight * e[:, None], o_const)
+    for tensor in rescaled_tensors(chain):
+        rebase(tensor, "veq")
+
+
+def rescaled_tensors(chain: ValueChain) -> list[gs.Tensor]:
+    """The tensors whose values the rewrite changes: the V projection's outputs, V through its heads, probs x V,
+    the context and the output projection's MatMul (its bias Add's output is the float one again). Each on the
+    chain has one reader (``_value_chain``)."""
+    tensors = [chain.weight.outputs[0], chain.bias.outputs[0]]
+    tensor = chain.v
+    while True:
+        if all(tensor is not t for t in tensors):
+            tensors.append(tensor)
+        if tensor is chain.out_weight.outputs[0]:
+            return tensors
+        tensor = tensor.outputs[0].outputs[0]
 
 
 def equalize_values(graph: gs.Graph, feeds: Iterable) -> int:

@@ -75,6 +75,8 @@ def test_the_shift_folds_into_the_layernorm_exactly_in_float():
     assert ops.count("Add") == 2 and "LayerNormalization" in ops  # the shift's Add is gone, the biases stay
     beta = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}[after.graph.node[0].input[2]]
     assert np.abs(beta - BETA).max() > 0.1  # the LayerNorm now writes x - z
+    # ...under a name the float graph does not have: tqc diff --layerwise pairs tensors by name
+    assert after.graph.node[0].output[0] == "y_tqc_shifted" and not any("y" in n.input for n in after.graph.node)
     feed = {"x": np.random.default_rng(0).standard_normal((4, 3, K)).astype(np.float32) * 3}
     out, part, codes = run(model, feed)
     out_f, part_f, codes_f = run(after, feed)

@@ -64,7 +64,11 @@ def test_names_line_up_across_fold_fuse_qdq(exports):
         # every layer's attention context and FFN output survive fusion by name
         contexts = [n for n in shared if n.endswith("attention/self/Reshape_4_output_0")]  # sdpa export
         ffn = [n for n in shared if n.endswith("output/dense/MatMul_output_0") and "attention" not in n]
-        assert len(contexts) == 2 and len(ffn) == 2, (pipeline, target)
+        # qdq changes what the contexts hold, under new names the layerwise diff does not pair with the float ones:
+        # trt equalizes V ((context - z) / e, value_equalize), ort-cpu folds the next layer's smoothing into
+        # QAttention (context f + c, shift_fold)
+        rescaled = pipeline == "fold,fuse,qdq"
+        assert len(contexts) == (0 if rescaled else 2) and len(ffn) == 2, (pipeline, target)
 
 
 def test_first_divergence_names_the_corrupted_weight(exports, tmp_path):
