@@ -53,6 +53,12 @@ def test_the_outlier_channel_leaves_the_int8_matmul_exactly_and_the_rest_gain_co
     assert constants(split)[gather.input[1]].tolist() == [7]
     part = next(n for n in split.graph.node if n.op_type == "Mul" and n.input[0] == gather.output[0])
     np.testing.assert_array_equal(constants(split)[part.input[1]], weight[7])
+    # The INT8 MatMul writes the partial sum under a new name; the layer's own output name is the whole sum's
+    # (tqc diff --layerwise pairs tensors by name)
+    matmul_out = next(n for n in model.graph.node if n.op_type == "MatMul").output[0]
+    writers = {o: n for n in split.graph.node for o in n.output}
+    assert writers[matmul_out].op_type == "Add" and f"{matmul_out}_tqc_split_partial" in writers[matmul_out].input
+    assert [o.name for o in split.graph.output] == [o.name for o in model.graph.output]
     errors = []
     for q in (plain, split):
         errors.append(sum(float(((run(q, f) - run(model, f)) ** 2).sum()) for f in held_out))
