@@ -90,6 +90,14 @@ def grouped_fidelity(reference: np.ndarray, candidate: np.ndarray, group: int) -
             "nn_agreement": round(float(np.mean(nn)), 4), "nn_groups": nn}
 
 
+def row_item(item: str) -> tuple[str, str]:
+    """``--row NAME=QDQ`` split where the qdq item starts, so a name may hold '=' ('split=auto all=qdq{...}')."""
+    at = item.rfind("=qdq")
+    if at <= 0:
+        sys.exit(f"bench_accuracy: --row {item!r}: expected NAME=qdq{{...}}")
+    return item[:at], item[at + 1:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="bench_work_accuracy")
@@ -131,7 +139,7 @@ def main() -> None:
     else:
         reference = embed(fp32, feeds, args.threads)
         np.save(cached, reference)
-    extra = dict(item.split("=", 1) for item in args.row)
+    extra = dict(row_item(item) for item in args.row)
     rows = []
     for target in args.targets.split(","):
         named = args.rows.split(",") if args.rows else ([] if extra else list(ROWS))
