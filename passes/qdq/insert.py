@@ -49,7 +49,7 @@ from tqc.passes.qdq.refine import (ALPHA_TOKENS, ALPHAS, bias_shift, gptq_round,
                                     per_channel_scale, round_nearest)
 from tqc.passes.qdq.plan import (ATTENTION, LINEAR, PlannedSite, QdqPlan, float_type, is_dq, qattention_node_name,
                                  qattention_tag)
-from tqc.passes.rewrite import cleanup, produce, replace_output
+from tqc.passes.rewrite import cleanup, produce, rebase, replace_output
 
 
 @dataclass
@@ -626,6 +626,8 @@ class Quantizer:
         bias = np.asarray(constant_values(holder.inputs[index]))
         moved = (bias.astype(np.float64) + z @ np.asarray(weight, np.float64)).astype(bias.dtype)
         holder.inputs[index] = gs.Constant(self.unique_name(f"{holder.inputs[index].name}_shifted"), moved)
+        if holder is not node and node.outputs[0] not in self.graph.outputs:
+            rebase(node.outputs[0], "shifted")  # (x - z) W: the bias Add after it gives x W + b back
         self.refined["shift"] += 1
         return shifted
 

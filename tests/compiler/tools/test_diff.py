@@ -59,16 +59,25 @@ def test_names_line_up_across_fold_fuse_qdq(exports):
     boundaries = [o.name for o in reference.graph.output]
     for pipeline, target in (("fold", "trt"), ("fold,fuse", "trt"), ("fold,fuse", "ort-cpu"),
                              ("fold,fuse,qdq", "trt"), ("fold,fuse,qdq", "ort-cpu")):
-        shared = shared_tensors(reference, compiled(load_model(path), pipeline, target, feeds))
+        candidate = compiled(load_model(path), pipeline, target, feeds)
+        shared = shared_tensors(reference, candidate)
         assert set(boundaries) <= set(shared)
         # every layer's attention context and FFN output survive fusion by name
         contexts = [n for n in shared if n.endswith("attention/self/Reshape_4_output_0")]  # sdpa export
         ffn = [n for n in shared if n.endswith("output/dense/MatMul_output_0") and "attention" not in n]
-        # qdq changes what the contexts hold, under new names the layerwise diff does not pair with the float ones:
-        # trt equalizes V ((context - z) / e, value_equalize), ort-cpu folds the next layer's smoothing into
-        # QAttention (context f + c, shift_fold)
-        rescaled = pipeline == "fold,fuse,qdq"
-        assert len(contexts) == (0 if rescaled else 2) and len(ffn) == 2, (pipeline, target)
+        if pipeline != "fold,fuse,qdq":
+            assert len(contexts) == 2 and len(ffn) == 2, (pipeline, target)
+            continue
+        # qdq changes what these hold, under new names the layerwise diff does not pair with the float ones: the
+        # shift leaves the FFN output MatMul (x - z) W (its bias Add gives x W + b back); trt equalizes V
+        # ((context - z) / e, value_equalize), ort-cpu folds the next layer's smoothing into QAttention
+        # (context f + c, shift_fold)
+        names = {o for n in candidate.graph.node for o in n.output}
+        assert not contexts and not ffn, (pipeline, target)
+        assert len([n for n in names if n.endswith("output/dense/MatMul_output_0_tqc_shifted") and
+                    "attention" not in n]) == 2, (pipeline, target)
+        suffix = "_tqc_veq" if target == "trt" else "_tqc_smoothed"
+        assert len([n for n in names if n.endswith("Reshape_4_output_0" + suffix)]) == 2, (pipeline, target)
 
 
 def test_first_divergence_names_the_corrupted_weight(exports, tmp_path):
