@@ -36,6 +36,12 @@ def consumers(tensor: gs.Tensor) -> list[gs.Node]:
     return list(tensor.outputs)
 
 
+def only_consumer(tensor: gs.Tensor, op: str | None = None) -> gs.Node | None:
+    """The one node that reads ``tensor`` (of type ``op`` where given); None when several read it, or none."""
+    users = consumers(tensor)
+    return users[0] if len(users) == 1 and (op is None or users[0].op == op) else None
+
+
 def through_identity(tensor: gs.Tensor) -> gs.Tensor:
     """Unfolded exports alias shared weights through Identity nodes: look through them."""
     while isinstance(tensor, gs.Variable) and tensor.inputs and tensor.inputs[0].op == "Identity":

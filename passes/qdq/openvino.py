@@ -52,8 +52,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.match import bias_split, constant_values
-from tqc.passes.qdq.smoothing_chain import only_reader, smoothing_chain
+from tqc.passes.fuse.match import bias_split, constant_values, only_consumer
+from tqc.passes.qdq.smoothing_chain import fold_at_quantizers, smoothing_chain
 from tqc.passes.rewrite import cleanup, detach, produce
 
 
@@ -226,14 +226,11 @@ def fold_smoothing(graph: gs.Graph) -> int:
     output's, which would fold exactly into V's projection columns (softmax rows sum to 1) with the Q/DQ moved
     before the head merge: the plugin then runs the FakeQuantize inside the attention Subgraph, but its u8 head
     Transpose is slower than the bf16 one, and the two cancel out."""
-    folded = 0
-    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+    def fold(graph: gs.Graph, q: gs.Node) -> bool:
         chain = smoothing_chain(q)
-        if chain is not None and _layernorm_fold(graph, q, *chain):
-            folded += 1
-    if folded:
-        cleanup(graph)
-    return folded
+        return chain is not None and _layernorm_fold(graph, q, *chain)
+
+    return fold_at_quantizers(graph, fold)
 
 
 def _weight_columns(weight: gs.Tensor, graph: gs.Graph, name: str, columns: slice) -> gs.Tensor | None:
@@ -272,13 +269,13 @@ def unpack_qkv(graph: gs.Graph) -> int:
         sizes = constant_values(split.inputs[1]) if len(split.inputs) > 1 else None
         found = bias_split(split.inputs[0])
         if sizes is None or sizes.size != len(split.outputs) or split.attrs.get("axis", 0) not in (-1, 2) \
-                or found is None or only_reader(split.inputs[0]) is not split:
+                or found is None or only_consumer(split.inputs[0]) is not split:
             continue
         matmul_out, _, add = found
         matmul = matmul_out.inputs[0]
         bias = next(t for t in add.inputs if t is not matmul_out)
         values = constant_values(bias)
-        if only_reader(matmul_out) is not add or values.shape != (int(sizes.sum()),):
+        if only_consumer(matmul_out) is not add or values.shape != (int(sizes.sum()),):
             continue
         bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         parts = [slice(start, end) for start, end in zip(bounds[:-1], bounds[1:])]

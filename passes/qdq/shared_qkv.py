@@ -25,20 +25,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.match import bias_split, constant_values, consumers, producer
+from tqc.passes.fuse.match import bias_split, constant_values, consumers, only_consumer, producer
 from tqc.passes.rewrite import cleanup, drop, produce, redirect
-
-
-def _only_consumer(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    users = consumers(tensor)
-    return users[0] if len(users) == 1 and users[0].op == op else None
 
 
 def _symmetric_pair(tensor: gs.Tensor) -> tuple[gs.Node, gs.Node, float] | None:
     """``tensor`` -> QuantizeLinear -> DequantizeLinear (its only consumers), INT8 zero point 0 and one scalar
     scale on both: (Q, DQ, scale); else None."""
-    q = _only_consumer(tensor, "QuantizeLinear")
-    dq = _only_consumer(q.outputs[0], "DequantizeLinear") if q is not None else None
+    q = only_consumer(tensor, "QuantizeLinear")
+    dq = only_consumer(q.outputs[0], "DequantizeLinear") if q is not None else None
     if dq is None or len(q.inputs) < 3 or len(dq.inputs) < 3:
         return None
     values = [constant_values(t) for t in (q.inputs[1], q.inputs[2], dq.inputs[1], dq.inputs[2])]
@@ -53,8 +48,8 @@ def _symmetric_pair(tensor: gs.Tensor) -> tuple[gs.Node, gs.Node, float] | None:
 
 def _head_chain(part: gs.Tensor) -> tuple[gs.Node, gs.Node, float] | None:
     """A Split output -> Reshape -> Transpose -> symmetric Q/DQ, each the only consumer of the one before."""
-    reshape = _only_consumer(part, "Reshape")
-    transpose = _only_consumer(reshape.outputs[0], "Transpose") if reshape is not None else None
+    reshape = only_consumer(part, "Reshape")
+    transpose = only_consumer(reshape.outputs[0], "Transpose") if reshape is not None else None
     return _symmetric_pair(transpose.outputs[0]) if transpose is not None else None
 
 

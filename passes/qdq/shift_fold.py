@@ -27,8 +27,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.passes.fuse.match import constant_values
-from tqc.passes.qdq.smoothing_chain import smoothing_chain
-from tqc.passes.rewrite import cleanup, rebase
+from tqc.passes.qdq.smoothing_chain import fold_at_quantizers, smoothing_chain
+from tqc.passes.rewrite import rebase
 
 BETA_INPUT = {"LayerNormalization": 2, "EmbedLayerNormalization": 6}  # op -> the index of its beta input
 BIAS_READERS = ("Add", "Sum", "BiasGelu", "FastGelu")  # ops that add a per-channel constant to their input
@@ -109,10 +109,7 @@ def _fold(graph: gs.Graph, q: gs.Node) -> bool:
 def fold_shift(graph: gs.Graph) -> int:
     """Fold every shift Add between a LayerNorm and an activation's QuantizeLinear into the LayerNorm's beta, the
     other readers of its output taking it back (module docstring). Returns how many folded."""
-    folded = sum(_fold(graph, q) for q in [n for n in graph.nodes if n.op == "QuantizeLinear"])
-    if folded:
-        cleanup(graph)
-    return folded
+    return fold_at_quantizers(graph, _fold)
 
 
 # QAttention's inputs (com.microsoft): the INT8 packed q, k, v weight [K, 3H], its bias [3H], its per-column scales
@@ -155,7 +152,4 @@ def fold_into_attention(graph: gs.Graph) -> int:
     QAttention before it: softmax rows sum to 1, so P (x W_v + b_v) f + c = P (x W_v f + b_v f + c), and W_v f is
     the same INT8 codes with per-column scales times f (f > 0). Exact in float, two nodes fewer per layer. Returns
     how many folded."""
-    folded = sum(_fold_into_attention(graph, q) for q in [n for n in graph.nodes if n.op == "QuantizeLinear"])
-    if folded:
-        cleanup(graph)
-    return folded
+    return fold_at_quantizers(graph, _fold_into_attention)

@@ -4,21 +4,18 @@
 
 ``smoothing_chain`` is read by the passes that move that chain into the node writing ``x``: OpenVINO's second
 LayerNorm (``openvino.fold_smoothing``) and ORT CPU's LayerNorm beta and QAttention value columns
-(``shift_fold.py``).
+(``shift_fold.py``), each through ``fold_at_quantizers``.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.match import constant_values
-
-
-def only_reader(tensor: gs.Tensor) -> gs.Node | None:
-    """The one node that reads ``tensor`` (None when several nodes read it)."""
-    readers = list(tensor.outputs)
-    return readers[0] if len(readers) == 1 else None
+from tqc.passes.fuse.match import constant_values, only_consumer
+from tqc.passes.rewrite import cleanup
 
 
 def channel_constant(node: gs.Node, data: gs.Tensor) -> np.ndarray | None:
@@ -38,7 +35,7 @@ def smoothing_chain(q: gs.Node) -> tuple[gs.Tensor, np.ndarray, np.ndarray] | No
     tensor = q.inputs[0]
     node = tensor.inputs[0] if tensor.inputs else None
     offset = None
-    if node is not None and node.op == "Add" and only_reader(node.outputs[0]) is q:
+    if node is not None and node.op == "Add" and only_consumer(node.outputs[0]) is q:
         data = next((t for t in node.inputs if constant_values(t) is None), None)
         offset = channel_constant(node, data) if data is not None else None
         if offset is None:
@@ -46,10 +43,19 @@ def smoothing_chain(q: gs.Node) -> tuple[gs.Tensor, np.ndarray, np.ndarray] | No
         node, reader = (data.inputs[0] if data.inputs else None), node
     else:
         reader = q
-    if node is None or node.op != "Mul" or only_reader(node.outputs[0]) is not reader:
+    if node is None or node.op != "Mul" or only_consumer(node.outputs[0]) is not reader:
         return None
     x = next((t for t in node.inputs if constant_values(t) is None), None)
     factor = channel_constant(node, x) if x is not None else None
     if factor is None or (offset is not None and offset.size not in (1, factor.size)):
         return None
     return x, factor, np.zeros_like(factor) if offset is None else np.broadcast_to(offset, factor.shape)
+
+
+def fold_at_quantizers(graph: gs.Graph, fold: Callable[[gs.Graph, gs.Node], bool]) -> int:
+    """``fold(graph, q)`` at every QuantizeLinear ``q`` (True where it folded what stands before ``q``), then one
+    cleanup; returns how many folded."""
+    folded = sum(bool(fold(graph, q)) for q in [n for n in graph.nodes if n.op == "QuantizeLinear"])
+    if folded:
+        cleanup(graph)
+    return folded

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tqc.compiler.runtime.activations import stream_intermediates
-from tqc.passes.fuse.match import constant_values, either_order, producer
+from tqc.passes.fuse.match import constant_values, either_order, only_consumer, producer
 from tqc.passes.qdq.plan import core_layouts
 from tqc.passes.rewrite import rebase
 
@@ -48,11 +48,6 @@ class ValueChain:
     offset: int           # V's first column in W (a packed QKV projection: after Q and K)
     out_weight: gs.Node   # MatMul(context, W_o): input 1 is W_o [H * D, N]
     out_bias: gs.Node     # Add of b_o [N]
-
-
-def _only_reader(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    readers = list(tensor.outputs)
-    return readers[0] if len(readers) == 1 and readers[0].op == op else None
 
 
 def _constant_index(node: gs.Node, data: gs.Tensor) -> int | None:
@@ -103,17 +98,17 @@ def _value_chain(pv: gs.Node, layout: tuple[int, int]) -> ValueChain | None:
     projection = _projection(source)
     if projection is None:
         return None
-    back = _only_reader(pv.outputs[0], "Transpose")
+    back = only_consumer(pv.outputs[0], "Transpose")
     if back is None or list(back.attrs.get("perm", [])) != HEADS_PERM:
         return None
-    merge = _only_reader(back.outputs[0], "Reshape")
+    merge = only_consumer(back.outputs[0], "Reshape")
     shape = constant_values(merge.inputs[1]) if merge is not None else None
     if shape is None or int(shape.reshape(-1)[-1]) != heads * size:
         return None
-    out = _only_reader(merge.outputs[0], "MatMul")
+    out = only_consumer(merge.outputs[0], "MatMul")
     if out is None or out.inputs[0] is not merge.outputs[0]:
         return None
-    out_bias = _only_reader(out.outputs[0], "Add")
+    out_bias = only_consumer(out.outputs[0], "Add")
     weight = out.inputs[1]
     if out_bias is None or not isinstance(weight, gs.Constant) or len(weight.outputs) != 1 or \
             np.asarray(weight.values).shape[:1] != (heads * size,) or _constant_index(out_bias, out.outputs[0]) is None:
