@@ -8,9 +8,12 @@ pool stay warm):
 
     tqc        decode (the stub's TEXT check and UTF-8 decode), encode (the stub's ``_encode``: the one-text
                pick of load time, a long text's head first (``cut_chars``), printable ASCII without the
-               BertNormalizer (``ascii_tokenizer``)), tensors (``_tokenize``: the CUDA-graph bucket), as
-               ``tqc serve --provider cuda --cuda-graph --max-length 128`` runs them
-    tqc-off    the same stub with those two off (``cut_chars`` 0, no ``ascii_tokenizer``)
+               BertNormalizer, by its words' cached ids (``wordpiece_words``)), tensors (``_tokenize``: the
+               CUDA-graph bucket), as ``tqc serve --provider cuda --cuda-graph --max-length 128`` runs them
+               (the same text again and again: its words are cached after the first call)
+    tqc-rust   the same stub without the cached words (``ascii_tokenizer``: the tokenizer without its
+               BertNormalizer), as before session 12
+    tqc-off    the same stub with none of them (``cut_chars`` 0, no ``ascii_tokenizer``)
     tqc-base   the stub of ``--base`` (default: main before session 8's changes), its own steps
     baseline   its ``execute``: bytes decode, ``AutoTokenizer(texts, padding=True, truncation=True,
                max_length=128, return_tensors="np")``, ``astype(np.int64)`` per input
@@ -83,8 +86,9 @@ def main() -> None:
 
     folder = args.tokenizer or packaged_tokenizer("minilm")
     work = Path(tempfile.mkdtemp(prefix="tok-vs-baseline-"))
-    stubs = {"tqc": load(work / "tqc", None, True, folder), "tqc-off": load(work / "off", None, True, folder, cut_chars=0)}
-    stubs["tqc-off"].ascii_tokenizer = None
+    stubs = {"tqc": load(work / "tqc", None, True, folder), "tqc-rust": load(work / "rust", None, True, folder),
+             "tqc-off": load(work / "off", None, True, folder, cut_chars=0)}
+    stubs["tqc-rust"].wordpiece_words = stubs["tqc-off"].wordpiece_words = stubs["tqc-off"].ascii_tokenizer = None
     if args.base:
         try:
             stubs["tqc-base"] = load(work / "base", old_source(args.base), True, folder)
@@ -100,7 +104,8 @@ def main() -> None:
             for key, value in expected.items():
                 assert np.array_equal(got[key], value), (name, label, key)
     print(f"same token tensors on every text; one text by {stubs['tqc'].single_encode} (picked at load); "
-          f"cut_chars {stubs['tqc'].cut_chars}; ASCII path {stubs['tqc'].ascii_tokenizer is not None}",
+          f"cut_chars {stubs['tqc'].cut_chars}; ASCII path {stubs['tqc'].ascii_tokenizer is not None}; "
+          f"cached words {getattr(stubs['tqc'], 'wordpiece_words', None) is not None}",
           file=sys.stderr, flush=True)
     paths = list(stubs) + ["baseline"]
     results: dict[tuple[str, str], list[dict]] = {}

@@ -218,29 +218,65 @@ def test_only_tokenizers_whose_words_end_at_a_space_are_cut(minilm, hf_tokenizer
     assert not cut_at_space(dict(minilm, pre_tokenizer={"type": "Metaspace", "replacement": "▁"}))
 
 
-def test_printable_ascii_texts_go_to_the_plain_tokenizer_with_the_same_tokens(minilm, hf_tokenizer, tmp_path):
-    """BertNormalizer on printable ASCII only lowercases: those texts run without it, every other text with it."""
+def test_printable_ascii_texts_go_to_the_cached_words_or_the_plain_tokenizer_with_the_same_tokens(
+        minilm, hf_tokenizer, tmp_path):
+    """BertNormalizer on printable ASCII only lowercases: those texts run without it (by their cached words, or, when
+    one holds an added token's text, by the tokenizer without the normalizer), every other text with it."""
     ascii_texts = [t for t in sentences(400) if t.isascii() and t.isprintable()][:300] + [
-        "Hello [MASK] world [mask] [CLS]x[SEP] ~^|{}\\ `quoted' 1,234.5e-6 CamelCaseWord  double  spaces",
-        "[UNK][PAD] ALL CAPS TEXT!!! ??? ... ---", "x" * 150 + " tail"]
+        "~^|{}\\ `quoted' 1,234.5e-6 CamelCaseWord  double  spaces", "ALL CAPS TEXT!!! ??? ... ---", "x" * 150 + " tail"]
+    added = ["Hello [MASK] world [mask] [CLS]x[SEP]", "[UNK][PAD] tokens"]
     others = ["Été à Zürich", "tab\there", "line\nbreak", "control\x07char", "東京 Tokyo", "soft\u00adhyphen"]
     model = stub(minilm, tmp_path, max_padding=1.0)
     assert model.ascii_tokenizer is not None and str(model.ascii_tokenizer.normalizer) == "Lowercase()"
-    for text in ascii_texts + others:
+    assert model.wordpiece_words is not None
+    for text in ascii_texts + added + others:
         assert model.ascii_tokenizer.encode(text).ids == model.tokenizer.encode(text).ids or text in others
     used = []
-    for name in ("tokenizer", "ascii_tokenizer"):
+    for name in ("tokenizer", "ascii_tokenizer", "wordpiece_words"):
         tokenizer = getattr(model, name)
         setattr(model, name, type("Recorded", (), {
             "encode": lambda self, text, tokenizer=tokenizer, name=name: (used.append(name), tokenizer.encode(text))[1],
             "encode_batch_fast": lambda self, texts, tokenizer=tokenizer, name=name: (
                 used.append(name), tokenizer.encode_batch_fast(texts))[1]})())
-    for batch, expect in ((ascii_texts[:20], "ascii_tokenizer"), (ascii_texts[-3:] + others[:1], "tokenizer"),
-                          ([ascii_texts[-3]], "ascii_tokenizer"), ([others[3]], "tokenizer")):
+    for batch, expect in ((ascii_texts[:20], ["wordpiece_words"] * 20), (ascii_texts[-3:] + others[:1], ["tokenizer"]),
+                          ([ascii_texts[-3]], ["wordpiece_words"]), ([others[3]], ["tokenizer"]),
+                          (ascii_texts[:2] + added[:1], ["wordpiece_words"] * 3 + ["ascii_tokenizer"]),
+                          (added[1:], ["wordpiece_words", "ascii_tokenizer"])):
         used.clear()
         got = answer(model.execute([text_request(batch)])[0])
         np.testing.assert_array_equal(model.fed[-1]["input_ids"], padded(hf_tokenizer, batch, padding=True)["input_ids"])
-        assert used == [expect] and got["token_count"].shape == (len(batch), 1)
+        assert used == expect and got["token_count"].shape == (len(batch), 1)
+
+
+def test_cached_words_give_the_tokenizers_ids_type_ids_and_truncation(minilm, tmp_path):
+    """``WordPieceWords`` against the tokenizer itself: ids, type ids and whether the text was cut, on real
+    sentences, on every printable ASCII character, at and around the token limit, and with its cache emptied
+    when full; a tokenizer it does not reproduce gets no fast path."""
+    from tokenizers import pre_tokenizers
+
+    model = stub(minilm, tmp_path, max_length=32)
+    fast, tokenizer = model.wordpiece_words, model._load_tokenizer()
+    assert fast is not None and fast.room == 30
+    printable = "".join(chr(c) for c in range(32, 127))
+    words = " ".join(sentences(10)).split()
+    texts = [t for t in sentences(200, skip=100) if t.isascii() and t.isprintable()] + [
+        printable, printable[::-1], " ".join(printable), "a" * 101, "b" * 100 + "!", "  lead and trail  "] + [
+        " ".join(words[:count]) for count in range(16, 36)]
+    cut = 0
+    for max_words in (1 << 17, 7):
+        fast.cache.clear()
+        fast.max_words = max_words
+        for text in texts:
+            mine, theirs = fast.encode(text), tokenizer.encode(text)
+            assert mine.ids == theirs.ids and mine.type_ids == theirs.type_ids, text
+            assert bool(mine.overflowing) == bool(theirs.overflowing) and len(mine) <= 32, text
+            cut += bool(mine.overflowing)
+        assert len(fast.cache) <= max_words
+    assert 10 < cut < len(texts) * 2  # both sides of the limit were seen
+    assert fast.encode("a [MASK] here") is None and fast.encode("a [mask] here") is None
+    byte_level = model._load_tokenizer()
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel()
+    assert type(fast).for_tokenizer(byte_level, 32) is None
 
 
 def test_one_text_and_a_batch_pad_with_the_tokenizers_pad_id(minilm, hf_tokenizer, tmp_path):
@@ -258,3 +294,79 @@ def test_one_text_and_a_batch_pad_with_the_tokenizers_pad_id(minilm, hf_tokenize
             np.testing.assert_array_equal(fed[name][:len(batch), :length][~real], 7 if name == "input_ids" else 0)
         assert (fed["input_ids"][:len(batch), length:] == 7).all() and fed["input_ids"].shape[1] in (16, 32, 64)
         assert not fed["attention_mask"][:len(batch), length:].any() and not fed["token_type_ids"][:, length:].any()
+
+
+def test_cuda_graph_buffers_get_a_copy_only_of_the_inputs_that_changed(minilm, tmp_path):
+    """``OrtCudaRunner`` with CUDA graphs, its ORT faked (no GPU here): a bucket's device buffers are copied into
+    only when the feed differs from what they hold, so they always hold the last feed, and each bucket has its
+    own buffers and graph id."""
+    version = tmp_path / "repo" / "m_text" / "1"
+    write_repository(ServeOptions(model=str(minilm), name="m", endpoints=("text",), threads=1), tmp_path / "repo", [])
+    module = load_stub(version, json.loads((version / "serve.json").read_text()))
+    copies = []
+
+    class Device:  # an OrtValue on the device: what the graph reads
+        def __init__(self, array):
+            self.array = np.array(array)
+
+        def update_inplace(self, array):
+            copies.append(array.shape)
+            self.array[...] = array
+
+        def numpy(self):
+            return self.array.copy()
+
+    class Binding:
+        def __init__(self):
+            self.bound = {}
+
+        def bind_ortvalue_input(self, name, value):
+            self.bound[name] = value
+
+        def bind_ortvalue_output(self, name, value):
+            self.bound[name] = value
+
+    class Options:
+        def add_run_config_entry(self, key, value):
+            self.graph_id = value
+
+    def run_with_iobinding(binding, options):  # the "model": the sum of its inputs per row
+        ran.append(options.graph_id)
+        total = sum(binding.bound[name].array.sum(axis=1) for name in ("input_ids", "attention_mask", "token_type_ids"))
+        binding.bound["out"].array[...] = total[:, None]
+
+    ran = []
+    runner = object.__new__(module.OrtCudaRunner)
+    runner.cuda_graph, runner.graphs = True, {}
+    runner.ort = type("Ort", (), {"OrtValue": type("V", (), {
+        "ortvalue_from_numpy": staticmethod(lambda value, device, index: Device(value)),
+        "ortvalue_from_shape_and_type": staticmethod(lambda shape, dtype, device, index: Device(np.zeros(shape, dtype)))}),
+        "RunOptions": Options})
+    runner.session = type("Session", (), {"io_binding": lambda self: Binding(),
+                                          "run_with_iobinding": lambda self, b, o: run_with_iobinding(b, o)})()
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    runner.inputs = {name: type("Meta", (), {"shape": ["batch", "seq"]}) for name in names}
+    runner.outputs = [type("Meta", (), {"name": "out", "shape": ["batch", 1], "type": "tensor(int64)"})]
+    rng = np.random.default_rng(0)
+    feeds = []
+    for length in (5, 5, 9, 9, 16, 3):
+        for _ in range(2):
+            seq = 16
+            ids = np.zeros((1, seq), np.int64)
+            ids[0, :length] = rng.integers(1, 100, length)
+            mask = (np.arange(seq) < length).astype(np.int64)[None]
+            feeds.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros((1, seq), np.int64)})
+    feeds.append({name: np.ones((2, 32), np.int64) for name in names})  # another bucket
+    feeds.append(feeds[0])
+    expected_copies = 0
+    for index, feed in enumerate(feeds):
+        copies_before = len(copies)
+        got = runner.run(feed)["out"]
+        assert got[:, 0].tolist() == sum(feed[name].sum(axis=1) for name in names).tolist()
+        previous = [f for f in feeds[:index] if f["input_ids"].shape == feed["input_ids"].shape]
+        if previous:
+            expected = sum(not np.array_equal(feed[name], previous[-1][name]) for name in names)
+            assert len(copies) - copies_before == expected
+            expected_copies += expected
+    assert len(copies) == expected_copies and 0 < expected_copies < 2 * len(feeds)
+    assert ran[-2] == "2" and ran[-1] == ran[0] == "1"
