@@ -12,6 +12,9 @@ Variants (GPU: FP16; CPU: FP32, torch.compile reduce-overhead needs CUDA graphs 
   torch-compile          torch.compile(mode="reduce-overhead"), the same attention
   ort-plain              ORT on the default export (sdpa, or eager where the family has no sdpa), no extra optimization (ORT's default session optimizations on)
   ort-opt[sdpa|eager]    onnxruntime.transformers optimizer (+fp16) on each export the family has
+  ort-opt(shape_inference=False)[...]  the same optimizer with its symbolic shape inference off (its own switch),
+                         run only where ort-opt did not finish in --ort-opt-timeout or failed (DeBERTa-v3 exported
+                         by transformers 5.17: its If nodes; see ort_optimize)
   tqc[sdpa|eager]        tqc fold,fuse(+fp16) on the sdpa / eager export
 ORT on CUDA runs with IO binding, and again with CUDA graphs (suffix +graph).
 --interleave (CPU) times the ORT variants of a model round-robin, one run of each per round, so a shared
@@ -132,14 +135,15 @@ def tqc_compile(src: Path, out: Path, target: str, fp16: bool) -> dict:
     return {"compile_s": round(time.perf_counter() - start, 2), "attention": fuse["stats"]["attention_summary"]}
 
 
-def ort_optimize_within(seconds: float, src: Path, out: Path, family: str, fp16: bool, use_gpu: bool) -> dict:
+def ort_optimize_within(seconds: float, src: Path, out: Path, family: str, fp16: bool, use_gpu: bool,
+                        shape_inference: bool = True) -> dict:
     """``ort_optimize`` in a child process, stopped after ``seconds`` (on the H100 host, ORT 1.31's optimizer with
     use_gpu and FP16 had not finished DeBERTa-v3-base after 8 minutes): a tool that does not finish is a result."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        job = pool.apply_async(ort_optimize, (src, out, family, fp16, use_gpu))
+        job = pool.apply_async(ort_optimize, (src, out, family, fp16, use_gpu, shape_inference))
         try:
             return job.get(timeout=seconds)
         except multiprocessing.TimeoutError:
@@ -148,18 +152,37 @@ def ort_optimize_within(seconds: float, src: Path, out: Path, family: str, fp16:
             raise RuntimeError(f"ORT's optimizer had not finished after {seconds:.0f} s") from None
 
 
-def ort_optimize(src: Path, out: Path, family: str, fp16: bool, use_gpu: bool) -> dict:
+def ort_optimize(src: Path, out: Path, family: str, fp16: bool, use_gpu: bool, shape_inference: bool = True) -> dict:
+    """ONNX Runtime's transformers optimizer (model_type bert, +fp16) as a user calls it.
+
+    ``shape_inference=False`` is ORT's own switch for a model whose symbolic shape inference does not finish
+    (``FusionOptions.enable_shape_inference``, the optimizer's ``--disable_shape_inference``), kept through the fp16
+    conversion (ORT's ``float16.convert_float_to_float16`` typing the graph with ONNX's shape inference, then the
+    Cast clean-ups of ``OnnxModel.convert_float_to_float16``, whose ``initialize`` turns the switch back on). On
+    transformers 5.17's DeBERTa-v3 export, each If (12) makes ``SymbolicShapeInference._onnx_infer_subgraph`` copy
+    every initializer of the model into each branch's graph, at each of the optimizer's shape inferences: the
+    default did not finish DeBERTa-v3-base in 15 minutes and took up to 19 GB."""
     import onnx
     from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
     from tqc.models.recipes import find_recipe
 
     config = find_recipe(family).config("base")
+    options = FusionOptions("bert")
+    options.enable_shape_inference = shape_inference
     start = time.perf_counter()
     model = optimizer.optimize_model(str(src), model_type="bert", num_heads=config.num_attention_heads,
-                                     hidden_size=config.hidden_size, use_gpu=use_gpu)
-    if fp16:
+                                     hidden_size=config.hidden_size, use_gpu=use_gpu, optimization_options=options)
+    if fp16 and shape_inference:
         model.convert_float_to_float16(keep_io_types=True)
+    elif fp16:  # OnnxModel.convert_float_to_float16's steps with the switch kept off
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model.initialize(convert_float_to_float16(model.model, keep_io_types=True))
+        model.disable_shape_inference()
+        model.remove_cascaded_cast_nodes()
+        model.remove_useless_cast_nodes()
     model.save_model_to_file(str(out))
     fused = sum(1 for n in onnx.load(str(out), load_external_data=False).graph.node
                 if n.op_type in ("Attention", "MultiHeadAttention"))
@@ -216,7 +239,8 @@ def main() -> None:
     parser.add_argument("--no-torch-compile", action="store_true")
     parser.add_argument("--ort-opt-timeout", type=float, default=240.0, help="seconds ORT's optimizer may take")
     parser.add_argument("--ort-opt-fallback-timeout", type=float, default=180.0,
-                        help="CUDA: seconds the retry without use_gpu may take (DeBERTa-v3-base: 40 s on 2 CPU cores)")
+                        help="seconds the retry without symbolic shape inference may take, after ORT's optimizer "
+                             "did not finish or failed")
     parser.add_argument("--deadline", type=float, default=540.0, help="stop starting new work after this many s")
     parser.add_argument("--interleave", action="store_true", help="CPU: time a model's ORT variants round-robin")
     parser.add_argument("--extra", action="append", default=[], metavar="FAMILY:LABEL=PATH",
@@ -253,13 +277,15 @@ def main() -> None:
                     sessions[f"{tool}[{attn}]"] = out
                 except Exception as exc:
                     results["compile"][f"{family}/{tool}[{attn}]"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                    if tool == "ort-opt" and cuda:  # the anchor without its use_gpu pre-pass (an ORT CUDA session
-                        # that did not finish on DeBERTa-v3): its Python fusions alone, labelled as such
-                        out = workdir / f"{family}-{attn}-ortopt-nogpu.onnx"
-                        label = f"ort-opt(use_gpu=False)[{attn}]"
+                    if tool == "ort-opt":  # ORT's optimizer again with its own switch that turns its symbolic
+                        # shape inference off (that inference did not finish on the If nodes of transformers 5.17's
+                        # DeBERTa-v3 export; see ort_optimize), labelled as such
+                        out = workdir / f"{family}-{attn}-ortopt-noshape.onnx"
+                        label = f"ort-opt(shape_inference=False)[{attn}]"
                         try:
                             results["compile"][f"{family}/{label}"] = ort_optimize_within(
-                                args.ort_opt_fallback_timeout, paths[attn], out, family, True, False)
+                                args.ort_opt_fallback_timeout, paths[attn], out, family, cuda, cuda,
+                                shape_inference=False)
                             sessions[label] = out
                         except Exception as retry:
                             results["compile"][f"{family}/{label}"] = {"error": f"{type(retry).__name__}: {str(retry)[:300]}"}
