@@ -93,13 +93,14 @@ class WordPieceWords:
     and hostile strings). A text holding an added token's text ("[MASK]") is left to the tokenizer (None). The
     Rust encode's cost is mostly building its Encoding (tokens, offsets, masks as Python objects): on the
     2-core Xeon, 175 -> 20 us for a text of 128 tokens with its words cached, 67 -> 18 us a real sentence with an
-    empty cache. The cache holds at most ``max_words`` words (then starts again)."""
+    empty cache. The cache holds at most ``max_words`` words of at most ``longest`` characters (then starts
+    again)."""
 
     WORDS = None  # the compiled pattern, set on first use (re imported lazily, as the stub imports little)
     PROBES = ("Hello, World! It's 3.14 -- [ok]? ~^|{}\\ `quoted' 1,234.5e-6 CamelCaseWord  double  spaces_x",
               "the compiler fuses attention and quantizes matrix products " * 30, "x" * 150 + " tail", "a")
 
-    def __init__(self, tokenizer, spec, max_length, max_words=1 << 17):
+    def __init__(self, tokenizer, spec, max_length, max_words=1 << 16):
         import re
 
         WordPieceWords.WORDS = WordPieceWords.WORDS or re.compile(r"[A-Za-z0-9]+|[^A-Za-z0-9 ]")
@@ -110,6 +111,8 @@ class WordPieceWords:
         self.room = max_length - len(empty.ids)  # words' ids that fit with the special tokens
         self.added = tuple({(t["content"].lower() if self.lowercase else t["content"])
                             for t in spec.get("added_tokens") or []})
+        # a word longer than WordPiece takes is one [UNK]: not cached, so no client text fills memory
+        self.longest = int((spec.get("model") or {}).get("max_input_chars_per_word") or 100)
         self.cache = {}
         self.max_words = max_words
 
@@ -143,9 +146,11 @@ class WordPieceWords:
         for word in self.WORDS.findall(text):
             pieces = cache.get(word)
             if pieces is None:
-                if len(cache) >= self.max_words:
-                    cache.clear()
-                pieces = cache[word] = [token.id for token in self.model.tokenize(word)]
+                pieces = [token.id for token in self.model.tokenize(word)]
+                if len(word) <= self.longest:
+                    if len(cache) >= self.max_words:
+                        cache.clear()
+                    cache[word] = pieces
             ids += pieces
             if len(ids) > room:
                 return _Ids(self.prefix + ids[:room] + self.suffix, True)

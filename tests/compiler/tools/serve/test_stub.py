@@ -263,7 +263,7 @@ def test_cached_words_give_the_tokenizers_ids_type_ids_and_truncation(minilm, tm
         printable, printable[::-1], " ".join(printable), "a" * 101, "b" * 100 + "!", "  lead and trail  "] + [
         " ".join(words[:count]) for count in range(16, 36)]
     cut = 0
-    for max_words in (1 << 17, 7):
+    for max_words in (1 << 16, 7):
         fast.cache.clear()
         fast.max_words = max_words
         for text in texts:
@@ -272,6 +272,7 @@ def test_cached_words_give_the_tokenizers_ids_type_ids_and_truncation(minilm, tm
             assert bool(mine.overflowing) == bool(theirs.overflowing) and len(mine) <= 32, text
             cut += bool(mine.overflowing)
         assert len(fast.cache) <= max_words
+        assert max(map(len, fast.cache)) <= fast.longest == 100 and "a" * 101 not in fast.cache
     assert 10 < cut < len(texts) * 2  # both sides of the limit were seen
     assert fast.encode("a [MASK] here") is None and fast.encode("a [mask] here") is None
     byte_level = model._load_tokenizer()
