@@ -29,6 +29,7 @@ from typing import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from tqc.compiler.analysis.calibration import merge_channels
 from tqc.compiler.runtime.activations import stream_intermediates
 from tqc.passes.fuse.match import constant_values, either_order, only_consumer, producer
 from tqc.passes.qdq.plan import core_layouts
@@ -131,20 +132,17 @@ def value_chains(graph: gs.Graph) -> list[ValueChain]:
 
 def channel_ranges(graph: gs.Graph, tensors: list[str], feeds: Iterable) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per last-axis channel (min, max) of ``tensors`` over every position of ``feeds`` (ORT CPU)."""
-    ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    lows: dict[str, np.ndarray] = {}
+    highs: dict[str, np.ndarray] = {}
     wanted = set(tensors)
 
     def reduce(name: str, value: np.ndarray) -> None:
-        if name not in wanted:  # the graph's outputs come too
-            return
-        flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
-        low, high = flat.min(axis=0), flat.max(axis=0)
-        if name in ranges:
-            low, high = np.minimum(ranges[name][0], low), np.maximum(ranges[name][1], high)
-        ranges[name] = (low, high)
+        if name in wanted:  # the graph's outputs come too
+            flat = value.reshape(-1, value.shape[-1])
+            merge_channels(lows, highs, name, flat.min(axis=0), flat.max(axis=0))
 
     stream_intermediates(graph, feeds, reduce, names=tensors)
-    return ranges
+    return {name: (lows[name], highs[name]) for name in lows}
 
 
 def _set(node: gs.Node, index: int, values: np.ndarray, like: gs.Constant) -> None:
