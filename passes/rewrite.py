@@ -29,14 +29,15 @@ import onnx_graphsurgeon as gs
 DETACHED_SUFFIX = "_tqc_detached"
 
 
-def detach(tensor: gs.Tensor) -> gs.Tensor:
+def detach(tensor: gs.Tensor, writes: gs.Variable | None = None) -> gs.Tensor:
     """Make ``tensor`` producer-less, so a new node can produce it under the same name; returns it.
 
-    Its old producer writes a fresh, unnamed-elsewhere tensor instead (``<name>_tqc_detached``), which
-    ``cleanup`` removes once nothing reads it."""
+    Its old producer writes ``writes`` instead (for the new node to read), by default a fresh, unnamed-elsewhere
+    tensor (``<name>_tqc_detached``), which ``cleanup`` removes once nothing reads it."""
     producers = list(tensor.inputs)
     for node in producers:
-        node.outputs = [t if t is not tensor else gs.Variable(f"{tensor.name}{DETACHED_SUFFIX}") for t in node.outputs]
+        instead = writes if writes is not None else gs.Variable(f"{tensor.name}{DETACHED_SUFFIX}")
+        node.outputs = [t if t is not tensor else instead for t in node.outputs]
     return tensor
 
 

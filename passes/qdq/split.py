@@ -39,7 +39,7 @@ from tqc.compiler.core.errors import TqcError
 from tqc.passes.fuse.match import constant_values
 from tqc.passes.qdq.plan import float_type
 from tqc.passes.qdq.split_producer import Producer, find_producer, recompute
-from tqc.passes.rewrite import NodeBuilder, produce, rebase
+from tqc.passes.rewrite import NodeBuilder, detach, produce, rebase
 
 MAX_CHANNELS = 4
 RATIO = 2.0  # a top channel's range over every remaining one's: MiniLM's [CLS] channels stand 2.5-4x above
@@ -193,6 +193,4 @@ def add_float_parts(graph: gs.Graph, splits: dict[str, Split], nodes: list[str])
             y = readers[0].outputs[0]  # after the bias Add: the runtime keeps fusing it into the MatMul
         # y keeps its name, readers and place among the graph outputs, now written by the Add of the two parts
         partial = gs.Variable(f"{y.name}_tqc_split_partial", dtype=y.dtype, shape=y.shape)
-        for writer in list(y.inputs):
-            writer.outputs = [partial if t is y else t for t in writer.outputs]
-        produce(graph, "Add", f"{name}_tqc_split_sum", [partial, part], [y])
+        produce(graph, "Add", f"{name}_tqc_split_sum", [partial, part], [detach(y, writes=partial)])
