@@ -18,6 +18,7 @@ A request that fails its checks gets an error response of its own; the others of
 
 import json
 import os
+import re
 import site
 import sys
 
@@ -96,17 +97,14 @@ class WordPieceWords:
     empty cache. The cache holds at most ``max_words`` words of at most ``longest`` characters (then starts
     again)."""
 
-    WORDS = None  # the compiled pattern, set on first use (re imported lazily, as the stub imports little)
+    WORDS = re.compile(r"[A-Za-z0-9]+|[^A-Za-z0-9 ]")
     PROBES = ("Hello, World! It's 3.14 -- [ok]? ~^|{}\\ `quoted' 1,234.5e-6 CamelCaseWord  double  spaces_x",
               "the compiler fuses attention and quantizes matrix products " * 30, "x" * 150 + " tail", "a")
 
-    def __init__(self, tokenizer, spec, max_length, max_words=1 << 16):
-        import re
-
-        WordPieceWords.WORDS = WordPieceWords.WORDS or re.compile(r"[A-Za-z0-9]+|[^A-Za-z0-9 ]")
+    def __init__(self, tokenizer, spec, empty, max_length, max_words=1 << 16):
+        """``empty``: the tokenizer's encoding of "" (its special tokens alone)."""
         self.model = tokenizer.model
         self.lowercase = (spec.get("normalizer") or {}).get("lowercase", True)
-        empty = tokenizer.encode("")
         self.prefix, self.suffix = empty.ids[:1], empty.ids[1:]
         self.room = max_length - len(empty.ids)  # words' ids that fit with the special tokens
         self.added = tuple({(t["content"].lower() if self.lowercase else t["content"])
@@ -128,7 +126,7 @@ class WordPieceWords:
         empty = tokenizer.encode("")
         if len(empty.ids) != 2 or any(empty.type_ids):
             return None
-        fast = cls(tokenizer, spec, max_length)
+        fast = cls(tokenizer, spec, empty, max_length)
         for text in cls.PROBES:
             mine, theirs = fast.encode(text), tokenizer.encode(text)
             if mine is None or mine.ids != theirs.ids or any(theirs.type_ids) or bool(mine.overflowing) != bool(theirs.overflowing):
