@@ -103,6 +103,11 @@ def time_interleaved(fns: dict, runs: int, warmup: int, budget_s: float) -> dict
     return stats
 
 
+def failure(exc: BaseException, width: int) -> dict:
+    """A variant that failed, as the results record it: the exception's type and the start of its message."""
+    return {"error": f"{type(exc).__name__}: {str(exc)[:width]}"}
+
+
 # ---------------------------------------------------------------- model preparation
 
 def export_models(family: str, workdir: Path, attentions: tuple[str, ...] | None = None) -> dict[str, Path]:
@@ -276,7 +281,7 @@ def main() -> None:
                     results["compile"][f"{family}/{tool}[{attn}]"] = make(paths[attn], out)
                     sessions[f"{tool}[{attn}]"] = out
                 except Exception as exc:
-                    results["compile"][f"{family}/{tool}[{attn}]"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    results["compile"][f"{family}/{tool}[{attn}]"] = failure(exc, 300)
                     if tool == "ort-opt":  # ORT's optimizer again with its own switch that turns its symbolic
                         # shape inference off (that inference did not finish on the If nodes of transformers 5.17's
                         # DeBERTa-v3 export; see ort_optimize), labelled as such
@@ -288,7 +293,7 @@ def main() -> None:
                                 shape_inference=False)
                             sessions[label] = out
                         except Exception as retry:
-                            results["compile"][f"{family}/{label}"] = {"error": f"{type(retry).__name__}: {str(retry)[:300]}"}
+                            results["compile"][f"{family}/{label}"] = failure(retry, 300)
         for extra in args.extra:
             extra_family, _, rest = extra.partition(":")
             label, _, extra_path = rest.partition("=")
@@ -320,7 +325,7 @@ def main() -> None:
                         reference = hidden if reference is None else reference
                         results.setdefault("answers", {})[f"{family}/{name}"] = compare_answer(hidden, reference)
                     except Exception as exc:
-                        results.setdefault("answers", {})[f"{family}/{name}"] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+                        results.setdefault("answers", {})[f"{family}/{name}"] = failure(exc, 160)
                     log(f"{family} {name} answer vs ort-plain: {results['answers'][f'{family}/{name}']}")
                 for batch, seq in shapes:
                     if time.perf_counter() - t_start > args.deadline:
@@ -333,7 +338,7 @@ def main() -> None:
                         r = OrtRunner(path, args.device, args.threads, cuda_graph=True) if graph else runner
                         stats = time_fn(r.prepare(feed), args.runs, args.warmup, args.budget)
                     except Exception as exc:  # a variant that cannot run is reported, not fatal
-                        stats = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+                        stats = failure(exc, 160)
                     results["rows"].append({"model": family, "shape": f"{batch}x{seq}", "variant": label, **stats})
                     log(f"{family} {batch}x{seq} {label}: {stats}")
                     save()
@@ -358,7 +363,7 @@ def main() -> None:
                     stats = time_fn(run, args.runs, args.warmup, args.budget, sync=sync)
                     stats["first_call_s"] = round(warm_s, 2)
                 except Exception as exc:
-                    stats = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+                    stats = failure(exc, 160)
                 results["rows"].append({"model": family, "shape": f"{batch}x{seq}", "variant": label, **stats})
                 log(f"{family} {batch}x{seq} {label}: {stats}")
                 save()
