@@ -59,6 +59,7 @@ from tqc.compiler.core.target import Target
 from tqc.passes.base import (NO_CONTRIB_OPS, Condition, Option, Pass, PassContext, PassResult, Tolerance,
                              parse_auto_bool, parse_bool, parse_list)
 from tqc.passes.qdq.budget import budget_feeds, enforce_budget
+from tqc.passes.qdq.deferred_probs import defer_normalization
 from tqc.passes.qdq.insert import InsertOptions, insert, linear_input_widths
 from tqc.passes.qdq.openvino import fold_smoothing, fold_zero_points, unpack_qkv
 from tqc.passes.qdq.plan import PlanOptions, QdqPlan, graph_sequence_bound, plan_sites
@@ -111,6 +112,11 @@ class Qdq(Pass):
         "attention": Option(parse_auto_bool, "auto", "quantize the attention batched MatMuls (INT8 MHA): 'auto' "
                             "on trt, not on openvino (OpenVINO's INT8 attention runs no faster than its bf16 one on "
                             "AMX CPUs, and float attention is more accurate)", choices=("auto", "true", "false")),
+        "probs": Option(str, "normalized", "with INT8 attention, what probs x V quantizes: 'normalized' (Softmax's "
+                        "output, the form TensorRT fuses into its INT8 MHA) or 'deferred' (exp(s - max s), full range "
+                        "in every row; the MatMul's output divided by the quantized row sums: exact in float, MiniLM "
+                        "on trt NN 94.5 -> 95.0%; no Softmax left for TensorRT's MHA fusion, speed there not "
+                        "measured; deferred_probs.py)", choices=("normalized", "deferred")),
         "budget": Option(float, 0.0, "minimum mean output cosine on the calibration data (0: off)",
                          min=0, max=1),
         "target_cos": Option(float, 0.0, "accuracy target: the mean output cosine to the float model on the "
@@ -184,6 +190,10 @@ class Qdq(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         # Histograms only when the range method needs them: 'max' reads the data once.
         method = self.values["method"]
+        if self.values["probs"] == "deferred" and not (ctx.target.int8_attention_matmuls and
+                                                       self.int8_attention(ctx.target)):
+            raise TqcError(f"qdq{{probs=deferred}} changes the INT8 probs x V of attention, which {ctx.target.name} "
+                           "keeps in float here (trt quantizes it; openvino with attention=true)")
         self.state = QdqState()
         equalized = self.equalize_values(graph, ctx)
         sampler = None
@@ -302,6 +312,11 @@ class Qdq(Pass):
             stats["smoothing_folded"] = fold_smoothing(graph)
         if ctx.target.shared_qkv_scale and self.int8_attention(ctx.target):
             stats["qkv_scales_shared"] = share_qkv_scales(graph)
+        if self.values["probs"] == "deferred":
+            stats["probs_deferred"] = deferred = defer_normalization(graph)
+            if not deferred:
+                notes.append("qdq{probs=deferred}: no Softmax -> INT8 probs x V in this graph (attention fused into "
+                             "one op, or kept in float): nothing deferred")
         if split:
             add_float_parts(graph, self.state.splits, split)
             cleanup(graph)
