@@ -61,13 +61,16 @@ def _site(softmax: gs.Node) -> tuple[gs.Node, gs.Node, list[gs.Node]] | None:
 
 
 def defer_normalization(graph: gs.Graph) -> int:
-    """Rewrite every deferrable Softmax -> Q/DQ -> MatMul site (above); the number of sites."""
+    """Rewrite every deferrable Softmax -> Q/DQ -> MatMul site (above); the number of sites. A site whose
+    probabilities (or their codes) are also a graph output is left alone: those keep their meaning and name."""
     count = 0
     for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
         site = _site(softmax)
         if site is None:
             continue
         quantize, dequantize, matmuls = site
+        if any(t in graph.outputs for t in (softmax.outputs[0], quantize.outputs[0], dequantize.outputs[0])):
+            continue
         scores, probs = softmax.inputs[0], softmax.outputs[0]
         prefix = softmax.name or probs.name
         dtype = probs.dtype or np.float32

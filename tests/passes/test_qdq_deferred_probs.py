@@ -95,6 +95,10 @@ def test_other_softmax_forms_are_left_alone():
     dq.outputs.clear()
     graph.cleanup()
     assert defer_normalization(graph) == 0
+    # probabilities that are also a graph output keep their meaning and name
+    graph = to_graph(core())
+    graph.outputs.append(graph.tensors()["probs"])
+    assert defer_normalization(graph) == 0 and "probs" in [t.name for t in graph.outputs]
 
 
 @pytest.fixture(scope="module")
