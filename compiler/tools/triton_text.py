@@ -5,6 +5,7 @@
       NAME_tokenizer/    backend python: TEXT (BYTES, one UTF-8 text per row) -> the model's token inputs (INT64)
         config.pbtxt       parameters: max_length, pad_id, long_text, outputs, max_text_bytes
         1/model.py         tools/triton_tokenizer_model.py (numpy and ``tokenizers`` only)
+        1/wordpiece_words.py  tools/serve/wordpiece_words.py (its fast path for WordPiece tokenizers)
         1/tokenizer.json   the model's tokenizer in the fast tokenizer's format
       NAME_text/         platform ensemble: TEXT -> NAME_tokenizer -> NAME -> the model's outputs, same names
         config.pbtxt
@@ -26,8 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tqc.compiler.core.errors import TqcError
-from tqc.compiler.tools.serve.repository import (TOKEN_INPUTS, model_facts, save_tokenizer, sentence_encoder,
-                                                 tokenizer_folder)
+from tqc.compiler.tools.serve.repository import (TOKEN_INPUTS, WORDPIECE_WORDS, model_facts, save_tokenizer,
+                                                 sentence_encoder, tokenizer_folder)
 from tqc.compiler.tools.triton import check_options, model_config, model_folder, stage_folder
 
 TOKENIZER_MODEL = Path(__file__).with_name("triton_tokenizer_model.py")
@@ -194,7 +195,8 @@ def export_triton_text(model_path: str | Path, repo: str | Path, name: str | Non
         if problems:
             raise RuntimeError(f"the ensemble tqc wrote is miswired: {problems[0]}")
         folders = [(final, model, files),
-                   (tok_final, tok, [(TOKENIZER_MODEL, "model.py"), (scratch / "tokenizer.json", "tokenizer.json")]),
+                   (tok_final, tok, [(TOKENIZER_MODEL, "model.py"), (WORDPIECE_WORDS, WORDPIECE_WORDS.name),
+                                    (scratch / "tokenizer.json", "tokenizer.json")]),
                    (text_final, text, [])]
         for folder_path, config, folder_files in folders:
             stage_folder(guard, folder_path, config, folder_files)

@@ -11,9 +11,12 @@ container, or a folder named by TQC_SERVE_STUB_PATH in the server's environment,
 
 Settings come from config.pbtxt ``parameters``: ``max_length`` (token limit), ``pad_id``, ``long_text``
 (``truncate``: sentence-transformers' behaviour, ``error``: the request is refused), ``outputs`` (comma-separated)
-and ``max_text_bytes``. A request that fails its checks gets an error response of its own.
+and ``max_text_bytes``. A request that fails its checks gets an error response of its own. Texts of printable ASCII
+go through ``wordpiece_words.py`` (beside this file) where the tokenizer is a BERT WordPiece one it reproduces
+(checked at load): the tokenizer's own ids, word by word from a cache, without building its Encoding objects.
 """
 
+import importlib.util
 import json
 import os
 import site
@@ -25,6 +28,12 @@ for _folder in reversed([p for p in os.environ.get("TQC_SERVE_STUB_PATH", "").sp
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("_tqc_wordpiece_words",
+                                               os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                            "wordpiece_words.py"))
+_words = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_words)
 
 
 class RequestError(ValueError):
@@ -46,6 +55,7 @@ class TritonPythonModel:
                                                           "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_length)
+        self.words = _words.WordPieceWords.for_tokenizer(self.tokenizer, self.max_length)
 
     def _texts(self, request):
         tensor = pb_utils.get_input_tensor_by_name(request, "TEXT")
@@ -81,6 +91,15 @@ class TritonPythonModel:
             values["token_type_ids"][row, :n] = encoding.type_ids
         return [pb_utils.Tensor(name, values[name]) for name in self.outputs]
 
+    def _encode(self, texts):
+        """Printable ASCII texts word by word (``wordpiece_words``) where it applies; else one text by encode()
+        (encode_batch's thread pool costs more than it saves there), several by encode_batch."""
+        if self.words is not None and all(text.isascii() and text.isprintable() for text in texts):
+            encodings = [self.words.encode(text) for text in texts]
+            if not any(encoding is None for encoding in encodings):
+                return encodings
+        return [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(texts)
+
     def execute(self, requests):
         """The texts of every request in one tokenizer call (its threads), then each request padded on its own."""
         responses = [None] * len(requests)
@@ -94,8 +113,7 @@ class TritonPythonModel:
             owners.append((index, len(texts), len(mine)))
             texts.extend(mine)
         if texts:
-            # one text: encode() (encode_batch's thread pool costs more than it saves there)
-            encodings = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(texts)
+            encodings = self._encode(texts)
             for index, start, count in owners:
                 try:
                     tensors = self._tokens(encodings[start:start + count])

@@ -4,6 +4,7 @@
       NAME/                       raw tensors in: the model's own inputs (INT64 [batch, sequence]) -> its outputs
         config.pbtxt              backend "python", max_batch_size, dynamic_batching, ragged inputs
         1/model.py                compiler/tools/serve/stub_model.py
+        1/wordpiece_words.py      compiler/tools/serve/wordpiece_words.py (its fast path for WordPiece tokenizers)
         1/serve.json              the ONNX path, runtime, limits, site folders of this Python
       NAME_text/                  text in: TEXT UINT8 [texts, bytes] (UTF-8) -> embeddings FP32 [texts, hidden]
         ... as above, plus 1/tokenizer.json (the model's tokenizer, saved in the fast tokenizer's format)
@@ -33,6 +34,7 @@ from tqc.compiler.tools.serve.facts import TOKEN_INPUTS, ModelFacts, model_facts
 from tqc.passes.pool import METADATA_KEY as POOL_METADATA
 
 STUB_MODEL = Path(__file__).with_name("stub_model.py")
+WORDPIECE_WORDS = Path(__file__).with_name("wordpiece_words.py")  # beside model.py: the stub loads it
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                  "pooling_mode_max_tokens": "max"}  # sentence-transformers' Pooling config -> the stub's modes
 HOST_POOLING = ("mean", "cls", "max")
@@ -306,5 +308,6 @@ def write_repository(opts: ServeOptions, repo: Path, sitedirs: list[str]) -> dic
         (repo / model_name / "config.pbtxt").write_text(_config_pbtxt(model_name, inputs, outputs, opts, True))
         (version / "serve.json").write_text(json.dumps(conf, indent=1))
         shutil.copyfile(STUB_MODEL, version / "model.py")
+        shutil.copyfile(WORDPIECE_WORDS, version / WORDPIECE_WORDS.name)
         models[model_name] = endpoint
     return {"models": models, "text": text_settings, "facts": facts}

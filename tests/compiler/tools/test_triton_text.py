@@ -314,3 +314,39 @@ def test_the_cli_writes_the_three_models_and_notes_a_per_token_output(minilm, tm
     assert configs["tokens_tokenizer"]["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
     assert configs["tokens"]["instance_group"] == [{"count": 2, "kind": "KIND_GPU"}]
     assert check_ensemble(configs["tokens_text"], configs) == []
+
+
+def test_the_tokenizer_step_encodes_printable_ascii_by_cached_words_with_the_tokenizers_ids(repo, monkeypatch):
+    """The exported tokenizer step loads ``wordpiece_words.py`` from beside its model.py (both written into the
+    repository) and, for MiniLM's WordPiece tokenizer, encodes printable ASCII texts word by word: the same ids,
+    type ids and truncation as the tokenizer; other texts go to the tokenizer."""
+    import importlib.util
+    import json
+    import sys
+    import types
+
+    pytest.importorskip("tokenizers")
+    folder = repo / "minilm_tokenizer" / "1"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.py", "tokenizer.json", "wordpiece_words.py"]
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("exported_tokenizer_step", folder / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = parse_pbtxt((repo / "minilm_tokenizer" / "config.pbtxt").read_text())
+    config["parameters"] = {p["key"]: p["value"] for p in config["parameters"]}  # as Triton hands it to the model
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config)})
+    assert model.words is not None
+    long_text = " ".join(sentences(30, skip=10))
+    ascii_texts = [t for t in sentences(40) if t.isascii() and t.isprintable()] + [long_text]
+    assert len(ascii_texts) > 20
+    fast = model._encode(ascii_texts)
+    assert all(type(e).__name__ == "Ids" for e in fast)
+    for text, mine in zip(ascii_texts, fast):
+        theirs = model.tokenizer.encode(text)
+        assert mine.ids == theirs.ids and mine.type_ids == theirs.type_ids, text
+        assert bool(mine.overflowing) == bool(theirs.overflowing), text
+    assert fast[-1].overflowing and len(fast[-1].ids) == model.max_length
+    mixed = model._encode(["Été à Zürich", "plain words"])  # one text not ASCII: the tokenizer for all
+    assert [e.ids for e in mixed] == [model.tokenizer.encode(t).ids for t in ("Été à Zürich", "plain words")]
+    assert all(type(e).__name__ == "Encoding" for e in mixed)
