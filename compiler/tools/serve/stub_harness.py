@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 import types
 from itertools import count
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 STUB_MODEL = Path(__file__).with_name("stub_model.py")
+WORDPIECE_WORDS = Path(__file__).with_name("wordpiece_words.py")
 _LOADED = count()
 
 
@@ -85,10 +87,12 @@ def answer(response: InferenceResponse) -> dict[str, np.ndarray] | str:
 
 
 def load_stub(folder: Path, conf: dict, source: str | None = None) -> types.ModuleType:
-    """The stub module, imported from ``folder`` (written: ``model.py``, ``serve.json``); ``source``: the text of
-    another version of the stub (a benchmark's before)."""
+    """The stub module, imported from ``folder`` (written: ``model.py``, ``serve.json`` and the
+    ``wordpiece_words.py`` it loads from beside itself); ``source``: the text of another version of the stub (a
+    benchmark's before)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "serve.json").write_text(json.dumps(conf))
+    shutil.copyfile(WORDPIECE_WORDS, folder / WORDPIECE_WORDS.name)
     path = folder / "model.py"
     path.write_text(source if source is not None else STUB_MODEL.read_text())
     spec = importlib.util.spec_from_file_location(f"tqc_stub_{next(_LOADED)}", path)

@@ -5,6 +5,7 @@ from tqc: only numpy, onnxruntime (or openvino, for ``provider: openvino``), tok
 ``triton_python_backend_utils``. The stub runs an isolated
 interpreter that ignores PYTHONPATH, so the site-packages folders of the Python that started ``tqc serve`` are
 read from ``serve.json`` (beside this file) and put first on ``sys.path`` before numpy is imported.
+``wordpiece_words.py`` (beside this file too; standard library only) is loaded by its path.
 
     request (one or several, gathered by Triton's dynamic batcher)
       raw:  input_ids/attention_mask/token_type_ids INT64 [n, seq]  -> checked -> grouped by shape -> ORT -> split
