@@ -161,8 +161,9 @@ def inference_precision(compiled) -> str:
 
 
 def precision_summary(compiled, model) -> str:
-    """What the engine runs, in a few words: 'bf16' (a float model at OpenVINO's default on an AMX CPU), 'f32',
-    or 'int8 36/48 + bf16' (36 of the model's 48 MatMuls on integer inputs, the rest in bf16)."""
+    """What the engine runs, in a few words: 'bf16' (a float model at OpenVINO's default on a CPU with AMX or
+    AVX512-BF16), 'f32', or 'int8 36/48 + bf16' (36 of the model's 48 MatMuls on integer inputs, the rest in
+    bf16)."""
     integer, total = int8_matmuls(matmul_placement(compiled, model))
     float_part = inference_precision(compiled)
     return f"int8 {integer}/{total} + {float_part}" if integer else float_part

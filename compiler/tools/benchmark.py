@@ -306,7 +306,8 @@ def format_bench_table(rows: list[dict], first: str) -> str:
     """The comparison table of ``tqc bench``: one line per model and shape, speed-up against the first model.
 
     OpenVINO rows carry a ``precision`` column: what the engine ran (``openvino_ir.precision_summary``), so an
-    FP32 model at OpenVINO's default ('bf16' on AMX CPUs) stands next to an INT8 IR ('int8 36/48 + bf16')."""
+    FP32 model at OpenVINO's default ('bf16' on CPUs with AMX or AVX512-BF16) stands next to an INT8 IR
+    ('int8 36/48 + bf16')."""
     base = {r["shape"]: r["median_ms"] for r in rows if r["model"] == first}
     with_precision = any("precision" in r for r in rows)
     width = max([len(r.get("precision", "")) for r in rows] + [len("precision")])
