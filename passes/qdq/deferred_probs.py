@@ -27,29 +27,31 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from tqc.passes.fuse.match import constant_values
+from tqc.passes.fuse.match import constant_values, only_consumer
 from tqc.passes.rewrite import cleanup, detach, drop, produce, produce_reduce, rebase
 
 QMAX = {np.dtype(np.int8): 127, np.dtype(np.uint8): 255}  # the largest code of a zero point 0 quantizer
 
 
-def _only_reader(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    readers = list(tensor.outputs)
-    return readers[0] if len(readers) == 1 and readers[0].op == op and readers[0].inputs[0] is tensor else None
+def _reads_first(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    """The one node reading ``tensor``, of type ``op``, as its first input; else None."""
+    node = only_consumer(tensor, op)
+    return node if node is not None and node.inputs[0] is tensor else None
 
 
-def _site(softmax: gs.Node) -> tuple[gs.Node, gs.Node, list[gs.Node]] | None:
-    """(QuantizeLinear, DequantizeLinear, the MatMuls reading it) of a deferrable Softmax, or None."""
+def _site(softmax: gs.Node, graph_outputs: list[gs.Tensor]) -> tuple[gs.Node, gs.Node, list[gs.Node]] | None:
+    """(QuantizeLinear, DequantizeLinear, the MatMuls reading it) of a deferrable Softmax, or None. Probabilities
+    (or their codes) that are also a graph output keep their meaning and name: no site."""
     if softmax.attrs.get("axis", -1) != -1 or len(softmax.outputs) != 1:
         return None
-    quantize = _only_reader(softmax.outputs[0], "QuantizeLinear")
+    quantize = _reads_first(softmax.outputs[0], "QuantizeLinear")
     if quantize is None or len(quantize.inputs) < 3 or quantize.attrs.get("axis", 1) not in (1, -1):
         return None
     scale, zero = constant_values(quantize.inputs[1]), constant_values(quantize.inputs[2])
     if scale is None or zero is None or scale.size != 1 or zero.size != 1 or int(zero.reshape(-1)[0]) != 0 or \
             np.dtype(zero.dtype) not in QMAX:
         return None
-    dequantize = _only_reader(quantize.outputs[0], "DequantizeLinear")
+    dequantize = _reads_first(quantize.outputs[0], "DequantizeLinear")
     if dequantize is None or len(dequantize.inputs) < 3 or any(
             not np.array_equal(constant_values(dequantize.inputs[i]), constant_values(quantize.inputs[i]))
             for i in (1, 2)):
@@ -58,20 +60,16 @@ def _site(softmax: gs.Node) -> tuple[gs.Node, gs.Node, list[gs.Node]] | None:
     if not matmuls or any(m.op != "MatMul" or m.inputs[0] is not dequantize.outputs[0] or
                           m.inputs[1] is dequantize.outputs[0] for m in matmuls):
         return None
+    if any(t in graph_outputs for t in (softmax.outputs[0], quantize.outputs[0], dequantize.outputs[0])):
+        return None
     return quantize, dequantize, matmuls
 
 
 def defer_normalization(graph: gs.Graph) -> int:
-    """Rewrite every deferrable Softmax -> Q/DQ -> MatMul site (above); the number of sites. A site whose
-    probabilities (or their codes) are also a graph output is left alone: those keep their meaning and name."""
-    count = 0
-    for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
-        site = _site(softmax)
-        if site is None:
-            continue
-        quantize, dequantize, matmuls = site
-        if any(t in graph.outputs for t in (softmax.outputs[0], quantize.outputs[0], dequantize.outputs[0])):
-            continue
+    """Rewrite every deferrable Softmax -> Q/DQ -> MatMul site (``_site``: chosen before any rewrite); the number
+    of sites."""
+    sites = [(n, site) for n in graph.nodes if n.op == "Softmax" and (site := _site(n, graph.outputs)) is not None]
+    for softmax, (quantize, dequantize, matmuls) in sites:
         scores, probs = softmax.inputs[0], softmax.outputs[0]
         prefix = softmax.name or probs.name
         dtype = probs.dtype or np.float32
@@ -95,7 +93,6 @@ def defer_normalization(graph: gs.Graph) -> int:
             unnormalized = gs.Variable(f"{context.name}_tqc_unnormalized", dtype=context.dtype)
             detach(context, writes=unnormalized)
             produce(graph, "Div", f"{prefix}_normalize{index or ''}", [unnormalized, row_sum], [context])
-        count += 1
-    if count:
+    if sites:
         cleanup(graph)
-    return count
+    return len(sites)
