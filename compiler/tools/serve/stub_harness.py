@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-STUB_MODEL = Path(__file__).with_name("stub_model.py")
-WORDPIECE_WORDS = Path(__file__).with_name("wordpiece_words.py")
+from tqc.compiler.tools.serve.repository import STUB_MODEL, WORDPIECE_WORDS  # the files a repository's model folder gets
+
 _LOADED = count()
 
 
